@@ -80,7 +80,7 @@ codes! {
     /// `on_failure` is not one of `compensate`, `continue`, `retry`.
     InvalidFailurePolicy = "invalid-failure-policy",
     // --- errors: values ---
-    /// A duration that cannot be read (`5 sec`, `-1s`, a bare number without unit, zero).
+    /// A duration that cannot be read (`five seconds`, `-1s`, a bare number without unit, zero).
     InvalidDuration = "invalid-duration",
     /// A retry policy that cannot work (zero attempts, multiplier below 1, jitter outside 0..1,
     /// max backoff below initial backoff).
@@ -338,18 +338,31 @@ pub fn did_you_mean<'a>(
         .map(|(_, c)| c)
 }
 
+/// Optimal-string-alignment distance: insertions, deletions, substitutions and swaps of two
+/// neighbouring characters (`retyr` → `retry`) each count as one edit.
 fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != *cb);
-            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
     }
-    prev[b.len()]
+    for j in 0..=b.len() {
+        d[0][j] = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
 }
 
 #[cfg(test)]
@@ -375,6 +388,7 @@ mod tests {
         assert_eq!(did_you_mean("depend_on", fields), Some("depends_on"));
         assert_eq!(did_you_mean("servce", fields), Some("service"));
         assert_eq!(did_you_mean("colour", fields), None);
+        assert_eq!(did_you_mean("retyr", fields), Some("retry"));
     }
 
     #[test]

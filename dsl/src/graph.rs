@@ -355,7 +355,11 @@ impl Checks<'_> {
             let Some(&t) = self.by_id.get(target.as_str()) else {
                 let hint = match did_you_mean(target, self.by_id.keys().map(String::as_str)) {
                     Some(c) => format!("did you mean `{c}`?"),
-                    None => "a reference reads the output of a step of this saga".into(),
+                    None => {
+                        let mut ids: Vec<&str> = self.by_id.keys().map(String::as_str).collect();
+                        ids.sort_unstable();
+                        format!("the steps of this saga are: {}", ids.join(", "))
+                    }
                 };
                 out.push(
                     Diagnostic::error(
@@ -380,6 +384,21 @@ impl Checks<'_> {
                     )
                     .with_label("not available yet")
                     .with_hint("a step's output exists only after it ran; take the value from the input or an earlier step"),
+                );
+                continue;
+            }
+            if self.ancestors[t].contains(&from) {
+                out.push(
+                    Diagnostic::error(
+                        Code::ReferenceNotAncestor,
+                        span,
+                        format!(
+                            "step `{me}` reads `{}`, but `{target}` runs after `{me}` (it depends on it)",
+                            site.reference
+                        ),
+                    )
+                    .with_label(format!("`{target}` has not run yet"))
+                    .with_hint(format!("a step can only read the outputs of steps it depends on; pass the value from the input or from a step before `{me}`")),
                 );
                 continue;
             }
@@ -465,10 +484,17 @@ impl Checks<'_> {
                     )
                     .with_label("may demand compensation after the pivot")
                     .with_note(pivot_span, format!("`{}` cannot be undone", pivot.id))
-                    .with_hint(format!(
-                        "make `{}` retriable-to-success with `on_failure: retry`, mark it optional with `on_failure: continue`, or make `{}` depend on it",
-                        step.id, pivot.id
-                    )),
+                    .with_hint(if self.ancestors[s].contains(&p) {
+                        format!(
+                            "make `{}` retriable-to-success with `on_failure: retry`, or optional with `on_failure: continue`",
+                            step.id
+                        )
+                    } else {
+                        format!(
+                            "make `{}` retriable-to-success with `on_failure: retry`, optional with `on_failure: continue`, or make `{}` depend on it so it finishes before the pivot",
+                            step.id, pivot.id
+                        )
+                    }),
                 );
             }
         }
@@ -487,9 +513,11 @@ impl Checks<'_> {
                         Code::OptionalDependency,
                         self.spans.value(&format!("{path}.on_failure")),
                         format!(
-                            "step `{}` is optional (`on_failure: continue`) but {} depend on it: if it fails they are skipped",
+                            "step `{}` is optional (`on_failure: continue`) but {} {} on it: if it fails, {} skipped",
                             step.id,
-                            dependents.join(", ")
+                            dependents.join(", "),
+                            if dependents.len() == 1 { "depends" } else { "depend" },
+                            if dependents.len() == 1 { "that step is" } else { "they are" }
                         ),
                     )
                     .with_label("optional step with dependents")

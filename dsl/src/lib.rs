@@ -78,6 +78,8 @@ impl Compiled {
 
 /// Compiles a saga definition from text. Never panics, whatever the text.
 pub fn compile(source: &str) -> Compiled {
+    // A byte-order mark is an editor's habit, not content (spans are relative to the text after it).
+    let source = source.strip_prefix('\u{feff}').unwrap_or(source);
     let mut diagnostics = Vec::new();
     if source.len() > MAX_SOURCE_BYTES {
         diagnostics.push(
@@ -189,7 +191,10 @@ pub fn compile_file(path: &Path) -> std::io::Result<SourceFile> {
     let compiled = compile_bytes(&bytes);
     Ok(SourceFile {
         path: path.display().to_string(),
-        text: String::from_utf8_lossy(&bytes).into_owned(),
+        text: {
+            let text = String::from_utf8_lossy(&bytes);
+            text.strip_prefix('\u{feff}').unwrap_or(&text).to_owned()
+        },
         compiled,
     })
 }

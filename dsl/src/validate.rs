@@ -49,6 +49,11 @@ pub fn validate(raw: RawSaga, spans: &SpanIndex, out: &mut Vec<Diagnostic>) -> V
         spans,
         out,
         ref_sites: Vec::new(),
+        declared_inputs: raw
+            .input
+            .as_ref()
+            .map(|i| i.keys().cloned().collect())
+            .unwrap_or_default(),
     };
     v.saga(raw)
 }
@@ -57,6 +62,9 @@ struct Validator<'a> {
     spans: &'a SpanIndex,
     out: &'a mut Vec<Diagnostic>,
     ref_sites: Vec<RefSite>,
+    /// Every input name written in the file, valid or not: a reference to an input whose
+    /// declaration has its own error is not reported a second time as undeclared.
+    declared_inputs: BTreeSet<String>,
 }
 
 impl Validator<'_> {
@@ -150,6 +158,7 @@ impl Validator<'_> {
             }
         };
         let step_count = raw_steps.len();
+        let raw_ids: Vec<Option<String>> = raw_steps.iter().map(|s| s.id.clone()).collect();
         let ctx = StepDefaults {
             retry: default_retry,
             compensation_retry: default_comp_retry,
@@ -178,12 +187,14 @@ impl Validator<'_> {
         let steps_incomplete = steps.len() != step_count;
         // Dependencies can only be checked once every id is known.
         let ids: BTreeSet<String> = steps.iter().map(|(_, s)| s.id.0.clone()).collect();
+        // A dependency on a step that exists but has its own error is not "unknown".
+        let written_ids: BTreeSet<String> = raw_ids.into_iter().flatten().collect();
         let mut unknown_deps = Vec::new();
         for (i, step) in &steps {
             let mut seen = BTreeSet::new();
             for (j, dep) in step.depends_on.iter().enumerate() {
                 let path = self.dep_path(*i, j);
-                if !ids.contains(dep.as_str()) {
+                if !written_ids.contains(dep.as_str()) {
                     let hint = match did_you_mean(dep.as_str(), ids.iter().map(String::as_str)) {
                         Some(c) => format!("did you mean `{c}`?"),
                         None => format!("the steps of this saga are: {}", join_ids(&ids)),
@@ -262,6 +273,11 @@ impl Validator<'_> {
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         if ok {
             Some(value.to_owned())
+        } else if value.is_empty() {
+            self.error(Code::InvalidName, path, format!("{what} is empty"))
+                .with_label_mut("empty")
+                .with_hint_mut("use 1 to 128 ASCII letters, digits, `-` or `_`");
+            None
         } else {
             self.error(
                 Code::InvalidName,
@@ -287,7 +303,7 @@ impl Validator<'_> {
         match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
             Some(n) if n >= 1 => Some(n),
             _ => {
-                self.error(Code::InvalidVersion, "version", format!("version `{v}` is not a positive integer"))
+                self.error(Code::InvalidVersion, "version", format!("version {} is not a positive integer", plain(&v)))
                     .with_label_mut("not a positive integer")
                     .with_hint_mut("write `version: 1` (then 2, 3, …); running sagas stay pinned to the content hash they started with");
                 None
@@ -316,6 +332,10 @@ impl Validator<'_> {
             };
             let Some(r#type) = InputType::parse(&type_name) else {
                 let hint = match did_you_mean(&type_name, InputType::NAMES.iter().copied()) {
+                    _ if matches!(type_name.as_str(), "float" | "double" | "number" | "f64") => {
+                        "use `decimal` (or `money` for amounts): binary floats lose cents"
+                            .to_owned()
+                    }
                     Some(c) => format!("did you mean `{c}`?"),
                     None => format!("the types are: {}", InputType::NAMES.join(", ")),
                 };
@@ -371,7 +391,9 @@ impl Validator<'_> {
                 Reference::Input { name } => match input.get(name) {
                     None => {
                         ok = false;
-                        self.undeclared_input(name, "sequence_key", input);
+                        if !self.declared_inputs.contains(name) {
+                            self.undeclared_input(name, "sequence_key", input);
+                        }
                     }
                     Some(f) if !f.required => {
                         ok = false;
@@ -448,6 +470,9 @@ impl Validator<'_> {
     fn duration(&mut self, raw: &RawDuration, path: &str, allow_zero: bool) -> Option<Duration> {
         let result = match raw {
             RawDuration::Number(n) => Err(format!("`{n}` has no unit")),
+            RawDuration::Text(t) if t.trim_start().starts_with('-') => {
+                Err(format!("`{t}`: durations cannot be negative"))
+            }
             RawDuration::Text(t) => humantime::parse_duration(t.trim())
                 .map_err(|e| format!("`{t}` is not a duration ({e})")),
         };
@@ -486,10 +511,15 @@ impl Validator<'_> {
             match u32::try_from(n) {
                 Ok(n) if n >= 1 => p.max_attempts = n,
                 _ => {
+                    let why = if n < 1 {
+                        "must be at least 1"
+                    } else {
+                        "is too large (the limit is 4294967295)"
+                    };
                     self.error(
                         Code::InvalidRetry,
                         &format!("{path}.max_attempts"),
-                        format!("`max_attempts: {n}` must be at least 1"),
+                        format!("`max_attempts: {n}` {why}"),
                     )
                     .with_label_mut("must be ≥ 1")
                     .with_hint_mut(
@@ -515,7 +545,7 @@ impl Validator<'_> {
                 self.error(
                     Code::InvalidRetry,
                     &format!("{path}.multiplier"),
-                    format!("`multiplier: {m}` must be at least 1.0"),
+                    format!("`multiplier: {m}` must be a finite number of at least 1.0"),
                 )
                 .with_label_mut("must be ≥ 1.0")
                 .with_hint_mut(
@@ -707,7 +737,14 @@ impl Validator<'_> {
                     }
                 }
                 let action = op(self, "action", &raw.action);
-                let compensation = match raw.compensation.as_deref() {
+                // `None`, `NONE`: YAML users write it every way; an operation cannot be called that.
+                let compensation = match raw.compensation.as_deref().map(|c| {
+                    if c.eq_ignore_ascii_case("none") {
+                        "none"
+                    } else {
+                        c
+                    }
+                }) {
                     None => {
                         self.error_at_key(Code::MissingCompensation, &format!("{path}.action"), format!("{what} has an action but no compensation"))
                             .with_label_mut("how is this undone?")
@@ -795,7 +832,7 @@ impl Validator<'_> {
                 } else {
                     for r in t.references() {
                         match r {
-                            Reference::Input { name } if !input.contains_key(name) => {
+                            Reference::Input { name } if !self.declared_inputs.contains(name) => {
                                 self.undeclared_input(name, path, input)
                             }
                             Reference::Input { .. } => {}
@@ -845,6 +882,14 @@ struct StepDefaults {
     retry: RetryPolicy,
     compensation_retry: RetryPolicy,
     timeout: Duration,
+}
+
+/// A JSON value as a person wrote it: strings without their quotes.
+fn plain(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("`{s}`"),
+        other => format!("`{other}`"),
+    }
 }
 
 fn join_ids(ids: &BTreeSet<String>) -> String {

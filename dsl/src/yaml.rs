@@ -42,6 +42,16 @@ pub fn parse(source: &str) -> Parsed {
         };
     }
 
+    // Duplicate keys: serde_yaml rejects them in structs (with a vague location) but silently
+    // keeps the last one in maps (`input`, `params`). The index saw them all, precisely.
+    for (key, first, again) in &spans.duplicates {
+        diagnostics.push(
+            Diagnostic::error(Code::YamlSyntax, *again, format!("duplicate key `{key}`"))
+                .with_label("written again here")
+                .with_note(*first, "first written here")
+                .with_hint("each key may appear once per mapping; remove or merge one of them"),
+        );
+    }
     let mut unknown = Vec::new();
     let de = serde_yaml::Deserializer::from_str(source);
     let result: Result<RawSaga, _> = serde_ignored::deserialize(de, |path| {
@@ -59,7 +69,11 @@ pub fn parse(source: &str) -> Parsed {
             }
         }
         Err(err) => {
-            diagnostics.push(serde_error(source, &spans, &err));
+            let text = err.to_string();
+            let duplicate = text.contains("duplicate field") || text.contains("duplicate entry");
+            if !(duplicate && !spans.duplicates.is_empty()) {
+                diagnostics.push(serde_error(source, &spans, &err));
+            }
             Parsed {
                 saga: None,
                 spans,
@@ -110,7 +124,12 @@ fn unknown_field(spans: &SpanIndex, path: &str) -> Diagnostic {
     let place = match context {
         FieldContext::Saga => "at the top level of the saga".to_owned(),
         FieldContext::Defaults => "in `defaults`".to_owned(),
-        FieldContext::Retry => format!("in the retry policy `{parent}`"),
+        FieldContext::Retry => match parent.split_once('.') {
+            Some((step, policy)) if step.starts_with("steps[") => {
+                format!("in `{policy}` of step {}", spans.step_name(step))
+            }
+            _ => format!("in `{parent}`"),
+        },
         FieldContext::Input => format!("in input field `{}`", parent.trim_start_matches("input.")),
         FieldContext::Step => format!("in step {}", spans.step_name(parent)),
     };
@@ -131,10 +150,7 @@ fn unknown_field(spans: &SpanIndex, path: &str) -> Diagnostic {
 fn serde_error(source: &str, spans: &SpanIndex, err: &serde_yaml::Error) -> Diagnostic {
     let raw = err.to_string();
     // serde_yaml appends " at line L column C"; the span says that better.
-    let mut message = match raw.rfind(" at line ") {
-        Some(i) => raw[..i].to_owned(),
-        None => raw.clone(),
-    };
+    let mut message = strip_locations(&raw);
     for (internal, human) in [
         (
             "struct RawSaga",
@@ -197,6 +213,27 @@ fn serde_error(source: &str, spans: &SpanIndex, err: &serde_yaml::Error) -> Diag
         .with_hint(hint)
 }
 
+/// Removes every " at line L column C" that serde_yaml writes into its messages.
+fn strip_locations(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find(" at line ") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + " at line ".len()..];
+        let digits = after.chars().take_while(char::is_ascii_digit).count();
+        let after = &after[digits..];
+        match after.strip_prefix(" column ") {
+            Some(col) => {
+                let digits = col.chars().take_while(char::is_ascii_digit).count();
+                rest = &col[digits..];
+            }
+            None => rest = after,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Where a node is: its key (for mapping entries) and its value.
 #[derive(Debug, Clone, Copy)]
 pub struct NodeSpan {
@@ -216,6 +253,8 @@ pub struct SpanIndex {
     step_ids: HashMap<String, String>,
     /// The document is a bare null (`---` alone, `~`): no saga in it.
     root_is_null: bool,
+    /// Keys written twice in one mapping: (key, first, second).
+    duplicates: Vec<(String, Span, Span)>,
 }
 
 impl SpanIndex {
@@ -303,6 +342,8 @@ enum Frame {
         path: String,
         /// The key just read, waiting for its value.
         key: Option<(String, Span)>,
+        /// Keys seen so far, for duplicate detection.
+        seen: HashMap<String, Span>,
     },
     Seq {
         path: String,
@@ -331,7 +372,7 @@ impl Builder<'_> {
                 *next += 1;
                 Some((p, None))
             }
-            Some(Frame::Map { path, key }) => {
+            Some(Frame::Map { path, key, .. }) => {
                 key.take().map(|(k, span)| (child(path, &k), Some(span)))
             }
         }
@@ -342,6 +383,29 @@ impl Builder<'_> {
             .nodes
             .entry(path)
             .or_insert(NodeSpan { key, value });
+    }
+}
+
+impl Builder<'_> {
+    /// A mapping key: remember it until its value arrives; note duplicates; and let a block
+    /// mapping's location be its first key (the parser marks it after that key).
+    fn key(&mut self, value: String, span: Span) {
+        let Some(Frame::Map { path, key, seen }) = self.stack.last_mut() else {
+            return;
+        };
+        if seen.is_empty()
+            && let Some(node) = self.index.nodes.get_mut(path.as_str())
+            && span.offset < node.value.offset
+        {
+            node.value = span;
+        }
+        match seen.get(&value) {
+            Some(first) => self.index.duplicates.push((value.clone(), *first, span)),
+            None => {
+                seen.insert(value.clone(), span);
+            }
+        }
+        *key = Some((value, span));
     }
 }
 
@@ -368,12 +432,7 @@ impl MarkedEventReceiver for Builder<'_> {
                         }
                         self.record(path, key, span)
                     }
-                    None => {
-                        // A mapping key: remember it until its value arrives.
-                        if let Some(Frame::Map { key, .. }) = self.stack.last_mut() {
-                            *key = Some((value, span));
-                        }
-                    }
+                    None => self.key(value, span),
                 }
             }
             Event::Alias(_) => {
@@ -404,7 +463,11 @@ impl MarkedEventReceiver for Builder<'_> {
                     }
                 };
                 self.stack.push(if matches!(ev, Event::MappingStart(..)) {
-                    Frame::Map { path, key: None }
+                    Frame::Map {
+                        path,
+                        key: None,
+                        seen: HashMap::new(),
+                    }
                 } else {
                     Frame::Seq { path, next: 0 }
                 });
