@@ -71,7 +71,7 @@ pub fn parse(source: &str) -> Parsed {
         Err(err) => {
             let text = err.to_string();
             let duplicate = text.contains("duplicate field") || text.contains("duplicate entry");
-            if !(duplicate && !spans.duplicates.is_empty()) {
+            if !duplicate || spans.duplicates.is_empty() {
                 diagnostics.push(serde_error(source, &spans, &err));
             }
             Parsed {

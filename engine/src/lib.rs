@@ -1,1 +1,7 @@
-//! placeholder
+//! sagaflow's engine: runs compiled sagas to a final state.
+//!
+//! | module | what lives there |
+//! |---|---|
+//! | [`machine`] | the pure saga state machine: `decide(graph, state, event, ctx) -> Decision` |
+
+pub mod machine;

@@ -1,0 +1,950 @@
+//! The saga state machine: a pure function from (definition, state, event, now) to a
+//! [`Decision`] — the new state, the commands to send, the timers to set and the history to
+//! append. No IO: the driver loads, decides, and writes everything of a decision in one
+//! transaction, so every transition is testable without a database or a broker.
+//!
+//! Rules, in one place:
+//! * a step dispatches when all its dependencies succeeded; independent steps dispatch together;
+//! * each dispatched attempt gets a timeout timer; a timeout counts as a retryable failure;
+//! * retryable failures retry with exponential backoff and jitter up to the step's policy
+//!   (`on_failure: retry` steps retry without limit); business failures do not retry;
+//! * a required step that fails (business, or retries exhausted) makes the saga compensate;
+//!   an optional one (`continue`) is undone alone and its dependents are skipped;
+//! * a forward operation *may have taken effect* unless its final answer was a business failure:
+//!   only that answer is durable in the worker's barrier, while a retryable answer is not (a
+//!   duplicated older command may still apply). Compensation covers every such step; for a
+//!   step that never ran, the worker's barrier turns it into a null compensation;
+//! * compensation runs in reverse dependency order: a step is undone after all its dependents;
+//! * when every step succeeded, TCC steps are confirmed; confirm, cancel and compensate retry
+//!   with `compensation_retry` and, when that is exhausted, the saga is Failed for an operator;
+//! * a terminal answer (success or business failure) for the operation in flight is accepted
+//!   from any attempt — the barrier guarantees one outcome per (saga, step, operation); replies
+//!   that match nothing in flight (duplicates, late, stale attempts) are recorded and ignored.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use sagaflow_dsl::template::{ResolveError, Values};
+use sagaflow_dsl::{Compensation, FailurePolicy, SagaGraph, StepKind};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Milliseconds since the Unix epoch: the machine's only notion of time.
+pub type Millis = i64;
+
+/// An operation on a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Action,
+    Compensate,
+    Try,
+    Confirm,
+    Cancel,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Action => "action",
+            Op::Compensate => "compensate",
+            Op::Try => "try",
+            Op::Confirm => "confirm",
+            Op::Cancel => "cancel",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Op> {
+        Some(match s {
+            "action" => Op::Action,
+            "compensate" => Op::Compensate,
+            "try" => Op::Try,
+            "confirm" => Op::Confirm,
+            "cancel" => Op::Cancel,
+            _ => return None,
+        })
+    }
+
+    /// Action or try: the operation that moves the saga forward.
+    pub fn is_forward(self) -> bool {
+        matches!(self, Op::Action | Op::Try)
+    }
+
+    /// Compensate or cancel: the operation that undoes a forward one.
+    pub fn is_undo(self) -> bool {
+        matches!(self, Op::Compensate | Op::Cancel)
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a saga is. Variants carry what only they need.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum SagaStatus {
+    /// Waiting behind another saga with the same sequence key.
+    Queued,
+    Running,
+    Compensating {
+        reason: String,
+    },
+    Completed,
+    Compensated {
+        reason: String,
+    },
+    /// A compensation, confirm or retriable-to-success step cannot succeed: an operator decides.
+    /// `compensating` says which phase an operator retry resumes (Some: compensation).
+    Failed {
+        reason: String,
+        compensating: Option<String>,
+    },
+}
+
+impl SagaStatus {
+    pub fn name(&self) -> &'static str {
+        match self {
+            SagaStatus::Queued => "queued",
+            SagaStatus::Running => "running",
+            SagaStatus::Compensating { .. } => "compensating",
+            SagaStatus::Completed => "completed",
+            SagaStatus::Compensated { .. } => "compensated",
+            SagaStatus::Failed { .. } => "failed",
+        }
+    }
+
+    pub const NAMES: &'static [&'static str] = &[
+        "queued",
+        "running",
+        "compensating",
+        "completed",
+        "compensated",
+        "failed",
+    ];
+
+    /// Completed, Compensated or Failed: nothing more happens without an operator.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            SagaStatus::Completed | SagaStatus::Compensated { .. } | SagaStatus::Failed { .. }
+        )
+    }
+}
+
+/// Where a step is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum StepStatus {
+    Pending,
+    /// `op` is in flight (`waiting: false`) or waiting for its retry timer (`waiting: true`).
+    Active {
+        op: Op,
+        attempt: u32,
+        waiting: bool,
+    },
+    /// The forward operation succeeded (for TCC: tried, awaiting confirm or cancel).
+    Succeeded,
+    /// TCC confirm succeeded.
+    Confirmed,
+    /// The forward operation failed for good. `business`: the answer was a business failure,
+    /// so the worker's barrier guarantees it had no effect.
+    Failed {
+        error: String,
+        business: bool,
+    },
+    /// Never ran: a dependency failed or was skipped.
+    Skipped,
+    /// Undone (or recorded as a null compensation by the worker).
+    Compensated,
+    /// `op` could not succeed; the saga is Failed until an operator retries.
+    Stuck {
+        op: Op,
+        attempt: u32,
+        error: String,
+    },
+}
+
+/// The whole state of one saga instance, stored as one value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SagaState {
+    pub status: SagaStatus,
+    /// Indexed like the graph's steps.
+    pub steps: Vec<StepStatus>,
+    pub input: Value,
+    /// Outputs of steps that succeeded, by step id.
+    pub outputs: BTreeMap<String, Value>,
+    /// Attempts made per step, all operations together (for status displays).
+    pub attempts: Vec<u32>,
+    /// Last error per step (for status displays).
+    pub last_errors: Vec<Option<String>>,
+}
+
+impl SagaState {
+    /// A new saga, Queued until the driver hands it its sequence key with [`Event::Begin`].
+    pub fn new(graph: &SagaGraph, input: Value) -> Self {
+        let n = graph.steps().len();
+        SagaState {
+            status: SagaStatus::Queued,
+            steps: vec![StepStatus::Pending; n],
+            input,
+            outputs: BTreeMap::new(),
+            attempts: vec![0; n],
+            last_errors: vec![None; n],
+        }
+    }
+}
+
+/// What a worker answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    Ok { output: Value },
+    Retryable { message: String },
+    Business { code: String, message: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimerKind {
+    /// The attempt did not answer in time.
+    Timeout,
+    /// The backoff before the next attempt is over.
+    Retry,
+}
+
+/// Everything that can happen to a saga.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The sequence key is ours: start.
+    Begin,
+    Reply {
+        step: usize,
+        op: Op,
+        attempt: u32,
+        outcome: Outcome,
+    },
+    Timer {
+        step: usize,
+        op: Op,
+        attempt: u32,
+        kind: TimerKind,
+    },
+    /// Operator: compensate a Running (or Queued) saga.
+    Abort { reason: String },
+    /// Operator: resume a Failed saga where it stopped.
+    Retry,
+}
+
+/// A message for a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    pub step: usize,
+    pub step_id: String,
+    pub service: String,
+    pub op: Op,
+    /// The operation's name in the definition (`charge`, `refund`, `freeze`, …).
+    pub operation: String,
+    pub attempt: u32,
+    pub params: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Timer {
+    pub step: usize,
+    pub op: Op,
+    pub attempt: u32,
+    pub kind: TimerKind,
+    pub at: Millis,
+}
+
+/// One line of the saga's timeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// Short stable word: `begin`, `dispatch`, `succeeded`, `failed`, `retry`, `timeout`,
+    /// `compensate`, `compensated`, `skipped`, `completed`, `ignored`, …
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    pub detail: String,
+}
+
+/// What to do after an event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub state: SagaState,
+    pub commands: Vec<Command>,
+    pub timers: Vec<Timer>,
+    pub history: Vec<HistoryEntry>,
+    /// The event changed nothing (a duplicate, a stale timer): the driver still records it.
+    pub ignored: bool,
+}
+
+/// The clock and the randomness a decision may use, passed in so that `decide` stays pure.
+#[derive(Debug, Clone, Copy)]
+pub struct Context {
+    pub now: Millis,
+    /// In 0.0..1.0: picks the jitter of any backoff set by this decision.
+    pub random: f64,
+}
+
+/// Applies `event` to `state`.
+pub fn decide(graph: &SagaGraph, state: &SagaState, event: &Event, ctx: Context) -> Decision {
+    let mut m = Machine {
+        graph,
+        ctx,
+        state: state.clone(),
+        commands: Vec::new(),
+        timers: Vec::new(),
+        history: Vec::new(),
+    };
+    let applied = m.apply(event);
+    if applied {
+        m.progress();
+    }
+    Decision {
+        state: m.state,
+        commands: m.commands,
+        timers: m.timers,
+        history: m.history,
+        ignored: !applied,
+    }
+}
+
+struct Machine<'g> {
+    graph: &'g SagaGraph,
+    ctx: Context,
+    state: SagaState,
+    commands: Vec<Command>,
+    timers: Vec<Timer>,
+    history: Vec<HistoryEntry>,
+}
+
+impl Machine<'_> {
+    fn log(&mut self, kind: &str, step: Option<usize>, detail: impl Into<String>) {
+        self.history.push(HistoryEntry {
+            kind: kind.to_owned(),
+            step: step.map(|i| self.graph.step(i).id.0.clone()),
+            detail: detail.into(),
+        });
+    }
+
+    fn ignore(&mut self, step: Option<usize>, why: impl Into<String>) -> bool {
+        self.log("ignored", step, why);
+        false
+    }
+
+    /// Returns false when the event does not apply (recorded as `ignored`).
+    fn apply(&mut self, event: &Event) -> bool {
+        match event {
+            Event::Begin => match self.state.status {
+                SagaStatus::Queued => {
+                    self.state.status = SagaStatus::Running;
+                    self.log("begin", None, "sequence key acquired; starting");
+                    true
+                }
+                _ => self.ignore(None, "begin: the saga has already started"),
+            },
+            Event::Reply {
+                step,
+                op,
+                attempt,
+                outcome,
+            } => self.reply(*step, *op, *attempt, outcome),
+            Event::Timer {
+                step,
+                op,
+                attempt,
+                kind,
+            } => self.timer(*step, *op, *attempt, *kind),
+            Event::Abort { reason } => self.abort(reason),
+            Event::Retry => self.operator_retry(),
+        }
+    }
+
+    fn reply(&mut self, step: usize, op: Op, attempt: u32, outcome: &Outcome) -> bool {
+        if step >= self.state.steps.len() {
+            return self.ignore(None, format!("reply for unknown step #{step}"));
+        }
+        let StepStatus::Active {
+            op: current,
+            attempt: current_attempt,
+            waiting,
+        } = self.state.steps[step].clone()
+        else {
+            return self.ignore(
+                Some(step),
+                format!("{op} reply (attempt {attempt}): nothing in flight; duplicate or late"),
+            );
+        };
+        if current != op {
+            return self.ignore(
+                Some(step),
+                format!("{op} reply (attempt {attempt}) while {current} is in flight; stale"),
+            );
+        }
+        match outcome {
+            Outcome::Ok { output } => {
+                self.succeeded(step, op, attempt, output.clone());
+                true
+            }
+            Outcome::Business { code, message } => {
+                let error = format!("[{code}] {message}");
+                self.state.last_errors[step] = Some(error.clone());
+                self.log(
+                    "failed",
+                    Some(step),
+                    format!("{op} attempt {attempt}: business failure {error}"),
+                );
+                if op.is_forward() {
+                    self.forward_failed(step, error, true);
+                } else {
+                    self.stuck(
+                        step,
+                        op,
+                        current_attempt,
+                        format!("{op} cannot succeed: {error}"),
+                    );
+                }
+                true
+            }
+            Outcome::Retryable { message } => {
+                if attempt != current_attempt || waiting {
+                    return self.ignore(
+                        Some(step),
+                        format!("{op} attempt {attempt} failed transiently, but attempt {current_attempt} is current; stale"),
+                    );
+                }
+                self.state.last_errors[step] = Some(message.clone());
+                self.transient(step, op, attempt, format!("transient failure: {message}"));
+                true
+            }
+        }
+    }
+
+    fn timer(&mut self, step: usize, op: Op, attempt: u32, kind: TimerKind) -> bool {
+        let current = self.state.steps.get(step).cloned();
+        match (kind, current) {
+            (
+                TimerKind::Timeout,
+                Some(StepStatus::Active {
+                    op: o,
+                    attempt: a,
+                    waiting: false,
+                }),
+            ) if o == op && a == attempt => {
+                let secs = self.graph.step(step).timeout;
+                let error = format!("timed out after {}", fmt_duration(secs));
+                self.state.last_errors[step] = Some(error.clone());
+                self.log(
+                    "timeout",
+                    Some(step),
+                    format!("{op} attempt {attempt} {error}"),
+                );
+                self.transient(step, op, attempt, error);
+                true
+            }
+            (
+                TimerKind::Retry,
+                Some(StepStatus::Active {
+                    op: o,
+                    attempt: a,
+                    waiting: true,
+                }),
+            ) if o == op && a == attempt => {
+                self.dispatch(step, op, attempt);
+                true
+            }
+            _ => self.ignore(
+                (step < self.state.steps.len()).then_some(step),
+                format!(
+                    "{} timer for {op} attempt {attempt}: no longer current",
+                    timer_word(kind)
+                ),
+            ),
+        }
+    }
+
+    fn abort(&mut self, reason: &str) -> bool {
+        match &self.state.status {
+            SagaStatus::Queued => {
+                self.state.status = SagaStatus::Compensated {
+                    reason: format!("aborted before it started: {reason}"),
+                };
+                self.log("aborted", None, reason.to_owned());
+                true
+            }
+            SagaStatus::Running => {
+                let past_pivot = self.state.steps.iter().enumerate().any(|(i, s)| {
+                    !self.graph.step(i).is_reversible()
+                        && !matches!(s, StepStatus::Pending | StepStatus::Skipped)
+                });
+                let confirming = self.state.steps.iter().any(|s| {
+                    matches!(
+                        s,
+                        StepStatus::Confirmed
+                            | StepStatus::Active {
+                                op: Op::Confirm,
+                                ..
+                            }
+                    )
+                });
+                if past_pivot {
+                    return self.ignore(None, "abort refused: an irreversible step has started, so the saga can only go forward");
+                }
+                if confirming {
+                    return self.ignore(
+                        None,
+                        "abort refused: TCC confirmation has begun, so the saga can only complete",
+                    );
+                }
+                self.log("aborted", None, reason.to_owned());
+                self.start_compensation(format!("aborted by operator: {reason}"));
+                true
+            }
+            other => {
+                let name = other.name();
+                self.ignore(None, format!("abort refused: the saga is {name}"))
+            }
+        }
+    }
+
+    fn operator_retry(&mut self) -> bool {
+        let SagaStatus::Failed { compensating, .. } = self.state.status.clone() else {
+            let name = self.state.status.name();
+            return self.ignore(
+                None,
+                format!("retry refused: the saga is {name}, not failed"),
+            );
+        };
+        self.state.status = match compensating {
+            Some(reason) => SagaStatus::Compensating { reason },
+            None => SagaStatus::Running,
+        };
+        self.log("retry", None, "operator retry: resuming");
+        for i in 0..self.state.steps.len() {
+            if let StepStatus::Stuck { op, attempt, .. } = self.state.steps[i].clone() {
+                self.dispatch(i, op, attempt + 1);
+            }
+        }
+        true
+    }
+
+    fn succeeded(&mut self, step: usize, op: Op, attempt: u32, output: Value) {
+        let id = self.graph.step(step).id.0.clone();
+        self.log(
+            "succeeded",
+            Some(step),
+            format!("{op} attempt {attempt} succeeded"),
+        );
+        self.state.steps[step] = match op {
+            Op::Action | Op::Try => {
+                self.state.outputs.insert(id, output);
+                StepStatus::Succeeded
+            }
+            Op::Confirm => StepStatus::Confirmed,
+            Op::Compensate | Op::Cancel => StepStatus::Compensated,
+        };
+    }
+
+    /// A retryable failure or a timeout of the attempt in flight.
+    fn transient(&mut self, step: usize, op: Op, attempt: u32, error: String) {
+        let def = self.graph.step(step);
+        let policy = if op.is_forward() {
+            def.retry
+        } else {
+            def.compensation_retry
+        };
+        // Retriable-to-success steps retry without limit, and so does a pivot: an irreversible
+        // action whose outcome is unknown may have taken effect, so the saga can neither go on
+        // nor compensate until it answers definitively.
+        let unlimited =
+            op.is_forward() && (def.on_failure == FailurePolicy::Retry || !def.is_reversible());
+        if unlimited || attempt < policy.max_attempts {
+            let delay = policy.backoff(attempt, self.ctx.random);
+            self.state.steps[step] = StepStatus::Active {
+                op,
+                attempt: attempt + 1,
+                waiting: true,
+            };
+            self.timers.push(Timer {
+                step,
+                op,
+                attempt: attempt + 1,
+                kind: TimerKind::Retry,
+                at: self.ctx.now + millis(delay),
+            });
+            self.log(
+                "retry",
+                Some(step),
+                format!("{op} attempt {} in {}", attempt + 1, fmt_duration(delay)),
+            );
+        } else if op.is_forward() {
+            self.forward_failed(step, format!("{error} (after {attempt} attempts)"), false);
+        } else {
+            self.stuck(
+                step,
+                op,
+                attempt,
+                format!("{op} still failing after {attempt} attempts: {error}"),
+            );
+        }
+    }
+
+    /// The forward operation failed for good.
+    fn forward_failed(&mut self, step: usize, error: String, business: bool) {
+        let def = self.graph.step(step);
+        match def.on_failure {
+            FailurePolicy::Retry => {
+                // Retriable-to-success steps never run out of retries; a business failure
+                // contradicts the declaration: an operator must look.
+                let op = forward_op(&def.kind);
+                let attempt = match self.state.steps[step] {
+                    StepStatus::Active { attempt, .. } => attempt,
+                    _ => 1,
+                };
+                self.stuck(
+                    step,
+                    op,
+                    attempt,
+                    format!("declared retriable-to-success, but: {error}"),
+                );
+            }
+            FailurePolicy::Continue => {
+                self.log(
+                    "failed",
+                    Some(step),
+                    format!("optional step failed, continuing: {error}"),
+                );
+                self.state.steps[step] = StepStatus::Failed { error, business };
+                if !business && def.is_reversible() {
+                    // It may have taken effect: undo it alone, the saga goes on.
+                    let undo = undo_op(&def.kind);
+                    self.dispatch(step, undo, 1);
+                }
+            }
+            FailurePolicy::Compensate => {
+                self.state.steps[step] = StepStatus::Failed {
+                    error: error.clone(),
+                    business,
+                };
+                let id = &def.id;
+                self.start_compensation(format!("step `{id}` failed: {error}"));
+            }
+        }
+    }
+
+    fn stuck(&mut self, step: usize, op: Op, attempt: u32, error: String) {
+        self.state.steps[step] = StepStatus::Stuck {
+            op,
+            attempt,
+            error: error.clone(),
+        };
+        let compensating = match &self.state.status {
+            SagaStatus::Compensating { reason } => Some(reason.clone()),
+            SagaStatus::Failed { compensating, .. } => compensating.clone(),
+            _ => None,
+        };
+        let id = &self.graph.step(step).id;
+        let reason = format!("step `{id}`: {error}");
+        self.log(
+            "failed",
+            Some(step),
+            format!("saga needs an operator: {reason}"),
+        );
+        self.state.status = SagaStatus::Failed {
+            reason,
+            compensating,
+        };
+    }
+
+    fn start_compensation(&mut self, reason: String) {
+        match &self.state.status {
+            SagaStatus::Compensating { .. }
+            | SagaStatus::Failed {
+                compensating: Some(_),
+                ..
+            } => {
+                return;
+            }
+            _ => {}
+        }
+        self.log("compensating", None, reason.clone());
+        for i in 0..self.state.steps.len() {
+            match self.state.steps[i].clone() {
+                // Forward operations in flight or waiting for a retry may take effect: stop them
+                // (their replies will be ignored) and let compensation cover them.
+                StepStatus::Active { op, .. } if op.is_forward() => {
+                    self.state.steps[i] = StepStatus::Failed {
+                        error: "interrupted by compensation".into(),
+                        business: false,
+                    };
+                }
+                // A stuck forward operation's last answer was a business failure: no effect, and
+                // once the saga compensates nobody needs it to succeed any more.
+                StepStatus::Stuck { op, error, .. } if op.is_forward() => {
+                    self.state.steps[i] = StepStatus::Failed {
+                        error,
+                        business: true,
+                    };
+                }
+                _ => {}
+            }
+        }
+        // An undo that is itself stuck keeps the saga with the operator; retry resumes here.
+        let stuck = self
+            .state
+            .steps
+            .iter()
+            .any(|s| matches!(s, StepStatus::Stuck { .. }));
+        self.state.status = match (&self.state.status, stuck) {
+            (SagaStatus::Failed { reason: why, .. }, true) => SagaStatus::Failed {
+                reason: why.clone(),
+                compensating: Some(reason),
+            },
+            _ => SagaStatus::Compensating { reason },
+        };
+    }
+
+    /// Dispatches whatever can run now, and detects the end of the saga.
+    fn progress(&mut self) {
+        match self.state.status {
+            SagaStatus::Running => self.progress_forward(),
+            SagaStatus::Compensating { .. } => self.progress_compensation(),
+            _ => {}
+        }
+    }
+
+    fn progress_forward(&mut self) {
+        let order = self.graph.topological_order().to_vec();
+        for &i in &order {
+            if self.state.steps[i] != StepStatus::Pending {
+                continue;
+            }
+            let deps = self.graph.dependencies(i);
+            let dead = deps.iter().any(|&d| {
+                matches!(
+                    self.state.steps[d],
+                    StepStatus::Failed { .. } | StepStatus::Skipped | StepStatus::Compensated
+                ) || matches!(self.state.steps[d], StepStatus::Active { op, .. } if op.is_undo())
+            });
+            if dead {
+                self.state.steps[i] = StepStatus::Skipped;
+                self.log("skipped", Some(i), "a dependency did not succeed");
+                continue;
+            }
+            let ready = deps.iter().all(|&d| {
+                matches!(
+                    self.state.steps[d],
+                    StepStatus::Succeeded | StepStatus::Confirmed
+                )
+            });
+            if ready {
+                let op = forward_op(&self.graph.step(i).kind);
+                self.dispatch(i, op, 1);
+                if !matches!(self.state.status, SagaStatus::Running) {
+                    return self.progress();
+                }
+            }
+        }
+        let busy = self
+            .state
+            .steps
+            .iter()
+            .any(|s| matches!(s, StepStatus::Pending | StepStatus::Active { .. }));
+        if busy {
+            return;
+        }
+        // Every forward operation is done: confirm the TCC reservations, then complete.
+        let to_confirm: Vec<usize> = (0..self.state.steps.len())
+            .filter(|&i| {
+                self.state.steps[i] == StepStatus::Succeeded
+                    && matches!(self.graph.step(i).kind, StepKind::Tcc { .. })
+            })
+            .collect();
+        if !to_confirm.is_empty() {
+            for i in to_confirm {
+                self.dispatch(i, Op::Confirm, 1);
+            }
+            return;
+        }
+        self.state.status = SagaStatus::Completed;
+        self.log("completed", None, "every step succeeded");
+    }
+
+    /// Whether step `i`'s forward operation may have taken effect and is not yet undone.
+    fn needs_undo(&self, i: usize) -> bool {
+        match &self.state.steps[i] {
+            StepStatus::Succeeded => true,
+            StepStatus::Failed { business, .. } => !business,
+            _ => false,
+        }
+    }
+
+    fn progress_compensation(&mut self) {
+        let order = self.graph.compensation_order();
+        for &i in &order {
+            if !self.needs_undo(i) {
+                continue;
+            }
+            let def = self.graph.step(i);
+            if !def.is_reversible() {
+                // The pivot rule makes this unreachable for valid definitions: a pivot is retried
+                // until it answers, and nothing after it can demand compensation. Never pretend
+                // to undo it: stop for an operator.
+                let op = forward_op(&def.kind);
+                self.stuck(
+                    i,
+                    op,
+                    0,
+                    "irreversible step took effect but the saga must compensate".into(),
+                );
+                return;
+            }
+            let dependents_done = self.graph.dependents(i).iter().all(|&d| {
+                !self.needs_undo(d)
+                    && !matches!(
+                        self.state.steps[d],
+                        StepStatus::Active { .. } | StepStatus::Stuck { .. }
+                    )
+            });
+            if dependents_done {
+                let undo = undo_op(&def.kind);
+                self.dispatch(i, undo, 1);
+            }
+        }
+        let busy = (0..self.state.steps.len()).any(|i| {
+            self.needs_undo(i) || matches!(self.state.steps[i], StepStatus::Active { .. })
+        });
+        if !busy && let SagaStatus::Compensating { reason } = &self.state.status {
+            let reason = reason.clone();
+            self.log(
+                "compensated",
+                None,
+                "every step that may have taken effect is undone",
+            );
+            self.state.status = SagaStatus::Compensated { reason };
+        }
+    }
+
+    /// Sends `op` for `step` (attempt `attempt`) with its timeout timer. Parameters that cannot
+    /// be resolved are a business failure of the step (the definition and the data disagree).
+    fn dispatch(&mut self, step: usize, op: Op, attempt: u32) {
+        let def = self.graph.step(step);
+        let params = match self.params(step) {
+            Ok(p) => p,
+            Err(e) => {
+                let error = format!("[bad_params] {e}");
+                self.state.last_errors[step] = Some(error.clone());
+                if op.is_forward() {
+                    self.state.steps[step] = StepStatus::Active {
+                        op,
+                        attempt,
+                        waiting: false,
+                    };
+                    self.forward_failed(step, error, true);
+                } else {
+                    self.stuck(step, op, attempt, error);
+                }
+                return;
+            }
+        };
+        self.state.steps[step] = StepStatus::Active {
+            op,
+            attempt,
+            waiting: false,
+        };
+        self.state.attempts[step] += 1;
+        self.commands.push(Command {
+            step,
+            step_id: def.id.0.clone(),
+            service: def.service.clone(),
+            op,
+            operation: operation_name(&def.kind, op).to_owned(),
+            attempt,
+            params,
+        });
+        self.timers.push(Timer {
+            step,
+            op,
+            attempt,
+            kind: TimerKind::Timeout,
+            at: self.ctx.now + millis(def.timeout),
+        });
+        let name = operation_name(&def.kind, op);
+        self.log(
+            "dispatch",
+            Some(step),
+            format!("{op} `{name}` attempt {attempt}"),
+        );
+    }
+
+    fn params(&self, step: usize) -> Result<Value, ResolveError> {
+        let outputs = &self.state.outputs;
+        let lookup = |id: &str| outputs.get(id);
+        let values = Values {
+            input: &self.state.input,
+            outputs: &lookup,
+        };
+        let mut map = serde_json::Map::new();
+        for (k, expr) in &self.graph.step(step).params {
+            map.insert(k.clone(), expr.resolve(&values)?);
+        }
+        Ok(Value::Object(map))
+    }
+}
+
+pub fn forward_op(kind: &StepKind) -> Op {
+    match kind {
+        StepKind::Saga { .. } => Op::Action,
+        StepKind::Tcc { .. } => Op::Try,
+    }
+}
+
+pub fn undo_op(kind: &StepKind) -> Op {
+    match kind {
+        StepKind::Saga { .. } => Op::Compensate,
+        StepKind::Tcc { .. } => Op::Cancel,
+    }
+}
+
+/// The definition's name for `op` on a step of this kind (`charge`, `refund`, `freeze`, …).
+pub fn operation_name(kind: &StepKind, op: Op) -> &str {
+    match (kind, op) {
+        (StepKind::Saga { action, .. }, Op::Action) => action,
+        (
+            StepKind::Saga {
+                compensation: Compensation::Operation(c),
+                ..
+            },
+            Op::Compensate,
+        ) => c,
+        (StepKind::Tcc { r#try, .. }, Op::Try) => r#try,
+        (StepKind::Tcc { confirm, .. }, Op::Confirm) => confirm,
+        (StepKind::Tcc { cancel, .. }, Op::Cancel) => cancel,
+        _ => "none",
+    }
+}
+
+fn millis(d: Duration) -> Millis {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
+}
+
+fn fmt_duration(d: Duration) -> String {
+    if d.as_millis() < 1000 {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+fn timer_word(kind: TimerKind) -> &'static str {
+    match kind {
+        TimerKind::Timeout => "timeout",
+        TimerKind::Retry => "retry",
+    }
+}
