@@ -1,0 +1,569 @@
+//! The GMV service: gross merchandise value per campaign, in cents.
+//!
+//! * [`Add`] — order-paid's `gmv` step: `add` counts the order's amount towards its campaign, its
+//!   compensation `subtract` takes back exactly what the ledger says this (saga, step) added.
+//! * [`Subtract`] — order-refund's `gmv` step: `subtract` takes a refunded order's amount out, its
+//!   compensation `add` puts back exactly what it took.
+//!
+//! Ledger kinds: `add`, `add_reversal`, `subtract`, `subtract_reversal`, with signed deltas, so a
+//! campaign's GMV is always the sum of its ledger. GMV is a statistic: nothing here refuses a
+//! refund because of it (it may go below zero if an order is refunded that was never counted, and
+//! `check` reports that).
+
+use std::collections::{BTreeMap, HashMap};
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+use sqlx::{AnyConnection, Row};
+
+use super::{Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, money, param_cents};
+use crate::sdk::{SagaStep, StepContext, StepError, param_str};
+
+const SERVICE: &str = "gmv";
+
+/// order-paid's `gmv` step: action `add`, compensation `subtract`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Add;
+
+/// order-refund's `gmv` step: action `subtract`, compensation `add`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Subtract;
+
+struct Entry {
+    campaign_id: String,
+    delta: i64,
+}
+
+async fn entry(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    kind: &str,
+) -> Result<Option<Entry>, sqlx::Error> {
+    sqlx::query(
+        "SELECT campaign_id, delta FROM gmv_ledger WHERE saga_id = $1 AND step = $2 AND kind = $3",
+    )
+    .bind(&ctx.saga_id)
+    .bind(&ctx.step)
+    .bind(kind)
+    .fetch_optional(&mut *conn)
+    .await?
+    .map(|r| {
+        Ok(Entry {
+            campaign_id: r.try_get("campaign_id")?,
+            delta: r.try_get("delta")?,
+        })
+    })
+    .transpose()
+}
+
+/// Adds `entry.delta` to the campaign (creating it at 0 first) and records the entry.
+async fn apply(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    kind: &str,
+    entry: &Entry,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO campaign_gmv (campaign_id, gmv) VALUES ($1, $2) \
+         ON CONFLICT (campaign_id) DO UPDATE SET gmv = campaign_gmv.gmv + excluded.gmv",
+    )
+    .bind(&entry.campaign_id)
+    .bind(entry.delta)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO gmv_ledger (saga_id, step, kind, campaign_id, delta) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(&ctx.saga_id)
+    .bind(&ctx.step)
+    .bind(kind)
+    .bind(&entry.campaign_id)
+    .bind(entry.delta)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Applies this (saga, step)'s `kind` entry once: a replay returns the recorded delta.
+async fn once(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    kind: &str,
+    params: &Value,
+    sign: i64,
+) -> Result<Value, StepError> {
+    let wanted = Entry {
+        campaign_id: param_str(params, "campaign_id")?.to_owned(),
+        delta: sign * param_cents(params, "amount")?,
+    };
+    if let Some(done) = entry(conn, ctx, kind).await? {
+        return Ok(json!({ "delta_cents": done.delta }));
+    }
+    apply(conn, ctx, kind, &wanted).await?;
+    Ok(json!({ "delta_cents": wanted.delta }))
+}
+
+/// Undoes this (saga, step)'s `kind` entry, once; nothing if it never happened.
+async fn reverse(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    kind: &str,
+    reversal: &str,
+) -> Result<Value, StepError> {
+    if let Some(done) = entry(conn, ctx, reversal).await? {
+        return Ok(json!({ "delta_cents": done.delta }));
+    }
+    let Some(original) = entry(conn, ctx, kind).await? else {
+        return Ok(json!({ "delta_cents": 0 }));
+    };
+    let undo = Entry {
+        delta: -original.delta,
+        ..original
+    };
+    apply(conn, ctx, reversal, &undo).await?;
+    Ok(json!({ "delta_cents": undo.delta }))
+}
+
+#[async_trait]
+impl SagaStep for Add {
+    /// `add {campaign_id, amount}` → `{"delta_cents"}`.
+    async fn action(
+        &self,
+        conn: &mut AnyConnection,
+        ctx: &StepContext,
+        params: &Value,
+    ) -> Result<Value, StepError> {
+        once(conn, ctx, "add", params, 1).await
+    }
+
+    /// `subtract`: takes back what this (saga, step) added.
+    async fn compensate(
+        &self,
+        conn: &mut AnyConnection,
+        ctx: &StepContext,
+        _params: &Value,
+    ) -> Result<Value, StepError> {
+        reverse(conn, ctx, "add", "add_reversal").await
+    }
+}
+
+#[async_trait]
+impl SagaStep for Subtract {
+    /// `subtract {campaign_id, amount}` → `{"delta_cents"}`.
+    async fn action(
+        &self,
+        conn: &mut AnyConnection,
+        ctx: &StepContext,
+        params: &Value,
+    ) -> Result<Value, StepError> {
+        once(conn, ctx, "subtract", params, -1).await
+    }
+
+    /// `add`: puts back what this (saga, step) subtracted.
+    async fn compensate(
+        &self,
+        conn: &mut AnyConnection,
+        ctx: &StepContext,
+        _params: &Value,
+    ) -> Result<Value, StepError> {
+        reverse(conn, ctx, "subtract", "subtract_reversal").await
+    }
+}
+
+/// Creates the campaigns that do not exist yet, at zero GMV (a campaign's GMV is only ever what
+/// its ledger says, so there is no initial value to seed).
+pub async fn seed(conn: &mut AnyConnection, campaigns: &[String]) -> Result<(), sqlx::Error> {
+    for campaign_id in campaigns {
+        sqlx::query(
+            "INSERT INTO campaign_gmv (campaign_id, gmv) VALUES ($1, 0) \
+             ON CONFLICT (campaign_id) DO NOTHING",
+        )
+        .bind(campaign_id)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct SagaGmv {
+    net: i64,
+    kinds: BTreeMap<String, usize>,
+}
+
+impl SagaGmv {
+    fn count(&self, kind: &str) -> usize {
+        self.kinds.get(kind).copied().unwrap_or(0)
+    }
+
+    fn describe(&self) -> String {
+        let kinds: Vec<String> = self.kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        format!(
+            "a net GMV change of {} ({})",
+            money(self.net),
+            kinds.join(", ")
+        )
+    }
+}
+
+/// Per campaign: the stored GMV, its ledger's sum, and what the finished sagas say it should be.
+#[derive(Default)]
+struct CampaignGmv {
+    stored: Option<i64>,
+    ledger: i64,
+    expected: i64,
+}
+
+/// The GMV invariants: every campaign's GMV is the sum of its ledger and equals its completed
+/// orders minus its completed refunds (and so does the total), each completed saga moved its
+/// amount once and kept it, each compensated one is net zero, and no saga that did not finish
+/// cleanly left GMV moved.
+pub async fn check(
+    conn: &mut AnyConnection,
+    outcomes: &[Outcome],
+) -> Result<Vec<String>, sqlx::Error> {
+    let mut violations = Vec::new();
+    let finished = Finished::new(outcomes);
+
+    let mut campaigns: BTreeMap<String, CampaignGmv> = BTreeMap::new();
+    for row in sqlx::query("SELECT campaign_id, gmv FROM campaign_gmv")
+        .fetch_all(&mut *conn)
+        .await?
+    {
+        campaigns
+            .entry(row.try_get("campaign_id")?)
+            .or_default()
+            .stored = Some(row.try_get("gmv")?);
+    }
+    let mut sagas: HashMap<String, SagaGmv> = HashMap::new();
+    for row in sqlx::query("SELECT saga_id, kind, campaign_id, delta FROM gmv_ledger")
+        .fetch_all(&mut *conn)
+        .await?
+    {
+        let delta: i64 = row.try_get("delta")?;
+        campaigns
+            .entry(row.try_get("campaign_id")?)
+            .or_default()
+            .ledger += delta;
+        let saga = sagas.entry(row.try_get("saga_id")?).or_default();
+        saga.net += delta;
+        *saga.kinds.entry(row.try_get("kind")?).or_default() += 1;
+    }
+
+    let mut expected_total = 0i64;
+    for o in outcomes {
+        let none = SagaGmv::default();
+        let got = sagas.get(&o.saga_id).unwrap_or(&none);
+        let label = o.label();
+        let (kind, sign) = match o.saga.as_str() {
+            ORDER_PAID => ("add", 1),
+            ORDER_REFUND => ("subtract", -1),
+            _ => continue,
+        };
+        match o.state {
+            OutcomeState::Completed => {
+                let wanted = o
+                    .require_cents(SERVICE, "amount")
+                    .and_then(|a| Ok((o.require_str(SERVICE, "campaign_id")?, sign * a)));
+                let (campaign, delta) = match wanted {
+                    Ok(w) => w,
+                    Err(v) => {
+                        violations.push(v);
+                        continue;
+                    }
+                };
+                expected_total += delta;
+                campaigns.entry(campaign.to_owned()).or_default().expected += delta;
+                if got.count(kind) != 1 || got.net != delta {
+                    violations.push(format!(
+                        "gmv: {label} completed and should have moved {} once, but its ledger \
+                         has {}",
+                        money(delta),
+                        got.describe()
+                    ));
+                }
+            }
+            OutcomeState::Compensated => {
+                if got.net != 0 {
+                    violations.push(format!(
+                        "gmv: {label} was compensated but is not net zero: {}",
+                        got.describe()
+                    ));
+                }
+            }
+            OutcomeState::Failed => {}
+        }
+    }
+
+    let mut total = 0i64;
+    for (campaign, c) in &campaigns {
+        let stored = c.stored.unwrap_or(0);
+        total += stored;
+        if c.stored.is_none() {
+            violations.push(format!(
+                "gmv: campaign `{campaign}` does not exist but its ledger says {}",
+                money(c.ledger)
+            ));
+        } else if stored != c.ledger {
+            violations.push(format!(
+                "gmv: campaign `{campaign}` has a GMV of {} but its ledger sums to {}",
+                money(stored),
+                money(c.ledger)
+            ));
+        }
+        if stored != c.expected {
+            violations.push(format!(
+                "gmv: campaign `{campaign}` has a GMV of {} but its completed orders minus \
+                 refunds come to {}",
+                money(stored),
+                money(c.expected)
+            ));
+        }
+    }
+    if total != expected_total {
+        violations.push(format!(
+            "gmv: the total GMV is {} but completed orders minus completed refunds come to {}",
+            money(total),
+            money(expected_total)
+        ));
+    }
+
+    let mut ids: Vec<&String> = sagas.keys().collect();
+    ids.sort();
+    for saga_id in ids {
+        if let Some(v) = finished.unsettled(SERVICE, saga_id, &sagas[saga_id].describe()) {
+            violations.push(v);
+        }
+    }
+    Ok(violations)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use sqlx::AnyPool;
+
+    use super::*;
+    use crate::services::testing::{Op, assert_reported, outcome, run, sqlite};
+
+    const MIGRATION: &str = include_str!("../../../migrations/sqlite/0104_gmv.sql");
+
+    async fn setup() -> AnyPool {
+        let pool = sqlite(&[MIGRATION]).await;
+        let mut conn = pool.acquire().await.unwrap();
+        seed(&mut conn, &["spring".to_owned()]).await.unwrap();
+        seed(&mut conn, &["spring".to_owned()]).await.unwrap();
+        pool
+    }
+
+    async fn gmv_of(pool: &AnyPool, campaign: &str) -> Option<i64> {
+        sqlx::query("SELECT gmv FROM campaign_gmv WHERE campaign_id = $1")
+            .bind(campaign)
+            .fetch_optional(pool)
+            .await
+            .unwrap()
+            .map(|r| r.try_get("gmv").unwrap())
+    }
+
+    async fn violations(pool: &AnyPool, outcomes: &[Outcome]) -> Vec<String> {
+        let mut conn = pool.acquire().await.unwrap();
+        check(&mut conn, outcomes).await.unwrap()
+    }
+
+    fn params(campaign: &str, amount: &str) -> Value {
+        json!({ "campaign_id": campaign, "amount": amount, "payment_txn": "s/payment" })
+    }
+
+    fn input(order_id: &str, campaign: &str, amount: &str) -> Value {
+        json!({ "order_id": order_id, "user_id": "u1", "amount": amount, "campaign_id": campaign })
+    }
+
+    #[tokio::test]
+    async fn add_subtract_and_their_compensations_move_gmv_exactly_once() {
+        let pool = setup().await;
+        let p = params("spring", "129.90");
+        run(&pool, Op::Action(&Add), "paid", "gmv", &p)
+            .await
+            .unwrap();
+        run(&pool, Op::Action(&Add), "paid", "gmv", &p)
+            .await
+            .unwrap();
+        assert_eq!(
+            gmv_of(&pool, "spring").await,
+            Some(12_990),
+            "a replayed add counts once"
+        );
+        run(
+            &pool,
+            Op::Action(&Add),
+            "undone",
+            "gmv",
+            &params("autumn", "10"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            gmv_of(&pool, "autumn").await,
+            Some(1_000),
+            "created on demand"
+        );
+        let back = run(&pool, Op::Compensate(&Add), "undone", "gmv", &p)
+            .await
+            .unwrap();
+        assert_eq!(back, json!({ "delta_cents": -1_000 }));
+        run(&pool, Op::Compensate(&Add), "undone", "gmv", &p)
+            .await
+            .unwrap();
+        assert_eq!(gmv_of(&pool, "autumn").await, Some(0));
+        let none = run(&pool, Op::Compensate(&Add), "never", "gmv", &p)
+            .await
+            .unwrap();
+        assert_eq!(none, json!({ "delta_cents": 0 }));
+
+        run(&pool, Op::Action(&Subtract), "refund-undone", "gmv", &p)
+            .await
+            .unwrap();
+        assert_eq!(gmv_of(&pool, "spring").await, Some(0));
+        run(&pool, Op::Compensate(&Subtract), "refund-undone", "gmv", &p)
+            .await
+            .unwrap();
+        assert_eq!(gmv_of(&pool, "spring").await, Some(12_990));
+        run(
+            &pool,
+            Op::Action(&Subtract),
+            "refund",
+            "gmv",
+            &params("spring", "100"),
+        )
+        .await
+        .unwrap();
+
+        let r = run(
+            &pool,
+            Op::Action(&Add),
+            "bad",
+            "gmv",
+            &params("spring", "-1"),
+        )
+        .await;
+        assert!(matches!(&r, Err(StepError::Business { code, .. }) if code == "bad_amount"));
+        let r = run(
+            &pool,
+            Op::Action(&Add),
+            "bad",
+            "gmv",
+            &json!({ "amount": "1" }),
+        )
+        .await;
+        assert!(matches!(&r, Err(StepError::Business { code, .. }) if code == "bad_params"));
+
+        let outcomes = [
+            outcome(
+                "paid",
+                ORDER_PAID,
+                OutcomeState::Completed,
+                input("o-1", "spring", "129.90"),
+            ),
+            outcome(
+                "undone",
+                ORDER_PAID,
+                OutcomeState::Compensated,
+                input("o-2", "autumn", "10"),
+            ),
+            outcome(
+                "never",
+                ORDER_PAID,
+                OutcomeState::Compensated,
+                input("o-3", "spring", "1"),
+            ),
+            outcome(
+                "refund-undone",
+                ORDER_REFUND,
+                OutcomeState::Compensated,
+                input("o-1", "spring", "129.90"),
+            ),
+            outcome(
+                "refund",
+                ORDER_REFUND,
+                OutcomeState::Completed,
+                input("o-4", "spring", "100"),
+            ),
+        ];
+        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
+        assert_eq!(gmv_of(&pool, "spring").await, Some(2_990));
+    }
+
+    #[tokio::test]
+    async fn check_reports_broken_states() {
+        let pool = setup().await;
+        run(
+            &pool,
+            Op::Action(&Add),
+            "paid",
+            "gmv",
+            &params("spring", "20"),
+        )
+        .await
+        .unwrap();
+        run(
+            &pool,
+            Op::Action(&Add),
+            "kept",
+            "gmv",
+            &params("spring", "3"),
+        )
+        .await
+        .unwrap();
+        run(
+            &pool,
+            Op::Action(&Add),
+            "stray",
+            "gmv",
+            &params("summer", "4"),
+        )
+        .await
+        .unwrap();
+        sqlx::query("UPDATE campaign_gmv SET gmv = gmv + 100 WHERE campaign_id = 'summer'")
+            .execute(&pool)
+            .await
+            .unwrap();
+
+        let outcomes = [
+            outcome(
+                "paid",
+                ORDER_PAID,
+                OutcomeState::Completed,
+                input("o-1", "spring", "25"),
+            ),
+            outcome(
+                "kept",
+                ORDER_PAID,
+                OutcomeState::Compensated,
+                input("o-2", "spring", "3"),
+            ),
+        ];
+        let v = violations(&pool, &outcomes).await;
+        assert_reported(
+            &v,
+            &[
+                "saga paid (order o-1)",
+                "should have moved 25.00 once",
+                "20.00",
+            ],
+        );
+        assert_reported(&v, &["saga kept (order o-2)", "compensated", "3.00"]);
+        assert_reported(&v, &["saga stray", "not among the finished sagas", "4.00"]);
+        assert_reported(
+            &v,
+            &["campaign `summer` has a GMV of 5.00", "ledger sums to 4.00"],
+        );
+        assert_reported(&v, &["campaign `summer` has a GMV of 5.00", "come to 0.00"]);
+        assert_reported(
+            &v,
+            &["campaign `spring` has a GMV of 23.00", "come to 25.00"],
+        );
+        assert_reported(&v, &["total GMV is 28.00", "come to 25.00"]);
+        assert_eq!(v.len(), 7, "{v:#?}");
+    }
+}

@@ -1,0 +1,481 @@
+//! The four order services, each owning its own tables.
+//!
+//! | module | tables (migration `01xx`) | handlers |
+//! |---|---|---|
+//! | [`payment`] | `payment_accounts`, `payment_ledger` (0101) | `Charge` (charge / refund), `Refund` (refund) |
+//! | [`coupon`] | `coupons`, `coupon_ledger` (0102) | `Coupon` (TCC freeze / use / unfreeze), `Restore` (restore) |
+//! | [`points`] | `points_balances`, `points_ledger` (0103) | `Grant` (grant / revoke), `Revoke` (revoke / grant) |
+//! | [`gmv`] | `campaign_gmv`, `gmv_ledger` (0104) | `Add` (add / subtract), `Subtract` (subtract / add) |
+//!
+//! Every effect is written together with a ledger row keyed by `(saga_id, step, kind)`. The
+//! ledger is what a compensation reverses (exactly what its action did, nothing if the action
+//! never ran) and what `check` reads to prove the services' invariants after a run: each module
+//! has a `seed` that creates demo data and a `check` that lists invariant violations against the
+//! [`Outcome`]s of the finished sagas (an empty list means all is well).
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use crate::sdk::{StepError, cents, param_i64};
+
+pub mod coupon;
+pub mod gmv;
+pub mod payment;
+pub mod points;
+
+/// The service names, as the saga definitions' `service:` fields spell them.
+pub const SERVICES: &[&str] = &["payment", "coupon", "points", "gmv"];
+
+/// The saga definition names `check` knows the expected effects of (`sagas/*.yaml`).
+pub const ORDER_PAID: &str = "order-paid";
+pub const ORDER_REFUND: &str = "order-refund";
+
+/// A finished saga, as `check` needs to know it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub saga_id: String,
+    /// The definition name, e.g. `order-paid`.
+    pub saga: String,
+    pub state: OutcomeState,
+    /// The saga's input (`order_id`, `user_id`, `amount`, …).
+    pub input: Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OutcomeState {
+    Completed,
+    Compensated,
+    /// Compensation could not succeed: an operator has to look at it.
+    Failed,
+}
+
+impl std::fmt::Display for OutcomeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OutcomeState::Completed => "completed",
+            OutcomeState::Compensated => "compensated",
+            OutcomeState::Failed => "failed",
+        })
+    }
+}
+
+impl Outcome {
+    /// `saga 0193… (order o-17)`: how violation messages name a saga.
+    pub(crate) fn label(&self) -> String {
+        match self.input_str("order_id") {
+            Some(order) => format!("saga {} (order {order})", self.saga_id),
+            None => format!("saga {}", self.saga_id),
+        }
+    }
+
+    pub(crate) fn input_str(&self, name: &str) -> Option<&str> {
+        self.input.get(name).and_then(Value::as_str)
+    }
+
+    /// A required string input, or the violation that says it is missing.
+    pub(crate) fn require_str(&self, service: &str, name: &str) -> Result<&str, String> {
+        self.input_str(name)
+            .ok_or_else(|| format!("{service}: {} has no `{name}` in its input", self.label()))
+    }
+
+    /// A required money input as cents, or the violation that says it is unreadable.
+    pub(crate) fn require_cents(&self, service: &str, name: &str) -> Result<i64, String> {
+        self.input
+            .get(name)
+            .and_then(|v| cents(v).ok())
+            .ok_or_else(|| {
+                format!(
+                    "{service}: {} has no readable amount `{name}` in its input",
+                    self.label()
+                )
+            })
+    }
+
+    /// A required integer input, or the violation that says it is unreadable.
+    pub(crate) fn require_i64(&self, service: &str, name: &str) -> Result<i64, String> {
+        param_i64(&self.input, name).map_err(|_| {
+            format!(
+                "{service}: {} has no integer `{name}` in its input",
+                self.label()
+            )
+        })
+    }
+}
+
+/// The finished sagas by id.
+pub(crate) struct Finished<'a>(HashMap<&'a str, &'a Outcome>);
+
+impl<'a> Finished<'a> {
+    pub(crate) fn new(outcomes: &'a [Outcome]) -> Self {
+        Self(outcomes.iter().map(|o| (o.saga_id.as_str(), o)).collect())
+    }
+
+    pub(crate) fn get(&self, saga_id: &str) -> Option<&'a Outcome> {
+        self.0.get(saga_id).copied()
+    }
+
+    /// The violation for effects left by a saga that did not end Completed or Compensated:
+    /// a Failed one (an operator must settle it) or one that is not among the finished sagas
+    /// at all (still running, or unknown). `None` for a saga that ended cleanly.
+    pub(crate) fn unsettled(&self, service: &str, saga_id: &str, left: &str) -> Option<String> {
+        match self.get(saga_id) {
+            Some(o) if o.state == OutcomeState::Failed => Some(format!(
+                "{service}: {} failed (needs an operator) and left {left}",
+                o.label()
+            )),
+            Some(_) => None,
+            None => Some(format!(
+                "{service}: saga {saga_id} is not among the finished sagas (still running, or \
+                 unknown) but left {left}"
+            )),
+        }
+    }
+}
+
+/// Cents as a human-readable amount: `12990` → `129.90`.
+pub(crate) fn money(cents: i64) -> String {
+    let sign = if cents < 0 { "-" } else { "" };
+    let abs = cents.unsigned_abs();
+    format!("{sign}{}.{:02}", abs / 100, abs % 100)
+}
+
+/// A required money parameter as cents; names the parameter when it is missing.
+pub(crate) fn param_cents(params: &Value, name: &str) -> Result<i64, StepError> {
+    match params.get(name) {
+        Some(v) => cents(v),
+        None => Err(StepError::business(
+            "bad_params",
+            format!("parameter `{name}` is missing"),
+        )),
+    }
+}
+
+/// A required non-negative integer parameter (points can be 0, never negative).
+pub(crate) fn param_count(params: &Value, name: &str) -> Result<i64, StepError> {
+    let n = param_i64(params, name)?;
+    if n < 0 {
+        return Err(StepError::business(
+            "bad_params",
+            format!("parameter `{name}` must not be negative, got {n}"),
+        ));
+    }
+    Ok(n)
+}
+
+/// The handler's answer to a compensation the definition says never happens (`compensation:
+/// none`): if the engine ever sends one, the saga must stop for an operator, not pretend.
+pub(crate) fn irreversible(what: &str) -> StepError {
+    StepError::business("irreversible", format!("{what} cannot be undone"))
+}
+
+/// What the unit tests of every service share: an in-memory SQLite behind the `Any` driver,
+/// and running one operation in its own transaction the way the SDK does (commit on success,
+/// roll back on error).
+#[cfg(test)]
+pub(crate) mod testing {
+    use serde_json::Value;
+    use sqlx::AnyPool;
+    use sqlx::any::AnyPoolOptions;
+
+    use super::{Outcome, OutcomeState};
+    use crate::sdk::{SagaStep, StepContext, StepError, TccStep};
+
+    pub(crate) async fn sqlite(migrations: &[&'static str]) -> AnyPool {
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .expect("in-memory sqlite");
+        for sql in migrations {
+            sqlx::raw_sql(*sql).execute(&pool).await.expect("migration");
+        }
+        pool
+    }
+
+    #[derive(Clone, Copy)]
+    pub(crate) enum Op<'h> {
+        Action(&'h dyn SagaStep),
+        Compensate(&'h dyn SagaStep),
+        Try(&'h dyn TccStep),
+        Confirm(&'h dyn TccStep),
+        Cancel(&'h dyn TccStep),
+    }
+
+    /// Runs `op` for (saga, step) in one transaction.
+    pub(crate) async fn run(
+        pool: &AnyPool,
+        op: Op<'_>,
+        saga_id: &str,
+        step: &str,
+        params: &Value,
+    ) -> Result<Value, StepError> {
+        let operation = match op {
+            Op::Action(_) => "action",
+            Op::Compensate(_) => "compensate",
+            Op::Try(_) => "try",
+            Op::Confirm(_) => "confirm",
+            Op::Cancel(_) => "cancel",
+        };
+        let ctx = StepContext {
+            saga_id: saga_id.to_owned(),
+            step: step.to_owned(),
+            operation: operation.to_owned(),
+            attempt: 1,
+            key: params
+                .get("order_id")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned(),
+        };
+        let mut tx = pool.begin().await.expect("begin");
+        let result = match op {
+            Op::Action(h) => h.action(&mut tx, &ctx, params).await,
+            Op::Compensate(h) => h.compensate(&mut tx, &ctx, params).await,
+            Op::Try(h) => h.try_(&mut tx, &ctx, params).await,
+            Op::Confirm(h) => h.confirm(&mut tx, &ctx, params).await,
+            Op::Cancel(h) => h.cancel(&mut tx, &ctx, params).await,
+        };
+        if result.is_ok() {
+            tx.commit().await.expect("commit");
+        } else {
+            tx.rollback().await.expect("rollback");
+        }
+        result
+    }
+
+    pub(crate) fn outcome(saga_id: &str, saga: &str, state: OutcomeState, input: Value) -> Outcome {
+        Outcome {
+            saga_id: saga_id.to_owned(),
+            saga: saga.to_owned(),
+            state,
+            input,
+        }
+    }
+
+    /// Asserts that some violation mentions every one of `needles`.
+    pub(crate) fn assert_reported(violations: &[String], needles: &[&str]) {
+        assert!(
+            violations
+                .iter()
+                .any(|v| needles.iter().all(|n| v.contains(n))),
+            "no violation mentions all of {needles:?}; got {violations:#?}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use sqlx::AnyPool;
+    use sqlx::any::AnyPoolOptions;
+
+    use super::testing::{Op, outcome, run, sqlite};
+    use super::*;
+
+    const SQLITE: [&str; 4] = [
+        include_str!("../../../migrations/sqlite/0101_payment.sql"),
+        include_str!("../../../migrations/sqlite/0102_coupon.sql"),
+        include_str!("../../../migrations/sqlite/0103_points.sql"),
+        include_str!("../../../migrations/sqlite/0104_gmv.sql"),
+    ];
+    const POSTGRES: [&str; 4] = [
+        include_str!("../../../migrations/postgres/0101_payment.sql"),
+        include_str!("../../../migrations/postgres/0102_coupon.sql"),
+        include_str!("../../../migrations/postgres/0103_points.sql"),
+        include_str!("../../../migrations/postgres/0104_gmv.sql"),
+    ];
+
+    /// One order paid and later refunded, one order compensated after its coupon was refused,
+    /// one refused for lack of funds — through all four services, then every check: the same
+    /// scenario on every backend proves the SQL is portable.
+    async fn order_flows(pool: &AnyPool) {
+        let mut conn = pool.acquire().await.unwrap();
+        payment::seed(&mut conn, &[("u1".into(), 100_000), ("u2".into(), 100)])
+            .await
+            .unwrap();
+        coupon::seed(
+            &mut conn,
+            &[("c1".into(), "u1".into()), ("c2".into(), "u2".into())],
+        )
+        .await
+        .unwrap();
+        points::seed(&mut conn, &[("u1".into(), 100)])
+            .await
+            .unwrap();
+        gmv::seed(&mut conn, &["spring".into()]).await.unwrap();
+        drop(conn);
+
+        let order = |order_id: &str, user: &str, amount: &str, coupon: &str| {
+            json!({ "order_id": order_id, "user_id": user, "amount": amount, "coupon_id": coupon,
+                    "points": 13, "campaign_id": "spring" })
+        };
+        let (a, b, c) = (
+            order("o-1", "u1", "129.90", "c1"),
+            order("o-2", "u1", "20", "c1"),
+            order("o-3", "u2", "5", "c2"),
+        );
+        let pay = |o: &Value| json!({ "account": o["user_id"], "amount": o["amount"], "order_id": o["order_id"] });
+        let pts =
+            |o: &Value| json!({ "user_id": o["user_id"], "points": o["points"], "reason": "test" });
+
+        // order-paid A: everything succeeds.
+        run(pool, Op::Action(&payment::Charge), "A", "payment", &pay(&a))
+            .await
+            .unwrap();
+        run(pool, Op::Try(&coupon::Coupon), "A", "coupon", &a)
+            .await
+            .unwrap();
+        run(pool, Op::Action(&points::Grant), "A", "points", &pts(&a))
+            .await
+            .unwrap();
+        run(pool, Op::Action(&gmv::Add), "A", "gmv", &a)
+            .await
+            .unwrap();
+        run(pool, Op::Confirm(&coupon::Coupon), "A", "coupon", &a)
+            .await
+            .unwrap();
+
+        // order-paid B: its coupon is taken, so what did happen is compensated.
+        run(pool, Op::Action(&payment::Charge), "B", "payment", &pay(&b))
+            .await
+            .unwrap();
+        run(pool, Op::Action(&points::Grant), "B", "points", &pts(&b))
+            .await
+            .unwrap();
+        run(pool, Op::Action(&gmv::Add), "B", "gmv", &b)
+            .await
+            .unwrap();
+        run(pool, Op::Try(&coupon::Coupon), "B", "coupon", &b)
+            .await
+            .unwrap_err();
+        run(pool, Op::Compensate(&gmv::Add), "B", "gmv", &b)
+            .await
+            .unwrap();
+        run(
+            pool,
+            Op::Compensate(&points::Grant),
+            "B",
+            "points",
+            &pts(&b),
+        )
+        .await
+        .unwrap();
+        run(
+            pool,
+            Op::Compensate(&payment::Charge),
+            "B",
+            "payment",
+            &pay(&b),
+        )
+        .await
+        .unwrap();
+
+        // order-paid C: refused at the charge, nothing to undo.
+        run(pool, Op::Action(&payment::Charge), "C", "payment", &pay(&c))
+            .await
+            .unwrap_err();
+
+        // order-refund D of order A.
+        run(pool, Op::Action(&points::Revoke), "D", "points", &pts(&a))
+            .await
+            .unwrap();
+        run(pool, Op::Action(&gmv::Subtract), "D", "gmv", &a)
+            .await
+            .unwrap();
+        run(pool, Op::Action(&payment::Refund), "D", "refund", &pay(&a))
+            .await
+            .unwrap();
+        run(pool, Op::Action(&coupon::Restore), "D", "coupon", &a)
+            .await
+            .unwrap();
+
+        let outcomes = [
+            outcome("A", ORDER_PAID, OutcomeState::Completed, a),
+            outcome("B", ORDER_PAID, OutcomeState::Compensated, b),
+            outcome("C", ORDER_PAID, OutcomeState::Compensated, c),
+            outcome(
+                "D",
+                ORDER_REFUND,
+                OutcomeState::Completed,
+                order("o-1", "u1", "129.90", "c1"),
+            ),
+        ];
+        let mut conn = pool.acquire().await.unwrap();
+        let mut violations = payment::check(&mut conn, &outcomes).await.unwrap();
+        violations.extend(coupon::check(&mut conn, &outcomes).await.unwrap());
+        violations.extend(points::check(&mut conn, &outcomes).await.unwrap());
+        violations.extend(gmv::check(&mut conn, &outcomes).await.unwrap());
+        assert_eq!(violations, Vec::<String>::new());
+
+        // Paid and refunded, compensated, refused: every balance is back where it started.
+        let one = |sql: &'static str| sqlx::query_scalar::<_, i64>(sql);
+        let balance = one("SELECT balance FROM payment_accounts WHERE account = 'u1'");
+        assert_eq!(balance.fetch_one(&mut *conn).await.unwrap(), 100_000);
+        let points = one("SELECT points FROM points_balances WHERE user_id = 'u1'");
+        assert_eq!(points.fetch_one(&mut *conn).await.unwrap(), 100);
+        let gmv = one("SELECT gmv FROM campaign_gmv WHERE campaign_id = 'spring'");
+        assert_eq!(gmv.fetch_one(&mut *conn).await.unwrap(), 0);
+        let state =
+            sqlx::query_scalar::<_, String>("SELECT state FROM coupons WHERE coupon_id = 'c1'");
+        assert_eq!(state.fetch_one(&mut *conn).await.unwrap(), "available");
+    }
+
+    #[tokio::test]
+    async fn order_flows_on_sqlite() {
+        order_flows(&sqlite(&SQLITE).await).await;
+    }
+
+    /// Runs the scenario in a fresh PostgreSQL database (`SAGAFLOW_TEST_DATABASE_URL`); skipped
+    /// when PostgreSQL is unreachable, unless `CI=true`.
+    #[tokio::test]
+    async fn order_flows_on_postgres() {
+        sqlx::any::install_default_drivers();
+        let url = std::env::var("SAGAFLOW_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let admin = match AnyPoolOptions::new().max_connections(1).connect(&url).await {
+            Ok(pool) => pool,
+            Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+                eprintln!("skipping: PostgreSQL at {url} is unreachable: {e}");
+                return;
+            }
+            Err(e) => panic!("PostgreSQL at {url} is unreachable: {e}"),
+        };
+        let name = format!("sagaflow_workers_{:016x}", fastrand::u64(..));
+        let create = format!("CREATE DATABASE {name}");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(create))
+            .execute(&admin)
+            .await
+            .unwrap();
+
+        let (base, _) = url.split_once('?').unwrap_or((&url, ""));
+        let (server, _) = base
+            .rsplit_once('/')
+            .expect("a database URL names a database");
+        let pool = AnyPoolOptions::new()
+            .max_connections(2)
+            .connect(&format!("{server}/{name}"))
+            .await
+            .unwrap();
+        for sql in POSTGRES {
+            sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+        }
+        order_flows(&pool).await;
+
+        pool.close().await;
+        let drop = format!("DROP DATABASE {name}");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+
+    #[test]
+    fn money_formats_cents() {
+        assert_eq!(money(12990), "129.90");
+        assert_eq!(money(5), "0.05");
+        assert_eq!(money(-150), "-1.50");
+        assert_eq!(money(0), "0.00");
+    }
+}

@@ -1,0 +1,611 @@
+//! The points service: loyalty points per user.
+//!
+//! * [`Grant`] — order-paid's `points` step: `grant` adds points, its compensation `revoke` takes
+//!   back exactly what the ledger says this (saga, step) granted.
+//! * [`Revoke`] — order-refund's `points` step: `revoke` takes points back (refused with
+//!   `insufficient_points` if the user no longer has them), its compensation `grant` returns
+//!   exactly what it took.
+//!
+//! Ledger kinds: `grant`, `grant_reversal`, `revoke`, `revoke_reversal`, with signed deltas, so a
+//! balance is always `initial + sum(delta)`. Compensations never fail on a low balance (a
+//! compensation must succeed), which is the only way a balance can go negative.
+
+use std::collections::{BTreeMap, HashMap};
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+use sqlx::{AnyConnection, Row};
+
+use super::{Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, param_count};
+use crate::sdk::{SagaStep, StepContext, StepError, param_str};
+
+const SERVICE: &str = "points";
+
+/// order-paid's `points` step: action `grant`, compensation `revoke`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Grant;
+
+/// order-refund's `points` step: action `revoke`, compensation `grant`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Revoke;
+
+struct Entry {
+    user_id: String,
+    delta: i64,
+    reason: Option<String>,
+}
+
+async fn entry(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    kind: &str,
+) -> Result<Option<Entry>, sqlx::Error> {
+    sqlx::query(
+        "SELECT user_id, delta, reason FROM points_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = $3",
+    )
+    .bind(&ctx.saga_id)
+    .bind(&ctx.step)
+    .bind(kind)
+    .fetch_optional(&mut *conn)
+    .await?
+    .map(|r| {
+        Ok(Entry {
+            user_id: r.try_get("user_id")?,
+            delta: r.try_get("delta")?,
+            reason: r.try_get("reason")?,
+        })
+    })
+    .transpose()
+}
+
+/// Adds `entry.delta` to the user's balance (creating it at 0 first) and records the entry.
+async fn apply(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    kind: &str,
+    entry: &Entry,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO points_balances (user_id, points, initial) VALUES ($1, $2, 0) \
+         ON CONFLICT (user_id) DO UPDATE SET points = points_balances.points + excluded.points",
+    )
+    .bind(&entry.user_id)
+    .bind(entry.delta)
+    .execute(&mut *conn)
+    .await?;
+    record(conn, ctx, kind, entry).await
+}
+
+async fn record(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    kind: &str,
+    entry: &Entry,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO points_ledger (saga_id, step, kind, user_id, delta, reason) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&ctx.saga_id)
+    .bind(&ctx.step)
+    .bind(kind)
+    .bind(&entry.user_id)
+    .bind(entry.delta)
+    .bind(entry.reason.clone())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Undoes this (saga, step)'s `kind` entry, once; nothing if it never happened.
+async fn reverse(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    kind: &str,
+    reversal: &str,
+) -> Result<Value, StepError> {
+    if let Some(done) = entry(conn, ctx, reversal).await? {
+        return Ok(json!({ "delta": done.delta }));
+    }
+    let Some(original) = entry(conn, ctx, kind).await? else {
+        return Ok(json!({ "delta": 0 }));
+    };
+    let undo = Entry {
+        delta: -original.delta,
+        ..original
+    };
+    apply(conn, ctx, reversal, &undo).await?;
+    Ok(json!({ "delta": undo.delta }))
+}
+
+fn requested(params: &Value, sign: i64) -> Result<Entry, StepError> {
+    Ok(Entry {
+        user_id: param_str(params, "user_id")?.to_owned(),
+        delta: sign * param_count(params, "points")?,
+        reason: params
+            .get("reason")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+    })
+}
+
+#[async_trait]
+impl SagaStep for Grant {
+    /// `grant {user_id, points, reason}` → `{"delta"}`.
+    async fn action(
+        &self,
+        conn: &mut AnyConnection,
+        ctx: &StepContext,
+        params: &Value,
+    ) -> Result<Value, StepError> {
+        let grant = requested(params, 1)?;
+        if let Some(done) = entry(conn, ctx, "grant").await? {
+            return Ok(json!({ "delta": done.delta }));
+        }
+        apply(conn, ctx, "grant", &grant).await?;
+        Ok(json!({ "delta": grant.delta }))
+    }
+
+    /// `revoke`: takes back what this (saga, step) granted, even below zero.
+    async fn compensate(
+        &self,
+        conn: &mut AnyConnection,
+        ctx: &StepContext,
+        _params: &Value,
+    ) -> Result<Value, StepError> {
+        reverse(conn, ctx, "grant", "grant_reversal").await
+    }
+}
+
+#[async_trait]
+impl SagaStep for Revoke {
+    /// `revoke {user_id, points, reason}` → `{"delta"}`; `insufficient_points` if the user has
+    /// fewer points than that left.
+    async fn action(
+        &self,
+        conn: &mut AnyConnection,
+        ctx: &StepContext,
+        params: &Value,
+    ) -> Result<Value, StepError> {
+        let revoke = requested(params, -1)?;
+        if let Some(done) = entry(conn, ctx, "revoke").await? {
+            return Ok(json!({ "delta": done.delta }));
+        }
+        let taken = sqlx::query(
+            "UPDATE points_balances SET points = points + $1 \
+             WHERE user_id = $2 AND points + $1 >= 0",
+        )
+        .bind(revoke.delta)
+        .bind(&revoke.user_id)
+        .execute(&mut *conn)
+        .await?;
+        if taken.rows_affected() == 0 && revoke.delta != 0 {
+            let has: Option<i64> =
+                sqlx::query("SELECT points FROM points_balances WHERE user_id = $1")
+                    .bind(&revoke.user_id)
+                    .fetch_optional(&mut *conn)
+                    .await?
+                    .map(|r| r.try_get("points"))
+                    .transpose()?;
+            return Err(StepError::business(
+                "insufficient_points",
+                format!(
+                    "user `{}` has {} points, {} cannot be revoked",
+                    revoke.user_id,
+                    has.unwrap_or(0),
+                    -revoke.delta
+                ),
+            ));
+        }
+        record(conn, ctx, "revoke", &revoke).await?;
+        Ok(json!({ "delta": revoke.delta }))
+    }
+
+    /// `grant`: gives back what this (saga, step) revoked.
+    async fn compensate(
+        &self,
+        conn: &mut AnyConnection,
+        ctx: &StepContext,
+        _params: &Value,
+    ) -> Result<Value, StepError> {
+        reverse(conn, ctx, "revoke", "revoke_reversal").await
+    }
+}
+
+/// Creates the balances `(user_id, points)` that do not exist yet; `initial` is the seeded
+/// balance, which the check starts from.
+pub async fn seed(conn: &mut AnyConnection, balances: &[(String, i64)]) -> Result<(), sqlx::Error> {
+    for (user_id, points) in balances {
+        sqlx::query(
+            "INSERT INTO points_balances (user_id, points, initial) VALUES ($1, $2, $2) \
+             ON CONFLICT (user_id) DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(*points)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// What the ledger holds for one saga: its net delta and how many entries of each kind.
+#[derive(Default)]
+struct SagaPoints {
+    net: i64,
+    kinds: BTreeMap<String, usize>,
+}
+
+impl SagaPoints {
+    fn count(&self, kind: &str) -> usize {
+        self.kinds.get(kind).copied().unwrap_or(0)
+    }
+
+    fn describe(&self) -> String {
+        let kinds: Vec<String> = self.kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        format!("a net {:+} points ({})", self.net, kinds.join(", "))
+    }
+}
+
+/// The points invariants: every balance is its initial points plus its ledger, each completed
+/// order-paid saga granted its points once and kept them, each completed order-refund revoked
+/// them once, each compensated saga is net zero, and no saga that did not finish cleanly left
+/// points moved.
+pub async fn check(
+    conn: &mut AnyConnection,
+    outcomes: &[Outcome],
+) -> Result<Vec<String>, sqlx::Error> {
+    let mut violations = Vec::new();
+    let finished = Finished::new(outcomes);
+
+    // user → (balance, initial + ledger)
+    let mut users: BTreeMap<String, (Option<i64>, i64)> = BTreeMap::new();
+    for row in sqlx::query("SELECT user_id, points, initial FROM points_balances")
+        .fetch_all(&mut *conn)
+        .await?
+    {
+        let initial: i64 = row.try_get("initial")?;
+        users.insert(
+            row.try_get("user_id")?,
+            (Some(row.try_get("points")?), initial),
+        );
+    }
+    let mut sagas: HashMap<String, SagaPoints> = HashMap::new();
+    for row in sqlx::query("SELECT saga_id, kind, user_id, delta FROM points_ledger")
+        .fetch_all(&mut *conn)
+        .await?
+    {
+        let delta: i64 = row.try_get("delta")?;
+        users.entry(row.try_get("user_id")?).or_insert((None, 0)).1 += delta;
+        let saga = sagas.entry(row.try_get("saga_id")?).or_default();
+        saga.net += delta;
+        *saga.kinds.entry(row.try_get("kind")?).or_default() += 1;
+    }
+    for (user, (balance, expected)) in &users {
+        match balance {
+            Some(b) if b == expected => {}
+            Some(b) => violations.push(format!(
+                "points: user `{user}` has {b} points but their initial points and ledger say \
+                 {expected}"
+            )),
+            None => violations.push(format!(
+                "points: user `{user}` has no balance but their ledger says {expected}"
+            )),
+        }
+    }
+
+    for o in outcomes {
+        let none = SagaPoints::default();
+        let got = sagas.get(&o.saga_id).unwrap_or(&none);
+        let label = o.label();
+        let (kind, sign) = match o.saga.as_str() {
+            ORDER_PAID => ("grant", 1),
+            ORDER_REFUND => ("revoke", -1),
+            _ => continue,
+        };
+        match o.state {
+            OutcomeState::Completed => {
+                let points = match o.require_i64(SERVICE, "points") {
+                    Ok(p) => p,
+                    Err(v) => {
+                        violations.push(v);
+                        continue;
+                    }
+                };
+                if got.count(kind) != 1 || got.net != sign * points {
+                    violations.push(format!(
+                        "points: {label} completed and should have moved {:+} points once, but \
+                         its ledger has {}",
+                        sign * points,
+                        got.describe()
+                    ));
+                }
+            }
+            OutcomeState::Compensated => {
+                if got.net != 0 {
+                    violations.push(format!(
+                        "points: {label} was compensated but is not net zero: {}",
+                        got.describe()
+                    ));
+                }
+            }
+            OutcomeState::Failed => {}
+        }
+    }
+
+    let mut ids: Vec<&String> = sagas.keys().collect();
+    ids.sort();
+    for saga_id in ids {
+        if let Some(v) = finished.unsettled(SERVICE, saga_id, &sagas[saga_id].describe()) {
+            violations.push(v);
+        }
+    }
+    Ok(violations)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use sqlx::AnyPool;
+
+    use super::*;
+    use crate::services::testing::{Op, assert_reported, outcome, run, sqlite};
+
+    const MIGRATION: &str = include_str!("../../../migrations/sqlite/0103_points.sql");
+
+    async fn setup() -> AnyPool {
+        let pool = sqlite(&[MIGRATION]).await;
+        let mut conn = pool.acquire().await.unwrap();
+        let balances = [("u1".to_owned(), 50)];
+        seed(&mut conn, &balances).await.unwrap();
+        seed(&mut conn, &balances).await.unwrap();
+        pool
+    }
+
+    async fn points_of(pool: &AnyPool, user: &str) -> Option<i64> {
+        sqlx::query("SELECT points FROM points_balances WHERE user_id = $1")
+            .bind(user)
+            .fetch_optional(pool)
+            .await
+            .unwrap()
+            .map(|r| r.try_get("points").unwrap())
+    }
+
+    async fn violations(pool: &AnyPool, outcomes: &[Outcome]) -> Vec<String> {
+        let mut conn = pool.acquire().await.unwrap();
+        check(&mut conn, outcomes).await.unwrap()
+    }
+
+    fn params(user: &str, points: i64) -> Value {
+        json!({ "user_id": user, "points": points, "reason": "order o-1" })
+    }
+
+    fn input(order_id: &str, user: &str, points: i64) -> Value {
+        json!({ "order_id": order_id, "user_id": user, "amount": "1", "points": points })
+    }
+
+    #[tokio::test]
+    async fn grant_creates_the_balance_and_its_compensation_takes_it_back_once() {
+        let pool = setup().await;
+        let p = params("new", 30);
+        run(&pool, Op::Action(&Grant), "s1", "points", &p)
+            .await
+            .unwrap();
+        run(&pool, Op::Action(&Grant), "s1", "points", &p)
+            .await
+            .unwrap();
+        assert_eq!(
+            points_of(&pool, "new").await,
+            Some(30),
+            "a replayed grant counts once"
+        );
+        let back = run(&pool, Op::Compensate(&Grant), "s1", "points", &p)
+            .await
+            .unwrap();
+        assert_eq!(back, json!({ "delta": -30 }));
+        run(&pool, Op::Compensate(&Grant), "s1", "points", &p)
+            .await
+            .unwrap();
+        assert_eq!(points_of(&pool, "new").await, Some(0));
+        // A compensation whose action never ran does nothing.
+        let none = run(&pool, Op::Compensate(&Grant), "s2", "points", &p)
+            .await
+            .unwrap();
+        assert_eq!(none, json!({ "delta": 0 }));
+
+        let outcomes = [
+            outcome(
+                "s1",
+                ORDER_PAID,
+                OutcomeState::Compensated,
+                input("o-1", "new", 30),
+            ),
+            outcome(
+                "s2",
+                ORDER_PAID,
+                OutcomeState::Compensated,
+                input("o-2", "new", 30),
+            ),
+        ];
+        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn revoke_refuses_more_than_the_balance_and_its_compensation_gives_back() {
+        let pool = setup().await;
+        let r = run(
+            &pool,
+            Op::Action(&Revoke),
+            "r1",
+            "points",
+            &params("u1", 51),
+        )
+        .await;
+        assert!(
+            matches!(&r, Err(StepError::Business { code, .. }) if code == "insufficient_points"),
+            "{r:?}"
+        );
+        let r = run(
+            &pool,
+            Op::Action(&Revoke),
+            "r2",
+            "points",
+            &params("ghost", 1),
+        )
+        .await;
+        assert!(
+            matches!(&r, Err(StepError::Business { code, .. }) if code == "insufficient_points")
+        );
+        let r = run(
+            &pool,
+            Op::Action(&Revoke),
+            "r3",
+            "points",
+            &params("u1", -1),
+        )
+        .await;
+        assert!(matches!(&r, Err(StepError::Business { code, .. }) if code == "bad_params"));
+        assert_eq!(points_of(&pool, "u1").await, Some(50));
+
+        run(
+            &pool,
+            Op::Action(&Revoke),
+            "r4",
+            "points",
+            &params("u1", 50),
+        )
+        .await
+        .unwrap();
+        assert_eq!(points_of(&pool, "u1").await, Some(0));
+        run(
+            &pool,
+            Op::Compensate(&Revoke),
+            "r4",
+            "points",
+            &params("u1", 50),
+        )
+        .await
+        .unwrap();
+        assert_eq!(points_of(&pool, "u1").await, Some(50));
+        run(
+            &pool,
+            Op::Action(&Revoke),
+            "r5",
+            "points",
+            &params("u1", 20),
+        )
+        .await
+        .unwrap();
+
+        let outcomes = [
+            outcome(
+                "r1",
+                ORDER_REFUND,
+                OutcomeState::Compensated,
+                input("o-1", "u1", 51),
+            ),
+            outcome(
+                "r4",
+                ORDER_REFUND,
+                OutcomeState::Compensated,
+                input("o-4", "u1", 50),
+            ),
+            outcome(
+                "r5",
+                ORDER_REFUND,
+                OutcomeState::Completed,
+                input("o-5", "u1", 20),
+            ),
+        ];
+        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn check_reports_broken_states() {
+        let pool = setup().await;
+        run(
+            &pool,
+            Op::Action(&Grant),
+            "short",
+            "points",
+            &params("u1", 5),
+        )
+        .await
+        .unwrap();
+        run(
+            &pool,
+            Op::Action(&Grant),
+            "kept",
+            "points",
+            &params("u1", 7),
+        )
+        .await
+        .unwrap();
+        run(
+            &pool,
+            Op::Action(&Grant),
+            "failed",
+            "points",
+            &params("u2", 3),
+        )
+        .await
+        .unwrap();
+        run(
+            &pool,
+            Op::Action(&Grant),
+            "stray",
+            "points",
+            &params("u2", 4),
+        )
+        .await
+        .unwrap();
+        sqlx::query("UPDATE points_balances SET points = points - 1 WHERE user_id = 'u2'")
+            .execute(&pool)
+            .await
+            .unwrap();
+
+        let outcomes = [
+            outcome(
+                "short",
+                ORDER_PAID,
+                OutcomeState::Completed,
+                input("o-1", "u1", 6),
+            ),
+            outcome(
+                "kept",
+                ORDER_PAID,
+                OutcomeState::Compensated,
+                input("o-2", "u1", 7),
+            ),
+            outcome(
+                "failed",
+                ORDER_PAID,
+                OutcomeState::Failed,
+                input("o-3", "u2", 3),
+            ),
+        ];
+        let v = violations(&pool, &outcomes).await;
+        assert_reported(
+            &v,
+            &["saga short (order o-1)", "+6 points once", "net +5 points"],
+        );
+        assert_reported(
+            &v,
+            &["saga kept (order o-2)", "compensated", "net +7 points"],
+        );
+        assert_reported(
+            &v,
+            &["saga failed (order o-3)", "operator", "net +3 points"],
+        );
+        assert_reported(
+            &v,
+            &[
+                "saga stray",
+                "not among the finished sagas",
+                "net +4 points",
+            ],
+        );
+        assert_reported(&v, &["user `u2` has 6 points", "say 7"]);
+        assert_eq!(v.len(), 5, "{v:#?}");
+    }
+}
