@@ -479,3 +479,69 @@ mod tests {
         assert_eq!(money(0), "0.00");
     }
 }
+
+/// The barrier's and the services' tables, applied after the engine's.
+pub const MIGRATIONS: sagaflow_engine::store::Migrations = &[
+    (
+        "0100_barrier",
+        include_str!("../../../migrations/sqlite/0100_barrier.sql"),
+        include_str!("../../../migrations/postgres/0100_barrier.sql"),
+    ),
+    (
+        "0101_payment",
+        include_str!("../../../migrations/sqlite/0101_payment.sql"),
+        include_str!("../../../migrations/postgres/0101_payment.sql"),
+    ),
+    (
+        "0102_coupon",
+        include_str!("../../../migrations/sqlite/0102_coupon.sql"),
+        include_str!("../../../migrations/postgres/0102_coupon.sql"),
+    ),
+    (
+        "0103_points",
+        include_str!("../../../migrations/sqlite/0103_points.sql"),
+        include_str!("../../../migrations/postgres/0103_points.sql"),
+    ),
+    (
+        "0104_gmv",
+        include_str!("../../../migrations/sqlite/0104_gmv.sql"),
+        include_str!("../../../migrations/postgres/0104_gmv.sql"),
+    ),
+];
+
+/// The worker for `service` with all its handlers registered, or None for an unknown service.
+pub fn worker(
+    service: &str,
+    pool: sqlx::AnyPool,
+    transport: std::sync::Arc<dyn sagaflow_engine::transport::Transport>,
+) -> Option<crate::runtime::Worker> {
+    use crate::runtime::Worker;
+    let w = Worker::new(service, pool, transport);
+    Some(match service {
+        "payment" => w
+            .saga_step("charge", payment::Charge)
+            .saga_step("refund", payment::Refund),
+        "coupon" => w
+            .tcc_step("freeze", coupon::Coupon)
+            .saga_step("restore", coupon::Restore),
+        "points" => w
+            .saga_step("grant", points::Grant)
+            .saga_step("revoke", points::Revoke),
+        "gmv" => w
+            .saga_step("add", gmv::Add)
+            .saga_step("subtract", gmv::Subtract),
+        _ => return None,
+    })
+}
+
+/// Runs every service's invariant check; the list of violations (empty: all good).
+pub async fn check_all(
+    conn: &mut sqlx::AnyConnection,
+    outcomes: &[Outcome],
+) -> Result<Vec<String>, sqlx::Error> {
+    let mut violations = payment::check(conn, outcomes).await?;
+    violations.extend(coupon::check(conn, outcomes).await?);
+    violations.extend(points::check(conn, outcomes).await?);
+    violations.extend(gmv::check(conn, outcomes).await?);
+    Ok(violations)
+}

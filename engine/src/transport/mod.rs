@@ -1,0 +1,97 @@
+//! Moving messages between the engine and the workers.
+//!
+//! The contract, the same for every implementation (in-process now, RabbitMQ next):
+//! * `publish` returns once the message is durably accepted (a broker confirm), so the outbox
+//!   row is marked sent only after that;
+//! * delivery is at least once: a message is redelivered until it is acknowledged, and a
+//!   consumer that goes away without acknowledging gives its messages back;
+//! * one consumer is active per queue at a time, and a queue delivers in FIFO order, so messages
+//!   of one key (all routed to one queue) arrive in the order they were published.
+//!
+//! Queue names: `cmd.<service>` for commands, `reply` for replies.
+
+pub mod memory;
+
+use async_trait::async_trait;
+
+/// A message on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Unique per logical message; redeliveries and duplicates keep it.
+    pub id: String,
+    /// The ordering key (the saga's sequence key): messages of one key keep their order.
+    pub key: String,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    #[error("transport closed")]
+    Closed,
+    #[error("publish to {queue} was not confirmed: {reason}")]
+    NotConfirmed { queue: String, reason: String },
+    #[error("transport: {0}")]
+    Other(String),
+}
+
+/// The queue a service's commands go to.
+pub fn command_queue(service: &str) -> String {
+    format!("cmd.{service}")
+}
+
+/// The queue replies go to.
+pub const REPLY_QUEUE: &str = "reply";
+
+#[async_trait]
+pub trait Transport: Send + Sync + std::fmt::Debug {
+    /// Publishes and waits for the confirm.
+    async fn publish(&self, queue: &str, message: Message) -> Result<(), TransportError>;
+
+    /// Starts consuming `queue`. Waits while another consumer is active on it.
+    async fn consume(&self, queue: &str) -> Result<Box<dyn Consumer>, TransportError>;
+}
+
+#[async_trait]
+pub trait Consumer: Send + std::fmt::Debug {
+    /// The next delivery; None once the transport is closed.
+    async fn next(&mut self) -> Option<Delivery>;
+
+    /// Whatever else is ready right now, up to `max` (for batching), without waiting.
+    fn try_next(&mut self) -> Option<Delivery>;
+}
+
+/// A delivered message; acknowledge it after its effects are committed.
+#[derive(Debug)]
+pub struct Delivery {
+    pub message: Message,
+    /// True when this message was delivered before and not acknowledged.
+    pub redelivered: bool,
+    acker: Box<dyn Acker>,
+}
+
+impl Delivery {
+    pub fn new(message: Message, redelivered: bool, acker: Box<dyn Acker>) -> Self {
+        Delivery {
+            message,
+            redelivered,
+            acker,
+        }
+    }
+
+    /// Done with it: it will not come again.
+    pub async fn ack(self) -> Result<(), TransportError> {
+        self.acker.ack().await
+    }
+
+    /// Not processed: give it back for redelivery.
+    pub async fn nack(self) -> Result<(), TransportError> {
+        self.acker.nack().await
+    }
+}
+
+#[async_trait]
+pub trait Acker: Send + Sync + std::fmt::Debug {
+    async fn ack(self: Box<Self>) -> Result<(), TransportError>;
+    async fn nack(self: Box<Self>) -> Result<(), TransportError>;
+}

@@ -1,0 +1,59 @@
+//! What travels between the engine and the workers, as JSON. Ids are deterministic, so a
+//! message re-sent after a crash is recognised as the same message downstream.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::machine::{Op, Outcome};
+
+/// Engine → worker: run one operation of one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandMsg {
+    pub saga_id: String,
+    /// The saga definition's name (`order-paid`).
+    pub saga: String,
+    /// The saga's sequence key: commands of one key are handled in order.
+    pub key: String,
+    pub step: usize,
+    pub step_id: String,
+    pub service: String,
+    pub op: Op,
+    /// This operation's name in the definition (`refund`).
+    pub operation: String,
+    /// The step's forward operation name (`charge`): with `op` it selects the handler, since
+    /// one name can be an action in one step and a compensation in another.
+    pub forward: String,
+    pub attempt: u32,
+    pub params: Value,
+}
+
+impl CommandMsg {
+    pub fn message_id(&self) -> String {
+        command_id(&self.saga_id, self.step, self.op, self.attempt)
+    }
+}
+
+pub fn command_id(saga_id: &str, step: usize, op: Op, attempt: u32) -> String {
+    format!("{saga_id}/{step}/{op}/{attempt}")
+}
+
+/// Worker → engine: the outcome of one command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplyMsg {
+    pub saga_id: String,
+    pub step: usize,
+    pub op: Op,
+    pub attempt: u32,
+    pub outcome: Outcome,
+}
+
+impl ReplyMsg {
+    /// The same command answered twice (a duplicate delivery) yields the same reply id, so the
+    /// engine's inbox drops the second one.
+    pub fn message_id(&self) -> String {
+        format!(
+            "{}/reply",
+            command_id(&self.saga_id, self.step, self.op, self.attempt)
+        )
+    }
+}
