@@ -3,8 +3,10 @@
 //! | module | commands |
 //! |---|---|
 //! | [`definitions`] | `validate`, `graph`: read saga definitions |
+//! | [`dev`] | `dev`: engine + services in one process on SQLite, sample orders, invariant check |
 
 mod definitions;
+mod dev;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,6 +26,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the engine and the four order services in one process on an embedded SQLite file:
+    /// finish what an earlier run left, run sample orders, check the invariants.
+    Dev(dev::DevArgs),
     /// Check saga definitions; exit 0 when every file is valid, 1 otherwise.
     Validate {
         /// Saga YAML files.
@@ -59,7 +64,15 @@ enum GraphFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SAGAFLOW_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.command {
+        Command::Dev(args) => runtime().and_then(|rt| rt.block_on(dev::run(args))),
         Command::Validate { files, format } => {
             definitions::validate(&files, format == ValidateFormat::Json)
         }
@@ -72,4 +85,10 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }

@@ -1,0 +1,405 @@
+//! `sagaflow dev`: the engine and the four order services in one process, on an embedded SQLite
+//! file and the in-process transport. It finishes whatever an earlier run left unfinished, runs
+//! N sample orders (with optional injected faults), and proves the outcome from the services' own
+//! tables.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use sagaflow_engine::Engine;
+use sagaflow_engine::store::{ENGINE_MIGRATIONS, Store};
+use sagaflow_engine::transport::Transport;
+use sagaflow_engine::transport::memory::{Faults as NetFaults, MemoryTransport};
+use sagaflow_workers::runtime::Faults;
+use sagaflow_workers::services::{self, Outcome, OutcomeState};
+use serde_json::json;
+use sqlx::Row;
+use tokio::sync::watch;
+
+/// The shipped order flow, so `sagaflow dev` works from any directory.
+const ORDER_SAGA: &str = include_str!("../sagas/order.yaml");
+
+#[derive(Debug, clap::Args)]
+pub struct DevArgs {
+    /// The SQLite file (created if missing; an existing one is resumed first).
+    #[arg(long, default_value = "sagaflow.db", value_name = "FILE")]
+    pub db: PathBuf,
+    /// Use this database instead of the SQLite file (e.g. postgres://…).
+    #[arg(long, env = "SAGAFLOW_DATABASE_URL", value_name = "URL")]
+    pub database_url: Option<String>,
+    /// How many sample orders to run (0: only finish what an earlier run left).
+    #[arg(long, default_value_t = 100)]
+    pub orders: u64,
+    /// Business failures of a service's forward operations, e.g. `--fail coupon=0.1`.
+    #[arg(long, value_name = "SERVICE=RATE", value_parser = service_rate)]
+    pub fail: Vec<(String, f64)>,
+    /// Transient failures of a service (retried with backoff), e.g. `--flaky points=0.2`.
+    #[arg(long, value_name = "SERVICE=RATE", value_parser = service_rate)]
+    pub flaky: Vec<(String, f64)>,
+    /// Slow answers of a service (longer than the step timeout), e.g. `--slow gmv=0.01`.
+    #[arg(long, value_name = "SERVICE=RATE", value_parser = service_rate)]
+    pub slow: Vec<(String, f64)>,
+    /// Deliver this share of all messages twice.
+    #[arg(long, default_value_t = 0.0, value_name = "RATE", value_parser = rate)]
+    pub duplicate: f64,
+    /// How many sagas may be in flight at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: u64,
+    /// The saga to run (default: the shipped sagas/order.yaml).
+    #[arg(long, value_name = "FILE")]
+    pub saga: Option<PathBuf>,
+    /// Give up waiting when no saga finishes for this long.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub stall_timeout: Duration,
+}
+
+fn rate(s: &str) -> Result<f64, String> {
+    let r: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number between 0 and 1"))?;
+    if (0.0..=1.0).contains(&r) {
+        Ok(r)
+    } else {
+        Err(format!("`{s}` is not between 0 and 1"))
+    }
+}
+
+fn service_rate(s: &str) -> Result<(String, f64), String> {
+    let (service, r) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: write SERVICE=RATE, e.g. coupon=0.1"))?;
+    if !services::SERVICES.contains(&service) {
+        return Err(format!(
+            "unknown service `{service}`; the services are {}",
+            services::SERVICES.join(", ")
+        ));
+    }
+    Ok((service.to_owned(), rate(r)?))
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
+    let url = match &args.database_url {
+        Some(u) => u.clone(),
+        None => args.db.display().to_string(),
+    };
+    let store = Store::connect(&url, 16).await?;
+    store
+        .migrate(&[ENGINE_MIGRATIONS, services::MIGRATIONS])
+        .await?;
+    let transport = Arc::new(MemoryTransport::new(NetFaults {
+        duplicate: args.duplicate,
+        ..NetFaults::default()
+    }));
+    let engine = Engine::new(store.clone(), transport.clone());
+    let source = match &args.saga {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?
+        }
+        None => ORDER_SAGA.to_owned(),
+    };
+    let graph = engine.register(&source).await?;
+
+    // Every step of the saga needs a worker that can run it: say so now, not in a timeout later.
+    let faults_of = |service: &str| Faults {
+        business: pick(&args.fail, service),
+        transient: pick(&args.flaky, service),
+        slow: pick(&args.slow, service),
+        slow_for: Duration::from_secs(6),
+    };
+    let mut workers = Vec::new();
+    for service in services::SERVICES {
+        let w = services::worker(
+            service,
+            store.pool().clone(),
+            transport.clone() as Arc<dyn Transport>,
+        )
+        .context("a shipped service has no worker")?
+        .with_faults(faults_of(service));
+        workers.push(w);
+    }
+    for step in graph.steps() {
+        let kind = &step.kind;
+        let fwd = sagaflow_engine::machine::operation_name(
+            kind,
+            sagaflow_engine::machine::forward_op(kind),
+        );
+        let ok = workers
+            .iter()
+            .any(|w| w.service() == step.service && w.handles(fwd));
+        if !ok {
+            bail!(
+                "step `{}` needs service `{}` to run `{fwd}`, and no worker in this process does",
+                step.id,
+                step.service
+            );
+        }
+    }
+
+    let (stop, stopped) = watch::channel(false);
+    let engine_task = tokio::spawn(engine.clone().run(stopped.clone()));
+    let worker_tasks: Vec<_> = workers
+        .into_iter()
+        .map(|w| tokio::spawn(w.run(stopped.clone())))
+        .collect();
+
+    let unfinished_before = count_unfinished(&store).await?;
+    if unfinished_before > 0 {
+        eprintln!("resuming {unfinished_before} unfinished sagas from an earlier run");
+    }
+    let run_id = uuid::Uuid::now_v7().simple().to_string()[..12].to_owned();
+    let orders = sample_orders(&run_id, args.orders);
+    seed(&store, &orders).await?;
+
+    let total = unfinished_before + args.orders;
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} sagas final ({per_sec})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started_at = Instant::now();
+    let run_started_ms = sagaflow_engine::store::now_ms();
+    let mut next = 0usize;
+    let mut last_progress = Instant::now();
+    let mut last_final = 0u64;
+    loop {
+        let unfinished = count_unfinished(&store).await?;
+        let started = next as u64;
+        let finished = total - unfinished - (args.orders - started);
+        bar.set_position(finished);
+        if finished != last_final {
+            last_final = finished;
+            last_progress = Instant::now();
+        }
+        if unfinished == 0 && next == orders.len() {
+            break;
+        }
+        // Keep `concurrency` sagas of this run in flight.
+        let in_flight = unfinished.saturating_sub(0);
+        let room = args.concurrency.saturating_sub(in_flight) as usize;
+        for order in orders.iter().skip(next).take(room) {
+            engine
+                .start(&graph, order.clone(), None)
+                .await
+                .context("starting a sample order")?;
+            next += 1;
+        }
+        if last_progress.elapsed() > args.stall_timeout {
+            bar.abandon();
+            let _ = stop.send(true);
+            bail!(
+                "no saga finished for {}; {unfinished} are unfinished (see `sagaflow list --state running`)",
+                humantime::format_duration(args.stall_timeout)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bar.finish_and_clear();
+    let elapsed = started_at.elapsed();
+    let _ = stop.send(true);
+    transport.close();
+    let _ = engine_task.await;
+    for t in worker_tasks {
+        let _ = t.await;
+    }
+
+    let summary = summarize(&store, run_started_ms).await?;
+    let outcomes = outcomes(&store).await?;
+    let mut conn = store.pool().acquire().await?;
+    let violations = services::check_all(&mut conn, &outcomes).await?;
+    let this_run = summary.this_run.values().sum::<u64>();
+    println!("sagaflow dev: {} ({url})", graph.name());
+    println!(
+        "  sagas this run:  {this_run} ({})",
+        fmt_counts(&summary.this_run)
+    );
+    if unfinished_before > 0 {
+        println!("  resumed:         {unfinished_before} from an earlier run");
+    }
+    println!(
+        "  all sagas in db: {} ({})",
+        summary.all.values().sum::<u64>(),
+        fmt_counts(&summary.all)
+    );
+    let secs = elapsed.as_secs_f64();
+    println!(
+        "  throughput:      {:.0} sagas/s ({} sagas final in {:.2}s)",
+        total as f64 / secs.max(1e-9),
+        total,
+        secs
+    );
+    if let (Some(p50), Some(p99)) = (summary.p50, summary.p99) {
+        println!("  latency:         p50 {p50} ms, p99 {p99} ms (start to final state)");
+    }
+    if total > 0 {
+        println!(
+            "  messages:        {:.1} per saga ({} published, duplicates included)",
+            transport.published() as f64 / total as f64,
+            transport.published()
+        );
+    }
+    if violations.is_empty() {
+        println!(
+            "  invariants:      OK — money conserved, each completed order charged once, coupon used once, points granted once, GMV = sum of completed orders; compensated orders net zero ({} sagas checked)",
+            outcomes.len()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("  invariants:      {} VIOLATED", violations.len());
+        for v in violations.iter().take(50) {
+            println!("    - {v}");
+        }
+        Ok(ExitCode::from(1))
+    }
+}
+
+fn pick(list: &[(String, f64)], service: &str) -> f64 {
+    list.iter()
+        .rev()
+        .find(|(s, _)| s == service)
+        .map_or(0.0, |(_, r)| *r)
+}
+
+fn sample_orders(run_id: &str, n: u64) -> Vec<serde_json::Value> {
+    let campaigns = ["spring-sale", "summer-sale", "autumn-sale"];
+    (0..n)
+        .map(|i| {
+            let cents = 100 + fastrand::u64(..50_000);
+            json!({
+                "order_id": format!("o-{run_id}-{i}"),
+                "user_id": format!("u-{run_id}-{i}"),
+                "amount": format!("{}.{:02}", cents / 100, cents % 100),
+                "coupon_id": format!("c-{run_id}-{i}"),
+                "points": cents / 100,
+                "campaign_id": campaigns[(i % 3) as usize],
+            })
+        })
+        .collect()
+}
+
+/// Accounts with enough money, one coupon per order, the campaigns.
+async fn seed(store: &Store, orders: &[serde_json::Value]) -> anyhow::Result<()> {
+    let mut tx = store.pool().begin().await?;
+    let accounts: Vec<(String, i64)> = orders
+        .iter()
+        .map(|o| {
+            (
+                o["user_id"].as_str().unwrap_or_default().to_owned(),
+                1_000_00,
+            )
+        })
+        .collect();
+    let coupons: Vec<(String, String)> = orders
+        .iter()
+        .map(|o| {
+            (
+                o["coupon_id"].as_str().unwrap_or_default().to_owned(),
+                o["user_id"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    services::payment::seed(&mut tx, &accounts).await?;
+    services::coupon::seed(&mut tx, &coupons).await?;
+    let campaigns: Vec<String> = ["spring-sale", "summer-sale", "autumn-sale"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    services::gmv::seed(&mut tx, &campaigns).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn count_unfinished(store: &Store) -> anyhow::Result<u64> {
+    let mut conn = store.pool().acquire().await?;
+    let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM sagas WHERE finished_at IS NULL")
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get("n")?;
+    Ok(n as u64)
+}
+
+struct Summary {
+    this_run: BTreeMap<String, u64>,
+    all: BTreeMap<String, u64>,
+    p50: Option<i64>,
+    p99: Option<i64>,
+}
+
+async fn summarize(store: &Store, since: i64) -> anyhow::Result<Summary> {
+    let mut conn = store.pool().acquire().await?;
+    let rows = sqlx::query("SELECT status, created_at, finished_at FROM sagas")
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut this_run = BTreeMap::new();
+    let mut all = BTreeMap::new();
+    let mut latencies = Vec::new();
+    for r in rows {
+        let status: String = r.try_get("status")?;
+        let created: i64 = r.try_get("created_at")?;
+        let finished: Option<i64> = r.try_get("finished_at")?;
+        *all.entry(status.clone()).or_insert(0) += 1;
+        if created >= since {
+            *this_run.entry(status).or_insert(0) += 1;
+            if let Some(f) = finished {
+                latencies.push(f - created);
+            }
+        }
+    }
+    latencies.sort_unstable();
+    let pct = |p: f64| -> Option<i64> {
+        if latencies.is_empty() {
+            return None;
+        }
+        let i = ((latencies.len() as f64 - 1.0) * p).round() as usize;
+        latencies.get(i).copied()
+    };
+    Ok(Summary {
+        this_run,
+        all,
+        p50: pct(0.50),
+        p99: pct(0.99),
+    })
+}
+
+fn fmt_counts(m: &BTreeMap<String, u64>) -> String {
+    if m.is_empty() {
+        return "none".into();
+    }
+    m.iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Every finished saga, for the services' invariant checks.
+pub async fn outcomes(store: &Store) -> anyhow::Result<Vec<Outcome>> {
+    let mut conn = store.pool().acquire().await?;
+    let rows =
+        sqlx::query("SELECT id, name, status, state FROM sagas WHERE finished_at IS NOT NULL")
+            .fetch_all(&mut *conn)
+            .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let status: String = r.try_get("status")?;
+        let state = match status.as_str() {
+            "completed" => OutcomeState::Completed,
+            "compensated" => OutcomeState::Compensated,
+            _ => OutcomeState::Failed,
+        };
+        let text: String = r.try_get("state")?;
+        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        out.push(Outcome {
+            saga_id: r.try_get("id")?,
+            saga: r.try_get("name")?,
+            state,
+            input: parsed.get("input").cloned().unwrap_or_default(),
+        });
+    }
+    Ok(out)
+}
