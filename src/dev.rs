@@ -291,7 +291,7 @@ async fn seed(store: &Store, orders: &[serde_json::Value]) -> anyhow::Result<()>
         .map(|o| {
             (
                 o["user_id"].as_str().unwrap_or_default().to_owned(),
-                1_000_00,
+                100_000, // 1000.00 in cents
             )
         })
         .collect();
