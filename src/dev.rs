@@ -16,7 +16,7 @@ use sagaflow_engine::store::{ENGINE_MIGRATIONS, Store};
 use sagaflow_engine::transport::Transport;
 use sagaflow_engine::transport::memory::{Faults as NetFaults, MemoryTransport};
 use sagaflow_workers::runtime::Faults;
-use sagaflow_workers::services::{self, Outcome, OutcomeState};
+use sagaflow_workers::services;
 use serde_json::json;
 use sqlx::Row;
 use tokio::sync::watch;
@@ -210,8 +210,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     }
 
     let summary = summarize(&store, run_started_ms).await?;
-    let outcomes = outcomes(&store).await?;
     let mut conn = store.pool().acquire().await?;
+    let outcomes = services::outcomes(&mut conn).await?;
     let violations = services::check_all(&mut conn, &outcomes).await?;
     let this_run = summary.this_run.values().sum::<u64>();
     println!("sagaflow dev: {} ({url})", graph.name());
@@ -375,31 +375,4 @@ fn fmt_counts(m: &BTreeMap<String, u64>) -> String {
         .map(|(k, v)| format!("{v} {k}"))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// Every finished saga, for the services' invariant checks.
-pub async fn outcomes(store: &Store) -> anyhow::Result<Vec<Outcome>> {
-    let mut conn = store.pool().acquire().await?;
-    let rows =
-        sqlx::query("SELECT id, name, status, state FROM sagas WHERE finished_at IS NOT NULL")
-            .fetch_all(&mut *conn)
-            .await?;
-    let mut out = Vec::with_capacity(rows.len());
-    for r in rows {
-        let status: String = r.try_get("status")?;
-        let state = match status.as_str() {
-            "completed" => OutcomeState::Completed,
-            "compensated" => OutcomeState::Compensated,
-            _ => OutcomeState::Failed,
-        };
-        let text: String = r.try_get("state")?;
-        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-        out.push(Outcome {
-            saga_id: r.try_get("id")?,
-            saga: r.try_get("name")?,
-            state,
-            input: parsed.get("input").cloned().unwrap_or_default(),
-        });
-    }
-    Ok(out)
 }

@@ -545,3 +545,30 @@ pub async fn check_all(
     violations.extend(gmv::check(conn, outcomes).await?);
     Ok(violations)
 }
+
+/// Every finished saga in the engine's `sagas` table, as the checks need them.
+pub async fn outcomes(conn: &mut sqlx::AnyConnection) -> Result<Vec<Outcome>, sqlx::Error> {
+    use sqlx::Row;
+    let rows =
+        sqlx::query("SELECT id, name, status, state FROM sagas WHERE finished_at IS NOT NULL")
+            .fetch_all(&mut *conn)
+            .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let status: String = r.try_get("status")?;
+        let state = match status.as_str() {
+            "completed" => OutcomeState::Completed,
+            "compensated" => OutcomeState::Compensated,
+            _ => OutcomeState::Failed,
+        };
+        let text: String = r.try_get("state")?;
+        let parsed: Value = serde_json::from_str(&text).unwrap_or_default();
+        out.push(Outcome {
+            saga_id: r.try_get("id")?,
+            saga: r.try_get("name")?,
+            state,
+            input: parsed.get("input").cloned().unwrap_or_default(),
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,269 @@
+//! The whole system in one process — engine, the four services, the in-process transport — on
+//! SQLite and on the real PostgreSQL, each test in a database of its own.
+
+mod support;
+
+use std::time::Duration;
+
+use sagaflow_engine::Applied;
+use sagaflow_engine::transport::memory::Faults as NetFaults;
+use sagaflow_workers::runtime::Faults;
+use sqlx::Row;
+use support::{Setup, System, assert_invariants, counts, wait_all_final};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+async fn start_all(sys: &System, orders: &[serde_json::Value]) -> Vec<String> {
+    let mut ids = Vec::new();
+    for o in orders {
+        ids.push(
+            sys.engine
+                .start(&sys.order, o.clone(), None)
+                .await
+                .expect("start")
+                .id,
+        );
+    }
+    ids
+}
+
+on_both_backends!(happy_path_each_effect_once, |url: String| async move {
+    let sys = System::start(&url, Setup::default()).await;
+    let orders = sys.orders("happy", 20).await;
+    start_all(&sys, &orders).await;
+    wait_all_final(&sys.store, LIMIT).await;
+    assert_eq!(counts(&sys.store).await.get("completed"), Some(&20));
+    assert_eq!(assert_invariants(&sys.store).await, 20);
+    // One barrier row per operation that ran: charge, freeze, grant, add, use.
+    let mut conn = sys.store.pool().acquire().await.unwrap();
+    let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM barrier")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+        .try_get("n")
+        .unwrap();
+    assert_eq!(n, 20 * 5);
+    drop(conn);
+    sys.stop().await;
+});
+
+on_both_backends!(
+    faults_and_duplicates_reach_final_states,
+    |url: String| async move {
+        let setup = Setup {
+            net: NetFaults {
+                duplicate: 0.2,
+                ..NetFaults::default()
+            },
+            coupon: Faults {
+                business: 0.25,
+                ..Faults::default()
+            },
+            payment: Faults {
+                business: 0.1,
+                ..Faults::default()
+            },
+            points: Faults {
+                transient: 0.3,
+                ..Faults::default()
+            },
+            ..Setup::default()
+        };
+        let sys = System::start(&url, setup).await;
+        let orders = sys.orders("faults", 60).await;
+        start_all(&sys, &orders).await;
+        wait_all_final(&sys.store, LIMIT).await;
+        let c = counts(&sys.store).await;
+        assert_eq!(c.get("failed"), None, "{c:?}");
+        assert!(
+            c.get("compensated").copied().unwrap_or(0) > 0,
+            "some orders should compensate: {c:?}"
+        );
+        assert!(c.get("completed").copied().unwrap_or(0) > 0, "{c:?}");
+        assert_invariants(&sys.store).await;
+        sys.stop().await;
+    }
+);
+
+on_both_backends!(
+    same_key_sagas_run_one_after_another,
+    |url: String| async move {
+        let sys = System::start(&url, Setup::default()).await;
+        let orders = sys.orders("seq", 3).await;
+        let mut pairs = Vec::new();
+        for o in &orders {
+            let paid = sys
+                .engine
+                .start(&sys.order, o.clone(), None)
+                .await
+                .unwrap()
+                .id;
+            let refund = sys
+                .engine
+                .start(&sys.refund, o.clone(), None)
+                .await
+                .unwrap()
+                .id;
+            pairs.push((paid, refund));
+        }
+        wait_all_final(&sys.store, LIMIT).await;
+        assert_eq!(counts(&sys.store).await.get("completed"), Some(&6));
+        let mut conn = sys.store.pool().acquire().await.unwrap();
+        for (paid, refund) in &pairs {
+            let finished: i64 = sqlx::query("SELECT finished_at FROM sagas WHERE id = $1")
+                .bind(paid.as_str())
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap()
+                .try_get("finished_at")
+                .unwrap();
+            let kinds: Vec<(String, i64)> =
+                sqlx::query("SELECT kind, at FROM saga_history WHERE saga_id = $1 ORDER BY id")
+                    .bind(refund.as_str())
+                    .fetch_all(&mut *conn)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| (r.try_get("kind").unwrap(), r.try_get("at").unwrap()))
+                    .collect();
+            assert_eq!(
+                kinds[1].0, "queued",
+                "the refund waits behind the payment saga: {kinds:?}"
+            );
+            let begun = kinds
+                .iter()
+                .find(|(k, _)| k == "begin")
+                .expect("refund began")
+                .1;
+            assert!(
+                begun >= finished,
+                "refund began at {begun}, before the payment saga finished at {finished}"
+            );
+        }
+        drop(conn);
+        // The refund undid the order: net zero everywhere, and the invariants say so.
+        assert_invariants(&sys.store).await;
+        sys.stop().await;
+    }
+);
+
+on_both_backends!(
+    engine_crash_mid_run_then_restart,
+    |url: String| async move {
+        let setup = Setup {
+            net: NetFaults {
+                duplicate: 0.1,
+                ..NetFaults::default()
+            },
+            points: Faults {
+                transient: 0.2,
+                ..Faults::default()
+            },
+            ..Setup::default()
+        };
+        let sys = System::start(&url, setup).await;
+        let orders = sys.orders("crash", 40).await;
+        start_all(&sys, &orders).await;
+        // Let some finish, then kill everything without cleanup: in-flight messages are lost.
+        for _ in 0..200 {
+            let done = counts(&sys.store)
+                .await
+                .get("completed")
+                .copied()
+                .unwrap_or(0);
+            if done >= 8 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let store = sys.store.clone();
+        sys.crash().await;
+        let unfinished: i64 = {
+            let mut conn = store.pool().acquire().await.unwrap();
+            sqlx::query("SELECT COUNT(*) AS n FROM sagas WHERE finished_at IS NULL")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap()
+                .try_get("n")
+                .unwrap()
+        };
+        assert!(unfinished > 0, "the crash should leave work unfinished");
+        drop(store);
+        let sys = System::start(&url, setup).await;
+        wait_all_final(&sys.store, LIMIT).await;
+        assert_eq!(counts(&sys.store).await.values().sum::<i64>(), 40);
+        assert_invariants(&sys.store).await;
+        sys.stop().await;
+    }
+);
+
+on_both_backends!(
+    operator_abort_compensates_a_running_saga,
+    |url: String| async move {
+        let slow = Faults {
+            slow: 1.0,
+            slow_for: Duration::from_millis(300),
+            ..Faults::default()
+        };
+        let sys = System::start(
+            &url,
+            Setup {
+                payment: slow,
+                ..Setup::default()
+            },
+        )
+        .await;
+        let orders = sys.orders("abort", 1).await;
+        let id = start_all(&sys, &orders).await.remove(0);
+        assert_eq!(
+            sys.engine.abort(&id, "customer cancelled").await.unwrap(),
+            Applied::Changed
+        );
+        wait_all_final(&sys.store, LIMIT).await;
+        assert_eq!(counts(&sys.store).await.get("compensated"), Some(&1));
+        assert_invariants(&sys.store).await;
+        // Abort of a finished saga is refused, and says why.
+        assert_eq!(
+            sys.engine.abort(&id, "again").await.unwrap(),
+            Applied::Ignored
+        );
+        assert!(sys.engine.abort("no-such-saga", "x").await.is_err());
+        sys.stop().await;
+    }
+);
+
+on_both_backends!(
+    start_is_idempotent_and_checks_input,
+    |url: String| async move {
+        let sys = System::start(&url, Setup::default()).await;
+        let orders = sys.orders("idem", 1).await;
+        let a = sys
+            .engine
+            .start(&sys.order, orders[0].clone(), Some("client-key-1"))
+            .await
+            .unwrap();
+        let b = sys
+            .engine
+            .start(&sys.order, orders[0].clone(), Some("client-key-1"))
+            .await
+            .unwrap();
+        assert_eq!(a.id, b.id);
+        assert!(!a.existing && b.existing);
+        let mut bad = orders[0].clone();
+        bad["amount"] = serde_json::json!("a lot");
+        bad.as_object_mut().unwrap().remove("user_id");
+        let err = sys
+            .engine
+            .start(&sys.order, bad, None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`user_id` is required") && err.contains("`amount` must be decimal"),
+            "{err}"
+        );
+        wait_all_final(&sys.store, LIMIT).await;
+        assert_eq!(counts(&sys.store).await.get("completed"), Some(&1));
+        sys.stop().await;
+    }
+);
