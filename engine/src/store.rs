@@ -336,6 +336,7 @@ pub mod tx {
                 return Err(StoreError::Conflict(saga.id.clone()));
             }
             write_steps(conn, graph, saga, decision, now).await?;
+            cancel_stale_timers(conn, saga, decision).await?;
         }
         for h in &decision.history {
             history(conn, &saga.id, h, now).await?;
@@ -362,6 +363,45 @@ pub mod tx {
                 .bind(saga.id.as_str())
                 .bind(t.at)
                 .bind(json(&event))
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A step that left the attempt a timer was guarding no longer needs that timer: delete it
+    /// now instead of letting it fire only to be ignored (half the engine's writes otherwise).
+    async fn cancel_stale_timers(
+        conn: &mut AnyConnection,
+        saga: &SagaRow,
+        decision: &Decision,
+    ) -> Result<(), StoreError> {
+        for (i, old) in saga.state.steps.iter().enumerate() {
+            let StepStatus::Active {
+                op,
+                attempt,
+                waiting,
+            } = old
+            else {
+                continue;
+            };
+            if decision.state.steps.get(i) == Some(old) {
+                continue;
+            }
+            let kind = if *waiting {
+                crate::machine::TimerKind::Retry
+            } else {
+                crate::machine::TimerKind::Timeout
+            };
+            let timer = Timer {
+                step: i,
+                op: *op,
+                attempt: *attempt,
+                kind,
+                at: 0,
+            };
+            sqlx::query("DELETE FROM timers WHERE id = $1")
+                .bind(timer_id(&saga.id, &timer))
                 .execute(&mut *conn)
                 .await?;
         }

@@ -25,6 +25,7 @@ CREATE TABLE IF NOT EXISTS sagas (
 );
 CREATE INDEX IF NOT EXISTS sagas_by_status ON sagas (status, created_at);
 CREATE INDEX IF NOT EXISTS sagas_by_key ON sagas (sequence_key, created_at);
+CREATE INDEX IF NOT EXISTS sagas_unfinished ON sagas (created_at) WHERE finished_at IS NULL;
 
 -- A projection of each saga's steps, for status queries and operators.
 CREATE TABLE IF NOT EXISTS saga_steps (
