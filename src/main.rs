@@ -4,9 +4,11 @@
 //! |---|---|
 //! | [`definitions`] | `validate`, `graph`: read saga definitions |
 //! | [`dev`] | `dev`: engine + services in one process on SQLite, sample orders, invariant check |
+//! | [`ops`] | `start`, `status`, `list`, `retry`, `abort`: sagas in a database, for operators |
 
 mod definitions;
 mod dev;
+mod ops;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +49,37 @@ enum Command {
         #[arg(long, value_enum, default_value_t = GraphFormat::Text)]
         format: GraphFormat,
     },
+    /// Start a saga from a YAML file or a registered definition's name; prints its id.
+    Start(ops::StartArgs),
+    /// Show a saga: its state, its step graph with each step's state, and its timeline.
+    Status(ops::StatusArgs),
+    /// List sagas, newest first.
+    List(ops::ListArgs),
+    /// Operator: resume a Failed saga where it stopped.
+    Retry(ops::RetryArgs),
+    /// Operator: compensate a Running (or Queued) saga.
+    Abort(ops::AbortArgs),
+}
+
+/// Where the sagas are: shared by every command that reads or writes them.
+#[derive(Debug, Clone, clap::Args)]
+struct DbArgs {
+    /// The SQLite file (created if missing).
+    #[arg(long, default_value = "sagaflow.db", value_name = "FILE")]
+    db: PathBuf,
+    /// Use this database instead of the SQLite file (e.g. postgres://…).
+    #[arg(long, env = "SAGAFLOW_DATABASE_URL", value_name = "URL")]
+    database_url: Option<String>,
+}
+
+impl DbArgs {
+    /// The URL `--database-url` names, else the SQLite file.
+    fn url(&self) -> String {
+        match &self.database_url {
+            Some(u) => u.clone(),
+            None => self.db.display().to_string(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -77,6 +110,11 @@ fn main() -> ExitCode {
             definitions::validate(&files, format == ValidateFormat::Json)
         }
         Command::Graph { file, format } => definitions::graph(&file, format),
+        Command::Start(args) => runtime().and_then(|rt| rt.block_on(ops::start(args))),
+        Command::Status(args) => runtime().and_then(|rt| rt.block_on(ops::status(args))),
+        Command::List(args) => runtime().and_then(|rt| rt.block_on(ops::list(args))),
+        Command::Retry(args) => runtime().and_then(|rt| rt.block_on(ops::retry(args))),
+        Command::Abort(args) => runtime().and_then(|rt| rt.block_on(ops::abort(args))),
     };
     match result {
         Ok(code) => code,

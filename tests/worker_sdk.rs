@@ -2,6 +2,8 @@
 //! effect; an undo before its forward operation is a null undo and the late forward operation is
 //! refused; business failures are recorded) and per-key ordering across lanes.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
 mod support;
 
 use std::sync::{Arc, Mutex};
