@@ -59,6 +59,9 @@ enum Command {
     Retry(ops::RetryArgs),
     /// Operator: compensate a Running (or Queued) saga.
     Abort(ops::AbortArgs),
+    /// Create or upgrade the database schema (engine, barrier and service tables); every other
+    /// command also does this at start.
+    Migrate(ops::MigrateArgs),
 }
 
 /// Where the sagas are: shared by every command that reads or writes them.
@@ -115,6 +118,7 @@ fn main() -> ExitCode {
         Command::List(args) => runtime().and_then(|rt| rt.block_on(ops::list(args))),
         Command::Retry(args) => runtime().and_then(|rt| rt.block_on(ops::retry(args))),
         Command::Abort(args) => runtime().and_then(|rt| rt.block_on(ops::abort(args))),
+        Command::Migrate(args) => runtime().and_then(|rt| rt.block_on(ops::migrate(args))),
     };
     match result {
         Ok(code) => code,

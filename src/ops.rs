@@ -108,6 +108,46 @@ pub struct AbortArgs {
     db: DbArgs,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    db: DbArgs,
+}
+
+pub async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
+    let url = args.db.url();
+    let store = Store::connect(&url, 2).await?;
+    let before = applied(&store).await;
+    store
+        .migrate(&[ENGINE_MIGRATIONS, services::MIGRATIONS])
+        .await?;
+    let after = applied(&store).await;
+    let new: Vec<&String> = after.iter().filter(|m| !before.contains(m)).collect();
+    if new.is_empty() {
+        println!("{url}: schema up to date ({} migrations)", after.len());
+    } else {
+        let names: Vec<&str> = new.iter().map(|s| s.as_str()).collect();
+        println!("{url}: applied {}", names.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The migrations recorded as applied (none on a fresh database).
+async fn applied(store: &Store) -> Vec<String> {
+    let Ok(mut conn) = store.pool().acquire().await else {
+        return Vec::new();
+    };
+    sqlx::query("SELECT name FROM schema_migrations ORDER BY name")
+        .fetch_all(&mut *conn)
+        .await
+        .map(|rows| {
+            rows.iter()
+                .filter_map(|r| sqlx::Row::try_get::<String, _>(r, "name").ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Opens (and if needed creates) the database, with an engine whose transport goes nowhere:
 /// what these commands write is delivered by whichever engine runs on the database.
 async fn open(db: &DbArgs) -> anyhow::Result<Arc<Engine>> {

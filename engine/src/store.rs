@@ -22,8 +22,8 @@ use crate::machine::{Decision, HistoryEntry, SagaState, StepStatus, Timer};
 pub enum StoreError {
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
-    #[error("cannot open database {url}: {source}")]
-    Connect { url: String, source: sqlx::Error },
+    #[error("cannot open database {url}: {reason}")]
+    Connect { url: String, reason: String },
     #[error("migration {name} failed: {source}")]
     Migration { name: String, source: sqlx::Error },
     #[error("saga {0} was changed concurrently")]
@@ -77,9 +77,12 @@ impl Store {
         } else {
             Backend::Postgres
         };
-        let connect_err = |source| StoreError::Connect {
+        let connect_err = |e: sqlx::Error| StoreError::Connect {
             url: redact(&url),
-            source,
+            reason: match &e {
+                sqlx::Error::Database(db) => db.message().to_owned(),
+                other => other.to_string(),
+            },
         };
         let options: AnyConnectOptions = url.parse().map_err(connect_err)?;
         let pool = match backend {
@@ -101,12 +104,20 @@ impl Store {
                 .connect_with(options)
                 .await
                 .map_err(connect_err)?,
-            Backend::Postgres => AnyPoolOptions::new()
+            Backend::Postgres => {
+                // One direct attempt first: the pool would retry a refused connection until its
+                // timeout and then report only "timed out", hiding the reason.
+                let probe = <AnyConnection as sqlx::Connection>::connect_with(&options)
+                    .await
+                    .map_err(connect_err)?;
+                let _ = sqlx::Connection::close(probe).await;
+                AnyPoolOptions::new()
                 .max_connections(max_connections.max(2))
                 .acquire_timeout(Duration::from_secs(30))
                 .connect_with(options)
                 .await
-                .map_err(connect_err)?,
+                .map_err(connect_err)?
+            }
         };
         Ok(Store { pool, backend })
     }
