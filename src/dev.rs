@@ -180,9 +180,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         if unfinished == 0 && next == orders.len() {
             break;
         }
-        // Keep `concurrency` sagas of this run in flight.
-        let in_flight = unfinished.saturating_sub(0);
-        let room = args.concurrency.saturating_sub(in_flight) as usize;
+        // Keep `concurrency` sagas in flight (resumed ones count too).
+        let room = args.concurrency.saturating_sub(unfinished) as usize;
         for order in orders.iter().skip(next).take(room) {
             engine
                 .start(&graph, order.clone(), None)
