@@ -693,8 +693,10 @@ pub fn sequence_key(graph: &SagaGraph, input: &Value) -> Result<String, EngineEr
             None | Some(Value::Null) if field.required => {
                 problems.push(format!("`{name}` is required"))
             }
-            Some(v) if !v.is_null() && !field.r#type.accepts(v) => problems
-                .push(format!("`{name}` must be {:?}, got {v}", field.r#type).to_lowercase()),
+            Some(v) if !v.is_null() && !field.r#type.accepts(v) => {
+                let ty = format!("{:?}", field.r#type).to_lowercase();
+                problems.push(format!("`{name}` must be {ty}, got {v}"));
+            }
             _ => {}
         }
     }

@@ -75,6 +75,24 @@ impl Op {
     pub fn is_undo(self) -> bool {
         matches!(self, Op::Compensate | Op::Cancel)
     }
+
+    /// The forward operation this one belongs to (`compensate` → `action`; `confirm`, `cancel`
+    /// → `try`; forward operations are their own).
+    pub fn forward(self) -> Op {
+        match self {
+            Op::Compensate => Op::Action,
+            Op::Cancel | Op::Confirm => Op::Try,
+            other => other,
+        }
+    }
+
+    /// The operation that undoes this one's step (`action` → `compensate`, else `cancel`).
+    pub fn undo(self) -> Op {
+        match self.forward() {
+            Op::Action => Op::Compensate,
+            _ => Op::Cancel,
+        }
+    }
 }
 
 impl fmt::Display for Op {

@@ -55,21 +55,6 @@ struct Worker {
     effects: Vec<(usize, Op)>,
 }
 
-fn forward_of(op: Op) -> Op {
-    match op {
-        Op::Compensate => Op::Action,
-        Op::Cancel | Op::Confirm => Op::Try,
-        other => other,
-    }
-}
-
-fn undo_of(op: Op) -> Op {
-    match op {
-        Op::Action => Op::Compensate,
-        _ => Op::Cancel,
-    }
-}
-
 impl Worker {
     fn new(n: usize) -> Self {
         Worker {
@@ -95,7 +80,7 @@ impl Worker {
             };
         }
         let outcome = if cmd.op.is_forward() {
-            if self.barrier.contains_key(&(cmd.step, undo_of(cmd.op))) {
+            if self.barrier.contains_key(&(cmd.step, cmd.op.undo())) {
                 Outcome::Business {
                     code: "refused".into(),
                     message: "cancelled before it ran".into(),
@@ -113,7 +98,7 @@ impl Worker {
                 }
             }
         } else {
-            let fwd = self.barrier.get(&(cmd.step, forward_of(cmd.op)));
+            let fwd = self.barrier.get(&(cmd.step, cmd.op.forward()));
             match (cmd.op, fwd) {
                 // Null compensation: record it so the late forward operation is refused.
                 (Op::Compensate | Op::Cancel, None) => Outcome::Ok {

@@ -38,21 +38,6 @@ impl std::fmt::Debug for Handler {
     }
 }
 
-fn forward_of(op: Op) -> Op {
-    match op {
-        Op::Compensate => Op::Action,
-        Op::Cancel | Op::Confirm => Op::Try,
-        other => other,
-    }
-}
-
-fn undo_of(op: Op) -> Op {
-    match op {
-        Op::Action => Op::Compensate,
-        _ => Op::Cancel,
-    }
-}
-
 async fn recorded(
     conn: &mut AnyConnection,
     ctx: &StepContext,
@@ -138,17 +123,17 @@ pub async fn execute(
         })
     };
     if op.is_forward() {
-        if recorded(&mut tx, ctx, undo_of(op)).await?.is_some() {
+        if recorded(&mut tx, ctx, op.undo()).await?.is_some() {
             let refused = Outcome::Business {
                 code: "cancelled_before_run".into(),
-                message: format!("{op} refused: its {} already ran", undo_of(op)),
+                message: format!("{op} refused: its {} already ran", op.undo()),
             };
             record(&mut tx, ctx, op, &refused).await?;
             tx.commit().await?;
             return fresh(refused);
         }
     } else {
-        let forward = recorded(&mut tx, ctx, forward_of(op)).await?;
+        let forward = recorded(&mut tx, ctx, op.forward()).await?;
         let took_effect = matches!(forward, Some(Outcome::Ok { .. }));
         if op.is_undo() && !took_effect {
             // Nothing to undo: the forward operation failed, or never ran (and now never will).
