@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 
 use crate::machine::{self, Context, Event, SagaState, decide, forward_op, operation_name};
 use crate::store::{Backend, OutboxMessage, SagaRow, Store, StoreError, now_ms, tx};
-use crate::transport::{Message, REPLY_QUEUE, Transport, command_queue};
+use crate::transport::{Delivery, Message, REPLY_QUEUE, Transport, command_queue};
 use crate::wire::{CommandMsg, ReplyMsg};
 
 #[derive(Debug, thiserror::Error)]
@@ -605,7 +605,6 @@ impl Engine {
                 }
             }
             let mut batch = Vec::new();
-            let mut poison = Vec::new();
             let mut good = Vec::new();
             for d in deliveries {
                 match serde_json::from_slice::<ReplyMsg>(&d.message.payload) {
@@ -624,19 +623,21 @@ impl Engine {
                         good.push(d);
                     }
                     Err(e) => {
-                        warn!(message = %d.message.id, error = %e, "undecodable reply; dropping it");
-                        poison.push(d);
+                        self.dead_letter(d, REPLY_QUEUE, &format!("undecodable reply: {e}"))
+                            .await;
                     }
                 }
             }
-            for d in poison {
-                let _ = d.ack().await;
-            }
             match self.apply(&batch).await {
-                Ok(_) => {
+                Ok(applied) => {
                     failures = 0;
-                    for d in good {
-                        let _ = d.ack().await;
+                    for ((d, incoming), applied) in good.into_iter().zip(&batch).zip(applied) {
+                        if applied == Applied::UnknownSaga {
+                            let reason = format!("reply for unknown saga {}", incoming.saga_id);
+                            self.dead_letter(d, REPLY_QUEUE, &reason).await;
+                        } else {
+                            let _ = d.ack().await;
+                        }
                     }
                 }
                 Err(e) => {
@@ -648,6 +649,14 @@ impl Engine {
                     tokio::time::sleep(backoff(failures)).await;
                 }
             }
+        }
+    }
+
+    /// Sets a message aside that can never be handled, with its reason (logged and counted).
+    pub(crate) async fn dead_letter(&self, d: Delivery, queue: &str, reason: &str) {
+        warn!(message = %d.message.id, queue, reason, "dead-lettering a message");
+        if let Err(e) = d.dead_letter(reason).await {
+            warn!(error = %e, "dead-lettering failed; the message goes back to its queue");
         }
     }
 }

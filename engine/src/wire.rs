@@ -57,3 +57,13 @@ impl ReplyMsg {
         )
     }
 }
+
+/// Application → engine (through the client library's outbox): start a saga. Idempotent by
+/// `idempotency_key`: delivered twice, it still starts one saga.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartMsg {
+    /// The saga definition's name (`order-paid`); the engine must have it registered.
+    pub saga: String,
+    pub input: Value,
+    pub idempotency_key: String,
+}

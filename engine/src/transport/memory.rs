@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
-use super::{Acker, Consumer, Delivery, Message, Transport, TransportError};
+use super::{Acker, Consumer, DeadLetter, Delivery, Message, Transport, TransportError};
 
 /// Faults applied to every published message.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -37,6 +37,7 @@ struct Queue {
 #[derive(Debug, Default)]
 struct Inner {
     queues: HashMap<String, Queue>,
+    dead: Vec<DeadLetter>,
     next_tag: u64,
     next_consumer: u64,
     closed: bool,
@@ -76,6 +77,11 @@ impl MemoryTransport {
         for q in inner.queues.values() {
             q.notify.notify_waiters();
         }
+    }
+
+    /// Everything dead-lettered so far, oldest first.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        lock(&self.inner).dead.clone()
     }
 
     /// Messages waiting or unacknowledged in `queue` (for tests).
@@ -275,6 +281,23 @@ impl Acker for MemoryAcker {
         }
         Ok(())
     }
+
+    async fn dead_letter(
+        self: Box<Self>,
+        message: &Message,
+        reason: &str,
+    ) -> Result<(), TransportError> {
+        let mut inner = lock(&self.inner);
+        if let Some(q) = inner.queues.get_mut(&self.queue) {
+            q.unacked.remove(&self.tag);
+        }
+        inner.dead.push(DeadLetter {
+            queue: self.queue.clone(),
+            reason: reason.to_owned(),
+            message: message.clone(),
+        });
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -323,6 +346,29 @@ mod tests {
             .expect("standby takes over")
             .unwrap()
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn dead_letters_are_kept_with_their_reason_and_the_queue_flows_on() {
+        let t = MemoryTransport::default();
+        t.publish("q", msg("poison")).await.unwrap();
+        t.publish("q", msg("fine")).await.unwrap();
+        let mut c = t.consume("q").await.unwrap();
+        c.next()
+            .await
+            .unwrap()
+            .dead_letter("not JSON")
+            .await
+            .unwrap();
+        assert_eq!(c.next().await.unwrap().message.id, "fine");
+        let dead = t.dead_letters();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(
+            (dead[0].queue.as_str(), dead[0].reason.as_str()),
+            ("q", "not JSON")
+        );
+        assert_eq!(dead[0].message.id, "poison");
+        assert_eq!(t.depth("q"), 1, "only the unacked `fine` is left");
     }
 
     #[tokio::test]

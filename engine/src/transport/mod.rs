@@ -8,8 +8,12 @@
 //! * one consumer is active per queue at a time, and a queue delivers in FIFO order, so messages
 //!   of one key (all routed to one queue) arrive in the order they were published.
 //!
-//! Queue names: `cmd.<service>` for commands, `reply` for replies.
+//! Queue names (logical; the AMQP transport spreads each over P partitions): `cmd.<service>` for
+//! commands, `reply` for replies, `start` for saga starts relayed from applications' outboxes.
+//! A message that cannot be handled (undecodable, unknown saga or step) is dead-lettered with
+//! its reason: kept aside for an operator, never dropped, never blocking its queue.
 
+pub mod amqp;
 pub mod memory;
 
 use async_trait::async_trait;
@@ -42,6 +46,18 @@ pub fn command_queue(service: &str) -> String {
 
 /// The queue replies go to.
 pub const REPLY_QUEUE: &str = "reply";
+
+/// The queue saga starts written by applications (the client library's outbox) go to.
+pub const START_QUEUE: &str = "start";
+
+/// A message set aside because it could not be handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The logical queue it came from (`cmd.payment`, `reply`, …).
+    pub queue: String,
+    pub reason: String,
+    pub message: Message,
+}
 
 #[async_trait]
 pub trait Transport: Send + Sync + std::fmt::Debug {
@@ -88,10 +104,22 @@ impl Delivery {
     pub async fn nack(self) -> Result<(), TransportError> {
         self.acker.nack().await
     }
+
+    /// Cannot ever be processed: move it to the dead-letter queue with `reason`, then
+    /// acknowledge it, so its queue keeps flowing. If the dead-letter queue cannot take it, the
+    /// message is given back instead (never lost).
+    pub async fn dead_letter(self, reason: &str) -> Result<(), TransportError> {
+        self.acker.dead_letter(&self.message, reason).await
+    }
 }
 
 #[async_trait]
 pub trait Acker: Send + Sync + std::fmt::Debug {
     async fn ack(self: Box<Self>) -> Result<(), TransportError>;
     async fn nack(self: Box<Self>) -> Result<(), TransportError>;
+    async fn dead_letter(
+        self: Box<Self>,
+        message: &Message,
+        reason: &str,
+    ) -> Result<(), TransportError>;
 }
