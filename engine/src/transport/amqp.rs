@@ -1,1 +1,865 @@
-//! placeholder
+//! The RabbitMQ transport (lapin), with the same contract as the in-process one.
+//!
+//! Topology, declared idempotently by every process for the queues it touches:
+//!
+//! | what | name |
+//! |---|---|
+//! | command exchange (direct) | `<prefix>.cmd`, routing key `<service>.<partition>` |
+//! | command queues | `<prefix>.cmd.<service>.<partition>` |
+//! | reply exchange / queues | `<prefix>.reply`, `<prefix>.reply.<partition>` |
+//! | start exchange / queues (client outbox) | `<prefix>.start`, `<prefix>.start.<partition>` |
+//! | dead-letter exchange (fanout) / queue | `<prefix>.dead`, `<prefix>.dead-letters` |
+//! | topology marker (holds the partition count) | `<prefix>.topology` |
+//!
+//! * **Partitions.** A message goes to partition `stable_hash(key) % P` of its logical queue,
+//!   so all messages of one order land in one queue. Every queue is declared with
+//!   `x-single-active-consumer`: each partition has exactly one consumer at a time (per-order
+//!   FIFO) and a standby takes over when it dies.
+//! * **Partition count.** P is configuration. The marker queue carries it as its
+//!   `x-max-length` (it never holds a message), and RabbitMQ refuses to redeclare a queue with
+//!   different arguments, so a process configured with another P fails at start with a clear
+//!   error instead of silently routing one order to two queues.
+//! * **Durability.** Durable queues, persistent messages, publisher confirms (`publish` returns
+//!   after the broker's ack, and `mandatory` makes an unroutable message an error, not a silent
+//!   drop), manual acknowledgement, bounded prefetch.
+//! * **Loss of the connection or a channel.** Publishing fails fast (the outbox keeps the row,
+//!   the relay sends it again); consumers reconnect with exponential backoff, redeclare and
+//!   resume. Deliveries that were not acknowledged are redelivered by the broker and dropped as
+//!   duplicates by the engine's inbox and the workers' barrier.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use backon::{ExponentialBuilder, Retryable};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use super::{Acker, Consumer, Delivery, Message, Transport, TransportError};
+
+/// Header carrying the message's ordering key.
+pub const KEY_HEADER: &str = "x-sagaflow-key";
+/// Headers set on a dead-lettered message.
+pub const REASON_HEADER: &str = "x-sagaflow-reason";
+pub const QUEUE_HEADER: &str = "x-sagaflow-queue";
+
+/// Classic queues for one node, quorum queues (replicated) for a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueType {
+    #[default]
+    Classic,
+    Quorum,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+impl std::str::FromStr for QueueType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "classic" => Ok(QueueType::Classic),
+            "quorum" => Ok(QueueType::Quorum),
+            other => Err(format!(
+                "unknown queue type `{other}` (expected `classic` or `quorum`)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AmqpConfig {
+    /// `amqp://user:pass@host:port/vhost`
+    pub url: String,
+    /// Prefix of every exchange and queue name: separate deployments (or tests) on one broker.
+    pub prefix: String,
+    /// Partitions per logical queue. Every process of a deployment must agree.
+    pub partitions: u16,
+    pub queue_type: QueueType,
+    /// Unacknowledged deliveries per partition consumer.
+    pub prefetch: u16,
+    /// Shown in the broker's connection list.
+    pub connection_name: String,
+}
+
+impl AmqpConfig {
+    pub fn new(url: &str) -> AmqpConfig {
+        AmqpConfig {
+            url: url.to_owned(),
+            prefix: "sagaflow".to_owned(),
+            partitions: 8,
+            queue_type: QueueType::Classic,
+            prefetch: 64,
+            connection_name: format!("sagaflow-{}", std::process::id()),
+        }
+    }
+}
+
+/// The stable hash used for partitioning: 64-bit FNV-1a over the key's UTF-8 bytes. It is part
+/// of the wire contract — the same in every process and every release (never `DefaultHasher`,
+/// which is randomly seeded) — and pinned by a test.
+pub fn stable_hash(key: &str) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    key.bytes()
+        .fold(OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME))
+}
+
+/// The partition of `key` among `partitions`.
+pub fn partition_of(key: &str, partitions: u16) -> u16 {
+    (stable_hash(key) % u64::from(partitions.max(1))) as u16
+}
+
+/// One live connection with its publishing channel (confirms on).
+#[derive(Debug)]
+struct Link {
+    connection: Connection,
+    publisher: Channel,
+    generation: u64,
+    /// Logical queues whose exchange, queues and bindings are declared on this connection.
+    declared: Mutex<HashSet<String>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: AmqpConfig,
+    link: tokio::sync::Mutex<Option<Arc<Link>>>,
+    generations: AtomicU64,
+    closed: watch::Sender<bool>,
+    published: AtomicU64,
+}
+
+/// The RabbitMQ transport. Cheap to clone; clones share one connection.
+#[derive(Debug, Clone)]
+pub struct AmqpTransport {
+    shared: Arc<Shared>,
+}
+
+fn amqp_err(context: &str, e: impl std::fmt::Display) -> TransportError {
+    TransportError::Other(format!("{context}: {e}"))
+}
+
+fn table(entries: Vec<(&str, AMQPValue)>) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in entries {
+        t.insert(ShortString::from(k), v);
+    }
+    t
+}
+
+fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+impl AmqpTransport {
+    /// Connects, declares the shared topology and checks the partition count against the
+    /// broker's. Fails with a clear error when the broker is unreachable or the count differs.
+    pub async fn connect(config: AmqpConfig) -> Result<Arc<AmqpTransport>, TransportError> {
+        if config.partitions == 0 {
+            return Err(TransportError::Other(
+                "the partition count must be at least 1".into(),
+            ));
+        }
+        let (closed, _) = watch::channel(false);
+        let transport = AmqpTransport {
+            shared: Arc::new(Shared {
+                config,
+                link: tokio::sync::Mutex::new(None),
+                generations: AtomicU64::new(0),
+                closed,
+                published: AtomicU64::new(0),
+            }),
+        };
+        transport.link().await?;
+        Ok(Arc::new(transport))
+    }
+
+    pub fn config(&self) -> &AmqpConfig {
+        &self.shared.config
+    }
+
+    /// Messages published and confirmed by this process.
+    pub fn published(&self) -> u64 {
+        self.shared.published.load(Ordering::Relaxed)
+    }
+
+    /// Stops every consumer and closes the connection. Unacknowledged deliveries go back to
+    /// their queues.
+    pub async fn close(&self) {
+        self.shared.closed.send_replace(true);
+        let link = self.shared.link.lock().await.take();
+        if let Some(link) = link {
+            let _ = link.connection.close(200, ShortString::from("bye")).await;
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        *self.shared.closed.borrow()
+    }
+
+    fn name(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.shared.config.prefix)
+    }
+
+    /// The exchange a logical queue's messages are published to.
+    fn exchange_of(&self, logical: &str) -> String {
+        match logical.split_once('.') {
+            Some(("cmd", _)) => self.name("cmd"),
+            _ => self.name(logical),
+        }
+    }
+
+    fn partition_queue(&self, logical: &str, partition: u16) -> String {
+        self.name(&format!("{logical}.{partition}"))
+    }
+
+    fn routing_key(logical: &str, partition: u16) -> String {
+        format!("{logical}.{partition}")
+    }
+
+    /// Names of the queues behind a logical queue, one per partition.
+    pub fn partition_queues(&self, logical: &str) -> Vec<String> {
+        (0..self.shared.config.partitions)
+            .map(|p| self.partition_queue(logical, p))
+            .collect()
+    }
+
+    pub fn dead_letter_queue(&self) -> String {
+        self.name("dead-letters")
+    }
+
+    /// The current connection, connecting (once, for all callers) if there is none.
+    async fn link(&self) -> Result<Arc<Link>, TransportError> {
+        if self.is_closed() {
+            return Err(TransportError::Closed);
+        }
+        let mut guard = self.shared.link.lock().await;
+        if let Some(link) = guard.as_ref()
+            && link.connection.status().connected()
+            && link.publisher.status().connected()
+        {
+            return Ok(link.clone());
+        }
+        let link = Arc::new(self.open().await?);
+        *guard = Some(link.clone());
+        Ok(link)
+    }
+
+    /// Forgets a broken connection (only if nobody replaced it already).
+    async fn broken(&self, generation: u64) {
+        let mut guard = self.shared.link.lock().await;
+        if guard.as_ref().is_some_and(|l| l.generation == generation) {
+            if let Some(old) = guard.take() {
+                let _ = old
+                    .connection
+                    .close(200, ShortString::from("reconnecting"))
+                    .await;
+            }
+        }
+    }
+
+    async fn open(&self) -> Result<Link, TransportError> {
+        let config = &self.shared.config;
+        let properties = ConnectionProperties::default()
+            .with_connection_name(LongString::from(config.connection_name.as_bytes().to_vec()));
+        let connection = Connection::connect(&config.url, properties)
+            .await
+            .map_err(|e| {
+                TransportError::Other(format!(
+                    "cannot connect to RabbitMQ at {}: {e}",
+                    redact(&config.url)
+                ))
+            })?;
+        let generation = self.shared.generations.fetch_add(1, Ordering::Relaxed) + 1;
+        self.declare_base(&connection).await?;
+        let publisher = connection
+            .create_channel()
+            .await
+            .map_err(|e| amqp_err("opening the publishing channel", e))?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| amqp_err("enabling publisher confirms", e))?;
+        info!(generation, prefix = %config.prefix, "connected to RabbitMQ");
+        Ok(Link {
+            connection,
+            publisher,
+            generation,
+            declared: Mutex::default(),
+        })
+    }
+
+    /// The dead-letter exchange and queue, and the partition-count check.
+    async fn declare_base(&self, connection: &Connection) -> Result<(), TransportError> {
+        let config = &self.shared.config;
+        let ch = connection
+            .create_channel()
+            .await
+            .map_err(|e| amqp_err("opening a channel", e))?;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        ch.exchange_declare(
+            ShortString::from(self.name("dead")),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| amqp_err("declaring the dead-letter exchange", e))?;
+        self.declare_queue(&ch, &self.dead_letter_queue(), false)
+            .await?;
+        ch.queue_bind(
+            ShortString::from(self.dead_letter_queue()),
+            ShortString::from(self.name("dead")),
+            ShortString::from(""),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| amqp_err("binding the dead-letter queue", e))?;
+        let marker = self.name("topology");
+        let args = table(vec![
+            (
+                "x-max-length",
+                AMQPValue::LongLongInt(i64::from(config.partitions)),
+            ),
+            ("x-queue-type", long_string("classic")),
+        ]);
+        let declared = ch
+            .queue_declare(
+                ShortString::from(marker.as_str()),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await;
+        if let Err(e) = declared {
+            let text = e.to_string();
+            if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent") {
+                return Err(TransportError::Other(format!(
+                    "partition count mismatch: this process is configured with {} partitions, \
+                     but the deployment `{}` on this broker was declared with a different count \
+                     (the broker said: {text}). Every engine and worker must use the same \
+                     --partitions; to change it, drain and delete the `{}.*` queues first",
+                    config.partitions, config.prefix, config.prefix
+                )));
+            }
+            return Err(amqp_err("declaring the topology marker", e));
+        }
+        let _ = ch.close(200, ShortString::from("declared")).await;
+        Ok(())
+    }
+
+    async fn declare_queue(
+        &self,
+        ch: &Channel,
+        name: &str,
+        single_active: bool,
+    ) -> Result<(), TransportError> {
+        let mut args = vec![(
+            "x-queue-type",
+            long_string(self.shared.config.queue_type.as_str()),
+        )];
+        if single_active {
+            args.push(("x-single-active-consumer", AMQPValue::Boolean(true)));
+            args.push(("x-dead-letter-exchange", long_string(&self.name("dead"))));
+        }
+        ch.queue_declare(
+            ShortString::from(name),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            table(args),
+        )
+        .await
+        .map_err(|e| amqp_err(&format!("declaring queue {name}"), e))?;
+        Ok(())
+    }
+
+    /// Declares a logical queue's exchange, partition queues and bindings (once per connection).
+    async fn ensure_declared(&self, link: &Link, logical: &str) -> Result<(), TransportError> {
+        if lock(&link.declared).contains(logical) {
+            return Ok(());
+        }
+        let ch = link
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| amqp_err("opening a channel", e))?;
+        let exchange = self.exchange_of(logical);
+        ch.exchange_declare(
+            ShortString::from(exchange.as_str()),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| amqp_err(&format!("declaring exchange {exchange}"), e))?;
+        for p in 0..self.shared.config.partitions {
+            let queue = self.partition_queue(logical, p);
+            self.declare_queue(&ch, &queue, true).await?;
+            ch.queue_bind(
+                ShortString::from(queue.as_str()),
+                ShortString::from(exchange.as_str()),
+                ShortString::from(Self::routing_key(logical, p)),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_err(&format!("binding queue {queue}"), e))?;
+        }
+        let _ = ch.close(200, ShortString::from("declared")).await;
+        lock(&link.declared).insert(logical.to_owned());
+        debug!(logical, "declared");
+        Ok(())
+    }
+
+    /// Declares the topology of `logical` queues without consuming (for tools and tests).
+    pub async fn declare(&self, logical: &str) -> Result<(), TransportError> {
+        let link = self.link().await?;
+        self.ensure_declared(&link, logical).await
+    }
+
+    /// Messages ready in a queue (by its full name), without consuming.
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32, TransportError> {
+        let link = self.link().await?;
+        let ch = link
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| amqp_err("opening a channel", e))?;
+        let q = ch
+            .queue_declare(
+                ShortString::from(queue),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_err(&format!("inspecting queue {queue}"), e))?;
+        let _ = ch.close(200, ShortString::from("done")).await;
+        Ok(q.message_count())
+    }
+
+    /// Takes (and acknowledges) up to `max` dead letters: (queue, reason, message).
+    pub async fn take_dead_letters(
+        &self,
+        max: usize,
+    ) -> Result<Vec<super::DeadLetter>, TransportError> {
+        let link = self.link().await?;
+        let ch = link
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| amqp_err("opening a channel", e))?;
+        let mut out = Vec::new();
+        while out.len() < max {
+            let got = ch
+                .basic_get(
+                    ShortString::from(self.dead_letter_queue()),
+                    lapin::options::BasicGetOptions { no_ack: true },
+                )
+                .await
+                .map_err(|e| amqp_err("reading the dead-letter queue", e))?;
+            let Some(got) = got else { break };
+            let d = got.delivery;
+            let header = |name: &str| header_str(&d.properties, name).unwrap_or_default();
+            out.push(super::DeadLetter {
+                queue: header(QUEUE_HEADER),
+                reason: header(REASON_HEADER),
+                message: to_message(&d.properties, d.data.clone()),
+            });
+        }
+        let _ = ch.close(200, ShortString::from("done")).await;
+        Ok(out)
+    }
+
+    /// Deletes every queue and exchange of the given logical queues, plus the dead-letter queue
+    /// and the marker (test cleanup and `drain-and-repartition`).
+    pub async fn delete_topology(&self, logicals: &[&str]) -> Result<(), TransportError> {
+        let link = self.link().await?;
+        let ch = link
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| amqp_err("opening a channel", e))?;
+        let mut queues = vec![self.dead_letter_queue(), self.name("topology")];
+        let mut exchanges = vec![self.name("dead")];
+        for l in logicals {
+            queues.extend(self.partition_queues(l));
+            exchanges.push(self.exchange_of(l));
+        }
+        for q in queues {
+            ch.queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
+                .await
+                .map_err(|e| amqp_err(&format!("deleting queue {q}"), e))?;
+        }
+        exchanges.sort();
+        exchanges.dedup();
+        for x in exchanges {
+            ch.exchange_delete(
+                ShortString::from(x.as_str()),
+                ExchangeDeleteOptions::default(),
+            )
+            .await
+            .map_err(|e| amqp_err(&format!("deleting exchange {x}"), e))?;
+        }
+        lock(&link.declared).clear();
+        let _ = ch.close(200, ShortString::from("done")).await;
+        Ok(())
+    }
+
+    async fn publish_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: &Message,
+        extra_headers: Vec<(&str, AMQPValue)>,
+    ) -> Result<(), TransportError> {
+        let link = self.link().await?;
+        let mut headers = vec![(KEY_HEADER, long_string(&message.key))];
+        headers.extend(extra_headers);
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(ShortString::from("application/json"))
+            .with_message_id(ShortString::from(message.id.as_str()))
+            .with_headers(table(headers));
+        let not_confirmed = |reason: String| TransportError::NotConfirmed {
+            queue: format!("{exchange}/{routing_key}"),
+            reason,
+        };
+        let sent = link
+            .publisher
+            .basic_publish(
+                ShortString::from(exchange),
+                ShortString::from(routing_key),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &message.payload,
+                properties,
+            )
+            .await;
+        let confirm = match sent {
+            Ok(confirm) => confirm.await,
+            Err(e) => Err(e),
+        };
+        match confirm {
+            Ok(Confirmation::Ack(None)) => {
+                self.shared.published.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(Confirmation::Ack(Some(returned))) => Err(not_confirmed(format!(
+                "unroutable ({}): no queue is bound for it",
+                returned.reply_text
+            ))),
+            Ok(Confirmation::Nack(_)) => Err(not_confirmed("the broker refused it".into())),
+            Ok(Confirmation::NotRequested) => Err(not_confirmed("confirms are not enabled".into())),
+            Err(e) => {
+                self.broken(link.generation).await;
+                Err(not_confirmed(format!("connection problem: {e}")))
+            }
+        }
+    }
+
+    /// One partition's consumer: connect, consume, forward; on any loss, back off and resume.
+    async fn consume_partition(self, logical: String, partition: u16, tx: mpsc::Sender<Delivery>) {
+        let queue = self.partition_queue(&logical, partition);
+        let mut closed = self.shared.closed.subscribe();
+        loop {
+            if self.is_closed() || tx.is_closed() {
+                return;
+            }
+            let attempt = || async {
+                let link = self.link().await?;
+                self.ensure_declared(&link, &logical).await?;
+                let ch = link
+                    .connection
+                    .create_channel()
+                    .await
+                    .map_err(|e| amqp_err("opening a channel", e))?;
+                ch.basic_qos(self.shared.config.prefetch, BasicQosOptions::default())
+                    .await
+                    .map_err(|e| amqp_err("setting the prefetch", e))?;
+                let consumer = ch
+                    .basic_consume(
+                        ShortString::from(queue.as_str()),
+                        ShortString::from(format!(
+                            "{}-{}",
+                            self.shared.config.connection_name, queue
+                        )),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| amqp_err(&format!("consuming {queue}"), e))?;
+                Ok::<_, TransportError>((link.generation, ch, consumer))
+            };
+            let started = attempt
+                .retry(
+                    ExponentialBuilder::default()
+                        .with_min_delay(Duration::from_millis(100))
+                        .with_max_delay(Duration::from_secs(5))
+                        .with_jitter()
+                        .without_max_times(),
+                )
+                .when(|e| !matches!(e, TransportError::Closed))
+                .notify(|e, wait| warn!(queue = %queue, error = %e, ?wait, "RabbitMQ consumer: retrying"));
+            let (generation, channel, mut consumer) = tokio::select! {
+                r = started => match r {
+                    Ok(x) => x,
+                    Err(_) => return,
+                },
+                _ = closed.wait_for(|c| *c) => return,
+            };
+            debug!(queue = %queue, "consuming");
+            loop {
+                let next = tokio::select! {
+                    n = consumer.next() => n,
+                    _ = closed.wait_for(|c| *c) => return,
+                };
+                match next {
+                    Some(Ok(d)) => {
+                        let message = to_message(&d.properties, d.data);
+                        let delivery = Delivery::new(
+                            message,
+                            d.redelivered,
+                            Box::new(AmqpAcker {
+                                acker: d.acker,
+                                transport: self.clone(),
+                                queue: logical.clone(),
+                            }),
+                        );
+                        if tx.send(delivery).await.is_err() {
+                            let _ = channel
+                                .close(200, ShortString::from("consumer dropped"))
+                                .await;
+                            return;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        warn!(queue = %queue, error = %e, "RabbitMQ delivery failed; reconnecting");
+                        break;
+                    }
+                    None => {
+                        warn!(queue = %queue, "RabbitMQ consumer ended; reconnecting");
+                        break;
+                    }
+                }
+            }
+            self.broken(generation).await;
+        }
+    }
+}
+
+fn redact(url: &str) -> String {
+    // amqp://user:secret@host → amqp://user:***@host
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+fn to_message(props: &BasicProperties, payload: Vec<u8>) -> Message {
+    Message {
+        id: props
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_default(),
+        key: header_str(props, KEY_HEADER).unwrap_or_default(),
+        payload,
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[async_trait]
+impl Transport for AmqpTransport {
+    async fn publish(&self, queue: &str, message: Message) -> Result<(), TransportError> {
+        let link = self.link().await?;
+        if let Err(e) = self.ensure_declared(&link, queue).await {
+            self.broken(link.generation).await;
+            return Err(e);
+        }
+        let partition = partition_of(&message.key, self.shared.config.partitions);
+        let exchange = self.exchange_of(queue);
+        let routing_key = Self::routing_key(queue, partition);
+        self.publish_raw(&exchange, &routing_key, &message, Vec::new())
+            .await
+    }
+
+    async fn consume(&self, queue: &str) -> Result<Box<dyn Consumer>, TransportError> {
+        // Declare up front so a bad configuration fails here, not in a background task.
+        self.declare(queue).await?;
+        let partitions = self.shared.config.partitions;
+        let capacity = usize::from(self.shared.config.prefetch.max(1)) * usize::from(partitions);
+        let (tx, rx) = mpsc::channel(capacity);
+        let tasks = (0..partitions)
+            .map(|p| {
+                tokio::spawn(
+                    self.clone()
+                        .consume_partition(queue.to_owned(), p, tx.clone()),
+                )
+            })
+            .collect();
+        Ok(Box::new(AmqpConsumer { rx, tasks }))
+    }
+}
+
+/// Deliveries of all partitions of one logical queue, merged (each partition stays FIFO).
+#[derive(Debug)]
+struct AmqpConsumer {
+    rx: mpsc::Receiver<Delivery>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for AmqpConsumer {
+    fn drop(&mut self) {
+        // Their channels close with them; what was not acknowledged goes back to the broker.
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+#[async_trait]
+impl Consumer for AmqpConsumer {
+    async fn next(&mut self) -> Option<Delivery> {
+        self.rx.recv().await
+    }
+
+    fn try_next(&mut self) -> Option<Delivery> {
+        self.rx.try_recv().ok()
+    }
+}
+
+#[derive(Debug)]
+struct AmqpAcker {
+    acker: lapin::Acker,
+    transport: AmqpTransport,
+    queue: String,
+}
+
+#[async_trait]
+impl Acker for AmqpAcker {
+    async fn ack(self: Box<Self>) -> Result<(), TransportError> {
+        // On a dead channel this fails, and the broker redelivers: the receiver deduplicates.
+        self.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(|e| amqp_err("acknowledging", e))
+    }
+
+    async fn nack(self: Box<Self>) -> Result<(), TransportError> {
+        self.acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| amqp_err("returning a message", e))
+    }
+
+    async fn dead_letter(
+        self: Box<Self>,
+        message: &Message,
+        reason: &str,
+    ) -> Result<(), TransportError> {
+        let exchange = self.transport.name("dead");
+        let headers = vec![
+            (REASON_HEADER, long_string(reason)),
+            (QUEUE_HEADER, long_string(&self.queue)),
+        ];
+        match self
+            .transport
+            .publish_raw(&exchange, "", message, headers)
+            .await
+        {
+            Ok(()) => self.ack().await,
+            Err(e) => {
+                // Keep it: back to its queue, to be dead-lettered again once the DLQ takes it.
+                let _ = self.nack().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stable_hash_never_changes() {
+        // Pinned values: changing the hash would re-route live orders to other partitions.
+        assert_eq!(stable_hash(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(stable_hash("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(stable_hash("order-42"), stable_hash("order-42"));
+        assert_eq!(partition_of("a", 8), (0xaf63_dc4c_8601_ec8c_u64 % 8) as u16);
+        assert_eq!(partition_of("anything", 1), 0);
+    }
+
+    #[test]
+    fn passwords_are_not_printed() {
+        assert_eq!(
+            redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
+    }
+
+    #[test]
+    fn queue_types_parse() {
+        assert_eq!("quorum".parse::<QueueType>(), Ok(QueueType::Quorum));
+        assert!("fast".parse::<QueueType>().unwrap_err().contains("classic"));
+    }
+}
