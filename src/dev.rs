@@ -14,6 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sagaflow_engine::Engine;
 use sagaflow_engine::store::{ENGINE_MIGRATIONS, Store};
 use sagaflow_engine::transport::Transport;
+use sagaflow_engine::transport::amqp::{AmqpConfig, AmqpTransport};
 use sagaflow_engine::transport::memory::{Faults as NetFaults, MemoryTransport};
 use sagaflow_workers::runtime::Faults;
 use sagaflow_workers::services;
@@ -53,12 +54,19 @@ pub struct DevArgs {
     /// The saga to run (default: the shipped sagas/order.yaml).
     #[arg(long, value_name = "FILE")]
     pub saga: Option<PathBuf>,
+    /// Run over this RabbitMQ instead of the in-process transport (with `--database-url`, the
+    /// whole production data path in one process).
+    #[arg(long, value_name = "URL")]
+    pub amqp_url: Option<String>,
+    /// With `--amqp-url`: the prefix of the queues this run declares.
+    #[arg(long, default_value = "sagaflow-dev", requires = "amqp_url")]
+    pub amqp_prefix: String,
     /// Give up waiting when no saga finishes for this long.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub stall_timeout: Duration,
 }
 
-fn rate(s: &str) -> Result<f64, String> {
+pub(crate) fn rate(s: &str) -> Result<f64, String> {
     let r: f64 = s
         .parse()
         .map_err(|_| format!("`{s}` is not a number between 0 and 1"))?;
@@ -69,7 +77,7 @@ fn rate(s: &str) -> Result<f64, String> {
     }
 }
 
-fn service_rate(s: &str) -> Result<(String, f64), String> {
+pub(crate) fn service_rate(s: &str) -> Result<(String, f64), String> {
     let (service, r) = s
         .split_once('=')
         .ok_or_else(|| format!("`{s}`: write SERVICE=RATE, e.g. coupon=0.1"))?;
@@ -91,10 +99,24 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     store
         .migrate(&[ENGINE_MIGRATIONS, services::MIGRATIONS])
         .await?;
-    let transport = Arc::new(MemoryTransport::new(NetFaults {
-        duplicate: args.duplicate,
-        ..NetFaults::default()
-    }));
+    let net = match &args.amqp_url {
+        None => Net::Memory(Arc::new(MemoryTransport::new(NetFaults {
+            duplicate: args.duplicate,
+            ..NetFaults::default()
+        }))),
+        Some(url) => {
+            if args.duplicate > 0.0 {
+                bail!(
+                    "--duplicate injects duplicates in the in-process transport; it cannot be combined with --amqp-url"
+                );
+            }
+            let mut config = AmqpConfig::new(url);
+            config.prefix = args.amqp_prefix.clone();
+            config.connection_name = format!("sagaflow dev (pid {})", std::process::id());
+            Net::Amqp(AmqpTransport::connect(config).await?)
+        }
+    };
+    let transport = net.transport();
     let engine = Engine::new(store.clone(), transport.clone());
     let source = match &args.saga {
         Some(p) => {
@@ -113,13 +135,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     };
     let mut workers = Vec::new();
     for service in services::SERVICES {
-        let w = services::worker(
-            service,
-            store.pool().clone(),
-            transport.clone() as Arc<dyn Transport>,
-        )
-        .context("a shipped service has no worker")?
-        .with_faults(faults_of(service));
+        let w = services::worker(service, store.pool().clone(), transport.clone())
+            .context("a shipped service has no worker")?
+            .with_faults(faults_of(service));
         workers.push(w);
     }
     for step in graph.steps() {
@@ -202,11 +220,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     bar.finish_and_clear();
     let elapsed = started_at.elapsed();
     let _ = stop.send(true);
-    transport.close();
     let _ = engine_task.await;
     for t in worker_tasks {
         let _ = t.await;
     }
+    net.close().await;
 
     let summary = summarize(&store, run_started_ms).await?;
     let mut conn = store.pool().acquire().await?;
@@ -239,8 +257,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     if total > 0 {
         println!(
             "  messages:        {:.1} per saga ({} published, duplicates included)",
-            transport.published() as f64 / total as f64,
-            transport.published()
+            net.published() as f64 / total as f64,
+            net.published()
         );
     }
     if violations.is_empty() {
@@ -258,14 +276,43 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn pick(list: &[(String, f64)], service: &str) -> f64 {
+/// The transport a dev run uses.
+enum Net {
+    Memory(Arc<MemoryTransport>),
+    Amqp(Arc<AmqpTransport>),
+}
+
+impl Net {
+    fn transport(&self) -> Arc<dyn Transport> {
+        match self {
+            Net::Memory(t) => t.clone(),
+            Net::Amqp(t) => t.clone(),
+        }
+    }
+
+    fn published(&self) -> u64 {
+        match self {
+            Net::Memory(t) => t.published(),
+            Net::Amqp(t) => t.published(),
+        }
+    }
+
+    async fn close(&self) {
+        match self {
+            Net::Memory(t) => t.close(),
+            Net::Amqp(t) => t.close().await,
+        }
+    }
+}
+
+pub(crate) fn pick(list: &[(String, f64)], service: &str) -> f64 {
     list.iter()
         .rev()
         .find(|(s, _)| s == service)
         .map_or(0.0, |(_, r)| *r)
 }
 
-fn sample_orders(run_id: &str, n: u64) -> Vec<serde_json::Value> {
+pub(crate) fn sample_orders(run_id: &str, n: u64) -> Vec<serde_json::Value> {
     let campaigns = ["spring-sale", "summer-sale", "autumn-sale"];
     (0..n)
         .map(|i| {
@@ -283,7 +330,7 @@ fn sample_orders(run_id: &str, n: u64) -> Vec<serde_json::Value> {
 }
 
 /// Accounts with enough money, one coupon per order, the campaigns.
-async fn seed(store: &Store, orders: &[serde_json::Value]) -> anyhow::Result<()> {
+pub(crate) async fn seed(store: &Store, orders: &[serde_json::Value]) -> anyhow::Result<()> {
     let mut tx = store.pool().begin().await?;
     let accounts: Vec<(String, i64)> = orders
         .iter()
@@ -323,14 +370,14 @@ async fn count_unfinished(store: &Store) -> anyhow::Result<u64> {
     Ok(n as u64)
 }
 
-struct Summary {
-    this_run: BTreeMap<String, u64>,
-    all: BTreeMap<String, u64>,
-    p50: Option<i64>,
-    p99: Option<i64>,
+pub(crate) struct Summary {
+    pub this_run: BTreeMap<String, u64>,
+    pub all: BTreeMap<String, u64>,
+    pub p50: Option<i64>,
+    pub p99: Option<i64>,
 }
 
-async fn summarize(store: &Store, since: i64) -> anyhow::Result<Summary> {
+pub(crate) async fn summarize(store: &Store, since: i64) -> anyhow::Result<Summary> {
     let mut conn = store.pool().acquire().await?;
     let rows = sqlx::query("SELECT status, created_at, finished_at FROM sagas")
         .fetch_all(&mut *conn)
@@ -366,7 +413,7 @@ async fn summarize(store: &Store, since: i64) -> anyhow::Result<Summary> {
     })
 }
 
-fn fmt_counts(m: &BTreeMap<String, u64>) -> String {
+pub(crate) fn fmt_counts(m: &BTreeMap<String, u64>) -> String {
     if m.is_empty() {
         return "none".into();
     }

@@ -4,11 +4,15 @@
 //! |---|---|
 //! | [`definitions`] | `validate`, `graph`: read saga definitions |
 //! | [`dev`] | `dev`: engine + services in one process on SQLite, sample orders, invariant check |
+//! | [`serve`] | `engine`, `worker`: the production processes over RabbitMQ and PostgreSQL |
+//! | [`bench`] | `bench`: N orders through engine and worker processes, figures and invariants |
 //! | [`ops`] | `start`, `status`, `list`, `retry`, `abort`: sagas in a database, for operators |
 
+mod bench;
 mod definitions;
 mod dev;
 mod ops;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +35,15 @@ enum Command {
     /// Run the engine and the four order services in one process on an embedded SQLite file:
     /// finish what an earlier run left, run sample orders, check the invariants.
     Dev(dev::DevArgs),
+    /// Production: run an engine (replies, timers, outbox relay, saga starts, HTTP API) over
+    /// RabbitMQ and PostgreSQL. Run as many as you like.
+    Engine(serve::EngineArgs),
+    /// Production: run one service's worker (payment, coupon, points or gmv) over RabbitMQ and
+    /// PostgreSQL. Run as many of each as you like.
+    Worker(serve::WorkerArgs),
+    /// Drive N orders through engine and worker processes over RabbitMQ and PostgreSQL; print
+    /// sagas/s, latency and the invariant check.
+    Bench(bench::BenchArgs),
     /// Check saga definitions; exit 0 when every file is valid, 1 otherwise.
     Validate {
         /// Saga YAML files.
@@ -109,6 +122,9 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Dev(args) => runtime().and_then(|rt| rt.block_on(dev::run(args))),
+        Command::Engine(args) => runtime().and_then(|rt| rt.block_on(serve::engine(args))),
+        Command::Worker(args) => runtime().and_then(|rt| rt.block_on(serve::worker(args))),
+        Command::Bench(args) => runtime().and_then(|rt| rt.block_on(bench::run(args))),
         Command::Validate { files, format } => {
             definitions::validate(&files, format == ValidateFormat::Json)
         }
