@@ -5,6 +5,8 @@
 //! test is skipped, except under `CI=true`, where a missing service is a failure.
 #![allow(dead_code)]
 
+pub mod deploy;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
