@@ -4,6 +4,9 @@
 //! transactions; they deliver nothing. Commands they produce wait in the outbox until an engine
 //! running on the same database (`sagaflow dev`, or a deployed engine) relays them — the output
 //! says so, so that nobody waits for a compensation no process is delivering.
+//!
+//! With `--server URL` (or `SAGAFLOW_SERVER`) they talk to a running engine's HTTP API instead
+//! (see [`remote`]): same arguments, same output where it makes sense, and that engine delivers.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -37,6 +40,15 @@ pub enum Format {
 /// Where the commands this process writes get delivered: said after every write.
 const DELIVERY: &str = "an engine running on this database delivers them (`sagaflow dev --orders 0`, or a deployed engine)";
 
+/// Where a running engine's HTTP API is: with it, a command uses the API instead of a database.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    /// Talk to a running engine's HTTP API (e.g. http://127.0.0.1:8080) instead of opening a
+    /// database; --db and --database-url are then not used.
+    #[arg(long, env = "SAGAFLOW_SERVER", value_name = "URL")]
+    server: Option<String>,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct StartArgs {
     /// A saga YAML file (registered on the way), or the name of a definition already in the
@@ -54,6 +66,8 @@ pub struct StartArgs {
     format: Format,
     #[command(flatten)]
     db: DbArgs,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -65,6 +79,8 @@ pub struct StatusArgs {
     format: Format,
     #[command(flatten)]
     db: DbArgs,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -85,6 +101,8 @@ pub struct ListArgs {
     format: Format,
     #[command(flatten)]
     db: DbArgs,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -94,6 +112,8 @@ pub struct RetryArgs {
     id: String,
     #[command(flatten)]
     db: DbArgs,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -106,6 +126,8 @@ pub struct AbortArgs {
     reason: String,
     #[command(flatten)]
     db: DbArgs,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -161,6 +183,9 @@ async fn open(db: &DbArgs) -> anyhow::Result<Arc<Engine>> {
 pub async fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
     // Check what the user typed before touching the database.
     let input = parse_input(&args.input)?;
+    if let Some(url) = &args.server.server {
+        return remote::start(url, &args, input);
+    }
     let engine = open(&args.db).await?;
     let path = Path::new(&args.saga);
     let graph = if path.is_file() {
@@ -227,9 +252,15 @@ fn looks_like_path(s: &str) -> bool {
 }
 
 pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let engine = open(&args.db).await?;
-    let Some(detail) = status::saga(engine.store(), &args.id).await? else {
-        bail!("no saga with id {}", args.id);
+    let detail = match &args.server.server {
+        Some(url) => remote::Client::new(url)?.saga(&args.id)?,
+        None => {
+            let engine = open(&args.db).await?;
+            let Some(detail) = status::saga(engine.store(), &args.id).await? else {
+                bail!("no saga with id {}", args.id);
+            };
+            detail
+        }
     };
     let text = match args.format {
         Format::Json => serde_json::to_string_pretty(&detail)? + "\n",
@@ -270,14 +301,32 @@ fn human_status(d: &SagaDetail) -> String {
             out += &render::text(graph, &|i| d.steps.get(i).map(annotation));
         }
         (None, problem) => {
-            let _ = writeln!(
-                out,
-                "steps (not drawn: {})",
-                problem.as_deref().unwrap_or("no definition")
-            );
+            // A broken stored definition, or a saga read through the HTTP API (which sends the
+            // steps, not the definition to draw them with).
+            match problem {
+                Some(problem) => {
+                    let _ = writeln!(out, "steps (not drawn: {problem})");
+                }
+                None => out += "steps\n",
+            }
             let width = d.steps.iter().map(|s| s.id.len()).max().unwrap_or(0);
+            let service_w = d
+                .steps
+                .iter()
+                .filter_map(|s| s.service.as_deref())
+                .map(str::len)
+                .max();
             for s in &d.steps {
-                let _ = writeln!(out, "  {:<width$}  {}", s.id, annotation(s));
+                let line = match service_w {
+                    Some(w) => format!(
+                        "  {:<width$}  {:<w$}  {}",
+                        s.id,
+                        s.service.as_deref().unwrap_or("-"),
+                        annotation(s)
+                    ),
+                    None => format!("  {:<width$}  {}", s.id, annotation(s)),
+                };
+                let _ = writeln!(out, "{line}");
             }
         }
     }
@@ -398,17 +447,19 @@ pub async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     if args.limit == 0 {
         bail!("--limit must be at least 1");
     }
-    let engine = open(&args.db).await?;
-    let page = status::list(
-        engine.store(),
-        &ListQuery {
-            state: args.state.clone(),
-            sequence_key: args.key.clone(),
-            limit: args.limit,
-            after: args.after.clone(),
-        },
-    )
-    .await?;
+    let query = ListQuery {
+        state: args.state.clone(),
+        sequence_key: args.key.clone(),
+        limit: args.limit,
+        after: args.after.clone(),
+    };
+    let page = match &args.server.server {
+        Some(url) => remote::Client::new(url)?.list(&query)?,
+        None => {
+            let engine = open(&args.db).await?;
+            status::list(engine.store(), &query).await?
+        }
+    };
     let mut stdout = std::io::stdout().lock();
     if args.format == Format::Json {
         writeln!(stdout, "{}", serde_json::to_string_pretty(&page)?)?;
@@ -457,12 +508,20 @@ pub async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn retry(args: RetryArgs) -> anyhow::Result<ExitCode> {
+    if let Some(url) = &args.server.server {
+        let done = remote::Client::new(url)?.retry(&args.id)?;
+        return remote::report(&done);
+    }
     let engine = open(&args.db).await?;
     let applied = engine.retry(&args.id).await?;
     report(&engine, &args.id, applied, "the retried commands").await
 }
 
 pub async fn abort(args: AbortArgs) -> anyhow::Result<ExitCode> {
+    if let Some(url) = &args.server.server {
+        let done = remote::Client::new(url)?.abort(&args.id, &args.reason)?;
+        return remote::report(&done);
+    }
     let engine = open(&args.db).await?;
     let applied = engine.abort(&args.id, &args.reason).await?;
     report(&engine, &args.id, applied, "the compensations").await
@@ -526,4 +585,273 @@ fn elapsed(ms: i64) -> String {
 /// Errors from services may span lines; a table row may not.
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// `--server URL`: the same commands through a running engine's HTTP API
+/// (`sagaflow_engine::http`), with a blocking HTTP client (no TLS: `http://` only).
+pub mod remote {
+    use std::fmt::Write as _;
+    use std::io::Write as _;
+    use std::path::Path;
+    use std::process::ExitCode;
+    use std::time::Duration;
+
+    use anyhow::{Context, anyhow, bail};
+    use sagaflow_engine::http::{ActionResponse, StartResponse};
+    use sagaflow_engine::status::{ListQuery, Page, SagaDetail};
+    use serde::de::DeserializeOwned;
+    use serde_json::{Value, json};
+
+    use super::{Format, StartArgs, looks_like_path, state_line};
+
+    /// A client of one server.
+    #[derive(Debug)]
+    pub struct Client {
+        /// `http://host:port` (and a path prefix, if the URL had one), without a trailing `/`.
+        base: String,
+        agent: ureq::Agent,
+    }
+
+    impl Client {
+        /// `http://host:port`, or `host:port` (http is assumed).
+        pub fn new(url: &str) -> anyhow::Result<Client> {
+            let trimmed = url.trim();
+            let rest = if let Some(rest) = trimmed.strip_prefix("http://") {
+                rest
+            } else if trimmed.starts_with("https://") {
+                bail!("--server {url}: https is not supported (this build has no TLS); use http://")
+            } else if trimmed.contains("://") {
+                bail!("--server {url}: not an http:// URL")
+            } else {
+                trimmed
+            };
+            let rest = rest.trim_end_matches('/');
+            if rest.is_empty() || rest.starts_with('/') {
+                bail!("--server {url}: the URL names no host");
+            }
+            let base = format!("http://{rest}");
+            let agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_connect(Some(Duration::from_secs(10)))
+                .timeout_global(Some(Duration::from_secs(60)))
+                .build()
+                .new_agent();
+            Ok(Client { base, agent })
+        }
+
+        pub fn base(&self) -> &str {
+            &self.base
+        }
+
+        fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+            let url = format!("{}{path}", self.base);
+            let answer = self.agent.get(&url).call();
+            self.answer(&url, answer)
+        }
+
+        fn post<T: DeserializeOwned>(&self, path: &str, body: Option<&Value>) -> anyhow::Result<T> {
+            let url = format!("{}{path}", self.base);
+            let request = self.agent.post(&url);
+            let answer = match body {
+                Some(b) => request.send_json(b),
+                None => request.send_empty(),
+            };
+            self.answer(&url, answer)
+        }
+
+        /// The answer's JSON as `T`; an error answer becomes the server's own message.
+        fn answer<T: DeserializeOwned>(
+            &self,
+            url: &str,
+            answer: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+        ) -> anyhow::Result<T> {
+            let mut response = answer
+                .map_err(|e| anyhow!("cannot reach the sagaflow server at {}: {e}", self.base))?;
+            let status = response.status();
+            let text = response
+                .body_mut()
+                .read_to_string()
+                .map_err(|e| anyhow!("cannot read the answer of {url}: {e}"))?;
+            let doc: Option<Value> = serde_json::from_str(&text).ok();
+            if !status.is_success() {
+                match doc
+                    .as_ref()
+                    .and_then(|d| d.get("error"))
+                    .and_then(Value::as_str)
+                {
+                    Some(message) => {
+                        bail!("{message} (HTTP {} from {})", status.as_u16(), self.base)
+                    }
+                    None => bail!(
+                        "{url} answered HTTP {} without a sagaflow error (is {} a sagaflow server?): {}",
+                        status.as_u16(),
+                        self.base,
+                        excerpt(&text)
+                    ),
+                }
+            }
+            let doc = doc.ok_or_else(|| {
+                anyhow!(
+                    "{url} answered with something that is not JSON (is {} a sagaflow server?): {}",
+                    self.base,
+                    excerpt(&text)
+                )
+            })?;
+            serde_json::from_value(doc)
+                .with_context(|| format!("{url} answered JSON this sagaflow does not understand"))
+        }
+
+        /// `GET /sagas/{id}`.
+        pub fn saga(&self, id: &str) -> anyhow::Result<SagaDetail> {
+            self.get(&format!("/sagas/{}", encode(id)))
+        }
+
+        /// `GET /sagas?…`.
+        pub fn list(&self, q: &ListQuery) -> anyhow::Result<Page> {
+            let mut path = format!("/sagas?limit={}", q.limit);
+            for (name, value) in [
+                ("state", &q.state),
+                ("key", &q.sequence_key),
+                ("after", &q.after),
+            ] {
+                if let Some(v) = value {
+                    let _ = write!(path, "&{name}={}", encode(v));
+                }
+            }
+            self.get(&path)
+        }
+
+        /// `POST /sagas/{id}/retry`.
+        pub fn retry(&self, id: &str) -> anyhow::Result<ActionResponse> {
+            self.post(&format!("/sagas/{}/retry", encode(id)), None)
+        }
+
+        /// `POST /sagas/{id}/abort`.
+        pub fn abort(&self, id: &str, reason: &str) -> anyhow::Result<ActionResponse> {
+            let body = json!({ "reason": reason });
+            self.post(&format!("/sagas/{}/abort", encode(id)), Some(&body))
+        }
+
+        /// `POST /sagas`.
+        pub fn start(&self, body: &Value) -> anyhow::Result<StartResponse> {
+            self.post("/sagas", Some(body))
+        }
+    }
+
+    /// `sagaflow start --server URL`: a file is compiled here for its name and content hash,
+    /// and the server starts its definition of that name only if it is the same one.
+    pub fn start(url: &str, args: &StartArgs, input: Value) -> anyhow::Result<ExitCode> {
+        let client = Client::new(url)?;
+        let path = Path::new(&args.saga);
+        let (name, hash) = if path.is_file() {
+            let source = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let compiled = sagaflow_dsl::compile(&source);
+            let Some(graph) = compiled.graph else {
+                let detail = compiled
+                    .errors()
+                    .map(|d| format!("line {}: {}", d.span.line, d.message))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                bail!(
+                    "{}: invalid saga definition: {detail} (`sagaflow validate {}` explains)",
+                    path.display(),
+                    path.display()
+                );
+            };
+            (
+                graph.name().to_owned(),
+                Some(graph.content_hash().to_owned()),
+            )
+        } else if looks_like_path(&args.saga) {
+            bail!("cannot read {}: no such file", path.display());
+        } else {
+            (args.saga.clone(), None)
+        };
+        let mut body = json!({ "saga": name, "input": input });
+        if let Some(k) = &args.idempotency_key {
+            body["idempotency_key"] = json!(k);
+        }
+        if let Some(h) = hash {
+            body["definition_hash"] = json!(h);
+        }
+        let started = client.start(&body)?;
+        if args.format == Format::Json {
+            let doc = json!({"id": started.id, "existing": started.existing});
+            writeln!(std::io::stdout().lock(), "{doc}")?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        writeln!(std::io::stdout().lock(), "{}", started.id)?;
+        if started.existing {
+            eprintln!(
+                "idempotency key `{}` already started saga {}; nothing new was started",
+                args.idempotency_key.as_deref().unwrap_or_default(),
+                started.id
+            );
+        } else {
+            eprintln!(
+                "saga {} ({} v{}) is {}; the engine at {} delivers its commands",
+                started.id,
+                started.saga,
+                started.version,
+                started.state,
+                client.base()
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// What `retry` and `abort` print: the saga's state after the action.
+    pub fn report(done: &ActionResponse) -> anyhow::Result<ExitCode> {
+        writeln!(
+            std::io::stdout().lock(),
+            "saga {} is {}",
+            done.id,
+            state_line(&done.status)
+        )?;
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// Percent-encodes a path segment or query value (everything but RFC 3986's unreserved).
+    fn encode(s: &str) -> String {
+        let mut out = String::with_capacity(s.len());
+        for b in s.bytes() {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                out.push(char::from(b));
+            } else {
+                let _ = write!(out, "%{b:02X}");
+            }
+        }
+        out
+    }
+
+    /// The start of an unexpected answer, on one line.
+    fn excerpt(text: &str) -> String {
+        let line = super::one_line(text);
+        match line.char_indices().nth(200) {
+            Some((i, _)) => format!("{}…", &line[..i]),
+            None if line.is_empty() => "(empty body)".to_owned(),
+            None => line,
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn urls_and_encoding() {
+            assert_eq!(encode("a b/c?d&é"), "a%20b%2Fc%3Fd%26%C3%A9");
+            assert_eq!(
+                Client::new("127.0.0.1:8080/")
+                    .map(|c| c.base)
+                    .ok()
+                    .as_deref(),
+                Some("http://127.0.0.1:8080")
+            );
+            assert!(Client::new("https://x").is_err());
+            assert!(Client::new("ftp://x").is_err());
+            assert!(Client::new("http://").is_err());
+        }
+    }
 }

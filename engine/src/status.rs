@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use sagaflow_dsl::{SagaGraph, StepKind, compile};
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 use sqlx::Row;
 
@@ -22,8 +22,8 @@ use crate::store::{Store, StoreError, step_status_name};
 /// limit can write thousands.
 pub const TIMELINE_LIMIT: i64 = 1000;
 
-/// One saga with its steps and timeline.
-#[derive(Debug, Clone, Serialize)]
+/// One saga with its steps and timeline (what `GET /sagas/{id}` answers).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SagaDetail {
     pub id: String,
     pub name: String,
@@ -52,14 +52,15 @@ pub struct SagaDetail {
 }
 
 /// One step of a saga.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepDetail {
     pub index: usize,
     pub id: String,
     /// `None` only when the definition no longer compiles.
     pub service: Option<String>,
     /// `saga` or `tcc` (`None` only when the definition no longer compiles).
-    pub kind: Option<&'static str>,
+    #[serde(default, deserialize_with = "step_kind")]
+    pub kind: Option<StaticStr>,
     /// For people: `succeeded`, `try: running`, `compensate: stuck`, …
     pub status: String,
     /// For tools: the machine's step state (`state`, and `op`, `attempt`, `error`, … as it has).
@@ -71,7 +72,7 @@ pub struct StepDetail {
 }
 
 /// One line of a saga's timeline.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TimelineRow {
     pub at: Millis,
     pub kind: String,
@@ -80,7 +81,7 @@ pub struct TimelineRow {
 }
 
 /// One line of `sagaflow list`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SagaSummary {
     pub id: String,
     pub name: String,
@@ -102,11 +103,29 @@ pub struct ListQuery {
     pub after: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One page of `sagaflow list` (what `GET /sagas` answers).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Page {
     pub sagas: Vec<SagaSummary>,
     /// Pass as [`ListQuery::after`] for the next page; `None` on the last page.
     pub next: Option<String>,
+}
+
+/// Spelled through an alias so that serde does not take `kind` for a string borrowed from the
+/// input (which would tie [`SagaDetail`]'s `Deserialize` to `'static` input).
+type StaticStr = &'static str;
+
+/// [`StepDetail::kind`] read back from JSON (the HTTP API's clients).
+fn step_kind<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'static str>, D::Error> {
+    match Option::<String>::deserialize(d)?.as_deref() {
+        None => Ok(None),
+        Some("saga") => Ok(Some("saga")),
+        Some("tcc") => Ok(Some("tcc")),
+        Some(other) => Err(serde::de::Error::invalid_value(
+            serde::de::Unexpected::Str(other),
+            &"`saga` or `tcc`",
+        )),
+    }
 }
 
 /// The saga with this id, or `None`.

@@ -1,0 +1,907 @@
+//! The engine's HTTP API (`sagaflow_engine::http`) served on 127.0.0.1 by the test, and the
+//! `sagaflow` CLI's `--server` mode against it: every endpoint, every refusal with its JSON
+//! error, and the metrics the sagas leave behind. SQLite for most tests; the round trip also runs
+//! on the real PostgreSQL.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sagaflow_engine::machine::{Event, Op, Outcome};
+use sagaflow_engine::store::{ENGINE_MIGRATIONS, Store};
+use sagaflow_engine::transport::memory::MemoryTransport;
+use sagaflow_engine::transport::{Message, REPLY_QUEUE, Transport};
+use sagaflow_engine::{Engine, Incoming, http};
+use sagaflow_workers::services;
+use serde_json::{Value, json};
+use support::{Backend, Setup, System, fresh_db, wait_all_final};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+/// The API served on a free port of 127.0.0.1.
+struct Server {
+    base: String,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    async fn start(engine: Arc<Engine>) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("address"));
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(http::serve(engine, listener, stopped));
+        Server { base, stop, task }
+    }
+
+    /// Graceful shutdown: `serve` returns Ok once the watch turns true.
+    async fn shutdown(self) {
+        self.stop.send(true).expect("server still listening");
+        let served = tokio::time::timeout(LIMIT, self.task)
+            .await
+            .expect("serve returns after the shutdown signal")
+            .expect("serve task");
+        assert!(served.is_ok(), "serve failed: {served:?}");
+    }
+}
+
+/// One HTTP answer.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    content_type: String,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    /// Asserts a failure with this status and a JSON `{"error": …}` containing `needle`.
+    fn error(&self, status: u16, needle: &str) -> String {
+        assert_eq!(self.status, status, "{}", self.body);
+        assert!(
+            self.content_type.starts_with("application/json"),
+            "error bodies are JSON, got {}: {}",
+            self.content_type,
+            self.body
+        );
+        let doc = self.json();
+        let message = doc["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no `error` in {doc}"));
+        assert!(
+            message.contains(needle),
+            "error `{message}` should contain `{needle}`"
+        );
+        message.to_owned()
+    }
+}
+
+/// `method url` with an optional body and its content type, on a blocking thread.
+async fn call(method: &str, url: &str, body: Option<(&str, &str)>) -> Answer {
+    let (method, url) = (method.to_owned(), url.to_owned());
+    let body = body.map(|(ct, b)| (ct.to_owned(), b.to_owned()));
+    tokio::task::spawn_blocking(move || {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(LIMIT))
+            .build()
+            .new_agent();
+        let answer = match (method.as_str(), body) {
+            ("GET", None) => agent.get(&url).call(),
+            ("DELETE", None) => agent.delete(&url).call(),
+            ("POST", None) => agent.post(&url).send_empty(),
+            ("POST", Some((ct, b))) if ct.is_empty() => agent.post(&url).send(b.as_str()),
+            ("POST", Some((ct, b))) => agent.post(&url).header("content-type", ct).send(b.as_str()),
+            other => panic!("unsupported request {other:?}"),
+        };
+        let mut response = answer.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        Answer {
+            status: response.status().as_u16(),
+            content_type,
+            body: response.body_mut().read_to_string().expect("body"),
+        }
+    })
+    .await
+    .expect("request thread")
+}
+
+async fn get(url: &str) -> Answer {
+    call("GET", url, None).await
+}
+
+async fn post_json(url: &str, body: &Value) -> Answer {
+    call("POST", url, Some(("application/json", &body.to_string()))).await
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed).
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split(' ').next()?.parse().ok()
+    })
+}
+
+/// Polls `check` until it returns Some, at most `LIMIT`.
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(start.elapsed() < LIMIT, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The full system (engine, workers) behind the API: start through POST, read through GET,
+/// page through the list, and the metrics the sagas leave.
+async fn round_trip(url: String) {
+    let sys = System::start(&url, Setup::default()).await;
+    let server = Server::start(sys.engine.clone()).await;
+    let base = server.base.clone();
+    let mut orders = sys.orders("api", 3).await;
+    // An unknown coupon: the coupon step fails for good and the saga compensates.
+    orders[2]["coupon_id"] = json!("c-does-not-exist");
+
+    let mut ids = Vec::new();
+    for (i, order) in orders.iter().enumerate() {
+        let req =
+            json!({"saga": "order-paid", "input": order, "idempotency_key": format!("api-{i}")});
+        let first = post_json(&format!("{base}/sagas"), &req).await;
+        assert_eq!(first.status, 201, "{}", first.body);
+        let started = first.json();
+        assert_eq!(started["existing"], json!(false));
+        assert_eq!(started["saga"], json!("order-paid"));
+        assert_eq!(started["definition_hash"], json!(sys.order.content_hash()));
+        let id = started["id"].as_str().expect("id").to_owned();
+        // The same key again: the same saga, nothing new.
+        let again = post_json(&format!("{base}/sagas"), &req).await;
+        assert_eq!(again.status, 200, "{}", again.body);
+        assert_eq!(again.json()["id"], json!(id));
+        assert_eq!(again.json()["existing"], json!(true));
+        ids.push(id);
+    }
+    wait_all_final(&sys.store, LIMIT).await;
+
+    // GET /sagas/{id}: state, steps with status and attempts, timeline.
+    let done = get(&format!("{base}/sagas/{}", ids[0])).await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    let doc = done.json();
+    assert_eq!(doc["id"], json!(ids[0]));
+    assert_eq!(doc["state"], json!("completed"));
+    assert_eq!(doc["idempotency_key"], json!("api-0"));
+    let steps = doc["steps"].as_array().expect("steps");
+    let names: Vec<&str> = steps
+        .iter()
+        .map(|s| s["id"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(names, ["payment", "coupon", "points", "gmv"]);
+    for s in steps {
+        assert!(s["attempts"].as_u64().unwrap_or(0) >= 1, "{s}");
+    }
+    assert_eq!(steps[0]["status"], json!("succeeded"));
+    assert_eq!(steps[1]["status"], json!("confirmed"));
+    let kinds: Vec<&str> = doc["timeline"]
+        .as_array()
+        .expect("timeline")
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(kinds.first(), Some(&"created"));
+    assert_eq!(kinds.last(), Some(&"completed"));
+    let compensated = get(&format!("{base}/sagas/{}", ids[2])).await.json();
+    assert_eq!(compensated["state"], json!("compensated"));
+    assert!(
+        compensated["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("c-does-not-exist"),
+        "{compensated}"
+    );
+
+    // GET /sagas: newest first, paged with the cursor, filtered by state and key.
+    let first = get(&format!("{base}/sagas?limit=2")).await.json();
+    let page: Vec<&str> = first["sagas"]
+        .as_array()
+        .expect("sagas")
+        .iter()
+        .map(|s| s["id"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(page, [ids[2].as_str(), ids[1].as_str()]);
+    let next = first["next"].as_str().expect("a next page");
+    let second = get(&format!("{base}/sagas?limit=2&after={next}"))
+        .await
+        .json();
+    assert_eq!(second["sagas"][0]["id"], json!(ids[0]));
+    assert_eq!(second["sagas"].as_array().map(Vec::len), Some(1));
+    assert_eq!(second["next"], Value::Null);
+    let completed = get(&format!("{base}/sagas?state=completed")).await.json();
+    assert_eq!(completed["sagas"].as_array().map(Vec::len), Some(2));
+    let by_key = get(&format!("{base}/sagas?key=o-api-2")).await.json();
+    assert_eq!(by_key["sagas"][0]["id"], json!(ids[2]));
+    assert_eq!(by_key["sagas"][0]["state"], json!("compensated"));
+
+    // A reply nobody can read is dead-lettered, and counted.
+    sys.transport
+        .publish(
+            REPLY_QUEUE,
+            Message {
+                id: "poison".into(),
+                key: "k".into(),
+                payload: b"not a reply".to_vec(),
+            },
+        )
+        .await
+        .expect("publish");
+
+    let health = get(&format!("{base}/healthz")).await;
+    assert_eq!(
+        (health.status, health.json()),
+        (200, json!({"status": "ok"}))
+    );
+
+    let metrics = eventually("the dead letter in /metrics", || {
+        let url = format!("{base}/metrics");
+        async move {
+            let m = get(&url).await;
+            assert_eq!(m.status, 200, "{}", m.body);
+            sample(&m.body, "sagaflow_dead_letters_total{queue=\"reply\"}").map(|_| m)
+        }
+    })
+    .await;
+    assert!(
+        metrics
+            .content_type
+            .starts_with("application/openmetrics-text"),
+        "{}",
+        metrics.content_type
+    );
+    let text = &metrics.body;
+    let value =
+        |series: &str| sample(text, series).unwrap_or_else(|| panic!("no {series} in:\n{text}"));
+    assert_eq!(value("sagaflow_sagas_started_total"), 3.0);
+    assert_eq!(
+        value("sagaflow_sagas_finished_total{outcome=\"completed\"}"),
+        2.0
+    );
+    assert_eq!(
+        value("sagaflow_sagas_finished_total{outcome=\"compensated\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("sagaflow_sagas_finished_total{outcome=\"failed\"}"),
+        0.0
+    );
+    assert_eq!(value("sagaflow_dead_letters_total{queue=\"reply\"}"), 1.0);
+    // Payment refunded at least (points and gmv too, unless they had not run).
+    assert!(value("sagaflow_compensations_total") >= 1.0, "{text}");
+    assert!(
+        value("sagaflow_step_duration_seconds_count{service=\"payment\",op=\"action\"}") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        value("sagaflow_step_duration_seconds_count{service=\"coupon\",op=\"try\"}") >= 1.0,
+        "{text}"
+    );
+    assert!(value("sagaflow_outbox_published_total") > 0.0, "{text}");
+    assert!(value("sagaflow_outbox_pending") >= 0.0, "{text}");
+    assert!(value("sagaflow_outbox_lag_seconds") >= 0.0, "{text}");
+    assert!(
+        text.contains("# TYPE sagaflow_step_retries counter"),
+        "{text}"
+    );
+    assert!(text.ends_with("# EOF\n"), "{text}");
+
+    server.shutdown().await;
+    sys.stop().await;
+}
+
+on_both_backends!(api_round_trip, round_trip);
+
+/// A saga that stays where the test puts it: one step that retries until it succeeds, so a
+/// business failure makes the saga Failed, for an operator.
+const HOLD: &str = r#"
+name: hold
+version: 1
+sequence_key: ${input.order_id}
+input:
+  order_id: string
+  amount: money
+steps:
+  - id: charge
+    service: payment
+    action: charge
+    compensation: refund
+    on_failure: retry
+    params: { order_id: "${input.order_id}", amount: "${input.amount}" }
+"#;
+
+/// An engine whose loops do not run: what the API writes stays in the outbox, and the test
+/// applies the workers' replies itself.
+async fn idle_engine(test: &str) -> (support::TestDb, Arc<Engine>) {
+    let db = fresh_db(Backend::Sqlite, test).await.expect("sqlite");
+    let store = Store::connect(&db.url, 4).await.expect("connect");
+    store
+        .migrate(&[ENGINE_MIGRATIONS, services::MIGRATIONS])
+        .await
+        .expect("migrate");
+    let engine = Engine::new(store, Arc::new(MemoryTransport::default()));
+    engine.register(HOLD).await.expect("hold saga");
+    (db, engine)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_actions_and_outbox_gauges() {
+    let (_db, engine) = idle_engine("http_operator").await;
+    let server = Server::start(engine.clone()).await;
+    let base = server.base.clone();
+    let input = json!({"order_id": "h-1", "amount": "10.00"});
+
+    let started = post_json(
+        &format!("{base}/sagas"),
+        &json!({"saga": "hold", "input": input}),
+    )
+    .await;
+    assert_eq!(started.status, 201, "{}", started.body);
+    assert_eq!(started.json()["state"], json!("running"));
+    let id = started.json()["id"].as_str().expect("id").to_owned();
+    let doc = get(&format!("{base}/sagas/{id}")).await.json();
+    assert_eq!(doc["steps"][0]["status"], json!("action: running"));
+    assert_eq!(doc["steps"][0]["attempts"], json!(1));
+
+    // Nothing relays: the charge command waits in the outbox.
+    let m = get(&format!("{base}/metrics")).await.body;
+    assert_eq!(sample(&m, "sagaflow_outbox_pending"), Some(1.0), "{m}");
+    assert!(
+        sample(&m, "sagaflow_outbox_lag_seconds").is_some_and(|v| v >= 0.0),
+        "{m}"
+    );
+    assert_eq!(sample(&m, "sagaflow_sagas_started_total"), Some(1.0), "{m}");
+
+    // A second saga of the same order waits behind the first.
+    let queued = post_json(
+        &format!("{base}/sagas"),
+        &json!({"saga": "hold", "input": input}),
+    )
+    .await;
+    assert_eq!(queued.status, 201, "{}", queued.body);
+    assert_eq!(queued.json()["state"], json!("queued"));
+    let queued_id = queued.json()["id"].as_str().expect("id").to_owned();
+
+    // Abort without a body: the queued saga ends before it started.
+    let aborted = call("POST", &format!("{base}/sagas/{queued_id}/abort"), None).await;
+    assert_eq!(aborted.status, 200, "{}", aborted.body);
+    assert_eq!(aborted.json()["state"], json!("compensated"));
+    assert!(
+        aborted.json()["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no reason given"),
+        "{}",
+        aborted.body
+    );
+
+    // Retrying a running saga is refused, with the machine's reason.
+    post_json(&format!("{base}/sagas/{id}/retry"), &json!({}))
+        .await
+        .error(409, "retry refused: the saga is running, not failed");
+
+    // The step that must succeed answers with a business failure: the saga is Failed.
+    let failure = Incoming {
+        saga_id: id.clone(),
+        event: Event::Reply {
+            step: 0,
+            op: Op::Action,
+            attempt: 1,
+            outcome: Outcome::Business {
+                code: "declined".into(),
+                message: "card declined".into(),
+            },
+        },
+        message_id: None,
+        timer_id: None,
+    };
+    engine.apply(&[failure]).await.expect("apply");
+    assert_eq!(
+        get(&format!("{base}/sagas/{id}")).await.json()["state"],
+        json!("failed")
+    );
+
+    // Retry (no body at all) resumes it: the charge goes again as attempt 2.
+    let retried = call("POST", &format!("{base}/sagas/{id}/retry"), None).await;
+    assert_eq!(retried.status, 200, "{}", retried.body);
+    assert_eq!(retried.json(), json!({"id": id, "state": "running"}));
+    let m = get(&format!("{base}/metrics")).await.body;
+    assert_eq!(sample(&m, "sagaflow_step_retries_total"), Some(1.0), "{m}");
+
+    // Abort with a reason: the first compensates (its charge may have taken effect).
+    let aborted = post_json(
+        &format!("{base}/sagas/{id}/abort"),
+        &json!({"reason": "customer called"}),
+    )
+    .await;
+    assert_eq!(aborted.status, 200, "{}", aborted.body);
+    let doc = aborted.json();
+    assert_eq!(doc["state"], json!("compensating"));
+    assert!(
+        doc["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("customer called"),
+        "{doc}"
+    );
+    post_json(&format!("{base}/sagas/{id}/abort"), &json!({}))
+        .await
+        .error(409, "abort refused: the saga is compensating");
+    let m = get(&format!("{base}/metrics")).await.body;
+    assert_eq!(sample(&m, "sagaflow_compensations_total"), Some(1.0), "{m}");
+
+    let m = get(&format!("{base}/metrics")).await.body;
+    assert_eq!(
+        sample(&m, "sagaflow_sagas_finished_total{outcome=\"compensated\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "sagaflow_sagas_finished_total{outcome=\"failed\"}"),
+        Some(1.0),
+        "{m}"
+    );
+
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_request_gets_a_json_error() {
+    let (_db, engine) = idle_engine("http_errors").await;
+    let server = Server::start(engine.clone()).await;
+    let base = server.base.clone();
+    let sagas = format!("{base}/sagas");
+    let input = json!({"order_id": "e-1", "amount": "1.00"});
+
+    // Bodies: malformed, not JSON, not an object of the right shape.
+    call(
+        "POST",
+        &sagas,
+        Some(("application/json", "{\"saga\": \"hold\",")),
+    )
+    .await
+    .error(400, "malformed JSON body");
+    call("POST", &sagas, Some(("text/plain", "{\"saga\": \"hold\"}")))
+        .await
+        .error(415, "not `text/plain`");
+    call("POST", &sagas, Some(("", "{\"saga\": \"hold\"}")))
+        .await
+        .error(415, "no Content-Type");
+    call("POST", &sagas, None)
+        .await
+        .error(400, "the request body is empty");
+    post_json(&sagas, &json!({"input": input}))
+        .await
+        .error(400, "missing field `saga`");
+    post_json(
+        &sagas,
+        &json!({"saga": "hold", "input": input, "idempotency-key": "k"}),
+    )
+    .await
+    .error(400, "unknown field `idempotency-key`");
+    post_json(
+        &sagas,
+        &json!({"saga": "hold", "input": input, "idempotency_key": ""}),
+    )
+    .await
+    .error(400, "`idempotency_key` must not be empty");
+    post_json(&sagas, &json!({"saga": 7}))
+        .await
+        .error(400, "invalid request body");
+
+    // Unknown definition (404, naming the registered ones); a definition other than the one meant.
+    let message = post_json(&sagas, &json!({"saga": "nope", "input": {}}))
+        .await
+        .error(404, "no saga definition named `nope`");
+    assert!(message.contains("registered: hold"), "{message}");
+    post_json(
+        &sagas,
+        &json!({"saga": "hold", "input": input, "definition_hash": "sha256:0000"}),
+    )
+    .await
+    .error(409, "not sha256:0000");
+
+    // Invalid input: the engine's own detail.
+    let message = post_json(
+        &sagas,
+        &json!({"saga": "hold", "input": {"amount": 5, "extra": 1}}),
+    )
+    .await
+    .error(400, "invalid input for saga `hold`");
+    assert!(message.contains("`order_id` is required"), "{message}");
+    assert!(
+        message.contains("`extra` is not an input of this saga"),
+        "{message}"
+    );
+    post_json(&sagas, &json!({"saga": "hold", "input": [1, 2]}))
+        .await
+        .error(400, "the input must be a JSON object");
+
+    // Unknown sagas.
+    get(&format!("{sagas}/no-such-id"))
+        .await
+        .error(404, "no saga with id no-such-id");
+    post_json(&format!("{sagas}/no-such-id/retry"), &json!({}))
+        .await
+        .error(404, "no saga with id no-such-id");
+    call("POST", &format!("{sagas}/no-such-id/abort"), None)
+        .await
+        .error(404, "no saga with id no-such-id");
+
+    // Operator bodies.
+    let id = post_json(&sagas, &json!({"saga": "hold", "input": input}))
+        .await
+        .json()["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    post_json(&format!("{sagas}/{id}/abort"), &json!({"why": "x"}))
+        .await
+        .error(400, "unknown field `why`");
+    call(
+        "POST",
+        &format!("{sagas}/{id}/abort"),
+        Some(("application/json", "{reason")),
+    )
+    .await
+    .error(400, "malformed JSON body");
+    call(
+        "POST",
+        &format!("{sagas}/{id}/abort"),
+        Some(("text/plain", "stop")),
+    )
+    .await
+    .error(415, "Content-Type");
+    post_json(&format!("{sagas}/{id}/retry"), &json!({"force": true}))
+        .await
+        .error(400, "unknown field `force`");
+    // None of that touched the saga.
+    assert_eq!(
+        get(&format!("{sagas}/{id}")).await.json()["state"],
+        json!("running")
+    );
+
+    // List parameters.
+    get(&format!("{sagas}?state=done"))
+        .await
+        .error(400, "unknown state `done`; the states are queued, running");
+    get(&format!("{sagas}?limit=0"))
+        .await
+        .error(400, "`limit` must be a whole number");
+    get(&format!("{sagas}?limit=lots"))
+        .await
+        .error(400, "got `lots`");
+    get(&format!("{sagas}?after=garbage"))
+        .await
+        .error(400, "`garbage` is not a list cursor");
+    get(&format!("{sagas}?status=failed"))
+        .await
+        .error(400, "unknown query parameter `status`");
+    get(&format!("{sagas}?state=failed&state=running"))
+        .await
+        .error(400, "given more than once");
+
+    get(&format!("{sagas}/%FF%FE"))
+        .await
+        .error(400, "unreadable saga id in the path");
+
+    // Routes and methods.
+    get(&format!("{base}/nowhere"))
+        .await
+        .error(404, "no route for GET /nowhere");
+    call("DELETE", &format!("{sagas}/{id}"), None)
+        .await
+        .error(405, "DELETE is not allowed");
+    get(&format!("{sagas}/{id}/retry"))
+        .await
+        .error(405, "GET is not allowed");
+
+    // After all that, the API still answers.
+    let health = get(&format!("{base}/healthz")).await;
+    assert_eq!(health.status, 200, "{}", health.body);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_reports_a_database_that_does_not_answer() {
+    let (_db, engine) = idle_engine("http_health").await;
+    let server = Server::start(engine.clone()).await;
+    engine.store().pool().close().await;
+    let answer = get(&format!("{}/healthz", server.base)).await;
+    assert_eq!(answer.status, 503, "{}", answer.body);
+    let doc = answer.json();
+    assert_eq!(doc["status"], json!("unavailable"));
+    assert!(
+        doc["error"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("database: "),
+        "{doc}"
+    );
+    // Reading sagas is a database error: 500, still with a JSON body.
+    get(&format!("{}/sagas", server.base))
+        .await
+        .error(500, "database");
+    server.shutdown().await;
+}
+
+/// `sagaflow ARGS` with the environment the test gives; (exit code, stdout, stderr).
+async fn sagaflow(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sagaflow"));
+    cmd.args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("SAGAFLOW_SERVER")
+        .env_remove("SAGAFLOW_DATABASE_URL");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(LIMIT, cmd.output())
+        .await
+        .expect("sagaflow finishes")
+        .expect("run sagaflow");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !stderr.contains("panicked"),
+        "sagaflow {args:?} panicked:\n{stderr}"
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
+}
+
+async fn sagaflow_ok(args: &[&str]) -> (String, String) {
+    let (code, out, err) = sagaflow(args, &[]).await;
+    assert_eq!(code, 0, "sagaflow {args:?} failed:\n{out}{err}");
+    (out, err)
+}
+
+async fn sagaflow_fails(args: &[&str]) -> String {
+    let (code, out, err) = sagaflow(args, &[]).await;
+    assert_eq!(code, 1, "sagaflow {args:?} should exit 1:\n{out}{err}");
+    err
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_server_mode() {
+    let db = fresh_db(Backend::Sqlite, "http_cli").await.expect("sqlite");
+    let sys = System::start(&db.url, Setup::default()).await;
+    let server = Server::start(sys.engine.clone()).await;
+    let base = server.base.clone();
+    let orders = sys.orders("cli", 2).await;
+    let input = orders[0].to_string();
+
+    // start by name, with an idempotency key: the second start finds the first saga.
+    let start = [
+        "start",
+        "order-paid",
+        "--input",
+        &input,
+        "--idempotency-key",
+        "cli-0",
+        "--server",
+        &base,
+    ];
+    let (out, err) = sagaflow_ok(&start).await;
+    let id = out.trim().to_owned();
+    assert_eq!(id.len(), 36, "stdout is the id alone: {out}");
+    assert!(
+        err.contains(&format!("saga {id} (order-paid v1) is ")),
+        "{err}"
+    );
+    let (again, err) = sagaflow_ok(&start).await;
+    assert_eq!(again.trim(), id);
+    assert!(err.contains("already started saga"), "{err}");
+    let json_start = [
+        "start",
+        "order-paid",
+        "--input",
+        &input,
+        "--idempotency-key",
+        "cli-0",
+        "--format",
+        "json",
+        "--server",
+        &base,
+    ];
+    let (doc, _) = sagaflow_ok(&json_start).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&doc).expect("json"),
+        json!({"id": id, "existing": true})
+    );
+    // SAGAFLOW_SERVER works as --server does.
+    let second = orders[1].to_string();
+    let (code, out, err) = sagaflow(
+        &["start", "order-paid", "--input", &second],
+        &[("SAGAFLOW_SERVER", &base)],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let second_id = out.trim().to_owned();
+    wait_all_final(&sys.store, LIMIT).await;
+
+    // status: readable, and the same JSON as the database mode.
+    let (text, _) = sagaflow_ok(&["status", &id, "--server", &base]).await;
+    assert!(text.contains(&format!("id        {id}")), "{text}");
+    assert!(text.contains("state     completed"), "{text}");
+    assert!(text.contains("idem key  cli-0"), "{text}");
+    assert!(
+        text.contains("payment") && text.contains("● succeeded (1 attempt)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("coupon") && text.contains("● confirmed"),
+        "{text}"
+    );
+    assert!(text.contains("timeline"), "{text}");
+    let (doc, _) = sagaflow_ok(&["status", &id, "--format", "json", "--server", &base]).await;
+    let via_api: Value = serde_json::from_str(&doc).expect("json");
+    let (doc, _) =
+        sagaflow_ok(&["status", &id, "--format", "json", "--database-url", &db.url]).await;
+    let via_db: Value = serde_json::from_str(&doc).expect("json");
+    assert_eq!(via_api, via_db);
+
+    // list: the table, paging, filters.
+    let (table, _) = sagaflow_ok(&["list", "--server", &base]).await;
+    assert!(table.starts_with("ID"), "{table}");
+    assert!(table.contains(&id) && table.contains(&second_id), "{table}");
+    let (page, _) = sagaflow_ok(&[
+        "list", "--limit", "1", "--format", "json", "--server", &base,
+    ])
+    .await;
+    let page: Value = serde_json::from_str(&page).expect("json");
+    assert_eq!(page["sagas"][0]["id"], json!(second_id));
+    let next = page["next"].as_str().expect("next").to_owned();
+    let (rest, _) = sagaflow_ok(&["list", "--after", &next, "--server", &base]).await;
+    assert!(rest.contains(&id) && !rest.contains(&second_id), "{rest}");
+    let (none, _) = sagaflow_ok(&["list", "--state", "failed", "--server", &base]).await;
+    assert_eq!(none.trim(), "no sagas");
+
+    // Refusals and unknowns: the server's message, exit 1.
+    let err = sagaflow_fails(&["retry", &id, "--server", &base]).await;
+    assert!(
+        err.contains(&format!(
+            "saga {id}: retry refused: the saga is completed, not failed"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("HTTP 409"), "{err}");
+    let err = sagaflow_fails(&["abort", &id, "--reason", "late", "--server", &base]).await;
+    assert!(
+        err.contains("abort refused: the saga is completed"),
+        "{err}"
+    );
+    let err = sagaflow_fails(&["status", "no-such-saga", "--server", &base]).await;
+    assert!(
+        err.contains("no saga with id no-such-saga (HTTP 404"),
+        "{err}"
+    );
+    let err = sagaflow_fails(&["start", "nope", "--server", &base]).await;
+    assert!(err.contains("no saga definition named `nope`"), "{err}");
+    let err = sagaflow_fails(&["start", "order-paid", "--input", "{}", "--server", &base]).await;
+    assert!(err.contains("`order_id` is required"), "{err}");
+    // The shipped file differs from what the engine registered (a shorter timeout): refused,
+    // rather than silently starting another definition than the file.
+    let err = sagaflow_fails(&[
+        "start",
+        "sagas/order.yaml",
+        "--input",
+        &input,
+        "--server",
+        &base,
+    ])
+    .await;
+    assert!(
+        err.contains("the engine's latest `order-paid` is definition"),
+        "{err}"
+    );
+
+    server.shutdown().await;
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_operator_actions_through_the_server() {
+    let (_db, engine) = idle_engine("http_cli_ops").await;
+    let server = Server::start(engine.clone()).await;
+    let base = server.base.clone();
+    let input = json!({"order_id": "c-1", "amount": "3.00"}).to_string();
+    let (out, err) = sagaflow_ok(&["start", "hold", "--input", &input, "--server", &base]).await;
+    let id = out.trim().to_owned();
+    assert!(
+        err.contains(&format!("saga {id} (hold v1) is running")),
+        "{err}"
+    );
+
+    // The charge is refused for good: the saga is Failed, and `retry` resumes it.
+    let failure = Incoming {
+        saga_id: id.clone(),
+        event: Event::Reply {
+            step: 0,
+            op: Op::Action,
+            attempt: 1,
+            outcome: Outcome::Business {
+                code: "declined".into(),
+                message: "card declined".into(),
+            },
+        },
+        message_id: None,
+        timer_id: None,
+    };
+    engine.apply(&[failure]).await.expect("apply");
+    let (text, _) = sagaflow_ok(&["status", &id, "--server", &base]).await;
+    assert!(text.contains("state     failed — step `charge`"), "{text}");
+    assert!(text.contains("[declined] card declined"), "{text}");
+    let (out, _) = sagaflow_ok(&["retry", &id, "--server", &base]).await;
+    assert_eq!(out.trim(), format!("saga {id} is running"));
+
+    // `abort` with a reason: compensating, the reason shown.
+    let (out, _) = sagaflow_ok(&[
+        "abort",
+        &id,
+        "--reason",
+        "customer called",
+        "--server",
+        &base,
+    ])
+    .await;
+    assert_eq!(
+        out.trim(),
+        format!("saga {id} is compensating — aborted by operator: customer called")
+    );
+    let err = sagaflow_fails(&["abort", &id, "--server", &base]).await;
+    assert!(
+        err.contains(&format!(
+            "saga {id}: abort refused: the saga is compensating"
+        )),
+        "{err}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_names_an_unreachable_server() {
+    // A port that was free a moment ago: nothing listens there.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    drop(listener);
+    for args in [
+        vec!["status", "some-id", "--server", &url],
+        vec!["list", "--server", &url],
+        vec!["start", "order-paid", "--server", &url],
+        vec!["retry", "some-id", "--server", &url],
+        vec!["abort", "some-id", "--server", &url],
+    ] {
+        let err = sagaflow_fails(&args).await;
+        assert!(
+            err.contains(&format!("cannot reach the sagaflow server at {url}")),
+            "{args:?}: {err}"
+        );
+    }
+    let err = sagaflow_fails(&["list", "--server", "https://127.0.0.1:1"]).await;
+    assert!(err.contains("https is not supported"), "{err}");
+}
