@@ -43,11 +43,18 @@ pub enum Backend {
 pub type Migrations = &'static [(&'static str, &'static str, &'static str)];
 
 /// The engine's own tables.
-pub const ENGINE_MIGRATIONS: Migrations = &[(
-    "0001_engine",
-    include_str!("../../migrations/sqlite/0001_engine.sql"),
-    include_str!("../../migrations/postgres/0001_engine.sql"),
-)];
+pub const ENGINE_MIGRATIONS: Migrations = &[
+    (
+        "0001_engine",
+        include_str!("../../migrations/sqlite/0001_engine.sql"),
+        include_str!("../../migrations/postgres/0001_engine.sql"),
+    ),
+    (
+        "0002_retention",
+        include_str!("../../migrations/sqlite/0002_retention.sql"),
+        include_str!("../../migrations/postgres/0002_retention.sql"),
+    ),
+];
 
 #[derive(Debug, Clone)]
 pub struct Store {

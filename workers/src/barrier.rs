@@ -8,6 +8,9 @@
 //! * an undo (compensate/cancel) whose forward operation never ran records a null undo, and the
 //!   late forward operation is then refused — no hanging reservation;
 //! * a transient failure rolls everything back and records nothing, so a retry runs again.
+//!
+//! Rows are kept until [`purge`] (driven by [`retention_loop`]) removes them by age: the barrier
+//! cannot tell when a saga is over, so the retention must exceed the longest saga.
 
 use sagaflow_engine::machine::{Op, Outcome};
 use sagaflow_engine::store::now_ms;
@@ -94,6 +97,42 @@ async fn update(
     Ok(())
 }
 
+impl Handler {
+    /// Whether this kind of step has operation `op` (a saga step: action and compensate; a TCC
+    /// step: try, confirm and cancel). A command for another operation can never be handled.
+    pub fn accepts(&self, op: Op) -> bool {
+        match self {
+            Handler::Saga(_) => matches!(op, Op::Action | Op::Compensate),
+            Handler::Tcc(_) => matches!(op, Op::Try | Op::Confirm | Op::Cancel),
+            Handler::Refuse { .. } => op.is_forward(),
+        }
+    }
+}
+
+/// Calls the handler's method for `op` on `conn` (shared by the barrier and weak mode).
+pub(crate) async fn run_handler(
+    handler: &Handler,
+    op: Op,
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    params: &serde_json::Value,
+) -> Result<serde_json::Value, StepError> {
+    match (handler, op) {
+        (Handler::Saga(h), Op::Action) => h.action(conn, ctx, params).await,
+        (Handler::Saga(h), Op::Compensate) => h.compensate(conn, ctx, params).await,
+        (Handler::Tcc(h), Op::Try) => h.try_(conn, ctx, params).await,
+        (Handler::Tcc(h), Op::Confirm) => h.confirm(conn, ctx, params).await,
+        (Handler::Tcc(h), Op::Cancel) => h.cancel(conn, ctx, params).await,
+        (Handler::Refuse { code, message }, op) if op.is_forward() => {
+            Err(StepError::business(code.clone(), message.clone()))
+        }
+        _ => Err(StepError::business(
+            "wrong_step_kind",
+            format!("{op} sent to a step of another kind"),
+        )),
+    }
+}
+
 /// Whether the answer came from the barrier (a duplicate) or from running the handler.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Executed {
@@ -163,20 +202,7 @@ pub async fn execute(
             duplicate: true,
         });
     }
-    let result = match (handler, op) {
-        (Handler::Saga(h), Op::Action) => h.action(&mut tx, ctx, params).await,
-        (Handler::Saga(h), Op::Compensate) => h.compensate(&mut tx, ctx, params).await,
-        (Handler::Tcc(h), Op::Try) => h.try_(&mut tx, ctx, params).await,
-        (Handler::Tcc(h), Op::Confirm) => h.confirm(&mut tx, ctx, params).await,
-        (Handler::Tcc(h), Op::Cancel) => h.cancel(&mut tx, ctx, params).await,
-        (Handler::Refuse { code, message }, op) if op.is_forward() => {
-            Err(StepError::business(code.clone(), message.clone()))
-        }
-        _ => Err(StepError::business(
-            "wrong_step_kind",
-            format!("{op} sent to a step of another kind"),
-        )),
-    };
+    let result = run_handler(handler, op, &mut tx, ctx, params).await;
     match result {
         Ok(output) => {
             let outcome = Outcome::Ok { output };
@@ -204,4 +230,45 @@ pub async fn execute(
             fresh(Outcome::Retryable { message })
         }
     }
+}
+
+/// Retention: deletes up to `batch` barrier rows created more than `keep` ago, oldest first, in
+/// one short statement; returns how many went. Call it again while it returns `batch`.
+///
+/// The barrier knows nothing of saga completion, so rows go by age alone, and `keep` **must
+/// exceed the longest a saga can run** (with its retries and an operator's `retry` of a Failed
+/// saga): a purged forward row makes a late compensation look like a null compensation (the
+/// effect would stay), and a purged null-undo row lets a late forward operation run (a hanging
+/// reservation). The engine's default, 7 days, is meant for sagas of minutes to hours.
+pub async fn purge(
+    pool: &AnyPool,
+    keep: std::time::Duration,
+    batch: usize,
+) -> Result<u64, sqlx::Error> {
+    let cutoff = now_ms().saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
+    let r = sqlx::query(
+        "DELETE FROM barrier WHERE (saga_id, step, op) IN \
+         (SELECT saga_id, step, op FROM barrier WHERE created_at < $1 ORDER BY created_at LIMIT $2)",
+    )
+    .bind(cutoff)
+    .bind(i64::try_from(batch.max(1)).unwrap_or(i64::MAX))
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// Purges the barrier until shutdown, on the engine's retention schedule: batches of
+/// `cfg.batch` rows with `cfg.pause` between them while there is work, then every
+/// [`sagaflow_engine::retention::IDLE`]. Errors are logged and retried. See [`purge`] for what
+/// `cfg.keep` must be.
+pub async fn retention_loop(
+    pool: AnyPool,
+    cfg: sagaflow_engine::retention::Retention,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    sagaflow_engine::retention::drive("barrier", &cfg, shutdown, || {
+        let pool = pool.clone();
+        async move { purge(&pool, cfg.keep, cfg.batch).await }
+    })
+    .await;
 }

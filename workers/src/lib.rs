@@ -2,12 +2,14 @@
 //!
 //! | module | what lives there |
 //! |---|---|
-//! | [`sdk`] | the handler traits (`SagaStep`, `TccStep`), `StepError`, `StepContext`, parameter helpers |
-//! | [`barrier`] | strong idempotency: one row per (saga, step, operation), in the effect's transaction |
-//! | [`runtime`] | the worker: consume commands, per-key lanes, barrier, reply, ack; fault injection |
+//! | [`sdk`] | the handler traits (`SagaStep`, `TccStep`), `StepError`, `StepContext`, `Idempotency` (barrier or weak, per handler), parameter helpers |
+//! | [`barrier`] | strong idempotency: one row per (saga, step, operation), in the effect's transaction; retention by age |
+//! | [`weak`] | weak idempotency: a Redis key per (saga, step, operation) holding the reply, for cheap effects |
+//! | [`runtime`] | the worker: consume commands, per-key lanes, barrier or weak mode, reply, ack; poison commands dead-lettered; fault injection |
 //! | [`services`] | the order services: payment, coupon, points, gmv — each with its own tables |
 
 pub mod barrier;
 pub mod runtime;
 pub mod sdk;
 pub mod services;
+pub mod weak;

@@ -4,7 +4,15 @@
 //! its order key (one key, one lane, handled in arrival order; different keys in parallel),
 //! runs it behind the barrier, publishes the reply (waiting for the confirm), and only then
 //! acknowledges the command. A crash anywhere in between redelivers the command, and the barrier
-//! answers it again without a second effect.
+//! answers it again without a second effect. (A handler registered with
+//! [`Idempotency::Weak`] is deduplicated by a Redis key instead: see [`crate::weak`].)
+//!
+//! A **poison command** — one that can never be handled: not a command at all, meant for another
+//! service, naming an operation this worker has no handler for, or an operation its step kind
+//! does not have — is dead-lettered with a reason saying what is wrong
+//! ([`Delivery::dead_letter`]): kept aside for an operator, never silently dropped, and its lane
+//! goes on with the next command. The saga's step then times out and is retried or compensated
+//! by the engine as usual.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
 use crate::barrier::{self, Handler};
-use crate::sdk::{SagaStep, StepContext, TccStep};
+use crate::sdk::{Idempotency, SagaStep, StepContext, TccStep};
 
 /// Failures to inject on purpose (demos and fault tests). Rates are probabilities per command.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -37,7 +45,17 @@ pub struct Faults {
 pub struct Stats {
     pub handled: std::sync::atomic::AtomicU64,
     pub duplicates: std::sync::atomic::AtomicU64,
+    /// Commands that were not even a command (also counted in `dead_lettered`).
     pub undecodable: std::sync::atomic::AtomicU64,
+    /// Poison commands set aside in the dead-letter queue.
+    pub dead_lettered: std::sync::atomic::AtomicU64,
+}
+
+/// A registered handler and how its commands are deduplicated.
+#[derive(Debug, Clone)]
+struct Registered {
+    handler: Handler,
+    idempotency: Idempotency,
 }
 
 /// A service's worker: its handlers, database, transport and fault settings.
@@ -46,8 +64,8 @@ pub struct Worker {
     service: String,
     pool: AnyPool,
     transport: Arc<dyn Transport>,
-    /// (forward operation name, is TCC) → handler.
-    handlers: HashMap<String, Handler>,
+    /// Forward operation name → handler.
+    handlers: HashMap<String, Registered>,
     faults: Faults,
     lanes: usize,
     pub stats: Arc<Stats>,
@@ -66,17 +84,50 @@ impl Worker {
         }
     }
 
-    /// Registers a saga step under its action's name.
-    pub fn saga_step(mut self, action: &str, step: impl SagaStep + 'static) -> Self {
-        self.handlers
-            .insert(action.to_owned(), Handler::Saga(Arc::new(step)));
+    /// Registers a saga step under its action's name, behind the barrier (strong idempotency).
+    pub fn saga_step(self, action: &str, step: impl SagaStep + 'static) -> Self {
+        self.saga_step_with(action, step, Idempotency::Barrier)
+    }
+
+    /// Registers a TCC step under its try's name, behind the barrier (strong idempotency).
+    pub fn tcc_step(self, r#try: &str, step: impl TccStep + 'static) -> Self {
+        self.tcc_step_with(r#try, step, Idempotency::Barrier)
+    }
+
+    /// Registers a saga step under its action's name, deduplicated as `idempotency` says
+    /// (e.g. `Idempotency::Weak(weak.clone())`; see [`crate::weak`] for what that gives up).
+    pub fn saga_step_with(
+        mut self,
+        action: &str,
+        step: impl SagaStep + 'static,
+        idempotency: Idempotency,
+    ) -> Self {
+        let handler = Handler::Saga(Arc::new(step));
+        self.handlers.insert(
+            action.to_owned(),
+            Registered {
+                handler,
+                idempotency,
+            },
+        );
         self
     }
 
-    /// Registers a TCC step under its try's name.
-    pub fn tcc_step(mut self, r#try: &str, step: impl TccStep + 'static) -> Self {
-        self.handlers
-            .insert(r#try.to_owned(), Handler::Tcc(Arc::new(step)));
+    /// Registers a TCC step under its try's name, deduplicated as `idempotency` says.
+    pub fn tcc_step_with(
+        mut self,
+        r#try: &str,
+        step: impl TccStep + 'static,
+        idempotency: Idempotency,
+    ) -> Self {
+        let handler = Handler::Tcc(Arc::new(step));
+        self.handlers.insert(
+            r#try.to_owned(),
+            Registered {
+                handler,
+                idempotency,
+            },
+        );
         self
     }
 
@@ -141,18 +192,20 @@ impl Worker {
     }
 
     async fn handle(&self, delivery: Delivery) {
-        let cmd: CommandMsg = match serde_json::from_slice(&delivery.message.payload) {
-            Ok(c) => c,
-            Err(e) => {
+        let (cmd, registered) = match self.decode(&delivery.message.payload) {
+            Ok(found) => found,
+            Err(reason) => {
                 self.stats
-                    .undecodable
+                    .dead_lettered
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                warn!(service = %self.service, message = %delivery.message.id, error = %e, "undecodable command; dropping it");
-                let _ = delivery.ack().await;
+                warn!(service = %self.service, message = %delivery.message.id, %reason, "poison command; dead-lettering it");
+                if let Err(e) = delivery.dead_letter(&reason).await {
+                    warn!(service = %self.service, error = %e, "dead-lettering failed; the command goes back to its queue");
+                }
                 return;
             }
         };
-        let outcome = self.execute(&cmd).await;
+        let outcome = self.execute(&cmd, registered).await;
         let reply = ReplyMsg {
             saga_id: cmd.saga_id.clone(),
             step: cmd.step,
@@ -177,16 +230,60 @@ impl Worker {
         }
     }
 
-    async fn execute(&self, cmd: &CommandMsg) -> Outcome {
-        let Some(handler) = self.handlers.get(&cmd.forward) else {
-            return Outcome::Business {
-                code: "unknown_operation".into(),
-                message: format!(
-                    "service `{}` has no step whose forward operation is `{}`",
-                    self.service, cmd.forward
-                ),
-            };
+    /// The command in a payload and its handler, or why it can never be handled (the reason
+    /// the dead letter carries).
+    fn decode(&self, payload: &[u8]) -> Result<(CommandMsg, &Registered), String> {
+        let cmd: CommandMsg = serde_json::from_slice(payload).map_err(|e| {
+            self.stats
+                .undecodable
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("undecodable command: {e}")
+        })?;
+        let what = format!(
+            "command {} ({} of step `{}` of saga {})",
+            cmd.message_id(),
+            cmd.operation,
+            cmd.step_id,
+            cmd.saga_id
+        );
+        if cmd.service != self.service {
+            return Err(format!(
+                "{what} is for service `{}` but was delivered to `{}`'s queue",
+                cmd.service, self.service
+            ));
+        }
+        if cmd.saga_id.is_empty() || cmd.step_id.is_empty() {
+            return Err(format!("{what} has no saga id or no step id"));
+        }
+        let Some(registered) = self.handlers.get(&cmd.forward) else {
+            let mut known: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            return Err(format!(
+                "{what}: service `{}` has no step whose forward operation is `{}` (it has: {})",
+                self.service,
+                cmd.forward,
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            ));
         };
+        if !registered.handler.accepts(cmd.op) {
+            let kind = match registered.handler {
+                Handler::Tcc(_) => "a TCC step (try, confirm, cancel)",
+                _ => "a saga step (action, compensate)",
+            };
+            return Err(format!(
+                "{what}: `{}` is {kind}, which has no `{}` operation",
+                cmd.forward, cmd.op
+            ));
+        }
+        Ok((cmd, registered))
+    }
+
+    async fn execute(&self, cmd: &CommandMsg, registered: &Registered) -> Outcome {
+        let handler = &registered.handler;
         let ctx = StepContext {
             saga_id: cmd.saga_id.clone(),
             step: cmd.step_id.clone(),
@@ -213,7 +310,17 @@ impl Worker {
         } else {
             handler
         };
-        let result = barrier::execute(&self.pool, handler, cmd.op, &ctx, &cmd.params).await;
+        let result = match &registered.idempotency {
+            Idempotency::Barrier => {
+                barrier::execute(&self.pool, handler, cmd.op, &ctx, &cmd.params)
+                    .await
+                    .map_err(|e| format!("{} database: {e}", self.service))
+            }
+            Idempotency::Weak(weak) => weak
+                .execute(&self.pool, handler, cmd.op, &ctx, &cmd.params)
+                .await
+                .map_err(|e| format!("{}: {e}", self.service)),
+        };
         match result {
             Ok(executed) => {
                 self.stats
@@ -223,13 +330,11 @@ impl Worker {
                     self.stats
                         .duplicates
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    debug!(service = %self.service, saga.id = %cmd.saga_id, step.id = %cmd.step_id, "duplicate command answered from the barrier");
+                    debug!(service = %self.service, saga.id = %cmd.saga_id, step.id = %cmd.step_id, "duplicate command answered from its record");
                 }
                 executed.outcome
             }
-            Err(e) => Outcome::Retryable {
-                message: format!("{} database: {e}", self.service),
-            },
+            Err(message) => Outcome::Retryable { message },
         }
     }
 }
@@ -242,4 +347,176 @@ pub fn lane_of(key: &str, lanes: usize) -> usize {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     (h % lanes.max(1) as u64) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use sagaflow_engine::machine::Op;
+    use sagaflow_engine::store::{ENGINE_MIGRATIONS, Store};
+    use sagaflow_engine::transport::memory::MemoryTransport;
+    use serde_json::{Value, json};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use crate::sdk::StepError;
+
+    /// Counts its actions.
+    struct Count(Arc<AtomicU64>);
+
+    #[async_trait]
+    impl SagaStep for Count {
+        async fn action(
+            &self,
+            _: &mut sqlx::AnyConnection,
+            _: &StepContext,
+            _: &Value,
+        ) -> Result<Value, StepError> {
+            Ok(json!({ "n": self.0.fetch_add(1, Ordering::SeqCst) + 1 }))
+        }
+        async fn compensate(
+            &self,
+            _: &mut sqlx::AnyConnection,
+            _: &StepContext,
+            _: &Value,
+        ) -> Result<Value, StepError> {
+            Ok(Value::Null)
+        }
+    }
+
+    fn command(saga: &str, forward: &str, op: Op, service: &str) -> CommandMsg {
+        CommandMsg {
+            saga_id: saga.into(),
+            saga: "test".into(),
+            key: "order-1".into(),
+            step: 0,
+            step_id: "count".into(),
+            service: service.into(),
+            op,
+            operation: forward.into(),
+            forward: forward.into(),
+            attempt: 1,
+            params: json!({}),
+        }
+    }
+
+    fn message(id: &str, payload: Vec<u8>) -> Message {
+        Message {
+            id: id.into(),
+            key: "order-1".into(),
+            payload,
+        }
+    }
+
+    fn encoded(cmd: &CommandMsg) -> Message {
+        message(
+            &cmd.message_id(),
+            serde_json::to_vec(cmd).expect("serializable"),
+        )
+    }
+
+    #[tokio::test]
+    async fn poison_commands_are_dead_lettered_with_their_reason_and_the_key_flows_on() {
+        let dir = std::env::temp_dir().join(format!(
+            "sagaflow-poison-{}-{:08x}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let store = Store::connect(&dir.join("t.db").display().to_string(), 1)
+            .await
+            .expect("connect");
+        store
+            .migrate(&[ENGINE_MIGRATIONS, crate::services::MIGRATIONS])
+            .await
+            .expect("migrate");
+        let transport = Arc::new(MemoryTransport::default());
+        let queue = command_queue("counter");
+        // All on one key (one lane), poison first, then a good command.
+        let poison = [
+            message("junk", b"{not json".to_vec()),
+            encoded(&command("s-1", "nope", Op::Action, "counter")),
+            encoded(&command("s-2", "count", Op::Action, "payment")),
+            encoded(&command("s-3", "count", Op::Try, "counter")),
+            encoded(&command("", "count", Op::Action, "counter")),
+        ];
+        for m in poison.iter().cloned() {
+            transport.publish(&queue, m).await.expect("publish");
+        }
+        let good = command("s-ok", "count", Op::Action, "counter");
+        transport
+            .publish(&queue, encoded(&good))
+            .await
+            .expect("publish");
+
+        let effects = Arc::new(AtomicU64::new(0));
+        let worker = Worker::new(
+            "counter",
+            store.pool().clone(),
+            transport.clone() as Arc<dyn Transport>,
+        )
+        .saga_step("count", Count(effects.clone()))
+        .with_lanes(1);
+        let stats = worker.stats.clone();
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(worker.run(stopped));
+        let mut replies = transport.consume(REPLY_QUEUE).await.expect("consume");
+        let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
+            .await
+            .expect("the good command is answered")
+            .expect("a reply");
+        let reply: ReplyMsg = serde_json::from_slice(&reply.message.payload).expect("a reply");
+        assert_eq!(reply.saga_id, "s-ok");
+        assert_eq!(
+            reply.outcome,
+            Outcome::Ok {
+                output: json!({"n": 1})
+            }
+        );
+        assert_eq!(effects.load(Ordering::SeqCst), 1);
+        let _ = stop.send(true);
+        let _ = task.await;
+
+        let dead = transport.dead_letters();
+        let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+        assert_eq!(dead.len(), poison.len(), "{reasons:#?}");
+        for (d, sent) in dead.iter().zip(&poison) {
+            assert_eq!(d.queue, queue);
+            assert_eq!(&d.message, sent, "dead-lettered as it came");
+        }
+        assert!(
+            reasons[0].starts_with("undecodable command:"),
+            "{}",
+            reasons[0]
+        );
+        assert!(
+            reasons[1].contains("has no step whose forward operation is `nope` (it has: count)"),
+            "{}",
+            reasons[1]
+        );
+        assert!(
+            reasons[2].contains("is for service `payment` but was delivered to `counter`'s queue"),
+            "{}",
+            reasons[2]
+        );
+        assert!(
+            reasons[3].contains(
+                "`count` is a saga step (action, compensate), which has no `try` operation"
+            ),
+            "{}",
+            reasons[3]
+        );
+        assert!(reasons[4].contains("has no saga id"), "{}", reasons[4]);
+        assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 5);
+        assert_eq!(stats.undecodable.load(Ordering::Relaxed), 1);
+        assert_eq!(transport.depth(&queue), 0, "nothing left unacknowledged");
+        // Nothing reached the barrier but the good command.
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM barrier")
+            .fetch_one(store.pool())
+            .await
+            .expect("count");
+        assert_eq!(rows, 1);
+        store.pool().close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -507,6 +507,11 @@ pub const MIGRATIONS: sagaflow_engine::store::Migrations = &[
         include_str!("../../../migrations/sqlite/0104_gmv.sql"),
         include_str!("../../../migrations/postgres/0104_gmv.sql"),
     ),
+    (
+        "0105_barrier_retention",
+        include_str!("../../../migrations/sqlite/0105_barrier_retention.sql"),
+        include_str!("../../../migrations/postgres/0105_barrier_retention.sql"),
+    ),
 ];
 
 /// The worker for `service` with all its handlers registered, or None for an unknown service.

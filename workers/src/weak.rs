@@ -1,0 +1,444 @@
+//! Weak idempotency: a Redis key per command instead of a barrier row in the database.
+//!
+//! For effects where a dedup row written in the effect's own transaction is not worth it (a
+//! notification, a counter in another store, a cache warm-up), a service author registers the
+//! handler with [`Idempotency::Weak`](crate::sdk::Idempotency::Weak) instead of the default
+//! barrier. Per command the SDK then does:
+//!
+//! 1. `SET <prefix>:<saga_id>:<step>:<op> <pending token> NX PX <ttl>` — the same command (any
+//!    attempt, any redelivery) has the same key;
+//! 2. if the key already existed, the command is a **duplicate** and the effect is not run: the
+//!    key's value is the **recorded reply** (the handler's outcome as JSON, its output included),
+//!    which is answered again — the same reply the first delivery got. While the first run has
+//!    not recorded its reply yet (in progress, or its worker died), a duplicate answers a
+//!    *retryable* failure, never a success for an effect that may not have happened;
+//! 3. otherwise the handler runs in a database transaction of its own, as in barrier mode.
+//!    Its outcome then goes into the key (`PX ttl` again): a success and a business failure are
+//!    kept (a duplicate gets the same answer; a business "no" must stay "no", the engine relies
+//!    on it), a **transient failure deletes the key**, so the engine's retry runs the effect.
+//!
+//! A forward operation whose undo already ran (its undo key exists) is refused like the
+//! barrier does (`cancelled_before_run`), as long as that key lives. The barrier's other checks
+//! (a null compensation when the action never ran, a confirm refused without a successful try)
+//! are not made: an undo or confirm in weak mode always runs its handler.
+//!
+//! # What weak mode gives up (compared with the barrier)
+//!
+//! * **Not atomic with the effect.** The key and the effect are two systems. A worker that dies
+//!   after the `SET` and before the effect committed leaves a pending key: the command's
+//!   retries answer "in progress" until the key expires (`ttl`), so the engine most likely
+//!   exhausts its retries first and compensates a step that **never took effect** — the effect
+//!   is lost for this saga. Compensations of weak steps must therefore tolerate an action that
+//!   never ran (find their own trace of it, or be harmless); weak mode has no null-compensation
+//!   bookkeeping past what the Redis keys say. A worker that dies after the commit and before
+//!   recording the reply is the same case from the saga's point of view, and the compensation
+//!   then undoes a real effect.
+//! * **Bounded memory.** After `ttl` the key is gone: a duplicate delivered later than that
+//!   (a very late redelivery, an operator replaying a dead letter) runs the effect **again**.
+//!   Choose `ttl` longer than any saga can take to finish retrying a step.
+//! * **Redis is the record.** A Redis that loses writes (no persistence, a failover to a replica
+//!   that lagged) forgets keys, with the same consequence as an expired key.
+//! * **Redis unreachable** ⇒ the command answers a retryable failure saying so (the effect was
+//!   not run) and the engine retries with backoff; nothing panics. If Redis goes away *after*
+//!   the effect, the real outcome is still answered (and logged as unrecorded).
+//!
+//! Use the barrier (the default) for money, stock and anything a compensation must mirror
+//! exactly.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use sagaflow_engine::machine::{Op, Outcome};
+use serde_json::Value;
+use sqlx::AnyPool;
+use tokio::sync::Mutex;
+use tracing::warn;
+
+use crate::barrier::{Executed, Handler, run_handler};
+use crate::sdk::{StepContext, StepError};
+
+/// How long a key lives by default: a day.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The value of a key whose effect is running (or whose worker died before recording it).
+const PENDING: &str = "pending:";
+
+/// Writes the outcome only if the key still holds our pending token (it may have expired and
+/// been taken by another run meanwhile).
+const RECORD: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+                      return redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) else return false end";
+
+/// Deletes the key only if it still holds our pending token.
+const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+                       return redis.call('DEL', KEYS[1]) else return 0 end";
+
+/// Why weak mode could not run a command. Each is a transient failure for the saga: the
+/// runtime answers it as retryable, with this message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WeakError {
+    #[error("weak idempotency: invalid Redis URL {url}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error(
+        "weak idempotency: Redis at {url} is unreachable or failed ({reason}); the effect was not run"
+    )]
+    Redis { url: String, reason: String },
+    #[error("weak idempotency: database: {0}; the effect was not run")]
+    Db(#[from] sqlx::Error),
+}
+
+/// Weak-mode settings and the Redis connection, shared by every handler registered with it
+/// (cheap to clone). Connects lazily, and again after a failure.
+#[derive(Clone)]
+pub struct WeakIdempotency {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    /// The URL without its password, for messages.
+    url: String,
+    prefix: String,
+    ttl: Duration,
+    conn: Mutex<Option<MultiplexedConnection>>,
+}
+
+impl std::fmt::Debug for WeakIdempotency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeakIdempotency")
+            .field("url", &self.inner.url)
+            .field("prefix", &self.inner.prefix)
+            .field("ttl", &self.inner.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WeakIdempotency {
+    /// Keys `<prefix>:<saga_id>:<step>:<op>` on the Redis at `redis_url`
+    /// (`redis://[:password@]host:port[/db]`), each living `ttl` (see [`DEFAULT_TTL`]). Only
+    /// the URL is checked here; the connection is made on first use.
+    pub fn new(redis_url: &str, prefix: &str, ttl: Duration) -> Result<Self, WeakError> {
+        let url = redact(redis_url);
+        let client = redis::Client::open(redis_url).map_err(|e| WeakError::BadUrl {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(WeakIdempotency {
+            inner: Arc::new(Inner {
+                client,
+                url,
+                prefix: prefix.to_owned(),
+                ttl: ttl.max(Duration::from_millis(1)),
+                conn: Mutex::new(None),
+            }),
+        })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.inner.ttl
+    }
+
+    /// The key of a command: `<prefix>:<saga_id>:<step>:<op>` (every attempt of one operation
+    /// shares it, like the barrier's row).
+    pub fn key(&self, ctx: &StepContext, op: Op) -> String {
+        format!(
+            "{}:{}:{}:{}",
+            self.inner.prefix,
+            ctx.saga_id,
+            ctx.step,
+            op.as_str()
+        )
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        u64::try_from(self.inner.ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    fn redis_error(&self, e: &redis::RedisError) -> WeakError {
+        WeakError::Redis {
+            url: self.inner.url.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    async fn connection(&self) -> Result<MultiplexedConnection, WeakError> {
+        let mut cached = self.inner.conn.lock().await;
+        if let Some(c) = cached.as_ref() {
+            return Ok(c.clone());
+        }
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(2)));
+        let c = self
+            .inner
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| self.redis_error(&e))?;
+        *cached = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Runs one Redis command; a failure drops the cached connection so the next call
+    /// reconnects.
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, WeakError> {
+        let mut conn = self.connection().await?;
+        match cmd.query_async(&mut conn).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                *self.inner.conn.lock().await = None;
+                Err(self.redis_error(&e))
+            }
+        }
+    }
+
+    /// Checks that Redis answers (for a service's start-up check: weak mode itself connects
+    /// lazily and never fails at start).
+    pub async fn ping(&self) -> Result<(), WeakError> {
+        let _: String = self.query(&redis::cmd("PING")).await?;
+        Ok(())
+    }
+
+    /// What a duplicate of this command would be answered now: the recorded outcome, a
+    /// retryable "in progress" while the first run has not recorded one, or `None` when there
+    /// is no key (the command would run its effect).
+    pub async fn recorded_answer(
+        &self,
+        ctx: &StepContext,
+        op: Op,
+    ) -> Result<Option<Outcome>, WeakError> {
+        let key = self.key(ctx, op);
+        let value: Option<String> = self.query(redis::cmd("GET").arg(&key)).await?;
+        Ok(value.map(|v| self.recorded(&key, &v)))
+    }
+
+    /// Runs `op` of a step in weak mode (see the module docs). `Err` only when the effect was
+    /// not run (Redis or the database unreachable before it): answer it as retryable.
+    pub async fn execute(
+        &self,
+        pool: &AnyPool,
+        handler: &Handler,
+        op: Op,
+        ctx: &StepContext,
+        params: &Value,
+    ) -> Result<Executed, WeakError> {
+        let key = self.key(ctx, op);
+        let token = format!("{PENDING}{:016x}", fastrand::u64(..));
+        // Claim the key; if it exists, answer from it. Twice at most: the key can expire
+        // between the SET and the GET.
+        let mut claimed = false;
+        for _ in 0..2 {
+            let set: Option<String> = self
+                .query(
+                    redis::cmd("SET")
+                        .arg(&key)
+                        .arg(&token)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(self.ttl_ms()),
+                )
+                .await?;
+            if set.is_some() {
+                claimed = true;
+                break;
+            }
+            let existing: Option<String> = self.query(redis::cmd("GET").arg(&key)).await?;
+            if let Some(value) = existing {
+                return Ok(Executed {
+                    outcome: self.recorded(&key, &value),
+                    duplicate: true,
+                });
+            }
+        }
+        if !claimed {
+            return Err(WeakError::Redis {
+                url: self.inner.url.clone(),
+                reason: format!("key {key} could neither be set nor read"),
+            });
+        }
+        if op.is_forward() {
+            let undo_key = self.key(ctx, op.undo());
+            let undone: bool = match self.query(redis::cmd("EXISTS").arg(&undo_key)).await {
+                Ok(n) => n,
+                Err(e) => {
+                    self.release(&key, &token).await;
+                    return Err(e);
+                }
+            };
+            if undone {
+                let refused = Outcome::Business {
+                    code: "cancelled_before_run".into(),
+                    message: format!("{op} refused: its {} already ran", op.undo()),
+                };
+                self.record(&key, &token, &refused).await;
+                return Ok(fresh(refused));
+            }
+        }
+
+        let mut tx = match pool.begin().await {
+            Ok(tx) => tx,
+            Err(e) => {
+                self.release(&key, &token).await;
+                return Err(e.into());
+            }
+        };
+        let result = run_handler(handler, op, &mut tx, ctx, params).await;
+        let outcome = match result {
+            Ok(output) => {
+                if let Err(e) = tx.commit().await {
+                    // Most likely not applied: let a retry run it (see the module docs).
+                    self.release(&key, &token).await;
+                    return Ok(fresh(Outcome::Retryable {
+                        message: format!("database: commit failed: {e}"),
+                    }));
+                }
+                Outcome::Ok { output }
+            }
+            Err(StepError::Business { code, message }) => {
+                let _ = tx.rollback().await;
+                Outcome::Business { code, message }
+            }
+            Err(StepError::Retryable(message)) => {
+                let _ = tx.rollback().await;
+                self.release(&key, &token).await;
+                return Ok(fresh(Outcome::Retryable { message }));
+            }
+        };
+        self.record(&key, &token, &outcome).await;
+        Ok(fresh(outcome))
+    }
+
+    /// What an existing key says: the recorded outcome, or "in progress" for a pending one.
+    fn recorded(&self, key: &str, value: &str) -> Outcome {
+        if value.starts_with(PENDING) {
+            return Outcome::Retryable {
+                message: format!(
+                    "weak idempotency: {key} is in progress elsewhere, or its worker stopped \
+                     before recording the outcome (the key expires within {:?})",
+                    self.inner.ttl
+                ),
+            };
+        }
+        serde_json::from_str(value).unwrap_or_else(|e| Outcome::Retryable {
+            message: format!("weak idempotency: {key} holds an unreadable outcome ({e})"),
+        })
+    }
+
+    /// Stores the outcome for duplicates; a failure is logged (the effect already happened,
+    /// its outcome is answered anyway, the key stays pending until it expires).
+    async fn record(&self, key: &str, token: &str, outcome: &Outcome) {
+        let json = serde_json::to_string(outcome).unwrap_or_default();
+        let r: Result<redis::Value, _> = self
+            .query(
+                redis::cmd("EVAL")
+                    .arg(RECORD)
+                    .arg(1)
+                    .arg(key)
+                    .arg(token)
+                    .arg(json)
+                    .arg(self.ttl_ms()),
+            )
+            .await;
+        match r {
+            Ok(redis::Value::Nil) => {
+                warn!(
+                    key,
+                    "weak idempotency: the key expired while the effect ran; its outcome is not recorded"
+                )
+            }
+            Err(e) => warn!(key, error = %e, "weak idempotency: outcome not recorded"),
+            Ok(_) => {}
+        }
+    }
+
+    /// Deletes our pending key after a transient failure, so a retry runs the effect.
+    async fn release(&self, key: &str, token: &str) {
+        let r: Result<i64, _> = self
+            .query(redis::cmd("EVAL").arg(RELEASE).arg(1).arg(key).arg(token))
+            .await;
+        if let Err(e) = r {
+            warn!(key, error = %e, "weak idempotency: pending key not deleted; retries answer \
+                  'in progress' until it expires");
+        }
+    }
+}
+
+fn fresh(outcome: Outcome) -> Executed {
+    Executed {
+        outcome,
+        duplicate: false,
+    }
+}
+
+/// `redis://user:secret@host` → `redis://user:***@host`.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> StepContext {
+        StepContext {
+            saga_id: "s-1".into(),
+            step: "notify".into(),
+            operation: "send".into(),
+            attempt: 3,
+            key: "o-1".into(),
+        }
+    }
+
+    #[test]
+    fn keys_name_the_command_not_the_attempt() {
+        let w = WeakIdempotency::new("redis://127.0.0.1:6379", "svc", DEFAULT_TTL).unwrap();
+        assert_eq!(w.key(&ctx(), Op::Action), "svc:s-1:notify:action");
+        assert_eq!(w.key(&ctx(), Op::Compensate), "svc:s-1:notify:compensate");
+    }
+
+    #[test]
+    fn passwords_are_not_shown() {
+        assert_eq!(redact("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
+        assert_eq!(redact("redis://u:pw@h"), "redis://u:***@h");
+        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+    }
+
+    #[test]
+    fn a_bad_url_is_an_error_not_a_panic() {
+        let e = WeakIdempotency::new("nonsense://x", "p", DEFAULT_TTL).unwrap_err();
+        assert!(e.to_string().contains("invalid Redis URL"), "{e}");
+    }
+
+    #[test]
+    fn pending_and_recorded_values() {
+        let w = WeakIdempotency::new("redis://127.0.0.1:6379", "p", DEFAULT_TTL).unwrap();
+        assert!(matches!(
+            w.recorded("k", "pending:00ff"),
+            Outcome::Retryable { .. }
+        ));
+        let ok = Outcome::Ok {
+            output: serde_json::json!({"n": 1}),
+        };
+        assert_eq!(w.recorded("k", &serde_json::to_string(&ok).unwrap()), ok);
+        assert!(matches!(
+            w.recorded("k", "{oops"),
+            Outcome::Retryable { .. }
+        ));
+    }
+}
