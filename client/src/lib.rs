@@ -1,0 +1,452 @@
+//! Start a sagaflow saga from inside your application's own database transaction.
+//!
+//! An order service that has just written "order paid" must make sure the `order-paid` saga
+//! starts — and must make sure it does **not** start when that write is rolled back. Publishing
+//! to the broker from the request handler cannot give both: the publish may happen and the
+//! commit fail, or the commit happen and the process die before the publish. This crate is the
+//! transactional outbox for saga starts, on the application's own PostgreSQL database:
+//!
+//! 1. [`install`] creates the table `sagaflow_start_outbox` (or put [`INSTALL_SQL`] into your
+//!    own migrations).
+//! 2. [`start_saga`] inserts one row into it, **on the connection of your open transaction**,
+//!    next to your business writes. The row commits or rolls back with them.
+//! 3. A [`Relay`] (one or more, anywhere) publishes committed rows to the engine's
+//!    [`START_QUEUE`] and marks each row sent only after the broker confirmed it.
+//! 4. The engine consumes the start queue and starts the saga with the row's idempotency key.
+//!
+//! ```no_run
+//! # async fn example(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+//! let mut tx = pool.begin().await?;
+//! sqlx::query("INSERT INTO orders (id, status) VALUES ($1, 'paid')")
+//!     .bind("o-1")
+//!     .execute(&mut *tx)
+//!     .await?;
+//! let input = serde_json::json!({
+//!     "order_id": "o-1", "user_id": "u-1", "amount": "129.90",
+//!     "coupon_id": "c-1", "points": 129, "campaign_id": "spring-sale",
+//! });
+//! sagaflow_client::start_saga(&mut *tx, "order-paid", &input, "o-1").await?;
+//! tx.commit().await?; // the saga starts if and only if this commit succeeds
+//! # Ok(()) }
+//! ```
+//!
+//! # The guarantee
+//!
+//! * **Rolled back ⇒ nothing.** The outbox row is part of the rolled-back transaction, so no
+//!   relay ever sees it: nothing is published, no saga starts.
+//! * **Committed ⇒ exactly one saga.** The committed row stays until a relay has a broker
+//!   confirm for it, whatever crashes in between, so the start request is delivered *at least
+//!   once*. It may be delivered more than once (a relay that crashed after the confirm but
+//!   before marking the row sent publishes it again; the broker may redeliver), and the engine
+//!   starts sagas idempotently by the request's idempotency key — concurrent duplicates
+//!   included — so at-least-once delivery yields *exactly one* saga per key.
+//!
+//! Choose the idempotency key from your business data (the order id, or `"paid-" + order id`):
+//! calling [`start_saga`] again with the same key — a retried request, a second transaction —
+//! is a no-op, and the engine shares the key space with `sagaflow start --idempotency-key`.
+//!
+//! A start request the engine can never act on (a saga name it does not know, an input that does
+//! not match the definition) is dead-lettered there with its reason; it never blocks the queue.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sagaflow_engine::transport::{Message, START_QUEUE, Transport, TransportError};
+use sagaflow_engine::wire::StartMsg;
+use serde_json::Value;
+use sqlx::types::Json;
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+/// The outbox table's name.
+pub const OUTBOX_TABLE: &str = "sagaflow_start_outbox";
+
+/// The outbox table, for your own migrations (idempotent: safe to run again). [`install`] runs
+/// exactly this.
+pub const INSTALL_SQL: &str = "\
+CREATE TABLE IF NOT EXISTS sagaflow_start_outbox (
+    id              BIGSERIAL PRIMARY KEY,
+    saga            TEXT NOT NULL,
+    input           JSONB NOT NULL,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    created_at      TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    sent_at         TIMESTAMPTZ
+);
+CREATE INDEX IF NOT EXISTS sagaflow_start_outbox_unsent
+    ON sagaflow_start_outbox (id) WHERE sent_at IS NULL;
+";
+
+/// Serialises concurrent [`install`]s (`CREATE TABLE IF NOT EXISTS` races otherwise).
+const INSTALL_LOCK: i64 = 0x5a6a_f10e_0057_a127;
+
+/// Longest saga name the engine accepts.
+const MAX_SAGA_NAME: usize = 128;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error(
+        "invalid saga name `{0}`: a saga name is 1–128 of the characters A–Z a–z 0–9 - _ (the `name:` of its YAML definition)"
+    )]
+    InvalidSagaName(String),
+    #[error("the idempotency key must not be empty: it is what makes starting twice start once")]
+    EmptyIdempotencyKey,
+    #[error("the input of saga `{saga}` must be a JSON object, got {got}")]
+    InputNotAnObject { saga: String, got: String },
+    #[error(
+        "the table sagaflow_start_outbox does not exist: run sagaflow_client::install (or INSTALL_SQL in your migrations) first"
+    )]
+    NotInstalled,
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("publishing start {message} was not confirmed within {after:?}")]
+    PublishTimeout { message: String, after: Duration },
+    #[error("cannot encode start message: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// Creates the outbox table and its index if they do not exist ([`INSTALL_SQL`]). Safe to call
+/// at every application start, from several processes at once.
+pub async fn install(conn: &mut PgConnection) -> Result<(), ClientError> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(INSTALL_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::raw_sql(INSTALL_SQL).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Requests that the saga `saga` be started with `input`, as part of the transaction open on
+/// `conn` — pass your transaction (`&mut *tx`), next to your business writes.
+///
+/// Nothing is sent now: one row is inserted into `sagaflow_start_outbox`. If the transaction
+/// commits, a [`Relay`] delivers the request and the engine starts exactly one saga for
+/// `idempotency_key`; if it rolls back, nothing happens at all. Calling this again with the same
+/// key (in this or another transaction) is a no-op, whatever the saga and input.
+///
+/// Checked here, cheaply: a well-formed saga name, a non-empty key, an object as input. Whether
+/// the engine knows the saga and the input matches its definition is checked by the engine
+/// (a mismatch is dead-lettered there, with its reason).
+///
+/// If the table does not exist the insert fails with [`ClientError::NotInstalled`], and on
+/// PostgreSQL that aborts your transaction: no business write commits without its start.
+pub async fn start_saga(
+    conn: &mut PgConnection,
+    saga: &str,
+    input: &Value,
+    idempotency_key: &str,
+) -> Result<(), ClientError> {
+    validate(saga, input, idempotency_key)?;
+    sqlx::query(
+        "INSERT INTO sagaflow_start_outbox (saga, input, idempotency_key) VALUES ($1, $2, $3) \
+         ON CONFLICT (idempotency_key) DO NOTHING",
+    )
+    .bind(saga)
+    .bind(Json(input))
+    .bind(idempotency_key)
+    .execute(conn)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+fn validate(saga: &str, input: &Value, idempotency_key: &str) -> Result<(), ClientError> {
+    let name_ok = !saga.is_empty()
+        && saga.len() <= MAX_SAGA_NAME
+        && saga
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !name_ok {
+        return Err(ClientError::InvalidSagaName(saga.to_owned()));
+    }
+    if idempotency_key.is_empty() {
+        return Err(ClientError::EmptyIdempotencyKey);
+    }
+    if !input.is_object() {
+        let mut got = input.to_string();
+        if got.len() > 80 {
+            let cut = (0..=77)
+                .rev()
+                .find(|&i| got.is_char_boundary(i))
+                .unwrap_or(0);
+            got.truncate(cut);
+            got.push('…');
+        }
+        return Err(ClientError::InputNotAnObject {
+            saga: saga.to_owned(),
+            got,
+        });
+    }
+    Ok(())
+}
+
+/// `undefined_table` gets its own error: the most likely mistake is a missing [`install`].
+fn db_error(e: sqlx::Error) -> ClientError {
+    match &e {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => {
+            ClientError::NotInstalled
+        }
+        _ => ClientError::Db(e),
+    }
+}
+
+/// The wire message for one outbox row: id `start/<key>` (a re-send is the same message), routed
+/// by the idempotency key, payload a [`StartMsg`].
+pub fn start_message(
+    saga: &str,
+    input: Value,
+    idempotency_key: &str,
+) -> Result<Message, ClientError> {
+    let payload = serde_json::to_vec(&StartMsg {
+        saga: saga.to_owned(),
+        input,
+        idempotency_key: idempotency_key.to_owned(),
+    })?;
+    Ok(Message {
+        id: format!("start/{idempotency_key}"),
+        key: idempotency_key.to_owned(),
+        payload,
+    })
+}
+
+/// Publishes committed start requests from `sagaflow_start_outbox` to the engine's
+/// [`START_QUEUE`].
+///
+/// Each round ([`Relay::relay_once`]) takes a batch of unsent rows with
+/// `FOR UPDATE SKIP LOCKED`, publishes them all, waits for every confirm
+/// ([`Transport::publish`] returns after the broker's confirm), and marks exactly the confirmed
+/// rows sent, in the same transaction. A row whose publish failed, timed out, or whose marking
+/// did not commit (the relay crashed) is published again later: delivery is at least once, and
+/// the engine's idempotent start turns that into exactly one saga per idempotency key.
+///
+/// Several relays may run at once (in every application instance, say): `SKIP LOCKED` gives each
+/// row to one of them at a time.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    pool: PgPool,
+    transport: Arc<dyn Transport>,
+    batch_size: usize,
+    poll_interval: Duration,
+    publish_timeout: Duration,
+}
+
+impl Relay {
+    /// A relay over the application's database `pool` (where [`install`] created the table),
+    /// publishing through `transport`. Defaults: batches of 200 rows, a poll every 200 ms while
+    /// idle, 30 s for a confirm.
+    pub fn new(pool: PgPool, transport: Arc<dyn Transport>) -> Relay {
+        Relay {
+            pool,
+            transport,
+            batch_size: 200,
+            poll_interval: Duration::from_millis(200),
+            publish_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Rows taken (and locked) per round; at least 1.
+    pub fn with_batch_size(mut self, rows: usize) -> Relay {
+        self.batch_size = rows.max(1);
+        self
+    }
+
+    /// How long [`Relay::run`] sleeps when the outbox is empty: the most a start waits for its
+    /// relay.
+    pub fn with_poll_interval(mut self, every: Duration) -> Relay {
+        self.poll_interval = every;
+        self
+    }
+
+    /// A publish not confirmed within this counts as failed; its row is published again later.
+    pub fn with_publish_timeout(mut self, after: Duration) -> Relay {
+        self.publish_timeout = after;
+        self
+    }
+
+    /// Publishes one batch of committed, unsent rows and marks the confirmed ones sent. Returns
+    /// how many were sent (0: nothing to do, or every row was locked by another relay). Fails
+    /// on a database error, or when rows were taken and not one of them was confirmed.
+    pub async fn relay_once(&self) -> Result<usize, ClientError> {
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<(i64, String, Json<Value>, String)> = sqlx::query_as(
+            "SELECT id, saga, input, idempotency_key FROM sagaflow_start_outbox \
+             WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(i64::try_from(self.batch_size).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut batch = Vec::with_capacity(rows.len());
+        for (id, saga, Json(input), key) in rows {
+            batch.push((id, start_message(&saga, input, &key)?));
+        }
+        // Publish the whole batch, then wait for all confirms (pipelined).
+        let confirms = futures::future::join_all(batch.iter().map(|(_, m)| async move {
+            match tokio::time::timeout(
+                self.publish_timeout,
+                self.transport.publish(START_QUEUE, m.clone()),
+            )
+            .await
+            {
+                Ok(confirm) => confirm.map_err(ClientError::from),
+                Err(_) => Err(ClientError::PublishTimeout {
+                    message: m.id.clone(),
+                    after: self.publish_timeout,
+                }),
+            }
+        }))
+        .await;
+        let mut sent = Vec::with_capacity(batch.len());
+        let mut first_error = None;
+        for ((id, message), confirm) in batch.iter().zip(confirms) {
+            match confirm {
+                Ok(()) => sent.push(*id),
+                Err(e) => {
+                    // Not confirmed: the row stays unsent and goes again (the engine dedups).
+                    warn!(message = %message.id, error = %e, "start not confirmed; will resend");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if !sent.is_empty() {
+            sqlx::query(
+                "UPDATE sagaflow_start_outbox SET sent_at = clock_timestamp() WHERE id = ANY($1)",
+            )
+            .bind(&sent)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        match first_error {
+            Some(e) if sent.is_empty() => Err(e),
+            _ => {
+                debug!(sent = sent.len(), "relayed saga starts");
+                Ok(sent.len())
+            }
+        }
+    }
+
+    /// Relays until `shutdown` turns true (or its sender is dropped): a round right after a full
+    /// batch, otherwise every poll interval; failures are logged and retried with backoff.
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
+        let mut failures = 0u32;
+        while !*shutdown.borrow() {
+            let wait = match self.relay_once().await {
+                Ok(n) if n >= self.batch_size => {
+                    failures = 0;
+                    continue;
+                }
+                Ok(_) => {
+                    failures = 0;
+                    self.poll_interval
+                }
+                Err(e) => {
+                    failures += 1;
+                    warn!(error = %e, "start relay failed; retrying");
+                    backoff(failures)
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                changed = shutdown.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Committed start requests not yet confirmed by the broker.
+    pub async fn pending(&self) -> Result<u64, ClientError> {
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM sagaflow_start_outbox WHERE sent_at IS NULL")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db_error)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Deletes rows sent more than `older_than` ago; returns how many. Harmless for correctness:
+    /// a later [`start_saga`] with a purged key is relayed again and the engine finds the saga
+    /// it already started for that key.
+    pub async fn purge_sent(&self, older_than: Duration) -> Result<u64, ClientError> {
+        let done = sqlx::query(
+            "DELETE FROM sagaflow_start_outbox \
+             WHERE sent_at < clock_timestamp() - make_interval(secs => $1)",
+        )
+        .bind(older_than.as_secs_f64())
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(done.rows_affected())
+    }
+}
+
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis((50u64 << failures.min(7)).min(5_000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn validation_says_what_is_wrong() {
+        let input = json!({"order_id": "o-1"});
+        assert!(validate("order-paid", &input, "o-1").is_ok());
+        assert!(validate("order_paid_2", &input, "k").is_ok());
+        for bad in ["", "order paid", "order.paid", "ordér", &"x".repeat(129)] {
+            let e = validate(bad, &input, "k").unwrap_err();
+            assert!(matches!(e, ClientError::InvalidSagaName(_)), "{bad}: {e}");
+            assert!(e.to_string().contains("A–Z a–z 0–9 - _"), "{e}");
+        }
+        let e = validate("order-paid", &input, "").unwrap_err();
+        assert!(matches!(e, ClientError::EmptyIdempotencyKey), "{e}");
+        for bad in [json!(null), json!([1, 2]), json!("o-1"), json!(7)] {
+            let e = validate("order-paid", &bad, "k").unwrap_err();
+            assert!(
+                e.to_string()
+                    .starts_with("the input of saga `order-paid` must be a JSON object, got"),
+                "{e}"
+            );
+        }
+        let long = json!("é".repeat(100));
+        let e = validate("order-paid", &long, "k").unwrap_err().to_string();
+        assert!(e.ends_with('…') && e.len() < 200, "{e}");
+    }
+
+    #[test]
+    fn the_message_is_a_start_msg_keyed_by_the_idempotency_key() {
+        let input = json!({"order_id": "o-1", "points": 12});
+        let m = start_message("order-paid", input.clone(), "o-1").unwrap();
+        assert_eq!(m.id, "start/o-1");
+        assert_eq!(m.key, "o-1");
+        let decoded: StartMsg = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(
+            decoded,
+            StartMsg {
+                saga: "order-paid".into(),
+                input,
+                idempotency_key: "o-1".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn install_sql_is_idempotent_ddl() {
+        assert!(INSTALL_SQL.contains("CREATE TABLE IF NOT EXISTS sagaflow_start_outbox"));
+        assert!(INSTALL_SQL.contains("idempotency_key TEXT NOT NULL UNIQUE"));
+        assert!(INSTALL_SQL.contains("CREATE INDEX IF NOT EXISTS"));
+        assert_eq!(OUTBOX_TABLE, "sagaflow_start_outbox");
+    }
+}
