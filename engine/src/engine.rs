@@ -23,6 +23,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, warn};
 
 use crate::machine::{self, Context, Event, SagaState, decide, forward_op, operation_name};
+use crate::metrics::Metrics;
 use crate::store::{Backend, OutboxMessage, SagaRow, Store, StoreError, now_ms, tx};
 use crate::transport::{Delivery, Message, REPLY_QUEUE, Transport, command_queue};
 use crate::wire::{CommandMsg, ReplyMsg};
@@ -86,6 +87,7 @@ pub struct Engine {
     /// Definition name → hash of the latest registered version.
     names: RwLock<HashMap<String, String>>,
     outbox_ready: Notify,
+    metrics: Metrics,
     timers_changed: Notify,
 }
 
@@ -97,12 +99,18 @@ impl Engine {
             graphs: RwLock::default(),
             names: RwLock::default(),
             outbox_ready: Notify::new(),
+            metrics: Metrics::new(),
             timers_changed: Notify::new(),
         })
     }
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// This engine's Prometheus metrics (served by `GET /metrics`, see [`crate::http`]).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Compiles and stores a definition; returns its graph. Running sagas of older versions
@@ -210,7 +218,7 @@ impl Engine {
             });
         }
         let state = SagaState::new(graph, input);
-        tx::insert_saga(
+        let inserted = tx::insert_saga(
             &mut conn,
             &id,
             graph.name(),
@@ -220,7 +228,25 @@ impl Engine {
             idempotency_key,
             now,
         )
-        .await?;
+        .await;
+        match (inserted, idempotency_key) {
+            (Ok(()), _) => {}
+            // A concurrent start with the same idempotency key committed first: return its saga.
+            (Err(StoreError::Db(sqlx::Error::Database(db))), Some(k))
+                if db.is_unique_violation() =>
+            {
+                conn.rollback().await?;
+                let mut conn = self.store.pool().acquire().await?;
+                if let Some(existing) = tx::saga_by_idempotency_key(&mut conn, k).await? {
+                    return Ok(Started {
+                        id: existing,
+                        existing: true,
+                    });
+                }
+                return Err(StoreError::Db(sqlx::Error::Database(db)).into());
+            }
+            (Err(e), _) => return Err(e.into()),
+        }
         tx::history(
             &mut conn,
             &id,
@@ -252,6 +278,7 @@ impl Engine {
             .await?;
         }
         conn.commit().await?;
+        self.metrics.saga_started();
         self.outbox_ready.notify_one();
         self.timers_changed.notify_one();
         Ok(Started {
@@ -296,6 +323,7 @@ impl Engine {
             .map(|c| outbox_message(&graph, saga, c))
             .collect();
         tx::write_decision(conn, &graph, saga, &decision, &messages, now).await?;
+        self.metrics.decided(&graph, saga, event, &decision, now);
         let mut next = None;
         let became_final = decision.state.status.is_final() && !saga.state.status.is_final();
         if became_final {
@@ -424,8 +452,12 @@ impl Engine {
         let relay = tokio::spawn(self.clone().relay_loop(shutdown.clone()));
         let timers = tokio::spawn(self.clone().timer_loop(shutdown.clone()));
         let replies = tokio::spawn(self.clone().reply_loop(shutdown.clone()));
-        let (a, b, c) = tokio::join!(relay, timers, replies);
-        for r in [a, b, c] {
+        let starts = tokio::spawn(
+            self.clone()
+                .start_loop(self.transport.clone(), shutdown.clone()),
+        );
+        let (a, b, c, d) = tokio::join!(relay, timers, replies, starts);
+        for r in [a, b, c, d] {
             match r {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e),
@@ -512,6 +544,7 @@ impl Engine {
             }
         }
         conn.commit().await?;
+        self.metrics.published(sent);
         Ok(sent)
     }
 
@@ -655,8 +688,11 @@ impl Engine {
     /// Sets a message aside that can never be handled, with its reason (logged and counted).
     pub(crate) async fn dead_letter(&self, d: Delivery, queue: &str, reason: &str) {
         warn!(message = %d.message.id, queue, reason, "dead-lettering a message");
-        if let Err(e) = d.dead_letter(reason).await {
-            warn!(error = %e, "dead-lettering failed; the message goes back to its queue");
+        match d.dead_letter(reason).await {
+            Ok(()) => self.metrics.dead_lettered(queue),
+            Err(e) => {
+                warn!(error = %e, "dead-lettering failed; the message goes back to its queue")
+            }
         }
     }
 }

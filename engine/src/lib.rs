@@ -7,10 +7,18 @@
 //! | [`store`] | persistence on sqlx (SQLite and PostgreSQL through one `Any` implementation), migrations |
 //! | [`transport`] | the `Transport` trait and the in-process implementation (with fault injection) |
 //! | [`wire`] | the command and reply messages |
+//! | [`starts`] | the start queue's consumer: saga starts relayed from applications' own transactions (`sagaflow-client`) |
 //! | [`status`] | read side: saga details, lists, timelines |
+//! | [`retention`] | purging the history, inbox, outbox and timer rows of sagas finished long ago, in small batches |
+//! | [`http`] | the HTTP API (axum): start, read, retry and abort sagas; `/healthz`, `/metrics` |
+//! | [`metrics`] | Prometheus metrics: counters from the engine's decisions, outbox gauges at scrape time |
 
 pub mod engine;
+pub mod http;
 pub mod machine;
+pub mod metrics;
+pub mod retention;
+pub mod starts;
 pub mod status;
 pub mod store;
 pub mod transport;

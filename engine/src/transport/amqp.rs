@@ -266,13 +266,13 @@ impl AmqpTransport {
     /// Forgets a broken connection (only if nobody replaced it already).
     async fn broken(&self, generation: u64) {
         let mut guard = self.shared.link.lock().await;
-        if guard.as_ref().is_some_and(|l| l.generation == generation) {
-            if let Some(old) = guard.take() {
-                let _ = old
-                    .connection
-                    .close(200, ShortString::from("reconnecting"))
-                    .await;
-            }
+        if guard.as_ref().is_some_and(|l| l.generation == generation)
+            && let Some(old) = guard.take()
+        {
+            let _ = old
+                .connection
+                .close(200, ShortString::from("reconnecting"))
+                .await;
         }
     }
 
