@@ -20,16 +20,24 @@ use crate::machine::{Decision, HistoryEntry, SagaState, StepStatus, Timer};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
+    /// The message carries sqlx's whole text, so it is not also exposed as a `source` (an
+    /// error chain printer would print it twice).
     #[error("database: {0}")]
-    Db(#[from] sqlx::Error),
+    Db(sqlx::Error),
     #[error("cannot open database {url}: {reason}")]
     Connect { url: String, reason: String },
-    #[error("migration {name} failed: {source}")]
-    Migration { name: String, source: sqlx::Error },
+    #[error("migration {name} failed: {error}")]
+    Migration { name: String, error: sqlx::Error },
     #[error("saga {0} was changed concurrently")]
     Conflict(String),
     #[error("corrupt row in {table}: {detail}")]
     Corrupt { table: &'static str, detail: String },
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Db(e)
+    }
 }
 
 /// Which SQL dialect the pool speaks.
@@ -140,6 +148,31 @@ impl Store {
     /// Applies every migration of `sets` not applied yet, each in its own transaction.
     pub async fn migrate(&self, sets: &[Migrations]) -> Result<(), StoreError> {
         let mut conn = self.pool.acquire().await?;
+        // Processes starting together on a fresh PostgreSQL database (an engine and its workers)
+        // would race on CREATE TABLE IF NOT EXISTS; one migrates at a time.
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_lock(7317001)")
+                .execute(&mut *conn)
+                .await?;
+        }
+        let result = self.migrate_on(&mut conn, sets).await;
+        if self.backend == Backend::Postgres {
+            let unlocked = sqlx::query("SELECT pg_advisory_unlock(7317001)")
+                .execute(&mut *conn)
+                .await;
+            if unlocked.is_err() {
+                // Never hand a connection that may still hold the lock back to the pool.
+                let _ = conn.detach();
+            }
+        }
+        result
+    }
+
+    async fn migrate_on(
+        &self,
+        conn: &mut AnyConnection,
+        sets: &[Migrations],
+    ) -> Result<(), StoreError> {
         sqlx::raw_sql("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at BIGINT NOT NULL)")
             .execute(&mut *conn)
             .await?;
@@ -157,9 +190,9 @@ impl Store {
                     Backend::Sqlite => *sqlite,
                     Backend::Postgres => *postgres,
                 };
-                let failed = |source| StoreError::Migration {
+                let failed = |error| StoreError::Migration {
                     name: (*name).to_owned(),
-                    source,
+                    error,
                 };
                 let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
                 sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(failed)?;
