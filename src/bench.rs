@@ -145,8 +145,10 @@ impl Drop for Deployment {
 
 pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
     let run_id = uuid::Uuid::now_v7().simple().to_string()[..12].to_owned();
-    if !args.external && args.amqp.prefix == "sagaflow" {
-        // A launched deployment gets queues of its own, removed at the end.
+    // A launched deployment gets queues of its own, removed at the end; queues under a prefix
+    // the user named are never deleted.
+    let own_prefix = !args.external && args.amqp.prefix == "sagaflow";
+    if own_prefix {
         args.amqp.prefix = format!("sagaflow-bench-{run_id}");
     }
     let store = Store::connect(&args.database_url, 16).await?;
@@ -265,6 +267,17 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
     let _ = stop.send(true);
     let _ = relay.await;
     deployment.stop();
+    if own_prefix {
+        let logicals: Vec<String> = services::SERVICES
+            .iter()
+            .map(|s| command_queue(s))
+            .chain([REPLY_QUEUE.to_owned(), START_QUEUE.to_owned()])
+            .collect();
+        let refs: Vec<&str> = logicals.iter().map(String::as_str).collect();
+        if let Err(e) = transport.delete_topology(&refs).await {
+            eprintln!("warning: could not remove the bench's queues: {e}");
+        }
+    }
     outcome?;
 
     let summary = summarize(&store, run_started_ms).await?;
@@ -316,17 +329,6 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
             "  messages:        {:.1} per saga ({commands} commands + their replies)",
             2.0 * commands as f64 / args.orders as f64
         );
-    }
-    if !args.external {
-        let logicals: Vec<String> = services::SERVICES
-            .iter()
-            .map(|s| command_queue(s))
-            .chain([REPLY_QUEUE.to_owned(), START_QUEUE.to_owned()])
-            .collect();
-        let refs: Vec<&str> = logicals.iter().map(String::as_str).collect();
-        if let Err(e) = transport.delete_topology(&refs).await {
-            eprintln!("warning: could not remove the bench's queues: {e}");
-        }
     }
     transport.close().await;
     if violations.is_empty() {

@@ -545,6 +545,13 @@ impl Engine {
         }
         conn.commit().await?;
         self.metrics.published(sent);
+        if sent == 0 {
+            // Nothing went out (broker down?): an error, so the relay loop backs off.
+            return Err(EngineError::Refused(format!(
+                "none of {} outbox messages was confirmed by the broker",
+                batch.len()
+            )));
+        }
         Ok(sent)
     }
 
@@ -619,9 +626,10 @@ impl Engine {
         self: Arc<Self>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), EngineError> {
-        let mut consumer = tokio::select! {
-            c = self.transport.consume(REPLY_QUEUE) => c.map_err(|e| EngineError::Refused(e.to_string()))?,
-            _ = shutdown.changed() => return Ok(()),
+        let Some(mut consumer) =
+            consume_retrying(&*self.transport, REPLY_QUEUE, &mut shutdown).await
+        else {
+            return Ok(());
         };
         let mut failures = 0u32;
         loop {
@@ -766,6 +774,32 @@ pub fn sequence_key(graph: &SagaGraph, input: &Value) -> Result<String, EngineEr
         Value::String(s) => s,
         other => other.to_string(),
     })
+}
+
+/// Starts consuming `queue`, retrying with backoff (logged) until it works or shutdown: a loop
+/// must never die quietly while the rest of the engine runs on. None on shutdown.
+pub(crate) async fn consume_retrying(
+    transport: &dyn Transport,
+    queue: &str,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Box<dyn crate::transport::Consumer>> {
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            c = transport.consume(queue) => match c {
+                Ok(c) => return Some(c),
+                Err(e) => {
+                    failures += 1;
+                    warn!(queue, error = %e, "cannot consume; retrying");
+                }
+            },
+            _ = shutdown.changed() => return None,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff(failures)) => {}
+            _ = shutdown.changed() => return None,
+        }
+    }
 }
 
 fn backoff(failures: u32) -> Duration {

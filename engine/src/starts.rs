@@ -44,9 +44,10 @@ impl Engine {
         transport: Arc<dyn Transport>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), EngineError> {
-        let mut consumer = tokio::select! {
-            c = transport.consume(START_QUEUE) => c.map_err(|e| EngineError::Refused(e.to_string()))?,
-            _ = shutdown.changed() => return Ok(()),
+        let Some(mut consumer) =
+            crate::engine::consume_retrying(&*transport, START_QUEUE, &mut shutdown).await
+        else {
+            return Ok(());
         };
         let mut failures = 0u32;
         loop {

@@ -49,6 +49,10 @@ use tracing::{debug, info, warn};
 
 use super::{Acker, Consumer, Delivery, Message, Transport, TransportError};
 
+/// How long a connection attempt and a publisher confirm may take before they count as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Header carrying the message's ordering key.
 pub const KEY_HEADER: &str = "x-sagaflow-key";
 /// Headers set on a dead-lettered message.
@@ -175,7 +179,12 @@ impl AmqpTransport {
     pub async fn connect(config: AmqpConfig) -> Result<Arc<AmqpTransport>, TransportError> {
         if config.partitions == 0 {
             return Err(TransportError::Other(
-                "the partition count must be at least 1".into(),
+                "the partition count (--partitions, SAGAFLOW_PARTITIONS) must be at least 1".into(),
+            ));
+        }
+        if config.prefetch == 0 {
+            return Err(TransportError::Other(
+                "the prefetch (--prefetch, SAGAFLOW_PREFETCH) must be at least 1; 0 would mean unbounded".into(),
             ));
         }
         let (closed, _) = watch::channel(false);
@@ -280,14 +289,22 @@ impl AmqpTransport {
         let config = &self.shared.config;
         let properties = ConnectionProperties::default()
             .with_connection_name(LongString::from(config.connection_name.as_bytes().to_vec()));
-        let connection = Connection::connect(&config.url, properties)
-            .await
-            .map_err(|e| {
-                TransportError::Other(format!(
+        let connecting = Connection::connect(&config.url, properties);
+        let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return Err(TransportError::Other(format!(
                     "cannot connect to RabbitMQ at {}: {e}",
                     redact(&config.url)
-                ))
-            })?;
+                )));
+            }
+            Err(_) => {
+                return Err(TransportError::Other(format!(
+                    "cannot connect to RabbitMQ at {}: no answer within {CONNECT_TIMEOUT:?}",
+                    redact(&config.url)
+                )));
+            }
+        };
         let generation = self.shared.generations.fetch_add(1, Ordering::Relaxed) + 1;
         self.declare_base(&connection).await?;
         let publisher = connection
@@ -343,7 +360,8 @@ impl AmqpTransport {
                 "x-max-length",
                 AMQPValue::LongLongInt(i64::from(config.partitions)),
             ),
-            ("x-queue-type", long_string("classic")),
+            // Quorum on a cluster: a classic marker would live on one node only.
+            ("x-queue-type", long_string(config.queue_type.as_str())),
         ]);
         let declared = ch
             .queue_declare(
@@ -448,6 +466,11 @@ impl AmqpTransport {
 
     /// Messages ready in a queue (by its full name), without consuming.
     pub async fn queue_depth(&self, queue: &str) -> Result<u32, TransportError> {
+        Ok(self.queue_stats(queue).await?.0)
+    }
+
+    /// (messages ready, consumers) of a queue (by its full name).
+    pub async fn queue_stats(&self, queue: &str) -> Result<(u32, u32), TransportError> {
         let link = self.link().await?;
         let ch = link
             .connection
@@ -466,7 +489,7 @@ impl AmqpTransport {
             .await
             .map_err(|e| amqp_err(&format!("inspecting queue {queue}"), e))?;
         let _ = ch.close(200, ShortString::from("done")).await;
-        Ok(q.message_count())
+        Ok((q.message_count(), q.consumer_count()))
     }
 
     /// Takes (and acknowledges) up to `max` dead letters: (queue, reason, message).
@@ -570,7 +593,14 @@ impl AmqpTransport {
             )
             .await;
         let confirm = match sent {
-            Ok(confirm) => confirm.await,
+            Ok(confirm) => match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+                Ok(c) => c,
+                Err(_) => {
+                    return Err(not_confirmed(format!(
+                        "no confirm within {CONFIRM_TIMEOUT:?} (is the broker blocked by a resource alarm?)"
+                    )));
+                }
+            },
             Err(e) => Err(e),
         };
         match confirm {
@@ -677,6 +707,10 @@ impl AmqpTransport {
                 }
             }
             self.broken(generation).await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = closed.wait_for(|c| *c) => return,
+            }
         }
     }
 }
@@ -725,7 +759,10 @@ impl Transport for AmqpTransport {
     async fn publish(&self, queue: &str, message: Message) -> Result<(), TransportError> {
         let link = self.link().await?;
         if let Err(e) = self.ensure_declared(&link, queue).await {
-            self.broken(link.generation).await;
+            // A channel-level refusal (e.g. PRECONDITION_FAILED) leaves the connection usable.
+            if !link.connection.status().connected() {
+                self.broken(link.generation).await;
+            }
             return Err(e);
         }
         let partition = partition_of(&message.key, self.shared.config.partitions);
@@ -791,22 +828,31 @@ struct AmqpAcker {
 impl Acker for AmqpAcker {
     async fn ack(self: Box<Self>) -> Result<(), TransportError> {
         // On a dead channel this fails, and the broker redelivers: the receiver deduplicates.
-        self.acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map(|_| ())
-            .map_err(|e| amqp_err("acknowledging", e))
+        // On a dead channel lapin answers Ok(false): the broker redelivers, the receiver dedups.
+        match self.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(TransportError::Other(
+                "acknowledging: the channel is gone; the message will be redelivered".into(),
+            )),
+            Err(e) => Err(amqp_err("acknowledging", e)),
+        }
     }
 
     async fn nack(self: Box<Self>) -> Result<(), TransportError> {
-        self.acker
+        match self
+            .acker
             .nack(BasicNackOptions {
                 requeue: true,
                 multiple: false,
             })
             .await
-            .map(|_| ())
-            .map_err(|e| amqp_err("returning a message", e))
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(TransportError::Other(
+                "returning a message: the channel is gone; the broker requeues it".into(),
+            )),
+            Err(e) => Err(amqp_err("returning a message", e)),
+        }
     }
 
     async fn dead_letter(
