@@ -24,7 +24,9 @@ use sagaflow_workers::services;
 use sqlx::Row;
 use tokio::sync::watch;
 
-use crate::dev::{fmt_counts, pick, sample_orders, seed, service_rate, summarize};
+use crate::dev::{
+    fmt_counts, pick, report_invariants, sample_orders, seed, service_rate, summarize,
+};
 use crate::serve::AmqpArgs;
 
 #[derive(Debug, clap::Args)]
@@ -331,19 +333,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
         );
     }
     transport.close().await;
-    if violations.is_empty() {
-        println!(
-            "  invariants:      OK — money conserved, each completed order charged once, coupon used once, points granted once, GMV = sum of completed orders; compensated orders net zero ({} sagas checked)",
-            outcomes.len()
-        );
-        Ok(ExitCode::SUCCESS)
-    } else {
-        println!("  invariants:      {} VIOLATED", violations.len());
-        for v in violations.iter().take(50) {
-            println!("    - {v}");
-        }
-        Ok(ExitCode::from(1))
-    }
+    Ok(report_invariants(outcomes.len(), &violations))
 }
 
 async fn relay(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {

@@ -221,49 +221,7 @@ impl Deployment {
 
     /// Seeds accounts, coupons and campaigns for `n` orders and returns their inputs.
     pub async fn orders(&self, prefix: &str, n: usize) -> Vec<Value> {
-        let orders: Vec<Value> = (0..n)
-            .map(|i| {
-                let cents = 100 + (i as u64 * 7919) % 40_000;
-                serde_json::json!({
-                    "order_id": format!("o-{prefix}-{i}"),
-                    "user_id": format!("u-{prefix}-{i}"),
-                    "amount": format!("{}.{:02}", cents / 100, cents % 100),
-                    "coupon_id": format!("c-{prefix}-{i}"),
-                    "points": cents / 100,
-                    "campaign_id": if i % 2 == 0 { "spring" } else { "summer" },
-                })
-            })
-            .collect();
-        let mut tx = self.store.pool().begin().await.expect("begin");
-        let accounts: Vec<(String, i64)> = orders
-            .iter()
-            .map(|o| {
-                (
-                    o["user_id"].as_str().unwrap_or_default().to_owned(),
-                    100_000,
-                )
-            })
-            .collect();
-        let coupons: Vec<(String, String)> = orders
-            .iter()
-            .map(|o| {
-                (
-                    o["coupon_id"].as_str().unwrap_or_default().to_owned(),
-                    o["user_id"].as_str().unwrap_or_default().to_owned(),
-                )
-            })
-            .collect();
-        services::payment::seed(&mut tx, &accounts)
-            .await
-            .expect("seed");
-        services::coupon::seed(&mut tx, &coupons)
-            .await
-            .expect("seed");
-        services::gmv::seed(&mut tx, &["spring".to_owned(), "summer".to_owned()])
-            .await
-            .expect("seed");
-        tx.commit().await.expect("commit seed");
-        orders
+        super::seed_orders(&self.store, prefix, n).await
     }
 
     pub async fn start(&self, input: Value) -> String {
