@@ -20,6 +20,15 @@ static SERIAL: Mutex<()> = Mutex::const_new(());
 
 const FINAL: Duration = Duration::from_secs(120);
 
+/// Every saga final, `n` of them completed, the services' invariants hold, no transition twice.
+async fn all_completed_once(d: &Deployment, n: i64) {
+    d.wait_all_final(FINAL).await;
+    let counts = d.counts().await;
+    assert_eq!(counts.get("completed"), Some(&n), "{counts:?}");
+    support::assert_invariants(&d.store).await;
+    d.assert_no_double_transitions().await;
+}
+
 async fn rows(d: &Deployment, sql: &'static str, saga: &str) -> Vec<(String, i64)> {
     let mut conn = d.store.pool().acquire().await.expect("conn");
     sqlx::query(sql)
@@ -463,11 +472,7 @@ async fn a_worker_killed_mid_step_is_replaced_and_each_effect_happens_once() {
     d.kill(payment);
     // A standby takes over (a fresh process: the broker redelivers what the dead one held).
     d.worker_process("payment", &[]);
-    d.wait_all_final(FINAL).await;
-    let counts = d.counts().await;
-    assert_eq!(counts.get("completed"), Some(&40), "{counts:?}");
-    support::assert_invariants(&d.store).await;
-    d.assert_no_double_transitions().await;
+    all_completed_once(&d, 40).await;
     let charges = d
         .scalar("SELECT COUNT(*) AS n FROM payment_ledger WHERE kind = 'charge'")
         .await;
@@ -498,11 +503,7 @@ async fn an_engine_killed_mid_run_and_restarted_finishes_every_saga() {
         .await;
     assert!(done_at_kill < 60, "killed mid-run ({done_at_kill} final)");
     d.restart(engine);
-    d.wait_all_final(FINAL).await;
-    let counts = d.counts().await;
-    assert_eq!(counts.get("completed"), Some(&60), "{counts:?}");
-    support::assert_invariants(&d.store).await;
-    d.assert_no_double_transitions().await;
+    all_completed_once(&d, 60).await;
     d.finish().await;
 }
 
@@ -531,11 +532,7 @@ async fn force_closed_broker_connections_are_survived() {
     for o in &orders[30..] {
         d.start(o.clone()).await;
     }
-    d.wait_all_final(FINAL).await;
-    let counts = d.counts().await;
-    assert_eq!(counts.get("completed"), Some(&60), "{counts:?}");
-    support::assert_invariants(&d.store).await;
-    d.assert_no_double_transitions().await;
+    all_completed_once(&d, 60).await;
     d.finish().await;
 }
 
