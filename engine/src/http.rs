@@ -41,7 +41,7 @@ use crate::engine::{Applied, Engine, EngineError};
 use crate::machine::{SagaState, SagaStatus};
 use crate::metrics;
 use crate::status::{self, ListQuery};
-use crate::store::StoreError;
+use crate::store::{StoreError, now_ms};
 
 /// Sagas per page when `limit` is not given, and the most a page may hold.
 pub const DEFAULT_LIMIT: u32 = 50;
@@ -453,7 +453,14 @@ async fn healthz(State(engine): State<Arc<Engine>>) -> Response {
 
 /// `GET /metrics`.
 async fn metrics(State(engine): State<Arc<Engine>>) -> ApiResult {
-    engine.metrics().refresh_outbox(engine.store()).await?;
+    let outbox = engine
+        .store()
+        .outbox_stats()
+        .await
+        .map_err(EngineError::from)?;
+    engine
+        .metrics()
+        .set_outbox(outbox.pending, outbox.oldest, now_ms());
     Ok((
         [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
         engine.metrics().encode(),

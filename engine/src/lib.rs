@@ -3,26 +3,39 @@
 //! | module | what lives there |
 //! |---|---|
 //! | [`machine`] | the pure saga state machine: `decide(graph, state, event, ctx) -> Decision` |
-//! | [`engine`] | the driver: start sagas, apply events in transactions, the reply/relay/timer loops |
-//! | [`store`] | persistence on sqlx (SQLite and PostgreSQL through one `Any` implementation), migrations |
-//! | [`transport`] | the `Transport` trait and the in-process implementation (with fault injection) |
-//! | [`wire`] | the command and reply messages |
-//! | [`starts`] | the start queue's consumer: saga starts relayed from applications' own transactions (`sagaflow-client`) |
+//! | [`engine`] | the `Engine`: what it holds, starting sagas, and the loops it runs |
+//! | [`definitions`] | the definitions registry: compiled graphs by content hash, latest by name |
+//! | [`input`] | input checks: a start's input against its definition, and its sequence key |
+//! | [`apply`] | the apply path: a batch of replies, timers, operator events and starts in one set-based transaction |
+//! | [`inbound`] | the one inbound loop, for the reply queue and the start queue: batch, apply, then ack or dead-letter |
+//! | [`relay`] | the outbox relay: claim with a lease, publish pipelined with confirms, mark sent |
+//! | [`timers`] | the timer loop: fire due retry and timeout timers |
+//! | [`operator`] | operator actions: abort, retry |
+//! | [`store`] | every SQL statement: the table traits, their PostgreSQL and SQLite statements, migrations, the read side |
+//! | [`transport`] | the `Transport` trait, RabbitMQ (lapin) and in-process implementations |
+//! | [`wire`] | the command, reply and start messages |
 //! | [`status`] | read side: saga details, lists, timelines |
 //! | [`retention`] | purging the history, inbox, outbox and timer rows of sagas finished long ago, in small batches |
 //! | [`http`] | the HTTP API (axum): start, read, retry and abort sagas; `/healthz`, `/metrics` |
 //! | [`metrics`] | Prometheus metrics: counters from the engine's decisions, outbox gauges at scrape time |
 
+pub mod apply;
+pub mod definitions;
 pub mod engine;
 pub mod http;
+pub mod inbound;
+pub mod input;
 pub mod machine;
 pub mod metrics;
+pub mod operator;
+pub mod relay;
 pub mod retention;
-pub mod starts;
 pub mod status;
 pub mod store;
+pub mod timers;
 pub mod transport;
 pub mod wire;
 
+pub use apply::{Done, Inbound, StartRequest};
 pub use engine::{Applied, Engine, EngineError, Incoming, Started};
 pub use store::{Store, StoreError};

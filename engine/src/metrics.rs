@@ -35,6 +35,7 @@ use std::fmt;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, MutexGuard};
 
+use crate::machine::{Decision, Event, Millis, Op, SagaState, StepStatus};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -42,11 +43,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use sagaflow_dsl::SagaGraph;
-use sqlx::Row;
-
-use crate::engine::EngineError;
-use crate::machine::{Decision, Event, Millis, Op, StepStatus};
-use crate::store::{SagaRow, Store, now_ms};
 
 /// The `Content-Type` of [`Metrics::encode`]'s output (OpenMetrics text, which Prometheus reads).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -246,12 +242,15 @@ impl Metrics {
             .inc();
     }
 
-    /// The engine wrote `decision` for `event` on `saga` (at version `saga.version`), at `now`.
-    /// Memory only: no IO.
+    /// The engine decided `decision` for `event` on saga `saga_id`, which was at `version`
+    /// with state `old`, at `now`. Memory only: no IO.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn decided(
         &self,
         graph: &SagaGraph,
-        saga: &SagaRow,
+        saga_id: &str,
+        version: i64,
+        old: &SagaState,
         event: &Event,
         decision: &Decision,
         now: Millis,
@@ -259,12 +258,12 @@ impl Metrics {
         if decision.ignored {
             return;
         }
-        self.step_latency(graph, saga, event, decision, now);
-        if !lock(&self.counted).insert(&saga.id, saga.version) {
+        self.step_latency(graph, saga_id, old, event, decision, now);
+        if !lock(&self.counted).insert(saga_id, version) {
             return;
         }
         let status = &decision.state.status;
-        if status.is_final() && !saga.state.status.is_final() {
+        if status.is_final() && !old.status.is_final() {
             self.sagas_finished
                 .get_or_create(&OutcomeLabels {
                     outcome: status.name(),
@@ -285,13 +284,14 @@ impl Metrics {
     fn step_latency(
         &self,
         graph: &SagaGraph,
-        saga: &SagaRow,
+        saga_id: &str,
+        old_state: &SagaState,
         event: &Event,
         decision: &Decision,
         now: Millis,
     ) {
         let mut in_flight = lock(&self.in_flight);
-        for (i, old) in saga.state.steps.iter().enumerate() {
+        for (i, old) in old_state.steps.iter().enumerate() {
             let StepStatus::Active {
                 op,
                 attempt,
@@ -304,7 +304,7 @@ impl Metrics {
                 continue;
             }
             // The attempt in flight ended (a reply, a timeout, compensation interrupting it).
-            let Some(flight) = in_flight.remove(&(saga.id.clone(), i)) else {
+            let Some(flight) = in_flight.remove(&(saga_id.to_owned(), i)) else {
                 continue;
             };
             let replied = matches!(
@@ -333,7 +333,7 @@ impl Metrics {
         }
         for c in &decision.commands {
             in_flight.insert(
-                (saga.id.clone(), c.step),
+                (saga_id.to_owned(), c.step),
                 Flight {
                     op: c.op,
                     attempt: c.attempt,
@@ -348,20 +348,6 @@ impl Metrics {
         self.outbox_pending.set(pending);
         let lag = oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0);
         self.outbox_lag.set(lag);
-    }
-
-    /// Reads the outbox gauges from the database (one query): what a scrape does first.
-    pub async fn refresh_outbox(&self, store: &Store) -> Result<(), EngineError> {
-        let mut conn = store.pool().acquire().await?;
-        let row = sqlx::query(
-            "SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox WHERE sent_at IS NULL",
-        )
-        .fetch_one(&mut *conn)
-        .await?;
-        let pending: i64 = row.try_get("n")?;
-        let oldest: Option<i64> = row.try_get("oldest")?;
-        self.set_outbox(pending, oldest, now_ms());
-        Ok(())
     }
 
     /// The OpenMetrics text exposition of every metric (serve it as [`CONTENT_TYPE`]).
@@ -381,6 +367,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 mod tests {
     use super::*;
     use crate::machine::{Context, Outcome, SagaState, decide};
+    use crate::store::SagaRow;
 
     const SAGA: &str = r#"
 name: two
@@ -409,7 +396,7 @@ steps:
     /// Applies `event` as the engine would: decide, report, move to the new state.
     fn step(m: &Metrics, g: &SagaGraph, row: &mut SagaRow, event: Event, now: Millis) -> Decision {
         let d = decide(g, &row.state, &event, Context { now, random: 0.5 });
-        m.decided(g, row, &event, &d, now);
+        m.decided(g, &row.id, row.version, &row.state, &event, &d, now);
         if !d.ignored {
             row.state = d.state.clone();
             row.version += 1;
@@ -504,7 +491,7 @@ steps:
                 random: 0.5,
             },
         );
-        m.decided(&g, &r, &last, &first, 20);
+        m.decided(&g, &r.id, r.version, &r.state, &last, &first, 20);
         step(&m, &g, &mut r, last, 30);
         assert_eq!(r.state.status.name(), "completed");
         let text = m.encode();

@@ -64,6 +64,19 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     /// Publishes and waits for the confirm.
     async fn publish(&self, queue: &str, message: Message) -> Result<(), TransportError>;
 
+    /// Publishes many messages, in order, and waits for all their confirms; one result per
+    /// message. Implementations pipeline it (send all, then await the confirms).
+    async fn publish_batch(
+        &self,
+        messages: Vec<(String, Message)>,
+    ) -> Vec<Result<(), TransportError>> {
+        let mut results = Vec::with_capacity(messages.len());
+        for (queue, message) in messages {
+            results.push(self.publish(&queue, message).await);
+        }
+        results
+    }
+
     /// Starts consuming `queue`. Waits while another consumer is active on it.
     async fn consume(&self, queue: &str) -> Result<Box<dyn Consumer>, TransportError>;
 }

@@ -1,0 +1,595 @@
+//! The apply path: a batch of inbound work (replies, due timers, operator events, starts) for
+//! many sagas, applied in **one transaction with a fixed number of statements per table**.
+//!
+//! ```text
+//!  claim timers ─ load sagas ─ record inbox ─ insert starts + take keys
+//!        │                                          │
+//!        └──────── decide every event in memory, in batch order ──────┐
+//!                                                                     │
+//!  release keys of sagas that became final (and begin who was next) ◀─┘
+//!        │
+//!  write: sagas (version-checked) · steps · history · outbox · timers ─ commit
+//! ```
+//!
+//! What a batch guarantees is what one event alone does: the inbox drops a message seen
+//! before (also twice in one batch), a timer fires once (its row is deleted by the
+//! transaction that applies it), two events of one saga are decided one after the other on the
+//! state the first left, and nothing is visible — no outbox row, no state — unless all of it
+//! commits. If the batch fails (a concurrent engine moved a saga's version, a bad row, the
+//! database), it is split in halves and each half applied on its own, down to single events,
+//! so one bad event never holds the others back; a single event that loses an optimistic-lock
+//! race is retried a few times.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sagaflow_dsl::SagaGraph;
+use serde_json::Value;
+
+use crate::engine::{Applied, Engine, EngineError, Incoming, Started};
+use crate::machine::{self, Context, Decision, Event, HistoryEntry, SagaState, StepStatus};
+use crate::machine::{TimerKind, decide, forward_op, operation_name};
+use crate::store::{
+    HistoryRow, HistoryTable, InboxTable, NewSaga, OutboxMessage, OutboxTable, SagaRow, SagaTable,
+    SagaWrite, SequenceKeyTable, StepRow, StepTable, StoreError, StoreTx, TimerRow, TimerTable, Tx,
+    now_ms, step_status_name, timer_id,
+};
+use crate::transport::command_queue;
+use crate::wire::CommandMsg;
+
+/// A saga start, its input already checked (see [`crate::input`]).
+#[derive(Debug, Clone)]
+pub struct StartRequest {
+    pub graph: Arc<SagaGraph>,
+    pub input: Value,
+    pub sequence_key: String,
+    pub idempotency_key: Option<String>,
+}
+
+/// One piece of inbound work.
+#[derive(Debug, Clone)]
+pub enum Inbound {
+    Event(Incoming),
+    Start(StartRequest),
+}
+
+/// What applying one piece of inbound work did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Done {
+    Applied(Applied),
+    Started(Started),
+}
+
+/// Retries of a single event that lost an optimistic-lock race to another engine.
+const CONFLICT_RETRIES: u32 = 8;
+
+impl Engine {
+    /// Applies a batch; one result per item, in order. Never fails as a whole: an item that
+    /// cannot be applied gets its own error.
+    pub async fn apply_inbound(&self, batch: Vec<Inbound>) -> Vec<Result<Done, EngineError>> {
+        let mut results = Vec::with_capacity(batch.len());
+        // Halves are applied in order, so two events of one saga keep their order.
+        let mut work = vec![batch];
+        while let Some(part) = work.pop() {
+            match self.apply_with_retries(&part).await {
+                Ok(done) => results.extend(done.into_iter().map(Ok)),
+                Err(e) if part.len() == 1 => results.push(Err(e)),
+                Err(e) => {
+                    tracing::debug!(error = %e, size = part.len(), "batch failed; splitting it");
+                    let mut first = part;
+                    let second = first.split_off(first.len() / 2);
+                    work.push(second);
+                    work.push(first);
+                }
+            }
+        }
+        results
+    }
+
+    async fn apply_with_retries(&self, batch: &[Inbound]) -> Result<Vec<Done>, EngineError> {
+        let mut attempt = 0;
+        loop {
+            match self.apply_once(batch).await {
+                Err(EngineError::Store(StoreError::Conflict(_)))
+                    if batch.len() == 1 && attempt < CONFLICT_RETRIES =>
+                {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(2 << attempt)).await;
+                }
+                // A concurrent start with the same idempotency key committed first: its saga
+                // is the answer.
+                Err(EngineError::Store(StoreError::Db(sqlx::Error::Database(db))))
+                    if db.is_unique_violation()
+                        && let [Inbound::Start(s)] = batch
+                        && let Some(key) = &s.idempotency_key =>
+                {
+                    let mut tx = self.store().begin().await?;
+                    let found = tx
+                        .sagas_by_idempotency_key(std::slice::from_ref(key))
+                        .await?;
+                    tx.rollback().await?;
+                    return match found.get(key) {
+                        Some(id) => Ok(vec![Done::Started(Started {
+                            id: id.clone(),
+                            existing: true,
+                        })]),
+                        None => Err(StoreError::Db(sqlx::Error::Database(db)).into()),
+                    };
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn apply_once(&self, batch: &[Inbound]) -> Result<Vec<Done>, EngineError> {
+        let now = now_ms();
+        let mut tx = self.store().begin().await?;
+        let mut plan = Plan::default();
+        let outcome = self.plan(&mut tx, &mut plan, batch, now).await;
+        let results = match outcome {
+            Ok(results) => results,
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return Err(e);
+            }
+        };
+        if let Err(e) = plan.write(&mut tx, now).await {
+            let _ = tx.rollback().await;
+            return Err(e.into());
+        }
+        tx.commit().await?;
+        for done in &results {
+            if let Done::Started(Started {
+                existing: false, ..
+            }) = done
+            {
+                self.metrics().saga_started();
+            }
+        }
+        if !plan.outbox.is_empty() {
+            self.outbox_ready();
+        }
+        if let Some(due) = plan.timers.values().map(|t| t.due_at).min() {
+            self.timer_set(due);
+        }
+        Ok(results)
+    }
+
+    /// Reads what the batch needs and decides every item in memory; returns the results.
+    async fn plan(
+        &self,
+        tx: &mut Tx,
+        plan: &mut Plan,
+        batch: &[Inbound],
+        now: i64,
+    ) -> Result<Vec<Done>, EngineError> {
+        let mut results: Vec<Option<Done>> = vec![None; batch.len()];
+        let events: Vec<(usize, &Incoming)> = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| match b {
+                Inbound::Event(e) => Some((i, e)),
+                Inbound::Start(_) => None,
+            })
+            .collect();
+
+        // Timers: claimed by deleting their rows; one claimed twice in a batch fires once.
+        let timer_ids: Vec<String> = events
+            .iter()
+            .filter_map(|(_, e)| e.timer_id.clone())
+            .collect();
+        let mut claimed = tx.claim_timers(&timer_ids).await?;
+        let mut live: Vec<(usize, &Incoming)> = Vec::with_capacity(events.len());
+        for (i, e) in events {
+            match &e.timer_id {
+                Some(t) if !claimed.remove(t) => {
+                    results[i] = Some(Done::Applied(Applied::Duplicate));
+                }
+                _ => live.push((i, e)),
+            }
+        }
+
+        // The sagas the events are for.
+        let mut ids: Vec<String> = live.iter().map(|(_, e)| e.saga_id.clone()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for row in tx.load_sagas(&ids).await? {
+            let graph = self.graph_in(tx, &row.definition_hash).await?;
+            plan.sagas
+                .insert(row.id.clone(), Working::loaded(row, graph));
+        }
+
+        // The inbox: a message seen before (in an earlier batch, or earlier in this one) is a
+        // duplicate.
+        let mut seen = HashSet::new();
+        let mut messages = Vec::new();
+        for (_, e) in &live {
+            if let Some(m) = &e.message_id
+                && plan.sagas.contains_key(&e.saga_id)
+                && seen.insert(m.clone())
+            {
+                messages.push((m.clone(), e.saga_id.clone()));
+            }
+        }
+        let mut fresh = tx.record_inbox(&messages, now).await?;
+
+        // Starts: idempotency keys, new rows, sequence keys.
+        let begins = self.plan_starts(tx, plan, batch, &mut results, now).await?;
+
+        // Decide, in batch order.
+        let mut finals = Vec::new();
+        for (i, e) in live {
+            if !plan.sagas.contains_key(&e.saga_id) {
+                tracing::warn!(saga.id = %e.saga_id, "event for an unknown saga");
+                results[i] = Some(Done::Applied(Applied::UnknownSaga));
+                continue;
+            }
+            if let Some(m) = &e.message_id
+                && !fresh.remove(m)
+            {
+                results[i] = Some(Done::Applied(Applied::Duplicate));
+                continue;
+            }
+            let changed = self.decide_into(plan, &e.saga_id, &e.event, now, &mut finals);
+            results[i] = Some(Done::Applied(if changed {
+                Applied::Changed
+            } else {
+                Applied::Ignored
+            }));
+        }
+        for id in begins {
+            self.decide_into(plan, &id, &Event::Begin, now, &mut finals);
+        }
+
+        // Final sagas give up their keys; whoever was next begins (and may finish at once).
+        while !finals.is_empty() {
+            let next = tx.release_keys(&std::mem::take(&mut finals)).await?;
+            let missing: Vec<String> = next
+                .iter()
+                .filter(|id| !plan.sagas.contains_key(*id))
+                .cloned()
+                .collect();
+            for row in tx.load_sagas(&missing).await? {
+                let graph = self.graph_in(tx, &row.definition_hash).await?;
+                plan.sagas
+                    .insert(row.id.clone(), Working::loaded(row, graph));
+            }
+            for id in next {
+                if plan.sagas.contains_key(&id) {
+                    self.decide_into(plan, &id, &Event::Begin, now, &mut finals);
+                }
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or(Done::Applied(Applied::Ignored)))
+            .collect())
+    }
+
+    /// Inserts the batch's new sagas and takes their sequence keys; fills in the starts'
+    /// results; returns the sagas that hold their key and begin now.
+    async fn plan_starts(
+        &self,
+        tx: &mut Tx,
+        plan: &mut Plan,
+        batch: &[Inbound],
+        results: &mut [Option<Done>],
+        now: i64,
+    ) -> Result<Vec<String>, EngineError> {
+        let starts: Vec<(usize, &StartRequest)> = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| match b {
+                Inbound::Start(s) => Some((i, s)),
+                Inbound::Event(_) => None,
+            })
+            .collect();
+        if starts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = starts
+            .iter()
+            .filter_map(|(_, s)| s.idempotency_key.clone())
+            .collect();
+        let mut existing = tx.sagas_by_idempotency_key(&keys).await?;
+        let mut new = Vec::new();
+        let mut requests = Vec::new();
+        for (i, s) in starts {
+            if let Some(k) = &s.idempotency_key
+                && let Some(id) = existing.get(k)
+            {
+                results[i] = Some(Done::Started(Started {
+                    id: id.clone(),
+                    existing: true,
+                }));
+                continue;
+            }
+            let id = uuid::Uuid::now_v7().to_string();
+            if let Some(k) = &s.idempotency_key {
+                existing.insert(k.clone(), id.clone());
+            }
+            let state = SagaState::new(&s.graph, s.input.clone());
+            plan.history.push(HistoryRow {
+                saga_id: id.clone(),
+                entry: HistoryEntry {
+                    kind: "created".into(),
+                    step: None,
+                    detail: format!(
+                        "{} v{} with sequence key `{}`",
+                        s.graph.name(),
+                        s.graph.def().version,
+                        s.sequence_key
+                    ),
+                },
+            });
+            new.push(NewSaga {
+                id: id.clone(),
+                name: s.graph.name().to_owned(),
+                definition_hash: s.graph.content_hash().to_owned(),
+                sequence_key: s.sequence_key.clone(),
+                state: state.clone(),
+                idempotency_key: s.idempotency_key.clone(),
+            });
+            requests.push((s.sequence_key.clone(), id.clone()));
+            let row = SagaRow {
+                id: id.clone(),
+                name: s.graph.name().to_owned(),
+                definition_hash: s.graph.content_hash().to_owned(),
+                sequence_key: s.sequence_key.clone(),
+                state,
+                version: 0,
+                created_at: now,
+                finished_at: None,
+            };
+            let mut working = Working::loaded(row, s.graph.clone());
+            working.new = true;
+            plan.sagas.insert(id.clone(), working);
+            results[i] = Some(Done::Started(Started {
+                id,
+                existing: false,
+            }));
+        }
+        tx.insert_sagas(&new, now).await?;
+        let holding = tx.acquire_keys(&requests).await?;
+        let holds: HashSet<&String> = holding.iter().collect();
+        for (key, id) in &requests {
+            if !holds.contains(id) {
+                plan.history.push(HistoryRow {
+                    saga_id: id.clone(),
+                    entry: HistoryEntry {
+                        kind: "queued".into(),
+                        step: None,
+                        detail: format!("waiting for the saga that holds sequence key `{key}`"),
+                    },
+                });
+            }
+        }
+        Ok(holding)
+    }
+
+    /// Decides one event for a saga of the plan and records what it writes; returns whether
+    /// it changed the saga.
+    fn decide_into(
+        &self,
+        plan: &mut Plan,
+        saga_id: &str,
+        event: &Event,
+        now: i64,
+        finals: &mut Vec<(String, String)>,
+    ) -> bool {
+        let Some(w) = plan.sagas.get_mut(saga_id) else {
+            return false;
+        };
+        let ctx = Context {
+            now,
+            random: fastrand::f64(),
+        };
+        let decision = decide(&w.graph, &w.state, event, ctx);
+        self.metrics().decided(
+            &w.graph,
+            saga_id,
+            w.row.version + w.changes,
+            &w.state,
+            event,
+            &decision,
+            now,
+        );
+        let Decision {
+            state,
+            commands,
+            timers,
+            history,
+            ignored,
+        } = decision;
+        for entry in history {
+            plan.history.push(HistoryRow {
+                saga_id: saga_id.to_owned(),
+                entry,
+            });
+        }
+        if ignored {
+            return false;
+        }
+        for c in &commands {
+            plan.outbox.push(outbox_message(&w.graph, &w.row, c));
+        }
+        for t in &timers {
+            let id = timer_id(saga_id, t);
+            plan.cancelled.remove(&id);
+            plan.timers.insert(
+                id.clone(),
+                TimerRow {
+                    id,
+                    saga_id: saga_id.to_owned(),
+                    due_at: t.at,
+                    event: Event::Timer {
+                        step: t.step,
+                        op: t.op,
+                        attempt: t.attempt,
+                        kind: t.kind,
+                    },
+                },
+            );
+        }
+        // A step that left the attempt a timer was guarding no longer needs that timer: delete
+        // it instead of letting it fire only to be ignored.
+        for (i, old) in w.state.steps.iter().enumerate() {
+            let StepStatus::Active {
+                op,
+                attempt,
+                waiting,
+            } = old
+            else {
+                continue;
+            };
+            if state.steps.get(i) == Some(old) {
+                continue;
+            }
+            let kind = if *waiting {
+                TimerKind::Retry
+            } else {
+                TimerKind::Timeout
+            };
+            let id = timer_id(
+                saga_id,
+                &machine::Timer {
+                    step: i,
+                    op: *op,
+                    attempt: *attempt,
+                    kind,
+                    at: 0,
+                },
+            );
+            if plan.timers.remove(&id).is_none() {
+                plan.cancelled.insert(id);
+            }
+        }
+        if state.status.is_final() && !w.state.status.is_final() {
+            finals.push((w.row.sequence_key.clone(), saga_id.to_owned()));
+        }
+        w.state = state;
+        w.changes += 1;
+        true
+    }
+
+    /// The graph a saga is pinned to, read through this transaction on a cache miss.
+    async fn graph_in(&self, tx: &mut Tx, hash: &str) -> Result<Arc<SagaGraph>, EngineError> {
+        match self.cached_graph(hash) {
+            Some(g) => Ok(g),
+            None => self.load_graph(tx, hash).await,
+        }
+    }
+}
+
+/// A saga as the batch changes it.
+#[derive(Debug)]
+struct Working {
+    /// As loaded (or inserted by this batch).
+    row: SagaRow,
+    graph: Arc<SagaGraph>,
+    state: SagaState,
+    /// Changing decisions so far.
+    changes: i64,
+    /// Inserted by this batch: every step row is written.
+    new: bool,
+}
+
+impl Working {
+    fn loaded(row: SagaRow, graph: Arc<SagaGraph>) -> Working {
+        Working {
+            state: row.state.clone(),
+            row,
+            graph,
+            changes: 0,
+            new: false,
+        }
+    }
+}
+
+/// Everything a batch writes, gathered in memory and written set-based at the end.
+#[derive(Debug, Default)]
+struct Plan {
+    sagas: BTreeMap<String, Working>,
+    history: Vec<HistoryRow>,
+    outbox: Vec<OutboxMessage>,
+    timers: BTreeMap<String, TimerRow>,
+    cancelled: HashSet<String>,
+}
+
+impl Plan {
+    async fn write(&self, tx: &mut Tx, now: i64) -> Result<(), StoreError> {
+        let mut writes = Vec::new();
+        let mut steps = Vec::new();
+        for (id, w) in &self.sagas {
+            if w.changes == 0 {
+                continue;
+            }
+            writes.push(SagaWrite {
+                id: id.clone(),
+                expected_version: w.row.version,
+                changes: w.changes,
+                state: w.state.clone(),
+            });
+            let (old, new) = (&w.row.state, &w.state);
+            for (i, step) in new.steps.iter().enumerate() {
+                let changed = w.new
+                    || w.row.version == 0
+                    || old.steps.get(i) != Some(step)
+                    || old.attempts.get(i) != new.attempts.get(i)
+                    || old.last_errors.get(i) != new.last_errors.get(i);
+                if changed && i < w.graph.steps().len() {
+                    steps.push(StepRow {
+                        saga_id: id.clone(),
+                        index: i,
+                        step_id: w.graph.step(i).id.to_string(),
+                        status: step_status_name(step),
+                        attempts: new.attempts.get(i).copied().unwrap_or(0),
+                        last_error: new.last_errors.get(i).cloned().flatten(),
+                    });
+                }
+            }
+        }
+        tx.update_sagas(&writes, now).await?;
+        tx.upsert_steps(&steps, now).await?;
+        tx.append_history(&self.history, now).await?;
+        tx.enqueue_outbox(&self.outbox, now).await?;
+        let timers: Vec<TimerRow> = self.timers.values().cloned().collect();
+        tx.set_timers(&timers).await?;
+        let cancelled: Vec<String> = self.cancelled.iter().cloned().collect();
+        tx.cancel_timers(&cancelled).await?;
+        Ok(())
+    }
+}
+
+fn outbox_message(graph: &SagaGraph, saga: &SagaRow, c: &machine::Command) -> OutboxMessage {
+    let kind = &graph.step(c.step).kind;
+    let msg = CommandMsg {
+        saga_id: saga.id.clone(),
+        saga: saga.name.clone(),
+        key: saga.sequence_key.clone(),
+        step: c.step,
+        step_id: c.step_id.clone(),
+        service: c.service.clone(),
+        op: c.op,
+        operation: c.operation.clone(),
+        forward: operation_name(kind, forward_op(kind)).to_owned(),
+        attempt: c.attempt,
+        params: c.params.clone(),
+    };
+    OutboxMessage {
+        message_id: msg.message_id(),
+        destination: command_queue(&c.service),
+        routing_key: saga.sequence_key.clone(),
+        payload: serde_json::to_string(&msg).unwrap_or_default(),
+    }
+}
+
+/// Maps the per-item results of a batch of events back to `Applied` values (for callers that
+/// only send events).
+pub(crate) fn applied(done: Result<Done, EngineError>) -> Result<Applied, EngineError> {
+    match done? {
+        Done::Applied(a) => Ok(a),
+        Done::Started(_) => Ok(Applied::Changed),
+    }
+}

@@ -1,0 +1,220 @@
+//! The inbound loop, one for each queue the engine consumes: replies from the workers and
+//! saga starts relayed from applications' own outboxes (the `sagaflow-client` crate).
+//!
+//! Both do the same: take what is ready (up to [`BATCH`] deliveries), decode each message,
+//! apply the batch in one transaction ([`crate::apply`]), and only then acknowledge. What
+//! comes back per message decides what happens to its delivery:
+//!
+//! | result | delivery |
+//! |---|---|
+//! | applied, ignored, or a duplicate | acknowledged |
+//! | undecodable; a reply for an unknown saga; a start without an idempotency key, for an unknown definition or with an input its definition refuses | dead-lettered with the reason (kept for an operator, never blocking the queue) |
+//! | a database error | given back (redelivered), and the loop backs off |
+//!
+//! A start is idempotent by its key, a reply by its message id (the inbox), so a message
+//! delivered twice — or applied and then redelivered because its ack was lost — has one effect.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::apply::{Done, Inbound, StartRequest};
+use crate::engine::{Applied, Engine, EngineError, Incoming, backoff, consume_retrying};
+use crate::machine::Event;
+use crate::transport::{Delivery, REPLY_QUEUE, START_QUEUE};
+use crate::wire::{ReplyMsg, StartMsg};
+
+/// Deliveries taken from the queue at once.
+pub const BATCH: usize = 256;
+
+/// Which queue an inbound loop consumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queue {
+    Replies,
+    Starts,
+}
+
+impl Queue {
+    fn name(self) -> &'static str {
+        match self {
+            Queue::Replies => REPLY_QUEUE,
+            Queue::Starts => START_QUEUE,
+        }
+    }
+}
+
+/// Why a message was not turned into inbound work.
+#[derive(Debug)]
+enum Refusal {
+    /// It never can be: dead-letter it with this reason.
+    Poison(String),
+    /// The database failed while looking something up: give it back.
+    Transient(EngineError),
+}
+
+impl Engine {
+    /// Consumes `queue` until `shutdown` turns true.
+    pub(crate) async fn inbound_loop(
+        self: Arc<Self>,
+        queue: Queue,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), EngineError> {
+        let Some(mut consumer) =
+            consume_retrying(&**self.transport(), queue.name(), &mut shutdown).await
+        else {
+            return Ok(());
+        };
+        let mut failures = 0u32;
+        loop {
+            let first = tokio::select! {
+                d = consumer.next() => d,
+                _ = shutdown.changed() => None,
+            };
+            let Some(first) = first else { return Ok(()) };
+            let mut deliveries = vec![first];
+            while deliveries.len() < BATCH {
+                match consumer.try_next() {
+                    Some(d) => deliveries.push(d),
+                    None => break,
+                }
+            }
+            if self.handle_batch(queue, deliveries).await {
+                failures = 0;
+            } else {
+                failures += 1;
+                tokio::select! {
+                    () = tokio::time::sleep(backoff(failures)) => {}
+                    _ = shutdown.changed() => return Ok(()),
+                }
+            }
+        }
+    }
+
+    /// Decodes, applies and settles one batch of deliveries; false if some must come again.
+    async fn handle_batch(&self, queue: Queue, deliveries: Vec<Delivery>) -> bool {
+        let mut work = Vec::with_capacity(deliveries.len());
+        let mut held = Vec::with_capacity(deliveries.len());
+        let mut ok = true;
+        for d in deliveries {
+            match self.decode(queue, &d).await {
+                Ok(inbound) => {
+                    work.push(inbound);
+                    held.push(d);
+                }
+                Err(Refusal::Poison(reason)) => self.dead_letter(d, queue.name(), &reason).await,
+                Err(Refusal::Transient(e)) => {
+                    warn!(message = %d.message.id, error = %e, "cannot handle a message now; it will be redelivered");
+                    ok = false;
+                    let _ = d.nack().await;
+                }
+            }
+        }
+        if work.is_empty() {
+            return ok;
+        }
+        let results = self.apply_inbound(work.clone()).await;
+        for ((d, inbound), result) in held.into_iter().zip(&work).zip(results) {
+            match result {
+                Ok(Done::Applied(Applied::UnknownSaga)) => {
+                    let saga = match inbound {
+                        Inbound::Event(e) => e.saga_id.as_str(),
+                        Inbound::Start(_) => "?",
+                    };
+                    let reason = format!("reply for unknown saga {saga}");
+                    self.dead_letter(d, queue.name(), &reason).await;
+                }
+                Ok(done) => {
+                    if let Done::Started(s) = &done {
+                        debug!(message = %d.message.id, saga.id = %s.id, existing = s.existing, "start request handled");
+                    }
+                    if let Err(e) = d.ack().await {
+                        // Redelivered later and recognised (inbox, idempotency key).
+                        warn!(error = %e, "acknowledging a message failed");
+                    }
+                }
+                Err(EngineError::Store(e)) => {
+                    warn!(message = %d.message.id, error = %e, "applying a message failed; it will be redelivered");
+                    ok = false;
+                    let _ = d.nack().await;
+                }
+                Err(e) => match inbound {
+                    Inbound::Start(s) => {
+                        let reason = format!(
+                            "cannot start saga `{}` (idempotency key `{}`): {e}",
+                            s.graph.name(),
+                            s.idempotency_key.as_deref().unwrap_or("")
+                        );
+                        self.dead_letter(d, queue.name(), &reason).await;
+                    }
+                    Inbound::Event(_) => {
+                        warn!(message = %d.message.id, error = %e, "applying a reply failed; it will be redelivered");
+                        ok = false;
+                        let _ = d.nack().await;
+                    }
+                },
+            }
+        }
+        ok
+    }
+
+    async fn decode(&self, queue: Queue, d: &Delivery) -> Result<Inbound, Refusal> {
+        match queue {
+            Queue::Replies => {
+                let reply: ReplyMsg = serde_json::from_slice(&d.message.payload)
+                    .map_err(|e| Refusal::Poison(format!("undecodable reply: {e}")))?;
+                Ok(Inbound::Event(Incoming {
+                    saga_id: reply.saga_id.clone(),
+                    message_id: Some(reply.message_id()),
+                    event: Event::Reply {
+                        step: reply.step,
+                        op: reply.op,
+                        attempt: reply.attempt,
+                        outcome: reply.outcome,
+                    },
+                    timer_id: None,
+                }))
+            }
+            Queue::Starts => {
+                let start: StartMsg = serde_json::from_slice(&d.message.payload)
+                    .map_err(|e| Refusal::Poison(format!("undecodable start message: {e}")))?;
+                if start.idempotency_key.is_empty() {
+                    return Err(Refusal::Poison(format!(
+                        "start message for saga `{}` without an idempotency key (it could start twice)",
+                        start.saga
+                    )));
+                }
+                let refused = |e: EngineError| match e {
+                    EngineError::Store(_) => Refusal::Transient(e),
+                    other => Refusal::Poison(format!(
+                        "cannot start saga `{}` (idempotency key `{}`): {other}",
+                        start.saga, start.idempotency_key
+                    )),
+                };
+                let graph = self
+                    .definition_by_name(&start.saga)
+                    .await
+                    .map_err(refused)?;
+                let sequence_key =
+                    crate::input::sequence_key(&graph, &start.input).map_err(refused)?;
+                Ok(Inbound::Start(StartRequest {
+                    graph,
+                    input: start.input,
+                    sequence_key,
+                    idempotency_key: Some(start.idempotency_key),
+                }))
+            }
+        }
+    }
+
+    /// Sets a message aside that can never be handled, with its reason (logged and counted).
+    pub(crate) async fn dead_letter(&self, d: Delivery, queue: &str, reason: &str) {
+        warn!(message = %d.message.id, queue, reason, "dead-lettering a message");
+        match d.dead_letter(reason).await {
+            Ok(()) => self.metrics().dead_lettered(queue),
+            Err(e) => {
+                warn!(error = %e, "dead-lettering failed; the message goes back to its queue")
+            }
+        }
+    }
+}

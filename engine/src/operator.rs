@@ -1,0 +1,38 @@
+//! Operator actions on one saga: abort (compensate) and retry (resume a Failed saga). They are
+//! events like any other and go through the same apply path.
+
+use crate::engine::{Applied, Engine, EngineError, Incoming};
+use crate::machine::Event;
+
+impl Engine {
+    /// Operator: compensate a running saga.
+    pub async fn abort(&self, saga_id: &str, reason: &str) -> Result<Applied, EngineError> {
+        self.operator(
+            saga_id,
+            Event::Abort {
+                reason: reason.to_owned(),
+            },
+        )
+        .await
+    }
+
+    /// Operator: resume a failed saga.
+    pub async fn retry(&self, saga_id: &str) -> Result<Applied, EngineError> {
+        self.operator(saga_id, Event::Retry).await
+    }
+
+    async fn operator(&self, saga_id: &str, event: Event) -> Result<Applied, EngineError> {
+        let r = self
+            .apply(&[Incoming {
+                saga_id: saga_id.to_owned(),
+                event,
+                message_id: None,
+                timer_id: None,
+            }])
+            .await?;
+        match r.first() {
+            Some(Applied::UnknownSaga) | None => Err(EngineError::UnknownSaga(saga_id.to_owned())),
+            Some(other) => Ok(other.clone()),
+        }
+    }
+}

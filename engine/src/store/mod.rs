@@ -1,0 +1,376 @@
+//! Persistence on sqlx, for SQLite (embedded default) and PostgreSQL (production).
+//!
+//! One implementation serves both through sqlx's `Any` driver: runtime queries with `$N`
+//! placeholders, JSON as TEXT, times as epoch milliseconds. Where the dialects differ (row locks)
+//! the query is chosen by [`Backend`]. The same test suite runs against both databases.
+//!
+//! Concurrency: sagas carry an optimistic `version` (a write that lost a race is retried by the
+//! caller); per-key sequencing locks the key's row (`FOR UPDATE` on PostgreSQL; SQLite has one
+//! writer). SQLite gets a single connection: it serialises writers anyway, and one connection
+//! avoids `SQLITE_BUSY` on lock upgrades.
+
+pub mod outbox;
+pub mod sql;
+pub mod timers;
+pub mod tx;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyConnection, AnyPool, Row};
+
+use crate::machine::{SagaState, StepStatus, Timer};
+use sql::Sql;
+pub use tx::{
+    DefinitionTable, HistoryRow, HistoryTable, InboxTable, NewSaga, OutboxMessage, OutboxTable,
+    SagaTable, SagaWrite, SequenceKeyTable, StepRow, StepTable, StoreTx, TimerRow, TimerTable, Tx,
+};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The message carries sqlx's whole text, so it is not also exposed as a `source` (an
+    /// error chain printer would print it twice).
+    #[error("database: {0}")]
+    Db(sqlx::Error),
+    #[error("cannot open database {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("migration {name} failed: {error}")]
+    Migration { name: String, error: sqlx::Error },
+    #[error("saga {0} was changed concurrently")]
+    Conflict(String),
+    #[error("corrupt row in {table}: {detail}")]
+    Corrupt { table: &'static str, detail: String },
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Db(e)
+    }
+}
+
+/// Which SQL dialect the pool speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Counts what the store sends, for `sagaflow dev`/`bench` figures (statements and commits per
+/// saga) and for tests that pin the batch path's statement count.
+#[derive(Debug, Default)]
+pub struct Counters {
+    statements: AtomicU64,
+    commits: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn statement(&self) {
+        self.statements.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn commit(&self) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Statements sent so far (batch statements count once).
+    pub fn statements(&self) -> u64 {
+        self.statements.load(Ordering::Relaxed)
+    }
+
+    /// Transactions committed so far (statements outside a transaction count as one each).
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+}
+
+/// A set of migrations: (name, SQLite SQL, PostgreSQL SQL), applied in order, each once.
+pub type Migrations = &'static [(&'static str, &'static str, &'static str)];
+
+/// The engine's own tables.
+pub const ENGINE_MIGRATIONS: Migrations = &[
+    (
+        "0001_engine",
+        include_str!("../../../migrations/sqlite/0001_engine.sql"),
+        include_str!("../../../migrations/postgres/0001_engine.sql"),
+    ),
+    (
+        "0002_retention",
+        include_str!("../../../migrations/sqlite/0002_retention.sql"),
+        include_str!("../../../migrations/postgres/0002_retention.sql"),
+    ),
+    (
+        "0003_relay_lease",
+        include_str!("../../../migrations/sqlite/0003_relay_lease.sql"),
+        include_str!("../../../migrations/postgres/0003_relay_lease.sql"),
+    ),
+];
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+    counters: Arc<Counters>,
+}
+
+/// A database address as users write it: `postgres://…`, `sqlite://file.db`, or a plain path.
+pub fn normalize_url(url: &str) -> String {
+    if url.starts_with("postgres://")
+        || url.starts_with("postgresql://")
+        || url.starts_with("sqlite:")
+    {
+        url.to_owned()
+    } else {
+        format!("sqlite://{url}?mode=rwc")
+    }
+}
+
+impl Store {
+    /// Opens the database; PostgreSQL gets `max_connections` connections, SQLite one.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let url = normalize_url(url);
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            Backend::Postgres
+        };
+        let connect_err = |e: sqlx::Error| StoreError::Connect {
+            url: redact(&url),
+            reason: match &e {
+                sqlx::Error::Database(db) => db.message().to_owned(),
+                other => other.to_string(),
+            },
+        };
+        let options: AnyConnectOptions = url.parse().map_err(connect_err)?;
+        let pool = match backend {
+            Backend::Sqlite => AnyPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(60))
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        // WAL: readers (status commands) never block the writer; NORMAL sync is
+                        // durable across process crashes, which is what the embedded mode needs.
+                        sqlx::raw_sql(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+                        )
+                        .execute(conn)
+                        .await?;
+                        Ok(())
+                    })
+                })
+                .connect_with(options)
+                .await
+                .map_err(connect_err)?,
+            Backend::Postgres => {
+                // One direct attempt first: the pool would retry a refused connection until its
+                // timeout and then report only "timed out", hiding the reason.
+                let probe = <AnyConnection as sqlx::Connection>::connect_with(&options)
+                    .await
+                    .map_err(connect_err)?;
+                let _ = sqlx::Connection::close(probe).await;
+                AnyPoolOptions::new()
+                .max_connections(max_connections.max(2))
+                .acquire_timeout(Duration::from_secs(30))
+                .connect_with(options)
+                .await
+                .map_err(connect_err)?
+            }
+        };
+        Ok(Store {
+            pool,
+            backend,
+            counters: Arc::default(),
+        })
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The statements of this store's dialect.
+    pub(crate) fn sql(&self) -> &'static Sql {
+        match self.backend {
+            Backend::Postgres => &sql::POSTGRES,
+            Backend::Sqlite => &sql::SQLITE,
+        }
+    }
+
+    /// What this store has sent so far.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Opens a write transaction.
+    pub async fn begin(&self) -> Result<Tx, StoreError> {
+        Ok(Tx {
+            tx: self.pool.begin().await?,
+            sql: self.sql(),
+            counters: self.counters.clone(),
+        })
+    }
+
+    /// Applies every migration of `sets` not applied yet, each in its own transaction.
+    pub async fn migrate(&self, sets: &[Migrations]) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        // Processes starting together on a fresh PostgreSQL database (an engine and its workers)
+        // would race on CREATE TABLE IF NOT EXISTS; one migrates at a time.
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_lock(7317001)")
+                .execute(&mut *conn)
+                .await?;
+        }
+        let result = self.migrate_on(&mut conn, sets).await;
+        if self.backend == Backend::Postgres {
+            let unlocked = sqlx::query("SELECT pg_advisory_unlock(7317001)")
+                .execute(&mut *conn)
+                .await;
+            if unlocked.is_err() {
+                // Never hand a connection that may still hold the lock back to the pool.
+                let _ = conn.detach();
+            }
+        }
+        result
+    }
+
+    async fn migrate_on(
+        &self,
+        conn: &mut AnyConnection,
+        sets: &[Migrations],
+    ) -> Result<(), StoreError> {
+        sqlx::raw_sql("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at BIGINT NOT NULL)")
+            .execute(&mut *conn)
+            .await?;
+        for set in sets {
+            for (name, sqlite, postgres) in set.iter() {
+                let applied = sqlx::query("SELECT 1 FROM schema_migrations WHERE name = $1")
+                    .bind(*name)
+                    .fetch_optional(&mut *conn)
+                    .await?
+                    .is_some();
+                if applied {
+                    continue;
+                }
+                let sql = match self.backend {
+                    Backend::Sqlite => *sqlite,
+                    Backend::Postgres => *postgres,
+                };
+                let failed = |error| StoreError::Migration {
+                    name: (*name).to_owned(),
+                    error,
+                };
+                let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
+                sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(failed)?;
+                // ON CONFLICT: another process may have applied it concurrently (same SQL,
+                // idempotent thanks to IF NOT EXISTS).
+                sqlx::query("INSERT INTO schema_migrations (name, applied_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+                    .bind(*name)
+                    .bind(now_ms())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(failed)?;
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn redact(url: &str) -> String {
+    // postgres://user:secret@host → postgres://user:***@host
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// A saga row as the driver needs it.
+#[derive(Debug, Clone)]
+pub struct SagaRow {
+    pub id: String,
+    pub name: String,
+    pub definition_hash: String,
+    pub sequence_key: String,
+    pub state: SagaState,
+    pub version: i64,
+    pub created_at: i64,
+    pub finished_at: Option<i64>,
+}
+
+fn saga_from_row(row: &sqlx::any::AnyRow) -> Result<SagaRow, StoreError> {
+    let id: String = row.try_get("id")?;
+    let state_text: String = row.try_get("state")?;
+    let state = serde_json::from_str(&state_text).map_err(|e| StoreError::Corrupt {
+        table: "sagas",
+        detail: format!("saga {id}: state is not valid JSON: {e}"),
+    })?;
+    Ok(SagaRow {
+        id,
+        name: row.try_get("name")?,
+        definition_hash: row.try_get("definition_hash")?,
+        sequence_key: row.try_get("sequence_key")?,
+        state,
+        version: row.try_get("version")?,
+        created_at: row.try_get("created_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+pub fn timer_id(saga_id: &str, t: &Timer) -> String {
+    format!(
+        "{saga_id}/{}/{}/{}/{}",
+        t.step,
+        t.op,
+        t.attempt,
+        match t.kind {
+            crate::machine::TimerKind::Timeout => "timeout",
+            crate::machine::TimerKind::Retry => "retry",
+        }
+    )
+}
+
+pub(crate) fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".to_owned())
+}
+
+pub fn step_status_name(s: &StepStatus) -> String {
+    match s {
+        StepStatus::Pending => "pending".into(),
+        StepStatus::Active { op, waiting, .. } => {
+            if *waiting {
+                format!("{op}: waiting to retry")
+            } else {
+                format!("{op}: running")
+            }
+        }
+        StepStatus::Succeeded => "succeeded".into(),
+        StepStatus::Confirmed => "confirmed".into(),
+        StepStatus::Failed { business: true, .. } => "failed".into(),
+        StepStatus::Failed {
+            business: false, ..
+        } => "failed (may have taken effect)".into(),
+        StepStatus::Skipped => "skipped".into(),
+        StepStatus::Compensated => "compensated".into(),
+        StepStatus::Stuck { op, .. } => format!("{op}: stuck"),
+    }
+}

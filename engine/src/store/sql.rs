@@ -1,0 +1,141 @@
+//! The set-based statements, one text per dialect.
+//!
+//! Every batch statement takes its rows as **one JSON parameter** (`$1`) and expands it in SQL
+//! (`json_to_recordset` / `json_array_elements` on PostgreSQL, `json_each` on SQLite). So a
+//! statement's text is the same whatever the batch size: each connection prepares it once, and
+//! a batch of 200 events costs the same number of round trips as a batch of one. Rows whose
+//! order matters (history, outbox) are inserted in array order.
+
+/// The statements of one dialect.
+#[derive(Debug)]
+pub struct Sql {
+    pub load_sagas: &'static str,
+    pub insert_sagas: &'static str,
+    pub update_sagas: &'static str,
+    pub sagas_by_idempotency_key: &'static str,
+    pub upsert_steps: &'static str,
+    pub append_history: &'static str,
+    pub record_inbox: &'static str,
+    pub enqueue_outbox: &'static str,
+    pub claim_timers: &'static str,
+    pub set_timers: &'static str,
+    pub cancel_timers: &'static str,
+    pub acquire_keys: &'static str,
+    pub lock_keys: &'static str,
+    pub queue_heads: &'static str,
+    pub delete_keys: &'static str,
+    pub leave_queue: &'static str,
+    pub claim_outbox: &'static str,
+    pub mark_sent: &'static str,
+    pub release_lease: &'static str,
+    pub next_timers: &'static str,
+}
+
+pub const POSTGRES: Sql = Sql {
+    load_sagas: "SELECT id, name, definition_hash, sequence_key, state, version, created_at, finished_at FROM sagas \
+        WHERE id IN (SELECT json_array_elements_text($1::json))",
+    insert_sagas: "INSERT INTO sagas (id, name, definition_hash, sequence_key, status, state, version, idempotency_key, created_at, updated_at) \
+        SELECT x.id, x.name, x.hash, x.k, x.status, x.state, 0, x.idem, $2, $2 \
+        FROM json_to_recordset($1::json) AS x(id text, name text, hash text, k text, status text, state text, idem text)",
+    update_sagas: "UPDATE sagas SET status = x.status, state = x.state, version = x.version + x.n, updated_at = $2, \
+        finished_at = COALESCE(sagas.finished_at, x.finished) \
+        FROM json_to_recordset($1::json) AS x(id text, status text, state text, version bigint, n bigint, finished bigint) \
+        WHERE sagas.id = x.id AND sagas.version = x.version",
+    sagas_by_idempotency_key: "SELECT idempotency_key, id FROM sagas \
+        WHERE idempotency_key IN (SELECT json_array_elements_text($1::json))",
+    upsert_steps: "INSERT INTO saga_steps (saga_id, step_index, step_id, status, attempts, last_error, updated_at) \
+        SELECT x.saga, x.i, x.step, x.status, x.attempts, x.err, $2 \
+        FROM json_to_recordset($1::json) AS x(saga text, i bigint, step text, status text, attempts bigint, err text) \
+        ON CONFLICT (saga_id, step_index) DO UPDATE SET status = excluded.status, attempts = excluded.attempts, \
+        last_error = excluded.last_error, updated_at = excluded.updated_at",
+    append_history: "INSERT INTO saga_history (saga_id, at, kind, step, detail) \
+        SELECT e.j->>'saga', $2, e.j->>'kind', e.j->>'step', e.j->>'detail' \
+        FROM json_array_elements($1::json) WITH ORDINALITY AS e(j, o) ORDER BY e.o",
+    record_inbox: "INSERT INTO inbox (message_id, saga_id, received_at) \
+        SELECT x.m, x.s, $2 FROM json_to_recordset($1::json) AS x(m text, s text) \
+        ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
+    enqueue_outbox: "INSERT INTO outbox (message_id, destination, routing_key, payload, created_at) \
+        SELECT e.j->>'id', e.j->>'dest', e.j->>'key', e.j->>'payload', $2 \
+        FROM json_array_elements($1::json) WITH ORDINALITY AS e(j, o) ORDER BY e.o \
+        ON CONFLICT (message_id) DO NOTHING",
+    claim_timers: "DELETE FROM timers WHERE id IN (SELECT json_array_elements_text($1::json)) RETURNING id",
+    set_timers: "INSERT INTO timers (id, saga_id, due_at, event) \
+        SELECT x.id, x.saga, x.due, x.event FROM json_to_recordset($1::json) AS x(id text, saga text, due bigint, event text) \
+        ON CONFLICT (id) DO NOTHING",
+    cancel_timers: "DELETE FROM timers WHERE id IN (SELECT json_array_elements_text($1::json))",
+    acquire_keys: "INSERT INTO sequence_keys (seq_key, holder) \
+        SELECT x.k, x.s FROM json_to_recordset($1::json) AS x(k text, s text) \
+        ON CONFLICT (seq_key) DO NOTHING RETURNING seq_key, holder",
+    // In key order, so two engines releasing overlapping keys cannot deadlock.
+    lock_keys: "SELECT seq_key, holder FROM sequence_keys \
+        WHERE seq_key IN (SELECT json_array_elements_text($1::json)) ORDER BY seq_key FOR UPDATE",
+    queue_heads: "SELECT DISTINCT ON (seq_key) seq_key, saga_id FROM sequence_queue \
+        WHERE seq_key IN (SELECT json_array_elements_text($1::json)) ORDER BY seq_key, position",
+    delete_keys: "DELETE FROM sequence_keys WHERE seq_key IN (SELECT json_array_elements_text($1::json))",
+    leave_queue: "DELETE FROM sequence_queue WHERE saga_id IN (SELECT json_array_elements_text($1::json))",
+    claim_outbox: "UPDATE outbox SET lease_until = $1 WHERE id IN (\
+        SELECT id FROM outbox WHERE sent_at IS NULL AND (lease_until IS NULL OR lease_until < $2) \
+        ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+        RETURNING id, message_id, destination, routing_key, payload",
+    mark_sent: "UPDATE outbox SET sent_at = $2, lease_until = NULL \
+        WHERE id IN (SELECT json_array_elements_text($1::json)::bigint)",
+    release_lease: "UPDATE outbox SET lease_until = NULL \
+        WHERE id IN (SELECT json_array_elements_text($1::json)::bigint)",
+    next_timers: "SELECT id, saga_id, due_at, event FROM timers ORDER BY due_at LIMIT $1",
+};
+
+pub const SQLITE: Sql = Sql {
+    load_sagas: "SELECT id, name, definition_hash, sequence_key, state, version, created_at, finished_at FROM sagas \
+        WHERE id IN (SELECT value FROM json_each($1))",
+    insert_sagas: "INSERT INTO sagas (id, name, definition_hash, sequence_key, status, state, version, idempotency_key, created_at, updated_at) \
+        SELECT json_extract(value, '$.id'), json_extract(value, '$.name'), json_extract(value, '$.hash'), \
+        json_extract(value, '$.k'), json_extract(value, '$.status'), json_extract(value, '$.state'), 0, \
+        json_extract(value, '$.idem'), $2, $2 FROM json_each($1)",
+    update_sagas: "UPDATE sagas SET status = x.status, state = x.state, version = x.version + x.n, updated_at = $2, \
+        finished_at = COALESCE(sagas.finished_at, x.finished) \
+        FROM (SELECT json_extract(value, '$.id') AS id, json_extract(value, '$.status') AS status, \
+        json_extract(value, '$.state') AS state, json_extract(value, '$.version') AS version, \
+        json_extract(value, '$.n') AS n, json_extract(value, '$.finished') AS finished FROM json_each($1)) AS x \
+        WHERE sagas.id = x.id AND sagas.version = x.version",
+    sagas_by_idempotency_key: "SELECT idempotency_key, id FROM sagas \
+        WHERE idempotency_key IN (SELECT value FROM json_each($1))",
+    upsert_steps: "INSERT INTO saga_steps (saga_id, step_index, step_id, status, attempts, last_error, updated_at) \
+        SELECT json_extract(value, '$.saga'), json_extract(value, '$.i'), json_extract(value, '$.step'), \
+        json_extract(value, '$.status'), json_extract(value, '$.attempts'), json_extract(value, '$.err'), $2 \
+        FROM json_each($1) WHERE true \
+        ON CONFLICT (saga_id, step_index) DO UPDATE SET status = excluded.status, attempts = excluded.attempts, \
+        last_error = excluded.last_error, updated_at = excluded.updated_at",
+    append_history: "INSERT INTO saga_history (saga_id, at, kind, step, detail) \
+        SELECT json_extract(value, '$.saga'), $2, json_extract(value, '$.kind'), json_extract(value, '$.step'), \
+        json_extract(value, '$.detail') FROM json_each($1) ORDER BY key",
+    record_inbox: "INSERT INTO inbox (message_id, saga_id, received_at) \
+        SELECT json_extract(value, '$.m'), json_extract(value, '$.s'), $2 FROM json_each($1) WHERE true \
+        ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
+    enqueue_outbox: "INSERT INTO outbox (message_id, destination, routing_key, payload, created_at) \
+        SELECT json_extract(value, '$.id'), json_extract(value, '$.dest'), json_extract(value, '$.key'), \
+        json_extract(value, '$.payload'), $2 FROM json_each($1) WHERE true ORDER BY key \
+        ON CONFLICT (message_id) DO NOTHING",
+    claim_timers: "DELETE FROM timers WHERE id IN (SELECT value FROM json_each($1)) RETURNING id",
+    set_timers: "INSERT INTO timers (id, saga_id, due_at, event) \
+        SELECT json_extract(value, '$.id'), json_extract(value, '$.saga'), json_extract(value, '$.due'), \
+        json_extract(value, '$.event') FROM json_each($1) WHERE true \
+        ON CONFLICT (id) DO NOTHING",
+    cancel_timers: "DELETE FROM timers WHERE id IN (SELECT value FROM json_each($1))",
+    acquire_keys: "INSERT INTO sequence_keys (seq_key, holder) \
+        SELECT json_extract(value, '$.k'), json_extract(value, '$.s') FROM json_each($1) WHERE true \
+        ON CONFLICT (seq_key) DO NOTHING RETURNING seq_key, holder",
+    // SQLite has one writer: the write transaction is the lock.
+    lock_keys: "SELECT seq_key, holder FROM sequence_keys WHERE seq_key IN (SELECT value FROM json_each($1))",
+    // SQLite returns the bare columns of the row that holds the MIN().
+    queue_heads: "SELECT seq_key, saga_id, MIN(position) AS position FROM sequence_queue \
+        WHERE seq_key IN (SELECT value FROM json_each($1)) GROUP BY seq_key",
+    delete_keys: "DELETE FROM sequence_keys WHERE seq_key IN (SELECT value FROM json_each($1))",
+    leave_queue: "DELETE FROM sequence_queue WHERE saga_id IN (SELECT value FROM json_each($1))",
+    claim_outbox: "UPDATE outbox SET lease_until = $1 WHERE id IN (\
+        SELECT id FROM outbox WHERE sent_at IS NULL AND (lease_until IS NULL OR lease_until < $2) \
+        ORDER BY id LIMIT $3) \
+        RETURNING id, message_id, destination, routing_key, payload",
+    mark_sent: "UPDATE outbox SET sent_at = $2, lease_until = NULL WHERE id IN (SELECT value FROM json_each($1))",
+    release_lease: "UPDATE outbox SET lease_until = NULL WHERE id IN (SELECT value FROM json_each($1))",
+    next_timers: "SELECT id, saga_id, due_at, event FROM timers ORDER BY due_at LIMIT $1",
+};

@@ -1,0 +1,640 @@
+//! The engine's write transaction: the table traits and their implementation on sqlx.
+//!
+//! Each trait is one table or concern, and every method takes a whole batch of rows and costs
+//! one statement (see [`super::sql`]), whatever the batch size. The driver asks only for what
+//! it touches; [`StoreTx`] bundles them with `commit`. One implementation, [`Tx`], serves
+//! PostgreSQL and SQLite with the dialect's statement texts; the conformance suite
+//! (`engine/tests/store_conformance.rs`) runs the same cases against both.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::{Value, json};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::sql::Sql;
+use super::{Counters, SagaRow, StoreError, json, saga_from_row};
+use crate::machine::{Event, HistoryEntry, SagaState};
+
+/// A saga to insert (version 0).
+#[derive(Debug, Clone)]
+pub struct NewSaga {
+    pub id: String,
+    pub name: String,
+    pub definition_hash: String,
+    pub sequence_key: String,
+    pub state: SagaState,
+    pub idempotency_key: Option<String>,
+}
+
+/// A saga's new state, written only if its row is still at `expected_version`.
+#[derive(Debug, Clone)]
+pub struct SagaWrite {
+    pub id: String,
+    pub expected_version: i64,
+    /// How many changing decisions this write carries: the version moves by that much.
+    pub changes: i64,
+    pub state: SagaState,
+}
+
+/// One row of the steps projection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRow {
+    pub saga_id: String,
+    pub index: usize,
+    pub step_id: String,
+    pub status: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+/// One line of a saga's timeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryRow {
+    pub saga_id: String,
+    pub entry: HistoryEntry,
+}
+
+/// A durable timer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimerRow {
+    pub id: String,
+    pub saga_id: String,
+    pub due_at: i64,
+    pub event: Event,
+}
+
+/// A message written to the outbox with the state change that produced it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxMessage {
+    pub message_id: String,
+    pub destination: String,
+    pub routing_key: String,
+    pub payload: String,
+}
+
+/// The `sagas` table.
+#[allow(async_fn_in_trait)]
+pub trait SagaTable {
+    /// The rows of those of `ids` that exist (any order).
+    async fn load_sagas(&mut self, ids: &[String]) -> Result<Vec<SagaRow>, StoreError>;
+    async fn insert_sagas(&mut self, sagas: &[NewSaga], now: i64) -> Result<(), StoreError>;
+    /// Writes every saga whose version still matches; [`StoreError::Conflict`] if any moved
+    /// (another engine wrote it first): the caller rolls back and retries.
+    async fn update_sagas(&mut self, writes: &[SagaWrite], now: i64) -> Result<(), StoreError>;
+    /// Idempotency key → saga id, for those of `keys` that started a saga.
+    async fn sagas_by_idempotency_key(
+        &mut self,
+        keys: &[String],
+    ) -> Result<HashMap<String, String>, StoreError>;
+}
+
+/// The `saga_steps` projection (status displays).
+#[allow(async_fn_in_trait)]
+pub trait StepTable {
+    /// Rows must be unique by (saga, index).
+    async fn upsert_steps(&mut self, rows: &[StepRow], now: i64) -> Result<(), StoreError>;
+}
+
+/// The append-only `saga_history`.
+#[allow(async_fn_in_trait)]
+pub trait HistoryTable {
+    /// Appended in slice order.
+    async fn append_history(&mut self, rows: &[HistoryRow], now: i64) -> Result<(), StoreError>;
+}
+
+/// The `inbox` of processed message ids.
+#[allow(async_fn_in_trait)]
+pub trait InboxTable {
+    /// Records (message id, saga id) pairs; returns the ids recorded now (the others were
+    /// processed before: duplicates).
+    async fn record_inbox(
+        &mut self,
+        messages: &[(String, String)],
+        now: i64,
+    ) -> Result<HashSet<String>, StoreError>;
+}
+
+/// The transactional `outbox`.
+#[allow(async_fn_in_trait)]
+pub trait OutboxTable {
+    /// Queued in slice order (the relay sends in that order); a message id already queued is
+    /// kept as it was.
+    async fn enqueue_outbox(
+        &mut self,
+        messages: &[OutboxMessage],
+        now: i64,
+    ) -> Result<(), StoreError>;
+}
+
+/// The durable `timers`.
+#[allow(async_fn_in_trait)]
+pub trait TimerTable {
+    /// Claims timers by deleting them; returns the ids this transaction claimed.
+    async fn claim_timers(&mut self, ids: &[String]) -> Result<HashSet<String>, StoreError>;
+    /// Rows must be unique by id.
+    async fn set_timers(&mut self, rows: &[TimerRow]) -> Result<(), StoreError>;
+    async fn cancel_timers(&mut self, ids: &[String]) -> Result<(), StoreError>;
+}
+
+/// Per-key sequencing: `sequence_keys` (the holder of each key) and `sequence_queue` (who
+/// waits behind it, in arrival order).
+#[allow(async_fn_in_trait)]
+pub trait SequenceKeyTable {
+    /// Takes each (key, saga) whose key is free, or queues the saga behind the holder. Returns
+    /// the sagas that hold their key now (in request order), the others queued. Two requests
+    /// for one key in one call: the first gets it.
+    async fn acquire_keys(
+        &mut self,
+        requests: &[(String, String)],
+    ) -> Result<Vec<String>, StoreError>;
+    /// Final sagas give up their key (a holder) or their place in the queue (a waiter).
+    /// Returns the sagas that were handed a key and must now begin.
+    async fn release_keys(
+        &mut self,
+        released: &[(String, String)],
+    ) -> Result<Vec<String>, StoreError>;
+}
+
+/// `saga_definitions`: every definition a saga ever started with, by content hash.
+#[allow(async_fn_in_trait)]
+pub trait DefinitionTable {
+    async fn put_definition(
+        &mut self,
+        hash: &str,
+        name: &str,
+        version: u32,
+        source: &str,
+        now: i64,
+    ) -> Result<(), StoreError>;
+    async fn definition_source(&mut self, hash: &str) -> Result<Option<String>, StoreError>;
+    /// The hash of the latest version registered under `name`.
+    async fn latest_definition(&mut self, name: &str) -> Result<Option<String>, StoreError>;
+}
+
+/// Everything the engine writes, in one transaction.
+#[allow(async_fn_in_trait)]
+pub trait StoreTx:
+    SagaTable
+    + StepTable
+    + HistoryTable
+    + InboxTable
+    + OutboxTable
+    + TimerTable
+    + SequenceKeyTable
+    + DefinitionTable
+{
+    async fn commit(self) -> Result<(), StoreError>;
+}
+
+/// A transaction on the engine's database.
+#[derive(Debug)]
+pub struct Tx {
+    pub(super) tx: sqlx::Transaction<'static, sqlx::Any>,
+    pub(super) sql: &'static Sql,
+    pub(super) counters: std::sync::Arc<Counters>,
+}
+
+fn ids_json(ids: &[String]) -> String {
+    json(&ids)
+}
+
+impl Tx {
+    /// A statement that takes the rows as `$1` (and `now` as `$2` where given).
+    async fn exec(
+        &mut self,
+        sql: &'static str,
+        rows: String,
+        now: Option<i64>,
+    ) -> Result<u64, StoreError> {
+        self.counters.statement();
+        let mut q = sqlx::query(sql).bind(rows);
+        if let Some(now) = now {
+            q = q.bind(now);
+        }
+        Ok(q.execute(&mut *self.tx).await?.rows_affected())
+    }
+
+    async fn fetch(
+        &mut self,
+        sql: &'static str,
+        rows: String,
+        now: Option<i64>,
+    ) -> Result<Vec<AnyRow>, StoreError> {
+        self.counters.statement();
+        let mut q = sqlx::query(sql).bind(rows);
+        if let Some(now) = now {
+            q = q.bind(now);
+        }
+        Ok(q.fetch_all(&mut *self.tx).await?)
+    }
+
+    /// The raw connection, for the rare per-row paths.
+    fn conn(&mut self) -> &mut sqlx::AnyConnection {
+        &mut self.tx
+    }
+
+    pub async fn rollback(self) -> Result<(), StoreError> {
+        Ok(self.tx.rollback().await?)
+    }
+}
+
+impl SagaTable for Tx {
+    async fn load_sagas(&mut self, ids: &[String]) -> Result<Vec<SagaRow>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self.fetch(self.sql.load_sagas, ids_json(ids), None).await?;
+        rows.iter().map(saga_from_row).collect()
+    }
+
+    async fn insert_sagas(&mut self, sagas: &[NewSaga], now: i64) -> Result<(), StoreError> {
+        if sagas.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<Value> = sagas
+            .iter()
+            .map(|s| {
+                json!({
+                    "id": s.id,
+                    "name": s.name,
+                    "hash": s.definition_hash,
+                    "k": s.sequence_key,
+                    "status": s.state.status.name(),
+                    "state": json(&s.state),
+                    "idem": s.idempotency_key,
+                })
+            })
+            .collect();
+        self.exec(self.sql.insert_sagas, json(&rows), Some(now))
+            .await?;
+        Ok(())
+    }
+
+    async fn update_sagas(&mut self, writes: &[SagaWrite], now: i64) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<Value> = writes
+            .iter()
+            .map(|w| {
+                json!({
+                    "id": w.id,
+                    "status": w.state.status.name(),
+                    "state": json(&w.state),
+                    "version": w.expected_version,
+                    "n": w.changes,
+                    "finished": w.state.status.is_final().then_some(now),
+                })
+            })
+            .collect();
+        let written = self
+            .exec(self.sql.update_sagas, json(&rows), Some(now))
+            .await?;
+        if written != writes.len() as u64 {
+            let ids: Vec<&str> = writes.iter().map(|w| w.id.as_str()).collect();
+            return Err(StoreError::Conflict(format!(
+                "{} of {} sagas ({})",
+                writes.len() as u64 - written.min(writes.len() as u64),
+                writes.len(),
+                ids.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    async fn sagas_by_idempotency_key(
+        &mut self,
+        keys: &[String],
+    ) -> Result<HashMap<String, String>, StoreError> {
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows = self
+            .fetch(self.sql.sagas_by_idempotency_key, ids_json(keys), None)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("idempotency_key")?, r.try_get("id")?)))
+            .collect()
+    }
+}
+
+impl StepTable for Tx {
+    async fn upsert_steps(&mut self, rows: &[StepRow], now: i64) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<Value> = rows
+            .iter()
+            .map(|s| {
+                json!({
+                    "saga": s.saga_id,
+                    "i": s.index,
+                    "step": s.step_id,
+                    "status": s.status,
+                    "attempts": s.attempts,
+                    "err": s.last_error,
+                })
+            })
+            .collect();
+        self.exec(self.sql.upsert_steps, json(&rows), Some(now))
+            .await?;
+        Ok(())
+    }
+}
+
+impl HistoryTable for Tx {
+    async fn append_history(&mut self, rows: &[HistoryRow], now: i64) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<Value> = rows
+            .iter()
+            .map(|h| {
+                json!({
+                    "saga": h.saga_id,
+                    "kind": h.entry.kind,
+                    "step": h.entry.step,
+                    "detail": h.entry.detail,
+                })
+            })
+            .collect();
+        self.exec(self.sql.append_history, json(&rows), Some(now))
+            .await?;
+        Ok(())
+    }
+}
+
+impl InboxTable for Tx {
+    async fn record_inbox(
+        &mut self,
+        messages: &[(String, String)],
+        now: i64,
+    ) -> Result<HashSet<String>, StoreError> {
+        if messages.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let rows: Vec<Value> = messages
+            .iter()
+            .map(|(m, s)| json!({"m": m, "s": s}))
+            .collect();
+        let rows = self
+            .fetch(self.sql.record_inbox, json(&rows), Some(now))
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get("message_id")?)).collect()
+    }
+}
+
+impl OutboxTable for Tx {
+    async fn enqueue_outbox(
+        &mut self,
+        messages: &[OutboxMessage],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<Value> = messages
+            .iter()
+            .map(|m| {
+                json!({
+                    "id": m.message_id,
+                    "dest": m.destination,
+                    "key": m.routing_key,
+                    "payload": m.payload,
+                })
+            })
+            .collect();
+        self.exec(self.sql.enqueue_outbox, json(&rows), Some(now))
+            .await?;
+        Ok(())
+    }
+}
+
+impl TimerTable for Tx {
+    async fn claim_timers(&mut self, ids: &[String]) -> Result<HashSet<String>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let rows = self
+            .fetch(self.sql.claim_timers, ids_json(ids), None)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get("id")?)).collect()
+    }
+
+    async fn set_timers(&mut self, rows: &[TimerRow]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<Value> = rows
+            .iter()
+            .map(|t| {
+                json!({
+                    "id": t.id,
+                    "saga": t.saga_id,
+                    "due": t.due_at,
+                    "event": json(&t.event),
+                })
+            })
+            .collect();
+        self.exec(self.sql.set_timers, json(&rows), None).await?;
+        Ok(())
+    }
+
+    async fn cancel_timers(&mut self, ids: &[String]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.exec(self.sql.cancel_timers, ids_json(ids), None)
+            .await?;
+        Ok(())
+    }
+}
+
+impl SequenceKeyTable for Tx {
+    async fn acquire_keys(
+        &mut self,
+        requests: &[(String, String)],
+    ) -> Result<Vec<String>, StoreError> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<Value> = requests
+            .iter()
+            .map(|(k, s)| json!({"k": k, "s": s}))
+            .collect();
+        let taken: HashSet<String> = self
+            .fetch(self.sql.acquire_keys, json(&rows), None)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<String, _>("holder"))
+            .collect::<Result<_, _>>()?;
+        let mut holding = Vec::new();
+        for (key, saga) in requests {
+            if taken.contains(saga) || self.queue_behind(key, saga).await? {
+                holding.push(saga.clone());
+            }
+        }
+        Ok(holding)
+    }
+
+    async fn release_keys(
+        &mut self,
+        released: &[(String, String)],
+    ) -> Result<Vec<String>, StoreError> {
+        if released.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = released.iter().map(|(k, _)| k.clone()).collect();
+        // Lock first, then read the queue in a later statement: its snapshot then sees every
+        // waiter queued by a transaction that held the key's lock before us.
+        let holders: HashMap<String, String> = self
+            .fetch(self.sql.lock_keys, ids_json(&keys), None)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("seq_key")?, r.try_get("holder")?)))
+            .collect::<Result<_, StoreError>>()?;
+        let mut held = Vec::new();
+        let mut waiters = Vec::new();
+        for (key, saga) in released {
+            if holders.get(key) == Some(saga) {
+                held.push(key.clone());
+            } else {
+                waiters.push(saga.clone());
+            }
+        }
+        if !waiters.is_empty() {
+            self.exec(self.sql.leave_queue, ids_json(&waiters), None)
+                .await?;
+        }
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let heads: HashMap<String, String> = self
+            .fetch(self.sql.queue_heads, ids_json(&held), None)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("seq_key")?, r.try_get("saga_id")?)))
+            .collect::<Result<_, StoreError>>()?;
+        let free: Vec<String> = held
+            .iter()
+            .filter(|k| !heads.contains_key(*k))
+            .cloned()
+            .collect();
+        if !free.is_empty() {
+            self.exec(self.sql.delete_keys, ids_json(&free), None)
+                .await?;
+        }
+        // Hand-overs are rare (two sagas of one order close together): one row at a time.
+        let mut next = Vec::new();
+        for key in &held {
+            let Some(saga) = heads.get(key) else { continue };
+            self.counters.statement();
+            sqlx::query("DELETE FROM sequence_queue WHERE saga_id = $1")
+                .bind(saga.as_str())
+                .execute(self.conn())
+                .await?;
+            self.counters.statement();
+            sqlx::query("UPDATE sequence_keys SET holder = $1 WHERE seq_key = $2")
+                .bind(saga.as_str())
+                .bind(key.as_str())
+                .execute(self.conn())
+                .await?;
+            next.push(saga.clone());
+        }
+        Ok(next)
+    }
+}
+
+impl Tx {
+    /// The key was taken when we tried: queue behind its holder, unless it was released in the
+    /// meantime (then take it after all: returns true).
+    async fn queue_behind(&mut self, key: &str, saga: &str) -> Result<bool, StoreError> {
+        loop {
+            self.counters.statement();
+            let lock = match self.sql.lock_keys.contains("FOR UPDATE") {
+                true => "SELECT holder FROM sequence_keys WHERE seq_key = $1 FOR UPDATE",
+                false => "SELECT holder FROM sequence_keys WHERE seq_key = $1",
+            };
+            let holder: Option<String> = sqlx::query(lock)
+                .bind(key)
+                .fetch_optional(self.conn())
+                .await?
+                .map(|r| r.try_get("holder"))
+                .transpose()?;
+            match holder {
+                Some(h) if h == saga => return Ok(true),
+                Some(_) => {
+                    self.counters.statement();
+                    sqlx::query("INSERT INTO sequence_queue (seq_key, saga_id) VALUES ($1, $2) ON CONFLICT (saga_id) DO NOTHING")
+                        .bind(key)
+                        .bind(saga)
+                        .execute(self.conn())
+                        .await?;
+                    return Ok(false);
+                }
+                // Released between our insert and the lock: try to take it again.
+                None => {
+                    self.counters.statement();
+                    let taken = sqlx::query("INSERT INTO sequence_keys (seq_key, holder) VALUES ($1, $2) ON CONFLICT (seq_key) DO NOTHING")
+                        .bind(key)
+                        .bind(saga)
+                        .execute(self.conn())
+                        .await?
+                        .rows_affected()
+                        == 1;
+                    if taken {
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl DefinitionTable for Tx {
+    async fn put_definition(
+        &mut self,
+        hash: &str,
+        name: &str,
+        version: u32,
+        source: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.counters.statement();
+        sqlx::query("INSERT INTO saga_definitions (hash, name, version, source, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (hash) DO NOTHING")
+            .bind(hash)
+            .bind(name)
+            .bind(i64::from(version))
+            .bind(source)
+            .bind(now)
+            .execute(self.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn definition_source(&mut self, hash: &str) -> Result<Option<String>, StoreError> {
+        self.counters.statement();
+        let row = sqlx::query("SELECT source FROM saga_definitions WHERE hash = $1")
+            .bind(hash)
+            .fetch_optional(self.conn())
+            .await?;
+        Ok(row.map(|r| r.try_get("source")).transpose()?)
+    }
+
+    async fn latest_definition(&mut self, name: &str) -> Result<Option<String>, StoreError> {
+        self.counters.statement();
+        let row = sqlx::query("SELECT hash FROM saga_definitions WHERE name = $1 ORDER BY version DESC, created_at DESC LIMIT 1")
+            .bind(name)
+            .fetch_optional(self.conn())
+            .await?;
+        Ok(row.map(|r| r.try_get("hash")).transpose()?)
+    }
+}
+
+impl StoreTx for Tx {
+    async fn commit(self) -> Result<(), StoreError> {
+        self.counters.commit();
+        Ok(self.tx.commit().await?)
+    }
+}
