@@ -200,11 +200,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         }
         // Keep `concurrency` sagas in flight (resumed ones count too).
         let room = args.concurrency.saturating_sub(unfinished) as usize;
-        for order in orders.iter().skip(next).take(room) {
-            engine
-                .start(&graph, order.clone(), None)
-                .await
-                .context("starting a sample order")?;
+        // One transaction for all of them.
+        let batch: Vec<_> = orders
+            .iter()
+            .skip(next)
+            .take(room)
+            .map(|o| (o.clone(), None))
+            .collect();
+        for started in engine.start_many(&graph, batch).await {
+            started.context("starting a sample order")?;
             next += 1;
         }
         if last_progress.elapsed() > args.stall_timeout {
@@ -259,6 +263,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             "  messages:        {:.1} per saga ({} published, duplicates included)",
             net.published() as f64 / total as f64,
             net.published()
+        );
+        let c = store.counters();
+        println!(
+            "  engine database: {:.2} commits and {:.1} statements per saga ({} commits, {} statements)",
+            c.commits() as f64 / total as f64,
+            c.statements() as f64 / total as f64,
+            c.commits(),
+            c.statements()
         );
     }
     Ok(report_invariants(outcomes.len(), &violations))
