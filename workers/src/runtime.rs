@@ -351,48 +351,94 @@ impl Worker {
     /// transaction for everything that runs a handler, then the weak answers recorded (one
     /// round trip again).
     async fn execute_batch(&self, cmds: &[(&CommandMsg, &Registered)]) -> Vec<Outcome> {
-        let n = cmds.len();
-        let ctxs: Vec<StepContext> = cmds
-            .iter()
-            .map(|(cmd, _)| StepContext {
+        let mut slots = Vec::with_capacity(cmds.len());
+        for &(cmd, registered) in cmds {
+            slots.push(self.prepare(cmd, registered).await);
+        }
+        let stores = self.claim_weak(&mut slots).await;
+
+        // One transaction for every command that runs a handler.
+        let mut job_of = Vec::new();
+        let mut jobs = Vec::new();
+        for (i, slot) in slots.iter().enumerate() {
+            let barrier = match (&slot.registered.idempotency, &slot.claim) {
+                _ if slot.injected.is_some() || slot.executed.is_some() => continue,
+                (Idempotency::Barrier, _) => true,
+                (_, Some(Claim::Run { .. })) => false,
+                _ => continue,
+            };
+            jobs.push(Job {
+                handler: &slot.handler,
+                op: slot.cmd.op,
+                ctx: &slot.ctx,
+                params: &slot.cmd.params,
+                barrier,
+            });
+            job_of.push(i);
+        }
+        let run = barrier::execute_batch(&self.pool, &jobs).await;
+        self.stats.commits.fetch_add(run.commits, Ordering::Relaxed);
+        let mut weak_results = HashMap::new();
+        for (i, result) in job_of.into_iter().zip(run.results) {
+            match slots[i].registered.idempotency {
+                Idempotency::Barrier => {
+                    slots[i].executed =
+                        Some(result.map_err(|e| format!("{} database: {e}", self.service)));
+                }
+                _ => {
+                    weak_results.insert(i, result.map_err(WeakError::Db));
+                }
+            }
+        }
+        self.finish_weak(&mut slots, &stores, weak_results).await;
+        slots.into_iter().map(|slot| self.answer(slot)).collect()
+    }
+
+    /// A command's context, and the faults injected into it. The sleep of a slow answer comes
+    /// before the batch's transaction opens, so it does not hold a connection.
+    async fn prepare<'a>(&self, cmd: &'a CommandMsg, registered: &'a Registered) -> Slot<'a> {
+        let f = self.faults;
+        if f.slow > 0.0 && fastrand::f64() < f.slow {
+            tokio::time::sleep(f.slow_for).await;
+        }
+        let injected =
+            (f.transient > 0.0 && fastrand::f64() < f.transient).then(|| Outcome::Retryable {
+                message: format!("injected transient failure in {}", self.service),
+            });
+        let handler = if cmd.op.is_forward() && f.business > 0.0 && fastrand::f64() < f.business {
+            Handler::Refuse {
+                code: "injected".into(),
+                message: format!("injected business failure in {}", self.service),
+            }
+        } else {
+            registered.handler.clone()
+        };
+        Slot {
+            cmd,
+            registered,
+            ctx: StepContext {
                 saga_id: cmd.saga_id.clone(),
                 step: cmd.step_id.clone(),
                 operation: cmd.operation.clone(),
                 attempt: cmd.attempt,
                 key: cmd.key.clone(),
-            })
-            .collect();
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
-        let mut handlers: Vec<Handler> = Vec::with_capacity(n);
-        let f = self.faults;
-        for (i, (cmd, registered)) in cmds.iter().enumerate() {
-            // Before the transaction opens, so a slow answer does not hold a connection.
-            if f.slow > 0.0 && fastrand::f64() < f.slow {
-                tokio::time::sleep(f.slow_for).await;
-            }
-            if f.transient > 0.0 && fastrand::f64() < f.transient {
-                outcomes[i] = Some(Outcome::Retryable {
-                    message: format!("injected transient failure in {}", self.service),
-                });
-            }
-            handlers.push(
-                if cmd.op.is_forward() && f.business > 0.0 && fastrand::f64() < f.business {
-                    Handler::Refuse {
-                        code: "injected".into(),
-                        message: format!("injected business failure in {}", self.service),
-                    }
-                } else {
-                    registered.handler.clone()
-                },
-            );
+            },
+            handler,
+            injected,
+            claim: None,
+            executed: None,
         }
+    }
 
-        // Weak commands: claimed per Redis store, in batch order.
-        let mut executed: Vec<Option<Result<Executed, String>>> = vec![None; n];
-        let mut claims: Vec<Option<Claim>> = (0..n).map(|_| None).collect();
-        let mut stores: Vec<(&WeakIdempotency, Vec<usize>)> = Vec::new();
-        for (i, (_, registered)) in cmds.iter().enumerate() {
-            if let (Idempotency::Weak(w), None) = (&registered.idempotency, &outcomes[i]) {
+    /// Claims the weak commands' keys, one round trip per Redis store, in batch order; returns
+    /// the stores and their commands' indices (for [`Self::finish_weak`]).
+    async fn claim_weak<'a>(
+        &self,
+        slots: &mut [Slot<'a>],
+    ) -> Vec<(&'a WeakIdempotency, Vec<usize>)> {
+        let mut stores: Vec<(&'a WeakIdempotency, Vec<usize>)> = Vec::new();
+        for (i, slot) in slots.iter().enumerate() {
+            if let (Idempotency::Weak(w), None) = (&slot.registered.idempotency, &slot.injected) {
                 match stores.iter_mut().find(|(s, _)| s.same(w)) {
                     Some((_, members)) => members.push(i),
                     None => stores.push((w, vec![i])),
@@ -400,60 +446,39 @@ impl Worker {
             }
         }
         for (weak, members) in &stores {
-            let asked: Vec<(&StepContext, Op)> =
-                members.iter().map(|&i| (&ctxs[i], cmds[i].0.op)).collect();
-            for (&i, claim) in members.iter().zip(weak.claim_batch(&asked).await) {
-                claims[i] = Some(match claim {
+            let asked: Vec<(&StepContext, Op)> = members
+                .iter()
+                .map(|&i| (&slots[i].ctx, slots[i].cmd.op))
+                .collect();
+            let claims = weak.claim_batch(&asked).await;
+            for (&i, claim) in members.iter().zip(claims) {
+                match claim {
                     Claim::Answered(r) => {
-                        executed[i] = Some(r.map_err(|e| format!("{}: {e}", self.service)));
-                        continue;
+                        slots[i].executed = Some(r.map_err(|e| format!("{}: {e}", self.service)));
                     }
-                    Claim::Same(j) => Claim::Same(members[j]),
-                    other => other,
-                });
+                    Claim::Same(j) => slots[i].claim = Some(Claim::Same(members[j])),
+                    other => slots[i].claim = Some(other),
+                }
             }
         }
+        stores
+    }
 
-        // One transaction for every command that runs a handler.
-        let mut jobs = Vec::new();
-        let mut job_of = Vec::new();
-        for (i, (cmd, registered)) in cmds.iter().enumerate() {
-            if outcomes[i].is_some() || executed[i].is_some() {
-                continue;
-            }
-            let barrier = match (&registered.idempotency, &claims[i]) {
-                (Idempotency::Barrier, _) => true,
-                (_, Some(Claim::Run { .. })) => false,
-                _ => continue,
-            };
-            jobs.push(Job {
-                handler: &handlers[i],
-                op: cmd.op,
-                ctx: &ctxs[i],
-                params: &cmd.params,
-                barrier,
-            });
-            job_of.push(i);
-        }
-        let run = barrier::execute_batch(&self.pool, &jobs).await;
-        self.stats.commits.fetch_add(run.commits, Ordering::Relaxed);
-        let mut weak_results: Vec<Option<Result<Executed, WeakError>>> =
-            (0..n).map(|_| None).collect();
-        for ((job, i), result) in jobs.iter().zip(job_of).zip(run.results) {
-            if job.barrier {
-                executed[i] = Some(result.map_err(|e| format!("{} database: {e}", self.service)));
-            } else {
-                weak_results[i] = Some(result.map_err(WeakError::Db));
-            }
-        }
-
-        // Weak answers: recorded or released per store, then answered.
-        for (weak, members) in &stores {
+    /// Records or releases the claimed keys (one round trip per store) and answers the weak
+    /// commands: those that ran with their results, a repeat inside the batch with its first
+    /// occurrence's answer.
+    async fn finish_weak(
+        &self,
+        slots: &mut [Slot<'_>],
+        stores: &[(&WeakIdempotency, Vec<usize>)],
+        mut ran: HashMap<usize, Result<Executed, WeakError>>,
+    ) {
+        for (weak, members) in stores {
             let mut finishes = Vec::new();
             for &i in members {
-                let result = match claims[i].take() {
+                let result = match slots[i].claim.take() {
                     Some(Claim::Run { key, token }) => {
-                        let result = weak_results[i].take().unwrap_or_else(|| {
+                        let result = ran.remove(&i).unwrap_or_else(|| {
                             Err(WeakError::Db(sqlx::Error::Protocol("no answer".into())))
                         });
                         finishes.push(Finish::after(key, token, &result));
@@ -474,21 +499,18 @@ impl Worker {
                             duplicate: false,
                         })
                     }
-                    // Answered after the others (below); kept for that.
-                    same @ Some(Claim::Same(_)) => {
-                        claims[i] = same;
+                    other => {
+                        slots[i].claim = other;
                         continue;
                     }
-                    _ => continue,
                 };
-                executed[i] = Some(result.map_err(|e| format!("{}: {e}", self.service)));
+                slots[i].executed = Some(result.map_err(|e| format!("{}: {e}", self.service)));
             }
             weak.finish_batch(finishes).await;
         }
-        // A weak command repeated inside the batch gets its first occurrence's answer.
-        for i in 0..n {
-            if let Some(Claim::Same(j)) = claims[i] {
-                executed[i] = executed[j].clone().map(|r| {
+        for i in 0..slots.len() {
+            if let Some(Claim::Same(j)) = slots[i].claim {
+                slots[i].executed = slots[j].executed.clone().map(|r| {
                     r.map(|e| Executed {
                         duplicate: true,
                         ..e
@@ -496,32 +518,42 @@ impl Worker {
                 });
             }
         }
-
-        outcomes
-            .into_iter()
-            .zip(executed)
-            .zip(cmds)
-            .map(|((injected, executed), (cmd, _))| {
-                if let Some(outcome) = injected {
-                    return outcome;
-                }
-                match executed {
-                    Some(Ok(executed)) => {
-                        self.stats.handled.fetch_add(1, Ordering::Relaxed);
-                        if executed.duplicate {
-                            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                            debug!(service = %self.service, saga.id = %cmd.saga_id, step.id = %cmd.step_id, "duplicate command answered from its record");
-                        }
-                        executed.outcome
-                    }
-                    Some(Err(message)) => Outcome::Retryable { message },
-                    None => Outcome::Retryable {
-                        message: format!("{}: the command was not run", self.service),
-                    },
-                }
-            })
-            .collect()
     }
+
+    /// The reply's outcome for a command, counted in the stats.
+    fn answer(&self, slot: Slot<'_>) -> Outcome {
+        if let Some(outcome) = slot.injected {
+            return outcome;
+        }
+        match slot.executed {
+            Some(Ok(executed)) => {
+                self.stats.handled.fetch_add(1, Ordering::Relaxed);
+                if executed.duplicate {
+                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    debug!(service = %self.service, saga.id = %slot.cmd.saga_id, step.id = %slot.cmd.step_id, "duplicate command answered from its record");
+                }
+                executed.outcome
+            }
+            Some(Err(message)) => Outcome::Retryable { message },
+            None => Outcome::Retryable {
+                message: format!("{}: the command was not run", self.service),
+            },
+        }
+    }
+}
+
+/// A decoded command on its way through a batch.
+struct Slot<'a> {
+    cmd: &'a CommandMsg,
+    registered: &'a Registered,
+    ctx: StepContext,
+    /// The registered handler, or an injected business failure.
+    handler: Handler,
+    /// An injected transient failure: answered as it is, not counted as handled.
+    injected: Option<Outcome>,
+    /// A weak command's key, between its claim and its finish.
+    claim: Option<Claim>,
+    executed: Option<Result<Executed, String>>,
 }
 
 /// A stable lane for a key: FNV-1a, the same in every process and release.
