@@ -2,7 +2,8 @@
 //! transaction with a savepoint per handler. Duplicates inside a batch have one effect; a
 //! business failure, a transient failure or a database error inside a handler rolls back only
 //! that command; an undo before its forward operation in the same batch is a null undo and the
-//! forward is refused; per-key order holds across batches; concurrent duplicates in two
+//! forward is refused; per-key order holds across batches; weak and barrier commands share a
+//! batch and keep their promises; concurrent duplicates in two
 //! workers' batches (PostgreSQL) have one effect (the conflict-and-redo path).
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
@@ -17,11 +18,12 @@ use sagaflow_engine::machine::{Op, Outcome};
 use sagaflow_engine::store::{ENGINE_MIGRATIONS, Store};
 use sagaflow_engine::transport::memory::MemoryTransport;
 use sagaflow_engine::transport::{Message, REPLY_QUEUE, Transport, command_queue};
-use sagaflow_engine::wire::CommandMsg;
+use sagaflow_engine::wire::{CommandMsg, ReplyMsg};
 use sagaflow_workers::barrier::{BatchRun, Handler, Job, execute_batch};
 use sagaflow_workers::runtime::Worker;
-use sagaflow_workers::sdk::{SagaStep, StepContext, StepError};
+use sagaflow_workers::sdk::{Idempotency, SagaStep, StepContext, StepError};
 use sagaflow_workers::services::{self, payment};
+use sagaflow_workers::weak::WeakIdempotency;
 use serde_json::{Value, json};
 use sqlx::{AnyConnection, Row};
 
@@ -450,8 +452,7 @@ on_both_backends!(
                 .await
                 .expect("a reply in time")
                 .expect("a reply");
-            let reply: sagaflow_engine::wire::ReplyMsg =
-                serde_json::from_slice(&d.message.payload).unwrap();
+            let reply: ReplyMsg = serde_json::from_slice(&d.message.payload).unwrap();
             let Outcome::Ok { output } = &reply.outcome else {
                 panic!("{reply:?}");
             };
@@ -562,5 +563,180 @@ on_both_backends!(
         assert_eq!(again.commits, 1);
         assert!(again.results.iter().all(|r| r.as_ref().unwrap().duplicate));
         assert_eq!(counter(&store, "a").await, 20);
+    }
+);
+
+/// Weak mode on the test Redis with a key prefix of its own, or None (skip) when Redis is
+/// unreachable outside CI.
+async fn weak(test: &str) -> Option<WeakIdempotency> {
+    let url = std::env::var("SAGAFLOW_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let prefix = format!(
+        "sagaflow-test:{test}:{}:{:016x}",
+        std::process::id(),
+        fastrand::u64(..)
+    );
+    let weak = WeakIdempotency::new(&url, &prefix, Duration::from_secs(120)).expect("Redis URL");
+    match weak.ping().await {
+        Ok(()) => Some(weak),
+        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+            eprintln!("skipping {test}: Redis at {url} is unreachable: {e}");
+            None
+        }
+        Err(e) => panic!("Redis at {url} is unreachable (CI=true): {e}"),
+    }
+}
+
+fn command(saga: &str, forward: &str, op: Op, params: Value) -> CommandMsg {
+    CommandMsg {
+        saga_id: saga.into(),
+        saga: "test".into(),
+        key: "one-key".into(),
+        step: 0,
+        step_id: "step".into(),
+        service: "mixed".into(),
+        op,
+        operation: forward.into(),
+        forward: forward.into(),
+        attempt: 1,
+        params,
+    }
+}
+
+async fn publish(transport: &MemoryTransport, cmd: &CommandMsg) {
+    let msg = Message {
+        id: cmd.message_id(),
+        key: cmd.key.clone(),
+        payload: serde_json::to_vec(cmd).unwrap(),
+    };
+    transport
+        .publish(&command_queue("mixed"), msg)
+        .await
+        .unwrap();
+}
+
+// Weak and barrier commands in one batch, through the runtime: the weak keys are claimed
+// together, every handler runs in the batch's one transaction, and each command keeps what weak
+// mode promises alone: a repeat has one effect and the same answer, a forward after its undo is
+// refused, a transient failure frees its key, a business failure is kept.
+on_both_backends!(
+    weak_and_barrier_commands_share_a_batch,
+    |url: String| async move {
+        let Some(weak) = weak("batch").await else {
+            return;
+        };
+        let store = store(&url).await;
+        let transport = Arc::new(MemoryTransport::default());
+        let bump = Bump::default();
+        let blocker = Bump {
+            delay: Duration::from_millis(300),
+            ..bump.clone()
+        };
+        let worker = Worker::new(
+            "mixed",
+            store.pool().clone(),
+            transport.clone() as Arc<dyn Transport>,
+        )
+        .saga_step("block", blocker)
+        .saga_step("strong", bump.clone())
+        .saga_step_with("weak", bump.clone(), Idempotency::Weak(weak.clone()))
+        .with_lanes(1);
+        let stats = worker.stats.clone();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(worker.run(stopped));
+        let mut replies = transport.consume(REPLY_QUEUE).await.unwrap();
+
+        // The blocker holds the lane while the rest queue up behind it: they come as one batch.
+        publish(
+            &transport,
+            &command("s-block", "block", Op::Action, json!({"id": "a"})),
+        )
+        .await;
+        while bump.calls("s-block") == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let rest = [
+            command("w-a", "weak", Op::Action, json!({"id": "b"})),
+            command("w-a", "weak", Op::Action, json!({"id": "b"})),
+            command("w-b", "weak", Op::Compensate, json!({"id": "c"})),
+            command("w-b", "weak", Op::Action, json!({"id": "c"})),
+            command("s-c", "strong", Op::Action, json!({"id": "d"})),
+            command(
+                "w-d",
+                "weak",
+                Op::Action,
+                json!({"id": "e", "fail": "retryable"}),
+            ),
+            command(
+                "w-e",
+                "weak",
+                Op::Action,
+                json!({"id": "e", "fail": "business"}),
+            ),
+        ];
+        for cmd in &rest {
+            publish(&transport, cmd).await;
+        }
+        let mut got = Vec::new();
+        for _ in 0..=rest.len() {
+            let d = tokio::time::timeout(Duration::from_secs(20), replies.next())
+                .await
+                .expect("a reply in time")
+                .expect("a reply");
+            let reply: ReplyMsg = serde_json::from_slice(&d.message.payload).unwrap();
+            d.ack().await.unwrap();
+            got.push(reply);
+        }
+        let _ = stop.send(true);
+        let _ = task.await;
+
+        let sagas: Vec<(&str, Op)> = got.iter().map(|r| (r.saga_id.as_str(), r.op)).collect();
+        let mut expected = vec![("s-block", Op::Action)];
+        expected.extend(rest.iter().map(|c| (c.saga_id.as_str(), c.op)));
+        assert_eq!(sagas, expected, "answered in arrival order");
+        assert_eq!(
+            stats.commits.load(std::sync::atomic::Ordering::Relaxed),
+            2,
+            "the blocker's transaction, then one for the whole batch"
+        );
+        assert!(matches!(got[1].outcome, Outcome::Ok { .. }), "{got:?}");
+        assert_eq!(
+            got[2].outcome, got[1].outcome,
+            "a repeat gets the same answer"
+        );
+        assert_eq!(bump.calls("w-a"), 1, "and has no effect");
+        assert_eq!(counter(&store, "b").await, 1);
+        assert_eq!(business_code(&got[4].outcome), "cancelled_before_run");
+        assert_eq!(bump.calls("w-b"), 0, "the late forward did not run");
+        assert_eq!(bump.calls("w-b/undo"), 1, "a weak undo runs its handler");
+        assert!(matches!(got[5].outcome, Outcome::Ok { .. }), "{got:?}");
+        assert_eq!(counter(&store, "d").await, 1);
+        assert!(
+            matches!(&got[6].outcome, Outcome::Retryable { message } if message == "busy"),
+            "{got:?}"
+        );
+        assert_eq!(business_code(&got[7].outcome), "no");
+        assert_eq!(counter(&store, "e").await, 0, "both failures rolled back");
+        let answer = |saga: &str| {
+            let weak = weak.clone();
+            let ctx = StepContext {
+                saga_id: saga.into(),
+                step: "step".into(),
+                operation: "weak".into(),
+                attempt: 1,
+                key: "one-key".into(),
+            };
+            async move { weak.recorded_answer(&ctx, Op::Action).await.unwrap() }
+        };
+        assert_eq!(answer("w-a").await, Some(got[1].outcome.clone()));
+        assert_eq!(answer("w-b").await, Some(got[4].outcome.clone()));
+        assert_eq!(
+            answer("w-d").await,
+            None,
+            "the transient failure freed its key"
+        );
+        assert_eq!(answer("w-e").await, Some(got[7].outcome.clone()));
+        // Weak commands write no barrier rows: the blocker's and s-c's only.
+        assert_eq!(barrier_rows(&store).await, 2);
     }
 );
