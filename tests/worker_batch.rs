@@ -2,9 +2,10 @@
 //! transaction with a savepoint per handler. Duplicates inside a batch have one effect; a
 //! business failure, a transient failure or a database error inside a handler rolls back only
 //! that command; an undo before its forward operation in the same batch is a null undo and the
-//! forward is refused; per-key order holds across batches; weak and barrier commands share a
-//! batch and keep their promises; concurrent duplicates in two
-//! workers' batches (PostgreSQL) have one effect (the conflict-and-redo path).
+//! forward is refused; a batch whose commit fails is run again command by command; per-key
+//! order holds across batches; weak and barrier commands share a batch and keep their promises;
+//! concurrent duplicates in two workers' batches (PostgreSQL) have one effect (the
+//! conflict-and-redo path).
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
@@ -370,6 +371,72 @@ on_both_backends!(
         let again = batch(&store, &h, &[cmd("s-late", Op::Action, charge("30.00"))]).await;
         assert_eq!(business_code(&outcomes(&again)[0]), "cancelled_before_run");
         assert_eq!(balance(&store).await, 10_000);
+    }
+);
+
+/// Inserts a child row whose parent is checked only at commit (a deferred foreign key), so a
+/// missing parent fails the whole transaction's commit, not the handler.
+struct Child;
+
+#[async_trait::async_trait]
+impl SagaStep for Child {
+    async fn action(
+        &self,
+        conn: &mut AnyConnection,
+        ctx: &StepContext,
+        params: &Value,
+    ) -> Result<Value, StepError> {
+        sqlx::query("INSERT INTO batch_child (id, parent) VALUES ($1, $2)")
+            .bind(&ctx.saga_id)
+            .bind(params["parent"].as_str().unwrap_or_default())
+            .execute(&mut *conn)
+            .await?;
+        Ok(Value::Null)
+    }
+    async fn compensate(
+        &self,
+        _: &mut AnyConnection,
+        _: &StepContext,
+        _: &Value,
+    ) -> Result<Value, StepError> {
+        Ok(Value::Null)
+    }
+}
+
+on_both_backends!(
+    a_batch_whose_commit_fails_is_run_command_by_command,
+    |url: String| async move {
+        let store = store(&url).await;
+        for ddl in [
+            "CREATE TABLE batch_parent (id TEXT PRIMARY KEY)",
+            "CREATE TABLE batch_child (id TEXT PRIMARY KEY, parent TEXT NOT NULL \
+             REFERENCES batch_parent (id) DEFERRABLE INITIALLY DEFERRED)",
+            "INSERT INTO batch_parent (id) VALUES ('p')",
+        ] {
+            sqlx::query(ddl).execute(store.pool()).await.unwrap();
+        }
+        let h = Handler::Saga(Arc::new(Child));
+        let run = batch(
+            &store,
+            &h,
+            &[
+                cmd("s-1", Op::Action, json!({"parent": "p"})),
+                cmd("s-bad", Op::Action, json!({"parent": "nobody"})),
+                cmd("s-2", Op::Action, json!({"parent": "p"})),
+            ],
+        )
+        .await;
+        assert_eq!(run.commits, 2, "the batch failed; then s-1 and s-2 alone");
+        assert!(matches!(&run.results[0], Ok(e) if matches!(e.outcome, Outcome::Ok { .. })));
+        assert!(run.results[1].is_err(), "{:?}", run.results[1]);
+        assert!(matches!(&run.results[2], Ok(e) if matches!(e.outcome, Outcome::Ok { .. })));
+        let children: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM batch_child")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(children, 2);
+        assert_eq!(recorded(&store, "s-bad", Op::Action).await, None);
+        assert_eq!(barrier_rows(&store).await, 2);
     }
 );
 
