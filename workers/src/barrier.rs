@@ -2,19 +2,56 @@
 //! as the handler's effect.
 //!
 //! * a command whose row exists gets the recorded outcome back and changes nothing;
-//! * a forward operation claims its row first (the primary key serialises concurrent duplicates),
-//!   runs the handler, and stores the outcome; a business failure rolls the effect back and
-//!   stores the failure (durably: the engine may rely on "no effect");
+//! * a forward operation runs its handler and its row is written with the outcome, in the same
+//!   transaction; a business failure rolls the effect back and stores the failure (durably:
+//!   the engine may rely on "no effect");
 //! * an undo (compensate/cancel) whose forward operation never ran records a null undo, and the
 //!   late forward operation is then refused — no hanging reservation;
-//! * a transient failure rolls everything back and records nothing, so a retry runs again.
+//! * a confirm without a successful try is answered `not_tried` and not recorded;
+//! * a transient failure rolls the effect back and records nothing, so a retry runs again.
+//!
+//! # Batches
+//!
+//! The runtime hands over a lane's commands in batches ([`execute_batch`]; [`execute`] is a
+//! batch of one), and a batch is ONE transaction:
+//!
+//! 1. one statement reads every barrier row the batch needs (each command's own, and the undo a
+//!    forward operation checks or the forward an undo or confirm checks);
+//! 2. the commands run in order against those rows plus the decisions the batch has taken so
+//!    far, so a batch behaves as if its commands had come one by one: a duplicate inside the
+//!    batch is answered from the first one's outcome without running the handler, and an undo
+//!    sees the forward operation before it;
+//! 3. each handler runs in a savepoint of its own: a business or transient failure, or a
+//!    database error, rolls back that command's writes only;
+//! 4. one statement inserts the batch's new rows (`ON CONFLICT DO NOTHING`). If one already
+//!    existed, a concurrent duplicate (another worker, during a consumer takeover) committed it
+//!    after our read: the whole batch is rolled back and redone, and the redo answers that
+//!    command from the row (on PostgreSQL the insert waits for the other transaction first, so
+//!    the redo sees its outcome);
+//! 5. one commit.
+//!
+//! So a batch costs 2 barrier statements, plus a savepoint and its release per handler that
+//! runs, plus one commit, instead of 3 to 4 barrier statements and a commit per command. What a
+//! batch guarantees is what each command had alone: every effect applied at most once and
+//! together with its barrier row, every recorded outcome final. What it adds: the commands of a
+//! batch commit together, so none of their replies is sent before all of them are durable.
+//! If the batch's transaction fails as a whole (a lost connection, a failed commit, duplicates
+//! that keep racing), each of its commands is run again in a transaction of its own, so one bad
+//! command never holds the others back.
+//!
+//! Handlers must keep every effect inside the connection they are given: a batch may be rolled
+//! back and redone, and then its handlers run again.
 //!
 //! Rows are kept until [`purge`] (driven by [`retention_loop`]) removes them by age: the barrier
 //! cannot tell when a saga is over, so the retention must exceed the longest saga.
 
+use std::collections::{BTreeSet, HashMap};
+
 use sagaflow_engine::machine::{Op, Outcome};
 use sagaflow_engine::store::now_ms;
-use sqlx::{AnyConnection, AnyPool, Row};
+use serde_json::json;
+use sqlx::{Acquire, Any, AnyConnection, AnyPool, Row, Transaction};
+use tracing::{debug, warn};
 
 use crate::sdk::{StepContext, StepError};
 
@@ -39,62 +76,6 @@ impl std::fmt::Debug for Handler {
             Handler::Refuse { code, .. } => write!(f, "Handler::Refuse({code})"),
         }
     }
-}
-
-async fn recorded(
-    conn: &mut AnyConnection,
-    ctx: &StepContext,
-    op: Op,
-) -> Result<Option<Outcome>, sqlx::Error> {
-    let row =
-        sqlx::query("SELECT outcome FROM barrier WHERE saga_id = $1 AND step = $2 AND op = $3")
-            .bind(ctx.saga_id.as_str())
-            .bind(ctx.step.as_str())
-            .bind(op.as_str())
-            .fetch_optional(conn)
-            .await?;
-    let Some(row) = row else { return Ok(None) };
-    let text: String = row.try_get("outcome")?;
-    Ok(Some(serde_json::from_str(&text).unwrap_or(
-        Outcome::Business {
-            code: "corrupt_barrier".into(),
-            message: format!("unreadable barrier outcome: {text}"),
-        },
-    )))
-}
-
-/// Inserts the row; false when it already exists (a concurrent duplicate won).
-async fn record(
-    conn: &mut AnyConnection,
-    ctx: &StepContext,
-    op: Op,
-    outcome: &Outcome,
-) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query("INSERT INTO barrier (saga_id, step, op, outcome, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (saga_id, step, op) DO NOTHING")
-        .bind(ctx.saga_id.as_str())
-        .bind(ctx.step.as_str())
-        .bind(op.as_str())
-        .bind(serde_json::to_string(outcome).unwrap_or_default())
-        .bind(now_ms())
-        .execute(conn)
-        .await?;
-    Ok(r.rows_affected() == 1)
-}
-
-async fn update(
-    conn: &mut AnyConnection,
-    ctx: &StepContext,
-    op: Op,
-    outcome: &Outcome,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE barrier SET outcome = $1 WHERE saga_id = $2 AND step = $3 AND op = $4")
-        .bind(serde_json::to_string(outcome).unwrap_or_default())
-        .bind(ctx.saga_id.as_str())
-        .bind(ctx.step.as_str())
-        .bind(op.as_str())
-        .execute(conn)
-        .await?;
-    Ok(())
 }
 
 impl Handler {
@@ -140,7 +121,331 @@ pub struct Executed {
     pub duplicate: bool,
 }
 
-/// Runs `op` of a step behind the barrier, in its own transaction(s) on `pool`.
+fn fresh(outcome: Outcome) -> Executed {
+    Executed {
+        outcome,
+        duplicate: false,
+    }
+}
+
+/// One command of a batch, as the barrier runs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Job<'a> {
+    pub handler: &'a Handler,
+    pub op: Op,
+    pub ctx: &'a StepContext,
+    pub params: &'a serde_json::Value,
+    /// False for a command deduplicated elsewhere (weak mode, [`crate::weak`]): it only gets
+    /// the savepoint around its handler — no barrier checks and no barrier row.
+    pub barrier: bool,
+}
+
+/// What a batch came to: one result per job, in order, and how many transactions committed.
+///
+/// A job's `Err` means its command was not run to a decision (its transaction failed even on
+/// its own): answer it as retryable.
+#[derive(Debug)]
+pub struct BatchRun {
+    pub results: Vec<Result<Executed, sqlx::Error>>,
+    pub commits: u64,
+}
+
+/// How often a transaction is redone when a concurrent duplicate committed one of its barrier
+/// rows first. The redo reads that row, so one redo settles a command; more are for a batch
+/// whose commands race another worker one after the other.
+const REDOS: usize = 3;
+
+/// (saga_id, step, op): the barrier's primary key.
+type Key = (String, String, Op);
+
+fn key_of(ctx: &StepContext, op: Op) -> Key {
+    (ctx.saga_id.clone(), ctx.step.clone(), op)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// Told from the connection itself, so a pool opened by anyone (not only `Store`) works.
+    fn of(conn: &AnyConnection) -> Dialect {
+        if conn.backend_name().eq_ignore_ascii_case("postgresql") {
+            Dialect::Postgres
+        } else {
+            Dialect::Sqlite
+        }
+    }
+}
+
+// The keys and rows travel as one JSON text parameter, so each statement's text is fixed
+// whatever the batch size (one prepared statement, reused).
+const LOOKUP_SQLITE: &str = "SELECT saga_id, step, op, outcome FROM barrier \
+     WHERE (saga_id, step, op) IN (SELECT json_extract(value, '$.saga_id'), \
+     json_extract(value, '$.step'), json_extract(value, '$.op') FROM json_each($1))";
+const LOOKUP_POSTGRES: &str = "SELECT saga_id, step, op, outcome FROM barrier \
+     WHERE (saga_id, step, op) IN (SELECT saga_id, step, op FROM \
+     json_to_recordset($1::json) AS k(saga_id text, step text, op text))";
+// `WHERE true`: SQLite needs it to parse `INSERT … SELECT … ON CONFLICT`.
+const INSERT_SQLITE: &str = "INSERT INTO barrier (saga_id, step, op, outcome, created_at) \
+     SELECT json_extract(value, '$.saga_id'), json_extract(value, '$.step'), \
+     json_extract(value, '$.op'), json_extract(value, '$.outcome'), \
+     json_extract(value, '$.created_at') FROM json_each($1) WHERE true \
+     ON CONFLICT (saga_id, step, op) DO NOTHING RETURNING saga_id";
+const INSERT_POSTGRES: &str = "INSERT INTO barrier (saga_id, step, op, outcome, created_at) \
+     SELECT saga_id, step, op, outcome, created_at FROM json_to_recordset($1::json) \
+     AS x(saga_id text, step text, op text, outcome text, created_at bigint) \
+     ON CONFLICT (saga_id, step, op) DO NOTHING RETURNING saga_id";
+
+/// The recorded outcomes of `keys` that exist, in one statement.
+async fn lookup(
+    conn: &mut AnyConnection,
+    keys: &[Key],
+) -> Result<HashMap<Key, Outcome>, sqlx::Error> {
+    let mut found = HashMap::new();
+    if keys.is_empty() {
+        return Ok(found);
+    }
+    let sql = match Dialect::of(conn) {
+        Dialect::Sqlite => LOOKUP_SQLITE,
+        Dialect::Postgres => LOOKUP_POSTGRES,
+    };
+    let param: Vec<serde_json::Value> = keys
+        .iter()
+        .map(|(saga_id, step, op)| json!({"saga_id": saga_id, "step": step, "op": op.as_str()}))
+        .collect();
+    let rows = sqlx::query(sql)
+        .bind(serde_json::Value::Array(param).to_string())
+        .fetch_all(&mut *conn)
+        .await?;
+    for row in rows {
+        let op: String = row.try_get("op")?;
+        // The table's CHECK admits only known operations.
+        let Some(op) = Op::parse(&op) else { continue };
+        let text: String = row.try_get("outcome")?;
+        let outcome = serde_json::from_str(&text).unwrap_or(Outcome::Business {
+            code: "corrupt_barrier".into(),
+            message: format!("unreadable barrier outcome: {text}"),
+        });
+        found.insert((row.try_get("saga_id")?, row.try_get("step")?, op), outcome);
+    }
+    Ok(found)
+}
+
+/// Inserts `rows` in one statement; false when some already existed, i.e. a concurrent
+/// duplicate committed one of them after our lookup (on PostgreSQL the insert waited for it).
+async fn insert(
+    conn: &mut AnyConnection,
+    rows: &mut [(Key, Outcome)],
+) -> Result<bool, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(true);
+    }
+    // One order for every worker: two batches inserting overlapping keys wait for each other
+    // instead of deadlocking.
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    let now = now_ms();
+    let param: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|((saga_id, step, op), outcome)| {
+            json!({
+                "saga_id": saga_id,
+                "step": step,
+                "op": op.as_str(),
+                "outcome": serde_json::to_string(outcome).unwrap_or_default(),
+                "created_at": now,
+            })
+        })
+        .collect();
+    let sql = match Dialect::of(conn) {
+        Dialect::Sqlite => INSERT_SQLITE,
+        Dialect::Postgres => INSERT_POSTGRES,
+    };
+    let inserted = sqlx::query(sql)
+        .bind(serde_json::Value::Array(param).to_string())
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(inserted.len() == rows.len())
+}
+
+/// Runs a job's handler inside a savepoint of `tx`, so that a failure takes back its own
+/// writes only. `Err` only when the transaction itself is unusable.
+async fn in_savepoint(
+    tx: &mut Transaction<'_, Any>,
+    job: &Job<'_>,
+) -> Result<Result<serde_json::Value, StepError>, sqlx::Error> {
+    let mut sp = Acquire::begin(&mut *tx).await?;
+    match run_handler(job.handler, job.op, &mut sp, job.ctx, job.params).await {
+        Ok(output) => match sp.commit().await {
+            Ok(()) => Ok(Ok(output)),
+            // E.g. the handler swallowed a PostgreSQL error, which leaves the savepoint
+            // aborted. Dropping it queued the rollback to the savepoint; a retry runs again.
+            Err(e) => Ok(Err(StepError::Retryable(format!("database: {e}")))),
+        },
+        Err(e) => {
+            sp.rollback().await?;
+            Ok(Err(e))
+        }
+    }
+}
+
+/// One try of a batch in `tx`: the answers, or `None` when a concurrent duplicate won a row
+/// (the caller rolls back and redoes).
+async fn run_in(
+    tx: &mut Transaction<'_, Any>,
+    jobs: &[Job<'_>],
+) -> Result<Option<Vec<Executed>>, sqlx::Error> {
+    // Every row the batch's checks read: each command's own, and its forward or undo.
+    let mut wanted = BTreeSet::new();
+    for job in jobs.iter().filter(|j| j.barrier) {
+        wanted.insert(key_of(job.ctx, job.op));
+        let other = if job.op.is_forward() {
+            job.op.undo()
+        } else {
+            job.op.forward()
+        };
+        wanted.insert(key_of(job.ctx, other));
+    }
+    let wanted: Vec<Key> = wanted.into_iter().collect();
+    // The database's rows plus the batch's own decisions so far: commands of one batch see
+    // each other as if they had run one after the other.
+    let mut overlay = lookup(tx, &wanted).await?;
+    let mut new_rows: Vec<(Key, Outcome)> = Vec::new();
+    let mut done = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        if !job.barrier {
+            let outcome = match in_savepoint(tx, job).await? {
+                Ok(output) => Outcome::Ok { output },
+                Err(StepError::Business { code, message }) => Outcome::Business { code, message },
+                Err(StepError::Retryable(message)) => Outcome::Retryable { message },
+            };
+            done.push(fresh(outcome));
+            continue;
+        }
+        let (op, own) = (job.op, key_of(job.ctx, job.op));
+        if let Some(outcome) = overlay.get(&own) {
+            done.push(Executed {
+                outcome: outcome.clone(),
+                duplicate: true,
+            });
+            continue;
+        }
+        let decided = if op.is_forward() {
+            overlay
+                .contains_key(&key_of(job.ctx, op.undo()))
+                .then(|| Outcome::Business {
+                    code: "cancelled_before_run".into(),
+                    message: format!("{op} refused: its {} already ran", op.undo()),
+                })
+        } else {
+            let took_effect = matches!(
+                overlay.get(&key_of(job.ctx, op.forward())),
+                Some(Outcome::Ok { .. })
+            );
+            if op == Op::Confirm && !took_effect {
+                // Not recorded: a confirm is only sent after a successful try, so this is a
+                // stray; if the try's success is recorded later, a retry confirms.
+                done.push(fresh(Outcome::Business {
+                    code: "not_tried".into(),
+                    message: "confirm without a successful try".into(),
+                }));
+                continue;
+            }
+            // Nothing to undo: the forward operation failed, or never ran (and now never will).
+            (op.is_undo() && !took_effect).then(|| Outcome::Ok {
+                output: json!({"null_compensation": true}),
+            })
+        };
+        let outcome = match decided {
+            Some(outcome) => outcome,
+            None => match in_savepoint(tx, job).await? {
+                Ok(output) => Outcome::Ok { output },
+                // Its writes are gone with the savepoint; the decision is kept.
+                Err(StepError::Business { code, message }) => Outcome::Business { code, message },
+                Err(StepError::Retryable(message)) => {
+                    done.push(fresh(Outcome::Retryable { message }));
+                    continue;
+                }
+            },
+        };
+        overlay.insert(own.clone(), outcome.clone());
+        new_rows.push((own, outcome.clone()));
+        done.push(fresh(outcome));
+    }
+    if !insert(tx, &mut new_rows).await? {
+        return Ok(None);
+    }
+    Ok(Some(done))
+}
+
+/// A batch in one transaction, redone while concurrent duplicates win rows.
+async fn transaction(pool: &AnyPool, jobs: &[Job<'_>]) -> Result<Vec<Executed>, sqlx::Error> {
+    for _ in 0..REDOS {
+        let mut tx = pool.begin().await?;
+        match run_in(&mut tx, jobs).await {
+            Ok(Some(done)) => {
+                tx.commit().await?;
+                return Ok(done);
+            }
+            Ok(None) => {
+                debug!(
+                    commands = jobs.len(),
+                    "a concurrent duplicate committed a barrier row first; redoing the batch"
+                );
+                tx.rollback().await?;
+            }
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return Err(e);
+            }
+        }
+    }
+    Err(sqlx::Error::Protocol(format!(
+        "barrier: concurrent duplicates won rows of this batch {REDOS} times in a row"
+    )))
+}
+
+/// Runs a batch of commands behind the barrier in ONE transaction on `pool`, each handler in
+/// a savepoint of its own (see the module docs). If that transaction fails as a whole, each
+/// command is run again in a transaction of its own, so one bad command never holds the
+/// others back.
+pub async fn execute_batch(pool: &AnyPool, jobs: &[Job<'_>]) -> BatchRun {
+    if jobs.is_empty() {
+        return BatchRun {
+            results: Vec::new(),
+            commits: 0,
+        };
+    }
+    match transaction(pool, jobs).await {
+        Ok(done) => BatchRun {
+            results: done.into_iter().map(Ok).collect(),
+            commits: 1,
+        },
+        Err(e) if jobs.len() == 1 => BatchRun {
+            results: vec![Err(e)],
+            commits: 0,
+        },
+        Err(e) => {
+            warn!(commands = jobs.len(), error = %e, "batch transaction failed; running its commands one by one");
+            let mut run = BatchRun {
+                results: Vec::with_capacity(jobs.len()),
+                commits: 0,
+            };
+            for job in jobs {
+                let one = transaction(pool, std::slice::from_ref(job)).await;
+                run.commits += u64::from(one.is_ok());
+                run.results.push(one.and_then(|mut done| {
+                    done.pop()
+                        .ok_or_else(|| sqlx::Error::Protocol("barrier: no answer".into()))
+                }));
+            }
+            run
+        }
+    }
+}
+
+/// Runs `op` of a step behind the barrier: a batch of one, in its own transaction on `pool`.
 pub async fn execute(
     pool: &AnyPool,
     handler: &Handler,
@@ -148,88 +453,18 @@ pub async fn execute(
     ctx: &StepContext,
     params: &serde_json::Value,
 ) -> Result<Executed, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    if let Some(outcome) = recorded(&mut tx, ctx, op).await? {
-        return Ok(Executed {
-            outcome,
-            duplicate: true,
-        });
-    }
-    let fresh = |outcome| {
-        Ok(Executed {
-            outcome,
-            duplicate: false,
-        })
+    let job = Job {
+        handler,
+        op,
+        ctx,
+        params,
+        barrier: true,
     };
-    if op.is_forward() {
-        if recorded(&mut tx, ctx, op.undo()).await?.is_some() {
-            let refused = Outcome::Business {
-                code: "cancelled_before_run".into(),
-                message: format!("{op} refused: its {} already ran", op.undo()),
-            };
-            record(&mut tx, ctx, op, &refused).await?;
-            tx.commit().await?;
-            return fresh(refused);
-        }
-    } else {
-        let forward = recorded(&mut tx, ctx, op.forward()).await?;
-        let took_effect = matches!(forward, Some(Outcome::Ok { .. }));
-        if op.is_undo() && !took_effect {
-            // Nothing to undo: the forward operation failed, or never ran (and now never will).
-            let null = Outcome::Ok {
-                output: serde_json::json!({"null_compensation": true}),
-            };
-            record(&mut tx, ctx, op, &null).await?;
-            tx.commit().await?;
-            return fresh(null);
-        }
-        if op == Op::Confirm && !took_effect {
-            return fresh(Outcome::Business {
-                code: "not_tried".into(),
-                message: "confirm without a successful try".into(),
-            });
-        }
-    }
-    // Claim the row first: a concurrent duplicate blocks on it (PostgreSQL) or finds it.
-    let pending = Outcome::Retryable {
-        message: "in progress".into(),
-    };
-    if !record(&mut tx, ctx, op, &pending).await? {
-        // A concurrent duplicate committed first (under READ COMMITTED the insert waited for it).
-        let outcome = recorded(&mut tx, ctx, op).await?.unwrap_or(pending);
-        return Ok(Executed {
-            outcome,
-            duplicate: true,
-        });
-    }
-    let result = run_handler(handler, op, &mut tx, ctx, params).await;
-    match result {
-        Ok(output) => {
-            let outcome = Outcome::Ok { output };
-            update(&mut tx, ctx, op, &outcome).await?;
-            tx.commit().await?;
-            fresh(outcome)
-        }
-        Err(StepError::Business { code, message }) => {
-            // Undo the handler's writes, keep the decision.
-            tx.rollback().await?;
-            let outcome = Outcome::Business { code, message };
-            let mut tx = pool.begin().await?;
-            if !record(&mut tx, ctx, op, &outcome).await? {
-                let existing = recorded(&mut tx, ctx, op).await?;
-                return Ok(Executed {
-                    outcome: existing.unwrap_or(outcome),
-                    duplicate: true,
-                });
-            }
-            tx.commit().await?;
-            fresh(outcome)
-        }
-        Err(StepError::Retryable(message)) => {
-            tx.rollback().await?;
-            fresh(Outcome::Retryable { message })
-        }
-    }
+    execute_batch(pool, &[job])
+        .await
+        .results
+        .pop()
+        .unwrap_or_else(|| Err(sqlx::Error::Protocol("barrier: no answer".into())))
 }
 
 /// Retention: deletes up to `batch` barrier rows created more than `keep` ago, oldest first, in

@@ -1,11 +1,19 @@
 //! The worker runtime: what the SDK does around a handler.
 //!
-//! It consumes its service's command queue, routes each command to a *lane* by a stable hash of
-//! its order key (one key, one lane, handled in arrival order; different keys in parallel),
-//! runs it behind the barrier, publishes the reply (waiting for the confirm), and only then
-//! acknowledges the command. A crash anywhere in between redelivers the command, and the barrier
-//! answers it again without a second effect. (A handler registered with
-//! [`Idempotency::Weak`] is deduplicated by a Redis key instead: see [`crate::weak`].)
+//! It consumes its service's command queue and routes each command to a *lane* by a stable hash
+//! of its order key (one key, one lane, handled in arrival order; different keys in parallel).
+//! A lane works in **batches**: it waits for a command, takes whatever else is already queued
+//! for it (up to [`Worker::with_batch`], default [`DEFAULT_BATCH`]), runs the batch behind the
+//! barrier in one database transaction ([`crate::barrier`]), then publishes the batch's replies
+//! all at once and acknowledges each command only when its own reply is confirmed. The next
+//! batch starts after that, so a key's commands are handled, answered and acknowledged in
+//! arrival order. A crash anywhere in between redelivers the commands, and the barrier answers
+//! them again without a second effect. (A handler registered with [`Idempotency::Weak`] is
+//! deduplicated by a Redis key instead, claimed for the whole batch in one round trip: see
+//! [`crate::weak`].)
+//!
+//! Each lane holds at most one database connection at a time, so a worker needs at most
+//! [`DEFAULT_LANES`] connections by default (plus one for barrier retention).
 //!
 //! A **poison command** — one that can never be handled: not a command at all, meant for another
 //! service, naming an operation this worker has no handler for, or an operation its step kind
@@ -16,17 +24,20 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use sagaflow_engine::machine::Outcome;
+use futures::future::join_all;
+use sagaflow_engine::machine::{Op, Outcome};
 use sagaflow_engine::transport::{Delivery, Message, REPLY_QUEUE, Transport, command_queue};
 use sagaflow_engine::wire::{CommandMsg, ReplyMsg};
 use sqlx::AnyPool;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
-use crate::barrier::{self, Handler};
+use crate::barrier::{self, Executed, Handler, Job};
 use crate::sdk::{Idempotency, SagaStep, StepContext, TccStep};
+use crate::weak::{Claim, Finish, WeakError, WeakIdempotency};
 
 /// Failures to inject on purpose (demos and fault tests). Rates are probabilities per command.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -43,13 +54,23 @@ pub struct Faults {
 /// Counters for summaries and tests.
 #[derive(Debug, Default)]
 pub struct Stats {
-    pub handled: std::sync::atomic::AtomicU64,
-    pub duplicates: std::sync::atomic::AtomicU64,
+    pub handled: AtomicU64,
+    pub duplicates: AtomicU64,
     /// Commands that were not even a command (also counted in `dead_lettered`).
-    pub undecodable: std::sync::atomic::AtomicU64,
+    pub undecodable: AtomicU64,
     /// Poison commands set aside in the dead-letter queue.
-    pub dead_lettered: std::sync::atomic::AtomicU64,
+    pub dead_lettered: AtomicU64,
+    /// Database transactions the worker committed: one per batch, plus one per command of a
+    /// batch that had to be run one by one.
+    pub commits: AtomicU64,
 }
+
+/// Lanes by default: each holds at most one database connection at a time, so a worker
+/// process needs at most this many (plus one for barrier retention).
+pub const DEFAULT_LANES: usize = 4;
+
+/// Commands a lane takes into one batch (one transaction) by default.
+pub const DEFAULT_BATCH: usize = 64;
 
 /// A registered handler and how its commands are deduplicated.
 #[derive(Debug, Clone)]
@@ -68,6 +89,7 @@ pub struct Worker {
     handlers: HashMap<String, Registered>,
     faults: Faults,
     lanes: usize,
+    batch: usize,
     pub stats: Arc<Stats>,
 }
 
@@ -79,7 +101,8 @@ impl Worker {
             transport,
             handlers: HashMap::new(),
             faults: Faults::default(),
-            lanes: 16,
+            lanes: DEFAULT_LANES,
+            batch: DEFAULT_BATCH,
             stats: Arc::default(),
         }
     }
@@ -136,8 +159,17 @@ impl Worker {
         self
     }
 
+    /// How many keys are handled in parallel ([`DEFAULT_LANES`]); each lane holds at most one
+    /// database connection at a time.
     pub fn with_lanes(mut self, lanes: usize) -> Self {
         self.lanes = lanes.max(1);
+        self
+    }
+
+    /// The most commands a lane takes into one batch, i.e. one database transaction
+    /// ([`DEFAULT_BATCH`]); 1 handles every command in a transaction of its own.
+    pub fn with_batch(mut self, max: usize) -> Self {
+        self.batch = max.max(1);
         self
     }
 
@@ -163,12 +195,22 @@ impl Worker {
         let mut tasks = Vec::with_capacity(this.lanes);
         for _ in 0..this.lanes {
             // Bounded: a slow lane applies backpressure instead of buffering without limit.
-            let (tx, mut rx) = mpsc::channel::<Delivery>(64);
+            let (tx, mut rx) = mpsc::channel::<Delivery>(this.batch.max(64));
             lanes.push(tx);
             let worker = this.clone();
             tasks.push(tokio::spawn(async move {
-                while let Some(d) = rx.recv().await {
-                    worker.handle(d).await;
+                // A batch is whatever arrived while the previous one ran: no waiting to fill
+                // it, so a lone command is not delayed. One batch at a time keeps each key's
+                // commands in arrival order.
+                while let Some(first) = rx.recv().await {
+                    let mut batch = vec![first];
+                    while batch.len() < worker.batch {
+                        match rx.try_recv() {
+                            Ok(d) => batch.push(d),
+                            Err(_) => break,
+                        }
+                    }
+                    worker.handle_batch(batch).await;
                 }
             }));
         }
@@ -191,41 +233,65 @@ impl Worker {
         Ok(())
     }
 
-    async fn handle(&self, delivery: Delivery) {
-        let (cmd, registered) = match self.decode(&delivery.message.payload) {
-            Ok(found) => found,
-            Err(reason) => {
-                self.stats
-                    .dead_lettered
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                warn!(service = %self.service, message = %delivery.message.id, %reason, "poison command; dead-lettering it");
-                if let Err(e) = delivery.dead_letter(&reason).await {
-                    warn!(service = %self.service, error = %e, "dead-lettering failed; the command goes back to its queue");
+    /// Handles a lane's batch: decodes it, runs every command it can in one database
+    /// transaction, then publishes the replies pipelined and acknowledges each command once
+    /// its reply is confirmed.
+    async fn handle_batch(&self, deliveries: Vec<Delivery>) {
+        let mut todo = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            match self.decode(&delivery.message.payload) {
+                Ok((cmd, registered)) => todo.push((delivery, cmd, registered)),
+                Err(reason) => {
+                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    warn!(service = %self.service, message = %delivery.message.id, %reason, "poison command; dead-lettering it");
+                    if let Err(e) = delivery.dead_letter(&reason).await {
+                        warn!(service = %self.service, error = %e, "dead-lettering failed; the command goes back to its queue");
+                    }
                 }
-                return;
             }
-        };
-        let outcome = self.execute(&cmd, registered).await;
-        let reply = ReplyMsg {
-            saga_id: cmd.saga_id.clone(),
-            step: cmd.step,
-            op: cmd.op,
-            attempt: cmd.attempt,
-            outcome,
-        };
-        let message = Message {
-            id: reply.message_id(),
-            key: cmd.key.clone(),
-            payload: serde_json::to_vec(&reply).unwrap_or_default(),
-        };
-        match self.transport.publish(REPLY_QUEUE, message).await {
-            Ok(()) => {
-                let _ = delivery.ack().await;
-            }
-            Err(e) => {
-                // Not acknowledged: the command comes again and the barrier answers it again.
-                warn!(service = %self.service, error = %e, "reply not confirmed; command will be redelivered");
-                let _ = delivery.nack().await;
+        }
+        if todo.is_empty() {
+            return;
+        }
+        let cmds: Vec<(&CommandMsg, &Registered)> =
+            todo.iter().map(|(_, cmd, r)| (cmd, *r)).collect();
+        let outcomes = self.execute_batch(&cmds).await;
+        let replies: Vec<Message> = todo
+            .iter()
+            .zip(outcomes)
+            .map(|((_, cmd, _), outcome)| {
+                let reply = ReplyMsg {
+                    saga_id: cmd.saga_id.clone(),
+                    step: cmd.step,
+                    op: cmd.op,
+                    attempt: cmd.attempt,
+                    outcome,
+                };
+                Message {
+                    id: reply.message_id(),
+                    key: cmd.key.clone(),
+                    payload: serde_json::to_vec(&reply).unwrap_or_default(),
+                }
+            })
+            .collect();
+        // All publishes in flight at once, issued in batch order; each command is acknowledged
+        // only once its own reply is confirmed.
+        let confirms = join_all(
+            replies
+                .into_iter()
+                .map(|m| self.transport.publish(REPLY_QUEUE, m)),
+        )
+        .await;
+        for ((delivery, _, _), confirmed) in todo.into_iter().zip(confirms) {
+            match confirmed {
+                Ok(()) => {
+                    let _ = delivery.ack().await;
+                }
+                Err(e) => {
+                    // Not acknowledged: the command comes again and the barrier answers it again.
+                    warn!(service = %self.service, error = %e, "reply not confirmed; command will be redelivered");
+                    let _ = delivery.nack().await;
+                }
             }
         }
     }
@@ -234,9 +300,7 @@ impl Worker {
     /// the dead letter carries).
     fn decode(&self, payload: &[u8]) -> Result<(CommandMsg, &Registered), String> {
         let cmd: CommandMsg = serde_json::from_slice(payload).map_err(|e| {
-            self.stats
-                .undecodable
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats.undecodable.fetch_add(1, Ordering::Relaxed);
             format!("undecodable command: {e}")
         })?;
         let what = format!(
@@ -282,61 +346,214 @@ impl Worker {
         Ok((cmd, registered))
     }
 
-    async fn execute(&self, cmd: &CommandMsg, registered: &Registered) -> Outcome {
-        let handler = &registered.handler;
-        let ctx = StepContext {
-            saga_id: cmd.saga_id.clone(),
-            step: cmd.step_id.clone(),
-            operation: cmd.operation.clone(),
-            attempt: cmd.attempt,
-            key: cmd.key.clone(),
-        };
+    /// The outcomes of a batch of decoded commands, in order: injected faults first, then the
+    /// weak commands' claims (one Redis round trip per weak store), then one database
+    /// transaction for everything that runs a handler, then the weak answers recorded (one
+    /// round trip again).
+    async fn execute_batch(&self, cmds: &[(&CommandMsg, &Registered)]) -> Vec<Outcome> {
+        let mut slots = Vec::with_capacity(cmds.len());
+        for &(cmd, registered) in cmds {
+            slots.push(self.prepare(cmd, registered).await);
+        }
+        let stores = self.claim_weak(&mut slots).await;
+
+        // One transaction for every command that runs a handler.
+        let mut job_of = Vec::new();
+        let mut jobs = Vec::new();
+        for (i, slot) in slots.iter().enumerate() {
+            let barrier = match (&slot.registered.idempotency, &slot.claim) {
+                _ if slot.injected.is_some() || slot.executed.is_some() => continue,
+                (Idempotency::Barrier, _) => true,
+                (_, Some(Claim::Run { .. })) => false,
+                _ => continue,
+            };
+            jobs.push(Job {
+                handler: &slot.handler,
+                op: slot.cmd.op,
+                ctx: &slot.ctx,
+                params: &slot.cmd.params,
+                barrier,
+            });
+            job_of.push(i);
+        }
+        let run = barrier::execute_batch(&self.pool, &jobs).await;
+        self.stats.commits.fetch_add(run.commits, Ordering::Relaxed);
+        let mut weak_results = HashMap::new();
+        for (i, result) in job_of.into_iter().zip(run.results) {
+            match slots[i].registered.idempotency {
+                Idempotency::Barrier => {
+                    slots[i].executed =
+                        Some(result.map_err(|e| format!("{} database: {e}", self.service)));
+                }
+                _ => {
+                    weak_results.insert(i, result.map_err(WeakError::Db));
+                }
+            }
+        }
+        self.finish_weak(&mut slots, &stores, weak_results).await;
+        slots.into_iter().map(|slot| self.answer(slot)).collect()
+    }
+
+    /// A command's context, and the faults injected into it. The sleep of a slow answer comes
+    /// before the batch's transaction opens, so it does not hold a connection.
+    async fn prepare<'a>(&self, cmd: &'a CommandMsg, registered: &'a Registered) -> Slot<'a> {
         let f = self.faults;
         if f.slow > 0.0 && fastrand::f64() < f.slow {
             tokio::time::sleep(f.slow_for).await;
         }
-        if f.transient > 0.0 && fastrand::f64() < f.transient {
-            return Outcome::Retryable {
+        let injected =
+            (f.transient > 0.0 && fastrand::f64() < f.transient).then(|| Outcome::Retryable {
                 message: format!("injected transient failure in {}", self.service),
-            };
-        }
-        let injected;
+            });
         let handler = if cmd.op.is_forward() && f.business > 0.0 && fastrand::f64() < f.business {
-            injected = Handler::Refuse {
+            Handler::Refuse {
                 code: "injected".into(),
                 message: format!("injected business failure in {}", self.service),
-            };
-            &injected
-        } else {
-            handler
-        };
-        let result = match &registered.idempotency {
-            Idempotency::Barrier => {
-                barrier::execute(&self.pool, handler, cmd.op, &ctx, &cmd.params)
-                    .await
-                    .map_err(|e| format!("{} database: {e}", self.service))
             }
-            Idempotency::Weak(weak) => weak
-                .execute(&self.pool, handler, cmd.op, &ctx, &cmd.params)
-                .await
-                .map_err(|e| format!("{}: {e}", self.service)),
+        } else {
+            registered.handler.clone()
         };
-        match result {
-            Ok(executed) => {
-                self.stats
-                    .handled
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Slot {
+            cmd,
+            registered,
+            ctx: StepContext {
+                saga_id: cmd.saga_id.clone(),
+                step: cmd.step_id.clone(),
+                operation: cmd.operation.clone(),
+                attempt: cmd.attempt,
+                key: cmd.key.clone(),
+            },
+            handler,
+            injected,
+            claim: None,
+            executed: None,
+        }
+    }
+
+    /// Claims the weak commands' keys, one round trip per Redis store, in batch order; returns
+    /// the stores and their commands' indices (for [`Self::finish_weak`]).
+    async fn claim_weak<'a>(
+        &self,
+        slots: &mut [Slot<'a>],
+    ) -> Vec<(&'a WeakIdempotency, Vec<usize>)> {
+        let mut stores: Vec<(&'a WeakIdempotency, Vec<usize>)> = Vec::new();
+        for (i, slot) in slots.iter().enumerate() {
+            if let (Idempotency::Weak(w), None) = (&slot.registered.idempotency, &slot.injected) {
+                match stores.iter_mut().find(|(s, _)| s.same(w)) {
+                    Some((_, members)) => members.push(i),
+                    None => stores.push((w, vec![i])),
+                }
+            }
+        }
+        for (weak, members) in &stores {
+            let asked: Vec<(&StepContext, Op)> = members
+                .iter()
+                .map(|&i| (&slots[i].ctx, slots[i].cmd.op))
+                .collect();
+            let claims = weak.claim_batch(&asked).await;
+            for (&i, claim) in members.iter().zip(claims) {
+                match claim {
+                    Claim::Answered(r) => {
+                        slots[i].executed = Some(r.map_err(|e| format!("{}: {e}", self.service)));
+                    }
+                    Claim::Same(j) => slots[i].claim = Some(Claim::Same(members[j])),
+                    other => slots[i].claim = Some(other),
+                }
+            }
+        }
+        stores
+    }
+
+    /// Records or releases the claimed keys (one round trip per store) and answers the weak
+    /// commands: those that ran with their results, a repeat inside the batch with its first
+    /// occurrence's answer.
+    async fn finish_weak(
+        &self,
+        slots: &mut [Slot<'_>],
+        stores: &[(&WeakIdempotency, Vec<usize>)],
+        mut ran: HashMap<usize, Result<Executed, WeakError>>,
+    ) {
+        for (weak, members) in stores {
+            let mut finishes = Vec::new();
+            for &i in members {
+                let result = match slots[i].claim.take() {
+                    Some(Claim::Run { key, token }) => {
+                        let result = ran.remove(&i).unwrap_or_else(|| {
+                            Err(WeakError::Db(sqlx::Error::Protocol("no answer".into())))
+                        });
+                        finishes.push(Finish::after(key, token, &result));
+                        result
+                    }
+                    Some(Claim::Decided {
+                        key,
+                        token,
+                        outcome,
+                    }) => {
+                        finishes.push(Finish::Record {
+                            key,
+                            token,
+                            outcome: outcome.clone(),
+                        });
+                        Ok(Executed {
+                            outcome,
+                            duplicate: false,
+                        })
+                    }
+                    other => {
+                        slots[i].claim = other;
+                        continue;
+                    }
+                };
+                slots[i].executed = Some(result.map_err(|e| format!("{}: {e}", self.service)));
+            }
+            weak.finish_batch(finishes).await;
+        }
+        for i in 0..slots.len() {
+            if let Some(Claim::Same(j)) = slots[i].claim {
+                slots[i].executed = slots[j].executed.clone().map(|r| {
+                    r.map(|e| Executed {
+                        duplicate: true,
+                        ..e
+                    })
+                });
+            }
+        }
+    }
+
+    /// The reply's outcome for a command, counted in the stats.
+    fn answer(&self, slot: Slot<'_>) -> Outcome {
+        if let Some(outcome) = slot.injected {
+            return outcome;
+        }
+        match slot.executed {
+            Some(Ok(executed)) => {
+                self.stats.handled.fetch_add(1, Ordering::Relaxed);
                 if executed.duplicate {
-                    self.stats
-                        .duplicates
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    debug!(service = %self.service, saga.id = %cmd.saga_id, step.id = %cmd.step_id, "duplicate command answered from its record");
+                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    debug!(service = %self.service, saga.id = %slot.cmd.saga_id, step.id = %slot.cmd.step_id, "duplicate command answered from its record");
                 }
                 executed.outcome
             }
-            Err(message) => Outcome::Retryable { message },
+            Some(Err(message)) => Outcome::Retryable { message },
+            None => Outcome::Retryable {
+                message: format!("{}: the command was not run", self.service),
+            },
         }
     }
+}
+
+/// A decoded command on its way through a batch.
+struct Slot<'a> {
+    cmd: &'a CommandMsg,
+    registered: &'a Registered,
+    ctx: StepContext,
+    /// The registered handler, or an injected business failure.
+    handler: Handler,
+    /// An injected transient failure: answered as it is, not counted as handled.
+    injected: Option<Outcome>,
+    /// A weak command's key, between its claim and its finish.
+    claim: Option<Claim>,
+    executed: Option<Result<Executed, String>>,
 }
 
 /// A stable lane for a key: FNV-1a, the same in every process and release.

@@ -2,9 +2,10 @@
 //!
 //! A handler owns only its business effect. The SDK (see `runtime.rs` and `barrier.rs`) owns
 //! receiving commands, per-order ordering, idempotency, replies and acknowledgement. It opens a
-//! database transaction, inserts the barrier row for (saga, step, operation), calls the handler
-//! with that transaction's connection, and commits both together — so an effect is applied once
-//! however often its command arrives.
+//! database transaction for a batch of commands, calls each handler with that transaction's
+//! connection (inside a savepoint of its own), writes the barrier rows for (saga, step,
+//! operation), and commits effects and rows together — so an effect is applied once however
+//! often its command arrives.
 //!
 //! Rules for handlers:
 //! * write the effect only through the connection you are given (never another pool): that is
@@ -14,7 +15,9 @@
 //! * return [`StepError::Retryable`] for a transient fault: the SDK rolls back and records
 //!   nothing, so the engine's retry runs the handler again;
 //! * key your own ledger rows by `(ctx.saga_id, ctx.step)`, so a compensation can find exactly
-//!   what its action did.
+//!   what its action did;
+//! * keep no effect outside the connection (an in-memory cache, a call to another system): a
+//!   batch's transaction can be rolled back and redone, and its handlers then run again.
 //!
 //! # Strong or weak idempotency, per handler
 //!

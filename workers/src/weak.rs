@@ -12,10 +12,16 @@
 //!    which is answered again — the same reply the first delivery got. While the first run has
 //!    not recorded its reply yet (in progress, or its worker died), a duplicate answers a
 //!    *retryable* failure, never a success for an effect that may not have happened;
-//! 3. otherwise the handler runs in a database transaction of its own, as in barrier mode.
+//! 3. otherwise the handler runs in a database transaction, as in barrier mode.
 //!    Its outcome then goes into the key (`PX ttl` again): a success and a business failure are
 //!    kept (a duplicate gets the same answer; a business "no" must stay "no", the engine relies
 //!    on it), a **transient failure deletes the key**, so the engine's retry runs the effect.
+//!
+//! In a worker's batch (see [`crate::runtime`]) these steps are shared: the claims of all the
+//! batch's weak commands go to Redis as one pipeline (in batch order), their handlers run in the
+//! batch's database transaction, each in a savepoint of its own (a failure rolls back only its
+//! own writes), and the outcomes are recorded with one more pipeline after the commit. A
+//! command repeated inside one batch is answered with its first occurrence's outcome.
 //!
 //! A forward operation whose undo already ran (its undo key exists) is refused like the
 //! barrier does (`cancelled_before_run`), as long as that key lives. The barrier's other checks
@@ -45,6 +51,7 @@
 //! Use the barrier (the default) for money, stock and anything a compensation must mirror
 //! exactly.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,8 +62,8 @@ use sqlx::AnyPool;
 use tokio::sync::Mutex;
 use tracing::warn;
 
-use crate::barrier::{Executed, Handler, run_handler};
-use crate::sdk::{StepContext, StepError};
+use crate::barrier::{self, Executed, Handler, Job};
+use crate::sdk::StepContext;
 
 /// How long a key lives by default: a day.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -219,8 +226,9 @@ impl WeakIdempotency {
         Ok(value.map(|v| self.recorded(&key, &v)))
     }
 
-    /// Runs `op` of a step in weak mode (see the module docs). `Err` only when the effect was
-    /// not run (Redis or the database unreachable before it): answer it as retryable.
+    /// Runs `op` of a step in weak mode (see the module docs): a batch of one. `Err` only when
+    /// the effect was not run (Redis or the database unreachable before it): answer it as
+    /// retryable.
     pub async fn execute(
         &self,
         pool: &AnyPool,
@@ -229,90 +237,43 @@ impl WeakIdempotency {
         ctx: &StepContext,
         params: &Value,
     ) -> Result<Executed, WeakError> {
-        let key = self.key(ctx, op);
-        let token = format!("{PENDING}{:016x}", fastrand::u64(..));
-        // Claim the key; if it exists, answer from it. Twice at most: the key can expire
-        // between the SET and the GET.
-        let mut claimed = false;
-        for _ in 0..2 {
-            let set: Option<String> = self
-                .query(
-                    redis::cmd("SET")
-                        .arg(&key)
-                        .arg(&token)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(self.ttl_ms()),
-                )
-                .await?;
-            if set.is_some() {
-                claimed = true;
-                break;
+        let claim = self.claim_batch(&[(ctx, op)]).await.pop();
+        match claim {
+            Some(Claim::Answered(result)) => result,
+            Some(Claim::Decided {
+                key,
+                token,
+                outcome,
+            }) => {
+                self.finish_batch(vec![Finish::Record {
+                    key,
+                    token,
+                    outcome: outcome.clone(),
+                }])
+                .await;
+                Ok(fresh(outcome))
             }
-            let existing: Option<String> = self.query(redis::cmd("GET").arg(&key)).await?;
-            if let Some(value) = existing {
-                return Ok(Executed {
-                    outcome: self.recorded(&key, &value),
-                    duplicate: true,
-                });
-            }
-        }
-        if !claimed {
-            return Err(WeakError::Redis {
-                url: self.inner.url.clone(),
-                reason: format!("key {key} could neither be set nor read"),
-            });
-        }
-        if op.is_forward() {
-            let undo_key = self.key(ctx, op.undo());
-            let undone: bool = match self.query(redis::cmd("EXISTS").arg(&undo_key)).await {
-                Ok(n) => n,
-                Err(e) => {
-                    self.release(&key, &token).await;
-                    return Err(e);
-                }
-            };
-            if undone {
-                let refused = Outcome::Business {
-                    code: "cancelled_before_run".into(),
-                    message: format!("{op} refused: its {} already ran", op.undo()),
+            Some(Claim::Run { key, token }) => {
+                let job = Job {
+                    handler,
+                    op,
+                    ctx,
+                    params,
+                    barrier: false,
                 };
-                self.record(&key, &token, &refused).await;
-                return Ok(fresh(refused));
+                let result = match barrier::execute_batch(pool, &[job]).await.results.pop() {
+                    Some(r) => r.map_err(WeakError::Db),
+                    None => Err(WeakError::Db(sqlx::Error::Protocol("no answer".into()))),
+                };
+                self.finish_batch(vec![Finish::after(key, token, &result)])
+                    .await;
+                result
             }
+            Some(Claim::Same(_)) | None => Err(WeakError::Redis {
+                url: self.inner.url.clone(),
+                reason: "no claim for the command".into(),
+            }),
         }
-
-        let mut tx = match pool.begin().await {
-            Ok(tx) => tx,
-            Err(e) => {
-                self.release(&key, &token).await;
-                return Err(e.into());
-            }
-        };
-        let result = run_handler(handler, op, &mut tx, ctx, params).await;
-        let outcome = match result {
-            Ok(output) => {
-                if let Err(e) = tx.commit().await {
-                    // Most likely not applied: let a retry run it (see the module docs).
-                    self.release(&key, &token).await;
-                    return Ok(fresh(Outcome::Retryable {
-                        message: format!("database: commit failed: {e}"),
-                    }));
-                }
-                Outcome::Ok { output }
-            }
-            Err(StepError::Business { code, message }) => {
-                let _ = tx.rollback().await;
-                Outcome::Business { code, message }
-            }
-            Err(StepError::Retryable(message)) => {
-                let _ = tx.rollback().await;
-                self.release(&key, &token).await;
-                return Ok(fresh(Outcome::Retryable { message }));
-            }
-        };
-        self.record(&key, &token, &outcome).await;
-        Ok(fresh(outcome))
     }
 
     /// What an existing key says: the recorded outcome, or "in progress" for a pending one.
@@ -330,42 +291,267 @@ impl WeakIdempotency {
             message: format!("weak idempotency: {key} holds an unreadable outcome ({e})"),
         })
     }
+}
 
-    /// Stores the outcome for duplicates; a failure is logged (the effect already happened,
-    /// its outcome is answered anyway, the key stays pending until it expires).
-    async fn record(&self, key: &str, token: &str, outcome: &Outcome) {
-        let json = serde_json::to_string(outcome).unwrap_or_default();
-        let r: Result<redis::Value, _> = self
-            .query(
-                redis::cmd("EVAL")
-                    .arg(RECORD)
-                    .arg(1)
-                    .arg(key)
-                    .arg(token)
-                    .arg(json)
-                    .arg(self.ttl_ms()),
-            )
-            .await;
-        match r {
-            Ok(redis::Value::Nil) => {
-                warn!(
-                    key,
-                    "weak idempotency: the key expired while the effect ran; its outcome is not recorded"
-                )
+/// Where a weak command of a batch stands after the claim round trip.
+#[derive(Debug)]
+pub(crate) enum Claim {
+    /// Answered without running the effect: a duplicate (its recorded reply), or a failure
+    /// to reach Redis (`Err`: the effect was not run).
+    Answered(Result<Executed, WeakError>),
+    /// The key is ours and the outcome decided without running the effect (a forward
+    /// operation whose undo key exists); it is recorded like a real answer.
+    Decided {
+        key: String,
+        token: String,
+        outcome: Outcome,
+    },
+    /// The key is ours: run the effect, then [`Finish`] the key.
+    Run { key: String, token: String },
+    /// The same key as the batch's command at this index: answered with its outcome, as a
+    /// duplicate, without a key of its own (its `SET NX` would only find ours pending).
+    Same(usize),
+}
+
+/// What to do with a claimed key once its effect's transaction is over.
+#[derive(Debug)]
+pub(crate) enum Finish {
+    /// Keep the answer for duplicates (a success or a business failure).
+    Record {
+        key: String,
+        token: String,
+        outcome: Outcome,
+    },
+    /// Free the key (a transient failure, or the effect not run): a retry runs the effect.
+    Release { key: String, token: String },
+}
+
+impl Finish {
+    /// What happens to the key of a command that ran to `result`.
+    pub(crate) fn after(key: String, token: String, result: &Result<Executed, WeakError>) -> Self {
+        match result {
+            Ok(Executed {
+                outcome: outcome @ (Outcome::Ok { .. } | Outcome::Business { .. }),
+                ..
+            }) => Finish::Record {
+                key,
+                token,
+                outcome: outcome.clone(),
+            },
+            _ => Finish::Release { key, token },
+        }
+    }
+}
+
+impl WeakIdempotency {
+    /// Whether two handles share one Redis connection and key space (their commands can share
+    /// a pipeline).
+    pub(crate) fn same(&self, other: &WeakIdempotency) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Runs a pipeline in one round trip; a failure drops the cached connection so the next
+    /// call reconnects.
+    async fn query_pipe(&self, pipe: &redis::Pipeline) -> Result<Vec<redis::Value>, WeakError> {
+        let mut conn = self.connection().await?;
+        match pipe.query_async(&mut conn).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                *self.inner.conn.lock().await = None;
+                Err(self.redis_error(&e))
             }
-            Err(e) => warn!(key, error = %e, "weak idempotency: outcome not recorded"),
-            Ok(_) => {}
         }
     }
 
-    /// Deletes our pending key after a transient failure, so a retry runs the effect.
-    async fn release(&self, key: &str, token: &str) {
-        let r: Result<i64, _> = self
-            .query(redis::cmd("EVAL").arg(RELEASE).arg(1).arg(key).arg(token))
-            .await;
-        if let Err(e) = r {
-            warn!(key, error = %e, "weak idempotency: pending key not deleted; retries answer \
-                  'in progress' until it expires");
+    /// Claims the keys of a batch's weak commands, in one round trip (a second one only for
+    /// keys that expired between their `SET` and their `GET`). The commands are claimed in
+    /// batch order, so an undo earlier in the batch makes a later forward operation refused,
+    /// as if they had come one by one.
+    pub(crate) async fn claim_batch(&self, cmds: &[(&StepContext, Op)]) -> Vec<Claim> {
+        let keys: Vec<String> = cmds.iter().map(|(ctx, op)| self.key(ctx, *op)).collect();
+        let tokens: Vec<String> = cmds
+            .iter()
+            .map(|_| format!("{PENDING}{:016x}", fastrand::u64(..)))
+            .collect();
+        let mut claims: Vec<Option<Claim>> = cmds.iter().map(|_| None).collect();
+        let mut first: HashMap<&str, usize> = HashMap::new();
+        let mut open = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            match first.get(key.as_str()) {
+                Some(&j) => claims[i] = Some(Claim::Same(j)),
+                None => {
+                    first.insert(key, i);
+                    open.push(i);
+                }
+            }
+        }
+        for _ in 0..2 {
+            if open.is_empty() {
+                break;
+            }
+            let mut pipe = redis::pipe();
+            for &i in &open {
+                let (ctx, op) = cmds[i];
+                pipe.cmd("SET")
+                    .arg(&keys[i])
+                    .arg(&tokens[i])
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(self.ttl_ms());
+                pipe.cmd("GET").arg(&keys[i]);
+                if op.is_forward() {
+                    pipe.cmd("EXISTS").arg(self.key(ctx, op.undo()));
+                }
+            }
+            let mut values = match self.query_pipe(&pipe).await {
+                Ok(v) => v.into_iter(),
+                Err(e) => {
+                    // Some of the SETs may have gone through: free whatever may be ours.
+                    let release = open
+                        .iter()
+                        .map(|&i| Finish::Release {
+                            key: keys[i].clone(),
+                            token: tokens[i].clone(),
+                        })
+                        .collect();
+                    self.finish_batch(release).await;
+                    for &i in &open {
+                        claims[i] = Some(Claim::Answered(Err(WeakError::Redis {
+                            url: self.inner.url.clone(),
+                            reason: match &e {
+                                WeakError::Redis { reason, .. } => reason.clone(),
+                                other => other.to_string(),
+                            },
+                        })));
+                    }
+                    open.clear();
+                    break;
+                }
+            };
+            let mut again = Vec::new();
+            for &i in &open {
+                let (_, op) = cmds[i];
+                let set = values.next();
+                let existing: Option<String> = values
+                    .next()
+                    .and_then(|v| redis::from_redis_value(v).ok())
+                    .flatten();
+                let undone = if op.is_forward() {
+                    match values.next() {
+                        Some(redis::Value::Int(n)) => Some(n > 0),
+                        _ => None,
+                    }
+                } else {
+                    Some(false)
+                };
+                let claimed = !matches!(set, None | Some(redis::Value::Nil));
+                claims[i] = Some(match (claimed, undone, existing) {
+                    (true, Some(false), _) => Claim::Run {
+                        key: keys[i].clone(),
+                        token: tokens[i].clone(),
+                    },
+                    (true, Some(true), _) => Claim::Decided {
+                        key: keys[i].clone(),
+                        token: tokens[i].clone(),
+                        outcome: Outcome::Business {
+                            code: "cancelled_before_run".into(),
+                            message: format!("{op} refused: its {} already ran", op.undo()),
+                        },
+                    },
+                    (true, None, _) => {
+                        self.finish_batch(vec![Finish::Release {
+                            key: keys[i].clone(),
+                            token: tokens[i].clone(),
+                        }])
+                        .await;
+                        Claim::Answered(Err(WeakError::Redis {
+                            url: self.inner.url.clone(),
+                            reason: format!("unexpected reply to EXISTS for {}", keys[i]),
+                        }))
+                    }
+                    (false, _, Some(value)) => Claim::Answered(Ok(Executed {
+                        outcome: self.recorded(&keys[i], &value),
+                        duplicate: true,
+                    })),
+                    (false, _, None) => {
+                        again.push(i);
+                        continue;
+                    }
+                });
+            }
+            open = again;
+        }
+        for &i in &open {
+            claims[i] = Some(Claim::Answered(Err(WeakError::Redis {
+                url: self.inner.url.clone(),
+                reason: format!("key {} could neither be set nor read", keys[i]),
+            })));
+        }
+        claims
+            .into_iter()
+            .map(|c| {
+                c.unwrap_or_else(|| {
+                    Claim::Answered(Err(WeakError::Redis {
+                        url: self.inner.url.clone(),
+                        reason: "no answer to the claim".into(),
+                    }))
+                })
+            })
+            .collect()
+    }
+
+    /// Records or releases a batch's keys, in one round trip. Failures are logged: the
+    /// effects already happened (or not), their outcomes are answered anyway, and a key left
+    /// pending answers "in progress" until it expires.
+    pub(crate) async fn finish_batch(&self, finishes: Vec<Finish>) {
+        if finishes.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for f in &finishes {
+            match f {
+                Finish::Record {
+                    key,
+                    token,
+                    outcome,
+                } => {
+                    pipe.cmd("EVAL")
+                        .arg(RECORD)
+                        .arg(1)
+                        .arg(key)
+                        .arg(token)
+                        .arg(serde_json::to_string(outcome).unwrap_or_default())
+                        .arg(self.ttl_ms());
+                }
+                Finish::Release { key, token } => {
+                    pipe.cmd("EVAL").arg(RELEASE).arg(1).arg(key).arg(token);
+                }
+            }
+        }
+        match self.query_pipe(&pipe).await {
+            Ok(values) => {
+                for (f, v) in finishes.iter().zip(values) {
+                    if let (Finish::Record { key, .. }, redis::Value::Nil) = (f, v) {
+                        warn!(
+                            key,
+                            "weak idempotency: the key expired while the effect ran; its outcome is not recorded"
+                        );
+                    }
+                }
+            }
+            Err(e) => {
+                for f in &finishes {
+                    match f {
+                        Finish::Record { key, .. } => {
+                            warn!(key, error = %e, "weak idempotency: outcome not recorded")
+                        }
+                        Finish::Release { key, .. } => {
+                            warn!(key, error = %e, "weak idempotency: pending key not deleted; \
+                                  retries answer 'in progress' until it expires")
+                        }
+                    }
+                }
+            }
         }
     }
 }
