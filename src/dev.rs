@@ -160,6 +160,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
 
     let (stop, stopped) = watch::channel(false);
     let engine_task = tokio::spawn(engine.clone().run(stopped.clone()));
+    let worker_stats: Vec<_> = workers.iter().map(|w| w.stats.clone()).collect();
     let worker_tasks: Vec<_> = workers
         .into_iter()
         .map(|w| tokio::spawn(w.run(stopped.clone())))
@@ -271,6 +272,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             c.statements() as f64 / total as f64,
             c.commits(),
             c.statements()
+        );
+        let worker_commits: u64 = worker_stats
+            .iter()
+            .map(|s| s.commits.load(std::sync::atomic::Ordering::Relaxed))
+            .sum();
+        println!(
+            "  worker database: {:.2} commits per saga ({worker_commits} commits, four services)",
+            worker_commits as f64 / total as f64
         );
     }
     Ok(report_invariants(outcomes.len(), &violations))

@@ -100,9 +100,13 @@ pub struct WorkerArgs {
     pub database_url: String,
     #[command(flatten)]
     pub amqp: AmqpArgs,
-    /// Commands handled concurrently (each order key stays on one lane, in order).
-    #[arg(long, default_value_t = 32)]
+    /// Lanes: batches handled concurrently, one database connection each (each order key
+    /// stays on one lane, in order).
+    #[arg(long, default_value_t = sagaflow_workers::runtime::DEFAULT_LANES)]
     pub lanes: usize,
+    /// Commands a lane takes into one database transaction at most.
+    #[arg(long, default_value_t = sagaflow_workers::runtime::DEFAULT_BATCH)]
+    pub batch: usize,
     /// For demos and fault tests: business failures of forward operations (0..1).
     #[arg(long, default_value_t = 0.0, value_parser = crate::dev::rate)]
     pub fail: f64,
@@ -240,6 +244,7 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     )
     .context("no worker for this service")?
     .with_lanes(args.lanes)
+    .with_batch(args.batch)
     .with_faults(Faults {
         business: args.fail,
         transient: args.flaky,
