@@ -293,6 +293,13 @@ fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// Starts the run id of the orders of a run whose workers had a database of their own.
+const SPLIT_MARK: &str = "split";
+
+fn order_id(o: &services::Outcome) -> Option<&str> {
+    o.input.get("order_id").and_then(Value::as_str)
+}
+
 /// Where the sagas and the services' tables are.
 struct Databases {
     engine_url: String,
@@ -367,7 +374,14 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
         dbs.workers_name = name;
         dbs.own_workers_db = true;
     }
-    let outcome = bench(args, &run_id, own_prefix, &dbs, &mut admin).await;
+    // Orders whose services' tables live in a per-run database (dropped at the end) are marked,
+    // so that a later whole-database check of a shared database leaves them out.
+    let orders_id = if dbs.own_workers_db {
+        format!("{SPLIT_MARK}{run_id}")
+    } else {
+        run_id.clone()
+    };
+    let outcome = bench(args, &orders_id, own_prefix, &dbs, &mut admin).await;
     if dbs.own_workers_db {
         let drop_sql = |force: &str| {
             format!(
@@ -689,12 +703,7 @@ async fn bench(
         if dbs.own_workers_db {
             // The workers' database holds this run's orders only: check this run's sagas.
             let mine = format!("o-{run_id}-");
-            outcomes.retain(|o| {
-                o.input
-                    .get("order_id")
-                    .and_then(Value::as_str)
-                    .is_some_and(|id| id.starts_with(&mine))
-            });
+            outcomes.retain(|o| order_id(o).is_some_and(|id| id.starts_with(&mine)));
         }
         let workers = Store::connect(&dbs.workers_url, 2).await?;
         let mut wconn = workers.pool().acquire().await?;
@@ -703,6 +712,10 @@ async fn bench(
         workers.pool().close().await;
         v
     } else {
+        // The whole database, except the sagas of earlier split runs: their services' tables
+        // were in a database of their own, dropped since.
+        let split = format!("o-{SPLIT_MARK}");
+        outcomes.retain(|o| !order_id(o).is_some_and(|id| id.starts_with(&split)));
         services::check_all(&mut conn, &outcomes).await?
     };
     drop(conn);
@@ -789,10 +802,15 @@ async fn bench(
             (0, 0)
         };
         println!(
-            "  db commits:      {:.1} per saga ({} commits, {} rollbacks; pg_stat_database.xact_commit delta over the run, start-up and shutdown of the processes included; read-only statements count as commits there)",
+            "  db commits:      {:.1} per saga ({} commits, {} rollbacks; pg_stat_database.xact_commit delta over the run{}; read-only statements count as commits there)",
             (ec + wc) as f64 / n,
             ec + wc,
-            er + wr
+            er + wr,
+            if args.external {
+                ""
+            } else {
+                ", start-up and shutdown of the processes included"
+            }
         );
         let own = format!(
             "incl. the bench's own: {polls} counts (one every {} ms), its starts and its outbox relay",
@@ -821,9 +839,14 @@ async fn bench(
             );
         }
     }
-    if !args.external || usage.len() > 1 {
+    {
         println!(
-            "  cpu, memory:     user+system CPU until just before the stop; resident memory then"
+            "  cpu, memory:     user+system CPU until just before the stop; resident memory then{}",
+            if args.external {
+                " (the bench's only: the deployment is external)"
+            } else {
+                ""
+            }
         );
         for (kind, u) in &usage {
             let secs = u.cpu_ticks as f64 / CLOCK_TICKS_PER_SECOND;
