@@ -1,33 +1,59 @@
 //! `sagaflow bench`: N orders through a deployment over RabbitMQ and PostgreSQL — engine and
-//! worker *processes* — with a progress bar, a summary (sagas/s, p50/p99 latency) and the
-//! invariant check of `sagaflow dev`.
+//! worker *processes* — with a progress bar, a summary (sagas/s, latency percentiles, database
+//! commits per saga, CPU and memory per process kind) and the invariant check of `sagaflow dev`.
 //!
 //! By default it launches the deployment itself (`--engines` engine processes and one process
 //! per service, the fault flags passed to the workers) on a fresh queue prefix, and stops them
-//! with SIGTERM at the end. With `--external` it drives a deployment that is already running
-//! (started with the same `--prefix` and `--partitions`); faults are then the workers' own flags.
+//! with SIGTERM at the end. The workers get a database of their own (`<db>_workers`, created and
+//! dropped by the bench) so that the engine's and the workers' commits are counted apart;
+//! `--shared-database` puts everything in one. With `--external` it drives a deployment that is
+//! already running (started with the same `--prefix` and `--partitions`); faults are then the
+//! workers' own flags, and `--workers-database-url` names the workers' database if it is not
+//! the engine's.
 //!
-//! The bench starts sagas in the shared database and relays their first commands itself (a
-//! relay among the engines' relays: rows are claimed with SKIP LOCKED), so a start is on the
-//! broker within milliseconds instead of waiting for an engine's idle poll.
+//! Load: closed loop by default (`--concurrency` sagas in flight), or open loop with `--rate R`
+//! (R starts per second, whatever completes). Starts go through [`start_orders`].
+//!
+//! The bench starts sagas in the shared database and relays the outbox itself (a relay among
+//! the engines' relays: rows are claimed with SKIP LOCKED), so a start is on the broker within
+//! milliseconds instead of waiting for an engine's idle poll.
+//!
+//! Memory stays flat in the number of orders while it runs: orders are generated when they are
+//! seeded and started, and the summary (counts, percentiles) is computed by the database. The
+//! invariant check at the end reads the services' tables whole.
 
+use std::collections::BTreeMap;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
+use sagaflow_dsl::SagaGraph;
 use sagaflow_engine::Engine;
 use sagaflow_engine::store::{ENGINE_MIGRATIONS, Store};
 use sagaflow_engine::transport::{REPLY_QUEUE, START_QUEUE, Transport, command_queue};
 use sagaflow_workers::services;
-use sqlx::Row;
+use serde_json::Value;
+use sqlx::{AnyConnection, Row};
 use tokio::sync::watch;
 
 use crate::dev::{
-    fmt_counts, pick, report_invariants, sample_orders, seed, service_rate, summarize,
+    fmt_counts, pick, report_invariants, sample_order, seed, service_rate, summarize,
 };
 use crate::serve::AmqpArgs;
+
+/// Starts per transaction in [`start_orders`].
+const START_CHUNK: usize = 256;
+/// The bench's own pool: the starts, its relay and its count.
+const BENCH_POOL: u32 = 4;
+/// How often the bench counts final sagas: one statement, which PostgreSQL counts as a commit.
+const POLL_EVERY: Duration = Duration::from_millis(200);
+/// Orders seeded per transaction, and the most the open loop starts in one go.
+const CHUNK: u64 = 1000;
+/// Linux reports CPU time in clock ticks of `USER_HZ`, which is 100 on every architecture
+/// sagaflow runs on (`getconf CLK_TCK`); reading it with `sysconf` would need `unsafe`.
+const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -39,9 +65,13 @@ pub struct BenchArgs {
     /// How many orders.
     #[arg(long, default_value_t = 1000)]
     pub orders: u64,
-    /// Sagas in flight at once.
+    /// Closed loop (the default): keep this many sagas in flight.
     #[arg(long, default_value_t = 256)]
     pub concurrency: u64,
+    /// Open loop: start this many sagas per second, whatever completes (instead of
+    /// `--concurrency`).
+    #[arg(long, value_name = "PER_SECOND", value_parser = positive_rate, conflicts_with = "concurrency")]
+    pub rate: Option<f64>,
     /// Business failures of a service's forward operations, e.g. `--fail coupon=0.1`.
     #[arg(long, value_name = "SERVICE=RATE", value_parser = service_rate)]
     pub fail: Vec<(String, f64)>,
@@ -57,9 +87,17 @@ pub struct BenchArgs {
     /// Kill (SIGKILL) and restart one worker process at this interval, e.g. `5s`.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub kill_every: Option<Duration>,
+    /// The launched workers use `--database-url` too, instead of a database of their own
+    /// (`<db>_workers`, created and dropped by the bench); commits are then not split.
+    #[arg(long)]
+    pub shared_database: bool,
     /// Drive an already running deployment instead of launching one.
-    #[arg(long, conflicts_with_all = ["fail", "flaky", "slow", "engines", "kill_every"])]
+    #[arg(long, conflicts_with_all = ["fail", "flaky", "slow", "engines", "kill_every", "shared_database"])]
     pub external: bool,
+    /// With `--external`: the database of the deployment's workers, if not `--database-url`
+    /// (orders are seeded and checked there, and its commits are counted apart).
+    #[arg(long, value_name = "URL", requires = "external")]
+    pub workers_database_url: Option<String>,
     /// Give up waiting when no saga finishes for this long.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub stall_timeout: Duration,
@@ -68,10 +106,79 @@ pub struct BenchArgs {
     pub logs: Option<std::path::PathBuf>,
 }
 
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!(
+            "`{s}` is not a positive number of starts per second"
+        )),
+    }
+}
+
+/// Starts these orders of `graph`. The one place the bench (and `sagaflow dev`) starts sagas:
+/// for now concurrent single starts, one transaction each.
+pub async fn start_orders(
+    engine: &Engine,
+    graph: &Arc<SagaGraph>,
+    orders: &[Value],
+) -> anyhow::Result<()> {
+    // One transaction per chunk: the engine's batch path, as the start queue's consumer uses it.
+    for chunk in orders.chunks(START_CHUNK) {
+        let batch = chunk.iter().map(|o| (o.clone(), None)).collect();
+        for started in engine.start_many(graph, batch).await {
+            started.context("starting an order")?;
+        }
+    }
+    Ok(())
+}
+
+/// CPU time (user + system) of a process in clock ticks, from `/proc/<pid>/stat`.
+fn cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; the fields after it are plain numbers.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 (utime) and 15 (stime) of proc(5); `rest` starts at field 3.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// A `kB` line of `/proc/<pid>/status`, e.g. `VmRSS` (resident now) or `VmHWM` (peak).
+fn status_kb(pid: &str, key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// CPU and memory of one kind of process (`engine`, `worker payment`, `bench`).
+#[derive(Debug, Default, Clone)]
+struct Usage {
+    processes: usize,
+    /// Of processes that were SIGKILLed and restarted (read just before the kill).
+    killed: usize,
+    cpu_ticks: u64,
+    /// Resident memory of the processes alive at the end, summed.
+    rss_kb: u64,
+    peak_kb: Option<u64>,
+}
+
 /// The processes this bench launched.
 struct Deployment {
     children: Vec<(String, Vec<String>, Child)>,
     logs: Option<std::path::PathBuf>,
+    /// CPU of killed processes by kind.
+    retired: BTreeMap<String, (usize, u64)>,
+}
+
+/// `engine-0` → `engine`, `worker-payment` → `worker payment`.
+fn kind_of(name: &str) -> String {
+    match name.strip_prefix("worker-") {
+        Some(service) => format!("worker {service}"),
+        None => name.split('-').next().unwrap_or(name).to_owned(),
+    }
 }
 
 impl Deployment {
@@ -107,6 +214,10 @@ impl Deployment {
             bail!("no worker to kill");
         };
         let (name, args, mut child) = self.children.remove(i);
+        let ticks = cpu_ticks(&child.id().to_string()).unwrap_or(0);
+        let retired = self.retired.entry(kind_of(&name)).or_default();
+        retired.0 += 1;
+        retired.1 += ticks;
         child.kill()?;
         child.wait()?;
         self.spawn(&name, args)?;
@@ -120,6 +231,24 @@ impl Deployment {
             }
         }
         Ok(())
+    }
+
+    /// CPU so far and resident memory now, by kind (killed processes' CPU included).
+    fn usage(&self) -> BTreeMap<String, Usage> {
+        let mut by_kind: BTreeMap<String, Usage> = BTreeMap::new();
+        for (name, _, child) in &self.children {
+            let pid = child.id().to_string();
+            let u = by_kind.entry(kind_of(name)).or_default();
+            u.processes += 1;
+            u.cpu_ticks += cpu_ticks(&pid).unwrap_or(0);
+            u.rss_kb += status_kb(&pid, "VmRSS").unwrap_or(0);
+        }
+        for (kind, (n, ticks)) in &self.retired {
+            let u = by_kind.entry(kind.clone()).or_default();
+            u.killed += n;
+            u.cpu_ticks += ticks;
+        }
+        by_kind
     }
 
     /// SIGTERM everyone (graceful), then wait.
@@ -145,6 +274,47 @@ impl Drop for Deployment {
     }
 }
 
+/// `postgres://…/sagaflow?x=y` → (`postgres://…/sagaflow_workers?x=y`, `sagaflow_workers`).
+fn workers_db_url(url: &str) -> anyhow::Result<(String, String)> {
+    let mut parsed = url::Url::parse(url).context("--database-url is not a URL")?;
+    let db = parsed.path().trim_start_matches('/').to_owned();
+    if db.is_empty() || db.contains('/') {
+        bail!("--database-url names no database; write postgres://HOST/DATABASE");
+    }
+    let name = format!("{db}_workers");
+    parsed.set_path(&format!("/{name}"));
+    Ok((parsed.to_string(), name))
+}
+
+/// `"name"` with inner quotes doubled: an identifier PostgreSQL takes literally.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Starts the run id of the orders of a run whose workers had a database of their own.
+const SPLIT_MARK: &str = "split";
+
+fn order_id(o: &services::Outcome) -> Option<&str> {
+    o.input.get("order_id").and_then(Value::as_str)
+}
+
+/// Where the sagas and the services' tables are.
+struct Databases {
+    engine_url: String,
+    engine_name: String,
+    workers_url: String,
+    workers_name: String,
+    /// The workers' database was created by this run (and is dropped at its end).
+    own_workers_db: bool,
+    postgres: bool,
+}
+
+impl Databases {
+    fn split(&self) -> bool {
+        self.workers_name != self.engine_name
+    }
+}
+
 pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
     let run_id = uuid::Uuid::now_v7().simple().to_string()[..12].to_owned();
     // A launched deployment gets queues of its own, removed at the end; queues under a prefix
@@ -153,30 +323,175 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
     if own_prefix {
         args.amqp.prefix = format!("sagaflow-bench-{run_id}");
     }
-    let store = Store::connect(&args.database_url, 16).await?;
-    store
-        .migrate(&[ENGINE_MIGRATIONS, services::MIGRATIONS])
-        .await?;
+    sqlx::any::install_default_drivers();
+    let mut admin = connect_one(&args.database_url).await?;
+    let postgres = !args.database_url.starts_with("sqlite:")
+        && (args.database_url.starts_with("postgres://")
+            || args.database_url.starts_with("postgresql://"));
+    let engine_name = if postgres {
+        sqlx::query("SELECT current_database()::text AS d")
+            .fetch_one(&mut admin)
+            .await?
+            .try_get::<String, _>("d")?
+    } else {
+        args.database_url.clone()
+    };
+    let mut dbs = Databases {
+        engine_url: args.database_url.clone(),
+        engine_name: engine_name.clone(),
+        workers_url: args.database_url.clone(),
+        workers_name: engine_name,
+        own_workers_db: false,
+        postgres,
+    };
+    if let Some(url) = &args.workers_database_url {
+        let mut c = connect_one(url).await?;
+        dbs.workers_name = sqlx::query("SELECT current_database()::text AS d")
+            .fetch_one(&mut c)
+            .await?
+            .try_get("d")?;
+        dbs.workers_url = url.clone();
+        let _ = sqlx::Connection::close(c).await;
+    } else if !args.external && !args.shared_database && postgres {
+        let (url, name) = workers_db_url(&args.database_url)?;
+        let created = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE {}",
+            quote_ident(&name)
+        )))
+        .execute(&mut admin)
+        .await;
+        if let Err(e) = created {
+            bail!(
+                "cannot create the workers' database {name} ({}); if an interrupted bench left it, \
+                 drop it (DROP DATABASE {}), or run with --shared-database",
+                db_reason(&e),
+                quote_ident(&name)
+            );
+        }
+        dbs.workers_url = url;
+        dbs.workers_name = name;
+        dbs.own_workers_db = true;
+    }
+    // Orders whose services' tables live in a per-run database (dropped at the end) are marked,
+    // so that a later whole-database check of a shared database leaves them out.
+    let orders_id = if dbs.own_workers_db {
+        format!("{SPLIT_MARK}{run_id}")
+    } else {
+        run_id.clone()
+    };
+    let outcome = bench(args, &orders_id, own_prefix, &dbs, &mut admin).await;
+    if dbs.own_workers_db {
+        let drop_sql = |force: &str| {
+            format!(
+                "DROP DATABASE IF EXISTS {}{force}",
+                quote_ident(&dbs.workers_name)
+            )
+        };
+        let dropped = sqlx::raw_sql(sqlx::AssertSqlSafe(drop_sql(" WITH (FORCE)")))
+            .execute(&mut admin)
+            .await;
+        if dropped.is_err()
+            && let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(drop_sql("")))
+                .execute(&mut admin)
+                .await
+        {
+            eprintln!(
+                "warning: could not drop the workers' database {}: {}",
+                dbs.workers_name,
+                db_reason(&e)
+            );
+        }
+    }
+    let _ = sqlx::Connection::close(admin).await;
+    outcome
+}
+
+fn db_reason(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => db.message().to_owned(),
+        other => other.to_string(),
+    }
+}
+
+async fn connect_one(url: &str) -> anyhow::Result<AnyConnection> {
+    let url = sagaflow_engine::store::normalize_url(url);
+    <AnyConnection as sqlx::Connection>::connect(&url)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open database: {}", db_reason(&e)))
+}
+
+/// What the open-loop starter achieved.
+#[derive(Debug, Default)]
+struct Starts {
+    /// From the first start to the last one's commit.
+    span: Duration,
+    /// The most a start was committed after its scheduled time.
+    max_lag: Duration,
+}
+
+async fn bench(
+    args: BenchArgs,
+    run_id: &str,
+    own_prefix: bool,
+    dbs: &Databases,
+    reader: &mut AnyConnection,
+) -> anyhow::Result<ExitCode> {
     let transport = args.amqp.connect("bench").await?;
-    let engine = Engine::new(store.clone(), transport.clone() as Arc<dyn Transport>);
-    crate::serve::register_sagas(&engine, &[]).await?;
-    let graph = engine.definition_by_name("order-paid").await?;
-    let orders = sample_orders(&run_id, args.orders);
-    seed(&store, &orders).await?;
+
+    // Set-up (schema, definitions, seeds) on pools closed before the commits are counted.
+    {
+        let setup = Store::connect(&dbs.engine_url, 2).await?;
+        if dbs.split() {
+            setup.migrate(&[ENGINE_MIGRATIONS]).await?;
+        } else {
+            setup
+                .migrate(&[ENGINE_MIGRATIONS, services::MIGRATIONS])
+                .await?;
+        }
+        let workers = if dbs.split() {
+            let w = Store::connect(&dbs.workers_url, 2).await?;
+            w.migrate(&[services::MIGRATIONS]).await?;
+            w
+        } else {
+            setup.clone()
+        };
+        let engine = Engine::new(setup.clone(), transport.clone() as Arc<dyn Transport>);
+        crate::serve::register_sagas(&engine, &[]).await?;
+        let mut first = 0;
+        while first < args.orders {
+            let end = (first + CHUNK).min(args.orders);
+            let chunk: Vec<Value> = (first..end).map(|i| sample_order(run_id, i)).collect();
+            seed(&workers, &chunk).await?;
+            first = end;
+        }
+        setup.pool().close().await;
+        workers.pool().close().await;
+    }
 
     let mut deployment = Deployment {
         children: Vec::new(),
         logs: args.logs.clone(),
+        retired: BTreeMap::new(),
     };
     if let Some(dir) = &deployment.logs {
         std::fs::create_dir_all(dir)?;
     }
+    let before = if dbs.postgres {
+        if !args.external {
+            let _ = settle(reader, dbs).await;
+        }
+        Some(commits(reader, dbs).await?)
+    } else {
+        None
+    };
+    let bench_ticks_before = cpu_ticks("self").unwrap_or(0);
+
     if !args.external {
-        let common = |cmd: &[&str]| {
+        let common = |cmd: &[&str], url: &str| {
             let mut v: Vec<String> = cmd.iter().map(|s| (*s).to_owned()).collect();
             v.extend([
                 "--database-url".into(),
-                args.database_url.clone(),
+                url.to_owned(),
                 "--amqp-url".into(),
                 args.amqp.amqp_url.clone(),
                 "--partitions".into(),
@@ -189,12 +504,12 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
             v
         };
         for i in 0..args.engines {
-            let mut a = common(&["engine"]);
+            let mut a = common(&["engine"], &dbs.engine_url);
             a.extend(["--http".into(), "127.0.0.1:0".into()]);
             deployment.spawn(&format!("engine-{i}"), a)?;
         }
         for service in services::SERVICES {
-            let mut a = common(&["worker", service]);
+            let mut a = common(&["worker", service], &dbs.workers_url);
             for (flag, list) in [
                 ("--fail", &args.fail),
                 ("--flaky", &args.flaky),
@@ -209,29 +524,71 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
+    let store = Store::connect(&dbs.engine_url, BENCH_POOL).await?;
+    let engine = Engine::new(store.clone(), transport.clone() as Arc<dyn Transport>);
+    let graph = engine.definition_by_name("order-paid").await?;
+
     // This process relays the outbox too (its starts' first commands, promptly).
     let (stop, stopped) = watch::channel(false);
-    let relay = tokio::spawn(relay(engine.clone(), stopped));
+    let relay = tokio::spawn(relay(engine.clone(), stopped.clone()));
 
     let bar = ProgressBar::new(args.orders);
     bar.set_style(
         ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} sagas final ({per_sec}) {msg}",
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} sagas final ({rate}) {msg}",
         )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .with_key(
+            "rate",
+            |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0}/s", state.per_sec());
+            },
+        ),
     );
     let run_started_ms = sagaflow_engine::store::now_ms() - 1;
     let started_at = Instant::now();
-    let mut next = 0usize;
+    let mut open_loop = args.rate.map(|rate| {
+        tokio::spawn(start_at_rate(
+            engine.clone(),
+            graph.clone(),
+            run_id.to_owned(),
+            args.orders,
+            rate,
+            stopped.clone(),
+        ))
+    });
+    let mut open_loop_result = None;
+    let mut next = 0u64;
+    let mut polls = 0u64;
     let mut last_final = 0u64;
     let mut last_progress = Instant::now();
     let mut kills = 0usize;
     let mut last_kill = Instant::now();
+    let mut poll = tokio::time::interval(POLL_EVERY);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let outcome = loop {
-        if !args.external {
-            deployment.all_alive()?;
+        poll.tick().await;
+        if !args.external
+            && let Err(e) = deployment.all_alive()
+        {
+            break Err(e);
         }
-        let (finished, unfinished) = count(&store, run_started_ms).await?;
+        // The open-loop starter stops early only on an error: say it now.
+        if let Some(task) = &mut open_loop
+            && open_loop_result.is_none()
+            && task.is_finished()
+        {
+            match task.await {
+                Ok(Ok(s)) => open_loop_result = Some(s),
+                Ok(Err(e)) => break Err(e),
+                Err(e) => break Err(anyhow::anyhow!("the starter panicked: {e}")),
+            }
+        }
+        let (finished, unfinished) = match count(&store, run_started_ms).await {
+            Ok(c) => c,
+            Err(e) => break Err(e),
+        };
+        polls += 1;
         bar.set_position(finished);
         if finished != last_final {
             last_final = finished;
@@ -240,21 +597,26 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
         if finished == args.orders {
             break Ok(());
         }
-        let room = args.concurrency.saturating_sub(unfinished) as usize;
-        for order in orders.iter().skip(next).take(room) {
-            engine
-                .start(&graph, order.clone(), None)
-                .await
-                .context("starting an order")?;
-            next += 1;
+        if args.rate.is_none() {
+            let room = args.concurrency.saturating_sub(unfinished);
+            let end = (next + room).min(args.orders);
+            let batch: Vec<Value> = (next..end).map(|i| sample_order(run_id, i)).collect();
+            if let Err(e) = start_orders(&engine, &graph, &batch).await {
+                break Err(e);
+            }
+            next = end;
         }
         if let Some(every) = args.kill_every
             && last_kill.elapsed() >= every
         {
-            let name = deployment.kill_and_restart_a_worker(kills)?;
-            kills += 1;
-            last_kill = Instant::now();
-            bar.set_message(format!("(killed {name}; {kills} kills)"));
+            match deployment.kill_and_restart_a_worker(kills) {
+                Ok(name) => {
+                    kills += 1;
+                    last_kill = Instant::now();
+                    bar.set_message(format!("(killed {name}; {kills} kills)"));
+                }
+                Err(e) => break Err(e),
+            }
         }
         if last_progress.elapsed() > args.stall_timeout {
             break Err(anyhow::anyhow!(
@@ -262,12 +624,33 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
                 humantime::format_duration(args.stall_timeout)
             ));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let elapsed = started_at.elapsed();
     bar.finish_and_clear();
     let _ = stop.send(true);
     let _ = relay.await;
+    let mut starts = open_loop_result;
+    if let Some(task) = open_loop
+        && starts.is_none()
+        && outcome.is_ok()
+    {
+        starts = Some(task.await.context("the starter panicked")??);
+    }
+
+    // CPU and memory just before the stop; the bench's own CPU counts from the launch on.
+    let mut usage = deployment.usage();
+    usage.insert(
+        "bench".to_owned(),
+        Usage {
+            processes: 1,
+            killed: 0,
+            cpu_ticks: cpu_ticks("self")
+                .unwrap_or(0)
+                .saturating_sub(bench_ticks_before),
+            rss_kb: status_kb("self", "VmRSS").unwrap_or(0),
+            peak_kb: status_kb("self", "VmHWM"),
+        },
+    );
     deployment.stop();
     if own_prefix {
         let logicals: Vec<String> = services::SERVICES
@@ -280,19 +663,63 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
             eprintln!("warning: could not remove the bench's queues: {e}");
         }
     }
+    transport.close().await;
+    // Backends publish their counters when their connection closes (or at most once a second
+    // while busy): close ours, let the launched processes' go, then read.
+    store.pool().close().await;
     outcome?;
+    let after = match before {
+        Some(before) => {
+            if args.external {
+                // The deployment keeps running: whatever it did in the last second may be
+                // unpublished yet (and shows up in a later reading instead).
+                tokio::time::sleep(Duration::from_millis(1100)).await;
+            } else if !settle(reader, dbs).await {
+                eprintln!(
+                    "warning: connections to the bench's databases were still open after 5 s; the commit counts may miss their last second"
+                );
+            }
+            let _ = sqlx::query("SELECT pg_stat_force_next_flush()")
+                .execute(&mut *reader)
+                .await;
+            Some((before, commits(reader, dbs).await?))
+        }
+        None => None,
+    };
 
-    let summary = summarize(&store, run_started_ms).await?;
-    let mut conn = store.pool().acquire().await?;
-    let outcomes = services::outcomes(&mut conn).await?;
-    let violations = services::check_all(&mut conn, &outcomes).await?;
+    let check = Store::connect(&dbs.engine_url, 2).await?;
+    let summary = summarize(&check, run_started_ms).await?;
+    let mut conn = check.pool().acquire().await?;
+    let mut outcomes = services::outcomes(&mut conn).await?;
     let commands: i64 = sqlx::query("SELECT COUNT(*) AS n FROM outbox WHERE created_at >= $1")
         .bind(run_started_ms)
         .fetch_one(&mut *conn)
         .await
         .and_then(|r| r.try_get("n"))
         .unwrap_or(0);
+    let violations = if dbs.split() {
+        if dbs.own_workers_db {
+            // The workers' database holds this run's orders only: check this run's sagas.
+            let mine = format!("o-{run_id}-");
+            outcomes.retain(|o| order_id(o).is_some_and(|id| id.starts_with(&mine)));
+        }
+        let workers = Store::connect(&dbs.workers_url, 2).await?;
+        let mut wconn = workers.pool().acquire().await?;
+        let v = services::check_all(&mut wconn, &outcomes).await?;
+        drop(wconn);
+        workers.pool().close().await;
+        v
+    } else {
+        // The whole database, except the sagas of earlier split runs: their services' tables
+        // were in a database of their own, dropped since.
+        let split = format!("o-{SPLIT_MARK}");
+        outcomes.retain(|o| !order_id(o).is_some_and(|id| id.starts_with(&split)));
+        services::check_all(&mut conn, &outcomes).await?
+    };
     drop(conn);
+    check.pool().close().await;
+
+    let n = args.orders.max(1) as f64;
     let secs = elapsed.as_secs_f64();
     println!(
         "sagaflow bench: {} orders over RabbitMQ ({} partitions, {}) and PostgreSQL",
@@ -302,19 +729,43 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
     );
     if args.external {
         println!(
-            "  deployment:      external (prefix `{}`)",
-            args.amqp.prefix
+            "  deployment:      external (prefix `{}`; workers' tables in {})",
+            args.amqp.prefix,
+            if dbs.split() {
+                format!("database {}", dbs.workers_name)
+            } else {
+                "the same database".to_owned()
+            }
         );
     } else {
         println!(
-            "  deployment:      {} engine process(es), 4 worker processes{}",
+            "  deployment:      {} engine process(es), 4 worker processes{}; {}",
             args.engines,
             if kills > 0 {
                 format!(", {kills} worker SIGKILLs")
             } else {
                 String::new()
+            },
+            if dbs.split() {
+                format!(
+                    "engine database {}, workers' database {} (made for this run)",
+                    dbs.engine_name, dbs.workers_name
+                )
+            } else {
+                format!("one database {} for all", dbs.engine_name)
             }
         );
+    }
+    match (args.rate, &starts) {
+        (Some(rate), Some(s)) => println!(
+            "  load:            open loop, {rate} starts/s offered, {:.0}/s achieved, start lag max {} ms (scheduled → committed)",
+            args.orders as f64 / s.span.as_secs_f64().max(1e-9),
+            s.max_lag.as_millis()
+        ),
+        _ => println!(
+            "  load:            closed loop, {} sagas in flight",
+            args.concurrency
+        ),
     }
     println!("  sagas:           {}", fmt_counts(&summary.this_run));
     println!(
@@ -323,17 +774,186 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
         args.orders,
         secs
     );
-    if let (Some(p50), Some(p99)) = (summary.p50, summary.p99) {
-        println!("  latency:         p50 {p50} ms, p99 {p99} ms (start to final state)");
+    if let (Some(p50), Some(p90), Some(p99), Some(max)) =
+        (summary.p50, summary.p90, summary.p99, summary.max)
+    {
+        println!(
+            "  latency:         p50 {p50} ms, p90 {p90} ms, p99 {p99} ms, max {max} ms (start to final state)"
+        );
     }
     if args.orders > 0 && commands > 0 {
         println!(
             "  messages:        {:.1} per saga ({commands} commands + their replies)",
-            2.0 * commands as f64 / args.orders as f64
+            2.0 * commands as f64 / n
         );
     }
-    transport.close().await;
+    if let Some((before, after)) = &after {
+        let delta = |db: &str| {
+            let (c1, r1) = after.get(db).copied().unwrap_or_default();
+            let (c0, r0) = before.get(db).copied().unwrap_or_default();
+            (c1 - c0, r1 - r0)
+        };
+        let (ec, er) = delta(&dbs.engine_name);
+        let (wc, wr) = if dbs.split() {
+            delta(&dbs.workers_name)
+        } else {
+            (0, 0)
+        };
+        println!(
+            "  db commits:      {:.1} per saga ({} commits, {} rollbacks; pg_stat_database.xact_commit delta over the run{}; read-only statements count as commits there)",
+            (ec + wc) as f64 / n,
+            ec + wc,
+            er + wr,
+            if args.external {
+                ""
+            } else {
+                ", start-up and shutdown of the processes included"
+            }
+        );
+        let own = format!(
+            "incl. the bench's own: {polls} counts (one every {} ms), its starts and its outbox relay",
+            POLL_EVERY.as_millis()
+        );
+        if dbs.split() {
+            println!(
+                "    engine db:     {:.1} per saga ({ec}; {own})",
+                ec as f64 / n
+            );
+            println!("    workers db:    {:.1} per saga ({wc})", wc as f64 / n);
+        } else {
+            println!(
+                "    not split:     engine and workers share {} ({own}){}",
+                dbs.engine_name,
+                if args.external {
+                    "; pass --workers-database-url if the workers have their own"
+                } else {
+                    "; run without --shared-database to split"
+                }
+            );
+        }
+        if args.external {
+            println!(
+                "    external:      includes whatever else the deployment did meanwhile (±1 s of its activity)"
+            );
+        }
+    }
+    {
+        println!(
+            "  cpu, memory:     user+system CPU until just before the stop; resident memory then{}",
+            if args.external {
+                " (the bench's only: the deployment is external)"
+            } else {
+                ""
+            }
+        );
+        for (kind, u) in &usage {
+            let secs = u.cpu_ticks as f64 / CLOCK_TICKS_PER_SECOND;
+            let mut line = format!(
+                "    {:<15}{:>7.2} s  {:>6.2} ms/saga  RSS {:>6.1} MB",
+                format!("{kind}:"),
+                secs,
+                secs * 1000.0 / n,
+                u.rss_kb as f64 / 1024.0
+            );
+            if let Some(peak) = u.peak_kb {
+                line.push_str(&format!(" (peak {:.1} MB)", peak as f64 / 1024.0));
+            }
+            if u.processes > 1 {
+                line.push_str(&format!(" ({} processes)", u.processes));
+            }
+            if u.killed > 0 {
+                line.push_str(&format!(" (+ {} killed ones' CPU)", u.killed));
+            }
+            println!("{line}");
+        }
+    }
     Ok(report_invariants(outcomes.len(), &violations))
+}
+
+/// Open loop: `rate` starts per second from now on, whatever completes.
+async fn start_at_rate(
+    engine: Arc<Engine>,
+    graph: Arc<SagaGraph>,
+    run_id: String,
+    total: u64,
+    rate: f64,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<Starts> {
+    let t0 = Instant::now();
+    let scheduled = |i: u64| t0 + Duration::from_secs_f64(i as f64 / rate);
+    let mut next = 0u64;
+    let mut max_lag = Duration::ZERO;
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while next < total && !*stop.borrow() {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => break,
+        }
+        // Orders 0..=due are due by now (the first at once).
+        let due = ((t0.elapsed().as_secs_f64() * rate).floor() as u64 + 1).min(total);
+        if due <= next {
+            continue;
+        }
+        let end = due.min(next + CHUNK);
+        let batch: Vec<Value> = (next..end).map(|i| sample_order(&run_id, i)).collect();
+        start_orders(&engine, &graph, &batch).await?;
+        max_lag = max_lag.max(Instant::now().saturating_duration_since(scheduled(next)));
+        next = end;
+    }
+    Ok(Starts {
+        span: t0.elapsed(),
+        max_lag,
+    })
+}
+
+/// Waits (up to 5 s) until no connection but `reader` is open to the bench's databases: a
+/// backend publishes its commit counter when it exits. False when some stayed open.
+async fn settle(reader: &mut AnyConnection, dbs: &Databases) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let others: Result<i64, sqlx::Error> = sqlx::query(
+            "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE datname IN ($1, $2) AND pid <> pg_backend_pid()",
+        )
+        .bind(&dbs.engine_name)
+        .bind(&dbs.workers_name)
+        .fetch_one(&mut *reader)
+        .await
+        .and_then(|r| r.try_get("n"));
+        match others {
+            Ok(n) if n > 0 => {}
+            Ok(_) => return true,
+            Err(e) => {
+                eprintln!(
+                    "warning: cannot see who is connected ({}); reading the commit counters now",
+                    db_reason(&e)
+                );
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// (commits, rollbacks) by database name, from `pg_stat_database`.
+async fn commits(
+    reader: &mut AnyConnection,
+    dbs: &Databases,
+) -> anyhow::Result<BTreeMap<String, (i64, i64)>> {
+    let rows = sqlx::query(
+        "SELECT datname::text AS d, xact_commit AS c, xact_rollback AS r FROM pg_stat_database WHERE datname IN ($1, $2)",
+    )
+    .bind(&dbs.engine_name)
+    .bind(&dbs.workers_name)
+    .fetch_all(&mut *reader)
+    .await
+    .context("reading pg_stat_database")?;
+    let mut out = BTreeMap::new();
+    for r in rows {
+        out.insert(r.try_get("d")?, (r.try_get("c")?, r.try_get("r")?));
+    }
+    Ok(out)
 }
 
 async fn relay(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
@@ -350,7 +970,7 @@ async fn relay(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// (final, unfinished) among the sagas started since `since`.
+/// (final, unfinished) among the sagas started since `since`: one statement.
 async fn count(store: &Store, since: i64) -> anyhow::Result<(u64, u64)> {
     let mut conn = store.pool().acquire().await?;
     let row = sqlx::query(
@@ -362,4 +982,37 @@ async fn count(store: &Store, since: i64) -> anyhow::Result<(u64, u64)> {
     let done: i64 = row.try_get("done")?;
     let open: i64 = row.try_get("open")?;
     Ok((done as u64, open as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_database_is_named_after_the_engines() {
+        let (url, name) =
+            workers_db_url("postgres://u:p@127.0.0.1:5432/shop?sslmode=disable").expect("url");
+        assert_eq!(name, "shop_workers");
+        assert_eq!(
+            url,
+            "postgres://u:p@127.0.0.1:5432/shop_workers?sslmode=disable"
+        );
+        assert!(workers_db_url("postgres://127.0.0.1:5432").is_err());
+    }
+
+    #[test]
+    fn proc_readings() {
+        assert!(cpu_ticks("self").is_some());
+        assert!(status_kb("self", "VmRSS").is_some_and(|kb| kb > 0));
+        assert_eq!(kind_of("engine-1"), "engine");
+        assert_eq!(kind_of("worker-payment"), "worker payment");
+    }
+
+    #[test]
+    fn rates() {
+        assert!(positive_rate("100").is_ok());
+        assert!(positive_rate("0").is_err());
+        assert!(positive_rate("x").is_err());
+        assert!(positive_rate("inf").is_err());
+    }
 }

@@ -178,9 +178,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} sagas final ({per_sec})",
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} sagas final ({rate})",
         )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .with_key("rate", rounded_rate),
     );
     let started_at = Instant::now();
     let run_started_ms = sagaflow_engine::store::now_ms();
@@ -201,17 +202,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         }
         // Keep `concurrency` sagas in flight (resumed ones count too).
         let room = args.concurrency.saturating_sub(unfinished) as usize;
-        // One transaction for all of them.
-        let batch: Vec<_> = orders
-            .iter()
-            .skip(next)
-            .take(room)
-            .map(|o| (o.clone(), None))
-            .collect();
-        for started in engine.start_many(&graph, batch).await {
-            started.context("starting a sample order")?;
-            next += 1;
-        }
+        let end = (next + room).min(orders.len());
+        crate::bench::start_orders(&engine, &graph, &orders[next..end])
+            .await
+            .context("starting a sample order")?;
+        next = end;
         if last_progress.elapsed() > args.stall_timeout {
             bar.abandon();
             let _ = stop.send(true);
@@ -338,21 +333,28 @@ pub(crate) fn pick(list: &[(String, f64)], service: &str) -> f64 {
         .map_or(0.0, |(_, r)| *r)
 }
 
+/// A progress bar's `{rate}`: items per second, rounded.
+pub(crate) fn rounded_rate(state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write) {
+    let _ = write!(w, "{:.0}/s", state.per_sec());
+}
+
 pub(crate) fn sample_orders(run_id: &str, n: u64) -> Vec<serde_json::Value> {
+    (0..n).map(|i| sample_order(run_id, i)).collect()
+}
+
+/// Sample order `i` of a run: its user, coupon and campaign are what [`seed`] provides; the
+/// amount is random (seeding does not depend on it).
+pub(crate) fn sample_order(run_id: &str, i: u64) -> serde_json::Value {
     let campaigns = ["spring-sale", "summer-sale", "autumn-sale"];
-    (0..n)
-        .map(|i| {
-            let cents = 100 + fastrand::u64(..50_000);
-            json!({
-                "order_id": format!("o-{run_id}-{i}"),
-                "user_id": format!("u-{run_id}-{i}"),
-                "amount": format!("{}.{:02}", cents / 100, cents % 100),
-                "coupon_id": format!("c-{run_id}-{i}"),
-                "points": cents / 100,
-                "campaign_id": campaigns[(i % 3) as usize],
-            })
-        })
-        .collect()
+    let cents = 100 + fastrand::u64(..50_000);
+    json!({
+        "order_id": format!("o-{run_id}-{i}"),
+        "user_id": format!("u-{run_id}-{i}"),
+        "amount": format!("{}.{:02}", cents / 100, cents % 100),
+        "coupon_id": format!("c-{run_id}-{i}"),
+        "points": cents / 100,
+        "campaign_id": campaigns[(i % 3) as usize],
+    })
 }
 
 /// Accounts with enough money, one coupon per order, the campaigns.
@@ -400,42 +402,85 @@ pub(crate) struct Summary {
     pub this_run: BTreeMap<String, u64>,
     pub all: BTreeMap<String, u64>,
     pub p50: Option<i64>,
+    pub p90: Option<i64>,
     pub p99: Option<i64>,
+    pub max: Option<i64>,
 }
 
+/// Counts by status (this run's and all) and start-to-final latency percentiles of the sagas
+/// created since `since`, computed by the database (nothing per saga is held here).
 pub(crate) async fn summarize(store: &Store, since: i64) -> anyhow::Result<Summary> {
     let mut conn = store.pool().acquire().await?;
-    let rows = sqlx::query("SELECT status, created_at, finished_at FROM sagas")
-        .fetch_all(&mut *conn)
-        .await?;
-    let mut this_run = BTreeMap::new();
-    let mut all = BTreeMap::new();
-    let mut latencies = Vec::new();
-    for r in rows {
-        let status: String = r.try_get("status")?;
-        let created: i64 = r.try_get("created_at")?;
-        let finished: Option<i64> = r.try_get("finished_at")?;
-        *all.entry(status.clone()).or_insert(0) += 1;
-        if created >= since {
-            *this_run.entry(status).or_insert(0) += 1;
-            if let Some(f) = finished {
-                latencies.push(f - created);
-            }
-        }
+    let this_run = by_status(
+        &mut conn,
+        sqlx::query(
+            "SELECT status, COUNT(*) AS n FROM sagas WHERE created_at >= $1 GROUP BY status",
+        )
+        .bind(since),
+    )
+    .await?;
+    let all = by_status(
+        &mut conn,
+        sqlx::query("SELECT status, COUNT(*) AS n FROM sagas GROUP BY status"),
+    )
+    .await?;
+    let finished: i64 = sqlx::query(
+        "SELECT COUNT(*) AS n FROM sagas WHERE created_at >= $1 AND finished_at IS NOT NULL",
+    )
+    .bind(since)
+    .fetch_one(&mut *conn)
+    .await?
+    .try_get("n")?;
+    let mut at = [None; 4];
+    for (slot, p) in at.iter_mut().zip([0.50, 0.90, 0.99, 1.0]) {
+        *slot = latency_rank(&mut conn, since, finished, p).await?;
     }
-    latencies.sort_unstable();
-    let pct = |p: f64| -> Option<i64> {
-        if latencies.is_empty() {
-            return None;
-        }
-        let i = ((latencies.len() as f64 - 1.0) * p).round() as usize;
-        latencies.get(i).copied()
-    };
+    let [p50, p90, p99, max] = at;
     Ok(Summary {
         this_run,
         all,
-        p50: pct(0.50),
-        p99: pct(0.99),
+        p50,
+        p90,
+        p99,
+        max,
+    })
+}
+
+async fn by_status(
+    conn: &mut sqlx::AnyConnection,
+    query: sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments>,
+) -> anyhow::Result<BTreeMap<String, u64>> {
+    let mut m = BTreeMap::new();
+    for r in query.fetch_all(&mut *conn).await? {
+        let n: i64 = r.try_get("n")?;
+        m.insert(r.try_get("status")?, n as u64);
+    }
+    Ok(m)
+}
+
+/// The latency (ms) at quantile `p` (nearest rank) among the `finished` sagas created since
+/// `since`: sorted by the database; portable (SQLite has no `percentile_disc`).
+async fn latency_rank(
+    conn: &mut sqlx::AnyConnection,
+    since: i64,
+    finished: i64,
+    p: f64,
+) -> anyhow::Result<Option<i64>> {
+    if finished <= 0 {
+        return Ok(None);
+    }
+    let offset = ((finished as f64 - 1.0) * p).round() as i64;
+    let row = sqlx::query(
+        "SELECT finished_at - created_at AS ms FROM sagas \
+         WHERE created_at >= $1 AND finished_at IS NOT NULL ORDER BY ms LIMIT 1 OFFSET $2",
+    )
+    .bind(since)
+    .bind(offset)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(match row {
+        Some(r) => Some(r.try_get("ms")?),
+        None => None,
     })
 }
 

@@ -5,6 +5,13 @@
 //!
 //! Shutdown on SIGTERM or ctrl-c is graceful: stop taking messages, finish what is in flight,
 //! acknowledge it, close the connection (anything unacknowledged goes back to its queue).
+//!
+//! At start a process waits for its database and its broker: while PostgreSQL refuses
+//! connections, is starting up, has no free connection slot or lacks the database, and while
+//! RabbitMQ cannot be reached, it retries with exponential backoff (250 ms up to 10 s, jittered)
+//! and prints each failure with its reason; SIGTERM or ctrl-c meanwhile ends it with success.
+//! Errors that waiting cannot fix (a malformed URL, a refused password, a partition count that
+//! disagrees with the deployment's) end it at once.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,10 +20,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use backon::{ExponentialBuilder, Retryable};
 use sagaflow_engine::Engine;
-use sagaflow_engine::store::{ENGINE_MIGRATIONS, Store};
-use sagaflow_engine::transport::Transport;
+use sagaflow_engine::store::{ENGINE_MIGRATIONS, Migrations, Store, StoreError};
 use sagaflow_engine::transport::amqp::{AmqpConfig, AmqpTransport, QueueType};
+use sagaflow_engine::transport::{Transport, TransportError};
 use sagaflow_workers::runtime::Faults;
 use sagaflow_workers::services;
 use tokio::sync::watch;
@@ -59,13 +67,17 @@ pub struct AmqpArgs {
 
 impl AmqpArgs {
     pub async fn connect(&self, role: &str) -> anyhow::Result<Arc<AmqpTransport>> {
+        Ok(AmqpTransport::connect(self.config(role)).await?)
+    }
+
+    fn config(&self, role: &str) -> AmqpConfig {
         let mut config = AmqpConfig::new(&self.amqp_url);
         config.partitions = self.partitions;
         config.queue_type = self.queue_type;
         config.prefix = self.prefix.clone();
         config.prefetch = self.prefetch;
         config.connection_name = format!("sagaflow {role} (pid {})", std::process::id());
-        Ok(AmqpTransport::connect(config).await?)
+        config
     }
 }
 
@@ -85,8 +97,11 @@ pub struct EngineArgs {
     /// Keep history, inbox and outbox rows of finished sagas this long.
     #[arg(long, env = "SAGAFLOW_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     pub retention: Duration,
-    /// Database connections.
-    #[arg(long, default_value_t = 16)]
+    /// Database connections of this process (at most). The budget: engines × 8 + worker
+    /// processes × 5 must stay below PostgreSQL's max_connections (default 100) with room for
+    /// operators and migrations, e.g. 2 engines and 2 processes of each of the 4 workers:
+    /// 2·8 + 8·5 = 56.
+    #[arg(long, env = "SAGAFLOW_POOL", default_value_t = 8)]
     pub pool: u32,
 }
 
@@ -119,8 +134,11 @@ pub struct WorkerArgs {
     /// Keep barrier rows this long (longer than any saga runs).
     #[arg(long, env = "SAGAFLOW_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     pub retention: Duration,
-    /// Database connections.
-    #[arg(long, default_value_t = 16)]
+    /// Database connections of this process (at most). The budget: engines × 8 + worker
+    /// processes × 5 must stay below PostgreSQL's max_connections (default 100) with room for
+    /// operators and migrations, e.g. 2 engines and 2 processes of each of the 4 workers:
+    /// 2·8 + 8·5 = 56. Lanes wait for a connection when all are busy.
+    #[arg(long, env = "SAGAFLOW_POOL", default_value_t = 5)]
     pub pool: u32,
 }
 
@@ -169,6 +187,116 @@ async fn wait_for_signal() {
     }
 }
 
+/// Backoff between start-up attempts: 250 ms doubling up to 10 s, jittered, without end.
+fn startup_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+}
+
+/// Runs `attempt` until it succeeds, retrying (with [`startup_backoff`]) the failures
+/// `transient` accepts and printing each one with its reason; `None` when a shutdown signal
+/// comes first.
+async fn wait_for<T, E, F, Fut>(
+    who: &str,
+    what: &str,
+    attempt: F,
+    transient: fn(&E) -> bool,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<T>, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut failures = 0u32;
+    let retrying = attempt
+        .retry(startup_backoff())
+        .sleep(tokio::time::sleep)
+        .when(transient)
+        .notify(|e: &E, wait: Duration| {
+            failures += 1;
+            eprintln!(
+                "{who}: {what} not ready (attempt {failures}): {e}; retrying in {:.1}s",
+                wait.as_secs_f64()
+            );
+        });
+    tokio::select! {
+        result = retrying => result.map(Some),
+        _ = shutdown.wait_for(|stop| *stop) => Ok(None),
+    }
+}
+
+/// Whether waiting may cure a failure to open or migrate the database: refused or reset
+/// connections, a server starting up or shutting down, no free connection slot, a database
+/// that does not exist yet. Not: a malformed URL, authentication failures, failing SQL.
+fn store_transient(e: &StoreError) -> bool {
+    match e {
+        StoreError::Connect { reason, .. } => {
+            let r = reason.to_ascii_lowercase();
+            ![
+                "error with configuration",
+                "password authentication failed",
+                "pg_hba.conf",
+            ]
+            .iter()
+            .any(|permanent| r.contains(permanent))
+        }
+        StoreError::Db(e) | StoreError::Migration { error: e, .. } => sqlx_transient(e),
+        _ => false,
+    }
+}
+
+fn sqlx_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut => true,
+        // SQLSTATE classes 08 (connection exception) and 57P (operator intervention: shutting
+        // down, starting up), 53300 too_many_connections, 3D000 invalid_catalog_name.
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            c.starts_with("08") || c.starts_with("57P") || c == "53300" || c == "3D000"
+        }),
+        _ => false,
+    }
+}
+
+/// Whether waiting may cure a failure to connect to RabbitMQ (unreachable, not answering);
+/// not a refused login or a topology that disagrees with the deployment's.
+fn amqp_transient(e: &TransportError) -> bool {
+    matches!(e, TransportError::Other(m)
+        if m.starts_with("cannot connect to RabbitMQ") && !m.contains("ACCESS_REFUSED"))
+}
+
+/// Opens and migrates the database, waiting while it is unreachable; `None` on shutdown.
+pub async fn connect_store(
+    who: &str,
+    url: &str,
+    pool: u32,
+    migrations: &[Migrations],
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<Option<Store>> {
+    let attempt = || async {
+        let store = Store::connect(url, pool).await?;
+        store.migrate(migrations).await?;
+        Ok::<_, StoreError>(store)
+    };
+    Ok(wait_for(who, "database", attempt, store_transient, shutdown).await?)
+}
+
+impl AmqpArgs {
+    /// [`AmqpArgs::connect`], waiting while the broker is unreachable; `None` on shutdown.
+    pub async fn connect_waiting(
+        &self,
+        role: &str,
+        who: &str,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<Option<Arc<AmqpTransport>>> {
+        let attempt = || async { AmqpTransport::connect(self.config(role)).await };
+        Ok(wait_for(who, "RabbitMQ", attempt, amqp_transient, shutdown).await?)
+    }
+}
+
 pub async fn register_sagas(engine: &Engine, extra: &[PathBuf]) -> anyhow::Result<Vec<String>> {
     let mut names = Vec::new();
     for (path, source) in SHIPPED_SAGAS {
@@ -190,17 +318,39 @@ pub async fn register_sagas(engine: &Engine, extra: &[PathBuf]) -> anyhow::Resul
     Ok(names)
 }
 
+/// The exit of a process stopped by a signal while it waited for its database or broker.
+fn stopped_while_waiting(who: &str) -> anyhow::Result<ExitCode> {
+    eprintln!("{who}: stopped before it was ready");
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn engine(args: EngineArgs) -> anyhow::Result<ExitCode> {
-    let store = Store::connect(&args.database_url, args.pool).await?;
-    store.migrate(&[ENGINE_MIGRATIONS]).await?;
-    let transport = args.amqp.connect("engine").await?;
+    let who = "sagaflow engine";
+    let mut shutdown = shutdown_on_signal();
+    let Some(store) = connect_store(
+        who,
+        &args.database_url,
+        args.pool,
+        &[ENGINE_MIGRATIONS],
+        &mut shutdown,
+    )
+    .await?
+    else {
+        return stopped_while_waiting(who);
+    };
+    let Some(transport) = args
+        .amqp
+        .connect_waiting("engine", who, &mut shutdown)
+        .await?
+    else {
+        return stopped_while_waiting(who);
+    };
     let engine = Engine::new(store.clone(), transport.clone() as Arc<dyn Transport>);
     let names = register_sagas(&engine, &args.sagas).await?;
     let listener = tokio::net::TcpListener::bind(args.http)
         .await
         .with_context(|| format!("cannot listen on {} for the HTTP API", args.http))?;
     let address = listener.local_addr()?;
-    let shutdown = shutdown_on_signal();
     eprintln!(
         "sagaflow engine: sagas {}; RabbitMQ {} partitions ({}, prefix `{}`); HTTP on http://{address}",
         names.join(", "),
@@ -231,12 +381,27 @@ pub async fn engine(args: EngineArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
-    let store = Store::connect(&args.database_url, args.pool).await?;
-    store.migrate(&[services::MIGRATIONS]).await?;
-    let transport = args
+    let who = format!("sagaflow worker {}", args.service);
+    let mut shutdown = shutdown_on_signal();
+    let Some(store) = connect_store(
+        &who,
+        &args.database_url,
+        args.pool,
+        &[services::MIGRATIONS],
+        &mut shutdown,
+    )
+    .await?
+    else {
+        return stopped_while_waiting(&who);
+    };
+    let role = format!("{} worker", args.service);
+    let Some(transport) = args
         .amqp
-        .connect(&format!("{} worker", args.service))
-        .await?;
+        .connect_waiting(&role, &who, &mut shutdown)
+        .await?
+    else {
+        return stopped_while_waiting(&who);
+    };
     let worker = services::worker(
         &args.service,
         store.pool().clone(),
@@ -251,7 +416,6 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         slow: args.slow,
         slow_for: Duration::from_secs(6),
     });
-    let shutdown = shutdown_on_signal();
     eprintln!(
         "sagaflow worker {}: consuming {} partitions of {}.cmd.{}",
         args.service, args.amqp.partitions, args.amqp.prefix, args.service

@@ -67,7 +67,7 @@ pub struct Stats {
 
 /// Lanes by default: each holds at most one database connection at a time, so a worker
 /// process needs at most this many (plus one for barrier retention).
-pub const DEFAULT_LANES: usize = 4;
+pub const DEFAULT_LANES: usize = 1;
 
 /// Commands a lane takes into one batch (one transaction) by default.
 pub const DEFAULT_BATCH: usize = 64;
