@@ -460,7 +460,9 @@ async fn a_worker_killed_mid_step_is_replaced_and_each_effect_happens_once() {
     };
     d.engine_process();
     // Slow payments (longer than the 2 s step timeout): some are mid-step when the worker dies.
-    let payment = d.worker_process("payment", &["--slow", "0.2"]);
+    // Lanes, so that one slow batch does not hold up every other order (a slow handler holds
+    // its lane).
+    let payment = d.worker_process("payment", &["--slow", "0.2", "--lanes", "4"]);
     for s in ["coupon", "points", "gmv"] {
         d.worker_process(s, &[]);
     }

@@ -25,8 +25,11 @@ use crate::machine::Event;
 use crate::transport::{Delivery, REPLY_QUEUE, START_QUEUE};
 use crate::wire::{ReplyMsg, StartMsg};
 
-/// Deliveries taken from the queue at once.
+/// Deliveries applied in one transaction at most.
 pub const BATCH: usize = 256;
+
+/// Batches applied at once (each in its own transaction, on its own connection).
+pub const LANES: usize = 4;
 
 /// Which queue an inbound loop consumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,30 +68,54 @@ impl Engine {
         else {
             return Ok(());
         };
-        let mut failures = 0u32;
+        // Lanes by key: one saga's (one key's) messages always go to the same lane, so two
+        // batches applied at once never touch the same saga or sequence key, and the database
+        // gets several transactions to commit together.
+        let mut lanes = Vec::with_capacity(LANES);
+        let mut tasks = Vec::with_capacity(LANES);
+        for _ in 0..LANES {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Delivery>(BATCH);
+            lanes.push(tx);
+            let engine = self.clone();
+            let mut shutdown = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut failures = 0u32;
+                while let Some(first) = rx.recv().await {
+                    let mut deliveries = vec![first];
+                    while deliveries.len() < BATCH {
+                        match rx.try_recv() {
+                            Ok(d) => deliveries.push(d),
+                            Err(_) => break,
+                        }
+                    }
+                    if engine.handle_batch(queue, deliveries).await {
+                        failures = 0;
+                    } else {
+                        failures += 1;
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff(failures)) => {}
+                            _ = shutdown.changed() => {}
+                        }
+                    }
+                }
+            }));
+        }
         loop {
-            let first = tokio::select! {
+            let next = tokio::select! {
                 d = consumer.next() => d,
                 _ = shutdown.changed() => None,
             };
-            let Some(first) = first else { return Ok(()) };
-            let mut deliveries = vec![first];
-            while deliveries.len() < BATCH {
-                match consumer.try_next() {
-                    Some(d) => deliveries.push(d),
-                    None => break,
-                }
-            }
-            if self.handle_batch(queue, deliveries).await {
-                failures = 0;
-            } else {
-                failures += 1;
-                tokio::select! {
-                    () = tokio::time::sleep(backoff(failures)) => {}
-                    _ = shutdown.changed() => return Ok(()),
-                }
+            let Some(d) = next else { break };
+            let lane = crate::transport::lane_of(&d.message.key, lanes.len());
+            if lanes[lane].send(d).await.is_err() {
+                break;
             }
         }
+        drop(lanes);
+        for t in tasks {
+            let _ = t.await;
+        }
+        Ok(())
     }
 
     /// Decodes, applies and settles one batch of deliveries; false if some must come again.

@@ -16,44 +16,73 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use tokio::sync::{Semaphore, watch};
 use tracing::warn;
 
 use crate::engine::{Engine, EngineError, backoff};
 use crate::store::now_ms;
+use crate::store::outbox::Claimed;
 
 /// Rows claimed at once.
 const BATCH: usize = 500;
 /// How long a claim is ours; a relay that died is replaced after this.
 const LEASE_MS: i64 = 10_000;
 
+/// Claimed batches waiting for their confirms at once: the next claim need not wait for the
+/// broker's round trip.
+const ROUNDS: usize = 4;
+
 impl Engine {
     pub(crate) async fn relay_loop(
         self: Arc<Self>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), EngineError> {
-        let mut failures = 0u32;
+        let rounds = Arc::new(Semaphore::new(ROUNDS));
+        let failures = Arc::new(AtomicU32::new(0));
         while !*shutdown.borrow() {
-            match self.relay_once().await {
-                Ok(0) => {
-                    failures = 0;
+            let failed = failures.load(Ordering::Relaxed);
+            if failed > 0 {
+                tokio::select! {
+                    () = tokio::time::sleep(backoff(failed)) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+            let Ok(permit) = rounds.clone().acquire_owned().await else {
+                break;
+            };
+            match self.store().claim_outbox(now_ms(), LEASE_MS, BATCH).await {
+                Ok(claimed) if claimed.is_empty() => {
+                    drop(permit);
                     tokio::select! {
                         () = self.outbox_ready_notified() => {}
                         () = tokio::time::sleep(Duration::from_millis(200)) => {}
                         _ = shutdown.changed() => {}
                     }
                 }
-                Ok(_) => failures = 0,
+                Ok(claimed) => {
+                    let (engine, failures) = (self.clone(), failures.clone());
+                    tokio::spawn(async move {
+                        match engine.send_claimed(claimed).await {
+                            Ok(_) => failures.store(0, Ordering::Relaxed),
+                            Err(e) => {
+                                failures.fetch_add(1, Ordering::Relaxed);
+                                warn!(error = %e, "outbox relay failed; retrying");
+                            }
+                        }
+                        drop(permit);
+                    });
+                }
                 Err(e) => {
-                    failures += 1;
+                    drop(permit);
+                    failures.fetch_add(1, Ordering::Relaxed);
                     warn!(error = %e, "outbox relay failed; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff(failures)) => {}
-                        _ = shutdown.changed() => {}
-                    }
                 }
             }
         }
+        // What is in flight finishes (or its lease runs out if we are killed first).
+        let _ = rounds.acquire_many(ROUNDS as u32).await;
         Ok(())
     }
 
@@ -63,6 +92,12 @@ impl Engine {
         if claimed.is_empty() {
             return Ok(0);
         }
+        self.send_claimed(claimed).await
+    }
+
+    /// Publishes claimed rows in order, then marks the confirmed ones sent and gives the others
+    /// back.
+    async fn send_claimed(&self, claimed: Vec<Claimed>) -> Result<usize, EngineError> {
         let messages = claimed
             .iter()
             .map(|c| (c.destination.clone(), c.message.clone()))

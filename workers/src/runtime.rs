@@ -27,7 +27,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::future::join_all;
 use sagaflow_engine::machine::{Op, Outcome};
 use sagaflow_engine::transport::{Delivery, Message, REPLY_QUEUE, Transport, command_queue};
 use sagaflow_engine::wire::{CommandMsg, ReplyMsg};
@@ -92,6 +91,12 @@ pub struct Worker {
     batch: usize,
     pub stats: Arc<Stats>,
 }
+
+/// Reply batches a lane lets wait for their confirms while it goes on with the next batch.
+const REPLYING: usize = 8;
+
+/// A batch's replies and the commands they answer, for the lane's reply task.
+type Answered = (Vec<Message>, Vec<Delivery>);
 
 impl Worker {
     pub fn new(service: &str, pool: AnyPool, transport: Arc<dyn Transport>) -> Self {
@@ -198,6 +203,16 @@ impl Worker {
             let (tx, mut rx) = mpsc::channel::<Delivery>(this.batch.max(64));
             lanes.push(tx);
             let worker = this.clone();
+            // The lane's replies go out in its batches' order, from a task of their own, so the
+            // lane does not wait a confirm round trip per batch (see `handle_batch`).
+            let (answered, mut to_send) = mpsc::channel::<Answered>(REPLYING);
+            let transport = this.transport.clone();
+            let service = this.service.clone();
+            let replier = tokio::spawn(async move {
+                while let Some((replies, deliveries)) = to_send.recv().await {
+                    send_replies(&*transport, &service, replies, deliveries).await;
+                }
+            });
             tasks.push(tokio::spawn(async move {
                 // A batch is whatever arrived while the previous one ran: no waiting to fill
                 // it, so a lone command is not delayed. One batch at a time keeps each key's
@@ -210,8 +225,11 @@ impl Worker {
                             Err(_) => break,
                         }
                     }
-                    worker.handle_batch(batch).await;
+                    worker.handle_batch(batch, &answered).await;
                 }
+                drop(answered);
+                // The last replies are confirmed and their commands acknowledged before we go.
+                let _ = replier.await;
             }));
         }
         loop {
@@ -229,6 +247,7 @@ impl Worker {
         for t in tasks {
             let _ = t.await;
         }
+        // The last replies are confirmed and their commands acknowledged before we go.
         drop(consumer); // anything not acknowledged goes back to the queue
         Ok(())
     }
@@ -236,7 +255,7 @@ impl Worker {
     /// Handles a lane's batch: decodes it, runs every command it can in one database
     /// transaction, then publishes the replies pipelined and acknowledges each command once
     /// its reply is confirmed.
-    async fn handle_batch(&self, deliveries: Vec<Delivery>) {
+    async fn handle_batch(&self, deliveries: Vec<Delivery>, answered: &mpsc::Sender<Answered>) {
         let mut todo = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
             match self.decode(&delivery.message.payload) {
@@ -274,25 +293,15 @@ impl Worker {
                 }
             })
             .collect();
-        // All publishes in flight at once, issued in batch order; each command is acknowledged
-        // only once its own reply is confirmed.
-        let confirms = join_all(
-            replies
-                .into_iter()
-                .map(|m| self.transport.publish(REPLY_QUEUE, m)),
-        )
-        .await;
-        for ((delivery, _, _), confirmed) in todo.into_iter().zip(confirms) {
-            match confirmed {
-                Ok(()) => {
-                    let _ = delivery.ack().await;
-                }
-                Err(e) => {
-                    // Not acknowledged: the command comes again and the barrier answers it again.
-                    warn!(service = %self.service, error = %e, "reply not confirmed; command will be redelivered");
-                    let _ = delivery.nack().await;
-                }
-            }
+        // The replies go out while the lane runs its next batch: waiting here for the broker's
+        // confirms would leave the lane (and its connection) idle for a confirm round trip per
+        // batch. Each command is acknowledged only once its own reply is confirmed (what is not
+        // confirmed comes again, and the barrier answers it again).
+        let deliveries: Vec<Delivery> = todo.into_iter().map(|(d, _, _)| d).collect();
+        if let Err(mpsc::error::SendError((replies, deliveries))) =
+            answered.send((replies, deliveries)).await
+        {
+            send_replies(&*self.transport, &self.service, replies, deliveries).await;
         }
     }
 
@@ -556,14 +565,35 @@ struct Slot<'a> {
     executed: Option<Result<Executed, String>>,
 }
 
-/// A stable lane for a key: FNV-1a, the same in every process and release.
-pub fn lane_of(key: &str, lanes: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
+/// Publishes a batch's replies in order, then acknowledges each command whose reply was
+/// confirmed and gives back the others.
+async fn send_replies(
+    transport: &dyn Transport,
+    service: &str,
+    replies: Vec<Message>,
+    deliveries: Vec<Delivery>,
+) {
+    let messages = replies
+        .into_iter()
+        .map(|m| (REPLY_QUEUE.to_owned(), m))
+        .collect();
+    let confirms = transport.publish_batch(messages).await;
+    for (delivery, confirmed) in deliveries.into_iter().zip(confirms) {
+        match confirmed {
+            Ok(()) => {
+                let _ = delivery.ack().await;
+            }
+            Err(e) => {
+                warn!(service = %service, error = %e, "reply not confirmed; command will be redelivered");
+                let _ = delivery.nack().await;
+            }
+        }
     }
-    (h % lanes.max(1) as u64) as usize
+}
+
+/// A stable lane for a key (the transport's hash: the same in every process and release).
+pub fn lane_of(key: &str, lanes: usize) -> usize {
+    sagaflow_engine::transport::lane_of(key, lanes)
 }
 
 #[cfg(test)]

@@ -111,6 +111,8 @@ pub const ENGINE_MIGRATIONS: Migrations = &[
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// The relay's connection (see `connect`).
+    relay_pool: AnyPool,
     backend: Backend,
     counters: Arc<Counters>,
 }
@@ -161,7 +163,7 @@ impl Store {
                         Ok(())
                     })
                 })
-                .connect_with(options)
+                .connect_with(options.clone())
                 .await
                 .map_err(connect_err)?,
             Backend::Postgres => {
@@ -171,16 +173,39 @@ impl Store {
                     .await
                     .map_err(connect_err)?;
                 let _ = sqlx::Connection::close(probe).await;
+                // A short acquire timeout: a server that answers "too many clients" fails one
+                // round of a loop in seconds (it backs off and tries again) instead of stalling
+                // it for half a minute.
                 AnyPoolOptions::new()
-                .max_connections(max_connections.max(2))
-                .acquire_timeout(Duration::from_secs(30))
-                .connect_with(options)
-                .await
-                .map_err(connect_err)?
+                    .max_connections(max_connections.max(2))
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_with(options.clone())
+                    .await
+                    .map_err(connect_err)?
             }
+        };
+        // The relay's leases and sent marks need no fsync: one lost in a crash only means the
+        // rows are claimed, or sent, once more, and every receiver deduplicates. So on
+        // PostgreSQL they go through one connection with `synchronous_commit = off`, off the
+        // critical path of the state changes' own commits (which stay synchronous).
+        let relay_pool = match backend {
+            Backend::Sqlite => pool.clone(),
+            Backend::Postgres => AnyPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(5))
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        sqlx::raw_sql("SET synchronous_commit = off")
+                            .execute(conn)
+                            .await?;
+                        Ok(())
+                    })
+                })
+                .connect_lazy_with(options),
         };
         Ok(Store {
             pool,
+            relay_pool,
             backend,
             counters: Arc::default(),
         })

@@ -41,7 +41,7 @@ impl Store {
             .bind(now + lease_ms)
             .bind(now)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
+            .fetch_all(&self.relay_pool)
             .await?;
         let mut claimed = rows
             .iter()
@@ -73,7 +73,7 @@ impl Store {
         sqlx::query(self.sql().mark_sent)
             .bind(id_list(ids))
             .bind(now)
-            .execute(&self.pool)
+            .execute(&self.relay_pool)
             .await?;
         Ok(())
     }
@@ -88,7 +88,7 @@ impl Store {
         self.counters.commit();
         sqlx::query(self.sql().release_lease)
             .bind(id_list(ids))
-            .execute(&self.pool)
+            .execute(&self.relay_pool)
             .await?;
         Ok(())
     }

@@ -39,6 +39,12 @@ pub enum TransportError {
     Other(String),
 }
 
+/// A stable lane for a key: FNV-1a, the same in every process and release (the AMQP
+/// transport's partitions use the same hash).
+pub fn lane_of(key: &str, lanes: usize) -> usize {
+    (amqp::stable_hash(key) % lanes.max(1) as u64) as usize
+}
+
 /// The queue a service's commands go to.
 pub fn command_queue(service: &str) -> String {
     format!("cmd.{service}")
