@@ -97,10 +97,10 @@ pub struct EngineArgs {
     /// Keep history, inbox and outbox rows of finished sagas this long.
     #[arg(long, env = "SAGAFLOW_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     pub retention: Duration,
-    /// Database connections of this process (at most). The budget: engines × 8 + worker
-    /// processes × 5 must stay below PostgreSQL's max_connections (default 100) with room for
-    /// operators and migrations, e.g. 2 engines and 2 processes of each of the 4 workers:
-    /// 2·8 + 8·5 = 56.
+    /// Database connections of this process (at most; the outbox relay has one more of its
+    /// own). The budget: engines × 9 + worker processes × 5 must stay below PostgreSQL's
+    /// max_connections (default 100) with room for operators and migrations, e.g. 2 engines
+    /// and 2 processes of each of the 4 workers: 2·9 + 8·5 = 58.
     #[arg(long, env = "SAGAFLOW_POOL", default_value_t = 8)]
     pub pool: u32,
 }
@@ -134,10 +134,10 @@ pub struct WorkerArgs {
     /// Keep barrier rows this long (longer than any saga runs).
     #[arg(long, env = "SAGAFLOW_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     pub retention: Duration,
-    /// Database connections of this process (at most). The budget: engines × 8 + worker
-    /// processes × 5 must stay below PostgreSQL's max_connections (default 100) with room for
-    /// operators and migrations, e.g. 2 engines and 2 processes of each of the 4 workers:
-    /// 2·8 + 8·5 = 56. Lanes wait for a connection when all are busy.
+    /// Database connections of this process (at most). The budget: engines × 9 (8 and the
+    /// relay's one) + worker processes × 5 must stay below PostgreSQL's max_connections
+    /// (default 100) with room for operators and migrations, e.g. 2 engines and 2 processes of
+    /// each of the 4 workers: 2·9 + 8·5 = 58. Lanes wait for a connection when all are busy.
     #[arg(long, env = "SAGAFLOW_POOL", default_value_t = 5)]
     pub pool: u32,
 }
