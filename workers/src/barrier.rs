@@ -383,16 +383,6 @@ async fn run_in(
 async fn transaction(pool: &AnyPool, jobs: &[Job<'_>]) -> Result<Vec<Executed>, sqlx::Error> {
     for _ in 0..REDOS {
         let mut tx = pool.begin().await?;
-        if jobs.len() > 1 && Dialect::of(&tx) == Dialect::Postgres {
-            // A batch holds the row locks its handlers take until it commits. Two batches that
-            // take hot rows (a campaign's GMV) in different orders would deadlock, and
-            // PostgreSQL breaks a deadlock only after `deadlock_timeout` (1 s): a handler that
-            // waits this long for a lock fails as retryable instead (its own savepoint rolls
-            // back; the engine retries it shortly).
-            sqlx::query("SET LOCAL lock_timeout = '200ms'")
-                .execute(&mut *tx)
-                .await?;
-        }
         match run_in(&mut tx, jobs).await {
             Ok(Some(done)) => {
                 tx.commit().await?;
