@@ -196,7 +196,12 @@ impl Deployment {
         };
         let child = Command::new(exe)
             .args(&args)
-            .env("SAGAFLOW_LOG", "warn")
+            // The children's log filter: `warn`, or what SAGAFLOW_BENCH_LOG says (with --logs,
+            // e.g. `sagaflow_engine::apply=debug` shows every batch's size and time).
+            .env(
+                "SAGAFLOW_LOG",
+                std::env::var("SAGAFLOW_BENCH_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
             .stdout(out)
             .stderr(err)
             .spawn()

@@ -80,12 +80,12 @@ async fn exec(store: &Store, sql: &'static str, a: i64, id: &str) {
         .expect("update");
 }
 
-/// Moves a saga's last update (and its barrier rows) `days` into the past.
+/// Moves a saga's finish (and its barrier rows) `days` into the past.
 async fn age(store: &Store, id: &str, days: i64) {
     let ms = days * DAY_MS;
     exec(
         store,
-        "UPDATE sagas SET updated_at = updated_at - $1 WHERE id = $2",
+        "UPDATE sagas SET finished_at = finished_at - $1, updated_at = updated_at - $1 WHERE id = $2",
         ms,
         id,
     )

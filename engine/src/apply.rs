@@ -91,8 +91,8 @@ impl Engine {
         let mut attempt = 0;
         loop {
             match self.apply_once(batch).await {
-                Err(EngineError::Store(StoreError::Conflict(_)))
-                    if batch.len() == 1 && attempt < CONFLICT_RETRIES =>
+                Err(EngineError::Store(e))
+                    if batch.len() == 1 && attempt < CONFLICT_RETRIES && e.is_race() =>
                 {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(2 << attempt)).await;
@@ -123,6 +123,7 @@ impl Engine {
     }
 
     async fn apply_once(&self, batch: &[Inbound]) -> Result<Vec<Done>, EngineError> {
+        let started = std::time::Instant::now();
         let now = now_ms();
         let mut tx = self.store().begin().await?;
         let mut plan = Plan::default();
@@ -138,7 +139,15 @@ impl Engine {
             let _ = tx.rollback().await;
             return Err(e.into());
         }
+        let planned = started.elapsed();
         tx.commit().await?;
+        tracing::debug!(
+            items = batch.len(),
+            sagas = plan.sagas.len(),
+            plan_ms = planned.as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "batch applied"
+        );
         for done in &results {
             if let Done::Started(Started {
                 existing: false, ..
@@ -261,10 +270,12 @@ impl Engine {
                 }
             }
         }
-        Ok(results
+        results
             .into_iter()
-            .map(|r| r.unwrap_or(Done::Applied(Applied::Ignored)))
-            .collect())
+            .map(|r| {
+                r.ok_or_else(|| EngineError::Refused("an item of the batch got no result".into()))
+            })
+            .collect()
     }
 
     /// Inserts the batch's new sagas and takes their sequence keys; fills in the starts'
@@ -342,9 +353,8 @@ impl Engine {
                 created_at: now,
                 finished_at: None,
             };
-            let mut working = Working::loaded(row, s.graph.clone());
-            working.new = true;
-            plan.sagas.insert(id.clone(), working);
+            plan.sagas
+                .insert(id.clone(), Working::loaded(row, s.graph.clone()));
             results[i] = Some(Done::Started(Started {
                 id,
                 existing: false,
@@ -491,8 +501,6 @@ struct Working {
     state: SagaState,
     /// Changing decisions so far.
     changes: i64,
-    /// Inserted by this batch: every step row is written.
-    new: bool,
 }
 
 impl Working {
@@ -502,7 +510,6 @@ impl Working {
             row,
             graph,
             changes: 0,
-            new: false,
         }
     }
 }
@@ -533,8 +540,8 @@ impl Plan {
             });
             let (old, new) = (&w.row.state, &w.state);
             for (i, step) in new.steps.iter().enumerate() {
-                let changed = w.new
-                    || w.row.version == 0
+                // Version 0: inserted by this batch or never begun: every step row is written.
+                let changed = w.row.version == 0
                     || old.steps.get(i) != Some(step)
                     || old.attempts.get(i) != new.attempts.get(i)
                     || old.last_errors.get(i) != new.last_errors.get(i);
@@ -550,14 +557,17 @@ impl Plan {
                 }
             }
         }
+        // Timers before sagas: a timer batch locks the timer row (its claim) and then the saga,
+        // so a reply batch cancelling that timer must take them in the same order, or the two
+        // deadlock.
+        let cancelled: Vec<String> = self.cancelled.iter().cloned().collect();
+        tx.cancel_timers(&cancelled).await?;
         tx.update_sagas(&writes, now).await?;
         tx.upsert_steps(&steps, now).await?;
         tx.append_history(&self.history, now).await?;
         tx.enqueue_outbox(&self.outbox, now).await?;
         let timers: Vec<TimerRow> = self.timers.values().cloned().collect();
         tx.set_timers(&timers).await?;
-        let cancelled: Vec<String> = self.cancelled.iter().cloned().collect();
-        tx.cancel_timers(&cancelled).await?;
         Ok(())
     }
 }

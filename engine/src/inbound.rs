@@ -28,8 +28,21 @@ use crate::wire::{ReplyMsg, StartMsg};
 /// Deliveries applied in one transaction at most.
 pub const BATCH: usize = 256;
 
-/// Batches applied at once (each in its own transaction, on its own connection).
-pub const LANES: usize = 4;
+/// Batches applied at once per queue (each in its own transaction, on its own connection).
+/// Measured: one lane per queue makes batches 6× larger than four (71 items against 12) and
+/// the whole system faster (232 against ~180 sagas/s), since the database is CPU-bound on
+/// statements; the lanes stay for when that changes.
+pub const LANES: usize = 1;
+
+/// An error that no redelivery can mend (the saga's definition is gone or no longer compiles,
+/// its row is corrupt): the message is dead-lettered with it rather than redelivered forever.
+fn is_permanent(e: &EngineError) -> bool {
+    match e {
+        EngineError::UnknownDefinition(_) | EngineError::BrokenDefinition { .. } => true,
+        EngineError::Store(s) => s.is_permanent(),
+        _ => false,
+    }
+}
 
 /// Which queue an inbound loop consumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +172,10 @@ impl Engine {
                         // Redelivered later and recognised (inbox, idempotency key).
                         warn!(error = %e, "acknowledging a message failed");
                     }
+                }
+                Err(e) if is_permanent(&e) => {
+                    let reason = format!("cannot be applied: {e}");
+                    self.dead_letter(d, queue.name(), &reason).await;
                 }
                 Err(EngineError::Store(e)) => {
                     warn!(message = %d.message.id, error = %e, "applying a message failed; it will be redelivered");

@@ -27,12 +27,15 @@ use crate::store::outbox::Claimed;
 
 /// Rows claimed at once.
 const BATCH: usize = 500;
-/// How long a claim is ours; a relay that died is replaced after this.
-const LEASE_MS: i64 = 10_000;
+/// How long a claim is ours; a relay that died is replaced after this. Longer than the
+/// transport's confirm timeout (30 s), so rows still waiting for a confirm are never claimed
+/// and sent again by another round.
+const LEASE_MS: i64 = 60_000;
 
-/// Claimed batches waiting for their confirms at once: the next claim need not wait for the
-/// broker's round trip.
-const ROUNDS: usize = 4;
+/// Claimed batches waiting for their confirms at once. One: measured, more rounds only made
+/// smaller batches (more statements for a CPU-bound database: 247 sagas/s with one against
+/// ~190 with four), and one round keeps a relay's messages in outbox order on the wire.
+const ROUNDS: usize = 1;
 
 impl Engine {
     pub(crate) async fn relay_loop(

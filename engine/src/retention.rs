@@ -1,7 +1,7 @@
 //! Retention: the bulky rows of sagas that finished long ago are purged, in small batches.
 //!
-//! What goes, for a saga that is **Completed or Compensated** and whose last update
-//! (`sagas.updated_at`, set by every state change) is older than [`Retention::keep`]:
+//! What goes, for a saga that is **Completed or Compensated** and finished
+//! (`sagas.finished_at`) longer ago than [`Retention::keep`]:
 //!
 //! | table | rows purged |
 //! |---|---|
@@ -133,13 +133,13 @@ pub async fn purge_once(
     let candidates = match store.backend() {
         Backend::Sqlite => {
             "SELECT id FROM sagas INDEXED BY sagas_to_purge WHERE purged_at IS NULL \
-             AND status IN ('completed', 'compensated') AND updated_at < $1 \
-             ORDER BY updated_at, id LIMIT $2"
+             AND status IN ('completed', 'compensated') AND finished_at < $1 \
+             ORDER BY finished_at, id LIMIT $2"
         }
         Backend::Postgres => {
             "SELECT id FROM sagas WHERE purged_at IS NULL \
-             AND status IN ('completed', 'compensated') AND updated_at < $1 \
-             ORDER BY updated_at, id LIMIT $2"
+             AND status IN ('completed', 'compensated') AND finished_at < $1 \
+             ORDER BY finished_at, id LIMIT $2"
         }
     };
     let rows = sqlx::query(candidates)
@@ -187,7 +187,7 @@ pub async fn purge_once(
     if counts.iter().all(|&n| n < batch as u64) {
         let sql = format!(
             "UPDATE sagas SET purged_at = $1 WHERE id IN ({}) AND purged_at IS NULL \
-             AND status IN ('completed', 'compensated') AND updated_at < $2",
+             AND status IN ('completed', 'compensated') AND finished_at < $2",
             placeholders(3, ids.len())
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now).bind(cutoff);

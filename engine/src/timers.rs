@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::warn;
 
+use crate::apply::Inbound;
 use crate::engine::{Engine, EngineError, Incoming, backoff};
 use crate::store::{StoreTx, TimerTable, now_ms};
 
@@ -52,6 +53,8 @@ impl Engine {
     /// Fires a batch of due timers. Returns how long to wait when none is due.
     pub async fn fire_due_timers(&self) -> Result<Option<Duration>, EngineError> {
         let now = now_ms();
+        // Until this round has planned its next look, any timer committed meanwhile wakes it.
+        self.plan_timer_check(i64::MAX);
         let rows = self.store().next_timers(BATCH).await?;
         let mut batch = Vec::new();
         let mut undecodable = Vec::new();
@@ -86,7 +89,20 @@ impl Engine {
         }
         // Looking again right away: a timer set meanwhile needs no wake-up.
         self.plan_timer_check(now);
-        self.apply(&batch).await?;
+        let n = batch.len();
+        // One timer that cannot be applied must not hold the others back: they are applied
+        // (and deleted) all the same; the failed one stays and is tried again next round.
+        let results = self
+            .apply_inbound(batch.into_iter().map(Inbound::Event).collect())
+            .await;
+        let failed: Vec<EngineError> = results.into_iter().filter_map(Result::err).collect();
+        let all_failed = failed.len() == n;
+        if let Some(e) = failed.into_iter().next() {
+            warn!(error = %e, "a due timer could not be applied; it is tried again");
+            if all_failed {
+                return Err(e);
+            }
+        }
         Ok(None)
     }
 }

@@ -45,6 +45,25 @@ pub enum StoreError {
     Corrupt { table: &'static str, detail: String },
 }
 
+impl StoreError {
+    /// Lost a race with another transaction (a moved version, a deadlock, a serialization
+    /// failure): trying again is the answer.
+    pub fn is_race(&self) -> bool {
+        match self {
+            StoreError::Conflict(_) => true,
+            StoreError::Db(sqlx::Error::Database(db)) => {
+                matches!(db.code().as_deref(), Some("40P01" | "40001"))
+            }
+            _ => false,
+        }
+    }
+
+    /// Can never succeed as it is (a corrupt row): retrying will not help.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, StoreError::Corrupt { .. })
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         StoreError::Db(e)
@@ -105,6 +124,11 @@ pub const ENGINE_MIGRATIONS: Migrations = &[
         "0003_relay_lease",
         include_str!("../../../migrations/sqlite/0003_relay_lease.sql"),
         include_str!("../../../migrations/postgres/0003_relay_lease.sql"),
+    ),
+    (
+        "0004_hot_saga_updates",
+        include_str!("../../../migrations/sqlite/0004_hot_saga_updates.sql"),
+        include_str!("../../../migrations/postgres/0004_hot_saga_updates.sql"),
     ),
 ];
 

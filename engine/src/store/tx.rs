@@ -459,7 +459,11 @@ impl SequenceKeyTable for Tx {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
-        let rows: Vec<Value> = requests
+        // In key order (inserts and row locks alike): two batches taking overlapping keys
+        // then wait for each other in one direction only, never in a cycle.
+        let mut ordered: Vec<&(String, String)> = requests.iter().collect();
+        ordered.sort_by(|a, b| a.0.cmp(&b.0));
+        let rows: Vec<Value> = ordered
             .iter()
             .map(|(k, s)| json!({"k": k, "s": s}))
             .collect();
@@ -469,13 +473,17 @@ impl SequenceKeyTable for Tx {
             .iter()
             .map(|r| r.try_get::<String, _>("holder"))
             .collect::<Result<_, _>>()?;
-        let mut holding = Vec::new();
-        for (key, saga) in requests {
+        let mut holds = HashSet::new();
+        for (key, saga) in ordered {
             if taken.contains(saga) || self.queue_behind(key, saga).await? {
-                holding.push(saga.clone());
+                holds.insert(saga.clone());
             }
         }
-        Ok(holding)
+        Ok(requests
+            .iter()
+            .filter(|(_, s)| holds.contains(s))
+            .map(|(_, s)| s.clone())
+            .collect())
     }
 
     async fn release_keys(
@@ -552,11 +560,7 @@ impl Tx {
     async fn queue_behind(&mut self, key: &str, saga: &str) -> Result<bool, StoreError> {
         loop {
             self.counters.statement();
-            let lock = match self.sql.lock_keys.contains("FOR UPDATE") {
-                true => "SELECT holder FROM sequence_keys WHERE seq_key = $1 FOR UPDATE",
-                false => "SELECT holder FROM sequence_keys WHERE seq_key = $1",
-            };
-            let holder: Option<String> = sqlx::query(lock)
+            let holder: Option<String> = sqlx::query(self.sql.lock_key)
                 .bind(key)
                 .fetch_optional(self.conn())
                 .await?
