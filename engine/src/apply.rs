@@ -31,9 +31,8 @@ use crate::engine::{Applied, Engine, EngineError, Incoming, Started};
 use crate::machine::{self, Context, Decision, Event, HistoryEntry, SagaState, StepStatus};
 use crate::machine::{TimerKind, decide, forward_op, operation_name};
 use crate::store::{
-    HistoryRow, HistoryTable, InboxTable, NewSaga, OutboxMessage, OutboxTable, SagaRow, SagaTable,
-    SagaWrite, SequenceKeyTable, StepRow, StepTable, StoreError, StoreTx, TimerRow, TimerTable, Tx,
-    now_ms, step_status_name, timer_id,
+    HistoryRow, NewSaga, OutboxMessage, SagaRow, SagaTable, SagaWrite, StepRow, StoreError,
+    StoreTx, TimerRow, now_ms, step_status_name, timer_id,
 };
 use crate::transport::command_queue;
 use crate::wire::CommandMsg;
@@ -67,18 +66,17 @@ const CONFLICT_RETRIES: u32 = 8;
 impl Engine {
     /// Applies a batch; one result per item, in order. Never fails as a whole: an item that
     /// cannot be applied gets its own error.
-    pub async fn apply_inbound(&self, batch: Vec<Inbound>) -> Vec<Result<Done, EngineError>> {
+    pub async fn apply_inbound(&self, batch: &[Inbound]) -> Vec<Result<Done, EngineError>> {
         let mut results = Vec::with_capacity(batch.len());
         // Halves are applied in order, so two events of one saga keep their order.
         let mut work = vec![batch];
         while let Some(part) = work.pop() {
-            match self.apply_with_retries(&part).await {
+            match self.apply_with_retries(part).await {
                 Ok(done) => results.extend(done.into_iter().map(Ok)),
-                Err(e) if part.len() == 1 => results.push(Err(e)),
+                Err(e) if part.len() <= 1 => results.push(Err(e)),
                 Err(e) => {
                     tracing::debug!(error = %e, size = part.len(), "batch failed; splitting it");
-                    let mut first = part;
-                    let second = first.split_off(first.len() / 2);
+                    let (first, second) = part.split_at(part.len() / 2);
                     work.push(second);
                     work.push(first);
                 }
@@ -168,7 +166,7 @@ impl Engine {
     /// Reads what the batch needs and decides every item in memory; returns the results.
     async fn plan(
         &self,
-        tx: &mut Tx,
+        tx: &mut impl StoreTx,
         plan: &mut Plan,
         batch: &[Inbound],
         now: i64,
@@ -282,7 +280,7 @@ impl Engine {
     /// results; returns the sagas that hold their key and begin now.
     async fn plan_starts(
         &self,
-        tx: &mut Tx,
+        tx: &mut impl StoreTx,
         plan: &mut Plan,
         batch: &[Inbound],
         results: &mut [Option<Done>],
@@ -484,7 +482,11 @@ impl Engine {
     }
 
     /// The graph a saga is pinned to, read through this transaction on a cache miss.
-    async fn graph_in(&self, tx: &mut Tx, hash: &str) -> Result<Arc<SagaGraph>, EngineError> {
+    async fn graph_in(
+        &self,
+        tx: &mut impl StoreTx,
+        hash: &str,
+    ) -> Result<Arc<SagaGraph>, EngineError> {
         match self.cached_graph(hash) {
             Some(g) => Ok(g),
             None => self.load_graph(tx, hash).await,
@@ -525,7 +527,7 @@ struct Plan {
 }
 
 impl Plan {
-    async fn write(&self, tx: &mut Tx, now: i64) -> Result<(), StoreError> {
+    async fn write(&self, tx: &mut impl StoreTx, now: i64) -> Result<(), StoreError> {
         let mut writes = Vec::new();
         let mut steps = Vec::new();
         for (id, w) in &self.sagas {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use sagaflow_dsl::{SagaGraph, compile};
 
 use crate::engine::{Engine, EngineError, read, write};
-use crate::store::{DefinitionTable, StoreTx, Tx, now_ms};
+use crate::store::{DefinitionTable, StoreTx, now_ms};
 
 impl Engine {
     /// Compiles and stores a definition; returns its graph. Running sagas of older versions
@@ -50,7 +50,7 @@ impl Engine {
     /// Compiles a stored definition (a cache miss) and caches it.
     pub(crate) async fn load_graph(
         &self,
-        tx: &mut Tx,
+        tx: &mut impl StoreTx,
         hash: &str,
     ) -> Result<Arc<SagaGraph>, EngineError> {
         let Some(source) = tx.definition_source(hash).await? else {

@@ -186,7 +186,7 @@ impl Engine {
                 Err(e) => results.push(Some(Err(e))),
             }
         }
-        for (slot, done) in slots.into_iter().zip(self.apply_inbound(batch).await) {
+        for (slot, done) in slots.into_iter().zip(self.apply_inbound(&batch).await) {
             results[slot] = Some(done.and_then(|d| match d {
                 Done::Started(s) => Ok(s),
                 Done::Applied(a) => Err(EngineError::Refused(format!(
@@ -202,8 +202,8 @@ impl Engine {
 
     /// Applies events (one transaction for all when it can); the first error if any failed.
     pub async fn apply(&self, batch: &[Incoming]) -> Result<Vec<Applied>, EngineError> {
-        let inbound = batch.iter().cloned().map(Inbound::Event).collect();
-        self.apply_inbound(inbound)
+        let inbound: Vec<Inbound> = batch.iter().cloned().map(Inbound::Event).collect();
+        self.apply_inbound(&inbound)
             .await
             .into_iter()
             .map(crate::apply::applied)

@@ -153,7 +153,7 @@ impl Engine {
         if work.is_empty() {
             return ok;
         }
-        let results = self.apply_inbound(work.clone()).await;
+        let results = self.apply_inbound(&work).await;
         for ((d, inbound), result) in held.into_iter().zip(&work).zip(results) {
             match result {
                 Ok(Done::Applied(Applied::UnknownSaga)) => {

@@ -92,9 +92,8 @@ impl Engine {
         let n = batch.len();
         // One timer that cannot be applied must not hold the others back: they are applied
         // (and deleted) all the same; the failed one stays and is tried again next round.
-        let results = self
-            .apply_inbound(batch.into_iter().map(Inbound::Event).collect())
-            .await;
+        let batch: Vec<Inbound> = batch.into_iter().map(Inbound::Event).collect();
+        let results = self.apply_inbound(&batch).await;
         let failed: Vec<EngineError> = results.into_iter().filter_map(Result::err).collect();
         let all_failed = failed.len() == n;
         if let Some(e) = failed.into_iter().next() {
