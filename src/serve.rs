@@ -153,6 +153,9 @@ fn known_service(s: &str) -> Result<String, String> {
     }
 }
 
+/// How long the engine waits, after SIGTERM or ctrl-c, for its in-flight work.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+
 /// A watch that turns true on SIGTERM or ctrl-c.
 pub fn shutdown_on_signal() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
@@ -371,12 +374,34 @@ pub async fn engine(args: EngineArgs) -> anyhow::Result<ExitCode> {
         },
         shutdown.clone(),
     ));
-    let result = engine.run(shutdown).await;
-    let _ = http.await;
-    let _ = retention.await;
-    transport.close().await;
-    result?;
-    eprintln!("sagaflow engine: stopped");
+    // After the signal, in-flight work gets a bounded grace: one bench run of 10,000 orders saw
+    // the engine never return from its shutdown (not reproduced since, not diagnosed). Leaving
+    // then loses nothing: unacknowledged messages go back to the broker, and claimed outbox
+    // rows are claimed again once their lease runs out.
+    let mut signalled = shutdown.clone();
+    let grace = async move {
+        let _ = signalled.wait_for(|stop| *stop).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let finished = async {
+        let result = engine.run(shutdown).await;
+        let _ = http.await;
+        let _ = retention.await;
+        transport.close().await;
+        result
+    };
+    tokio::select! {
+        result = finished => {
+            result?;
+            eprintln!("sagaflow engine: stopped");
+        }
+        () = grace => {
+            eprintln!(
+                "sagaflow engine: in-flight work did not finish within {}s of the signal; leaving anyway (unacknowledged messages go back to the broker)",
+                SHUTDOWN_GRACE.as_secs()
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
