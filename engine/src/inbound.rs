@@ -81,9 +81,9 @@ impl Engine {
         else {
             return Ok(());
         };
-        // Lanes by key: one saga's (one key's) messages always go to the same lane, so two
-        // batches applied at once never touch the same saga or sequence key, and the database
-        // gets several transactions to commit together.
+        // Lanes by key (one by default, see LANES): one key's messages always go to the same
+        // lane, so this queue's batches applied at once never share a saga, and a key's
+        // messages are applied in queue order.
         let mut lanes = Vec::with_capacity(LANES);
         let mut tasks = Vec::with_capacity(LANES);
         for _ in 0..LANES {
