@@ -505,6 +505,10 @@ async fn bench(
                 args.amqp.queue_type.as_str().into(),
                 "--prefix".into(),
                 args.amqp.prefix.clone(),
+                "--prefetch".into(),
+                args.amqp.prefetch.to_string(),
+                "--bundle".into(),
+                args.amqp.bundle.to_string(),
             ]);
             v
         };

@@ -63,6 +63,11 @@ pub struct AmqpArgs {
     /// Unacknowledged messages per partition consumer.
     #[arg(long, env = "SAGAFLOW_PREFETCH", default_value_t = 64)]
     pub prefetch: u16,
+    /// At most this many messages for one partition queue travel in one AMQP message (a
+    /// bundle; each message in it is still acknowledged, deduplicated and dead-lettered on its
+    /// own). 1 sends every message on its own.
+    #[arg(long, env = "SAGAFLOW_BUNDLE", default_value_t = 128)]
+    pub bundle: u16,
 }
 
 impl AmqpArgs {
@@ -76,6 +81,7 @@ impl AmqpArgs {
         config.queue_type = self.queue_type;
         config.prefix = self.prefix.clone();
         config.prefetch = self.prefetch;
+        config.bundle = self.bundle;
         config.connection_name = format!("sagaflow {role} (pid {})", std::process::id());
         config
     }
@@ -393,7 +399,11 @@ pub async fn engine(args: EngineArgs) -> anyhow::Result<ExitCode> {
     tokio::select! {
         result = finished => {
             result?;
-            eprintln!("sagaflow engine: stopped");
+            eprintln!(
+                "sagaflow engine: stopped ({} messages published in {} AMQP messages)",
+                transport.published(),
+                transport.frames_published()
+            );
         }
         () = grace => {
             eprintln!(
@@ -457,6 +467,11 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let _ = retention.await;
     transport.close().await;
     result.map_err(anyhow::Error::msg)?;
-    eprintln!("sagaflow worker {}: stopped", args.service);
+    eprintln!(
+        "sagaflow worker {}: stopped ({} messages published in {} AMQP messages)",
+        args.service,
+        transport.published(),
+        transport.frames_published()
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -280,3 +280,213 @@ async fn consumers_and_publishers_survive_force_closed_connections() {
     drop(c);
     cleanup(&t, &["reply"]).await;
 }
+
+/// `publish_batch` of `n` messages per key, all on one logical queue.
+fn batch(queue: &str, keys: &[&str], n: usize) -> Vec<(String, Message)> {
+    (0..n)
+        .flat_map(|i| {
+            keys.iter()
+                .map(move |k| (queue.to_owned(), msg(&format!("{k}/{i}"), k)))
+        })
+        .collect()
+}
+
+/// Opens a new consumer and returns the ids it gets until (and without) `sentinel`.
+async fn ids_before(t: &AmqpTransport, queue: &str, sentinel: &str) -> Vec<(String, bool)> {
+    t.publish(queue, msg(sentinel, "k")).await.expect("confirmed");
+    let mut c = t.consume(queue).await.expect("consume");
+    let mut ids = Vec::new();
+    loop {
+        let d = next(&mut c).await;
+        let id = d.message.id.clone();
+        let redelivered = d.redelivered;
+        d.ack().await.expect("ack");
+        if id == sentinel {
+            return ids;
+        }
+        ids.push((id, redelivered));
+    }
+}
+
+#[tokio::test]
+async fn a_batch_travels_in_bundles_and_each_key_keeps_its_order() {
+    let _shared = BROKER.read().await;
+    let mut cfg = config(2);
+    cfg.bundle = 50;
+    let Some(t) = connect(cfg).await else {
+        return;
+    };
+    let keys = ["order-1", "order-2", "order-3", "order-4", "order-5"];
+    let sent = batch("cmd.test", &keys, 60);
+    assert_eq!(sent.len(), 300);
+    for r in t.publish_batch(sent).await {
+        r.expect("confirmed");
+    }
+    assert_eq!(t.published(), 300, "every part counts as published");
+    // 300 messages over 2 partitions in bundles of at most 50: 6 to 8 AMQP messages.
+    let frames = t.frames_published();
+    assert!((6..=8).contains(&frames), "{frames} AMQP messages for 300");
+    let mut c = t.consume("cmd.test").await.expect("consume");
+    let mut seen: HashMap<String, Vec<u32>> = HashMap::new();
+    for _ in 0..300 {
+        let d = next(&mut c).await;
+        let (key, n) = d.message.id.rsplit_once('/').expect("id");
+        assert_eq!(key, d.message.key, "each part keeps its key");
+        assert_eq!(d.message.payload, msg(&d.message.id, key).payload);
+        seen.entry(key.to_owned())
+            .or_default()
+            .push(n.parse().expect("number"));
+        d.ack().await.expect("ack");
+    }
+    for k in keys {
+        assert_eq!(seen[k], (0..60).collect::<Vec<_>>(), "{k} in batch order");
+    }
+    drop(c);
+    for p in 0..2u16 {
+        // Everything was acknowledged: a new consumer sees only what comes next.
+        let key = (0..)
+            .map(|i| format!("s{i}"))
+            .find(|k| partition_of(k, 2) == p)
+            .expect("a key");
+        let mut c = t.consume("cmd.test").await.expect("consume");
+        t.publish("cmd.test", msg("after", &key)).await.expect("confirmed");
+        let d = next(&mut c).await;
+        assert_eq!(d.message.id, "after", "nothing of the bundles came again");
+        d.ack().await.expect("ack");
+    }
+    cleanup(&t, &["cmd.test"]).await;
+}
+
+#[tokio::test]
+async fn a_returned_part_gives_back_its_whole_bundle() {
+    let _shared = BROKER.read().await;
+    let Some(t) = connect(config(1)).await else {
+        return;
+    };
+    for r in t.publish_batch(batch("cmd.test", &["k"], 3)).await {
+        r.expect("confirmed");
+    }
+    assert_eq!(t.frames_published(), 1, "one bundle");
+    let mut c = t.consume("cmd.test").await.expect("consume");
+    let (a, b, cc) = (next(&mut c).await, next(&mut c).await, next(&mut c).await);
+    assert!(!a.redelivered);
+    a.ack().await.expect("ack");
+    b.nack().await.expect("given back");
+    cc.ack().await.expect("ack");
+    drop(c);
+    let again = ids_before(&t, "cmd.test", "sentinel").await;
+    assert_eq!(
+        again,
+        vec![
+            ("k/0".to_owned(), true),
+            ("k/1".to_owned(), true),
+            ("k/2".to_owned(), true)
+        ],
+        "all three come again (the receivers drop the done ones as duplicates)"
+    );
+    cleanup(&t, &["cmd.test"]).await;
+}
+
+#[tokio::test]
+async fn a_poison_part_is_dead_lettered_alone_and_its_siblings_flow() {
+    let _shared = BROKER.read().await;
+    let Some(t) = connect(config(1)).await else {
+        return;
+    };
+    for r in t.publish_batch(batch("cmd.svc", &["k"], 3)).await {
+        r.expect("confirmed");
+    }
+    assert_eq!(t.frames_published(), 1, "one bundle");
+    let mut c = t.consume("cmd.svc").await.expect("consume");
+    let (a, b, cc) = (next(&mut c).await, next(&mut c).await, next(&mut c).await);
+    a.ack().await.expect("ack");
+    b.dead_letter("undecodable command: expected value")
+        .await
+        .expect("dead-lettered");
+    cc.ack().await.expect("ack");
+    drop(c);
+    let dead = t.take_dead_letters(10).await.expect("read DLQ");
+    assert_eq!(dead.len(), 1, "only the poison part: {dead:?}");
+    assert_eq!(dead[0].message.id, "k/1");
+    assert_eq!(dead[0].message.key, "k");
+    assert_eq!(dead[0].message.payload, msg("k/1", "k").payload);
+    assert_eq!(dead[0].queue, "cmd.svc");
+    assert!(dead[0].reason.starts_with("undecodable command"));
+    assert!(
+        ids_before(&t, "cmd.svc", "sentinel").await.is_empty(),
+        "the bundle was acknowledged once all its parts were settled"
+    );
+    cleanup(&t, &["cmd.svc"]).await;
+}
+
+#[tokio::test]
+async fn a_malformed_bundle_is_dead_lettered_whole_with_the_reason() {
+    use lapin::options::BasicPublishOptions;
+    use lapin::types::{AMQPValue, FieldTable, ShortString};
+    let _shared = BROKER.read().await;
+    let cfg = config(1);
+    let prefix = cfg.prefix.clone();
+    let Some(t) = connect(cfg).await else {
+        return;
+    };
+    t.declare("cmd.svc").await.expect("declare");
+    let conn = lapin::Connection::connect(&url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let mut headers = FieldTable::default();
+    headers.insert(
+        sagaflow_engine::transport::amqp::BUNDLE_HEADER.into(),
+        AMQPValue::LongUInt(2),
+    );
+    ch.basic_publish(
+        ShortString::from(format!("{prefix}.cmd")),
+        ShortString::from("cmd.svc.0"),
+        BasicPublishOptions::default(),
+        b"SFB1\0\0\0\x02garbage",
+        lapin::BasicProperties::default()
+            .with_message_id(ShortString::from("forged"))
+            .with_headers(headers),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("sent");
+    let _ = conn.close(200, ShortString::from("bye")).await;
+    t.publish("cmd.svc", msg("fine", "k")).await.expect("confirmed");
+    let mut c = t.consume("cmd.svc").await.expect("consume");
+    let d = next(&mut c).await;
+    assert_eq!(d.message.id, "fine", "the malformed bundle never reached the receiver");
+    d.ack().await.expect("ack");
+    drop(c);
+    let dead = t.take_dead_letters(10).await.expect("read DLQ");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].message.id, "forged");
+    assert!(
+        dead[0].reason.starts_with("malformed bundle:"),
+        "{}",
+        dead[0].reason
+    );
+    cleanup(&t, &["cmd.svc"]).await;
+}
+
+#[tokio::test]
+async fn bundle_one_sends_every_message_on_its_own() {
+    let _shared = BROKER.read().await;
+    let mut cfg = config(1);
+    cfg.bundle = 1;
+    let Some(t) = connect(cfg).await else {
+        return;
+    };
+    for r in t.publish_batch(batch("cmd.test", &["k"], 5)).await {
+        r.expect("confirmed");
+    }
+    assert_eq!((t.published(), t.frames_published()), (5, 5));
+    let got: Vec<String> = ids_before(&t, "cmd.test", "sentinel")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(got, (0..5).map(|i| format!("k/{i}")).collect::<Vec<_>>());
+    cleanup(&t, &["cmd.test"]).await;
+}

@@ -28,7 +28,7 @@
 //!   duplicates by the engine's inbox and the workers' barrier.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,7 +47,7 @@ use lapin::{
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use super::{Acker, Consumer, Delivery, Message, Transport, TransportError};
+use super::{Acker, Consumer, Delivery, Message, Transport, TransportError, bundle};
 
 /// How long a connection attempt and a publisher confirm may take before they count as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,6 +58,11 @@ pub const KEY_HEADER: &str = "x-sagaflow-key";
 /// Headers set on a dead-lettered message.
 pub const REASON_HEADER: &str = "x-sagaflow-reason";
 pub const QUEUE_HEADER: &str = "x-sagaflow-queue";
+/// Header marking a bundle (several messages in one AMQP message, see [`super::bundle`]): the
+/// number of parts.
+pub const BUNDLE_HEADER: &str = "x-sagaflow-bundle";
+/// A bundle's encoded size stays under this (RabbitMQ's own limit is far above it).
+const BUNDLE_MAX_BYTES: usize = 512 * 1024;
 
 /// Classic queues for one node, quorum queues (replicated) for a cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -102,6 +107,9 @@ pub struct AmqpConfig {
     pub prefetch: u16,
     /// Shown in the broker's connection list.
     pub connection_name: String,
+    /// At most this many messages of one partition travel in one AMQP message (see
+    /// [`super::bundle`]); 1 sends every message on its own.
+    pub bundle: u16,
 }
 
 impl AmqpConfig {
@@ -113,6 +121,7 @@ impl AmqpConfig {
             queue_type: QueueType::Classic,
             prefetch: 64,
             connection_name: format!("sagaflow-{}", std::process::id()),
+            bundle: 128,
         }
     }
 }
@@ -149,6 +158,8 @@ struct Shared {
     generations: AtomicU64,
     closed: watch::Sender<bool>,
     published: AtomicU64,
+    /// AMQP messages confirmed (a bundle is one).
+    frames: AtomicU64,
 }
 
 /// The RabbitMQ transport. Cheap to clone; clones share one connection.
@@ -182,6 +193,11 @@ impl AmqpTransport {
                 "the partition count (--partitions, SAGAFLOW_PARTITIONS) must be at least 1".into(),
             ));
         }
+        if config.bundle == 0 {
+            return Err(TransportError::Other(
+                "the bundle size (--bundle, SAGAFLOW_BUNDLE) must be at least 1; 1 sends every message on its own".into(),
+            ));
+        }
         if config.prefetch == 0 {
             return Err(TransportError::Other(
                 "the prefetch (--prefetch, SAGAFLOW_PREFETCH) must be at least 1; 0 would mean unbounded".into(),
@@ -195,6 +211,7 @@ impl AmqpTransport {
                 generations: AtomicU64::new(0),
                 closed,
                 published: AtomicU64::new(0),
+                frames: AtomicU64::new(0),
             }),
         };
         transport.link().await?;
@@ -205,9 +222,15 @@ impl AmqpTransport {
         &self.shared.config
     }
 
-    /// Messages published and confirmed by this process.
+    /// Messages published and confirmed by this process (each part of a bundle counts).
     pub fn published(&self) -> u64 {
         self.shared.published.load(Ordering::Relaxed)
+    }
+
+    /// AMQP messages published and confirmed by this process: `published()` less what
+    /// bundling saved.
+    pub fn frames_published(&self) -> u64 {
+        self.shared.frames.load(Ordering::Relaxed)
     }
 
     /// Stops every consumer and closes the connection. Unacknowledged deliveries go back to
@@ -571,7 +594,7 @@ impl AmqpTransport {
         let sent = self
             .send_raw(&link, exchange, routing_key, message, extra_headers)
             .await;
-        self.confirmed(&link, exchange, routing_key, sent).await
+        self.confirmed(&link, exchange, routing_key, 1, sent).await
     }
 
     /// The first half of a publish: the frame is written, the confirm is still to come (so a
@@ -611,6 +634,7 @@ impl AmqpTransport {
         link: &Link,
         exchange: &str,
         routing_key: &str,
+        parts: u64,
         sent: Result<lapin::PublisherConfirm, lapin::Error>,
     ) -> Result<(), TransportError> {
         let not_confirmed = |reason: String| TransportError::NotConfirmed {
@@ -630,7 +654,8 @@ impl AmqpTransport {
         };
         match confirm {
             Ok(Confirmation::Ack(None)) => {
-                self.shared.published.fetch_add(1, Ordering::Relaxed);
+                self.shared.published.fetch_add(parts, Ordering::Relaxed);
+                self.shared.frames.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
             Ok(Confirmation::Ack(Some(returned))) => Err(not_confirmed(format!(
@@ -644,6 +669,66 @@ impl AmqpTransport {
                 Err(not_confirmed(format!("connection problem: {e}")))
             }
         }
+    }
+
+    /// A broker delivery as the transport's deliveries: itself, or the parts of a bundle (each
+    /// settled on its own, the broker's message settled when the last part is). A bundle that
+    /// does not decode is dead-lettered whole here, with the reason.
+    async fn unpack(&self, logical: &str, d: lapin::message::Delivery) -> Vec<Delivery> {
+        let acker = AmqpAcker {
+            acker: d.acker,
+            transport: self.clone(),
+            queue: logical.to_owned(),
+        };
+        let is_bundle = header_str(&d.properties, BUNDLE_HEADER).is_some();
+        let message = to_message(&d.properties, d.data);
+        if !is_bundle {
+            return vec![Delivery::new(message, d.redelivered, Box::new(acker))];
+        }
+        match bundle::decode(&message.payload) {
+            Ok(parts) => {
+                let shared = Arc::new(BundleAck {
+                    acker: tokio::sync::Mutex::new(Some(acker)),
+                    unsettled: AtomicUsize::new(parts.len()),
+                    give_back: AtomicBool::new(false),
+                });
+                parts
+                    .into_iter()
+                    .map(|part| {
+                        Delivery::new(
+                            part,
+                            d.redelivered,
+                            Box::new(PartAcker {
+                                bundle: shared.clone(),
+                            }),
+                        )
+                    })
+                    .collect()
+            }
+            Err(reason) => {
+                let reason = format!("malformed bundle: {reason}");
+                warn!(queue = %logical, id = %message.id, %reason, "dead-lettering");
+                if let Err(e) = Box::new(acker).dead_letter(&message, &reason).await {
+                    warn!(queue = %logical, error = %e, "dead-lettering a malformed bundle failed; it was given back");
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    /// Publishes `message` to the dead-letter exchange with its reason and source queue.
+    async fn publish_dead_letter(
+        &self,
+        queue: &str,
+        message: &Message,
+        reason: &str,
+    ) -> Result<(), TransportError> {
+        let exchange = self.name("dead");
+        let headers = vec![
+            (REASON_HEADER, long_string(reason)),
+            (QUEUE_HEADER, long_string(queue)),
+        ];
+        self.publish_raw(&exchange, "", message, headers).await
     }
 
     /// One partition's consumer: connect, consume, forward; on any loss, back off and resume.
@@ -704,21 +789,14 @@ impl AmqpTransport {
                 };
                 match next {
                     Some(Ok(d)) => {
-                        let message = to_message(&d.properties, d.data);
-                        let delivery = Delivery::new(
-                            message,
-                            d.redelivered,
-                            Box::new(AmqpAcker {
-                                acker: d.acker,
-                                transport: self.clone(),
-                                queue: logical.clone(),
-                            }),
-                        );
-                        if tx.send(delivery).await.is_err() {
-                            let _ = channel
-                                .close(200, ShortString::from("consumer dropped"))
-                                .await;
-                            return;
+                        let deliveries = self.unpack(&logical, d).await;
+                        for delivery in deliveries {
+                            if tx.send(delivery).await.is_err() {
+                                let _ = channel
+                                    .close(200, ShortString::from("consumer dropped"))
+                                    .await;
+                                return;
+                            }
                         }
                     }
                     Some(Err(e)) => {
@@ -799,7 +877,9 @@ impl Transport for AmqpTransport {
 
     /// Sends every message in order on the one publishing channel, then awaits the confirms
     /// together: a batch costs about one broker round trip, and a key's messages keep their
-    /// order on the wire.
+    /// order on the wire. Messages of the batch that go to one partition queue travel in
+    /// bundles of up to `bundle` (see [`super::bundle`]), in batch order; a message's result
+    /// is its bundle's.
     async fn publish_batch(
         &self,
         messages: Vec<(String, Message)>,
@@ -814,29 +894,107 @@ impl Transport for AmqpTransport {
                     .collect();
             }
         };
-        let mut pending = Vec::with_capacity(messages.len());
-        for (queue, message) in &messages {
+        let mut results: Vec<Option<Result<(), TransportError>>> =
+            messages.iter().map(|_| None).collect();
+        // Group by destination queue, keeping batch order inside each group.
+        let mut groups: Vec<(&str, u16, Vec<usize>)> = Vec::new();
+        let mut group_of: std::collections::HashMap<(&str, u16), usize> = Default::default();
+        let mut refused: std::collections::HashMap<&str, String> = Default::default();
+        for (i, (queue, message)) in messages.iter().enumerate() {
+            if let Some(reason) = refused.get(queue.as_str()) {
+                results[i] = Some(Err(TransportError::Other(reason.clone())));
+                continue;
+            }
             if let Err(e) = self.ensure_declared(&link, queue).await {
                 if !link.connection.status().connected() {
                     self.broken(link.generation).await;
                 }
-                pending.push(Err(e));
+                refused.insert(queue, e.to_string());
+                results[i] = Some(Err(e));
                 continue;
             }
             let partition = partition_of(&message.key, self.shared.config.partitions);
+            let g = *group_of.entry((queue, partition)).or_insert_with(|| {
+                groups.push((queue, partition, Vec::new()));
+                groups.len() - 1
+            });
+            groups[g].2.push(i);
+        }
+        // Cut each group into frames: bundles bounded in parts and bytes, or single messages.
+        let max_parts = usize::from(self.shared.config.bundle.max(1));
+        let mut frames: Vec<(&str, u16, Vec<usize>)> = Vec::new();
+        for (queue, partition, members) in groups {
+            let mut current: Vec<usize> = Vec::new();
+            let mut bytes = 0;
+            for i in members {
+                let m = &messages[i].1;
+                if !bundle::fits(m) {
+                    frames.push((queue, partition, vec![i]));
+                    continue;
+                }
+                let size = bundle::part_size(m);
+                if !current.is_empty()
+                    && (current.len() == max_parts || bytes + size > BUNDLE_MAX_BYTES)
+                {
+                    frames.push((queue, partition, std::mem::take(&mut current)));
+                    bytes = 0;
+                }
+                current.push(i);
+                bytes += size;
+            }
+            if !current.is_empty() {
+                frames.push((queue, partition, current));
+            }
+        }
+        let mut pending = Vec::with_capacity(frames.len());
+        for (queue, partition, members) in frames {
             let exchange = self.exchange_of(queue);
             let routing_key = Self::routing_key(queue, partition);
-            let sent = self
-                .send_raw(&link, &exchange, &routing_key, message, Vec::new())
-                .await;
-            pending.push(Ok((exchange, routing_key, sent)));
+            let sent = if let [only] = members[..] {
+                self.send_raw(&link, &exchange, &routing_key, &messages[only].1, Vec::new())
+                    .await
+            } else {
+                let first = &messages[members[0]].1;
+                let frame = Message {
+                    id: format!("bundle:{}+{}", first.id, members.len() - 1),
+                    key: first.key.clone(),
+                    payload: bundle::encode(members.iter().map(|&i| &messages[i].1)),
+                };
+                let count = AMQPValue::LongUInt(members.len() as u32);
+                self.send_raw(&link, &exchange, &routing_key, &frame, vec![(BUNDLE_HEADER, count)])
+                    .await
+            };
+            pending.push((exchange, routing_key, members, sent));
         }
         let link = &link;
-        futures::future::join_all(pending.into_iter().map(|p| async move {
-            let (exchange, routing_key, sent) = p?;
-            self.confirmed(link, &exchange, &routing_key, sent).await
-        }))
-        .await
+        let confirmed = futures::future::join_all(pending.into_iter().map(
+            |(exchange, routing_key, members, sent)| async move {
+                let parts = members.len() as u64;
+                let r = self
+                    .confirmed(link, &exchange, &routing_key, parts, sent)
+                    .await;
+                (members, r)
+            },
+        ))
+        .await;
+        for (members, r) in confirmed {
+            for i in members {
+                results[i] = Some(match &r {
+                    Ok(()) => Ok(()),
+                    Err(TransportError::NotConfirmed { queue, reason }) => {
+                        Err(TransportError::NotConfirmed {
+                            queue: queue.clone(),
+                            reason: reason.clone(),
+                        })
+                    }
+                    Err(e) => Err(TransportError::Other(e.to_string())),
+                });
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(TransportError::Other("not sent".into()))))
+            .collect()
     }
 
     async fn consume(&self, queue: &str) -> Result<Box<dyn Consumer>, TransportError> {
@@ -927,20 +1085,87 @@ impl Acker for AmqpAcker {
         message: &Message,
         reason: &str,
     ) -> Result<(), TransportError> {
-        let exchange = self.transport.name("dead");
-        let headers = vec![
-            (REASON_HEADER, long_string(reason)),
-            (QUEUE_HEADER, long_string(&self.queue)),
-        ];
         match self
             .transport
-            .publish_raw(&exchange, "", message, headers)
+            .publish_dead_letter(&self.queue, message, reason)
             .await
         {
             Ok(()) => self.ack().await,
             Err(e) => {
                 // Keep it: back to its queue, to be dead-lettered again once the DLQ takes it.
                 let _ = self.nack().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The broker's message behind a bundle's parts: acknowledged once every part is settled, or
+/// given back (all of it; the receivers drop the parts they had done as duplicates) if any
+/// part was.
+#[derive(Debug)]
+struct BundleAck {
+    acker: tokio::sync::Mutex<Option<AmqpAcker>>,
+    unsettled: AtomicUsize,
+    give_back: AtomicBool,
+}
+
+impl BundleAck {
+    async fn settle(&self, give_back: bool) -> Result<(), TransportError> {
+        if give_back {
+            self.give_back.store(true, Ordering::SeqCst);
+        }
+        if self.unsettled.fetch_sub(1, Ordering::SeqCst) != 1 {
+            return Ok(());
+        }
+        let Some(acker) = self.acker.lock().await.take() else {
+            return Ok(());
+        };
+        if self.give_back.load(Ordering::SeqCst) {
+            Box::new(acker).nack().await
+        } else {
+            Box::new(acker).ack().await
+        }
+    }
+}
+
+/// One part of a bundle.
+#[derive(Debug)]
+struct PartAcker {
+    bundle: Arc<BundleAck>,
+}
+
+#[async_trait]
+impl Acker for PartAcker {
+    async fn ack(self: Box<Self>) -> Result<(), TransportError> {
+        self.bundle.settle(false).await
+    }
+
+    async fn nack(self: Box<Self>) -> Result<(), TransportError> {
+        self.bundle.settle(true).await
+    }
+
+    /// The part alone goes to the dead-letter queue; its siblings flow on.
+    async fn dead_letter(
+        self: Box<Self>,
+        message: &Message,
+        reason: &str,
+    ) -> Result<(), TransportError> {
+        let sent = {
+            let guard = self.bundle.acker.lock().await;
+            match guard.as_ref() {
+                Some(a) => {
+                    a.transport
+                        .publish_dead_letter(&a.queue, message, reason)
+                        .await
+                }
+                None => Err(TransportError::Other("the bundle is already settled".into())),
+            }
+        };
+        match sent {
+            Ok(()) => self.bundle.settle(false).await,
+            Err(e) => {
+                let _ = self.bundle.settle(true).await;
                 Err(e)
             }
         }

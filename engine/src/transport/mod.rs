@@ -14,6 +14,7 @@
 //! its reason: kept aside for an operator, never dropped, never blocking its queue.
 
 pub mod amqp;
+pub mod bundle;
 pub mod memory;
 
 use async_trait::async_trait;
