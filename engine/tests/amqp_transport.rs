@@ -293,7 +293,9 @@ fn batch(queue: &str, keys: &[&str], n: usize) -> Vec<(String, Message)> {
 
 /// Opens a new consumer and returns the ids it gets until (and without) `sentinel`.
 async fn ids_before(t: &AmqpTransport, queue: &str, sentinel: &str) -> Vec<(String, bool)> {
-    t.publish(queue, msg(sentinel, "k")).await.expect("confirmed");
+    t.publish(queue, msg(sentinel, "k"))
+        .await
+        .expect("confirmed");
     let mut c = t.consume(queue).await.expect("consume");
     let mut ids = Vec::new();
     loop {
@@ -349,7 +351,9 @@ async fn a_batch_travels_in_bundles_and_each_key_keeps_its_order() {
             .find(|k| partition_of(k, 2) == p)
             .expect("a key");
         let mut c = t.consume("cmd.test").await.expect("consume");
-        t.publish("cmd.test", msg("after", &key)).await.expect("confirmed");
+        t.publish("cmd.test", msg("after", &key))
+            .await
+            .expect("confirmed");
         let d = next(&mut c).await;
         assert_eq!(d.message.id, "after", "nothing of the bundles came again");
         d.ack().await.expect("ack");
@@ -453,10 +457,15 @@ async fn a_malformed_bundle_is_dead_lettered_whole_with_the_reason() {
     .await
     .expect("sent");
     let _ = conn.close(200, ShortString::from("bye")).await;
-    t.publish("cmd.svc", msg("fine", "k")).await.expect("confirmed");
+    t.publish("cmd.svc", msg("fine", "k"))
+        .await
+        .expect("confirmed");
     let mut c = t.consume("cmd.svc").await.expect("consume");
     let d = next(&mut c).await;
-    assert_eq!(d.message.id, "fine", "the malformed bundle never reached the receiver");
+    assert_eq!(
+        d.message.id, "fine",
+        "the malformed bundle never reached the receiver"
+    );
     d.ack().await.expect("ack");
     drop(c);
     let dead = t.take_dead_letters(10).await.expect("read DLQ");

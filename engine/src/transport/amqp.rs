@@ -951,8 +951,14 @@ impl Transport for AmqpTransport {
             let exchange = self.exchange_of(queue);
             let routing_key = Self::routing_key(queue, partition);
             let sent = if let [only] = members[..] {
-                self.send_raw(&link, &exchange, &routing_key, &messages[only].1, Vec::new())
-                    .await
+                self.send_raw(
+                    &link,
+                    &exchange,
+                    &routing_key,
+                    &messages[only].1,
+                    Vec::new(),
+                )
+                .await
             } else {
                 let first = &messages[members[0]].1;
                 let frame = Message {
@@ -961,8 +967,14 @@ impl Transport for AmqpTransport {
                     payload: bundle::encode(members.iter().map(|&i| &messages[i].1)),
                 };
                 let count = AMQPValue::LongUInt(members.len() as u32);
-                self.send_raw(&link, &exchange, &routing_key, &frame, vec![(BUNDLE_HEADER, count)])
-                    .await
+                self.send_raw(
+                    &link,
+                    &exchange,
+                    &routing_key,
+                    &frame,
+                    vec![(BUNDLE_HEADER, count)],
+                )
+                .await
             };
             pending.push((exchange, routing_key, members, sent));
         }
@@ -1159,7 +1171,9 @@ impl Acker for PartAcker {
                         .publish_dead_letter(&a.queue, message, reason)
                         .await
                 }
-                None => Err(TransportError::Other("the bundle is already settled".into())),
+                None => Err(TransportError::Other(
+                    "the bundle is already settled".into(),
+                )),
             }
         };
         match sent {

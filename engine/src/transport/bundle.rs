@@ -60,7 +60,10 @@ pub fn decode(body: &[u8]) -> Result<Vec<Message>, String> {
     // Each part takes at least 8 bytes: a count larger than the body allows is corrupt, and
     // checking it first keeps a forged count from reserving memory.
     if n == 0 || n > (body.len() - r.at) / 8 {
-        return Err(format!("bundle part count {n} does not fit its {} bytes", body.len()));
+        return Err(format!(
+            "bundle part count {n} does not fit its {} bytes",
+            body.len()
+        ));
     }
     let mut parts = Vec::with_capacity(n);
     for i in 0..n {
