@@ -535,3 +535,60 @@ async fn start_saga_checks_its_arguments_and_the_table() {
     assert_eq!(outbox_rows(&pool, "k").await, 1);
     pool.close().await;
 }
+
+/// A broker that takes messages and never confirms them.
+#[derive(Debug)]
+struct NeverConfirms;
+
+#[async_trait::async_trait]
+impl Transport for NeverConfirms {
+    async fn publish(
+        &self,
+        _: &str,
+        _: Message,
+    ) -> Result<(), sagaflow_engine::transport::TransportError> {
+        std::future::pending().await
+    }
+    async fn consume(
+        &self,
+        _: &str,
+    ) -> Result<
+        Box<dyn sagaflow_engine::transport::Consumer>,
+        sagaflow_engine::transport::TransportError,
+    > {
+        Err(sagaflow_engine::transport::TransportError::Closed)
+    }
+}
+
+#[tokio::test]
+async fn an_unconfirmed_batch_times_out_and_its_rows_stay_unsent() {
+    let Some(app) = app_db("unconfirmed").await else {
+        return;
+    };
+    let orders: Vec<Value> = (0..3)
+        .map(|i| json!({"order_id": format!("nc-{i}"), "user_id": "u", "amount": "1.00"}))
+        .collect();
+    for o in &orders {
+        place_order(&app.pool, o, true).await;
+    }
+    let relay = Relay::new(app.pool.clone(), Arc::new(NeverConfirms))
+        .with_publish_timeout(Duration::from_millis(200));
+    match relay.relay_once().await {
+        Err(ClientError::PublishTimeout { after, .. }) => {
+            assert_eq!(after, Duration::from_millis(200));
+        }
+        other => panic!("expected a publish timeout, got {other:?}"),
+    }
+    let unsent = app_count(
+        &app.pool,
+        "SELECT COUNT(*) FROM sagaflow_start_outbox WHERE sent_at IS NULL AND idempotency_key LIKE $1",
+        "nc-%",
+    )
+    .await;
+    assert_eq!(unsent, 3, "no row is marked sent without a confirm");
+    // A broker that confirms takes them all on the next round.
+    let transport = Arc::new(MemoryTransport::new(NetFaults::default()));
+    let relay = Relay::new(app.pool.clone(), transport.clone() as Arc<dyn Transport>);
+    assert_eq!(relay.relay_once().await.expect("relay"), 3);
+    assert_eq!(transport.depth(START_QUEUE), 3);
+}

@@ -288,22 +288,32 @@ impl Relay {
         for (id, saga, Json(input), key) in rows {
             batch.push((id, start_message(&saga, input, &key)?));
         }
-        // Publish the whole batch, then wait for all confirms (pipelined).
-        let confirms = futures::future::join_all(batch.iter().map(|(_, m)| async move {
-            match tokio::time::timeout(
-                self.publish_timeout,
-                self.transport.publish(START_QUEUE, m.clone()),
-            )
-            .await
-            {
-                Ok(confirm) => confirm.map_err(ClientError::from),
-                Err(_) => Err(ClientError::PublishTimeout {
-                    message: m.id.clone(),
-                    after: self.publish_timeout,
-                }),
-            }
-        }))
-        .await;
+        // Publish the whole batch, then wait for all confirms (pipelined; over RabbitMQ the
+        // starts of one partition travel in bundles).
+        let messages = batch
+            .iter()
+            .map(|(_, m)| (START_QUEUE.to_owned(), m.clone()))
+            .collect();
+        let confirms: Vec<Result<(), ClientError>> = match tokio::time::timeout(
+            self.publish_timeout,
+            self.transport.publish_batch(messages),
+        )
+        .await
+        {
+            Ok(results) => results
+                .into_iter()
+                .map(|r| r.map_err(ClientError::from))
+                .collect(),
+            Err(_) => batch
+                .iter()
+                .map(|(_, m)| {
+                    Err(ClientError::PublishTimeout {
+                        message: m.id.clone(),
+                        after: self.publish_timeout,
+                    })
+                })
+                .collect(),
+        };
         let mut sent = Vec::with_capacity(batch.len());
         let mut first_error = None;
         for ((id, message), confirm) in batch.iter().zip(confirms) {
