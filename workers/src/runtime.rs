@@ -35,8 +35,20 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
 use crate::barrier::{self, Executed, Handler, Job};
-use crate::sdk::{Idempotency, SagaStep, StepContext, TccStep};
+use crate::sdk::{SagaStep, StepContext, TccStep};
 use crate::weak::{Claim, Finish, WeakError, WeakIdempotency};
+
+/// How a handler's commands are deduplicated (chosen per handler at registration).
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub enum Idempotency {
+    /// Strong: a barrier row per (saga, step, operation), committed with the effect
+    /// ([`crate::barrier`]).
+    #[default]
+    Barrier,
+    /// Weak: a Redis key per (saga, step, operation) holding the reply ([`crate::weak`]).
+    Weak(WeakIdempotency),
+}
 
 /// Failures to inject on purpose (demos and fault tests). Rates are probabilities per command.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

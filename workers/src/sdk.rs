@@ -21,13 +21,13 @@
 //!
 //! # Strong or weak idempotency, per handler
 //!
-//! Each handler is registered with an [`Idempotency`]:
+//! Each handler is registered with an [`Idempotency`](crate::runtime::Idempotency):
 //!
-//! * [`Idempotency::Barrier`] (the default, `Worker::saga_step` / `Worker::tcc_step`): the
+//! * [`Idempotency::Barrier`](crate::runtime::Idempotency::Barrier) (the default, `Worker::saga_step` / `Worker::tcc_step`): the
 //!   barrier row above, in the effect's transaction. Exactly once, durably, with null
 //!   compensations and refused late forward operations. Use it for money, stock, anything a
 //!   compensation must mirror exactly.
-//! * [`Idempotency::Weak`] (`Worker::saga_step_with(name, step, Idempotency::Weak(w))`): a
+//! * [`Idempotency::Weak`](crate::runtime::Idempotency::Weak) (`Worker::saga_step_with(name, step, Idempotency::Weak(w))`): a
 //!   Redis key `SET NX PX` before the effect, holding the reply afterwards (see
 //!   [`crate::weak`]). No dedup row in the database, but not atomic with the effect and
 //!   forgotten after its TTL: for effects where a rare loss or late repeat is acceptable.
@@ -38,18 +38,6 @@ use sqlx::AnyConnection;
 
 /// The database every service and the engine use (SQLite embedded, PostgreSQL in production).
 pub type Db = sqlx::Any;
-
-/// How a handler's commands are deduplicated (chosen per handler at registration).
-#[derive(Debug, Clone, Default)]
-#[non_exhaustive]
-pub enum Idempotency {
-    /// Strong: a barrier row per (saga, step, operation), committed with the effect
-    /// ([`crate::barrier`]).
-    #[default]
-    Barrier,
-    /// Weak: a Redis key per (saga, step, operation) holding the reply ([`crate::weak`]).
-    Weak(crate::weak::WeakIdempotency),
-}
 
 /// Why a handler did not succeed. The variant decides what happens next.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

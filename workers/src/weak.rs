@@ -2,7 +2,7 @@
 //!
 //! For effects where a dedup row written in the effect's own transaction is not worth it (a
 //! notification, a counter in another store, a cache warm-up), a service author registers the
-//! handler with [`Idempotency::Weak`](crate::sdk::Idempotency::Weak) instead of the default
+//! handler with [`Idempotency::Weak`](crate::runtime::Idempotency::Weak) instead of the default
 //! barrier. Per command the SDK then does:
 //!
 //! 1. `SET <prefix>:<saga_id>:<step>:<op> <pending token> NX PX <ttl>` — the same command (any
