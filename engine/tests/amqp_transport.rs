@@ -1,12 +1,14 @@
 //! The RabbitMQ transport against the real broker (SAGAFLOW_TEST_AMQP_URL, default the local
-//! one). Each test declares its own prefix, so tests do not see each other's queues; the test
-//! that force-closes connections takes a write lock so it runs alone in this binary.
+//! one). Each test declares its own prefix, so tests do not see each other's queues, and the
+//! test that force-closes connections closes only its own (`close_connections`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sagaflow_engine::transport::amqp::{AmqpConfig, AmqpTransport, partition_of};
+use sagaflow_engine::transport::amqp::{
+    AmqpConfig, AmqpTransport, close_connections, partition_of,
+};
 use sagaflow_engine::transport::{Consumer, Message, Transport};
 use tokio::sync::RwLock;
 
@@ -224,7 +226,8 @@ async fn an_unreachable_broker_is_a_clear_error() {
 
 #[tokio::test]
 async fn consumers_and_publishers_survive_force_closed_connections() {
-    let _alone = BROKER.write().await;
+    // Only this test's connection is closed, so the other tests may run beside it.
+    let _shared = BROKER.read().await;
     let Some(t) = connect(config(2)).await else {
         return;
     };
@@ -237,15 +240,23 @@ async fn consumers_and_publishers_survive_force_closed_connections() {
     for _ in 0..5 {
         next(&mut c).await.ack().await.expect("ack");
     }
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["close_all_connections", "sagaflow test: force-closed"])
-        .output()
+    // A bystander: another deployment's connection on the same broker.
+    let bystander = lapin::Connection::connect(
+        &url(),
+        lapin::ConnectionProperties::default()
+            .with_connection_name("bystander [other-deployment]".into()),
+    )
+    .await
+    .expect("bystander connects");
+    let closed = close_connections(&t.config().prefix, "sagaflow test: force-closed")
         .expect("rabbitmqctl runs");
+    assert_eq!(closed, 1, "this transport's one connection");
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        bystander.status().connected(),
+        "another deployment's connection is left alone"
     );
+    let _ = bystander.close(200, "bye".into()).await;
     // Publishing resumes (the first attempts may fail while the connection is re-established;
     // the outbox relay retries the same way).
     let mut published = 0;

@@ -105,7 +105,8 @@ pub struct AmqpConfig {
     pub queue_type: QueueType,
     /// Unacknowledged deliveries per partition consumer.
     pub prefetch: u16,
-    /// Shown in the broker's connection list.
+    /// Shown in the broker's connection list, followed by ` [<prefix>]` (so the connections of
+    /// one deployment can be told apart, see [`close_connections`]).
     pub connection_name: String,
     /// At most this many messages of one partition travel in one AMQP message (see
     /// [`super::bundle`]); 1 sends every message on its own.
@@ -124,6 +125,51 @@ impl AmqpConfig {
             bundle: 128,
         }
     }
+}
+
+/// The name a connection shows in the broker's connection list.
+fn broker_connection_name(name: &str, prefix: &str) -> String {
+    format!("{name} [{prefix}]")
+}
+
+/// Force-closes, through `rabbitmqctl` on this machine, every broker connection of the
+/// deployment with `prefix` (and no other): what the fault tests do to one deployment without
+/// disturbing another on the same broker. Returns how many were closed.
+pub fn close_connections(prefix: &str, reason: &str) -> Result<usize, String> {
+    let run = |args: &[&str]| -> Result<String, String> {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args(args)
+            .output()
+            .map_err(|e| format!("rabbitmqctl {}: {e}", args[0]))?;
+        if !out.status.success() {
+            return Err(format!(
+                "rabbitmqctl {}: {}",
+                args[0],
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // The name a client gives is in its client properties (`connection_name`).
+    let listed = run(&[
+        "-q",
+        "list_connections",
+        "--no-table-headers",
+        "pid",
+        "client_properties",
+    ])?;
+    let tag = format!("[{prefix}]");
+    let mut closed = 0;
+    for line in listed.lines() {
+        let Some((pid, properties)) = line.split_once('\t') else {
+            continue;
+        };
+        if properties.contains(&tag) {
+            run(&["-q", "close_connection", pid.trim(), reason])?;
+            closed += 1;
+        }
+    }
+    Ok(closed)
 }
 
 /// The stable hash used for partitioning: 64-bit FNV-1a over the key's UTF-8 bytes. It is part
@@ -310,8 +356,9 @@ impl AmqpTransport {
 
     async fn open(&self) -> Result<Link, TransportError> {
         let config = &self.shared.config;
-        let properties = ConnectionProperties::default()
-            .with_connection_name(LongString::from(config.connection_name.as_bytes().to_vec()));
+        let properties = ConnectionProperties::default().with_connection_name(LongString::from(
+            broker_connection_name(&config.connection_name, &config.prefix).into_bytes(),
+        ));
         let connecting = Connection::connect(&config.url, properties);
         let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(c)) => c,
