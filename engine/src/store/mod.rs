@@ -10,6 +10,7 @@
 //! avoids `SQLITE_BUSY` on lock upgrades.
 
 pub mod outbox;
+pub mod read;
 pub mod sql;
 pub mod timers;
 pub mod tx;
@@ -22,6 +23,10 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Row};
 
 use crate::machine::{SagaState, StepStatus, Timer};
+pub use read::{
+    Latencies, SagaCounts, SagaFilter, SagaHeader, SagaQueries, SagaRecord, SagaSummary, Timeline,
+    TimelineRow,
+};
 use sql::Sql;
 pub use tx::{
     DefinitionTable, HistoryRow, HistoryTable, InboxTable, NewSaga, OutboxMessage, OutboxTable,
@@ -369,10 +374,7 @@ pub struct SagaRow {
 fn saga_from_row(row: &sqlx::any::AnyRow) -> Result<SagaRow, StoreError> {
     let id: String = row.try_get("id")?;
     let state_text: String = row.try_get("state")?;
-    let state = serde_json::from_str(&state_text).map_err(|e| StoreError::Corrupt {
-        table: "sagas",
-        detail: format!("saga {id}: state is not valid JSON: {e}"),
-    })?;
+    let state = read::decode_state(&id, &state_text)?;
     Ok(SagaRow {
         id,
         name: row.try_get("name")?,
