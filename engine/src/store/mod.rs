@@ -11,6 +11,7 @@
 
 pub mod outbox;
 pub mod read;
+pub mod retention;
 pub mod sql;
 pub mod timers;
 pub mod tx;
@@ -27,6 +28,7 @@ pub use read::{
     Latencies, SagaCounts, SagaFilter, SagaHeader, SagaQueries, SagaRecord, SagaSummary, Timeline,
     TimelineRow,
 };
+pub use retention::PurgeReport;
 use sql::Sql;
 pub use tx::{
     DefinitionTable, HistoryRow, HistoryTable, InboxTable, NewSaga, OutboxMessage, OutboxTable,
