@@ -295,6 +295,15 @@ impl Store {
         result
     }
 
+    /// The names of the migrations recorded as applied, sorted (an error on a database never
+    /// migrated: it has no `schema_migrations`).
+    pub async fn applied_migrations(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT name FROM schema_migrations ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get("name")?)).collect()
+    }
+
     async fn migrate_on(
         &self,
         conn: &mut AnyConnection,
