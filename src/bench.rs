@@ -31,7 +31,7 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 use sagaflow_dsl::SagaGraph;
 use sagaflow_engine::Engine;
-use sagaflow_engine::store::{ENGINE_MIGRATIONS, Store};
+use sagaflow_engine::store::{ENGINE_MIGRATIONS, SagaCounts, Store};
 use sagaflow_engine::transport::{REPLY_QUEUE, START_QUEUE, Transport, command_queue};
 use sagaflow_workers::services;
 use serde_json::Value;
@@ -698,14 +698,13 @@ async fn bench(
 
     let check = Store::connect(&dbs.engine_url, 2).await?;
     let summary = summarize(&check, run_started_ms).await?;
+    // Before `conn` is taken: the store reads on a connection of its own.
+    let commands = check
+        .outbox_written_since(run_started_ms)
+        .await
+        .unwrap_or(0);
     let mut conn = check.pool().acquire().await?;
     let mut outcomes = services::outcomes(&mut conn).await?;
-    let commands: i64 = sqlx::query("SELECT COUNT(*) AS n FROM outbox WHERE created_at >= $1")
-        .bind(run_started_ms)
-        .fetch_one(&mut *conn)
-        .await
-        .and_then(|r| r.try_get("n"))
-        .unwrap_or(0);
     let violations = if dbs.split() {
         if dbs.own_workers_db {
             // The workers' database holds this run's orders only: check this run's sagas.
@@ -981,16 +980,7 @@ async fn relay(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
 
 /// (final, unfinished) among the sagas started since `since`: one statement.
 async fn count(store: &Store, since: i64) -> anyhow::Result<(u64, u64)> {
-    let mut conn = store.pool().acquire().await?;
-    let row = sqlx::query(
-        "SELECT COUNT(finished_at) AS done, COUNT(*) - COUNT(finished_at) AS open FROM sagas WHERE created_at >= $1",
-    )
-    .bind(since)
-    .fetch_one(&mut *conn)
-    .await?;
-    let done: i64 = row.try_get("done")?;
-    let open: i64 = row.try_get("open")?;
-    Ok((done as u64, open as u64))
+    Ok(store.progress_since(since).await?)
 }
 
 #[cfg(test)]

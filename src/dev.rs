@@ -12,14 +12,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use sagaflow_engine::Engine;
-use sagaflow_engine::store::{ENGINE_MIGRATIONS, Store};
+use sagaflow_engine::store::{ENGINE_MIGRATIONS, SagaCounts, Store};
 use sagaflow_engine::transport::Transport;
 use sagaflow_engine::transport::amqp::{AmqpConfig, AmqpTransport};
 use sagaflow_engine::transport::memory::{Faults as NetFaults, MemoryTransport};
 use sagaflow_workers::runtime::Faults;
 use sagaflow_workers::services;
 use serde_json::json;
-use sqlx::Row;
 use tokio::sync::watch;
 
 /// The shipped order flow, so `sagaflow dev` works from any directory.
@@ -390,12 +389,7 @@ pub(crate) async fn seed(store: &Store, orders: &[serde_json::Value]) -> anyhow:
 }
 
 async fn count_unfinished(store: &Store) -> anyhow::Result<u64> {
-    let mut conn = store.pool().acquire().await?;
-    let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM sagas WHERE finished_at IS NULL")
-        .fetch_one(&mut *conn)
-        .await?
-        .try_get("n")?;
-    Ok(n as u64)
+    Ok(store.unfinished_count().await?)
 }
 
 pub(crate) struct Summary {
@@ -410,32 +404,15 @@ pub(crate) struct Summary {
 /// Counts by status (this run's and all) and start-to-final latency percentiles of the sagas
 /// created since `since`, computed by the database (nothing per saga is held here).
 pub(crate) async fn summarize(store: &Store, since: i64) -> anyhow::Result<Summary> {
-    let mut conn = store.pool().acquire().await?;
-    let this_run = by_status(
-        &mut conn,
-        sqlx::query(
-            "SELECT status, COUNT(*) AS n FROM sagas WHERE created_at >= $1 GROUP BY status",
-        )
-        .bind(since),
-    )
-    .await?;
-    let all = by_status(
-        &mut conn,
-        sqlx::query("SELECT status, COUNT(*) AS n FROM sagas GROUP BY status"),
-    )
-    .await?;
-    let finished: i64 = sqlx::query(
-        "SELECT COUNT(*) AS n FROM sagas WHERE created_at >= $1 AND finished_at IS NOT NULL",
-    )
-    .bind(since)
-    .fetch_one(&mut *conn)
-    .await?
-    .try_get("n")?;
-    let mut at = [None; 4];
-    for (slot, p) in at.iter_mut().zip([0.50, 0.90, 0.99, 1.0]) {
-        *slot = latency_rank(&mut conn, since, finished, p).await?;
-    }
-    let [p50, p90, p99, max] = at;
+    let this_run = store.status_counts(Some(since)).await?;
+    let all = store.status_counts(None).await?;
+    let latencies = store.latencies(since, &[0.50, 0.90, 0.99, 1.0]).await?;
+    let [p50, p90, p99, max] = latencies.at[..] else {
+        bail!(
+            "the store answered {} latencies for 4 quantiles",
+            latencies.at.len()
+        );
+    };
     Ok(Summary {
         this_run,
         all,
@@ -443,44 +420,6 @@ pub(crate) async fn summarize(store: &Store, since: i64) -> anyhow::Result<Summa
         p90,
         p99,
         max,
-    })
-}
-
-async fn by_status(
-    conn: &mut sqlx::AnyConnection,
-    query: sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments>,
-) -> anyhow::Result<BTreeMap<String, u64>> {
-    let mut m = BTreeMap::new();
-    for r in query.fetch_all(&mut *conn).await? {
-        let n: i64 = r.try_get("n")?;
-        m.insert(r.try_get("status")?, n as u64);
-    }
-    Ok(m)
-}
-
-/// The latency (ms) at quantile `p` (nearest rank) among the `finished` sagas created since
-/// `since`: sorted by the database; portable (SQLite has no `percentile_disc`).
-async fn latency_rank(
-    conn: &mut sqlx::AnyConnection,
-    since: i64,
-    finished: i64,
-    p: f64,
-) -> anyhow::Result<Option<i64>> {
-    if finished <= 0 {
-        return Ok(None);
-    }
-    let offset = ((finished as f64 - 1.0) * p).round() as i64;
-    let row = sqlx::query(
-        "SELECT finished_at - created_at AS ms FROM sagas \
-         WHERE created_at >= $1 AND finished_at IS NOT NULL ORDER BY ms LIMIT 1 OFFSET $2",
-    )
-    .bind(since)
-    .bind(offset)
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(match row {
-        Some(r) => Some(r.try_get("ms")?),
-        None => None,
     })
 }
 

@@ -156,18 +156,7 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
 
 /// The migrations recorded as applied (none on a fresh database).
 async fn applied(store: &Store) -> Vec<String> {
-    let Ok(mut conn) = store.pool().acquire().await else {
-        return Vec::new();
-    };
-    sqlx::query("SELECT name FROM schema_migrations ORDER BY name")
-        .fetch_all(&mut *conn)
-        .await
-        .map(|rows| {
-            rows.iter()
-                .filter_map(|r| sqlx::Row::try_get::<String, _>(r, "name").ok())
-                .collect()
-        })
-        .unwrap_or_default()
+    store.applied_migrations().await.unwrap_or_default()
 }
 
 /// Opens (and if needed creates) the database, with an engine whose transport goes nowhere:

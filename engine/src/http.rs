@@ -32,16 +32,15 @@ use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use sqlx::Row;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::error;
 
 use crate::engine::{Applied, Engine, EngineError};
-use crate::machine::{SagaState, SagaStatus};
+use crate::machine::SagaStatus;
 use crate::metrics;
 use crate::status::{self, ListQuery};
-use crate::store::{StoreError, now_ms};
+use crate::store::{SagaQueries, StoreError, now_ms};
 
 /// Sagas per page when `limit` is not given, and the most a page may hold.
 pub const DEFAULT_LIMIT: u32 = 50;
@@ -222,22 +221,20 @@ async fn start_saga(
     let started = engine
         .start(&graph, req.input, req.idempotency_key.as_deref())
         .await?;
-    let mut conn = engine.store().pool().acquire().await.map_err(db)?;
-    let row = sqlx::query(
-        "SELECT s.name, s.status, s.definition_hash, d.version FROM sagas s \
-         LEFT JOIN saga_definitions d ON d.hash = s.definition_hash WHERE s.id = $1",
-    )
-    .bind(started.id.as_str())
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(db)?
-    .ok_or_else(|| EngineError::UnknownSaga(started.id.clone()))?;
-    let version: Option<i64> = row.try_get("version").map_err(db)?;
+    let header = engine
+        .store()
+        .saga_header(&started.id)
+        .await
+        .map_err(EngineError::from)?
+        .ok_or_else(|| EngineError::UnknownSaga(started.id.clone()))?;
     let response = StartResponse {
-        saga: row.try_get("name").map_err(db)?,
-        version: version.and_then(|v| u32::try_from(v).ok()).unwrap_or(0),
-        definition_hash: row.try_get("definition_hash").map_err(db)?,
-        state: row.try_get("status").map_err(db)?,
+        saga: header.name,
+        version: header
+            .definition_version
+            .and_then(|v| u32::try_from(v).ok())
+            .unwrap_or(0),
+        definition_hash: header.definition_hash,
+        state: header.status,
         id: started.id,
         existing: started.existing,
     };
@@ -251,14 +248,11 @@ async fn start_saga(
 
 /// Names of the registered definitions (for a helpful 404).
 async fn definition_names(engine: &Engine) -> Result<Vec<String>, ApiError> {
-    let mut conn = engine.store().pool().acquire().await.map_err(db)?;
-    let rows = sqlx::query("SELECT DISTINCT name FROM saga_definitions ORDER BY name LIMIT 50")
-        .fetch_all(&mut *conn)
+    Ok(engine
+        .store()
+        .definition_names(50)
         .await
-        .map_err(db)?;
-    rows.iter()
-        .map(|r| r.try_get::<String, _>("name").map_err(db))
-        .collect()
+        .map_err(EngineError::from)?)
 }
 
 /// `GET /sagas/{id}`.
@@ -415,33 +409,19 @@ async fn operator_outcome(engine: &Engine, id: &str, applied: Applied) -> ApiRes
 
 /// The saga's status from its state column (one query; no definition compiled).
 async fn saga_status(engine: &Engine, id: &str) -> Result<Option<SagaStatus>, ApiError> {
-    let mut conn = engine.store().pool().acquire().await.map_err(db)?;
-    let row = sqlx::query("SELECT state FROM sagas WHERE id = $1")
-        .bind(id)
-        .fetch_optional(&mut *conn)
+    Ok(engine
+        .store()
+        .saga_status(id)
         .await
-        .map_err(db)?;
-    let Some(row) = row else { return Ok(None) };
-    let text: String = row.try_get("state").map_err(db)?;
-    let state: SagaState = serde_json::from_str(&text).map_err(|e| {
-        ApiError::from(EngineError::Store(StoreError::Corrupt {
-            table: "sagas",
-            detail: format!("saga {id}: state is not valid JSON: {e}"),
-        }))
-    })?;
-    Ok(Some(state.status))
+        .map_err(EngineError::from)?)
 }
 
 /// `GET /healthz`.
 async fn healthz(State(engine): State<Arc<Engine>>) -> Response {
-    let check = async {
-        let mut conn = engine.store().pool().acquire().await?;
-        sqlx::query("SELECT 1").fetch_one(&mut *conn).await?;
-        Ok::<(), sqlx::Error>(())
-    };
-    let problem = match tokio::time::timeout(HEALTH_TIMEOUT, check).await {
+    let problem = match tokio::time::timeout(HEALTH_TIMEOUT, engine.store().ping()).await {
         Ok(Ok(())) => return axum::Json(json!({ "status": "ok" })).into_response(),
-        Ok(Err(e)) => format!("database: {e}"),
+        // `database: …` (a store error says where it came from).
+        Ok(Err(e)) => e.to_string(),
         Err(_) => format!("database: no answer within {}s", HEALTH_TIMEOUT.as_secs()),
     };
     (
@@ -547,8 +527,4 @@ fn saga_id(id: Result<Path<String>, PathRejection>) -> Result<String, ApiError> 
     id.map(|Path(id)| id).map_err(|r| {
         ApiError::bad_request(format!("unreadable saga id in the path: {}", r.body_text()))
     })
-}
-
-fn db(e: sqlx::Error) -> ApiError {
-    EngineError::from(e).into()
 }

@@ -17,6 +17,7 @@
 //! (`sagas.purged_at`) and never looked at again, so finding work stays cheap however many
 //! sagas were purged before (migration `0002_retention`).
 //!
+//! The statements are the store's ([`Store::purge_finished`]); this module holds the policy.
 //! Live traffic is not blocked: each [`purge_once`] is one short transaction that deletes at
 //! most `batch` rows from each table, and [`run`] pauses between batches. The workers' barrier
 //! rows are purged by age on the same schedule (`sagaflow_workers::barrier::purge`).
@@ -28,11 +29,11 @@ use std::fmt::Display;
 use std::future::Future;
 use std::time::Duration;
 
-use sqlx::Row;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::store::{Backend, Store, StoreError, now_ms};
+pub use crate::store::PurgeReport;
+use crate::store::{Store, StoreError, now_ms};
 
 /// How long finished sagas keep their rows, and how fast they are purged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,59 +61,11 @@ impl Default for Retention {
 /// How long [`run`] sleeps when a batch found nothing to purge (or failed).
 pub const IDLE: Duration = Duration::from_secs(60);
 
-/// At most this many sagas are taken per batch (their ids are bound as query parameters).
+/// At most this many sagas are taken per batch (however large `batch` is).
 pub const MAX_SAGAS_PER_BATCH: usize = 1000;
 
-/// What one [`purge_once`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PurgeReport {
-    /// Sagas whose rows are now all gone (marked purged in this batch).
-    pub sagas: u64,
-    pub history: u64,
-    pub inbox: u64,
-    pub outbox: u64,
-    pub timers: u64,
-}
-
-impl PurgeReport {
-    /// Rows deleted, all tables together.
-    pub fn rows(&self) -> u64 {
-        self.history + self.inbox + self.outbox + self.timers
-    }
-
-    /// True when the batch found nothing to do.
-    pub fn is_empty(&self) -> bool {
-        self.rows() == 0 && self.sagas == 0
-    }
-
-    fn add(&mut self, other: &PurgeReport) {
-        self.sagas += other.sagas;
-        self.history += other.history;
-        self.inbox += other.inbox;
-        self.outbox += other.outbox;
-        self.timers += other.timers;
-    }
-}
-
-/// The first segment of an outbox message id (the saga id), as the `outbox_by_saga` index of
-/// migration `0002_retention` spells it: the query must use the same expression.
-fn outbox_saga_expr(backend: Backend) -> &'static str {
-    match backend {
-        Backend::Sqlite => "substr(message_id, 1, instr(message_id, '/') - 1)",
-        Backend::Postgres => "split_part(message_id, '/', 1)",
-    }
-}
-
-/// `$first, $first+1, …` for `n` parameters.
-fn placeholders(first: usize, n: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Purges one batch: takes up to `batch` of the oldest finished sagas not purged yet whose last
-/// update is older than `keep`, deletes up to `batch` of their rows from each table, and marks
+/// Purges one batch: takes up to `batch` (at most [`MAX_SAGAS_PER_BATCH`]) of the oldest
+/// Completed or Compensated sagas not purged yet that finished longer ago than `keep`, deletes up to `batch` of their rows from each table, and marks
 /// them purged once nothing of theirs is left — all in one short transaction. Call it again
 /// while the report is not empty.
 pub async fn purge_once(
@@ -121,83 +74,11 @@ pub async fn purge_once(
     batch: usize,
 ) -> Result<PurgeReport, StoreError> {
     let batch = batch.max(1);
-    let limit = i64::try_from(batch).unwrap_or(i64::MAX);
     let now = now_ms();
     let cutoff = now.saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
-    let mut report = PurgeReport::default();
-
-    let mut tx = store.pool().begin().await?;
-    // SQLite, without statistics, would rather walk `sagas_by_status` — every completed saga
-    // ever, purged ones included — and sort: name the partial index (an error if it no longer
-    // fits the query, rather than a slow purge). PostgreSQL picks it by itself.
-    let candidates = match store.backend() {
-        Backend::Sqlite => {
-            "SELECT id FROM sagas INDEXED BY sagas_to_purge WHERE purged_at IS NULL \
-             AND status IN ('completed', 'compensated') AND finished_at < $1 \
-             ORDER BY finished_at, id LIMIT $2"
-        }
-        Backend::Postgres => {
-            "SELECT id FROM sagas WHERE purged_at IS NULL \
-             AND status IN ('completed', 'compensated') AND finished_at < $1 \
-             ORDER BY finished_at, id LIMIT $2"
-        }
-    };
-    let rows = sqlx::query(candidates)
-        .bind(cutoff)
-        .bind(i64::try_from(batch.min(MAX_SAGAS_PER_BATCH)).unwrap_or(1))
-        .fetch_all(&mut *tx)
-        .await?;
-    let ids: Vec<String> = rows
-        .iter()
-        .map(|r| r.try_get("id"))
-        .collect::<Result<_, _>>()?;
-    if ids.is_empty() {
-        return Ok(report);
-    }
-
-    // $1 is the row limit, $2… the saga ids.
-    let list = placeholders(2, ids.len());
-    let outbox_saga = outbox_saga_expr(store.backend());
-    let deletes = [
-        format!(
-            "DELETE FROM saga_history WHERE id IN (SELECT id FROM saga_history WHERE saga_id IN ({list}) LIMIT $1)"
-        ),
-        format!(
-            "DELETE FROM inbox WHERE message_id IN (SELECT message_id FROM inbox WHERE saga_id IN ({list}) LIMIT $1)"
-        ),
-        format!(
-            "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE {outbox_saga} IN ({list}) AND sent_at IS NOT NULL LIMIT $1)"
-        ),
-        format!(
-            "DELETE FROM timers WHERE id IN (SELECT id FROM timers WHERE saga_id IN ({list}) LIMIT $1)"
-        ),
-    ];
-    let mut counts = [0u64; 4];
-    for (sql, count) in deletes.into_iter().zip(counts.iter_mut()) {
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(limit);
-        for id in &ids {
-            q = q.bind(id.as_str());
-        }
-        *count = q.execute(&mut *tx).await?.rows_affected();
-    }
-    [report.history, report.inbox, report.outbox, report.timers] = counts;
-
-    // Every table gave less than its limit: nothing of these sagas is left. Otherwise the next
-    // batch takes the same sagas again and goes on.
-    if counts.iter().all(|&n| n < batch as u64) {
-        let sql = format!(
-            "UPDATE sagas SET purged_at = $1 WHERE id IN ({}) AND purged_at IS NULL \
-             AND status IN ('completed', 'compensated') AND finished_at < $2",
-            placeholders(3, ids.len())
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now).bind(cutoff);
-        for id in &ids {
-            q = q.bind(id.as_str());
-        }
-        report.sagas = q.execute(&mut *tx).await?.rows_affected();
-    }
-    tx.commit().await?;
-    Ok(report)
+    store
+        .purge_finished(cutoff, now, batch.min(MAX_SAGAS_PER_BATCH), batch)
+        .await
 }
 
 /// Purges until shutdown: batch after batch with `cfg.pause` between them while there is work,
@@ -275,11 +156,6 @@ mod tests {
         // The outbox purge finds a saga's rows by the first `/`-separated segment.
         let id = crate::wire::command_id("0193aa-bb", 2, Op::Compensate, 3);
         assert_eq!(id.split('/').next(), Some("0193aa-bb"));
-    }
-
-    #[test]
-    fn placeholders_are_numbered() {
-        assert_eq!(placeholders(2, 3), "$2, $3, $4");
     }
 
     #[test]

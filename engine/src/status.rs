@@ -1,26 +1,27 @@
 //! The read side: what `sagaflow status` and `sagaflow list` show, as typed values that
 //! serialize to the JSON tools read.
 //!
-//! Reads only, from the tables the driver writes: `sagas` (whose `state` column is the machine's
-//! whole state, the authority for steps), `saga_definitions` (the definition each saga is pinned
-//! to, compiled here again to name and draw its steps) and `saga_history` (the timeline).
-//! A definition that no longer compiles does not hide a saga from an operator: its steps are then
-//! named from the `saga_steps` projection and the detail says what went wrong.
+//! Reads only, through the store's [`SagaQueries`], from the tables the driver writes: `sagas`
+//! (whose `state` column is the machine's whole state, the authority for steps),
+//! `saga_definitions` (the definition each saga is pinned to, compiled here again to name and
+//! draw its steps) and `saga_history` (the timeline). A definition that no longer compiles does
+//! not hide a saga from an operator: its steps are then named from the `saga_steps` projection
+//! and the detail says what went wrong.
 
 use std::sync::Arc;
 
 use sagaflow_dsl::{SagaGraph, StepKind, compile};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
-use sqlx::Row;
 
 use crate::engine::EngineError;
 use crate::machine::{Millis, SagaState, SagaStatus, StepStatus};
-use crate::store::{Store, StoreError, step_status_name};
+use crate::store::{SagaFilter, SagaQueries, Store, step_status_name};
+pub use crate::store::{SagaSummary, TimelineRow};
 
 /// At most this many timeline rows are loaded per saga (the newest); a step retried without
 /// limit can write thousands.
-pub const TIMELINE_LIMIT: i64 = 1000;
+pub const TIMELINE_LIMIT: usize = 1000;
 
 /// One saga with its steps and timeline (what `GET /sagas/{id}` answers).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,27 +72,6 @@ pub struct StepDetail {
     pub last_error: Option<String>,
 }
 
-/// One line of a saga's timeline.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TimelineRow {
-    pub at: Millis,
-    pub kind: String,
-    pub step: Option<String>,
-    pub detail: String,
-}
-
-/// One line of `sagaflow list`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SagaSummary {
-    pub id: String,
-    pub name: String,
-    pub state: String,
-    pub sequence_key: String,
-    pub created_at: Millis,
-    pub updated_at: Millis,
-    pub finished_at: Option<Millis>,
-}
-
 /// Which sagas to list: newest first, `limit` at a time, continuing from a page's `next`.
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
@@ -130,81 +110,53 @@ fn step_kind<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'static str>, D:
 
 /// The saga with this id, or `None`.
 pub async fn saga(store: &Store, id: &str) -> Result<Option<SagaDetail>, EngineError> {
-    let mut conn = store.pool().acquire().await?;
-    let row = sqlx::query(
-        "SELECT s.id, s.name, s.definition_hash, s.sequence_key, s.state, s.idempotency_key, \
-         s.created_at, s.updated_at, s.finished_at, d.version, d.source \
-         FROM sagas s LEFT JOIN saga_definitions d ON d.hash = s.definition_hash WHERE s.id = $1",
-    )
-    .bind(id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(row) = row else { return Ok(None) };
-    let state_text: String = row.try_get("state")?;
-    let state: SagaState = serde_json::from_str(&state_text).map_err(|e| StoreError::Corrupt {
-        table: "sagas",
-        detail: format!("saga {id}: state is not valid JSON: {e}"),
-    })?;
-    let hash: String = row.try_get("definition_hash")?;
-    let version: Option<i64> = row.try_get("version")?;
-    let source: Option<String> = row.try_get("source")?;
-    let (graph, definition_problem) = match source.as_deref().map(|s| graph_of(s, &hash)) {
+    let Some(record) = store.saga_record(id).await? else {
+        return Ok(None);
+    };
+    let state = &record.state;
+    let hash = record.definition_hash;
+    let graph_of_source = record
+        .definition_source
+        .as_deref()
+        .map(|s| graph_of(s, &hash));
+    let (graph, definition_problem) = match graph_of_source {
         Some(Ok(g)) => (Some(Arc::new(g)), None),
         Some(Err(problem)) => (None, Some(problem)),
         None => (None, Some(format!("definition {hash} is not stored"))),
     };
 
     let steps = match &graph {
-        Some(g) => steps_from_graph(g, &state),
+        Some(g) => steps_from_graph(g, state),
         None => {
-            let rows = sqlx::query("SELECT step_index, step_id FROM saga_steps WHERE saga_id = $1")
-                .bind(id)
-                .fetch_all(&mut *conn)
-                .await?;
             let mut names = vec![None; state.steps.len()];
-            for r in rows {
-                let i: i64 = r.try_get("step_index")?;
+            for (i, step_id) in store.step_names(id).await? {
                 if let Some(slot) = usize::try_from(i).ok().and_then(|i| names.get_mut(i)) {
-                    *slot = Some(r.try_get::<String, _>("step_id")?);
+                    *slot = Some(step_id);
                 }
             }
-            steps_from_names(names, &state)
+            steps_from_names(names, state)
         }
     };
 
-    let total: i64 = sqlx::query("SELECT COUNT(*) AS n FROM saga_history WHERE saga_id = $1")
-        .bind(id)
-        .fetch_one(&mut *conn)
-        .await?
-        .try_get("n")?;
-    let rows = sqlx::query(
-        "SELECT at, kind, step, detail FROM saga_history WHERE saga_id = $1 ORDER BY id DESC LIMIT $2",
-    )
-    .bind(id)
-    .bind(TIMELINE_LIMIT)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut timeline = rows
-        .iter()
-        .map(timeline_row)
-        .collect::<Result<Vec<_>, _>>()?;
-    timeline.reverse();
-
+    let timeline = store.timeline(id, TIMELINE_LIMIT).await?;
     Ok(Some(SagaDetail {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        version: version.and_then(|v| u32::try_from(v).ok()).unwrap_or(0),
+        id: record.id,
+        name: record.name,
+        version: record
+            .definition_version
+            .and_then(|v| u32::try_from(v).ok())
+            .unwrap_or(0),
         definition_hash: hash,
         status: state.status.clone(),
-        sequence_key: row.try_get("sequence_key")?,
-        idempotency_key: row.try_get("idempotency_key")?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        finished_at: row.try_get("finished_at")?,
+        sequence_key: record.sequence_key,
+        idempotency_key: record.idempotency_key,
+        created_at: record.created_at,
+        updated_at: record.updated_at,
+        finished_at: record.finished_at,
         input: state.input.clone(),
         steps,
-        timeline_omitted: u64::try_from(total - timeline.len() as i64).unwrap_or(0),
-        timeline,
+        timeline_omitted: timeline.total.saturating_sub(timeline.rows.len() as u64),
+        timeline: timeline.rows,
         definition_problem,
         graph,
     }))
@@ -272,59 +224,16 @@ pub async fn list(store: &Store, query: &ListQuery) -> Result<Page, EngineError>
         })?),
         None => None,
     };
-    // Placeholders are numbered as the filters are added; binds follow in the same order.
-    let mut sql = String::from(
-        "SELECT id, name, status, sequence_key, created_at, updated_at, finished_at FROM sagas WHERE 1 = 1",
-    );
-    let mut n = 0;
-    let mut next_param = || {
-        n += 1;
-        format!("${n}")
+    let filter = SagaFilter {
+        status: query.state.clone(),
+        sequence_key: query.sequence_key.clone(),
+        after,
     };
-    if query.state.is_some() {
-        sql += &format!(" AND status = {}", next_param());
-    }
-    if query.sequence_key.is_some() {
-        sql += &format!(" AND sequence_key = {}", next_param());
-    }
-    if after.is_some() {
-        let (c, i, c2) = (next_param(), next_param(), next_param());
-        sql += &format!(" AND (created_at < {c} OR (created_at = {c2} AND id < {i}))");
-    }
-    let limit = i64::from(query.limit.max(1));
-    sql += &format!(" ORDER BY created_at DESC, id DESC LIMIT {}", next_param());
-
-    // Safe: the text is built from constant fragments and placeholders only; values are bound.
-    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-    if let Some(s) = &query.state {
-        q = q.bind(s.as_str());
-    }
-    if let Some(k) = &query.sequence_key {
-        q = q.bind(k.as_str());
-    }
-    if let Some((created, id)) = &after {
-        q = q.bind(*created).bind(id.as_str()).bind(*created);
-    }
+    let limit = query.limit.max(1) as usize;
     // One more than asked: whether it exists says if there is a next page.
-    q = q.bind(limit + 1);
-    let mut conn = store.pool().acquire().await?;
-    let rows = q.fetch_all(&mut *conn).await?;
-    let mut sagas = rows
-        .iter()
-        .map(|r| {
-            Ok(SagaSummary {
-                id: r.try_get("id")?,
-                name: r.try_get("name")?,
-                state: r.try_get("status")?,
-                sequence_key: r.try_get("sequence_key")?,
-                created_at: r.try_get("created_at")?,
-                updated_at: r.try_get("updated_at")?,
-                finished_at: r.try_get("finished_at")?,
-            })
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    let more = sagas.len() as i64 > limit;
-    sagas.truncate(limit as usize);
+    let mut sagas = store.list_sagas(&filter, limit + 1).await?;
+    let more = sagas.len() > limit;
+    sagas.truncate(limit);
     let next = match sagas.last() {
         Some(last) if more => Some(format!("{}.{}", last.created_at, last.id)),
         _ => None,
@@ -339,15 +248,6 @@ fn parse_cursor(cursor: &str) -> Option<(i64, String)> {
     (!id.is_empty()).then(|| (created, id.to_owned()))
 }
 
-fn timeline_row(r: &sqlx::any::AnyRow) -> Result<TimelineRow, sqlx::Error> {
-    Ok(TimelineRow {
-        at: r.try_get("at")?,
-        kind: r.try_get("kind")?,
-        step: r.try_get("step")?,
-        detail: r.try_get("detail")?,
-    })
-}
-
 /// The newest timeline row of this kind for a saga: e.g. `ignored`, where the machine says why
 /// it refused an operator's abort or retry.
 pub async fn last_history(
@@ -355,13 +255,5 @@ pub async fn last_history(
     saga_id: &str,
     kind: &str,
 ) -> Result<Option<TimelineRow>, EngineError> {
-    let mut conn = store.pool().acquire().await?;
-    let row = sqlx::query(
-        "SELECT at, kind, step, detail FROM saga_history WHERE saga_id = $1 AND kind = $2 ORDER BY id DESC LIMIT 1",
-    )
-    .bind(saga_id)
-    .bind(kind)
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(row.as_ref().map(timeline_row).transpose()?)
+    Ok(store.last_history(saga_id, kind).await?)
 }

@@ -11,13 +11,16 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 
+use sagaflow_engine::EngineError;
 use sagaflow_engine::machine::TimerKind;
 use sagaflow_engine::machine::{Event, HistoryEntry, Op, SagaState, SagaStatus, StepStatus};
+use sagaflow_engine::status::{self, ListQuery};
 use sagaflow_engine::store::outbox::Claimed;
 use sagaflow_engine::store::{
     DefinitionTable, ENGINE_MIGRATIONS, HistoryRow, HistoryTable, InboxTable, NewSaga,
-    OutboxMessage, OutboxTable, SagaTable, SagaWrite, SequenceKeyTable, StepRow, StepTable, Store,
-    StoreError, StoreTx, TimerRow, TimerTable,
+    OutboxMessage, OutboxTable, PurgeReport, SagaCounts, SagaFilter, SagaQueries, SagaTable,
+    SagaWrite, SequenceKeyTable, StepRow, StepTable, Store, StoreError, StoreTx, TimelineRow,
+    TimerRow, TimerTable,
 };
 use serde_json::json;
 use sqlx::Row;
@@ -188,6 +191,14 @@ conformance!(
     keys_different_keys_both_hold,
     batches_cost_one_statement_whatever_their_size,
     definitions_are_idempotent_and_latest_is_highest,
+    read_unknown_saga_is_none_everywhere,
+    read_saga_record_header_status_and_timeline,
+    read_corrupt_state_is_an_error_naming_the_saga,
+    read_list_filters_and_pages,
+    read_counts_by_status_and_latencies,
+    read_definition_names_migrations_and_ping,
+    retention_purges_only_old_cleanly_finished_sagas,
+    retention_purges_in_batches_of_rows_and_sagas,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1207,4 +1218,706 @@ async fn definitions_are_idempotent_and_latest_is_highest(store: Store) {
         .try_get("n")
         .unwrap();
     assert_eq!(n, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The read side (store/read.rs) and retention (store/retention.rs)
+
+/// A saga of definition `order` inserted at `at` (its `created_at`), in a batch of its own.
+async fn insert_at(store: &Store, id: &str, key: &str, at: i64) {
+    let mut tx = store.begin().await.unwrap();
+    tx.insert_sagas(&[saga(id, key, None)], at).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
+/// Moves a saga at version `expected` to `status` at `at` (a final status sets `finished_at`).
+async fn move_to(store: &Store, id: &str, expected: i64, status: SagaStatus, at: i64) {
+    let mut tx = store.begin().await.unwrap();
+    tx.update_sagas(
+        &[SagaWrite {
+            id: id.to_owned(),
+            expected_version: expected,
+            changes: 1,
+            state: state(status, 0),
+        }],
+        at,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+}
+
+fn compensated() -> SagaStatus {
+    SagaStatus::Compensated {
+        reason: "coupon refused".into(),
+    }
+}
+
+fn failed() -> SagaStatus {
+    SagaStatus::Failed {
+        reason: "refund stuck".into(),
+        compensating: Some("pay".into()),
+    }
+}
+
+fn history(saga_id: &str, kind: &str, detail: &str) -> HistoryRow {
+    HistoryRow {
+        saga_id: saga_id.to_owned(),
+        entry: HistoryEntry {
+            kind: kind.to_owned(),
+            step: Some("pay".to_owned()),
+            detail: detail.to_owned(),
+        },
+    }
+}
+
+async fn scalar(store: &Store, sql: &'static str, bind: &str) -> i64 {
+    sqlx::query(sql)
+        .bind(bind)
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+        .try_get("n")
+        .unwrap()
+}
+
+fn summary_ids(rows: &[sagaflow_engine::store::SagaSummary]) -> Vec<String> {
+    rows.iter().map(|r| r.id.clone()).collect()
+}
+
+async fn read_unknown_saga_is_none_everywhere(store: Store) {
+    with_definition(&store).await;
+    insert(&store, &[saga("known", "k1", None)]).await;
+    assert!(store.saga_record("known").await.unwrap().is_some());
+    assert!(store.saga_header("known").await.unwrap().is_some());
+
+    assert!(store.saga_record("nope").await.unwrap().is_none());
+    assert_eq!(store.saga_header("nope").await.unwrap(), None);
+    assert_eq!(store.saga_status("nope").await.unwrap(), None);
+    assert!(store.step_names("nope").await.unwrap().is_empty());
+    let timeline = store.timeline("nope", 10).await.unwrap();
+    assert_eq!((timeline.rows.len(), timeline.total), (0, 0));
+    assert_eq!(store.last_history("nope", "ignored").await.unwrap(), None);
+    // What `sagaflow status` and `GET /sagas/{id}` build on: None, which they answer as
+    // "no saga with id …" (404).
+    assert!(status::saga(&store, "nope").await.unwrap().is_none());
+    // Odd ids are just ids.
+    for id in ["", "'; DROP TABLE sagas; --", "%", "ü/1/action/2"] {
+        assert!(store.saga_record(id).await.unwrap().is_none(), "{id:?}");
+    }
+    assert!(store.saga_record("known").await.unwrap().is_some());
+}
+
+async fn read_saga_record_header_status_and_timeline(store: Store) {
+    with_definition(&store).await;
+    insert(&store, &[saga("s1", "order-1", Some("idem-1"))]).await;
+    move_to(&store, "s1", 0, failed(), NOW + 40).await;
+    let mut tx = store.begin().await.unwrap();
+    tx.append_history(
+        &[
+            history("s1", "dispatch", "d0"),
+            history("other", "ignored", "not mine"),
+            history("s1", "ignored", "i1"),
+            history("s1", "dispatch", "d2"),
+        ],
+        NOW + 10,
+    )
+    .await
+    .unwrap();
+    tx.append_history(
+        &[
+            history("s1", "ignored", "i3"),
+            history("s1", "failed", "f4"),
+        ],
+        NOW + 20,
+    )
+    .await
+    .unwrap();
+    tx.upsert_steps(
+        &[
+            StepRow {
+                saga_id: "s1".into(),
+                index: 0,
+                step_id: "pay".into(),
+                status: "succeeded".into(),
+                attempts: 1,
+                last_error: None,
+            },
+            StepRow {
+                saga_id: "s1".into(),
+                index: 2,
+                step_id: "ship".into(),
+                status: "failed".into(),
+                attempts: 1,
+                last_error: Some("no".into()),
+            },
+        ],
+        NOW,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    let r = store.saga_record("s1").await.unwrap().expect("s1");
+    assert_eq!(r.id, "s1");
+    assert_eq!(r.name, "order");
+    assert_eq!(r.definition_hash, HASH);
+    assert_eq!(r.sequence_key, "order-1");
+    assert_eq!(r.state, state(failed(), 0));
+    assert_eq!(r.idempotency_key.as_deref(), Some("idem-1"));
+    assert_eq!(
+        (r.created_at, r.updated_at, r.finished_at),
+        (NOW, NOW + 40, Some(NOW + 40))
+    );
+    assert_eq!(r.definition_version, Some(1));
+    assert_eq!(r.definition_source.as_deref(), Some("name: order"));
+
+    let h = store.saga_header("s1").await.unwrap().expect("s1");
+    assert_eq!(
+        (
+            h.name.as_str(),
+            h.status.as_str(),
+            h.definition_hash.as_str()
+        ),
+        ("order", "failed", HASH)
+    );
+    assert_eq!(h.definition_version, Some(1));
+    assert_eq!(store.saga_status("s1").await.unwrap(), Some(failed()));
+
+    let mut names = store.step_names("s1").await.unwrap();
+    names.sort();
+    assert_eq!(names, vec![(0, "pay".to_owned()), (2, "ship".to_owned())]);
+
+    // The newest 3 of 5, oldest first; the other saga's row is not counted.
+    let t = store.timeline("s1", 3).await.unwrap();
+    assert_eq!(t.total, 5);
+    let details: Vec<&str> = t.rows.iter().map(|r| r.detail.as_str()).collect();
+    assert_eq!(details, ["d2", "i3", "f4"]);
+    assert_eq!(
+        t.rows[1],
+        TimelineRow {
+            at: NOW + 20,
+            kind: "ignored".into(),
+            step: Some("pay".into()),
+            detail: "i3".into(),
+        }
+    );
+    let all = store.timeline("s1", 100).await.unwrap();
+    assert_eq!((all.rows.len(), all.total), (5, 5));
+    assert_eq!(all.rows[0].detail, "d0");
+    assert_eq!(
+        store
+            .last_history("s1", "ignored")
+            .await
+            .unwrap()
+            .map(|r| r.detail),
+        Some("i3".to_owned()),
+        "the newest of its kind"
+    );
+    assert_eq!(store.last_history("s1", "completed").await.unwrap(), None);
+
+    // status::saga on top: the stored source does not compile, so the steps are named from the
+    // projection (a step missing there by its index) and the detail says why.
+    let d = status::saga(&store, "s1").await.unwrap().expect("s1");
+    assert!(d.definition_problem.is_some());
+    let step_ids: Vec<&str> = d.steps.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(step_ids, ["pay", "#1", "ship"]);
+    assert_eq!(d.steps[1].attempts, 2);
+    assert_eq!(d.timeline.len(), 5);
+    assert_eq!(d.timeline_omitted, 0);
+    assert_eq!(d.status, failed());
+    assert_eq!(d.version, 1);
+}
+
+async fn read_corrupt_state_is_an_error_naming_the_saga(store: Store) {
+    with_definition(&store).await;
+    insert(&store, &[saga("broken", "k", None)]).await;
+    sqlx::query("UPDATE sagas SET state = $1 WHERE id = $2")
+        .bind("{not json")
+        .bind("broken")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let corrupt = |e: StoreError| match e {
+        StoreError::Corrupt { table, detail } => {
+            assert_eq!(table, "sagas");
+            assert!(detail.contains("saga broken"), "{detail}");
+        }
+        other => panic!("expected a corrupt row, got {other:?}"),
+    };
+    corrupt(store.saga_record("broken").await.unwrap_err());
+    corrupt(store.saga_status("broken").await.unwrap_err());
+    match status::saga(&store, "broken").await {
+        Err(EngineError::Store(e)) => corrupt(e),
+        other => panic!("expected a store error, got {other:?}"),
+    }
+    // What does not decode the state still answers.
+    let h = store.saga_header("broken").await.unwrap().expect("broken");
+    assert_eq!(h.status, "queued");
+    let listed = store.list_sagas(&SagaFilter::default(), 10).await.unwrap();
+    assert_eq!(summary_ids(&listed), ids(&["broken"]));
+}
+
+async fn read_list_filters_and_pages(store: Store) {
+    with_definition(&store).await;
+    // Created one after the other, except b1 and b2 (one batch, one `created_at`: ordered by
+    // id, descending).
+    insert_at(&store, "a", "k1", NOW).await;
+    let mut tx = store.begin().await.unwrap();
+    tx.insert_sagas(&[saga("b1", "k2", None), saga("b2", "k1", None)], NOW + 1)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    insert_at(&store, "c", "k1", NOW + 2).await;
+    insert_at(&store, "d", "k2", NOW + 3).await;
+    insert_at(&store, "e", "k1", NOW + 4).await;
+    move_to(&store, "a", 0, SagaStatus::Running, NOW + 10).await;
+    move_to(&store, "b2", 0, SagaStatus::Running, NOW + 10).await;
+    move_to(&store, "d", 0, SagaStatus::Running, NOW + 10).await;
+    move_to(&store, "c", 0, SagaStatus::Completed, NOW + 11).await;
+
+    let list = |status: Option<&str>, key: Option<&str>, after: Option<(i64, &str)>| SagaFilter {
+        status: status.map(str::to_owned),
+        sequence_key: key.map(str::to_owned),
+        after: after.map(|(c, i)| (c, i.to_owned())),
+    };
+    let all = store
+        .list_sagas(&list(None, None, None), 100)
+        .await
+        .unwrap();
+    assert_eq!(summary_ids(&all), ids(&["e", "d", "c", "b2", "b1", "a"]));
+    let c = all.iter().find(|s| s.id == "c").unwrap();
+    assert_eq!(
+        (c.name.as_str(), c.state.as_str(), c.sequence_key.as_str()),
+        ("order", "completed", "k1")
+    );
+    assert_eq!(
+        (c.created_at, c.updated_at, c.finished_at),
+        (NOW + 2, NOW + 11, Some(NOW + 11))
+    );
+    assert_eq!(all[0].finished_at, None);
+
+    let got = |f: SagaFilter, limit: usize| {
+        let store = store.clone();
+        async move { summary_ids(&store.list_sagas(&f, limit).await.unwrap()) }
+    };
+    assert_eq!(
+        got(list(Some("running"), None, None), 100).await,
+        ids(&["d", "b2", "a"])
+    );
+    assert_eq!(
+        got(list(None, Some("k1"), None), 100).await,
+        ids(&["e", "c", "b2", "a"])
+    );
+    assert_eq!(
+        got(list(Some("running"), Some("k1"), None), 100).await,
+        ids(&["b2", "a"])
+    );
+    assert!(got(list(Some("failed"), None, None), 100).await.is_empty());
+    assert_eq!(got(list(None, None, None), 2).await, ids(&["e", "d"]));
+    // Keyset: strictly after (created_at, id), through a tie on created_at.
+    assert_eq!(
+        got(list(None, None, Some((NOW + 1, "b2"))), 100).await,
+        ids(&["b1", "a"])
+    );
+    assert_eq!(
+        got(list(Some("running"), None, Some((NOW + 3, "d"))), 1).await,
+        ids(&["b2"])
+    );
+
+    // status::list pages through all of them, `limit` at a time, and says when it is done.
+    for (state, want) in [
+        (None, ids(&["e", "d", "c", "b2", "b1", "a"])),
+        (Some("running"), ids(&["d", "b2", "a"])),
+    ] {
+        let mut q = ListQuery {
+            state: state.map(str::to_owned),
+            limit: 2,
+            ..ListQuery::default()
+        };
+        let mut seen = Vec::new();
+        let mut sizes = Vec::new();
+        loop {
+            let page = status::list(&store, &q).await.unwrap();
+            sizes.push(page.sagas.len());
+            seen.extend(summary_ids(&page.sagas));
+            match page.next {
+                Some(next) => q.after = Some(next),
+                None => break,
+            }
+            assert!(sizes.len() < 10, "paging does not end");
+        }
+        assert_eq!(seen, want, "state {state:?}");
+        let full_pages = want.len() / 2;
+        assert!(sizes[..full_pages].iter().all(|&n| n == 2), "{sizes:?}");
+    }
+    let bad = ListQuery {
+        after: Some("not-a-cursor".into()),
+        limit: 2,
+        ..ListQuery::default()
+    };
+    match status::list(&store, &bad).await {
+        Err(EngineError::Refused(why)) => assert!(why.contains("not-a-cursor"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+async fn read_counts_by_status_and_latencies(store: Store) {
+    with_definition(&store).await;
+    // Older sagas, then this "run" from NOW + 100 on.
+    insert_at(&store, "old-1", "k", NOW).await;
+    insert_at(&store, "old-2", "k", NOW).await;
+    move_to(&store, "old-1", 0, SagaStatus::Completed, NOW + 5).await;
+    let run = NOW + 100;
+    for (i, id) in ["r0", "r1", "r2", "r3", "r4", "r5"].iter().enumerate() {
+        insert_at(&store, id, "k", run + i as i64).await;
+    }
+    // Start-to-final latencies 10, 20, 30 and 40 ms; r4 is running, r5 queued.
+    move_to(&store, "r0", 0, SagaStatus::Completed, run + 10).await;
+    move_to(&store, "r1", 0, compensated(), run + 1 + 40).await;
+    move_to(&store, "r2", 0, failed(), run + 2 + 20).await;
+    move_to(&store, "r3", 0, SagaStatus::Completed, run + 3 + 30).await;
+    move_to(&store, "r4", 0, SagaStatus::Running, run + 50).await;
+
+    let counts = |v: &[(&str, u64)]| -> BTreeMap<String, u64> {
+        v.iter().map(|(k, n)| ((*k).to_owned(), *n)).collect()
+    };
+    assert_eq!(
+        store.status_counts(None).await.unwrap(),
+        counts(&[
+            ("completed", 3),
+            ("compensated", 1),
+            ("failed", 1),
+            ("queued", 2),
+            ("running", 1)
+        ])
+    );
+    assert_eq!(
+        store.status_counts(Some(run)).await.unwrap(),
+        counts(&[
+            ("completed", 2),
+            ("compensated", 1),
+            ("failed", 1),
+            ("queued", 1),
+            ("running", 1)
+        ])
+    );
+    assert!(
+        store
+            .status_counts(Some(run + 1_000))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Failed is final: it waits for an operator, not for the engine.
+    assert_eq!(store.unfinished_count().await.unwrap(), 3);
+    assert_eq!(store.progress_since(run).await.unwrap(), (4, 2));
+    assert_eq!(store.progress_since(NOW).await.unwrap(), (5, 3));
+
+    let l = store
+        .latencies(run, &[0.0, 0.5, 0.9, 0.99, 1.0])
+        .await
+        .unwrap();
+    assert_eq!(l.finished, 4);
+    // Nearest rank over [10, 20, 30, 40]: offsets 0, 2 (1.5 rounds up), 3, 3, 3.
+    assert_eq!(l.at, vec![Some(10), Some(30), Some(40), Some(40), Some(40)]);
+    let none = store.latencies(run + 1_000, &[0.5, 1.0]).await.unwrap();
+    assert_eq!((none.finished, none.at), (0, vec![None, None]));
+
+    enqueue(&store, &[message("r0/0/action/1", "p")]).await;
+    assert_eq!(store.outbox_written_since(NOW).await.unwrap(), 1);
+    assert_eq!(store.outbox_written_since(NOW + 1).await.unwrap(), 0);
+}
+
+async fn read_definition_names_migrations_and_ping(store: Store) {
+    store.ping().await.unwrap();
+    assert!(store.definition_names(50).await.unwrap().is_empty());
+    let mut tx = store.begin().await.unwrap();
+    for (hash, name, version) in [
+        ("h-r", "refund", 1),
+        ("h-o1", "order", 1),
+        ("h-o2", "order", 2),
+        ("h-a", "audit", 1),
+    ] {
+        tx.put_definition(hash, name, version, "src", NOW)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(
+        store.definition_names(50).await.unwrap(),
+        ids(&["audit", "order", "refund"]),
+        "distinct and sorted"
+    );
+    assert_eq!(
+        store.definition_names(2).await.unwrap(),
+        ids(&["audit", "order"])
+    );
+
+    let applied = store.applied_migrations().await.unwrap();
+    let want: Vec<String> = ENGINE_MIGRATIONS
+        .iter()
+        .map(|(name, _, _)| (*name).to_owned())
+        .collect();
+    assert_eq!(applied, want);
+
+    // A closed pool: a store error, not a panic.
+    store.pool().close().await;
+    match store.ping().await {
+        Err(StoreError::Db(_)) => {}
+        other => panic!("expected a database error, got {other:?}"),
+    }
+    assert!(store.saga_record("x").await.is_err());
+}
+
+/// Gives saga `id` rows in every table retention looks at: 3 history rows, 2 inbox rows, 2 sent
+/// and 1 unsent outbox rows, 1 timer, 2 step rows.
+async fn with_rows(store: &Store, id: &str) {
+    let mut tx = store.begin().await.unwrap();
+    tx.append_history(
+        &[
+            history(id, "dispatch", "1"),
+            history(id, "reply", "2"),
+            history(id, "final", "3"),
+        ],
+        NOW,
+    )
+    .await
+    .unwrap();
+    tx.record_inbox(
+        &pairs(&[(&format!("{id}/r1"), id), (&format!("{id}/r2"), id)]),
+        NOW,
+    )
+    .await
+    .unwrap();
+    tx.enqueue_outbox(
+        &[
+            message(&format!("{id}/0/action/1"), "sent"),
+            message(&format!("{id}/1/action/1"), "sent"),
+            message(&format!("{id}/2/action/1"), "unsent"),
+        ],
+        NOW,
+    )
+    .await
+    .unwrap();
+    tx.set_timers(&[TimerRow {
+        saga_id: id.to_owned(),
+        ..timer(&format!("{id}/timer"), NOW + 1_000)
+    }])
+    .await
+    .unwrap();
+    let step = |index: usize, step: &str| StepRow {
+        saga_id: id.to_owned(),
+        index,
+        step_id: step.to_owned(),
+        status: "succeeded".into(),
+        attempts: 1,
+        last_error: None,
+    };
+    tx.upsert_steps(&[step(0, "pay"), step(1, "ship")], NOW)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    // Send what says so.
+    let claimed = store.claim_outbox(NOW, 1_000, 100).await.unwrap();
+    let sent: Vec<i64> = claimed
+        .iter()
+        .filter(|c| c.message.payload == b"sent".to_vec())
+        .map(|c| c.id)
+        .collect();
+    store.mark_sent(&sent, NOW + 1).await.unwrap();
+    let unsent: Vec<i64> = claimed
+        .iter()
+        .filter(|c| c.message.payload != b"sent".to_vec())
+        .map(|c| c.id)
+        .collect();
+    store.release_lease(&unsent).await.unwrap();
+}
+
+/// A saga's rows: [history, inbox, sent outbox, unsent outbox, timers, steps].
+async fn rows_of(store: &Store, id: &str) -> [i64; 6] {
+    let prefix = format!("{id}/%");
+    [
+        scalar(
+            store,
+            "SELECT COUNT(*) AS n FROM saga_history WHERE saga_id = $1",
+            id,
+        )
+        .await,
+        scalar(
+            store,
+            "SELECT COUNT(*) AS n FROM inbox WHERE saga_id = $1",
+            id,
+        )
+        .await,
+        scalar(
+            store,
+            "SELECT COUNT(*) AS n FROM outbox WHERE message_id LIKE $1 AND sent_at IS NOT NULL",
+            &prefix,
+        )
+        .await,
+        scalar(
+            store,
+            "SELECT COUNT(*) AS n FROM outbox WHERE message_id LIKE $1 AND sent_at IS NULL",
+            &prefix,
+        )
+        .await,
+        scalar(
+            store,
+            "SELECT COUNT(*) AS n FROM timers WHERE saga_id = $1",
+            id,
+        )
+        .await,
+        scalar(
+            store,
+            "SELECT COUNT(*) AS n FROM saga_steps WHERE saga_id = $1",
+            id,
+        )
+        .await,
+    ]
+}
+
+async fn purged_at(store: &Store, id: &str) -> Option<i64> {
+    sqlx::query("SELECT purged_at FROM sagas WHERE id = $1")
+        .bind(id)
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+        .try_get("purged_at")
+        .unwrap()
+}
+
+async fn retention_purges_only_old_cleanly_finished_sagas(store: Store) {
+    with_definition(&store).await;
+    let cutoff = NOW + 50_000;
+    let now = NOW + 200_000;
+    // "old-done2" starts with "old-done": its outbox rows must not be taken for old-done's.
+    for id in [
+        "old-done",
+        "old-comp",
+        "old-failed",
+        "old-done2",
+        "running",
+        "queued",
+        "recent-done",
+    ] {
+        insert_at(&store, id, id, NOW).await;
+        with_rows(&store, id).await;
+    }
+    move_to(&store, "old-done", 0, SagaStatus::Completed, NOW + 10).await;
+    move_to(&store, "old-comp", 0, compensated(), NOW + 20).await;
+    move_to(&store, "old-failed", 0, failed(), NOW + 30).await;
+    move_to(&store, "running", 0, SagaStatus::Running, NOW + 40).await;
+    move_to(&store, "recent-done", 0, SagaStatus::Completed, cutoff + 1).await;
+    // Finished exactly at the cutoff: not older than it.
+    move_to(&store, "old-done2", 0, SagaStatus::Completed, cutoff).await;
+
+    let report = store.purge_finished(cutoff, now, 100, 100).await.unwrap();
+    assert_eq!(
+        report,
+        PurgeReport {
+            sagas: 2,
+            history: 6,
+            inbox: 4,
+            outbox: 4,
+            timers: 2,
+        }
+    );
+    for id in ["old-done", "old-comp"] {
+        assert_eq!(
+            rows_of(&store, id).await,
+            [0, 0, 0, 1, 0, 2],
+            "{id}: history, inbox, sent outbox and timers go; unsent outbox and steps stay"
+        );
+        assert_eq!(purged_at(&store, id).await, Some(now), "{id}");
+    }
+    for id in [
+        "old-failed",
+        "old-done2",
+        "running",
+        "queued",
+        "recent-done",
+    ] {
+        assert_eq!(rows_of(&store, id).await, [3, 2, 2, 1, 1, 2], "{id} kept");
+        assert_eq!(purged_at(&store, id).await, None, "{id}");
+    }
+    // The saga row stays: status still answers, with an empty timeline.
+    let d = status::saga(&store, "old-done")
+        .await
+        .unwrap()
+        .expect("old-done");
+    assert_eq!(d.status, SagaStatus::Completed);
+    assert!(d.timeline.is_empty());
+    assert_eq!(d.steps[0].id, "pay");
+    // Purged sagas are not looked at again: the next batch finds nothing.
+    let again = store
+        .purge_finished(cutoff, now + 1, 100, 100)
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "{again:?}");
+    assert_eq!(purged_at(&store, "old-done").await, Some(now));
+    // A later cutoff takes the ones that were too recent; Failed and unfinished never go.
+    let later = store.purge_finished(now, now + 2, 100, 100).await.unwrap();
+    assert_eq!(later.sagas, 2, "{later:?}");
+    assert_eq!(rows_of(&store, "old-done2").await, [0, 0, 0, 1, 0, 2]);
+    assert_eq!(rows_of(&store, "recent-done").await, [0, 0, 0, 1, 0, 2]);
+    for id in ["old-failed", "running", "queued"] {
+        assert_eq!(rows_of(&store, id).await, [3, 2, 2, 1, 1, 2], "{id} kept");
+    }
+}
+
+async fn retention_purges_in_batches_of_rows_and_sagas(store: Store) {
+    with_definition(&store).await;
+    let cutoff = NOW + 50_000;
+    // Finished in this order: a, b, c.
+    for (id, finished) in [("c", NOW + 30), ("a", NOW + 10), ("b", NOW + 20)] {
+        insert_at(&store, id, id, NOW).await;
+        with_rows(&store, id).await;
+        move_to(&store, id, 0, SagaStatus::Completed, finished).await;
+    }
+    // Two sagas and two rows per table at a time: a and b first, oldest finish first.
+    let mut reports = Vec::new();
+    loop {
+        let r = store
+            .purge_finished(cutoff, NOW + 100_000, 2, 2)
+            .await
+            .unwrap();
+        if r.is_empty() {
+            break;
+        }
+        reports.push(r);
+        assert!(reports.len() < 20, "the purge does not end: {reports:?}");
+    }
+    let r = |sagas, history, inbox, outbox, timers| PurgeReport {
+        sagas,
+        history,
+        inbox,
+        outbox,
+        timers,
+    };
+    assert_eq!(
+        reports,
+        vec![
+            // a and b: 6 history, 4 inbox, 4 sent outbox, 2 timers, 2 at a time.
+            r(0, 2, 2, 2, 2),
+            r(0, 2, 2, 2, 0),
+            // History gave a full 2: there may be more, so a and b are not marked yet.
+            r(0, 2, 0, 0, 0),
+            // Every table gave fewer than 2: a and b are marked.
+            r(2, 0, 0, 0, 0),
+            // Then c alone, marked in the batch that took its last history row.
+            r(0, 2, 2, 2, 1),
+            r(1, 1, 0, 0, 0),
+        ]
+    );
+    let mut total = PurgeReport::default();
+    for report in &reports {
+        total.add(report);
+    }
+    assert_eq!(total, r(3, 9, 6, 6, 3));
+    assert_eq!(total.rows(), 24);
+    for id in ["a", "b", "c"] {
+        assert_eq!(rows_of(&store, id).await, [0, 0, 0, 1, 0, 2], "{id}");
+        assert!(purged_at(&store, id).await.is_some(), "{id}");
+    }
 }

@@ -10,6 +10,8 @@
 //! avoids `SQLITE_BUSY` on lock upgrades.
 
 pub mod outbox;
+pub mod read;
+pub mod retention;
 pub mod sql;
 pub mod timers;
 pub mod tx;
@@ -22,6 +24,11 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Row};
 
 use crate::machine::{SagaState, StepStatus, Timer};
+pub use read::{
+    Latencies, SagaCounts, SagaFilter, SagaHeader, SagaQueries, SagaRecord, SagaSummary, Timeline,
+    TimelineRow,
+};
+pub use retention::PurgeReport;
 use sql::Sql;
 pub use tx::{
     DefinitionTable, HistoryRow, HistoryTable, InboxTable, NewSaga, OutboxMessage, OutboxTable,
@@ -288,6 +295,15 @@ impl Store {
         result
     }
 
+    /// The names of the migrations recorded as applied, sorted (an error on a database never
+    /// migrated: it has no `schema_migrations`).
+    pub async fn applied_migrations(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT name FROM schema_migrations ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get("name")?)).collect()
+    }
+
     async fn migrate_on(
         &self,
         conn: &mut AnyConnection,
@@ -369,10 +385,7 @@ pub struct SagaRow {
 fn saga_from_row(row: &sqlx::any::AnyRow) -> Result<SagaRow, StoreError> {
     let id: String = row.try_get("id")?;
     let state_text: String = row.try_get("state")?;
-    let state = serde_json::from_str(&state_text).map_err(|e| StoreError::Corrupt {
-        table: "sagas",
-        detail: format!("saga {id}: state is not valid JSON: {e}"),
-    })?;
+    let state = read::decode_state(&id, &state_text)?;
     Ok(SagaRow {
         id,
         name: row.try_get("name")?,

@@ -105,6 +105,16 @@ impl Store {
             oldest: row.try_get("oldest")?,
         })
     }
+
+    /// Outbox rows (sent or not) written since `since`: the commands a run produced.
+    pub async fn outbox_written_since(&self, since: i64) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM outbox WHERE created_at >= $1")
+            .bind(since)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
 }
 
 /// Ids as a JSON array of numbers: PostgreSQL's `json_array_elements_text` yields their text,

@@ -36,6 +36,16 @@ pub struct Sql {
     pub mark_sent: &'static str,
     pub release_lease: &'static str,
     pub next_timers: &'static str,
+    /// Retention ([`super::retention`]): the oldest sagas to purge (`$1` cutoff, `$2` limit).
+    pub purge_candidates: &'static str,
+    /// A batch of a saga set's rows (`$1` row limit, `$2` saga ids).
+    pub purge_history: &'static str,
+    pub purge_inbox: &'static str,
+    /// Sent rows only, matched by their message id's first segment (the `outbox_by_saga` index).
+    pub purge_outbox: &'static str,
+    pub purge_timers: &'static str,
+    /// `$1` now, `$2` cutoff, `$3` saga ids: checked again, so a saga that moved is left.
+    pub mark_purged: &'static str,
 }
 
 pub const POSTGRES: Sql = Sql {
@@ -90,6 +100,21 @@ pub const POSTGRES: Sql = Sql {
     release_lease: "UPDATE outbox SET lease_until = NULL \
         WHERE id = ANY(ARRAY(SELECT json_array_elements_text($1::json)::bigint))",
     next_timers: "SELECT id, saga_id, due_at, event FROM timers ORDER BY due_at LIMIT $1",
+    purge_candidates: "SELECT id FROM sagas WHERE purged_at IS NULL \
+        AND status IN ('completed', 'compensated') AND finished_at < $1 \
+        ORDER BY finished_at, id LIMIT $2",
+    purge_history: "DELETE FROM saga_history WHERE id IN (SELECT id FROM saga_history \
+        WHERE saga_id = ANY(ARRAY(SELECT json_array_elements_text($2::json))) LIMIT $1)",
+    purge_inbox: "DELETE FROM inbox WHERE message_id IN (SELECT message_id FROM inbox \
+        WHERE saga_id = ANY(ARRAY(SELECT json_array_elements_text($2::json))) LIMIT $1)",
+    purge_outbox: "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox \
+        WHERE split_part(message_id, '/', 1) = ANY(ARRAY(SELECT json_array_elements_text($2::json))) \
+        AND sent_at IS NOT NULL LIMIT $1)",
+    purge_timers: "DELETE FROM timers WHERE id IN (SELECT id FROM timers \
+        WHERE saga_id = ANY(ARRAY(SELECT json_array_elements_text($2::json))) LIMIT $1)",
+    mark_purged: "UPDATE sagas SET purged_at = $1 \
+        WHERE id = ANY(ARRAY(SELECT json_array_elements_text($3::json))) AND purged_at IS NULL \
+        AND status IN ('completed', 'compensated') AND finished_at < $2",
 };
 
 pub const SQLITE: Sql = Sql {
@@ -147,4 +172,24 @@ pub const SQLITE: Sql = Sql {
     mark_sent: "UPDATE outbox SET sent_at = $2, lease_until = NULL WHERE id IN (SELECT value FROM json_each($1))",
     release_lease: "UPDATE outbox SET lease_until = NULL WHERE id IN (SELECT value FROM json_each($1))",
     next_timers: "SELECT id, saga_id, due_at, event FROM timers ORDER BY due_at LIMIT $1",
+    // Without statistics SQLite would rather walk `sagas_by_status` (every completed saga ever,
+    // purged ones included) and sort: the partial index is named (an error if it no longer fits
+    // the query, rather than a slow purge).
+    purge_candidates: "SELECT id FROM sagas INDEXED BY sagas_to_purge WHERE purged_at IS NULL \
+        AND status IN ('completed', 'compensated') AND finished_at < $1 \
+        ORDER BY finished_at, id LIMIT $2",
+    purge_history: "DELETE FROM saga_history WHERE id IN (SELECT id FROM saga_history \
+        WHERE saga_id IN (SELECT value FROM json_each($2)) LIMIT $1)",
+    purge_inbox: "DELETE FROM inbox WHERE message_id IN (SELECT message_id FROM inbox \
+        WHERE saga_id IN (SELECT value FROM json_each($2)) LIMIT $1)",
+    purge_outbox: "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox \
+        WHERE substr(message_id, 1, instr(message_id, '/') - 1) IN (SELECT value FROM json_each($2)) \
+        AND sent_at IS NOT NULL LIMIT $1)",
+    purge_timers: "DELETE FROM timers WHERE id IN (SELECT id FROM timers \
+        WHERE saga_id IN (SELECT value FROM json_each($2)) LIMIT $1)",
+    // `+status`: SQLite would otherwise walk `sagas_by_status` (every completed saga) rather
+    // than look the ids up by primary key.
+    mark_purged: "UPDATE sagas SET purged_at = $1 \
+        WHERE id IN (SELECT value FROM json_each($3)) AND purged_at IS NULL \
+        AND +status IN ('completed', 'compensated') AND finished_at < $2",
 };

@@ -1,0 +1,109 @@
+//! Retention's side of the store: one batch of the purge of sagas finished long ago, in one
+//! short transaction (the policy — what `keep` means, how often — is [`crate::retention`]'s).
+//!
+//! Saga ids are passed as one JSON parameter, as on the hot path, so each statement's text is
+//! fixed. The outbox has no saga id column: its rows are matched by the first `/`-separated
+//! segment of their message id (the command id, [`crate::wire::command_id`]), spelled exactly
+//! as the `outbox_by_saga` index of migration `0002_retention` spells it for that dialect.
+
+use sqlx::Row;
+
+use super::{Store, StoreError, json};
+
+/// What one purge batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PurgeReport {
+    /// Sagas whose rows are now all gone (marked purged in this batch).
+    pub sagas: u64,
+    pub history: u64,
+    pub inbox: u64,
+    pub outbox: u64,
+    pub timers: u64,
+}
+
+impl PurgeReport {
+    /// Rows deleted, all tables together.
+    pub fn rows(&self) -> u64 {
+        self.history + self.inbox + self.outbox + self.timers
+    }
+
+    /// True when the batch found nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.rows() == 0 && self.sagas == 0
+    }
+
+    /// Adds another batch's counts to these.
+    pub fn add(&mut self, other: &PurgeReport) {
+        self.sagas += other.sagas;
+        self.history += other.history;
+        self.inbox += other.inbox;
+        self.outbox += other.outbox;
+        self.timers += other.timers;
+    }
+}
+
+impl Store {
+    /// Purges one batch, in one transaction: takes up to `sagas` of the oldest sagas not purged
+    /// yet that are Completed or Compensated and finished before `cutoff`, deletes up to `rows`
+    /// of their rows from each of `saga_history`, `inbox`, `outbox` (sent rows only) and
+    /// `timers`, and marks them purged at `now` once nothing of theirs is left (every table gave
+    /// fewer than `rows`; otherwise the next batch takes the same sagas again). The `sagas` row
+    /// and its `saga_steps` projection stay. Running, compensating, queued and Failed sagas are
+    /// never touched.
+    pub async fn purge_finished(
+        &self,
+        cutoff: i64,
+        now: i64,
+        sagas: usize,
+        rows: usize,
+    ) -> Result<PurgeReport, StoreError> {
+        let rows = rows.max(1);
+        let limit = i64::try_from(rows).unwrap_or(i64::MAX);
+        let sql = self.sql();
+        let mut report = PurgeReport::default();
+
+        let mut tx = self.pool.begin().await?;
+        let candidates = sqlx::query(sql.purge_candidates)
+            .bind(cutoff)
+            .bind(i64::try_from(sagas.max(1)).unwrap_or(i64::MAX))
+            .fetch_all(&mut *tx)
+            .await?;
+        let ids: Vec<String> = candidates
+            .iter()
+            .map(|r| r.try_get("id"))
+            .collect::<Result<_, _>>()?;
+        if ids.is_empty() {
+            return Ok(report);
+        }
+        let ids = json(&ids);
+
+        let mut counts = [0u64; 4];
+        let deletes = [
+            sql.purge_history,
+            sql.purge_inbox,
+            sql.purge_outbox,
+            sql.purge_timers,
+        ];
+        for (statement, count) in deletes.into_iter().zip(counts.iter_mut()) {
+            *count = sqlx::query(statement)
+                .bind(limit)
+                .bind(ids.as_str())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        [report.history, report.inbox, report.outbox, report.timers] = counts;
+
+        if counts.iter().all(|&n| n < rows as u64) {
+            report.sagas = sqlx::query(sql.mark_purged)
+                .bind(now)
+                .bind(cutoff)
+                .bind(ids.as_str())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(report)
+    }
+}
