@@ -89,9 +89,29 @@ async fn record(
     coupon_id: &str,
     order_id: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    if record_once(conn, ctx, kind, coupon_id, order_id).await? {
+        Ok(())
+    } else {
+        Err(sqlx::Error::Protocol(format!(
+            "coupon ledger: ({}, {}, {kind}) is already recorded",
+            ctx.saga_id, ctx.step
+        )))
+    }
+}
+
+/// Records the transition unless this (saga, step, kind) already has one; false for a replay.
+/// Done first, before the effect: a replay costs this one statement, and a refused effect's
+/// error rolls the entry back with the rest.
+async fn record_once(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    kind: &str,
+    coupon_id: &str,
+    order_id: &str,
+) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query(
         "INSERT INTO coupon_ledger (saga_id, step, kind, coupon_id, order_id) \
-         VALUES ($1, $2, $3, $4, $5)",
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (saga_id, step, kind) DO NOTHING",
     )
     .bind(&ctx.saga_id)
     .bind(&ctx.step)
@@ -100,7 +120,7 @@ async fn record(
     .bind(order_id)
     .execute(&mut *conn)
     .await?;
-    Ok(())
+    Ok(inserted.rows_affected() == 1)
 }
 
 /// The order this saga froze the coupon for (as the freeze recorded it).
@@ -134,7 +154,7 @@ impl TccStep for Coupon {
         let user_id = param_str(params, "user_id")?;
         let order_id = param_str(params, "order_id")?;
         let frozen = json!({ "coupon_id": coupon_id, "state": "frozen" });
-        if entry(conn, ctx, "freeze").await?.is_some() {
+        if !record_once(conn, ctx, "freeze", coupon_id, order_id).await? {
             return Ok(frozen);
         }
         // One conditional statement: of two sagas freezing one coupon, exactly one wins.
@@ -149,9 +169,9 @@ impl TccStep for Coupon {
         .execute(&mut *conn)
         .await?;
         if won.rows_affected() == 1 {
-            record(conn, ctx, "freeze", coupon_id, order_id).await?;
             return Ok(frozen);
         }
+        // Refused below: the error rolls the ledger entry back.
         let Some(coupon) = load(conn, coupon_id).await? else {
             return Err(StepError::business(
                 "unknown_coupon",
@@ -187,9 +207,6 @@ impl TccStep for Coupon {
         ctx: &StepContext,
         _params: &Value,
     ) -> Result<Value, StepError> {
-        if let Some(coupon_id) = entry(conn, ctx, "use").await? {
-            return Ok(json!({ "coupon_id": coupon_id, "state": "used" }));
-        }
         let Some((coupon_id, order_id)) = frozen_for(conn, ctx).await? else {
             return Err(StepError::business(
                 "not_frozen",
@@ -199,6 +216,9 @@ impl TccStep for Coupon {
                 ),
             ));
         };
+        if !record_once(conn, ctx, "use", &coupon_id, &order_id).await? {
+            return Ok(json!({ "coupon_id": coupon_id, "state": "used" }));
+        }
         let used = sqlx::query(
             "UPDATE coupons SET state = 'used' \
              WHERE coupon_id = $1 AND state = 'frozen' AND saga_id = $2",
@@ -218,7 +238,6 @@ impl TccStep for Coupon {
                 ),
             ));
         }
-        record(conn, ctx, "use", &coupon_id, &order_id).await?;
         Ok(json!({ "coupon_id": coupon_id, "state": "used" }))
     }
 

@@ -63,6 +63,17 @@ async fn apply(
     kind: &str,
     entry: &Entry,
 ) -> Result<(), sqlx::Error> {
+    if !record_once(conn, ctx, kind, entry).await? {
+        return Err(sqlx::Error::Protocol(format!(
+            "gmv ledger: ({}, {}, {kind}) is already recorded",
+            ctx.saga_id, ctx.step
+        )));
+    }
+    add(conn, entry).await
+}
+
+/// Adds `entry.delta` to the campaign, creating it at 0 first.
+async fn add(conn: &mut AnyConnection, entry: &Entry) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO campaign_gmv (campaign_id, gmv) VALUES ($1, $2) \
          ON CONFLICT (campaign_id) DO UPDATE SET gmv = campaign_gmv.gmv + excluded.gmv",
@@ -71,9 +82,19 @@ async fn apply(
     .bind(entry.delta)
     .execute(&mut *conn)
     .await?;
-    sqlx::query(
+    Ok(())
+}
+
+/// Records the entry unless this (saga, step, kind) already has one; false for a replay.
+async fn record_once(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    kind: &str,
+    entry: &Entry,
+) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query(
         "INSERT INTO gmv_ledger (saga_id, step, kind, campaign_id, delta) \
-         VALUES ($1, $2, $3, $4, $5)",
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (saga_id, step, kind) DO NOTHING",
     )
     .bind(&ctx.saga_id)
     .bind(&ctx.step)
@@ -82,10 +103,12 @@ async fn apply(
     .bind(entry.delta)
     .execute(&mut *conn)
     .await?;
-    Ok(())
+    Ok(inserted.rows_affected() == 1)
 }
 
-/// Applies this (saga, step)'s `kind` entry once: a replay returns the recorded delta.
+/// Applies this (saga, step)'s `kind` entry once: a replay returns the recorded delta. The
+/// entry is recorded first (one statement decides "first time or replay"), then the campaign
+/// row is updated.
 async fn once(
     conn: &mut AnyConnection,
     ctx: &StepContext,
@@ -97,10 +120,13 @@ async fn once(
         campaign_id: param_str(params, "campaign_id")?.to_owned(),
         delta: sign * param_cents(params, "amount")?,
     };
-    if let Some(done) = entry(conn, ctx, kind).await? {
+    if !record_once(conn, ctx, kind, &wanted).await? {
+        let done = entry(conn, ctx, kind).await?.ok_or_else(|| {
+            StepError::retryable(format!("gmv ledger entry ({}, {kind}) vanished", ctx.step))
+        })?;
         return Ok(json!({ "delta_cents": done.delta }));
     }
-    apply(conn, ctx, kind, &wanted).await?;
+    add(conn, &wanted).await?;
     Ok(json!({ "delta_cents": wanted.delta }))
 }
 

@@ -66,9 +66,28 @@ async fn record(
     kind: &str,
     entry: &Entry,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    if record_once(conn, ctx, kind, entry).await? {
+        Ok(())
+    } else {
+        Err(sqlx::Error::Protocol(format!(
+            "payment ledger: ({}, {}, {kind}) is already recorded",
+            ctx.saga_id, ctx.step
+        )))
+    }
+}
+
+/// Records the entry unless this (saga, step, kind) already has one; false for a replay. Done
+/// first, before the effect: a replay then costs this one statement, and when the effect is
+/// refused the handler's error rolls the entry back with everything else.
+async fn record_once(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    kind: &str,
+    entry: &Entry,
+) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query(
         "INSERT INTO payment_ledger (saga_id, step, kind, account, order_id, amount) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (saga_id, step, kind) DO NOTHING",
     )
     .bind(&ctx.saga_id)
     .bind(&ctx.step)
@@ -78,7 +97,7 @@ async fn record(
     .bind(entry.amount)
     .execute(&mut *conn)
     .await?;
-    Ok(())
+    Ok(inserted.rows_affected() == 1)
 }
 
 async fn balance(conn: &mut AnyConnection, account: &str) -> Result<Option<i64>, sqlx::Error> {
@@ -126,7 +145,7 @@ impl SagaStep for Charge {
             amount: param_cents(params, "amount")?,
         };
         // The barrier already filters duplicates; this keeps a replay harmless even without it.
-        if entry(conn, ctx, "charge").await?.is_some() {
+        if !record_once(conn, ctx, "charge", &charge).await? {
             return Ok(json!({ "txn_id": txn_id(ctx) }));
         }
         // One conditional statement, so two sagas charging one account cannot both pass a check.
@@ -153,7 +172,6 @@ impl SagaStep for Charge {
                 ),
             });
         }
-        record(conn, ctx, "charge", &charge).await?;
         Ok(json!({ "txn_id": txn_id(ctx) }))
     }
 

@@ -66,6 +66,12 @@ async fn apply(
     kind: &str,
     entry: &Entry,
 ) -> Result<(), sqlx::Error> {
+    add(conn, entry).await?;
+    record(conn, ctx, kind, entry).await
+}
+
+/// Adds `entry.delta` to the user's balance, creating it at 0 first.
+async fn add(conn: &mut AnyConnection, entry: &Entry) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO points_balances (user_id, points, initial) VALUES ($1, $2, 0) \
          ON CONFLICT (user_id) DO UPDATE SET points = points_balances.points + excluded.points",
@@ -74,7 +80,7 @@ async fn apply(
     .bind(entry.delta)
     .execute(&mut *conn)
     .await?;
-    record(conn, ctx, kind, entry).await
+    Ok(())
 }
 
 async fn record(
@@ -83,9 +89,26 @@ async fn record(
     kind: &str,
     entry: &Entry,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    if record_once(conn, ctx, kind, entry).await? {
+        Ok(())
+    } else {
+        Err(sqlx::Error::Protocol(format!(
+            "points ledger: ({}, {}, {kind}) is already recorded",
+            ctx.saga_id, ctx.step
+        )))
+    }
+}
+
+/// Records the entry unless this (saga, step, kind) already has one; false for a replay.
+async fn record_once(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    kind: &str,
+    entry: &Entry,
+) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query(
         "INSERT INTO points_ledger (saga_id, step, kind, user_id, delta, reason) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (saga_id, step, kind) DO NOTHING",
     )
     .bind(&ctx.saga_id)
     .bind(&ctx.step)
@@ -95,7 +118,7 @@ async fn record(
     .bind(entry.reason.clone())
     .execute(&mut *conn)
     .await?;
-    Ok(())
+    Ok(inserted.rows_affected() == 1)
 }
 
 /// Undoes this (saga, step)'s `kind` entry, once; nothing if it never happened.
@@ -140,10 +163,17 @@ impl SagaStep for Grant {
         params: &Value,
     ) -> Result<Value, StepError> {
         let grant = requested(params, 1)?;
-        if let Some(done) = entry(conn, ctx, "grant").await? {
+        // Recorded first: one statement tells a first run from a replay.
+        if !record_once(conn, ctx, "grant", &grant).await? {
+            let done = entry(conn, ctx, "grant").await?.ok_or_else(|| {
+                StepError::retryable(format!(
+                    "points ledger entry ({}, grant) vanished",
+                    ctx.step
+                ))
+            })?;
             return Ok(json!({ "delta": done.delta }));
         }
-        apply(conn, ctx, "grant", &grant).await?;
+        add(conn, &grant).await?;
         Ok(json!({ "delta": grant.delta }))
     }
 
