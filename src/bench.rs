@@ -49,6 +49,9 @@ const START_CHUNK: usize = 256;
 const BENCH_POOL: u32 = 4;
 /// How often the bench counts final sagas: one statement, which PostgreSQL counts as a commit.
 const POLL_EVERY: Duration = Duration::from_millis(200);
+/// How often the closed loop refills what finished (one indexed count of the unfinished
+/// sagas): a finished saga's slot waits at most this long, not a whole `POLL_EVERY`.
+const REFILL_EVERY: Duration = Duration::from_millis(20);
 /// Orders seeded per transaction, and the most the open loop starts in one go.
 const CHUNK: u64 = 1000;
 /// Linux reports CPU time in clock ticks of `USER_HZ`, which is 100 on every architecture
@@ -573,10 +576,36 @@ async fn bench(
     let mut last_progress = Instant::now();
     let mut kills = 0usize;
     let mut last_kill = Instant::now();
-    let mut poll = tokio::time::interval(POLL_EVERY);
+    let closed_loop = args.rate.is_none();
+    let mut refills = 0u64;
+    let mut poll = tokio::time::interval(if closed_loop {
+        REFILL_EVERY
+    } else {
+        POLL_EVERY
+    });
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_poll: Option<Instant> = None;
     let outcome = loop {
         poll.tick().await;
+        if closed_loop {
+            let unfinished = match store.unfinished_since(run_started_ms).await {
+                Ok(n) => n,
+                Err(e) => break Err(e.into()),
+            };
+            refills += 1;
+            let room = args.concurrency.saturating_sub(unfinished);
+            let end = (next + room).min(args.orders);
+            let batch: Vec<Value> = (next..end).map(|i| sample_order(run_id, i)).collect();
+            if let Err(e) = start_orders(&engine, &graph, &batch).await {
+                break Err(e);
+            }
+            next = end;
+            let all_final = next == args.orders && unfinished == 0;
+            if !all_final && last_poll.is_some_and(|at| at.elapsed() < POLL_EVERY) {
+                continue;
+            }
+        }
+        last_poll = Some(Instant::now());
         if !args.external
             && let Err(e) = deployment.all_alive()
         {
@@ -605,15 +634,6 @@ async fn bench(
         }
         if finished == args.orders {
             break Ok(());
-        }
-        if args.rate.is_none() {
-            let room = args.concurrency.saturating_sub(unfinished);
-            let end = (next + room).min(args.orders);
-            let batch: Vec<Value> = (next..end).map(|i| sample_order(run_id, i)).collect();
-            if let Err(e) = start_orders(&engine, &graph, &batch).await {
-                break Err(e);
-            }
-            next = end;
         }
         if let Some(every) = args.kill_every
             && last_kill.elapsed() >= every
@@ -819,8 +839,9 @@ async fn bench(
             }
         );
         let own = format!(
-            "incl. the bench's own: {polls} counts (one every {} ms), its starts and its outbox relay",
-            POLL_EVERY.as_millis()
+            "incl. the bench's own: {polls} counts (one every {} ms), {refills} refill counts (one every {} ms), its starts and its outbox relay",
+            POLL_EVERY.as_millis(),
+            REFILL_EVERY.as_millis()
         );
         if dbs.split() {
             println!(

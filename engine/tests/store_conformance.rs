@@ -1613,6 +1613,9 @@ async fn read_counts_by_status_and_latencies(store: Store) {
     assert_eq!(store.unfinished_count().await.unwrap(), 3);
     assert_eq!(store.progress_since(run).await.unwrap(), (4, 2));
     assert_eq!(store.progress_since(NOW).await.unwrap(), (5, 3));
+    assert_eq!(store.unfinished_since(run).await.unwrap(), 2);
+    assert_eq!(store.unfinished_since(NOW).await.unwrap(), 3);
+    assert_eq!(store.unfinished_since(run + 1_000).await.unwrap(), 0);
 
     let l = store
         .latencies(run, &[0.0, 0.5, 0.9, 0.99, 1.0])

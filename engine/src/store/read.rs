@@ -131,6 +131,9 @@ pub trait SagaCounts {
     async fn unfinished_count(&self) -> Result<u64, StoreError>;
     /// `(final, not final)` among the sagas created since `since`.
     async fn progress_since(&self, since: Millis) -> Result<(u64, u64), StoreError>;
+    /// Unfinished sagas started since `since` (read through the index of unfinished sagas, so
+    /// it costs what is in flight, not what ran before).
+    async fn unfinished_since(&self, since: Millis) -> Result<u64, StoreError>;
     /// Start-to-final latencies at `quantiles` (0.0 ..= 1.0) among the sagas created since
     /// `since`; portable (SQLite has no `percentile_disc`).
     async fn latencies(&self, since: Millis, quantiles: &[f64]) -> Result<Latencies, StoreError>;
@@ -363,6 +366,16 @@ impl SagaCounts for Store {
         .fetch_one(&self.pool)
         .await?;
         Ok((count_of(&row, "done")?, count_of(&row, "open")?))
+    }
+
+    async fn unfinished_since(&self, since: Millis) -> Result<u64, StoreError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM sagas WHERE finished_at IS NULL AND created_at >= $1",
+        )
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await?;
+        count_of(&row, "n")
     }
 
     async fn latencies(&self, since: Millis, quantiles: &[f64]) -> Result<Latencies, StoreError> {
