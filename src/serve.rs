@@ -87,6 +87,13 @@ impl AmqpArgs {
     }
 }
 
+/// When a worker's batch uses savepoints (`--savepoints`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Savepoints {
+    OnFailure,
+    Always,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct EngineArgs {
     /// The engine's PostgreSQL database.
@@ -128,6 +135,11 @@ pub struct WorkerArgs {
     /// Commands a lane takes into one database transaction at most.
     #[arg(long, default_value_t = sagaflow_workers::runtime::DEFAULT_BATCH)]
     pub batch: usize,
+    /// `on-failure`: a batch first runs its handlers without savepoints and is redone with one
+    /// per handler only when a handler fails (one round trip less per command); `always`: a
+    /// savepoint per handler from the start.
+    #[arg(long, env = "SAGAFLOW_SAVEPOINTS", default_value = "on-failure")]
+    pub savepoints: Savepoints,
     /// For demos and fault tests: business failures of forward operations (0..1).
     #[arg(long, default_value_t = 0.0, value_parser = crate::dev::rate)]
     pub fail: f64,
@@ -445,6 +457,7 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     .context("no worker for this service")?
     .with_lanes(args.lanes)
     .with_batch(args.batch)
+    .with_optimistic_batches(args.savepoints == Savepoints::OnFailure)
     .with_faults(Faults {
         business: args.fail,
         transient: args.flaky,

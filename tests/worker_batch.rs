@@ -278,9 +278,14 @@ on_both_backends!(
             recorded(&store, "s-b", Op::Action).await,
             Some(got[1].clone())
         );
+        // The batch was first tried without savepoints; b's failure gave that try up and
+        // the batch ran again with a savepoint per handler: b's handler ran twice, its effect
+        // (none) and its answer once.
+        assert_eq!(run.abandoned, 1);
+        assert_eq!(bump.calls("s-b"), 2);
         let again = batch(&store, &h, &[cmd("s-b", Op::Action, json!({"id": "b"}))]).await;
         assert_eq!(outcomes(&again), [got[1].clone()]);
-        assert_eq!(bump.calls("s-b"), 1);
+        assert_eq!(bump.calls("s-b"), 2, "the duplicate did not run it");
         assert_eq!(barrier_rows(&store).await, 3);
     }
 );
@@ -772,11 +777,24 @@ on_both_backends!(
             got[2].outcome, got[1].outcome,
             "a repeat gets the same answer"
         );
-        assert_eq!(bump.calls("w-a"), 1, "and has no effect");
-        assert_eq!(counter(&store, "b").await, 1);
+        // The batch holds failures, so its first try (without savepoints) was given up and
+        // it ran again with them: handlers before the first failure ran twice, their effects
+        // committed once.
+        assert_eq!(
+            stats
+                .redone_with_savepoints
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        assert_eq!(bump.calls("w-a"), 2, "once per try, the repeat never");
+        assert_eq!(counter(&store, "b").await, 1, "and one effect");
         assert_eq!(business_code(&got[4].outcome), "cancelled_before_run");
         assert_eq!(bump.calls("w-b"), 0, "the late forward did not run");
-        assert_eq!(bump.calls("w-b/undo"), 1, "a weak undo runs its handler");
+        assert_eq!(
+            bump.calls("w-b/undo"),
+            2,
+            "a weak undo runs its handler (in each try)"
+        );
         assert!(matches!(got[5].outcome, Outcome::Ok { .. }), "{got:?}");
         assert_eq!(counter(&store, "d").await, 1);
         assert!(

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use sagaflow_engine::machine::{Op, Outcome};
 use sagaflow_engine::store::{ENGINE_MIGRATIONS, Store};
-use sagaflow_workers::barrier::{Handler, Job, execute_batch};
+use sagaflow_workers::barrier::{CAUTIOUS_BATCHES, Handler, Job, Optimism, execute_batch_with};
 use sagaflow_workers::sdk::{SagaStep, StepContext, StepError};
 use sagaflow_workers::services;
 use serde_json::{Value, json};
@@ -89,7 +89,7 @@ fn ctx(saga: String) -> StepContext {
 }
 
 /// (all statements, barrier statements) one batch of these sagas' actions ran.
-async fn measure(store: &Store, sagas: &[String]) -> (u64, u64) {
+async fn measure(store: &Store, sagas: &[String], optimism: &Optimism) -> (u64, u64) {
     let handler = Handler::Saga(Arc::new(Insert));
     let params = json!({});
     let ctxs: Vec<StepContext> = sagas.iter().cloned().map(ctx).collect();
@@ -107,7 +107,8 @@ async fn measure(store: &Store, sagas: &[String]) -> (u64, u64) {
         STATEMENTS.load(Ordering::SeqCst),
         BARRIER_STATEMENTS.load(Ordering::SeqCst),
     );
-    let run = execute_batch(store.pool(), &jobs).await;
+    let run = execute_batch_with(store.pool(), &jobs, optimism).await;
+    assert_eq!(run.abandoned, 0, "every handler succeeds");
     assert_eq!(run.commits, 1);
     for r in &run.results {
         assert!(
@@ -137,27 +138,86 @@ async fn check(backend: support::Backend) {
     let names = |prefix: &str, n: usize| -> Vec<String> {
         (0..n).map(|i| format!("{prefix}-{i}")).collect()
     };
-    let one = measure(&store, &names("one", 1)).await;
-    let twenty = measure(&store, &names("twenty", 20)).await;
-    let duplicates = measure(&store, &names("twenty", 20)).await;
+    let optimistic = Optimism::default();
+    let savepoints = Optimism::never();
+    let one = measure(&store, &names("one", 1), &optimistic).await;
+    let two = measure(&store, &names("two", 2), &optimistic).await;
+    let twenty = measure(&store, &names("twenty", 20), &optimistic).await;
+    let duplicates = measure(&store, &names("twenty", 20), &optimistic).await;
+    let two_sp = measure(&store, &names("two-sp", 2), &savepoints).await;
+    let twenty_sp = measure(&store, &names("twenty-sp", 20), &savepoints).await;
     eprintln!(
-        "{backend:?}: (statements, barrier statements) for 1 command {one:?}, 20 commands \
-         {twenty:?}, 20 duplicates {duplicates:?}"
+        "{backend:?}: (statements, barrier statements) for 1 command {one:?}, 2 {two:?}, \
+         20 {twenty:?}, 20 duplicates {duplicates:?}; with savepoints: 2 {two_sp:?}, 20 \
+         {twenty_sp:?}"
     );
     assert_eq!(one.1, 2, "one lookup and one insert");
     assert_eq!(twenty.1, 2, "the same for a batch of 20");
+    assert_eq!(twenty_sp.1, 2, "and with savepoints");
     assert_eq!(
         duplicates.1, 1,
         "duplicates only: the lookup, nothing to insert"
     );
-    // The rest grows by what each handler does (one insert) and one savepoint round trip
-    // (`RELEASE SAVEPOINT sf; SAVEPOINT sf` in one message), not more.
-    assert_eq!(twenty.0 - one.0, 19 * 2, "{one:?} {twenty:?}");
+    // The rest grows by what each handler does (one insert), and with savepoints by one
+    // round trip more per handler (`RELEASE SAVEPOINT sf; SAVEPOINT sf` in one message).
+    assert_eq!(twenty.0 - two.0, 18, "optimistic: {two:?} {twenty:?}");
+    assert_eq!(
+        twenty_sp.0 - two_sp.0,
+        18 * 2,
+        "savepoints: {two_sp:?} {twenty_sp:?}"
+    );
+    // A batch whose handler fails gives its optimistic try up, and the next CAUTIOUS_BATCHES
+    // batches go straight to savepoints: they cost what a savepoint batch costs.
+    let refuse = Handler::Refuse {
+        code: "no".into(),
+        message: "refused".into(),
+    };
+    let insert = Handler::Saga(Arc::new(Insert));
+    let (ctx_a, ctx_b) = (ctx("mixed-a".into()), ctx("mixed-b".into()));
+    let params = json!({});
+    let mixed = [
+        Job {
+            handler: &insert,
+            op: Op::Action,
+            ctx: &ctx_a,
+            params: &params,
+            barrier: true,
+        },
+        Job {
+            handler: &refuse,
+            op: Op::Action,
+            ctx: &ctx_b,
+            params: &params,
+            barrier: true,
+        },
+    ];
+    let run = execute_batch_with(store.pool(), &mixed, &optimistic).await;
+    assert_eq!(run.abandoned, 1, "{run:?}");
+    assert!(matches!(
+        run.results[0].as_ref().unwrap().outcome,
+        Outcome::Ok { .. }
+    ));
+    assert!(matches!(
+        run.results[1].as_ref().unwrap().outcome,
+        Outcome::Business { .. }
+    ));
+    for i in 0..CAUTIOUS_BATCHES {
+        let cautious = measure(&store, &names(&format!("cautious-{i}"), 20), &optimistic).await;
+        assert_eq!(
+            cautious, twenty_sp,
+            "batch {i} after the failure uses savepoints"
+        );
+    }
+    let bold = measure(&store, &names("bold", 20), &optimistic).await;
+    assert_eq!(bold, twenty, "then optimistic again");
     let effects: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM effects")
         .fetch_one(store.pool())
         .await
         .unwrap();
-    assert_eq!(effects, 21);
+    assert_eq!(
+        effects,
+        1 + 2 + 20 + 2 + 20 + 1 + 20 * (CAUTIOUS_BATCHES as i64 + 1)
+    );
     store.pool().close().await;
 }
 

@@ -74,6 +74,9 @@ pub struct Stats {
     /// Database transactions the worker committed: one per batch, plus one per command of a
     /// batch that had to be run one by one.
     pub commits: AtomicU64,
+    /// Batches first tried without savepoints and redone with them because a handler failed
+    /// (see [`barrier::Optimism`]).
+    pub redone_with_savepoints: AtomicU64,
 }
 
 /// Lanes by default: each holds at most one database connection at a time, so a worker
@@ -101,6 +104,7 @@ pub struct Worker {
     faults: Faults,
     lanes: usize,
     batch: usize,
+    optimism: barrier::Optimism,
     pub stats: Arc<Stats>,
 }
 
@@ -120,6 +124,7 @@ impl Worker {
             faults: Faults::default(),
             lanes: DEFAULT_LANES,
             batch: DEFAULT_BATCH,
+            optimism: barrier::Optimism::default(),
             stats: Arc::default(),
         }
     }
@@ -185,6 +190,17 @@ impl Worker {
 
     /// The most commands a lane takes into one batch, i.e. one database transaction
     /// ([`DEFAULT_BATCH`]); 1 handles every command in a transaction of its own.
+    /// Whether batches first run without savepoints (the default, see
+    /// [`barrier::Optimism`]) or always with one per handler.
+    pub fn with_optimistic_batches(mut self, on: bool) -> Self {
+        self.optimism = if on {
+            barrier::Optimism::default()
+        } else {
+            barrier::Optimism::never()
+        };
+        self
+    }
+
     pub fn with_batch(mut self, max: usize) -> Self {
         self.batch = max.max(1);
         self
@@ -397,8 +413,11 @@ impl Worker {
             });
             job_of.push(i);
         }
-        let run = barrier::execute_batch(&self.pool, &jobs).await;
+        let run = barrier::execute_batch_with(&self.pool, &jobs, &self.optimism).await;
         self.stats.commits.fetch_add(run.commits, Ordering::Relaxed);
+        self.stats
+            .redone_with_savepoints
+            .fetch_add(run.abandoned, Ordering::Relaxed);
         let mut weak_results = HashMap::new();
         for (i, result) in job_of.into_iter().zip(run.results) {
             match slots[i].registered.idempotency {

@@ -71,6 +71,7 @@ impl Store {
         self.counters.statement();
         self.counters.commit();
         sqlx::query(self.sql().mark_sent)
+            .persistent(false)
             .bind(id_list(ids))
             .bind(now)
             .execute(&self.relay_pool)
@@ -87,6 +88,7 @@ impl Store {
         self.counters.statement();
         self.counters.commit();
         sqlx::query(self.sql().release_lease)
+            .persistent(false)
             .bind(id_list(ids))
             .execute(&self.relay_pool)
             .await?;

@@ -57,7 +57,8 @@ pub const POSTGRES: Sql = Sql {
     update_sagas: "UPDATE sagas SET status = x.status, state = x.state, version = x.version + x.n, updated_at = $2, \
         finished_at = COALESCE(sagas.finished_at, x.finished) \
         FROM json_to_recordset($1::json) AS x(id text, status text, state text, version bigint, n bigint, finished bigint) \
-        WHERE sagas.id = x.id AND sagas.version = x.version",
+        WHERE sagas.id = x.id AND sagas.version = x.version \
+        AND sagas.id = ANY(ARRAY(SELECT e->>'id' FROM json_array_elements($1::json) AS e))",
     sagas_by_idempotency_key: "SELECT idempotency_key, id FROM sagas \
         WHERE idempotency_key = ANY(ARRAY(SELECT json_array_elements_text($1::json)))",
     upsert_steps: "INSERT INTO saga_steps (saga_id, step_index, step_id, status, attempts, last_error, updated_at) \
