@@ -31,8 +31,8 @@ use crate::engine::{Applied, Engine, EngineError, Incoming, Started};
 use crate::machine::{self, Context, Decision, Event, HistoryEntry, SagaState, StepStatus};
 use crate::machine::{TimerKind, decide, forward_op, operation_name};
 use crate::store::{
-    HistoryRow, NewSaga, OutboxMessage, SagaRow, SagaTable, SagaWrite, StepRow, StoreError,
-    StoreTx, TimerRow, now_ms, step_status_name, timer_id,
+    Changes, HistoryRow, NewSaga, OutboxMessage, SagaRow, SagaTable, SagaWrite, StepRow,
+    StoreError, StoreTx, TimerRow, now_ms, step_status_name, timer_id,
 };
 use crate::transport::command_queue;
 use crate::wire::CommandMsg;
@@ -564,10 +564,16 @@ impl Plan {
         // deadlock.
         let cancelled: Vec<String> = self.cancelled.iter().cloned().collect();
         tx.cancel_timers(&cancelled).await?;
-        tx.update_sagas(&writes, now).await?;
-        tx.upsert_steps(&steps, now).await?;
-        tx.append_history(&self.history, now).await?;
-        tx.enqueue_outbox(&self.outbox, now).await?;
+        tx.write_changes(
+            &Changes {
+                sagas: &writes,
+                steps: &steps,
+                history: &self.history,
+                outbox: &self.outbox,
+            },
+            now,
+        )
+        .await?;
         let timers: Vec<TimerRow> = self.timers.values().cloned().collect();
         tx.set_timers(&timers).await?;
         Ok(())

@@ -355,20 +355,25 @@ async fn a_batch_travels_in_bundles_and_each_key_keeps_its_order() {
         assert_eq!(seen[k], (0..60).collect::<Vec<_>>(), "{k} in batch order");
     }
     drop(c);
+    // Everything was acknowledged: a new consumer sees only what comes next, on each partition.
+    let mut c = t.consume("cmd.test").await.expect("consume");
     for p in 0..2u16 {
-        // Everything was acknowledged: a new consumer sees only what comes next.
         let key = (0..)
             .map(|i| format!("s{i}"))
             .find(|k| partition_of(k, 2) == p)
             .expect("a key");
-        let mut c = t.consume("cmd.test").await.expect("consume");
-        t.publish("cmd.test", msg("after", &key))
+        t.publish("cmd.test", msg(&format!("after-{p}"), &key))
             .await
             .expect("confirmed");
         let d = next(&mut c).await;
-        assert_eq!(d.message.id, "after", "nothing of the bundles came again");
+        assert_eq!(
+            d.message.id,
+            format!("after-{p}"),
+            "nothing of the bundles came again"
+        );
         d.ack().await.expect("ack");
     }
+    drop(c);
     cleanup(&t, &["cmd.test"]).await;
 }
 

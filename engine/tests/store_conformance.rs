@@ -17,7 +17,7 @@ use sagaflow_engine::machine::{Event, HistoryEntry, Op, SagaState, SagaStatus, S
 use sagaflow_engine::status::{self, ListQuery};
 use sagaflow_engine::store::outbox::Claimed;
 use sagaflow_engine::store::{
-    DefinitionTable, ENGINE_MIGRATIONS, HistoryRow, HistoryTable, InboxTable, NewSaga,
+    Changes, DefinitionTable, ENGINE_MIGRATIONS, HistoryRow, HistoryTable, InboxTable, NewSaga,
     OutboxMessage, OutboxTable, PurgeReport, SagaCounts, SagaFilter, SagaQueries, SagaTable,
     SagaWrite, SequenceKeyTable, StepRow, StepTable, Store, StoreError, StoreTx, TimelineRow,
     TimerRow, TimerTable,
@@ -191,6 +191,8 @@ conformance!(
     keys_different_keys_both_hold,
     batches_cost_one_statement_whatever_their_size,
     definitions_are_idempotent_and_latest_is_highest,
+    write_changes_writes_every_table_in_order,
+    write_changes_with_a_stale_saga_writes_nothing,
     read_unknown_saga_is_none_everywhere,
     read_saga_record_header_status_and_timeline,
     read_corrupt_state_is_an_error_naming_the_saga,
@@ -1923,4 +1925,161 @@ async fn retention_purges_in_batches_of_rows_and_sagas(store: Store) {
         assert_eq!(rows_of(&store, id).await, [0, 0, 0, 1, 0, 2], "{id}");
         assert!(purged_at(&store, id).await.is_some(), "{id}");
     }
+}
+
+fn step_row(saga: &str, index: usize, status: &str) -> StepRow {
+    StepRow {
+        saga_id: saga.into(),
+        index,
+        step_id: format!("step-{index}"),
+        status: status.into(),
+        attempts: 1,
+        last_error: None,
+    }
+}
+
+fn history_row(saga: &str, kind: &str) -> HistoryRow {
+    HistoryRow {
+        saga_id: saga.into(),
+        entry: HistoryEntry {
+            kind: kind.into(),
+            step: None,
+            detail: format!("{kind} of {saga}"),
+        },
+    }
+}
+
+async fn kinds(store: &Store, saga: &str) -> Vec<String> {
+    sqlx::query("SELECT kind FROM saga_history WHERE saga_id = $1 ORDER BY id")
+        .bind(saga)
+        .fetch_all(store.pool())
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get("kind").unwrap())
+        .collect()
+}
+
+/// The apply path's one write (one statement on PostgreSQL): what the four table methods
+/// write, in the same order.
+async fn write_changes_writes_every_table_in_order(store: Store) {
+    with_definition(&store).await;
+    insert(&store, &[saga("s1", "k1", None), saga("s2", "k2", None)]).await;
+    let writes = [
+        SagaWrite {
+            id: "s1".into(),
+            expected_version: 0,
+            changes: 2,
+            state: state(SagaStatus::Running, 1),
+        },
+        SagaWrite {
+            id: "s2".into(),
+            expected_version: 0,
+            changes: 1,
+            state: state(SagaStatus::Completed, 3),
+        },
+    ];
+    let steps = [step_row("s1", 0, "running"), step_row("s2", 0, "done")];
+    let history = [
+        history_row("s1", "z-first"),
+        history_row("s2", "only"),
+        history_row("s1", "a-second"),
+    ];
+    let outbox = [message("m-9", "p9"), message("m-1", "p1")];
+    let mut tx = store.begin().await.unwrap();
+    tx.write_changes(
+        &Changes {
+            sagas: &writes,
+            steps: &steps,
+            history: &history,
+            outbox: &outbox,
+        },
+        NOW + 7,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    let s1 = load(&store, "s1").await;
+    assert_eq!((s1.version, s1.finished_at), (2, None));
+    assert_eq!(s1.state, state(SagaStatus::Running, 1));
+    let s2 = load(&store, "s2").await;
+    assert_eq!((s2.version, s2.finished_at), (1, Some(NOW + 7)));
+    let statuses: Vec<(String, String)> =
+        sqlx::query("SELECT saga_id, status FROM saga_steps ORDER BY saga_id")
+            .fetch_all(store.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.try_get("saga_id").unwrap(), r.try_get("status").unwrap()))
+            .collect();
+    assert_eq!(
+        statuses,
+        [
+            ("s1".into(), "running".into()),
+            ("s2".into(), "done".into())
+        ]
+    );
+    assert_eq!(kinds(&store, "s1").await, ["z-first", "a-second"]);
+    assert_eq!(kinds(&store, "s2").await, ["only"]);
+    let queued: Vec<String> = outbox_ids(&store)
+        .await
+        .into_iter()
+        .map(|(_, m, _)| m)
+        .collect();
+    assert_eq!(queued, ["m-9", "m-1"], "outbox ids in slice order");
+
+    // Nothing to write is no statement at all.
+    let before = store.counters().statements();
+    let mut tx = store.begin().await.unwrap();
+    tx.write_changes(&Changes::default(), NOW + 8)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(store.counters().statements(), before);
+}
+
+async fn write_changes_with_a_stale_saga_writes_nothing(store: Store) {
+    with_definition(&store).await;
+    insert(
+        &store,
+        &[saga("fresh", "k1", None), saga("stale", "k2", None)],
+    )
+    .await;
+    update(&store, "stale", 0, 2, state(SagaStatus::Running, 1)).await;
+    let writes = [
+        SagaWrite {
+            id: "fresh".into(),
+            expected_version: 0,
+            changes: 1,
+            state: state(SagaStatus::Running, 50),
+        },
+        SagaWrite {
+            id: "stale".into(),
+            expected_version: 0,
+            changes: 1,
+            state: state(SagaStatus::Running, 51),
+        },
+    ];
+    let history = [history_row("fresh", "moved")];
+    let outbox = [message("m-x", "p")];
+    let mut tx = store.begin().await.unwrap();
+    let err = tx
+        .write_changes(
+            &Changes {
+                sagas: &writes,
+                steps: &[step_row("fresh", 0, "running")],
+                history: &history,
+                outbox: &outbox,
+            },
+            NOW + 5,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "got {err:?}");
+    tx.rollback().await.unwrap();
+    assert_eq!(load(&store, "fresh").await.version, 0);
+    assert_eq!(load(&store, "stale").await.version, 2);
+    assert!(kinds(&store, "fresh").await.is_empty());
+    assert!(outbox_ids(&store).await.is_empty());
 }

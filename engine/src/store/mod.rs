@@ -31,8 +31,9 @@ pub use read::{
 pub use retention::PurgeReport;
 use sql::Sql;
 pub use tx::{
-    DefinitionTable, HistoryRow, HistoryTable, InboxTable, NewSaga, OutboxMessage, OutboxTable,
-    SagaTable, SagaWrite, SequenceKeyTable, StepRow, StepTable, StoreTx, TimerRow, TimerTable, Tx,
+    Changes, DefinitionTable, HistoryRow, HistoryTable, InboxTable, NewSaga, OutboxMessage,
+    OutboxTable, SagaTable, SagaWrite, SequenceKeyTable, StepRow, StepTable, StoreTx, TimerRow,
+    TimerTable, Tx,
 };
 
 #[derive(Debug, thiserror::Error)]

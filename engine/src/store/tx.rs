@@ -184,7 +184,22 @@ pub trait StoreTx:
     + SequenceKeyTable
     + DefinitionTable
 {
+    /// Writes a batch's changes: the sagas (version-checked, as [`SagaTable::update_sagas`]),
+    /// their steps, history and outbox messages. One statement on PostgreSQL
+    /// ([`super::sql::postgres_write_changes`]), one per table on SQLite; the same rows and
+    /// the same errors either way.
+    async fn write_changes(&mut self, changes: &Changes<'_>, now: i64) -> Result<(), StoreError>;
+
     async fn commit(self) -> Result<(), StoreError>;
+}
+
+/// What [`StoreTx::write_changes`] writes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Changes<'a> {
+    pub sagas: &'a [SagaWrite],
+    pub steps: &'a [StepRow],
+    pub history: &'a [HistoryRow],
+    pub outbox: &'a [OutboxMessage],
 }
 
 /// A transaction on the engine's database.
@@ -197,6 +212,84 @@ pub struct Tx {
 
 fn ids_json(ids: &[String]) -> String {
     json(&ids)
+}
+
+fn saga_write_rows(writes: &[SagaWrite], now: i64) -> String {
+    let rows: Vec<Value> = writes
+        .iter()
+        .map(|w| {
+            json!({
+                "id": w.id,
+                "status": w.state.status.name(),
+                "state": json(&w.state),
+                "version": w.expected_version,
+                "n": w.changes,
+                "finished": w.state.status.is_final().then_some(now),
+            })
+        })
+        .collect();
+    json(&rows)
+}
+
+/// A version-checked update wrote `written` of `writes`: anything less is a stale version.
+fn check_written(writes: &[SagaWrite], written: u64) -> Result<(), StoreError> {
+    if written == writes.len() as u64 {
+        return Ok(());
+    }
+    let ids: Vec<&str> = writes.iter().map(|w| w.id.as_str()).collect();
+    Err(StoreError::Conflict(format!(
+        "{} of {} sagas ({})",
+        writes.len() as u64 - written.min(writes.len() as u64),
+        writes.len(),
+        ids.join(", ")
+    )))
+}
+
+fn step_rows(rows: &[StepRow]) -> String {
+    let rows: Vec<Value> = rows
+        .iter()
+        .map(|s| {
+            json!({
+                "saga": s.saga_id,
+                "i": s.index,
+                "step": s.step_id,
+                "status": s.status,
+                "attempts": s.attempts,
+                "err": s.last_error,
+            })
+        })
+        .collect();
+    json(&rows)
+}
+
+fn history_rows(rows: &[HistoryRow]) -> String {
+    let rows: Vec<Value> = rows
+        .iter()
+        .map(|h| {
+            json!({
+                "saga": h.saga_id,
+                "kind": h.entry.kind,
+                "step": h.entry.step,
+                "detail": h.entry.detail,
+            })
+        })
+        .collect();
+    json(&rows)
+}
+
+fn outbox_rows(messages: &[OutboxMessage]) -> String {
+    let rows: Vec<Value> = messages
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.message_id,
+                "dest": m.destination,
+                "key": m.routing_key,
+                "payload": m.payload,
+            })
+        })
+        .collect();
+    json(&rows)
 }
 
 impl Tx {
@@ -281,32 +374,14 @@ impl SagaTable for Tx {
         if writes.is_empty() {
             return Ok(());
         }
-        let rows: Vec<Value> = writes
-            .iter()
-            .map(|w| {
-                json!({
-                    "id": w.id,
-                    "status": w.state.status.name(),
-                    "state": json(&w.state),
-                    "version": w.expected_version,
-                    "n": w.changes,
-                    "finished": w.state.status.is_final().then_some(now),
-                })
-            })
-            .collect();
         let written = self
-            .exec(self.sql.update_sagas, json(&rows), Some(now))
+            .exec(
+                self.sql.update_sagas,
+                saga_write_rows(writes, now),
+                Some(now),
+            )
             .await?;
-        if written != writes.len() as u64 {
-            let ids: Vec<&str> = writes.iter().map(|w| w.id.as_str()).collect();
-            return Err(StoreError::Conflict(format!(
-                "{} of {} sagas ({})",
-                writes.len() as u64 - written.min(writes.len() as u64),
-                writes.len(),
-                ids.join(", ")
-            )));
-        }
-        Ok(())
+        check_written(writes, written)
     }
 
     async fn sagas_by_idempotency_key(
@@ -330,20 +405,7 @@ impl StepTable for Tx {
         if rows.is_empty() {
             return Ok(());
         }
-        let rows: Vec<Value> = rows
-            .iter()
-            .map(|s| {
-                json!({
-                    "saga": s.saga_id,
-                    "i": s.index,
-                    "step": s.step_id,
-                    "status": s.status,
-                    "attempts": s.attempts,
-                    "err": s.last_error,
-                })
-            })
-            .collect();
-        self.exec(self.sql.upsert_steps, json(&rows), Some(now))
+        self.exec(self.sql.upsert_steps, step_rows(rows), Some(now))
             .await?;
         Ok(())
     }
@@ -354,18 +416,7 @@ impl HistoryTable for Tx {
         if rows.is_empty() {
             return Ok(());
         }
-        let rows: Vec<Value> = rows
-            .iter()
-            .map(|h| {
-                json!({
-                    "saga": h.saga_id,
-                    "kind": h.entry.kind,
-                    "step": h.entry.step,
-                    "detail": h.entry.detail,
-                })
-            })
-            .collect();
-        self.exec(self.sql.append_history, json(&rows), Some(now))
+        self.exec(self.sql.append_history, history_rows(rows), Some(now))
             .await?;
         Ok(())
     }
@@ -400,18 +451,7 @@ impl OutboxTable for Tx {
         if messages.is_empty() {
             return Ok(());
         }
-        let rows: Vec<Value> = messages
-            .iter()
-            .map(|m| {
-                json!({
-                    "id": m.message_id,
-                    "dest": m.destination,
-                    "key": m.routing_key,
-                    "payload": m.payload,
-                })
-            })
-            .collect();
-        self.exec(self.sql.enqueue_outbox, json(&rows), Some(now))
+        self.exec(self.sql.enqueue_outbox, outbox_rows(messages), Some(now))
             .await?;
         Ok(())
     }
@@ -643,6 +683,30 @@ impl DefinitionTable for Tx {
 }
 
 impl StoreTx for Tx {
+    async fn write_changes(&mut self, c: &Changes<'_>, now: i64) -> Result<(), StoreError> {
+        if !self.sql.postgres {
+            self.update_sagas(c.sagas, now).await?;
+            self.upsert_steps(c.steps, now).await?;
+            self.append_history(c.history, now).await?;
+            return self.enqueue_outbox(c.outbox, now).await;
+        }
+        if c.sagas.is_empty() && c.steps.is_empty() && c.history.is_empty() && c.outbox.is_empty() {
+            return Ok(());
+        }
+        self.counters.statement();
+        let row = sqlx::query(super::sql::postgres_write_changes())
+            .persistent(false)
+            .bind(saga_write_rows(c.sagas, now))
+            .bind(step_rows(c.steps))
+            .bind(history_rows(c.history))
+            .bind(outbox_rows(c.outbox))
+            .bind(now)
+            .fetch_one(&mut *self.tx)
+            .await?;
+        let written: i64 = row.try_get("updated")?;
+        check_written(c.sagas, u64::try_from(written).unwrap_or(0))
+    }
+
     async fn commit(self) -> Result<(), StoreError> {
         self.counters.commit();
         Ok(self.tx.commit().await?)

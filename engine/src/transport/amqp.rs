@@ -931,6 +931,15 @@ impl Transport for AmqpTransport {
         &self,
         messages: Vec<(String, Message)>,
     ) -> Vec<Result<(), TransportError>> {
+        let (sent, _) = tokio::sync::oneshot::channel();
+        self.publish_batch_staged(messages, sent).await
+    }
+
+    async fn publish_batch_staged(
+        &self,
+        messages: Vec<(String, Message)>,
+        sent: tokio::sync::oneshot::Sender<()>,
+    ) -> Vec<Result<(), TransportError>> {
         let link = match self.link().await {
             Ok(link) => link,
             Err(e) => {
@@ -1025,6 +1034,8 @@ impl Transport for AmqpTransport {
             };
             pending.push((exchange, routing_key, members, sent));
         }
+        // Every frame is written: the caller may send its next batch behind these.
+        let _ = sent.send(());
         let link = &link;
         let confirmed = futures::future::join_all(pending.into_iter().map(
             |(exchange, routing_key, members, sent)| async move {

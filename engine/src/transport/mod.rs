@@ -84,6 +84,19 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
         results
     }
 
+    /// [`publish_batch`](Transport::publish_batch), telling `sent` once every message is
+    /// handed to the broker (before the confirms are in), so a caller can send its next batch
+    /// behind this one — on the wire in order — while the confirms are awaited.
+    async fn publish_batch_staged(
+        &self,
+        messages: Vec<(String, Message)>,
+        sent: tokio::sync::oneshot::Sender<()>,
+    ) -> Vec<Result<(), TransportError>> {
+        let results = self.publish_batch(messages).await;
+        let _ = sent.send(());
+        results
+    }
+
     /// Starts consuming `queue`. Waits while another consumer is active on it.
     async fn consume(&self, queue: &str) -> Result<Box<dyn Consumer>, TransportError>;
 }
