@@ -89,14 +89,12 @@ async fn record(
     coupon_id: &str,
     order_id: &str,
 ) -> Result<(), sqlx::Error> {
-    if record_once(conn, ctx, kind, coupon_id, order_id).await? {
-        Ok(())
-    } else {
-        Err(sqlx::Error::Protocol(format!(
-            "coupon ledger: ({}, {}, {kind}) is already recorded",
-            ctx.saga_id, ctx.step
-        )))
-    }
+    super::first_entry(
+        record_once(conn, ctx, kind, coupon_id, order_id).await?,
+        "coupon",
+        ctx,
+        kind,
+    )
 }
 
 /// Records the transition unless this (saga, step, kind) already has one; false for a replay.

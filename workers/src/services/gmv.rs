@@ -63,12 +63,7 @@ async fn apply(
     kind: &str,
     entry: &Entry,
 ) -> Result<(), sqlx::Error> {
-    if !record_once(conn, ctx, kind, entry).await? {
-        return Err(sqlx::Error::Protocol(format!(
-            "gmv ledger: ({}, {}, {kind}) is already recorded",
-            ctx.saga_id, ctx.step
-        )));
-    }
+    super::first_entry(record_once(conn, ctx, kind, entry).await?, "gmv", ctx, kind)?;
     add(conn, entry).await
 }
 

@@ -165,6 +165,23 @@ pub(crate) fn param_count(params: &Value, name: &str) -> Result<i64, StepError> 
 
 /// The handler's answer to a compensation the definition says never happens (`compensation:
 /// none`): if the engine ever sends one, the saga must stop for an operator, not pretend.
+/// What a ledger's `record_once` returned, where a replay was already ruled out: an entry that
+/// is there already is an error (transient: the retry sees it as the replay it is).
+pub(crate) fn first_entry(
+    inserted: bool,
+    ledger: &str,
+    ctx: &crate::sdk::StepContext,
+    kind: &str,
+) -> Result<(), sqlx::Error> {
+    if inserted {
+        return Ok(());
+    }
+    Err(sqlx::Error::Protocol(format!(
+        "{ledger} ledger: ({}, {}, {kind}) is already recorded",
+        ctx.saga_id, ctx.step
+    )))
+}
+
 pub(crate) fn irreversible(what: &str) -> StepError {
     StepError::business("irreversible", format!("{what} cannot be undone"))
 }

@@ -89,14 +89,12 @@ async fn record(
     kind: &str,
     entry: &Entry,
 ) -> Result<(), sqlx::Error> {
-    if record_once(conn, ctx, kind, entry).await? {
-        Ok(())
-    } else {
-        Err(sqlx::Error::Protocol(format!(
-            "points ledger: ({}, {}, {kind}) is already recorded",
-            ctx.saga_id, ctx.step
-        )))
-    }
+    super::first_entry(
+        record_once(conn, ctx, kind, entry).await?,
+        "points",
+        ctx,
+        kind,
+    )
 }
 
 /// Records the entry unless this (saga, step, kind) already has one; false for a replay.
