@@ -12,7 +12,7 @@
 //! the engine's.
 //!
 //! Load: closed loop by default (`--concurrency` sagas in flight), or open loop with `--rate R`
-//! (R starts per second, whatever completes). Starts go through [`start_orders`].
+//! (R starts per second, whatever completes). Starts go through [`crate::dev::start_orders`].
 //!
 //! The bench starts sagas in the shared database and relays the outbox itself (a relay among
 //! the engines' relays: rows are claimed with SKIP LOCKED), so a start is on the broker within
@@ -43,8 +43,6 @@ use crate::dev::{
 };
 use crate::serve::AmqpArgs;
 
-/// Starts per transaction in [`start_orders`].
-const START_CHUNK: usize = 256;
 /// The bench's own pool: the starts, its relay and its count.
 const BENCH_POOL: u32 = 4;
 /// How often the bench counts final sagas: one statement, which PostgreSQL counts as a commit.
@@ -116,23 +114,6 @@ fn positive_rate(s: &str) -> Result<f64, String> {
             "`{s}` is not a positive number of starts per second"
         )),
     }
-}
-
-/// Starts these orders of `graph`. The one place the bench (and `sagaflow dev`) starts sagas:
-/// for now concurrent single starts, one transaction each.
-pub async fn start_orders(
-    engine: &Engine,
-    graph: &Arc<SagaGraph>,
-    orders: &[Value],
-) -> anyhow::Result<()> {
-    // One transaction per chunk: the engine's batch path, as the start queue's consumer uses it.
-    for chunk in orders.chunks(START_CHUNK) {
-        let batch = chunk.iter().map(|o| (o.clone(), None)).collect();
-        for started in engine.start_many(graph, batch).await {
-            started.context("starting an order")?;
-        }
-    }
-    Ok(())
 }
 
 /// CPU time (user + system) of a process in clock ticks, from `/proc/<pid>/stat`.
@@ -596,7 +577,7 @@ async fn bench(
             let room = args.concurrency.saturating_sub(unfinished);
             let end = (next + room).min(args.orders);
             let batch: Vec<Value> = (next..end).map(|i| sample_order(run_id, i)).collect();
-            if let Err(e) = start_orders(&engine, &graph, &batch).await {
+            if let Err(e) = crate::dev::start_orders(&engine, &graph, &batch).await {
                 break Err(e);
             }
             next = end;
@@ -926,7 +907,7 @@ async fn start_at_rate(
         }
         let end = due.min(next + CHUNK);
         let batch: Vec<Value> = (next..end).map(|i| sample_order(&run_id, i)).collect();
-        start_orders(&engine, &graph, &batch).await?;
+        crate::dev::start_orders(&engine, &graph, &batch).await?;
         max_lag = max_lag.max(Instant::now().saturating_duration_since(scheduled(next)));
         next = end;
     }

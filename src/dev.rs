@@ -202,7 +202,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         // Keep `concurrency` sagas in flight (resumed ones count too).
         let room = args.concurrency.saturating_sub(unfinished) as usize;
         let end = (next + room).min(orders.len());
-        crate::bench::start_orders(&engine, &graph, &orders[next..end])
+        start_orders(&engine, &graph, &orders[next..end])
             .await
             .context("starting a sample order")?;
         next = end;
@@ -431,4 +431,25 @@ pub(crate) fn fmt_counts(m: &BTreeMap<String, u64>) -> String {
         .map(|(k, v)| format!("{v} {k}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Starts per transaction in [`start_orders`].
+const START_CHUNK: usize = 256;
+
+/// Starts these orders of `graph`. The one place `sagaflow dev` and the bench start sagas: in
+/// chunks of [`START_CHUNK`], one transaction each (the engine's batch path, as the start
+/// queue's consumer uses it).
+pub async fn start_orders(
+    engine: &Engine,
+    graph: &Arc<sagaflow_dsl::SagaGraph>,
+    orders: &[serde_json::Value],
+) -> anyhow::Result<()> {
+    // One transaction per chunk: the engine's batch path, as the start queue's consumer uses it.
+    for chunk in orders.chunks(START_CHUNK) {
+        let batch = chunk.iter().map(|o| (o.clone(), None)).collect();
+        for started in engine.start_many(graph, batch).await {
+            started.context("starting an order")?;
+        }
+    }
+    Ok(())
 }
