@@ -304,19 +304,21 @@ async fn load(store: &Store, id: &str) -> sagaflow_engine::store::SagaRow {
     rows.remove(0)
 }
 
+/// A version-checked write of `id` from version `expected`.
+fn write(id: &str, expected: i64, changes: i64, state: SagaState) -> SagaWrite {
+    SagaWrite {
+        id: id.to_owned(),
+        expected_version: expected,
+        changes,
+        state,
+    }
+}
+
 async fn update(store: &Store, id: &str, expected: i64, changes: i64, st: SagaState) {
     let mut tx = store.begin().await.unwrap();
-    tx.update_sagas(
-        &[SagaWrite {
-            id: id.to_owned(),
-            expected_version: expected,
-            changes,
-            state: st,
-        }],
-        NOW + 1,
-    )
-    .await
-    .unwrap();
+    tx.update_sagas(&[write(id, expected, changes, st)], NOW + 1)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
 }
 
@@ -511,12 +513,7 @@ async fn stale_version_conflicts_and_rolls_back(store: Store) {
     let mut tx = store.begin().await.unwrap();
     let err = tx
         .update_sagas(
-            &[SagaWrite {
-                id: "s1".into(),
-                expected_version: 0,
-                changes: 1,
-                state: state(SagaStatus::Completed, 99),
-            }],
+            &[write("s1", 0, 1, state(SagaStatus::Completed, 99))],
             NOW + 5,
         )
         .await
@@ -543,18 +540,8 @@ async fn one_stale_saga_fails_the_whole_update(store: Store) {
     let err = tx
         .update_sagas(
             &[
-                SagaWrite {
-                    id: "fresh".into(),
-                    expected_version: 0,
-                    changes: 1,
-                    state: state(SagaStatus::Running, 50),
-                },
-                SagaWrite {
-                    id: "stale".into(),
-                    expected_version: 0,
-                    changes: 1,
-                    state: state(SagaStatus::Running, 51),
-                },
+                write("fresh", 0, 1, state(SagaStatus::Running, 50)),
+                write("stale", 0, 1, state(SagaStatus::Running, 51)),
             ],
             NOW + 5,
         )
@@ -1088,11 +1075,13 @@ async fn batches_cost_one_statement_whatever_their_size(store: Store) {
 
     let writes = |prefix: &str, n: usize| -> Vec<SagaWrite> {
         (0..n)
-            .map(|i| SagaWrite {
-                id: format!("{prefix}-{i}"),
-                expected_version: 0,
-                changes: 1,
-                state: state(SagaStatus::Running, i as u64),
+            .map(|i| {
+                write(
+                    &format!("{prefix}-{i}"),
+                    0,
+                    1,
+                    state(SagaStatus::Running, i as u64),
+                )
             })
             .collect()
     };
@@ -1235,17 +1224,9 @@ async fn insert_at(store: &Store, id: &str, key: &str, at: i64) {
 /// Moves a saga at version `expected` to `status` at `at` (a final status sets `finished_at`).
 async fn move_to(store: &Store, id: &str, expected: i64, status: SagaStatus, at: i64) {
     let mut tx = store.begin().await.unwrap();
-    tx.update_sagas(
-        &[SagaWrite {
-            id: id.to_owned(),
-            expected_version: expected,
-            changes: 1,
-            state: state(status, 0),
-        }],
-        at,
-    )
-    .await
-    .unwrap();
+    tx.update_sagas(&[write(id, expected, 1, state(status, 0))], at)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
 }
 
@@ -1966,18 +1947,8 @@ async fn write_changes_writes_every_table_in_order(store: Store) {
     with_definition(&store).await;
     insert(&store, &[saga("s1", "k1", None), saga("s2", "k2", None)]).await;
     let writes = [
-        SagaWrite {
-            id: "s1".into(),
-            expected_version: 0,
-            changes: 2,
-            state: state(SagaStatus::Running, 1),
-        },
-        SagaWrite {
-            id: "s2".into(),
-            expected_version: 0,
-            changes: 1,
-            state: state(SagaStatus::Completed, 3),
-        },
+        write("s1", 0, 2, state(SagaStatus::Running, 1)),
+        write("s2", 0, 1, state(SagaStatus::Completed, 3)),
     ];
     let steps = [step_row("s1", 0, "running"), step_row("s2", 0, "done")];
     let history = [
@@ -2048,18 +2019,8 @@ async fn write_changes_with_a_stale_saga_writes_nothing(store: Store) {
     .await;
     update(&store, "stale", 0, 2, state(SagaStatus::Running, 1)).await;
     let writes = [
-        SagaWrite {
-            id: "fresh".into(),
-            expected_version: 0,
-            changes: 1,
-            state: state(SagaStatus::Running, 50),
-        },
-        SagaWrite {
-            id: "stale".into(),
-            expected_version: 0,
-            changes: 1,
-            state: state(SagaStatus::Running, 51),
-        },
+        write("fresh", 0, 1, state(SagaStatus::Running, 50)),
+        write("stale", 0, 1, state(SagaStatus::Running, 51)),
     ];
     let history = [history_row("fresh", "moved")];
     let outbox = [message("m-x", "p")];

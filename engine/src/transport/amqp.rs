@@ -727,7 +727,11 @@ impl AmqpTransport {
             transport: self.clone(),
             queue: logical.to_owned(),
         };
-        let is_bundle = header_str(&d.properties, BUNDLE_HEADER).is_some();
+        let is_bundle = d
+            .properties
+            .headers()
+            .as_ref()
+            .is_some_and(|h| h.inner().contains_key(BUNDLE_HEADER));
         let message = to_message(&d.properties, d.data);
         if !is_bundle {
             return vec![Delivery::new(message, d.redelivered, Box::new(acker))];
