@@ -523,7 +523,7 @@ async fn bench(
 
     // This process relays the outbox too (its starts' first commands, promptly).
     let (stop, stopped) = watch::channel(false);
-    let relay = tokio::spawn(relay(engine.clone(), stopped.clone()));
+    let relay = tokio::spawn(engine.clone().relay(stopped.clone()));
 
     let bar = ProgressBar::new(args.orders);
     bar.set_style(
@@ -700,10 +700,7 @@ async fn bench(
     let check = Store::connect(&dbs.engine_url, 2).await?;
     let summary = summarize(&check, run_started_ms).await?;
     // Before `conn` is taken: the store reads on a connection of its own.
-    let commands = check
-        .outbox_written_since(run_started_ms)
-        .await
-        .unwrap_or(0);
+    let commands = check.dispatched_since(run_started_ms).await.unwrap_or(0);
     let mut conn = check.pool().acquire().await?;
     let mut outcomes = services::outcomes(&mut conn).await?;
     let violations = if dbs.split() {
@@ -964,20 +961,6 @@ async fn commits(
         out.insert(r.try_get("d")?, (r.try_get("c")?, r.try_get("r")?));
     }
     Ok(out)
-}
-
-async fn relay(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
-    while !*stop.borrow() {
-        match engine.relay_once().await {
-            Ok(n) if n > 0 => {}
-            _ => {
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(5)) => {}
-                    _ = stop.changed() => {}
-                }
-            }
-        }
-    }
 }
 
 /// (final, unfinished) among the sagas started since `since`: one statement.

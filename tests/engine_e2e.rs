@@ -44,7 +44,12 @@ on_both_backends!(happy_path_each_effect_once, |url: String| async move {
         .unwrap();
     assert_eq!(n, 20 * 5);
     drop(conn);
+    let engine = sys.engine.clone();
     sys.stop().await;
+    // Every command went from the commit that wrote it straight to the relay: none had to be
+    // claimed, and the outbox is empty.
+    assert_eq!(engine.metrics().outbox_rows(), (20 * 5, 0));
+    assert_eq!(engine.store().outbox_stats().await.unwrap().pending, 0);
 });
 
 on_both_backends!(

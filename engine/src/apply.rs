@@ -30,11 +30,12 @@ use serde_json::Value;
 use crate::engine::{Applied, Engine, EngineError, Incoming, Started};
 use crate::machine::{self, Context, Decision, Event, HistoryEntry, SagaState, StepStatus};
 use crate::machine::{TimerKind, decide, forward_op, operation_name};
+use crate::store::outbox::Claimed;
 use crate::store::{
     Changes, HistoryRow, NewSaga, OutboxMessage, SagaRow, SagaTable, SagaWrite, StepRow,
     StoreError, StoreTx, TimerRow, now_ms, step_status_name, timer_id,
 };
-use crate::transport::command_queue;
+use crate::transport::{Message, command_queue};
 use crate::wire::CommandMsg;
 
 /// A saga start, its input already checked (see [`crate::input`]).
@@ -154,9 +155,19 @@ impl Engine {
                 self.metrics().saga_started();
             }
         }
-        if !plan.outbox.is_empty() {
-            self.outbox_ready();
-        }
+        let handed_off: Vec<Claimed> = std::mem::take(&mut plan.outbox)
+            .into_iter()
+            .filter(|m| m.handed_off)
+            .map(|m| Claimed {
+                destination: m.destination,
+                message: Message {
+                    id: m.message_id,
+                    key: m.routing_key,
+                    payload: m.payload.into_bytes(),
+                },
+            })
+            .collect();
+        self.handoff().push(handed_off);
         if let Some(due) = plan.timers.values().map(|t| t.due_at).min() {
             self.timer_set(due);
         }
@@ -420,7 +431,8 @@ impl Engine {
             return false;
         }
         for c in &commands {
-            plan.outbox.push(outbox_message(&w.graph, &w.row, c));
+            plan.outbox
+                .push(outbox_message(&w.graph, &w.row, c, self.handoff().active()));
         }
         for t in &timers {
             let id = timer_id(saga_id, t);
@@ -580,7 +592,13 @@ impl Plan {
     }
 }
 
-fn outbox_message(graph: &SagaGraph, saga: &SagaRow, c: &machine::Command) -> OutboxMessage {
+/// `handed_off`: this engine's relay runs, and is given the row after the commit.
+fn outbox_message(
+    graph: &SagaGraph,
+    saga: &SagaRow,
+    c: &machine::Command,
+    handed_off: bool,
+) -> OutboxMessage {
     let kind = &graph.step(c.step).kind;
     let msg = CommandMsg {
         saga_id: saga.id.clone(),
@@ -600,6 +618,7 @@ fn outbox_message(graph: &SagaGraph, saga: &SagaRow, c: &machine::Command) -> Ou
         destination: command_queue(&c.service),
         routing_key: saga.sequence_key.clone(),
         payload: serde_json::to_string(&msg).unwrap_or_default(),
+        handed_off,
     }
 }
 

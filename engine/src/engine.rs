@@ -87,7 +87,8 @@ pub struct Engine {
     pub(crate) graphs: RwLock<HashMap<String, Arc<SagaGraph>>>,
     /// Definition name → hash of the latest registered version.
     pub(crate) names: RwLock<HashMap<String, String>>,
-    outbox_ready: Notify,
+    /// Outbox rows this engine committed, on their way to its relay.
+    handoff: crate::relay::Handoff,
     metrics: Metrics,
     timers_changed: Notify,
     /// When the timer loop plans to look next (ms); a timer due earlier wakes it.
@@ -101,7 +102,7 @@ impl Engine {
             transport,
             graphs: RwLock::default(),
             names: RwLock::default(),
-            outbox_ready: Notify::new(),
+            handoff: crate::relay::Handoff::default(),
             metrics: Metrics::new(),
             timers_changed: Notify::new(),
             next_timer_check: AtomicI64::new(0),
@@ -121,13 +122,9 @@ impl Engine {
         &self.metrics
     }
 
-    /// New outbox rows were committed: wake the relay.
-    pub(crate) fn outbox_ready(&self) {
-        self.outbox_ready.notify_one();
-    }
-
-    pub(crate) async fn outbox_ready_notified(&self) {
-        self.outbox_ready.notified().await;
+    /// Where committed outbox rows go to this engine's relay.
+    pub(crate) fn handoff(&self) -> &crate::relay::Handoff {
+        &self.handoff
     }
 
     /// A timer due at `due` was committed: wake the timer loop if it planned to sleep past it.
@@ -212,7 +209,8 @@ impl Engine {
 
     /// Runs the loops until `shutdown` turns true.
     pub async fn run(self: Arc<Self>, shutdown: watch::Receiver<bool>) -> Result<(), EngineError> {
-        let relay = tokio::spawn(self.clone().relay_loop(shutdown.clone()));
+        let active = crate::relay::Active::new(self.clone());
+        let relay = tokio::spawn(self.clone().relay_loop(shutdown.clone(), active));
         let timers = tokio::spawn(self.clone().timer_loop(shutdown.clone()));
         let replies = tokio::spawn(
             self.clone()

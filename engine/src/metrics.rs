@@ -9,6 +9,7 @@
 //! | `sagaflow_compensations_total` | counter | undo operations (compensate, TCC cancel) started on steps |
 //! | `sagaflow_dead_letters_total{queue}` | counter | messages set aside because they can never be handled |
 //! | `sagaflow_outbox_published_total` | counter | outbox rows published and confirmed by the relay |
+//! | `sagaflow_outbox_claimed_total` | counter | outbox rows the relay had to claim rather than being handed them by its own engine's commits: written by another process (an operator's CLI), given back after a failed publish, or left by an engine that died |
 //! | `sagaflow_outbox_pending` | gauge | unsent outbox rows (read from the database at scrape time) |
 //! | `sagaflow_outbox_lag_seconds` | gauge | age of the oldest unsent outbox row, 0 when none (scrape time) |
 //!
@@ -88,6 +89,7 @@ pub struct Metrics {
     compensations: Counter,
     dead_letters: Family<QueueLabels, Counter>,
     outbox_published: Counter,
+    outbox_claimed: Counter,
     outbox_pending: Gauge,
     outbox_lag: Gauge<f64, AtomicU64>,
     /// (saga id, step index) → the attempt in flight and when it was dispatched.
@@ -194,6 +196,12 @@ impl Metrics {
             "Outbox rows published and confirmed by this engine's relay",
             outbox_published.clone(),
         );
+        let outbox_claimed = Counter::default();
+        registry.register(
+            "sagaflow_outbox_claimed",
+            "Outbox rows this engine's relay claimed instead of being handed them by its own commits",
+            outbox_claimed.clone(),
+        );
         let outbox_pending = Gauge::default();
         registry.register(
             "sagaflow_outbox_pending",
@@ -216,6 +224,7 @@ impl Metrics {
             compensations,
             dead_letters,
             outbox_published,
+            outbox_claimed,
             outbox_pending,
             outbox_lag,
             in_flight: Mutex::default(),
@@ -228,9 +237,19 @@ impl Metrics {
         self.sagas_started.inc();
     }
 
-    /// The relay published and marked `n` outbox rows.
+    /// The relay published `n` outbox rows, and the broker confirmed them.
     pub(crate) fn published(&self, n: usize) {
         self.outbox_published.inc_by(n as u64);
+    }
+
+    /// The relay claimed `n` outbox rows.
+    pub(crate) fn claimed(&self, n: usize) {
+        self.outbox_claimed.inc_by(n as u64);
+    }
+
+    /// (published, claimed) outbox rows so far: what the two counters say.
+    pub fn outbox_rows(&self) -> (u64, u64) {
+        (self.outbox_published.get(), self.outbox_claimed.get())
     }
 
     /// A message of `queue` was dead-lettered.

@@ -1,12 +1,19 @@
-//! The outbox relay: publishes committed outbox rows and marks them sent once the broker has
+//! The outbox relay: publishes committed outbox rows and deletes them once the broker has
 //! confirmed them.
 //!
-//! A round is three steps and never holds a database transaction open while the broker works:
-//! claim a batch (one statement, a lease: [`crate::store::outbox`]), publish it pipelined in
-//! outbox order — every message sent, then every confirm awaited — and mark the confirmed ones
-//! sent (one statement). The next round's claim waits until this round is on the wire, not
-//! until it is confirmed. What was not confirmed is given back at once and sent again later;
+//! A round never holds a database transaction open while the broker works: take a batch,
+//! publish it pipelined in order — every message sent, then every confirm awaited — and delete
+//! the confirmed rows (one statement). The next round is taken once this one is on the wire,
+//! not once it is confirmed. What was not confirmed is given back at once and sent again later;
 //! receivers deduplicate.
+//!
+//! A batch comes from one of two places:
+//! - **the hand-off**: the rows this engine's own transactions just committed, passed in memory
+//!   in commit order ([`Handoff`]). No claim statement, and no wait for a poll: the usual path.
+//! - **a claim** (one statement, a lease: [`crate::store::outbox`]) for the rest: rows written
+//!   by a process without a relay (an operator's CLI), given back after a failed publish, or
+//!   left by an engine that died. The relay claims when the hand-off is idle, at most every
+//!   [`CLAIM_EVERY`], and at least every [`CLAIM_AT_LEAST`] under load.
 //!
 //! Per-key order on the wire: one relay publishes a batch in outbox order on one channel. Rows
 //! of one key claimed by two engines' relays at once could cross, but the engine writes a
@@ -14,38 +21,132 @@
 //! causally ordered anyway; what may cross are retries of one step, which the worker's barrier
 //! and attempt numbers make harmless.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
-use std::sync::atomic::{AtomicU32, Ordering};
-
-use tokio::sync::{Semaphore, watch};
-use tracing::warn;
+use tokio::sync::{Notify, Semaphore, watch};
+use tracing::{debug, warn};
 
 use crate::engine::{Engine, EngineError, backoff};
 use crate::store::now_ms;
 use crate::store::outbox::Claimed;
 
-/// Rows claimed at once.
+/// Rows sent in one round at most.
 const BATCH: usize = 500;
 /// How long a claim is ours; a relay that died is replaced after this. Longer than the
 /// transport's confirm timeout (30 s), so rows still waiting for a confirm are never claimed
 /// and sent again by another round.
 const LEASE_MS: i64 = 60_000;
 
-/// Claimed batches waiting for their confirms at once. The next batch is claimed once the
-/// previous one is on the wire (not confirmed), so batches go out in outbox order. Measured
-/// (one run each, `sagaflow bench`): 4 against 2 rounds, 638 against 622 sagas/s closed loop and
-/// p50 259 against 301 ms at `--rate 300` — within the noise, so no more than that.
+/// Batches waiting for their confirms at once. The next batch is taken once the previous one
+/// is on the wire (not confirmed), so batches go out in order. Measured (one run each,
+/// `sagaflow bench`): 4 against 2 rounds, 638 against 622 sagas/s closed loop and p50 259
+/// against 301 ms at `--rate 300` — within the noise, so no more than that.
 const ROUNDS: usize = 4;
 
+/// The idle relay claims this often (rows of other writers, see the module's doc).
+const CLAIM_EVERY: Duration = Duration::from_millis(200);
+/// And a busy one at least this often, so a steady hand-off cannot starve the others.
+const CLAIM_AT_LEAST: Duration = Duration::from_secs(1);
+
+/// Messages the hand-off holds at most; the rows of a commit that finds it full are left to a
+/// claim (after their grace), so a stalled broker cannot grow the engine's memory.
+const HANDOFF_CAPACITY: usize = 50_000;
+
+/// Outbox rows committed by this engine, waiting for its relay, in commit order.
+#[derive(Debug, Default)]
+pub(crate) struct Handoff {
+    queue: Mutex<VecDeque<Claimed>>,
+    ready: Notify,
+    /// This engine's relay loop runs: its transactions may hand rows off.
+    active: AtomicBool,
+}
+
+impl Handoff {
+    /// Whether rows written now will be sent by this engine's relay (else they are written
+    /// free for any relay to claim).
+    pub(crate) fn active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Queues a commit's rows; false if the hand-off is full (they are claimed later instead).
+    pub(crate) fn push(&self, rows: Vec<Claimed>) -> bool {
+        if rows.is_empty() {
+            return true;
+        }
+        {
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if queue.len() + rows.len() > HANDOFF_CAPACITY {
+                debug!(
+                    rows = rows.len(),
+                    "outbox hand-off full; the rows wait for a claim"
+                );
+                return false;
+            }
+            queue.extend(rows);
+        }
+        self.ready.notify_one();
+        true
+    }
+
+    /// Up to `max` rows, oldest first.
+    fn take(&self, max: usize) -> Vec<Claimed> {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let n = queue.len().min(max);
+        queue.drain(..n).collect()
+    }
+
+    fn drain(&self) -> Vec<Claimed> {
+        self.take(usize::MAX)
+    }
+}
+
+/// Marks the hand-off active from before a relay loop is spawned until it ends (however it
+/// ends), so that every commit after [`Engine::run`] or [`Engine::relay`] was called hands its
+/// rows off.
+pub(crate) struct Active(Arc<Engine>);
+
+impl Active {
+    pub(crate) fn new(engine: Arc<Engine>) -> Self {
+        engine.handoff().active.store(true, Ordering::Release);
+        Active(engine)
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.handoff().active.store(false, Ordering::Release);
+    }
+}
+
 impl Engine {
+    /// Runs this engine's outbox relay alone (what [`Engine::run`] runs beside the other
+    /// loops) until `shutdown` turns true.
+    pub async fn relay(
+        self: Arc<Self>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(), EngineError> {
+        let active = Active::new(self.clone());
+        self.relay_loop(shutdown, active).await
+    }
+
+    /// Whether this engine's relay runs (its commits hand their outbox rows to it).
+    pub fn relay_running(&self) -> bool {
+        self.handoff().active()
+    }
+
     pub(crate) async fn relay_loop(
         self: Arc<Self>,
         mut shutdown: watch::Receiver<bool>,
+        active: Active,
     ) -> Result<(), EngineError> {
+        let handoff = self.handoff();
         let rounds = Arc::new(Semaphore::new(ROUNDS));
         let failures = Arc::new(AtomicU32::new(0));
+        let mut last_claim: Option<Instant> = None;
         while !*shutdown.borrow() {
             let failed = failures.load(Ordering::Relaxed);
             if failed > 0 {
@@ -57,88 +158,112 @@ impl Engine {
             let Ok(permit) = rounds.clone().acquire_owned().await else {
                 break;
             };
-            match self.store().claim_outbox(now_ms(), LEASE_MS, BATCH).await {
-                Ok(claimed) if claimed.is_empty() => {
-                    drop(permit);
-                    tokio::select! {
-                        () = self.outbox_ready_notified() => {}
-                        () = tokio::time::sleep(Duration::from_millis(200)) => {}
-                        _ = shutdown.changed() => {}
+            let since_claim = last_claim.map_or(Duration::MAX, |t| t.elapsed());
+            let mut batch = if since_claim >= CLAIM_AT_LEAST {
+                Vec::new()
+            } else {
+                handoff.take(BATCH)
+            };
+            if batch.is_empty() && since_claim >= CLAIM_EVERY {
+                last_claim = Some(Instant::now());
+                match self.store().claim_outbox(now_ms(), LEASE_MS, BATCH).await {
+                    Ok(claimed) => {
+                        self.metrics().claimed(claimed.len());
+                        batch = claimed;
+                    }
+                    Err(e) => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        warn!(error = %e, "outbox relay could not claim rows; retrying");
                     }
                 }
-                Ok(claimed) => {
-                    let (engine, failures) = (self.clone(), failures.clone());
-                    let (sent, on_the_wire) = tokio::sync::oneshot::channel();
-                    tokio::spawn(async move {
-                        match engine.send_claimed(claimed, sent).await {
-                            Ok(_) => failures.store(0, Ordering::Relaxed),
-                            Err(e) => {
-                                failures.fetch_add(1, Ordering::Relaxed);
-                                warn!(error = %e, "outbox relay failed; retrying");
-                            }
-                        }
-                        drop(permit);
-                    });
-                    // The next claim goes out behind this batch, not beside it: wire order is
-                    // outbox order. Its confirms are awaited meanwhile.
-                    let _ = on_the_wire.await;
-                }
-                Err(e) => {
-                    drop(permit);
-                    failures.fetch_add(1, Ordering::Relaxed);
-                    warn!(error = %e, "outbox relay failed; retrying");
+                if batch.is_empty() {
+                    batch = handoff.take(BATCH);
                 }
             }
+            if batch.is_empty() {
+                drop(permit);
+                let wait =
+                    CLAIM_EVERY.saturating_sub(last_claim.map_or(Duration::ZERO, |t| t.elapsed()));
+                tokio::select! {
+                    () = handoff.ready.notified() => {}
+                    () = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            let (engine, failures) = (self.clone(), failures.clone());
+            let (sent, on_the_wire) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                match engine.send_claimed(batch, sent).await {
+                    Ok(_) => failures.store(0, Ordering::Relaxed),
+                    Err(e) => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        warn!(error = %e, "outbox relay failed; retrying");
+                    }
+                }
+                drop(permit);
+            });
+            // The next batch goes out behind this one, not beside it: wire order is outbox
+            // order. Its confirms are awaited meanwhile.
+            let _ = on_the_wire.await;
         }
-        // What is in flight finishes (or its lease runs out if we are killed first).
+        drop(active);
+        // What is in flight finishes (or its lease runs out if we are killed first); what was
+        // handed off and not sent yet is given back for the next relay to claim at once.
         let _ = rounds.acquire_many(ROUNDS as u32).await;
+        let left: Vec<String> = handoff.drain().into_iter().map(|c| c.message.id).collect();
+        if let Err(e) = self.store().release_lease(&left).await {
+            warn!(error = %e, rows = left.len(), "could not give unsent outbox rows back; they are claimed after their grace");
+        }
         Ok(())
     }
 
-    /// Publishes one batch of unsent outbox rows; returns how many were sent.
+    /// Publishes one batch of outbox rows that any relay may claim now; returns how many were
+    /// sent.
     pub async fn relay_once(&self) -> Result<usize, EngineError> {
         let claimed = self.store().claim_outbox(now_ms(), LEASE_MS, BATCH).await?;
         if claimed.is_empty() {
             return Ok(0);
         }
+        self.metrics().claimed(claimed.len());
         let (sent, _) = tokio::sync::oneshot::channel();
         self.send_claimed(claimed, sent).await
     }
 
-    /// Publishes claimed rows in order, then marks the confirmed ones sent and gives the others
-    /// back.
+    /// Publishes rows in order, then deletes the confirmed ones and gives the others back.
     async fn send_claimed(
         &self,
         claimed: Vec<Claimed>,
         sent: tokio::sync::oneshot::Sender<()>,
     ) -> Result<usize, EngineError> {
+        let total = claimed.len();
+        let ids: Vec<String> = claimed.iter().map(|c| c.message.id.clone()).collect();
         let messages = claimed
-            .iter()
-            .map(|c| (c.destination.clone(), c.message.clone()))
+            .into_iter()
+            .map(|c| (c.destination, c.message))
             .collect();
         let confirms = self.transport().publish_batch_staged(messages, sent).await;
-        let mut sent = Vec::with_capacity(claimed.len());
+        let mut sent = Vec::with_capacity(total);
         let mut back = Vec::new();
-        for (c, confirm) in claimed.iter().zip(confirms) {
+        for (id, confirm) in ids.into_iter().zip(confirms) {
             match confirm {
-                Ok(()) => sent.push(c.id),
+                Ok(()) => sent.push(id),
                 Err(e) => {
                     warn!(error = %e, "publish not confirmed; will resend");
-                    back.push(c.id);
+                    back.push(id);
                 }
             }
         }
-        self.store().mark_sent(&sent, now_ms()).await?;
+        self.store().delete_sent(&sent).await?;
         if let Err(e) = self.store().release_lease(&back).await {
-            // Their lease runs out on its own.
+            // Their lease (or grace) runs out on its own.
             warn!(error = %e, "could not give unconfirmed outbox rows back");
         }
         self.metrics().published(sent.len());
         if sent.is_empty() {
             // Nothing went out (broker down?): an error, so the relay loop backs off.
             return Err(EngineError::Refused(format!(
-                "none of {} outbox messages was confirmed by the broker",
-                claimed.len()
+                "none of {total} outbox messages was confirmed by the broker"
             )));
         }
         Ok(sent.len())

@@ -98,7 +98,6 @@ pub async fn run(store: Store, cfg: Retention, shutdown: watch::Receiver<bool>) 
                     sagas = total.sagas,
                     history = total.history,
                     inbox = total.inbox,
-                    outbox = total.outbox,
                     timers = total.timers,
                     "retention: purged the rows of finished sagas"
                 );

@@ -15,7 +15,7 @@ use sagaflow_engine::EngineError;
 use sagaflow_engine::machine::TimerKind;
 use sagaflow_engine::machine::{Event, HistoryEntry, Op, SagaState, SagaStatus, StepStatus};
 use sagaflow_engine::status::{self, ListQuery};
-use sagaflow_engine::store::outbox::Claimed;
+use sagaflow_engine::store::outbox::{Claimed, HANDOFF_GRACE_MS};
 use sagaflow_engine::store::{
     Changes, DefinitionTable, ENGINE_MIGRATIONS, HistoryRow, HistoryTable, InboxTable, NewSaga,
     OutboxMessage, OutboxTable, PurgeReport, SagaCounts, SagaFilter, SagaQueries, SagaTable,
@@ -181,6 +181,7 @@ conformance!(
     outbox_claim_leases_rows,
     outbox_sent_rows_are_never_claimed,
     outbox_released_rows_are_claimable_at_once,
+    outbox_handed_off_rows_wait_their_grace,
     outbox_claims_split_without_overlap,
     timers_claim_once_cancel_and_order,
     keys_one_call_first_holds_second_queues,
@@ -263,6 +264,7 @@ fn message(id: &str, payload: &str) -> OutboxMessage {
         destination: "payment.commands".to_owned(),
         routing_key: format!("key-{id}"),
         payload: payload.to_owned(),
+        handed_off: false,
     }
 }
 
@@ -413,7 +415,7 @@ async fn empty_batches_are_free_no_ops(store: Store) {
     assert!(tx.acquire_keys(&[]).await.unwrap().is_empty());
     assert!(tx.release_keys(&[]).await.unwrap().is_empty());
     tx.commit().await.unwrap();
-    store.mark_sent(&[], NOW).await.unwrap();
+    store.delete_sent(&[]).await.unwrap();
     store.release_lease(&[]).await.unwrap();
     assert_eq!(
         store.counters().statements(),
@@ -807,11 +809,10 @@ async fn outbox_claim_leases_rows(store: Store) {
 
     let first = store.claim_outbox(NOW, 1_000, 10).await.unwrap();
     assert_eq!(claimed_ids(&first), ids(&["c", "a", "b"]), "outbox order");
-    let ids_in_order: Vec<i64> = first.iter().map(|c| c.id).collect();
     assert_eq!(
-        ids_in_order,
-        rows.iter().map(|r| r.0).collect::<Vec<_>>(),
-        "claimed ids are the rows' ids"
+        claimed_ids(&first),
+        rows.iter().map(|r| r.1.clone()).collect::<Vec<_>>(),
+        "claimed in the rows' id order"
     );
     assert_eq!(first[0].destination, "payment.commands");
     assert_eq!(first[0].message.key, "key-c");
@@ -850,15 +851,23 @@ async fn outbox_sent_rows_are_never_claimed(store: Store) {
     let claimed = store.claim_outbox(NOW, 1_000, 10).await.unwrap();
     assert_eq!(claimed.len(), 3);
     store
-        .mark_sent(&[claimed[0].id, claimed[2].id], NOW + 1)
+        .delete_sent(&[claimed[0].message.id.clone(), claimed[2].message.id.clone()])
         .await
         .unwrap();
+    assert_eq!(
+        store.outbox_stats().await.unwrap().pending,
+        1,
+        "sent rows leave"
+    );
     let later = store
         .claim_outbox(NOW + 1_000_000, 1_000, 10)
         .await
         .unwrap();
     assert_eq!(claimed_ids(&later), ids(&["b"]));
-    store.mark_sent(&[later[0].id], NOW + 2).await.unwrap();
+    store
+        .delete_sent(&[later[0].message.id.clone()])
+        .await
+        .unwrap();
     assert!(
         store
             .claim_outbox(NOW + 2_000_000, 1_000, 10)
@@ -879,7 +888,7 @@ async fn outbox_released_rows_are_claimable_at_once(store: Store) {
     let claimed = store.claim_outbox(NOW, 60_000, 10).await.unwrap();
     assert_eq!(claimed.len(), 3);
     store
-        .release_lease(&[claimed[0].id, claimed[2].id])
+        .release_lease(&[claimed[0].message.id.clone(), claimed[2].message.id.clone()])
         .await
         .unwrap();
     let again = store.claim_outbox(NOW, 60_000, 10).await.unwrap();
@@ -888,6 +897,45 @@ async fn outbox_released_rows_are_claimable_at_once(store: Store) {
         ids(&["a", "c"]),
         "released rows at once, the leased one not"
     );
+}
+
+async fn outbox_handed_off_rows_wait_their_grace(store: Store) {
+    let handed = |id: &str| OutboxMessage {
+        handed_off: true,
+        ..message(id, "p")
+    };
+    enqueue(&store, &[handed("h1"), message("free", "p"), handed("h2")]).await;
+    // The writer's relay sends h1 and h2 itself: a claim leaves them alone meanwhile.
+    let now = NOW + 1;
+    assert_eq!(
+        claimed_ids(&store.claim_outbox(now, 60_000, 10).await.unwrap()),
+        ids(&["free"])
+    );
+    let before_grace = NOW + HANDOFF_GRACE_MS - 1;
+    assert!(
+        store
+            .claim_outbox(before_grace, 60_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A publish that failed gives h2 back: claimable at once.
+    store.release_lease(&ids(&["h2"])).await.unwrap();
+    assert_eq!(
+        claimed_ids(&store.claim_outbox(now, 60_000, 10).await.unwrap()),
+        ids(&["h2"])
+    );
+    // h1's writer died: after the grace, any relay takes it.
+    let after_grace = NOW + HANDOFF_GRACE_MS + 1;
+    assert_eq!(
+        claimed_ids(&store.claim_outbox(after_grace, 60_000, 10).await.unwrap()),
+        ids(&["h1"])
+    );
+    store
+        .delete_sent(&ids(&["h1", "h2", "free"]))
+        .await
+        .unwrap();
+    assert_eq!(store.outbox_stats().await.unwrap().pending, 0);
 }
 
 async fn outbox_claims_split_without_overlap(store: Store) {
@@ -1610,9 +1658,13 @@ async fn read_counts_by_status_and_latencies(store: Store) {
     let none = store.latencies(run + 1_000, &[0.5, 1.0]).await.unwrap();
     assert_eq!((none.finished, none.at), (0, vec![None, None]));
 
-    enqueue(&store, &[message("r0/0/action/1", "p")]).await;
-    assert_eq!(store.outbox_written_since(NOW).await.unwrap(), 1);
-    assert_eq!(store.outbox_written_since(NOW + 1).await.unwrap(), 0);
+    let mut tx = store.begin().await.unwrap();
+    tx.append_history(&[history("r0", "dispatch", "payment charge #1")], NOW)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(store.dispatched_since(NOW).await.unwrap(), 1);
+    assert_eq!(store.dispatched_since(NOW + 1).await.unwrap(), 0);
 }
 
 async fn read_definition_names_migrations_and_ping(store: Store) {
@@ -1656,8 +1708,8 @@ async fn read_definition_names_migrations_and_ping(store: Store) {
     assert!(store.saga_record("x").await.is_err());
 }
 
-/// Gives saga `id` rows in every table retention looks at: 3 history rows, 2 inbox rows, 2 sent
-/// and 1 unsent outbox rows, 1 timer, 2 step rows.
+/// Gives saga `id` rows in every table retention looks at: 3 history rows, 2 inbox rows, 1
+/// unsent outbox row (2 more are sent, which takes them out), 1 timer, 2 step rows.
 async fn with_rows(store: &Store, id: &str) {
     let mut tx = store.begin().await.unwrap();
     tx.append_history(
@@ -1706,22 +1758,22 @@ async fn with_rows(store: &Store, id: &str) {
     tx.commit().await.unwrap();
     // Send what says so.
     let claimed = store.claim_outbox(NOW, 1_000, 100).await.unwrap();
-    let sent: Vec<i64> = claimed
+    let sent: Vec<String> = claimed
         .iter()
         .filter(|c| c.message.payload == b"sent".to_vec())
-        .map(|c| c.id)
+        .map(|c| c.message.id.clone())
         .collect();
-    store.mark_sent(&sent, NOW + 1).await.unwrap();
-    let unsent: Vec<i64> = claimed
+    store.delete_sent(&sent).await.unwrap();
+    let unsent: Vec<String> = claimed
         .iter()
         .filter(|c| c.message.payload != b"sent".to_vec())
-        .map(|c| c.id)
+        .map(|c| c.message.id.clone())
         .collect();
     store.release_lease(&unsent).await.unwrap();
 }
 
-/// A saga's rows: [history, inbox, sent outbox, unsent outbox, timers, steps].
-async fn rows_of(store: &Store, id: &str) -> [i64; 6] {
+/// A saga's rows: [history, inbox, outbox (unsent: sent rows leave it), timers, steps].
+async fn rows_of(store: &Store, id: &str) -> [i64; 5] {
     let prefix = format!("{id}/%");
     [
         scalar(
@@ -1738,13 +1790,7 @@ async fn rows_of(store: &Store, id: &str) -> [i64; 6] {
         .await,
         scalar(
             store,
-            "SELECT COUNT(*) AS n FROM outbox WHERE message_id LIKE $1 AND sent_at IS NOT NULL",
-            &prefix,
-        )
-        .await,
-        scalar(
-            store,
-            "SELECT COUNT(*) AS n FROM outbox WHERE message_id LIKE $1 AND sent_at IS NULL",
+            "SELECT COUNT(*) AS n FROM outbox WHERE message_id LIKE $1",
             &prefix,
         )
         .await,
@@ -1777,7 +1823,7 @@ async fn retention_purges_only_old_cleanly_finished_sagas(store: Store) {
     with_definition(&store).await;
     let cutoff = NOW + 50_000;
     let now = NOW + 200_000;
-    // "old-done2" starts with "old-done": its outbox rows must not be taken for old-done's.
+    // "old-done2" starts with "old-done": its rows must not be taken for old-done's.
     for id in [
         "old-done",
         "old-comp",
@@ -1805,15 +1851,14 @@ async fn retention_purges_only_old_cleanly_finished_sagas(store: Store) {
             sagas: 2,
             history: 6,
             inbox: 4,
-            outbox: 4,
             timers: 2,
         }
     );
     for id in ["old-done", "old-comp"] {
         assert_eq!(
             rows_of(&store, id).await,
-            [0, 0, 0, 1, 0, 2],
-            "{id}: history, inbox, sent outbox and timers go; unsent outbox and steps stay"
+            [0, 0, 1, 0, 2],
+            "{id}: history, inbox and timers go; unsent outbox and steps stay"
         );
         assert_eq!(purged_at(&store, id).await, Some(now), "{id}");
     }
@@ -1824,7 +1869,7 @@ async fn retention_purges_only_old_cleanly_finished_sagas(store: Store) {
         "queued",
         "recent-done",
     ] {
-        assert_eq!(rows_of(&store, id).await, [3, 2, 2, 1, 1, 2], "{id} kept");
+        assert_eq!(rows_of(&store, id).await, [3, 2, 1, 1, 2], "{id} kept");
         assert_eq!(purged_at(&store, id).await, None, "{id}");
     }
     // The saga row stays: status still answers, with an empty timeline.
@@ -1845,10 +1890,10 @@ async fn retention_purges_only_old_cleanly_finished_sagas(store: Store) {
     // A later cutoff takes the ones that were too recent; Failed and unfinished never go.
     let later = store.purge_finished(now, now + 2, 100, 100).await.unwrap();
     assert_eq!(later.sagas, 2, "{later:?}");
-    assert_eq!(rows_of(&store, "old-done2").await, [0, 0, 0, 1, 0, 2]);
-    assert_eq!(rows_of(&store, "recent-done").await, [0, 0, 0, 1, 0, 2]);
+    assert_eq!(rows_of(&store, "old-done2").await, [0, 0, 1, 0, 2]);
+    assert_eq!(rows_of(&store, "recent-done").await, [0, 0, 1, 0, 2]);
     for id in ["old-failed", "running", "queued"] {
-        assert_eq!(rows_of(&store, id).await, [3, 2, 2, 1, 1, 2], "{id} kept");
+        assert_eq!(rows_of(&store, id).await, [3, 2, 1, 1, 2], "{id} kept");
     }
 }
 
@@ -1874,36 +1919,35 @@ async fn retention_purges_in_batches_of_rows_and_sagas(store: Store) {
         reports.push(r);
         assert!(reports.len() < 20, "the purge does not end: {reports:?}");
     }
-    let r = |sagas, history, inbox, outbox, timers| PurgeReport {
+    let r = |sagas, history, inbox, timers| PurgeReport {
         sagas,
         history,
         inbox,
-        outbox,
         timers,
     };
     assert_eq!(
         reports,
         vec![
-            // a and b: 6 history, 4 inbox, 4 sent outbox, 2 timers, 2 at a time.
-            r(0, 2, 2, 2, 2),
-            r(0, 2, 2, 2, 0),
+            // a and b: 6 history, 4 inbox, 2 timers, 2 at a time.
+            r(0, 2, 2, 2),
+            r(0, 2, 2, 0),
             // History gave a full 2: there may be more, so a and b are not marked yet.
-            r(0, 2, 0, 0, 0),
+            r(0, 2, 0, 0),
             // Every table gave fewer than 2: a and b are marked.
-            r(2, 0, 0, 0, 0),
+            r(2, 0, 0, 0),
             // Then c alone, marked in the batch that took its last history row.
-            r(0, 2, 2, 2, 1),
-            r(1, 1, 0, 0, 0),
+            r(0, 2, 2, 1),
+            r(1, 1, 0, 0),
         ]
     );
     let mut total = PurgeReport::default();
     for report in &reports {
         total.add(report);
     }
-    assert_eq!(total, r(3, 9, 6, 6, 3));
-    assert_eq!(total.rows(), 24);
+    assert_eq!(total, r(3, 9, 6, 3));
+    assert_eq!(total.rows(), 18);
     for id in ["a", "b", "c"] {
-        assert_eq!(rows_of(&store, id).await, [0, 0, 0, 1, 0, 2], "{id}");
+        assert_eq!(rows_of(&store, id).await, [0, 0, 1, 0, 2], "{id}");
         assert!(purged_at(&store, id).await.is_some(), "{id}");
     }
 }

@@ -166,6 +166,14 @@ impl System {
         tasks.push(tokio::spawn(async move {
             let _ = e.run(s).await;
         }));
+        // From here on every commit of this engine hands its outbox rows to its relay.
+        for _ in 0..2_000 {
+            if engine.relay_running() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(engine.relay_running(), "the engine's relay did not start");
         for (service, faults) in [
             ("payment", setup.payment),
             ("coupon", setup.coupon),

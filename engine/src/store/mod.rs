@@ -138,6 +138,11 @@ pub const ENGINE_MIGRATIONS: Migrations = &[
         include_str!("../../../migrations/sqlite/0004_hot_saga_updates.sql"),
         include_str!("../../../migrations/postgres/0004_hot_saga_updates.sql"),
     ),
+    (
+        "0005_outbox_queue",
+        include_str!("../../../migrations/sqlite/0005_outbox_queue.sql"),
+        include_str!("../../../migrations/postgres/0005_outbox_queue.sql"),
+    ),
 ];
 
 #[derive(Debug, Clone)]

@@ -1,20 +1,37 @@
-//! The outbox as the relay sees it: a queue of committed messages, claimed with a lease.
+//! The outbox as the relay sees it: a queue of committed messages not yet confirmed by the
+//! broker, claimed with a lease and deleted once confirmed.
 //!
-//! A claim is one autocommitted statement that marks a batch of unsent rows as taken until
+//! A claim is one autocommitted statement that marks a batch of rows as taken until
 //! `lease_until` (on PostgreSQL with `FOR UPDATE SKIP LOCKED`, so several engines' relays take
 //! disjoint batches). No transaction stays open while the broker confirms; a relay that dies
 //! mid-batch leaves rows that any relay claims again once the lease has run out (the receivers
 //! deduplicate what was sent twice).
+//!
+//! Most rows are never claimed: an engine whose relay runs hands the rows it commits to that
+//! relay in memory ([`super::OutboxMessage::handed_off`], `lease_until` NULL), which publishes
+//! and deletes them. A claim takes such a row only once it is older than [`HANDOFF_GRACE_MS`]:
+//! its writer died before sending it.
+//!
+//! | `lease_until` | the row is |
+//! |---|---|
+//! | NULL | handed off by its writer; claimable after [`HANDOFF_GRACE_MS`] |
+//! | 0, or in the past | free: the next claim takes it |
+//! | in the future | claimed, being sent |
 
 use sqlx::Row;
 
 use super::{Store, StoreError, json};
 use crate::transport::Message;
 
-/// An outbox row claimed for sending.
+/// How long a handed-off row is left to its writer's relay before any relay claims it. Long
+/// enough for a loaded relay to get to it (a row sent twice is only a duplicate, which the
+/// receivers drop), short enough that a crashed engine's last commands wait seconds, not the
+/// whole lease.
+pub const HANDOFF_GRACE_MS: i64 = 5_000;
+
+/// An outbox row to send: claimed, or handed off by the transaction that wrote it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Claimed {
-    pub id: i64,
     pub destination: String,
     pub message: Message,
 }
@@ -27,7 +44,7 @@ pub struct OutboxStats {
 }
 
 impl Store {
-    /// Claims up to `limit` unsent rows whose lease (if any) ran out before `now`, leasing them
+    /// Claims up to `limit` rows whose lease (if any) ran out before `now`, leasing them
     /// until `now + lease_ms`; returns them in outbox order (the order they were written).
     pub async fn claim_outbox(
         &self,
@@ -41,47 +58,53 @@ impl Store {
             .bind(now + lease_ms)
             .bind(now)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(now - HANDOFF_GRACE_MS)
             .fetch_all(&self.relay_pool)
             .await?;
         let mut claimed = rows
             .iter()
             .map(|r| {
                 let payload: String = r.try_get("payload")?;
-                Ok(Claimed {
-                    id: r.try_get("id")?,
-                    destination: r.try_get("destination")?,
-                    message: Message {
-                        id: r.try_get("message_id")?,
-                        key: r.try_get("routing_key")?,
-                        payload: payload.into_bytes(),
+                let id: i64 = r.try_get("id")?;
+                Ok((
+                    id,
+                    Claimed {
+                        destination: r.try_get("destination")?,
+                        message: Message {
+                            id: r.try_get("message_id")?,
+                            key: r.try_get("routing_key")?,
+                            payload: payload.into_bytes(),
+                        },
                     },
-                })
+                ))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         // RETURNING promises no order.
-        claimed.sort_by_key(|c| c.id);
-        Ok(claimed)
+        claimed.sort_by_key(|(id, _)| *id);
+        Ok(claimed.into_iter().map(|(_, c)| c).collect())
     }
 
-    /// Marks rows sent (after the broker confirmed them).
-    pub async fn mark_sent(&self, ids: &[i64], now: i64) -> Result<(), StoreError> {
+    /// Takes rows the broker confirmed out of the queue. (What was sent stays in each saga's
+    /// history as its `dispatch` entries.)
+    /// Rows are named by message id.
+    pub async fn delete_sent(&self, ids: &[String]) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
         self.counters.statement();
         self.counters.commit();
-        sqlx::query(self.sql().mark_sent)
+        sqlx::query(self.sql().delete_sent)
             .persistent(false)
             .bind(id_list(ids))
-            .bind(now)
             .execute(&self.relay_pool)
             .await?;
         Ok(())
     }
 
-    /// Gives claimed rows back at once (the broker did not confirm them), instead of letting
-    /// their lease run out.
-    pub async fn release_lease(&self, ids: &[i64]) -> Result<(), StoreError> {
+    /// Gives claimed or handed-off rows (by message id) back at once: the broker did not confirm
+    /// them, so the next claim takes them, instead of waiting for their lease or grace to run
+    /// out.
+    pub async fn release_lease(&self, ids: &[String]) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -97,30 +120,30 @@ impl Store {
 
     /// Unsent rows and the oldest one's creation time.
     pub async fn outbox_stats(&self) -> Result<OutboxStats, StoreError> {
-        let row = sqlx::query(
-            "SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox WHERE sent_at IS NULL",
-        )
-        .fetch_one(&self.pool)
-        .await?;
+        let row = sqlx::query("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox")
+            .fetch_one(&self.pool)
+            .await?;
         Ok(OutboxStats {
             pending: row.try_get("n")?,
             oldest: row.try_get("oldest")?,
         })
     }
 
-    /// Outbox rows (sent or not) written since `since`: the commands a run produced.
-    pub async fn outbox_written_since(&self, since: i64) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM outbox WHERE created_at >= $1")
-            .bind(since)
-            .fetch_one(&self.pool)
-            .await?
-            .try_get("n")?;
+    /// Commands dispatched since `since` (their `dispatch` history entries, since a sent row
+    /// leaves the outbox): the commands a run produced.
+    pub async fn dispatched_since(&self, since: i64) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM saga_history WHERE kind = 'dispatch' AND at >= $1",
+        )
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("n")?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
 }
 
-/// Ids as a JSON array of numbers: PostgreSQL's `json_array_elements_text` yields their text,
-/// cast to bigint in the statement; SQLite's `json_each` yields integers.
-fn id_list(ids: &[i64]) -> String {
+/// Message ids as a JSON array of strings.
+fn id_list(ids: &[String]) -> String {
     json(&ids)
 }

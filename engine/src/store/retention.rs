@@ -2,9 +2,8 @@
 //! short transaction (the policy — what `keep` means, how often — is [`crate::retention`]'s).
 //!
 //! Saga ids are passed as one JSON parameter, as on the hot path, so each statement's text is
-//! fixed. The outbox has no saga id column: its rows are matched by the first `/`-separated
-//! segment of their message id (the command id, [`crate::wire::command_id`]), spelled exactly
-//! as the `outbox_by_saga` index of migration `0002_retention` spells it for that dialect.
+//! fixed. The outbox needs no purge: a row leaves it once the broker confirmed it
+//! ([`super::outbox`]).
 
 use sqlx::Row;
 
@@ -17,14 +16,13 @@ pub struct PurgeReport {
     pub sagas: u64,
     pub history: u64,
     pub inbox: u64,
-    pub outbox: u64,
     pub timers: u64,
 }
 
 impl PurgeReport {
     /// Rows deleted, all tables together.
     pub fn rows(&self) -> u64 {
-        self.history + self.inbox + self.outbox + self.timers
+        self.history + self.inbox + self.timers
     }
 
     /// True when the batch found nothing to do.
@@ -37,7 +35,6 @@ impl PurgeReport {
         self.sagas += other.sagas;
         self.history += other.history;
         self.inbox += other.inbox;
-        self.outbox += other.outbox;
         self.timers += other.timers;
     }
 }
@@ -45,9 +42,9 @@ impl PurgeReport {
 impl Store {
     /// Purges one batch, in one transaction: takes up to `sagas` of the oldest sagas not purged
     /// yet that are Completed or Compensated and finished before `cutoff`, deletes up to `rows`
-    /// of their rows from each of `saga_history`, `inbox`, `outbox` (sent rows only) and
-    /// `timers`, and marks them purged at `now` once nothing of theirs is left (every table gave
-    /// fewer than `rows`; otherwise the next batch takes the same sagas again). The `sagas` row
+    /// of their rows from each of `saga_history`, `inbox` and `timers`, and marks them purged at
+    /// `now` once nothing of theirs is left (every table gave fewer than `rows`; otherwise the
+    /// next batch takes the same sagas again). The `sagas` row
     /// and its `saga_steps` projection stay. Running, compensating, queued and Failed sagas are
     /// never touched.
     pub async fn purge_finished(
@@ -77,13 +74,8 @@ impl Store {
         }
         let ids = json(&ids);
 
-        let mut counts = [0u64; 4];
-        let deletes = [
-            sql.purge_history,
-            sql.purge_inbox,
-            sql.purge_outbox,
-            sql.purge_timers,
-        ];
+        let mut counts = [0u64; 3];
+        let deletes = [sql.purge_history, sql.purge_inbox, sql.purge_timers];
         for (statement, count) in deletes.into_iter().zip(counts.iter_mut()) {
             *count = sqlx::query(statement)
                 .bind(limit)
@@ -92,7 +84,7 @@ impl Store {
                 .await?
                 .rows_affected();
         }
-        [report.history, report.inbox, report.outbox, report.timers] = counts;
+        [report.history, report.inbox, report.timers] = counts;
 
         if counts.iter().all(|&n| n < rows as u64) {
             report.sagas = sqlx::query(sql.mark_purged)

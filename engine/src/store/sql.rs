@@ -35,7 +35,8 @@ pub struct Sql {
     /// One key's holder, locked (the rare per-key paths).
     pub lock_key: &'static str,
     pub claim_outbox: &'static str,
-    pub mark_sent: &'static str,
+    /// Confirmed rows leave the queue.
+    pub delete_sent: &'static str,
     pub release_lease: &'static str,
     pub next_timers: &'static str,
     /// Retention ([`super::retention`]): the oldest sagas to purge (`$1` cutoff, `$2` limit).
@@ -43,8 +44,6 @@ pub struct Sql {
     /// A batch of a saga set's rows (`$1` row limit, `$2` saga ids).
     pub purge_history: &'static str,
     pub purge_inbox: &'static str,
-    /// Sent rows only, matched by their message id's first segment (the `outbox_by_saga` index).
-    pub purge_outbox: &'static str,
     pub purge_timers: &'static str,
     /// `$1` now, `$2` cutoff, `$3` saga ids: checked again, so a saga that moved is left.
     pub mark_purged: &'static str,
@@ -75,8 +74,8 @@ pub const POSTGRES: Sql = Sql {
     record_inbox: "INSERT INTO inbox (message_id, saga_id, received_at) \
         SELECT x.m, x.s, $2 FROM json_to_recordset($1::json) AS x(m text, s text) \
         ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
-    enqueue_outbox: "INSERT INTO outbox (message_id, destination, routing_key, payload, created_at) \
-        SELECT e.j->>'id', e.j->>'dest', e.j->>'key', e.j->>'payload', $2 \
+    enqueue_outbox: "INSERT INTO outbox (message_id, destination, routing_key, payload, created_at, lease_until) \
+        SELECT e.j->>'id', e.j->>'dest', e.j->>'key', e.j->>'payload', $2, (e.j->>'lease')::bigint \
         FROM json_array_elements($1::json) WITH ORDINALITY AS e(j, o) ORDER BY e.o \
         ON CONFLICT (message_id) DO NOTHING",
     claim_timers: "DELETE FROM timers WHERE id = ANY(ARRAY(SELECT json_array_elements_text($1::json))) RETURNING id",
@@ -96,13 +95,12 @@ pub const POSTGRES: Sql = Sql {
     leave_queue: "DELETE FROM sequence_queue WHERE saga_id = ANY(ARRAY(SELECT json_array_elements_text($1::json)))",
     lock_key: "SELECT holder FROM sequence_keys WHERE seq_key = $1 FOR UPDATE",
     claim_outbox: "UPDATE outbox SET lease_until = $1 WHERE id IN (\
-        SELECT id FROM outbox WHERE sent_at IS NULL AND (lease_until IS NULL OR lease_until < $2) \
+        SELECT id FROM outbox WHERE lease_until < $2 OR (lease_until IS NULL AND created_at < $4) \
         ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
         RETURNING id, message_id, destination, routing_key, payload",
-    mark_sent: "UPDATE outbox SET sent_at = $2, lease_until = NULL \
-        WHERE id = ANY(ARRAY(SELECT json_array_elements_text($1::json)::bigint))",
-    release_lease: "UPDATE outbox SET lease_until = NULL \
-        WHERE id = ANY(ARRAY(SELECT json_array_elements_text($1::json)::bigint))",
+    delete_sent: "DELETE FROM outbox WHERE message_id = ANY(ARRAY(SELECT json_array_elements_text($1::json)))",
+    release_lease: "UPDATE outbox SET lease_until = 0 \
+        WHERE message_id = ANY(ARRAY(SELECT json_array_elements_text($1::json)))",
     next_timers: "SELECT id, saga_id, due_at, event FROM timers ORDER BY due_at LIMIT $1",
     purge_candidates: "SELECT id FROM sagas WHERE purged_at IS NULL \
         AND status IN ('completed', 'compensated') AND finished_at < $1 \
@@ -111,9 +109,6 @@ pub const POSTGRES: Sql = Sql {
         WHERE saga_id = ANY(ARRAY(SELECT json_array_elements_text($2::json))) LIMIT $1)",
     purge_inbox: "DELETE FROM inbox WHERE message_id IN (SELECT message_id FROM inbox \
         WHERE saga_id = ANY(ARRAY(SELECT json_array_elements_text($2::json))) LIMIT $1)",
-    purge_outbox: "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox \
-        WHERE split_part(message_id, '/', 1) = ANY(ARRAY(SELECT json_array_elements_text($2::json))) \
-        AND sent_at IS NOT NULL LIMIT $1)",
     purge_timers: "DELETE FROM timers WHERE id IN (SELECT id FROM timers \
         WHERE saga_id = ANY(ARRAY(SELECT json_array_elements_text($2::json))) LIMIT $1)",
     mark_purged: "UPDATE sagas SET purged_at = $1 \
@@ -149,9 +144,9 @@ pub const SQLITE: Sql = Sql {
     record_inbox: "INSERT INTO inbox (message_id, saga_id, received_at) \
         SELECT json_extract(value, '$.m'), json_extract(value, '$.s'), $2 FROM json_each($1) WHERE true \
         ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
-    enqueue_outbox: "INSERT INTO outbox (message_id, destination, routing_key, payload, created_at) \
+    enqueue_outbox: "INSERT INTO outbox (message_id, destination, routing_key, payload, created_at, lease_until) \
         SELECT json_extract(value, '$.id'), json_extract(value, '$.dest'), json_extract(value, '$.key'), \
-        json_extract(value, '$.payload'), $2 FROM json_each($1) WHERE true ORDER BY key \
+        json_extract(value, '$.payload'), $2, json_extract(value, '$.lease') FROM json_each($1) WHERE true ORDER BY key \
         ON CONFLICT (message_id) DO NOTHING",
     claim_timers: "DELETE FROM timers WHERE id IN (SELECT value FROM json_each($1)) RETURNING id",
     set_timers: "INSERT INTO timers (id, saga_id, due_at, event) \
@@ -171,11 +166,11 @@ pub const SQLITE: Sql = Sql {
     leave_queue: "DELETE FROM sequence_queue WHERE saga_id IN (SELECT value FROM json_each($1))",
     lock_key: "SELECT holder FROM sequence_keys WHERE seq_key = $1",
     claim_outbox: "UPDATE outbox SET lease_until = $1 WHERE id IN (\
-        SELECT id FROM outbox WHERE sent_at IS NULL AND (lease_until IS NULL OR lease_until < $2) \
+        SELECT id FROM outbox WHERE lease_until < $2 OR (lease_until IS NULL AND created_at < $4) \
         ORDER BY id LIMIT $3) \
         RETURNING id, message_id, destination, routing_key, payload",
-    mark_sent: "UPDATE outbox SET sent_at = $2, lease_until = NULL WHERE id IN (SELECT value FROM json_each($1))",
-    release_lease: "UPDATE outbox SET lease_until = NULL WHERE id IN (SELECT value FROM json_each($1))",
+    delete_sent: "DELETE FROM outbox WHERE message_id IN (SELECT value FROM json_each($1))",
+    release_lease: "UPDATE outbox SET lease_until = 0 WHERE message_id IN (SELECT value FROM json_each($1))",
     next_timers: "SELECT id, saga_id, due_at, event FROM timers ORDER BY due_at LIMIT $1",
     // Without statistics SQLite would rather walk `sagas_by_status` (every completed saga ever,
     // purged ones included) and sort: the partial index is named (an error if it no longer fits
@@ -187,9 +182,6 @@ pub const SQLITE: Sql = Sql {
         WHERE saga_id IN (SELECT value FROM json_each($2)) LIMIT $1)",
     purge_inbox: "DELETE FROM inbox WHERE message_id IN (SELECT message_id FROM inbox \
         WHERE saga_id IN (SELECT value FROM json_each($2)) LIMIT $1)",
-    purge_outbox: "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox \
-        WHERE substr(message_id, 1, instr(message_id, '/') - 1) IN (SELECT value FROM json_each($2)) \
-        AND sent_at IS NOT NULL LIMIT $1)",
     purge_timers: "DELETE FROM timers WHERE id IN (SELECT id FROM timers \
         WHERE saga_id IN (SELECT value FROM json_each($2)) LIMIT $1)",
     // `+status`: SQLite would otherwise walk `sagas_by_status` (every completed saga) rather

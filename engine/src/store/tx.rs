@@ -71,6 +71,10 @@ pub struct OutboxMessage {
     pub destination: String,
     pub routing_key: String,
     pub payload: String,
+    /// The writer's own relay publishes this row straight after the commit, without claiming
+    /// it; any relay claims it only once it is older than [`super::outbox::HANDOFF_GRACE_MS`]
+    /// (its writer died first). False: any relay claims it at once.
+    pub handed_off: bool,
 }
 
 /// The `sagas` table.
@@ -286,6 +290,8 @@ fn outbox_rows(messages: &[OutboxMessage]) -> String {
                 "dest": m.destination,
                 "key": m.routing_key,
                 "payload": m.payload,
+                // NULL: handed off (see `OutboxMessage::handed_off`); 0: free to claim now.
+                "lease": if m.handed_off { None } else { Some(0) },
             })
         })
         .collect();
