@@ -18,18 +18,23 @@ use serde_json::json;
 use sqlx::{AssertSqlSafe, Connection};
 
 /// Sequential scans of `table` so far, once every backend's counts have reached the shared
-/// statistics (a backend reports at most once a second, so read until two reads a second and
-/// more apart agree).
+/// statistics: each of the store's connections (both at once, so the pool hands out both) is
+/// told to flush its counts, since an idle backend reports only every 10 s; then read until two
+/// reads a second and more apart agree.
 async fn seq_scans(store: &Store, table: &str) -> i64 {
     let read = || async {
-        let mut conn = store.pool().acquire().await.expect("connection");
-        sqlx::raw_sql("SELECT pg_stat_force_next_flush()")
-            .execute(&mut *conn)
-            .await
-            .expect("flush");
+        let mut a = store.pool().acquire().await.expect("connection");
+        let mut b = store.pool().acquire().await.expect("connection");
+        for conn in [&mut a, &mut b] {
+            sqlx::raw_sql("SELECT pg_stat_force_next_flush()")
+                .execute(&mut **conn)
+                .await
+                .expect("flush");
+        }
+        drop(b);
         sqlx::query_scalar::<_, i64>("SELECT seq_scan FROM pg_stat_user_tables WHERE relname = $1")
             .bind(table)
-            .fetch_one(&mut *conn)
+            .fetch_one(&mut *a)
             .await
             .expect("seq_scan")
     };
