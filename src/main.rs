@@ -72,6 +72,9 @@ enum Command {
     Retry(ops::RetryArgs),
     /// Operator: compensate a Running (or Queued) saga.
     Abort(ops::AbortArgs),
+    /// Operator: a Failed saga resolved by hand gives its order's sequence key to the next saga
+    /// of that order (a Failed saga keeps it until then). It stays Failed, never to be retried.
+    ReleaseKey(ops::ReleaseKeyArgs),
     /// Create or upgrade the database schema (engine, barrier and service tables); every other
     /// command also does this at start.
     Migrate(ops::MigrateArgs),
@@ -134,6 +137,7 @@ fn main() -> ExitCode {
         Command::List(args) => runtime().and_then(|rt| rt.block_on(ops::list(args))),
         Command::Retry(args) => runtime().and_then(|rt| rt.block_on(ops::retry(args))),
         Command::Abort(args) => runtime().and_then(|rt| rt.block_on(ops::abort(args))),
+        Command::ReleaseKey(args) => runtime().and_then(|rt| rt.block_on(ops::release_key(args))),
         Command::Migrate(args) => runtime().and_then(|rt| rt.block_on(ops::migrate(args))),
     };
     match result {

@@ -131,6 +131,30 @@ pub struct AbortArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct ReleaseKeyArgs {
+    /// The id of a Failed saga that was resolved outside the engine.
+    #[arg(value_name = "ID")]
+    id: String,
+    /// How it was resolved: recorded in its timeline.
+    #[arg(long, value_name = "TEXT")]
+    reason: String,
+    /// Who releases it, for the timeline (default: user@host).
+    #[arg(long, value_name = "NAME")]
+    actor: Option<String>,
+    #[command(flatten)]
+    db: DbArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+/// `user@host` of whoever runs this command: the default `--actor` of an operator action.
+pub(crate) fn default_actor() -> String {
+    let user = whoami::username().unwrap_or_else(|_| "unknown".to_owned());
+    let host = whoami::hostname().unwrap_or_else(|_| "localhost".to_owned());
+    format!("{user}@{host}")
+}
+
+#[derive(Debug, clap::Args)]
 pub struct MigrateArgs {
     #[command(flatten)]
     db: DbArgs,
@@ -270,6 +294,13 @@ fn human_status(d: &SagaDetail) -> String {
     let _ = writeln!(out, "saga      {} v{} ({short_hash})", d.name, d.version);
     let _ = writeln!(out, "state     {}", state_line(&d.status));
     let _ = writeln!(out, "key       {}", d.sequence_key);
+    if let Some(next) = d.waiting.first() {
+        let more = match d.waiting.len() {
+            1 => String::new(),
+            n => format!(" and {} more", n - 1),
+        };
+        let _ = writeln!(out, "waiting   {next}{more} (for this saga's key)");
+    }
     if let Some(k) = &d.idempotency_key {
         let _ = writeln!(out, "idem key  {k}");
     }
@@ -516,6 +547,20 @@ pub async fn abort(args: AbortArgs) -> anyhow::Result<ExitCode> {
     report(&engine, &args.id, applied, "the compensations").await
 }
 
+pub async fn release_key(args: ReleaseKeyArgs) -> anyhow::Result<ExitCode> {
+    if args.reason.trim().is_empty() {
+        bail!("--reason must say how the saga was resolved; it goes into the saga's timeline");
+    }
+    let actor = args.actor.clone().unwrap_or_else(default_actor);
+    if let Some(url) = &args.server.server {
+        let done = remote::Client::new(url)?.release_key(&args.id, &actor, &args.reason)?;
+        return remote::report(&done);
+    }
+    let engine = open(&args.db).await?;
+    let applied = engine.release_key(&args.id, &actor, &args.reason).await?;
+    report(&engine, &args.id, applied, "the next saga's commands").await
+}
+
 /// What an operator action did: the saga's new state, or why the machine refused it (exit 1).
 async fn report(
     engine: &Engine,
@@ -719,6 +764,17 @@ pub mod remote {
         pub fn abort(&self, id: &str, reason: &str) -> anyhow::Result<ActionResponse> {
             let body = json!({ "reason": reason });
             self.post(&format!("/sagas/{}/abort", encode(id)), Some(&body))
+        }
+
+        /// `POST /sagas/{id}/release-key`.
+        pub fn release_key(
+            &self,
+            id: &str,
+            actor: &str,
+            reason: &str,
+        ) -> anyhow::Result<ActionResponse> {
+            let body = json!({ "actor": actor, "reason": reason });
+            self.post(&format!("/sagas/{}/release-key", encode(id)), Some(&body))
         }
 
         /// `POST /sagas`.

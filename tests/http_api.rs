@@ -884,6 +884,75 @@ async fn cli_operator_actions_through_the_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_key_through_the_api_and_the_server() {
+    let (_db, engine) = idle_engine("http_release_key").await;
+    let server = Server::start(engine.clone()).await;
+    let base = server.base.clone();
+    let input = json!({"order_id": "r-1", "amount": "3.00"});
+    let sagas = format!("{base}/sagas");
+    let body = json!({"saga": "hold", "input": input});
+    let first = post_json(&sagas, &body).await.json()["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let second = post_json(&sagas, &body).await.json()["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let failure = Incoming {
+        saga_id: first.clone(),
+        event: Event::Reply {
+            step: 0,
+            op: Op::Action,
+            attempt: 1,
+            outcome: Outcome::Business {
+                code: "declined".into(),
+                message: "card declined".into(),
+            },
+        },
+        message_id: None,
+        timer_id: None,
+    };
+    engine.apply(&[failure]).await.expect("apply");
+    // The Failed saga holds the key: the second waits, and the first's detail says so.
+    let detail = get(&format!("{base}/sagas/{first}")).await.json();
+    assert_eq!(detail["state"], json!("failed"));
+    assert_eq!(detail["waiting"], json!([second]));
+    assert_eq!(
+        get(&format!("{base}/sagas/{second}")).await.json()["state"],
+        json!("queued")
+    );
+
+    let release = format!("{base}/sagas/{first}/release-key");
+    call("POST", &release, None)
+        .await
+        .error(400, "needs a body {\"reason\"");
+    let done = post_json(
+        &release,
+        &json!({"actor": "dana", "reason": "refunded by hand"}),
+    )
+    .await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert_eq!(done.json()["state"], json!("failed"));
+    assert_eq!(
+        get(&format!("{base}/sagas/{second}")).await.json()["state"],
+        json!("running")
+    );
+    // Through `--server`: a second release is refused with the machine's reason.
+    let err = sagaflow_fails(&[
+        "release-key",
+        &first,
+        "--reason",
+        "again",
+        "--server",
+        &base,
+    ])
+    .await;
+    assert!(err.contains("released already"), "{err}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_names_an_unreachable_server() {
     // A port that was free a moment ago: nothing listens there.
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -236,7 +236,7 @@ impl Engine {
         let begins = self.plan_starts(tx, plan, batch, &mut results, now).await?;
 
         // Decide, in batch order.
-        let mut finals = Vec::new();
+        let mut releasing = Vec::new();
         for (i, e) in live {
             if !plan.sagas.contains_key(&e.saga_id) {
                 tracing::warn!(saga.id = %e.saga_id, "event for an unknown saga");
@@ -249,7 +249,7 @@ impl Engine {
                 results[i] = Some(Done::Applied(Applied::Duplicate));
                 continue;
             }
-            let changed = self.decide_into(plan, &e.saga_id, &e.event, now, &mut finals);
+            let changed = self.decide_into(plan, &e.saga_id, &e.event, now, &mut releasing);
             results[i] = Some(Done::Applied(if changed {
                 Applied::Changed
             } else {
@@ -257,12 +257,13 @@ impl Engine {
             }));
         }
         for id in begins {
-            self.decide_into(plan, &id, &Event::Begin, now, &mut finals);
+            self.decide_into(plan, &id, &Event::Begin, now, &mut releasing);
         }
 
-        // Final sagas give up their keys; whoever was next begins (and may finish at once).
-        while !finals.is_empty() {
-            let next = tx.release_keys(&std::mem::take(&mut finals)).await?;
+        // Sagas that gave up their keys hand them on; whoever was next begins (and may finish
+        // at once).
+        while !releasing.is_empty() {
+            let next = tx.release_keys(&std::mem::take(&mut releasing)).await?;
             let missing: Vec<String> = next
                 .iter()
                 .filter(|id| !plan.sagas.contains_key(*id))
@@ -275,7 +276,7 @@ impl Engine {
             }
             for id in next {
                 if plan.sagas.contains_key(&id) {
-                    self.decide_into(plan, &id, &Event::Begin, now, &mut finals);
+                    self.decide_into(plan, &id, &Event::Begin, now, &mut releasing);
                 }
             }
         }
@@ -395,7 +396,7 @@ impl Engine {
         saga_id: &str,
         event: &Event,
         now: i64,
-        finals: &mut Vec<(String, String)>,
+        releasing: &mut Vec<(String, String)>,
     ) -> bool {
         let Some(w) = plan.sagas.get_mut(saga_id) else {
             return false;
@@ -485,8 +486,10 @@ impl Engine {
                 plan.cancelled.insert(id);
             }
         }
-        if state.status.is_final() && !w.state.status.is_final() {
-            finals.push((w.row.sequence_key.clone(), saga_id.to_owned()));
+        // Completed and Compensated sagas give up their key; a Failed one keeps it until it
+        // is resolved (see `SagaState::releases_key`).
+        if state.releases_key() && !w.state.releases_key() {
+            releasing.push((w.row.sequence_key.clone(), saga_id.to_owned()));
         }
         w.state = state;
         w.changes += 1;

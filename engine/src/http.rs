@@ -7,6 +7,7 @@
 //! | `GET /sagas?state=&key=&limit=&after=` | newest first, paged | 200 `{"sagas": […], "next": CURSOR or null}` |
 //! | `POST /sagas/{id}/retry` | operator: resume a Failed saga | 200 `{"id", "state", …}` |
 //! | `POST /sagas/{id}/abort` | operator: compensate a Running or Queued saga; body `{"reason": …}` optional | 200 `{"id", "state", …}` |
+//! | `POST /sagas/{id}/release-key` | operator: a Failed saga resolved by hand gives its order's sequence key to the next saga; body `{"actor": …, "reason": …}` (reason required) | 200 `{"id", "state", …}` |
 //! | `GET /healthz` | the database answers a trivial query | 200 `{"status": "ok"}`, else 503 |
 //! | `GET /metrics` | Prometheus (OpenMetrics text), see [`crate::metrics`] | 200 |
 //!
@@ -56,6 +57,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/sagas/{id}", get(get_saga))
         .route("/sagas/{id}/retry", post(retry_saga))
         .route("/sagas/{id}/abort", post(abort_saga))
+        .route("/sagas/{id}/release-key", post(release_key))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(no_route)
@@ -338,6 +340,17 @@ struct AbortRequest {
     reason: Option<String>,
 }
 
+/// The body of `POST /sagas/{id}/release-key`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseKeyRequest {
+    /// Who releases it (default: `api`).
+    #[serde(default)]
+    actor: Option<String>,
+    /// Why: recorded in the saga's timeline.
+    reason: String,
+}
+
 /// What `retry` and `abort` answer: the saga's state after the action.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActionResponse {
@@ -374,6 +387,29 @@ async fn abort_saga(
         .filter(|r| !r.trim().is_empty())
         .unwrap_or_else(|| "no reason given".to_owned());
     let applied = engine.abort(&id, &reason).await?;
+    operator_outcome(&engine, &id, applied).await
+}
+
+/// `POST /sagas/{id}/release-key`.
+async fn release_key(
+    State(engine): State<Arc<Engine>>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let id = saga_id(id)?;
+    let req: Option<ReleaseKeyRequest> = optional_json_body(&headers, &body?)?;
+    let Some(req) = req.filter(|r| !r.reason.trim().is_empty()) else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "releasing a sequence key needs a body {\"reason\": \"…\"} saying how the saga was resolved",
+        ));
+    };
+    let actor = req
+        .actor
+        .filter(|a| !a.trim().is_empty())
+        .unwrap_or_else(|| "api".to_owned());
+    let applied = engine.release_key(&id, &actor, &req.reason).await?;
     operator_outcome(&engine, &id, applied).await
 }
 
@@ -452,7 +488,7 @@ async fn no_route(method: Method, uri: Uri) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         format!(
-            "no route for {method} {}; the API serves /sagas, /sagas/{{id}}, /sagas/{{id}}/retry, /sagas/{{id}}/abort, /healthz and /metrics",
+            "no route for {method} {}; the API serves /sagas, /sagas/{{id}}, /sagas/{{id}}/retry, /sagas/{{id}}/abort, /sagas/{{id}}/release-key, /healthz and /metrics",
             uri.path()
         ),
     )

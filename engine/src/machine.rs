@@ -199,6 +199,15 @@ pub struct SagaState {
     pub attempts: Vec<u32>,
     /// Last error per step (for status displays).
     pub last_errors: Vec<Option<String>>,
+    /// A Failed saga whose sequence key an operator released ([`Event::ReleaseKey`]): the next
+    /// saga of its order may run, so this one never runs again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub key_released: bool,
+    /// Per step, the attempt after which its current retry budget began (0: the first
+    /// attempt): an operator retry gives a stuck step a fresh budget while its attempt numbers
+    /// keep counting up (they name its messages). Empty until the first operator retry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry_base: Vec<u32>,
 }
 
 impl SagaState {
@@ -212,6 +221,24 @@ impl SagaState {
             outputs: BTreeMap::new(),
             attempts: vec![0; n],
             last_errors: vec![None; n],
+            key_released: false,
+            retry_base: Vec::new(),
+        }
+    }
+
+    /// Attempts of `step` made within its current retry budget, counting `attempt`.
+    pub fn attempts_in_budget(&self, step: usize, attempt: u32) -> u32 {
+        attempt.saturating_sub(self.retry_base.get(step).copied().unwrap_or(0))
+    }
+
+    /// Whether the saga has given up its sequence key: Completed or Compensated, or Failed with
+    /// the key released by an operator. A Failed saga keeps it: a retry may still resume it
+    /// (and it may still compensate), so no newer saga of its order may run meanwhile.
+    pub fn releases_key(&self) -> bool {
+        match self.status {
+            SagaStatus::Completed | SagaStatus::Compensated { .. } => true,
+            SagaStatus::Failed { .. } => self.key_released,
+            SagaStatus::Queued | SagaStatus::Running | SagaStatus::Compensating { .. } => false,
         }
     }
 }
@@ -256,6 +283,9 @@ pub enum Event {
     Abort { reason: String },
     /// Operator: resume a Failed saga where it stopped.
     Retry,
+    /// Operator: a Failed saga gives its sequence key to the next saga of its order (it was
+    /// resolved outside the engine). It stays Failed and can never be retried.
+    ReleaseKey { actor: String, reason: String },
 }
 
 /// A message for a worker.
@@ -381,6 +411,7 @@ impl Machine<'_> {
             } => self.timer(*step, *op, *attempt, *kind),
             Event::Abort { reason } => self.abort(reason),
             Event::Retry => self.operator_retry(),
+            Event::ReleaseKey { actor, reason } => self.release_key(actor, reason),
         }
     }
 
@@ -539,6 +570,12 @@ impl Machine<'_> {
                 format!("retry refused: the saga is {name}, not failed"),
             );
         };
+        if self.state.key_released {
+            return self.ignore(
+                None,
+                "retry refused: its sequence key was released, so it could run beside a newer saga of its order; start a new saga instead",
+            );
+        }
         self.state.status = match compensating {
             Some(reason) => SagaStatus::Compensating { reason },
             None => SagaStatus::Running,
@@ -546,9 +583,37 @@ impl Machine<'_> {
         self.log("retry", None, "operator retry: resuming");
         for i in 0..self.state.steps.len() {
             if let StepStatus::Stuck { op, attempt, .. } = self.state.steps[i].clone() {
+                // A fresh budget: the next attempt is the first of it again.
+                if self.state.retry_base.len() < self.state.steps.len() {
+                    self.state.retry_base.resize(self.state.steps.len(), 0);
+                }
+                self.state.retry_base[i] = attempt;
                 self.dispatch(i, op, attempt + 1);
             }
         }
+        true
+    }
+
+    fn release_key(&mut self, actor: &str, reason: &str) -> bool {
+        if !matches!(self.state.status, SagaStatus::Failed { .. }) {
+            let name = self.state.status.name();
+            return self.ignore(
+                None,
+                format!("release refused: the saga is {name}; only a Failed saga's key can be released (a saga gives it up by itself when it completes or compensates)"),
+            );
+        }
+        if self.state.key_released {
+            return self.ignore(
+                None,
+                "release refused: its sequence key was released already",
+            );
+        }
+        self.state.key_released = true;
+        self.log(
+            "key-released",
+            None,
+            format!("operator {actor} released the sequence key: {reason}; the next saga of this order may begin, and this one is never retried"),
+        );
         true
     }
 
@@ -582,8 +647,9 @@ impl Machine<'_> {
         // nor compensate until it answers definitively.
         let unlimited =
             op.is_forward() && (def.on_failure == FailurePolicy::Retry || !def.is_reversible());
-        if unlimited || attempt < policy.max_attempts {
-            let delay = policy.backoff(attempt, self.ctx.random);
+        let tried = self.state.attempts_in_budget(step, attempt);
+        if unlimited || tried < policy.max_attempts {
+            let delay = policy.backoff(tried, self.ctx.random);
             self.state.steps[step] = StepStatus::Active {
                 op,
                 attempt: attempt + 1,
@@ -602,13 +668,13 @@ impl Machine<'_> {
                 format!("{op} attempt {} in {}", attempt + 1, fmt_duration(delay)),
             );
         } else if op.is_forward() {
-            self.forward_failed(step, format!("{error} (after {attempt} attempts)"), false);
+            self.forward_failed(step, format!("{error} (after {tried} attempts)"), false);
         } else {
             self.stuck(
                 step,
                 op,
                 attempt,
-                format!("{op} still failing after {attempt} attempts: {error}"),
+                format!("{op} still failing after {tried} attempts: {error}"),
             );
         }
     }

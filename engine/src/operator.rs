@@ -1,5 +1,6 @@
-//! Operator actions on one saga: abort (compensate) and retry (resume a Failed saga). They are
-//! events like any other and go through the same apply path.
+//! Operator actions on one saga: abort (compensate), retry (resume a Failed saga) and release
+//! its sequence key (a Failed saga resolved outside the engine). They are events like any other
+//! and go through the same apply path.
 
 use crate::engine::{Applied, Engine, EngineError, Incoming};
 use crate::machine::Event;
@@ -19,6 +20,24 @@ impl Engine {
     /// Operator: resume a failed saga.
     pub async fn retry(&self, saga_id: &str) -> Result<Applied, EngineError> {
         self.operator(saga_id, Event::Retry).await
+    }
+
+    /// Operator: a Failed saga hands its sequence key to the next saga of its order; `actor`
+    /// and `reason` go into its history. It stays Failed and can no longer be retried.
+    pub async fn release_key(
+        &self,
+        saga_id: &str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Applied, EngineError> {
+        self.operator(
+            saga_id,
+            Event::ReleaseKey {
+                actor: actor.to_owned(),
+                reason: reason.to_owned(),
+            },
+        )
+        .await
     }
 
     async fn operator(&self, saga_id: &str, event: Event) -> Result<Applied, EngineError> {

@@ -34,6 +34,9 @@ pub struct SagaDetail {
     #[serde(flatten)]
     pub status: SagaStatus,
     pub sequence_key: String,
+    /// Sagas of its order waiting for the sequence key this saga holds, next first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting: Vec<String>,
     pub idempotency_key: Option<String>,
     pub created_at: Millis,
     pub updated_at: Millis,
@@ -139,6 +142,7 @@ pub async fn saga(store: &Store, id: &str) -> Result<Option<SagaDetail>, EngineE
     };
 
     let timeline = store.timeline(id, TIMELINE_LIMIT).await?;
+    let waiting = store.waiting_behind(id).await?;
     Ok(Some(SagaDetail {
         id: record.id,
         name: record.name,
@@ -149,6 +153,7 @@ pub async fn saga(store: &Store, id: &str) -> Result<Option<SagaDetail>, EngineE
         definition_hash: hash,
         status: state.status.clone(),
         sequence_key: record.sequence_key,
+        waiting,
         idempotency_key: record.idempotency_key,
         created_at: record.created_at,
         updated_at: record.updated_at,

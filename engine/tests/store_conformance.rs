@@ -230,6 +230,8 @@ fn state(status: SagaStatus, n: u64) -> SagaState {
             Some("timeout".into()),
             Some("insufficient funds".into()),
         ],
+        key_released: false,
+        retry_base: Vec::new(),
     }
 }
 

@@ -108,6 +108,9 @@ pub trait SagaQueries {
     async fn timeline(&self, id: &str, limit: usize) -> Result<Timeline, StoreError>;
     /// The newest timeline row of this kind.
     async fn last_history(&self, id: &str, kind: &str) -> Result<Option<TimelineRow>, StoreError>;
+    /// The sagas that wait for the sequence key this saga holds, in the order they will run
+    /// (empty when it holds none).
+    async fn waiting_behind(&self, id: &str) -> Result<Vec<String>, StoreError>;
     /// At most `limit` sagas matching `filter`, newest first.
     async fn list_sagas(
         &self,
@@ -285,6 +288,20 @@ impl SagaQueries for Store {
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(timeline_row).transpose()
+    }
+
+    async fn waiting_behind(&self, id: &str) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT q.saga_id FROM sequence_keys k JOIN sequence_queue q ON q.seq_key = k.seq_key \
+             WHERE k.holder = $1 ORDER BY q.position",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| r.try_get("saga_id"))
+            .collect::<Result<_, _>>()?)
     }
 
     async fn list_sagas(

@@ -57,7 +57,7 @@ pub const POSTGRES: Sql = Sql {
         SELECT x.id, x.name, x.hash, x.k, x.status, x.state, 0, x.idem, $2, $2 \
         FROM json_to_recordset($1::json) AS x(id text, name text, hash text, k text, status text, state text, idem text)",
     update_sagas: "UPDATE sagas SET status = x.status, state = x.state, version = x.version + x.n, updated_at = $2, \
-        finished_at = COALESCE(sagas.finished_at, x.finished) \
+        finished_at = CASE WHEN x.finished IS NULL THEN NULL ELSE COALESCE(sagas.finished_at, x.finished) END \
         FROM json_to_recordset($1::json) AS x(id text, status text, state text, version bigint, n bigint, finished bigint) \
         WHERE sagas.id = x.id AND sagas.version = x.version \
         AND sagas.id = ANY(ARRAY(SELECT e->>'id' FROM json_array_elements($1::json) AS e))",
@@ -125,7 +125,7 @@ pub const SQLITE: Sql = Sql {
         json_extract(value, '$.k'), json_extract(value, '$.status'), json_extract(value, '$.state'), 0, \
         json_extract(value, '$.idem'), $2, $2 FROM json_each($1)",
     update_sagas: "UPDATE sagas SET status = x.status, state = x.state, version = x.version + x.n, updated_at = $2, \
-        finished_at = COALESCE(sagas.finished_at, x.finished) \
+        finished_at = CASE WHEN x.finished IS NULL THEN NULL ELSE COALESCE(sagas.finished_at, x.finished) END \
         FROM (SELECT json_extract(value, '$.id') AS id, json_extract(value, '$.status') AS status, \
         json_extract(value, '$.state') AS state, json_extract(value, '$.version') AS version, \
         json_extract(value, '$.n') AS n, json_extract(value, '$.finished') AS finished FROM json_each($1)) AS x \

@@ -1,0 +1,401 @@
+//! Operator actions at the edges, on SQLite and on the real PostgreSQL: a Failed saga keeps its
+//! order's sequence key until it is resolved (so no two sagas of one order ever run at once),
+//! `release-key` resolves it by hand, and `retry` gives a stuck step a fresh retry budget and
+//! makes the saga unfinished again. The engine's loops do not run here: the tests play the
+//! workers' replies and the due timers themselves.
+
+mod support;
+
+use std::sync::Arc;
+
+use sagaflow_engine::machine::{Event, Op, Outcome, SagaStatus, TimerKind};
+use sagaflow_engine::status;
+use sagaflow_engine::store::{ENGINE_MIGRATIONS, Store};
+use sagaflow_engine::transport::memory::MemoryTransport;
+use sagaflow_engine::{Applied, Engine, Incoming};
+use sagaflow_workers::services;
+use serde_json::json;
+
+/// One step that retries until it succeeds: a business failure makes the saga Failed.
+const HOLD: &str = r#"
+name: hold
+version: 1
+sequence_key: ${input.order_id}
+input:
+  order_id: string
+steps:
+  - id: charge
+    service: payment
+    action: charge
+    compensation: refund
+    on_failure: retry
+    params: { order_id: "${input.order_id}" }
+"#;
+
+async fn engine(url: &str) -> Arc<Engine> {
+    let store = Store::connect(url, 2).await.expect("connect");
+    store
+        .migrate(&[ENGINE_MIGRATIONS, services::MIGRATIONS])
+        .await
+        .expect("migrate");
+    Engine::new(store, Arc::new(MemoryTransport::default()))
+}
+
+fn reply(saga: &str, op: Op, attempt: u32, outcome: Outcome) -> Incoming {
+    Incoming {
+        saga_id: saga.to_owned(),
+        event: Event::Reply {
+            step: 0,
+            op,
+            attempt,
+            outcome,
+        },
+        message_id: None,
+        timer_id: None,
+    }
+}
+
+fn declined() -> Outcome {
+    Outcome::Business {
+        code: "declined".into(),
+        message: "card declined".into(),
+    }
+}
+
+fn ok() -> Outcome {
+    Outcome::Ok { output: json!({}) }
+}
+
+async fn detail(engine: &Engine, id: &str) -> status::SagaDetail {
+    status::saga(engine.store(), id)
+        .await
+        .expect("status")
+        .expect("saga")
+}
+
+async fn state(engine: &Engine, id: &str) -> String {
+    detail(engine, id).await.status.name().to_owned()
+}
+
+/// Why the last event was ignored, as the timeline says.
+async fn ignored_because(engine: &Engine, id: &str) -> String {
+    status::last_history(engine.store(), id, "ignored")
+        .await
+        .expect("history")
+        .expect("an ignored entry")
+        .detail
+}
+
+/// Starts two sagas of one order: the first runs, the second waits behind it.
+async fn two_of_one_order(engine: &Engine, order: &str) -> (String, String) {
+    let graph = engine.register(HOLD).await.expect("register");
+    let input = json!({ "order_id": order });
+    let first = engine
+        .start(&graph, input.clone(), None)
+        .await
+        .expect("first")
+        .id;
+    let second = engine.start(&graph, input, None).await.expect("second").id;
+    assert_eq!(state(engine, &first).await, "running");
+    assert_eq!(state(engine, &second).await, "queued");
+    (first, second)
+}
+
+on_both_backends!(
+    a_failed_saga_keeps_its_orders_key,
+    |url: String| async move {
+        let engine = engine(&url).await;
+        let (first, second) = two_of_one_order(&engine, "o-failed").await;
+
+        engine
+            .apply(&[reply(&first, Op::Action, 1, declined())])
+            .await
+            .expect("apply");
+        assert_eq!(state(&engine, &first).await, "failed");
+        // The bug this pins: Failed released the key, and the second saga began while the first
+        // still had to be retried (and could then compensate) — two sagas of one order at once.
+        assert_eq!(
+            state(&engine, &second).await,
+            "queued",
+            "a Failed saga holds its order's key"
+        );
+        assert_eq!(
+            detail(&engine, &first).await.waiting,
+            vec![second.clone()],
+            "status shows who waits"
+        );
+
+        // Resolved by a retry that succeeds: the key goes to the next saga.
+        assert_eq!(engine.retry(&first).await.expect("retry"), Applied::Changed);
+        assert_eq!(state(&engine, &second).await, "queued");
+        engine
+            .apply(&[reply(&first, Op::Action, 2, ok())])
+            .await
+            .expect("apply");
+        assert_eq!(state(&engine, &first).await, "completed");
+        assert_eq!(state(&engine, &second).await, "running");
+        assert!(detail(&engine, &first).await.waiting.is_empty());
+    }
+);
+
+on_both_backends!(
+    an_operator_can_release_a_failed_sagas_key,
+    |url: String| async move {
+        let engine = engine(&url).await;
+        let (first, second) = two_of_one_order(&engine, "o-release").await;
+        engine
+            .apply(&[reply(&first, Op::Action, 1, declined())])
+            .await
+            .expect("apply");
+        assert_eq!(state(&engine, &second).await, "queued");
+
+        // Releasing a running saga's key is refused: it would let two run at once.
+        let refused = engine
+            .release_key(&second, "ops", "not mine")
+            .await
+            .expect("release");
+        assert_eq!(refused, Applied::Ignored);
+        assert!(
+            ignored_because(&engine, &second)
+                .await
+                .contains("the saga is queued")
+        );
+
+        let released = engine
+            .release_key(&first, "ops@desk", "refunded by hand, ticket 42")
+            .await
+            .expect("release");
+        assert_eq!(released, Applied::Changed);
+        assert_eq!(state(&engine, &first).await, "failed", "it stays Failed");
+        assert_eq!(
+            state(&engine, &second).await,
+            "running",
+            "the next saga begins"
+        );
+        let detail = status::saga(engine.store(), &first)
+            .await
+            .expect("status")
+            .expect("saga");
+        assert!(
+            detail.timeline.iter().any(|t| t.kind == "key-released"
+                && t.detail.contains("ops@desk")
+                && t.detail.contains("ticket 42")),
+            "{:?}",
+            detail.timeline
+        );
+        // Its key is gone: retrying it now could run it beside the next saga, so that is refused.
+        assert_eq!(engine.retry(&first).await.expect("retry"), Applied::Ignored);
+        assert!(
+            ignored_because(&engine, &first)
+                .await
+                .contains("its sequence key was released")
+        );
+        assert!(matches!(
+            status::saga(engine.store(), &first)
+                .await
+                .expect("status")
+                .expect("saga")
+                .status,
+            SagaStatus::Failed { .. }
+        ));
+    }
+);
+
+/// Runs `sagaflow ARGS --database-url URL` off the test's runtime thread.
+async fn cli(url: &str, args: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sagaflow"));
+    cmd.args(args).args(["--database-url", url]);
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run sagaflow"))
+        .await
+        .expect("join");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+on_both_backends!(
+    release_key_from_the_command_line,
+    |url: String| async move {
+        let engine = engine(&url).await;
+        let (first, second) = two_of_one_order(&engine, "o-cli").await;
+        engine
+            .apply(&[reply(&first, Op::Action, 1, declined())])
+            .await
+            .expect("apply");
+
+        let status = cli(&url, &["status", &first]).await;
+        let text = String::from_utf8_lossy(&status.stdout).into_owned();
+        assert!(status.status.success(), "{text}");
+        assert!(
+            text.contains(&format!("waiting   {second} (for this saga's key)")),
+            "{text}"
+        );
+
+        // A running (here: queued) saga's key is not released: exit 1 with the machine's reason.
+        let refused = cli(&url, &["release-key", &second, "--reason", "x"]).await;
+        assert_eq!(refused.status.code(), Some(1));
+        assert!(
+            String::from_utf8_lossy(&refused.stderr)
+                .contains("release refused: the saga is queued"),
+            "{}",
+            String::from_utf8_lossy(&refused.stderr)
+        );
+        // --reason is required.
+        let no_reason = cli(&url, &["release-key", &first]).await;
+        assert_eq!(no_reason.status.code(), Some(2));
+        assert_eq!(state(&engine, &second).await, "queued");
+
+        let released = cli(
+            &url,
+            &[
+                "release-key",
+                &first,
+                "--reason",
+                "refunded by hand",
+                "--actor",
+                "dana",
+            ],
+        )
+        .await;
+        assert!(
+            released.status.success(),
+            "{}",
+            String::from_utf8_lossy(&released.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&released.stdout).contains(&format!("saga {first} is failed"))
+        );
+        assert_eq!(state(&engine, &second).await, "running");
+        let entry = status::last_history(engine.store(), &first, "key-released")
+            .await
+            .expect("history")
+            .expect("entry");
+        assert!(entry.detail.contains("operator dana"), "{}", entry.detail);
+    }
+);
+
+/// A charge, then points; when the points are declined, the charge's refund may fail
+/// transiently twice before the saga is Failed.
+const UNDO: &str = r#"
+name: undo
+version: 1
+sequence_key: ${input.order_id}
+input:
+  order_id: string
+defaults:
+  compensation_retry: { max_attempts: 2, initial_backoff: 10ms, max_backoff: 10ms }
+steps:
+  - id: charge
+    service: payment
+    action: charge
+    compensation: refund
+    params: { order_id: "${input.order_id}" }
+  - id: points
+    service: points
+    depends_on: [charge]
+    action: grant
+    compensation: revoke
+    params: { order_id: "${input.order_id}" }
+"#;
+
+fn refund_failed(saga: &str, attempt: u32) -> Incoming {
+    reply(
+        saga,
+        Op::Compensate,
+        attempt,
+        Outcome::Retryable {
+            message: "bank offline".into(),
+        },
+    )
+}
+
+/// The retry backoff before the refund's `attempt` is over.
+fn refund_due(saga: &str, attempt: u32) -> Incoming {
+    Incoming {
+        saga_id: saga.to_owned(),
+        event: Event::Timer {
+            step: 0,
+            op: Op::Compensate,
+            attempt,
+            kind: TimerKind::Retry,
+        },
+        message_id: None,
+        timer_id: None,
+    }
+}
+
+async fn apply(engine: &Engine, event: Incoming) {
+    engine.apply(&[event]).await.expect("apply");
+}
+
+on_both_backends!(
+    retry_gives_a_fresh_budget_and_unfinishes_the_saga,
+    |url: String| async move {
+        let engine = engine(&url).await;
+        let graph = engine.register(UNDO).await.expect("register");
+        let id = engine
+            .start(&graph, json!({ "order_id": "o-undo" }), None)
+            .await
+            .expect("start")
+            .id;
+        // Charged, then the points are declined: refund the charge. The refund fails twice
+        // (its whole budget): Failed.
+        apply(&engine, reply(&id, Op::Action, 1, ok())).await;
+        let points_declined = Incoming {
+            event: Event::Reply {
+                step: 1,
+                op: Op::Action,
+                attempt: 1,
+                outcome: declined(),
+            },
+            ..reply(&id, Op::Action, 1, ok())
+        };
+        apply(&engine, points_declined).await;
+        apply(&engine, refund_failed(&id, 1)).await;
+        apply(&engine, refund_due(&id, 2)).await;
+        apply(&engine, refund_failed(&id, 2)).await;
+        let failed = detail(&engine, &id).await;
+        assert_eq!(failed.status.name(), "failed");
+        assert!(failed.finished_at.is_some());
+
+        // The retry resumes with attempt 3, a first attempt of a new budget of 2.
+        assert_eq!(engine.retry(&id).await.expect("retry"), Applied::Changed);
+        let resumed = detail(&engine, &id).await;
+        assert_eq!(resumed.status.name(), "compensating");
+        assert_eq!(
+            resumed.finished_at, None,
+            "a retried saga is unfinished again (so `sagaflow dev --orders 0` drives it)"
+        );
+        apply(&engine, refund_failed(&id, 3)).await;
+        // The bug this pins: attempt 3 counted against the old budget, and the saga was Failed
+        // again after one try.
+        assert_eq!(
+            state(&engine, &id).await,
+            "compensating",
+            "attempt 3 is the first of a fresh budget"
+        );
+        apply(&engine, refund_due(&id, 4)).await;
+        apply(&engine, refund_failed(&id, 4)).await;
+        let again = detail(&engine, &id).await;
+        assert_eq!(
+            again.status.name(),
+            "failed",
+            "the fresh budget was 2 attempts"
+        );
+        assert!(
+            again
+                .timeline
+                .iter()
+                .any(|t| t.detail.contains("still failing after 2 attempts")),
+            "{:?}",
+            again.timeline
+        );
+        // A second retry, and a refund that works: Compensated.
+        assert_eq!(engine.retry(&id).await.expect("retry"), Applied::Changed);
+        apply(&engine, reply(&id, Op::Compensate, 5, ok())).await;
+        assert_eq!(state(&engine, &id).await, "compensated");
+    }
+);
