@@ -28,6 +28,7 @@ pub mod input;
 pub mod machine;
 pub mod metrics;
 pub mod operator;
+pub mod redact;
 pub mod relay;
 pub mod retention;
 pub mod status;

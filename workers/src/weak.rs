@@ -57,6 +57,7 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use sagaflow_engine::machine::{Op, Outcome};
+use sagaflow_engine::redact::redact_url as redact;
 use serde_json::Value;
 use sqlx::AnyPool;
 use tokio::sync::Mutex;
@@ -560,20 +561,6 @@ fn fresh(outcome: Outcome) -> Executed {
     Executed {
         outcome,
         duplicate: false,
-    }
-}
-
-/// `redis://user:secret@host` → `redis://user:***@host`.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }
 

@@ -24,6 +24,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Row};
 
 use crate::machine::{SagaState, StepStatus, Timer};
+use crate::redact::redact_url as redact;
 pub use read::{
     Latencies, SagaCounts, SagaFilter, SagaHeader, SagaQueries, SagaRecord, SagaSummary, Timeline,
     TimelineRow,
@@ -359,20 +360,6 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-fn redact(url: &str) -> String {
-    // postgres://user:secret@host → postgres://user:***@host
-    match (url.find("://"), url.find('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
 }
 
 /// A saga row as the driver needs it.

@@ -27,6 +27,7 @@
 //!   resume. Deliveries that were not acknowledged are redelivered by the broker and dropped as
 //!   duplicates by the engine's inbox and the workers' barrier.
 
+use crate::redact::redact_url as redact;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -866,20 +867,6 @@ impl AmqpTransport {
                 _ = closed.wait_for(|c| *c) => return,
             }
         }
-    }
-}
-
-fn redact(url: &str) -> String {
-    // amqp://user:secret@host → amqp://user:***@host
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }
 
