@@ -59,7 +59,12 @@ const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// The deployment's PostgreSQL database.
-    #[arg(long, env = "SAGAFLOW_DATABASE_URL", value_name = "URL")]
+    #[arg(
+        long,
+        env = "SAGAFLOW_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     pub database_url: String,
     #[command(flatten)]
     pub amqp: AmqpArgs,
@@ -151,7 +156,7 @@ struct Usage {
 
 /// The processes this bench launched.
 struct Deployment {
-    children: Vec<(String, Vec<String>, Child)>,
+    children: Vec<(String, Launch, Child)>,
     logs: Option<std::path::PathBuf>,
     /// CPU of killed processes by kind.
     retired: BTreeMap<String, (usize, u64)>,
@@ -165,8 +170,17 @@ fn kind_of(name: &str) -> String {
     }
 }
 
+/// How a child process is started: its arguments, and the addresses it gets through its
+/// environment (never as arguments: those are visible to anyone on the machine in `ps`, and
+/// may hold passwords).
+#[derive(Debug, Clone)]
+struct Launch {
+    args: Vec<String>,
+    env: Vec<(&'static str, String)>,
+}
+
 impl Deployment {
-    fn spawn(&mut self, name: &str, args: Vec<String>) -> anyhow::Result<()> {
+    fn spawn(&mut self, name: &str, launch: Launch) -> anyhow::Result<()> {
         let exe = std::env::current_exe().context("cannot find the sagaflow executable")?;
         let (out, err) = match &self.logs {
             Some(dir) => {
@@ -179,7 +193,8 @@ impl Deployment {
             None => (Stdio::null(), Stdio::null()),
         };
         let child = Command::new(exe)
-            .args(&args)
+            .args(&launch.args)
+            .envs(launch.env.iter().map(|(k, v)| (*k, v.as_str())))
             // The children's log filter: `warn`, or what SAGAFLOW_BENCH_LOG says (with --logs,
             // e.g. `sagaflow_engine::apply=debug` shows every batch's size and time).
             .env(
@@ -190,7 +205,7 @@ impl Deployment {
             .stderr(err)
             .spawn()
             .with_context(|| format!("cannot launch {name}"))?;
-        self.children.push((name.to_owned(), args, child));
+        self.children.push((name.to_owned(), launch, child));
         Ok(())
     }
 
@@ -202,14 +217,14 @@ impl Deployment {
         let Some(&i) = workers.get(round % workers.len().max(1)) else {
             bail!("no worker to kill");
         };
-        let (name, args, mut child) = self.children.remove(i);
+        let (name, launch, mut child) = self.children.remove(i);
         let ticks = cpu_ticks(&child.id().to_string()).unwrap_or(0);
         let retired = self.retired.entry(kind_of(&name)).or_default();
         retired.0 += 1;
         retired.1 += ticks;
         child.kill()?;
         child.wait()?;
-        self.spawn(&name, args)?;
+        self.spawn(&name, launch)?;
         Ok(name)
     }
 
@@ -479,10 +494,6 @@ async fn bench(
         let common = |cmd: &[&str], url: &str| {
             let mut v: Vec<String> = cmd.iter().map(|s| (*s).to_owned()).collect();
             v.extend([
-                "--database-url".into(),
-                url.to_owned(),
-                "--amqp-url".into(),
-                args.amqp.amqp_url.clone(),
                 "--partitions".into(),
                 args.amqp.partitions.to_string(),
                 "--queue-type".into(),
@@ -494,11 +505,17 @@ async fn bench(
                 "--bundle".into(),
                 args.amqp.bundle.to_string(),
             ]);
-            v
+            Launch {
+                args: v,
+                env: vec![
+                    ("SAGAFLOW_DATABASE_URL", url.to_owned()),
+                    ("SAGAFLOW_AMQP_URL", args.amqp.amqp_url.clone()),
+                ],
+            }
         };
         for i in 0..args.engines {
             let mut a = common(&["engine"], &dbs.engine_url);
-            a.extend(["--http".into(), "127.0.0.1:0".into()]);
+            a.args.extend(["--http".into(), "127.0.0.1:0".into()]);
             deployment.spawn(&format!("engine-{i}"), a)?;
         }
         for service in services::SERVICES {
@@ -510,7 +527,7 @@ async fn bench(
             ] {
                 let r = pick(list, service);
                 if r > 0.0 {
-                    a.extend([flag.to_owned(), r.to_string()]);
+                    a.args.extend([flag.to_owned(), r.to_string()]);
                 }
             }
             deployment.spawn(&format!("worker-{service}"), a)?;

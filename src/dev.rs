@@ -30,7 +30,12 @@ pub struct DevArgs {
     #[arg(long, default_value = "sagaflow.db", value_name = "FILE")]
     pub db: PathBuf,
     /// Use this database instead of the SQLite file (e.g. postgres://…).
-    #[arg(long, env = "SAGAFLOW_DATABASE_URL", value_name = "URL")]
+    #[arg(
+        long,
+        env = "SAGAFLOW_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     pub database_url: Option<String>,
     /// How many sample orders to run (0: only finish what an earlier run left).
     #[arg(long, default_value_t = 100)]
@@ -230,7 +235,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let outcomes = services::outcomes(&mut conn).await?;
     let violations = services::check_all(&mut conn, &outcomes).await?;
     let this_run = summary.this_run.values().sum::<u64>();
-    println!("sagaflow dev: {} ({url})", graph.name());
+    println!(
+        "sagaflow dev: {} ({})",
+        graph.name(),
+        sagaflow_engine::redact::redact_url(&url)
+    );
     println!(
         "  sagas this run:  {this_run} ({})",
         fmt_counts(&summary.this_run)

@@ -87,7 +87,12 @@ struct DbArgs {
     #[arg(long, default_value = "sagaflow.db", value_name = "FILE")]
     db: PathBuf,
     /// Use this database instead of the SQLite file (e.g. postgres://…).
-    #[arg(long, env = "SAGAFLOW_DATABASE_URL", value_name = "URL")]
+    #[arg(
+        long,
+        env = "SAGAFLOW_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     database_url: Option<String>,
 }
 

@@ -45,7 +45,12 @@ const DELIVERY: &str = "an engine running on this database delivers them (`sagaf
 pub struct ServerArgs {
     /// Talk to a running engine's HTTP API (e.g. http://127.0.0.1:8080) instead of opening a
     /// database; --db and --database-url are then not used.
-    #[arg(long, env = "SAGAFLOW_SERVER", value_name = "URL")]
+    #[arg(
+        long,
+        env = "SAGAFLOW_SERVER",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     server: Option<String>,
 }
 
@@ -162,6 +167,7 @@ pub struct MigrateArgs {
 
 pub async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     let url = args.db.url();
+    let shown = sagaflow_engine::redact::redact_url(&url);
     let store = Store::connect(&url, 2).await?;
     let before = applied(&store).await;
     store
@@ -170,10 +176,10 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     let after = applied(&store).await;
     let new: Vec<&String> = after.iter().filter(|m| !before.contains(m)).collect();
     if new.is_empty() {
-        println!("{url}: schema up to date ({} migrations)", after.len());
+        println!("{shown}: schema up to date ({} migrations)", after.len());
     } else {
         let names: Vec<&str> = new.iter().map(|s| s.as_str()).collect();
-        println!("{url}: applied {}", names.join(", "));
+        println!("{shown}: applied {}", names.join(", "));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -643,6 +649,8 @@ pub mod remote {
     pub struct Client {
         /// `http://host:port` (and a path prefix, if the URL had one), without a trailing `/`.
         base: String,
+        /// `base` with any password replaced, for messages.
+        shown: String,
         agent: ureq::Agent,
     }
 
@@ -650,6 +658,7 @@ pub mod remote {
         /// `http://host:port`, or `host:port` (http is assumed).
         pub fn new(url: &str) -> anyhow::Result<Client> {
             let trimmed = url.trim();
+            let url = sagaflow_engine::redact::redact_url(trimmed);
             let rest = if let Some(rest) = trimmed.strip_prefix("http://") {
                 rest
             } else if trimmed.starts_with("https://") {
@@ -664,33 +673,33 @@ pub mod remote {
                 bail!("--server {url}: the URL names no host");
             }
             let base = format!("http://{rest}");
+            let shown = sagaflow_engine::redact::redact_url(&base);
             let agent = ureq::Agent::config_builder()
                 .http_status_as_error(false)
                 .timeout_connect(Some(Duration::from_secs(10)))
                 .timeout_global(Some(Duration::from_secs(60)))
                 .build()
                 .new_agent();
-            Ok(Client { base, agent })
+            Ok(Client { base, shown, agent })
         }
 
-        pub fn base(&self) -> &str {
-            &self.base
+        /// The server's address as messages show it (no password).
+        pub fn shown(&self) -> &str {
+            &self.shown
         }
 
         fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-            let url = format!("{}{path}", self.base);
-            let answer = self.agent.get(&url).call();
-            self.answer(&url, answer)
+            let answer = self.agent.get(format!("{}{path}", self.base)).call();
+            self.answer(&format!("{}{path}", self.shown), answer)
         }
 
         fn post<T: DeserializeOwned>(&self, path: &str, body: Option<&Value>) -> anyhow::Result<T> {
-            let url = format!("{}{path}", self.base);
-            let request = self.agent.post(&url);
+            let request = self.agent.post(format!("{}{path}", self.base));
             let answer = match body {
                 Some(b) => request.send_json(b),
                 None => request.send_empty(),
             };
-            self.answer(&url, answer)
+            self.answer(&format!("{}{path}", self.shown), answer)
         }
 
         /// The answer's JSON as `T`; an error answer becomes the server's own message.
@@ -699,8 +708,10 @@ pub mod remote {
             url: &str,
             answer: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
         ) -> anyhow::Result<T> {
-            let mut response = answer
-                .map_err(|e| anyhow!("cannot reach the sagaflow server at {}: {e}", self.base))?;
+            let mut response = answer.map_err(|e| {
+                let why = sagaflow_engine::redact::redact_in(&e.to_string(), &self.base);
+                anyhow!("cannot reach the sagaflow server at {}: {why}", self.shown)
+            })?;
             let status = response.status();
             let text = response
                 .body_mut()
@@ -714,12 +725,12 @@ pub mod remote {
                     .and_then(Value::as_str)
                 {
                     Some(message) => {
-                        bail!("{message} (HTTP {} from {})", status.as_u16(), self.base)
+                        bail!("{message} (HTTP {} from {})", status.as_u16(), self.shown)
                     }
                     None => bail!(
                         "{url} answered HTTP {} without a sagaflow error (is {} a sagaflow server?): {}",
                         status.as_u16(),
-                        self.base,
+                        self.shown,
                         excerpt(&text)
                     ),
                 }
@@ -727,7 +738,7 @@ pub mod remote {
             let doc = doc.ok_or_else(|| {
                 anyhow!(
                     "{url} answered with something that is not JSON (is {} a sagaflow server?): {}",
-                    self.base,
+                    self.shown,
                     excerpt(&text)
                 )
             })?;
@@ -840,7 +851,7 @@ pub mod remote {
                 started.saga,
                 started.version,
                 started.state,
-                client.base()
+                client.shown()
             );
         }
         Ok(ExitCode::SUCCESS)

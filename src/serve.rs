@@ -43,11 +43,14 @@ pub const SHIPPED_SAGAS: [(&str, &str); 2] = [
 /// deployment must agree (a different partition count is refused at start).
 #[derive(Debug, Clone, clap::Args)]
 pub struct AmqpArgs {
-    /// The RabbitMQ address.
+    /// The RabbitMQ address [default: amqp://guest:***@127.0.0.1:5672/%2f, RabbitMQ's own
+    /// guest account on this machine].
     #[arg(
         long,
         env = "SAGAFLOW_AMQP_URL",
+        hide_env_values = true,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_default_value = true,
         value_name = "URL"
     )]
     pub amqp_url: String,
@@ -97,7 +100,12 @@ pub enum Savepoints {
 #[derive(Debug, clap::Args)]
 pub struct EngineArgs {
     /// The engine's PostgreSQL database.
-    #[arg(long, env = "SAGAFLOW_DATABASE_URL", value_name = "URL")]
+    #[arg(
+        long,
+        env = "SAGAFLOW_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     pub database_url: String,
     #[command(flatten)]
     pub amqp: AmqpArgs,
@@ -124,7 +132,12 @@ pub struct WorkerArgs {
     #[arg(value_parser = known_service)]
     pub service: String,
     /// The service's PostgreSQL database (its tables and its barrier).
-    #[arg(long, env = "SAGAFLOW_DATABASE_URL", value_name = "URL")]
+    #[arg(
+        long,
+        env = "SAGAFLOW_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     pub database_url: String,
     #[command(flatten)]
     pub amqp: AmqpArgs,

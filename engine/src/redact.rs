@@ -43,6 +43,26 @@ pub fn redact_url(text: &str) -> String {
     }
 }
 
+/// `text` (a library's error message, say) with the password of `url` replaced wherever it
+/// appears, in plain or percent-encoded form.
+pub fn redact_in(text: &str, url: &str) -> String {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return text.to_owned();
+    };
+    let Some(encoded) = parsed.password().filter(|p| !p.is_empty()) else {
+        return text.to_owned();
+    };
+    let plain = url::form_urlencoded::parse(format!("p={encoded}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    let mut out = text.replace(encoded, "***");
+    if !plain.is_empty() {
+        out = out.replace(&plain, "***");
+    }
+    out
+}
+
 /// The `user:secret@` of something URL-like that `url` does not parse.
 fn redact_by_hand(text: &str) -> String {
     let Some(s) = text.find("://") else {
@@ -62,7 +82,19 @@ fn redact_by_hand(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{redact_in, redact_url};
+
+    #[test]
+    fn a_password_is_taken_out_of_other_text() {
+        assert_eq!(
+            redact_in(
+                "connect to http://ops:p%40ss@h:1 failed (p@ss)",
+                "http://ops:p%40ss@h:1"
+            ),
+            "connect to http://ops:***@h:1 failed (***)"
+        );
+        assert_eq!(redact_in("no secret here", "http://h:1"), "no secret here");
+    }
 
     #[test]
     fn passwords_are_replaced_everywhere_they_hide() {
