@@ -63,7 +63,8 @@ pub struct BenchArgs {
         long,
         env = "SAGAFLOW_DATABASE_URL",
         hide_env_values = true,
-        value_name = "URL"
+        value_name = "URL",
+        value_parser = crate::database_url()
     )]
     pub database_url: String,
     #[command(flatten)]
@@ -102,7 +103,7 @@ pub struct BenchArgs {
     pub external: bool,
     /// With `--external`: the database of the deployment's workers, if not `--database-url`
     /// (orders are seeded and checked there, and its commits are counted apart).
-    #[arg(long, value_name = "URL", requires = "external")]
+    #[arg(long, value_name = "URL", requires = "external", value_parser = crate::database_url())]
     pub workers_database_url: Option<String>,
     /// Give up waiting when no saga finishes for this long.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
@@ -418,7 +419,7 @@ fn db_reason(e: &sqlx::Error) -> String {
 }
 
 async fn connect_one(url: &str) -> anyhow::Result<AnyConnection> {
-    let url = sagaflow_engine::store::normalize_url(url);
+    let url = sagaflow_engine::store::normalize_url(url)?;
     <AnyConnection as sqlx::Connection>::connect(&url)
         .await
         .map_err(|e| anyhow::anyhow!("cannot open database: {}", db_reason(&e)))

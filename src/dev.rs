@@ -34,7 +34,8 @@ pub struct DevArgs {
         long,
         env = "SAGAFLOW_DATABASE_URL",
         hide_env_values = true,
-        value_name = "URL"
+        value_name = "URL",
+        value_parser = crate::database_url()
     )]
     pub database_url: Option<String>,
     /// How many sample orders to run (0: only finish what an earlier run left).

@@ -80,10 +80,57 @@ enum Command {
     Migrate(ops::MigrateArgs),
 }
 
+/// `--database-url`: an address with a scheme sagaflow supports (a plain SQLite file goes to
+/// `--db FILE`), checked before anything is opened. A parser of its own rather than a function:
+/// clap repeats a refused value in its message, and this one may hold a password.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DatabaseUrl;
+
+/// The parser for every `--database-url`.
+pub(crate) fn database_url() -> DatabaseUrl {
+    DatabaseUrl
+}
+
+impl clap::builder::TypedValueParser for DatabaseUrl {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        let s = value.to_string_lossy();
+        let s = s.trim();
+        if s.starts_with("postgres://")
+            || s.starts_with("postgresql://")
+            || s.starts_with("sqlite:")
+        {
+            return Ok(s.to_owned());
+        }
+        let flag = match arg {
+            Some(a) => {
+                let long = a.get_long().unwrap_or("database-url");
+                match a.get_env() {
+                    Some(env) => format!("--{long} (or {})", env.to_string_lossy()),
+                    None => format!("--{long}"),
+                }
+            }
+            None => "--database-url".to_owned(),
+        };
+        let message = format!(
+            "{flag}: `{}` is not a database URL sagaflow can use: write postgres://USER@HOST:PORT/DATABASE (or postgresql://…) or sqlite://FILE; a plain SQLite file is `--db FILE`\n",
+            sagaflow_engine::redact::redact_url(s)
+        );
+        Err(clap::Error::raw(clap::error::ErrorKind::ValueValidation, message).with_cmd(cmd))
+    }
+}
+
 /// Where the sagas are: shared by every command that reads or writes them.
 #[derive(Debug, Clone, clap::Args)]
 struct DbArgs {
-    /// The SQLite file (created if missing).
+    /// The SQLite file (created if missing by the commands that write; `status`, `list` and the
+    /// operator commands need an existing one).
     #[arg(long, default_value = "sagaflow.db", value_name = "FILE")]
     db: PathBuf,
     /// Use this database instead of the SQLite file (e.g. postgres://…).
@@ -91,7 +138,8 @@ struct DbArgs {
         long,
         env = "SAGAFLOW_DATABASE_URL",
         hide_env_values = true,
-        value_name = "URL"
+        value_name = "URL",
+        value_parser = database_url()
     )]
     database_url: Option<String>,
 }

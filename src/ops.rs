@@ -192,7 +192,16 @@ async fn applied(store: &Store) -> Vec<String> {
 /// Opens (and if needed creates) the database, with an engine whose transport goes nowhere:
 /// what these commands write is delivered by whichever engine runs on the database.
 async fn open(db: &DbArgs) -> anyhow::Result<Arc<Engine>> {
-    let store = Store::connect(&db.url(), 4).await?;
+    engine_on(Store::connect(&db.url(), 4).await?).await
+}
+
+/// For the commands that read or act on sagas already there: a SQLite path that names no file
+/// is an error, not a new empty database.
+async fn open_existing(db: &DbArgs) -> anyhow::Result<Arc<Engine>> {
+    engine_on(Store::connect_existing(&db.url(), 4).await?).await
+}
+
+async fn engine_on(store: Store) -> anyhow::Result<Arc<Engine>> {
     store
         .migrate(&[ENGINE_MIGRATIONS, services::MIGRATIONS])
         .await?;
@@ -274,7 +283,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let detail = match &args.server.server {
         Some(url) => remote::Client::new(url)?.saga(&args.id)?,
         None => {
-            let engine = open(&args.db).await?;
+            let engine = open_existing(&args.db).await?;
             let Some(detail) = status::saga(engine.store(), &args.id).await? else {
                 bail!("no saga with id {}", args.id);
             };
@@ -482,7 +491,7 @@ pub async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     let page = match &args.server.server {
         Some(url) => remote::Client::new(url)?.list(&query)?,
         None => {
-            let engine = open(&args.db).await?;
+            let engine = open_existing(&args.db).await?;
             status::list(engine.store(), &query).await?
         }
     };
@@ -538,7 +547,7 @@ pub async fn retry(args: RetryArgs) -> anyhow::Result<ExitCode> {
         let done = remote::Client::new(url)?.retry(&args.id)?;
         return remote::report(&done);
     }
-    let engine = open(&args.db).await?;
+    let engine = open_existing(&args.db).await?;
     let applied = engine.retry(&args.id).await?;
     report(&engine, &args.id, applied, "the retried commands").await
 }
@@ -548,7 +557,7 @@ pub async fn abort(args: AbortArgs) -> anyhow::Result<ExitCode> {
         let done = remote::Client::new(url)?.abort(&args.id, &args.reason)?;
         return remote::report(&done);
     }
-    let engine = open(&args.db).await?;
+    let engine = open_existing(&args.db).await?;
     let applied = engine.abort(&args.id, &args.reason).await?;
     report(&engine, &args.id, applied, "the compensations").await
 }
@@ -562,7 +571,7 @@ pub async fn release_key(args: ReleaseKeyArgs) -> anyhow::Result<ExitCode> {
         let done = remote::Client::new(url)?.release_key(&args.id, &actor, &args.reason)?;
         return remote::report(&done);
     }
-    let engine = open(&args.db).await?;
+    let engine = open_existing(&args.db).await?;
     let applied = engine.release_key(&args.id, &actor, &args.reason).await?;
     report(&engine, &args.id, applied, "the next saga's commands").await
 }

@@ -104,7 +104,8 @@ pub struct EngineArgs {
         long,
         env = "SAGAFLOW_DATABASE_URL",
         hide_env_values = true,
-        value_name = "URL"
+        value_name = "URL",
+        value_parser = crate::database_url()
     )]
     pub database_url: String,
     #[command(flatten)]
@@ -136,7 +137,8 @@ pub struct WorkerArgs {
         long,
         env = "SAGAFLOW_DATABASE_URL",
         hide_env_values = true,
-        value_name = "URL"
+        value_name = "URL",
+        value_parser = crate::database_url()
     )]
     pub database_url: String,
     #[command(flatten)]

@@ -117,3 +117,78 @@ fn graph_of_an_invalid_saga_explains_why_and_exits_1() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("error[empty-saga]"), "{err}");
 }
+
+#[test]
+fn a_database_url_of_another_kind_is_refused_naming_the_supported_ones() {
+    let dir = std::env::temp_dir().join(format!("sagaflow-cli-url-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for url in ["mysql://app:hunter2@db/shop", "not a url", "redis://h:6379"] {
+        for args in [
+            vec!["status", "x"],
+            vec!["list"],
+            vec!["migrate"],
+            vec!["start", "order-paid", "--input", "{}"],
+            vec!["engine"],
+            vec!["dev", "--orders", "1"],
+        ] {
+            let out = Command::new(env!("CARGO_BIN_EXE_sagaflow"))
+                .args(&args)
+                .args(["--database-url", url])
+                .current_dir(&dir)
+                .output()
+                .expect("run sagaflow");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?} {url}: {err}");
+            assert!(
+                err.contains("is not a database URL sagaflow can use")
+                    && err.contains("postgres://")
+                    && err.contains("sqlite://FILE"),
+                "{args:?} {url}: {err}"
+            );
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
+    // Nothing was created under any of those names.
+    let left: Vec<_> = std::fs::read_dir(&dir).expect("dir").collect();
+    assert!(left.is_empty(), "{left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn reading_commands_do_not_create_a_database_for_a_mistyped_path() {
+    let dir = std::env::temp_dir().join(format!("sagaflow-cli-typo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let typo = dir.join("sagaflw.db");
+    let typo = typo.to_str().expect("utf-8 path");
+    for args in [
+        vec!["status", "some-id"],
+        vec!["list"],
+        vec!["retry", "some-id"],
+        vec!["abort", "some-id"],
+        vec!["release-key", "some-id", "--reason", "x"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_sagaflow"))
+            .args(&args)
+            .args(["--db", typo])
+            .output()
+            .expect("run sagaflow");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("no SQLite database at {typo}")),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !std::path::Path::new(typo).exists(),
+            "{args:?} created {typo}"
+        );
+    }
+    // `start` writes, so it creates the file (the documented first run).
+    let out = Command::new(env!("CARGO_BIN_EXE_sagaflow"))
+        .args(["start", "sagas/order.yaml", "--input", "{}", "--db", typo])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run sagaflow");
+    assert!(std::path::Path::new(typo).exists(), "{out:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -884,6 +884,52 @@ async fn cli_operator_actions_through_the_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_reused_with_another_input_is_refused() {
+    let (_db, engine) = idle_engine("http_idem_conflict").await;
+    let server = Server::start(engine.clone()).await;
+    let base = server.base.clone();
+    let sagas = format!("{base}/sagas");
+    let first = json!({"saga": "hold", "input": {"order_id": "i-1", "amount": "3.00"}, "idempotency_key": "pay-i-1"});
+    let created = post_json(&sagas, &first).await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let id = created.json()["id"].as_str().expect("id").to_owned();
+    // The same start again: the same saga.
+    let again = post_json(&sagas, &first).await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.json()["id"], json!(id));
+    assert_eq!(again.json()["existing"], json!(true));
+    // The bug this pins: another input under the same key silently answered the old saga.
+    let other = json!({"saga": "hold", "input": {"order_id": "i-1", "amount": "30.00"}, "idempotency_key": "pay-i-1"});
+    post_json(&sagas, &other)
+        .await
+        .error(409, "idempotency key `pay-i-1` already started saga");
+    let message = post_json(&sagas, &other).await.json()["error"].clone();
+    assert!(
+        message
+            .as_str()
+            .unwrap_or("")
+            .contains("with a different input"),
+        "{message}"
+    );
+    // And through the CLI: exit 1 with the same reason; nothing new was started.
+    let err = sagaflow_fails(&[
+        "start",
+        "hold",
+        "--input",
+        r#"{"order_id": "i-1", "amount": "30.00"}"#,
+        "--idempotency-key",
+        "pay-i-1",
+        "--server",
+        &base,
+    ])
+    .await;
+    assert!(err.contains("already started saga"), "{err}");
+    let list = get(&format!("{base}/sagas")).await.json();
+    assert_eq!(list["sagas"].as_array().map(Vec::len), Some(1), "{list}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_key_through_the_api_and_the_server() {
     let (_db, engine) = idle_engine("http_release_key").await;
     let server = Server::start(engine.clone()).await;

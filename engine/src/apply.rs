@@ -30,6 +30,7 @@ use serde_json::Value;
 use crate::engine::{Applied, Engine, EngineError, Incoming, Started};
 use crate::machine::{self, Context, Decision, Event, HistoryEntry, SagaState, StepStatus};
 use crate::machine::{TimerKind, decide, forward_op, operation_name};
+use crate::store::KeyedSaga;
 use crate::store::outbox::Claimed;
 use crate::store::{
     Changes, HistoryRow, NewSaga, OutboxMessage, SagaRow, SagaTable, SagaWrite, StepRow,
@@ -59,6 +60,30 @@ pub enum Inbound {
 pub enum Done {
     Applied(Applied),
     Started(Started),
+    /// Refused for a reason no retry changes (a reused idempotency key with another input).
+    /// Only inside the apply path: [`Engine::apply_inbound`] hands it out as
+    /// [`EngineError::Refused`].
+    Refused(String),
+}
+
+/// A start whose idempotency key already started `saga`: the same start again (its answer is
+/// that saga), or a different one under a reused key (refused, saying why).
+fn same_start(key: &str, saga: &KeyedSaga, s: &StartRequest) -> Done {
+    if saga.name == s.graph.name() && saga.input == s.input {
+        return Done::Started(Started {
+            id: saga.id.clone(),
+            existing: true,
+        });
+    }
+    let what = if saga.name != s.graph.name() {
+        format!("saga `{}`, not `{}`", saga.name, s.graph.name())
+    } else {
+        "a different input".to_owned()
+    };
+    Done::Refused(format!(
+        "idempotency key `{key}` already started saga {} with {what}; a key names one start, so a different start needs a new key",
+        saga.id
+    ))
 }
 
 /// Retries of a single event that lost an optimistic-lock race to another engine.
@@ -73,7 +98,10 @@ impl Engine {
         let mut work = vec![batch];
         while let Some(part) = work.pop() {
             match self.apply_with_retries(part).await {
-                Ok(done) => results.extend(done.into_iter().map(Ok)),
+                Ok(done) => results.extend(done.into_iter().map(|d| match d {
+                    Done::Refused(why) => Err(EngineError::Refused(why)),
+                    d => Ok(d),
+                })),
                 Err(e) if part.len() <= 1 => results.push(Err(e)),
                 Err(e) => {
                     tracing::debug!(error = %e, size = part.len(), "batch failed; splitting it");
@@ -109,10 +137,7 @@ impl Engine {
                         .await?;
                     tx.rollback().await?;
                     return match found.get(key) {
-                        Some(id) => Ok(vec![Done::Started(Started {
-                            id: id.clone(),
-                            existing: true,
-                        })]),
+                        Some(saga) => Ok(vec![same_start(key, saga, s)]),
                         None => Err(StoreError::Db(sqlx::Error::Database(db)).into()),
                     };
                 }
@@ -318,17 +343,21 @@ impl Engine {
         let mut requests = Vec::new();
         for (i, s) in starts {
             if let Some(k) = &s.idempotency_key
-                && let Some(id) = existing.get(k)
+                && let Some(saga) = existing.get(k)
             {
-                results[i] = Some(Done::Started(Started {
-                    id: id.clone(),
-                    existing: true,
-                }));
+                results[i] = Some(same_start(k, saga, s));
                 continue;
             }
             let id = uuid::Uuid::now_v7().to_string();
             if let Some(k) = &s.idempotency_key {
-                existing.insert(k.clone(), id.clone());
+                existing.insert(
+                    k.clone(),
+                    KeyedSaga {
+                        id: id.clone(),
+                        name: s.graph.name().to_owned(),
+                        input: s.input.clone(),
+                    },
+                );
             }
             let state = SagaState::new(&s.graph, s.input.clone());
             plan.history.push(HistoryRow {
@@ -631,5 +660,6 @@ pub(crate) fn applied(done: Result<Done, EngineError>) -> Result<Applied, Engine
     match done? {
         Done::Applied(a) => Ok(a),
         Done::Started(_) => Ok(Applied::Changed),
+        Done::Refused(why) => Err(EngineError::Refused(why)),
     }
 }

@@ -186,6 +186,7 @@ impl Engine {
         for (slot, done) in slots.into_iter().zip(self.apply_inbound(&batch).await) {
             results[slot] = Some(done.and_then(|d| match d {
                 Done::Started(s) => Ok(s),
+                Done::Refused(why) => Err(EngineError::Refused(why)),
                 Done::Applied(a) => Err(EngineError::Refused(format!(
                     "a start was applied as an event ({a:?})"
                 ))),

@@ -583,6 +583,14 @@ async fn idempotency_keys_find_and_stay_unique(store: Store) {
         .await
         .unwrap();
     tx.rollback().await.unwrap();
+    let found: HashMap<String, String> = found
+        .into_iter()
+        .map(|(k, saga)| {
+            assert_eq!(saga.name, "order");
+            assert_eq!(saga.input, state(SagaStatus::Queued, 0).input, "{k}");
+            (k, saga.id)
+        })
+        .collect();
     let want: HashMap<String, String> = [("idem-1", "s1"), ("idem-3", "s3")]
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

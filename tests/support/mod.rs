@@ -55,7 +55,8 @@ pub async fn fresh_db(backend: Backend, test: &str) -> Option<TestDb> {
             ));
             std::fs::create_dir_all(&dir).expect("temp dir");
             Some(TestDb {
-                url: dir.join("test.db").display().to_string(),
+                // A URL, as `--database-url` takes it (a plain path would be refused there).
+                url: format!("sqlite://{}?mode=rwc", dir.join("test.db").display()),
                 admin: None,
                 _dir: Some(TempDir(dir)),
             })

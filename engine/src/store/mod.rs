@@ -32,9 +32,9 @@ pub use read::{
 pub use retention::PurgeReport;
 use sql::Sql;
 pub use tx::{
-    Changes, DefinitionTable, HistoryRow, HistoryTable, InboxTable, NewSaga, OutboxMessage,
-    OutboxTable, SagaTable, SagaWrite, SequenceKeyTable, StepRow, StepTable, StoreTx, TimerRow,
-    TimerTable, Tx,
+    Changes, DefinitionTable, HistoryRow, HistoryTable, InboxTable, KeyedSaga, NewSaga,
+    OutboxMessage, OutboxTable, SagaTable, SagaWrite, SequenceKeyTable, StepRow, StepTable,
+    StoreTx, TimerRow, TimerTable, Tx,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +46,9 @@ pub enum StoreError {
     Db(sqlx::Error),
     #[error("cannot open database {url}: {reason}")]
     Connect { url: String, reason: String },
+    /// An address sagaflow cannot use, refused before anything is opened or created.
+    #[error("{0}")]
+    BadUrl(String),
     #[error("migration {name} failed: {error}")]
     Migration { name: String, error: sqlx::Error },
     #[error("saga {0} was changed concurrently")]
@@ -155,23 +158,60 @@ pub struct Store {
     counters: Arc<Counters>,
 }
 
-/// A database address as users write it: `postgres://…`, `sqlite://file.db`, or a plain path.
-pub fn normalize_url(url: &str) -> String {
+/// A database address as users write it: `postgres://…`, `sqlite://file.db`, or a plain path
+/// (a SQLite file, created if missing). Any other scheme (`mysql://…`) is refused, naming the
+/// supported ones, rather than taken for a file name.
+pub fn normalize_url(url: &str) -> Result<String, StoreError> {
+    normalize(url, true)
+}
+
+fn normalize(url: &str, create: bool) -> Result<String, StoreError> {
     if url.starts_with("postgres://")
         || url.starts_with("postgresql://")
         || url.starts_with("sqlite:")
     {
-        url.to_owned()
+        return Ok(url.to_owned());
+    }
+    if let Some((scheme, _)) = url.split_once("://") {
+        return Err(StoreError::BadUrl(format!(
+            "`{}`: sagaflow cannot use a `{scheme}://` database; the supported addresses are postgres://… (or postgresql://…), sqlite://FILE, and a plain path to a SQLite file",
+            redact(url)
+        )));
+    }
+    if url.trim().is_empty() {
+        return Err(StoreError::BadUrl(
+            "the database address is empty; give postgres://… or the path of a SQLite file"
+                .to_owned(),
+        ));
+    }
+    if create {
+        Ok(format!("sqlite://{url}?mode=rwc"))
     } else {
-        format!("sqlite://{url}?mode=rwc")
+        if !std::path::Path::new(url).is_file() {
+            return Err(StoreError::BadUrl(format!(
+                "no SQLite database at {url} (this command only reads an existing one and creates none; check --db or --database-url)"
+            )));
+        }
+        Ok(format!("sqlite://{url}?mode=rw"))
     }
 }
 
 impl Store {
-    /// Opens the database; PostgreSQL gets `max_connections` connections, SQLite one.
+    /// Opens the database (a SQLite file is created if missing); PostgreSQL gets
+    /// `max_connections` connections, SQLite one.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store, StoreError> {
+        Self::open(normalize(url, true)?, max_connections).await
+    }
+
+    /// Opens a database that must exist already: a SQLite path that names no file is an error
+    /// instead of a new empty database (for the commands that only read, so that a typo in
+    /// `--db` does not leave a stray file behind).
+    pub async fn connect_existing(url: &str, max_connections: u32) -> Result<Store, StoreError> {
+        Self::open(normalize(url, false)?, max_connections).await
+    }
+
+    async fn open(url: String, max_connections: u32) -> Result<Store, StoreError> {
         sqlx::any::install_default_drivers();
-        let url = normalize_url(url);
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
         } else {

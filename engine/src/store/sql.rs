@@ -61,7 +61,7 @@ pub const POSTGRES: Sql = Sql {
         FROM json_to_recordset($1::json) AS x(id text, status text, state text, version bigint, n bigint, finished bigint) \
         WHERE sagas.id = x.id AND sagas.version = x.version \
         AND sagas.id = ANY(ARRAY(SELECT e->>'id' FROM json_array_elements($1::json) AS e))",
-    sagas_by_idempotency_key: "SELECT idempotency_key, id FROM sagas \
+    sagas_by_idempotency_key: "SELECT idempotency_key, id, name, state FROM sagas \
         WHERE idempotency_key = ANY(ARRAY(SELECT json_array_elements_text($1::json)))",
     upsert_steps: "INSERT INTO saga_steps (saga_id, step_index, step_id, status, attempts, last_error, updated_at) \
         SELECT x.saga, x.i, x.step, x.status, x.attempts, x.err, $2 \
@@ -130,7 +130,7 @@ pub const SQLITE: Sql = Sql {
         json_extract(value, '$.state') AS state, json_extract(value, '$.version') AS version, \
         json_extract(value, '$.n') AS n, json_extract(value, '$.finished') AS finished FROM json_each($1)) AS x \
         WHERE sagas.id = x.id AND sagas.version = x.version",
-    sagas_by_idempotency_key: "SELECT idempotency_key, id FROM sagas \
+    sagas_by_idempotency_key: "SELECT idempotency_key, id, name, state FROM sagas \
         WHERE idempotency_key IN (SELECT value FROM json_each($1))",
     upsert_steps: "INSERT INTO saga_steps (saga_id, step_index, step_id, status, attempts, last_error, updated_at) \
         SELECT json_extract(value, '$.saga'), json_extract(value, '$.i'), json_extract(value, '$.step'), \

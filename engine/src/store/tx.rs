@@ -86,11 +86,20 @@ pub trait SagaTable {
     /// Writes every saga whose version still matches; [`StoreError::Conflict`] if any moved
     /// (another engine wrote it first): the caller rolls back and retries.
     async fn update_sagas(&mut self, writes: &[SagaWrite], now: i64) -> Result<(), StoreError>;
-    /// Idempotency key → saga id, for those of `keys` that started a saga.
+    /// Idempotency key → the saga it started, for those of `keys` that started one.
     async fn sagas_by_idempotency_key(
         &mut self,
         keys: &[String],
-    ) -> Result<HashMap<String, String>, StoreError>;
+    ) -> Result<HashMap<String, KeyedSaga>, StoreError>;
+}
+
+/// The saga an idempotency key started: what a later start with the same key must match.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyedSaga {
+    pub id: String,
+    /// The definition's name.
+    pub name: String,
+    pub input: Value,
 }
 
 /// The `saga_steps` projection (status displays).
@@ -393,7 +402,7 @@ impl SagaTable for Tx {
     async fn sagas_by_idempotency_key(
         &mut self,
         keys: &[String],
-    ) -> Result<HashMap<String, String>, StoreError> {
+    ) -> Result<HashMap<String, KeyedSaga>, StoreError> {
         if keys.is_empty() {
             return Ok(HashMap::new());
         }
@@ -401,7 +410,19 @@ impl SagaTable for Tx {
             .fetch(self.sql.sagas_by_idempotency_key, ids_json(keys), None)
             .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get("idempotency_key")?, r.try_get("id")?)))
+            .map(|r| {
+                let id: String = r.try_get("id")?;
+                let state: String = r.try_get("state")?;
+                let input = super::read::decode_state(&id, &state)?.input;
+                Ok((
+                    r.try_get("idempotency_key")?,
+                    KeyedSaga {
+                        id,
+                        name: r.try_get("name")?,
+                        input,
+                    },
+                ))
+            })
             .collect()
     }
 }
