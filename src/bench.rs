@@ -3,9 +3,11 @@
 //! commits per saga, CPU and memory per process kind) and the invariant check of `sagaflow dev`.
 //!
 //! By default it launches the deployment itself (`--engines` engine processes and one process
-//! per service, the fault flags passed to the workers) on a fresh queue prefix, and stops them
-//! with SIGTERM at the end. The workers get a database of their own (`<db>_workers`, created and
-//! dropped by the bench) so that the engine's and the workers' commits are counted apart;
+//! per service, the fault flags passed to the workers) on queues of its own
+//! (`sagaflow-bench-<database>`, removed at the end; the database must be the bench's own, see
+//! [`sagaflow_engine::store::deployment`]), and stops them with SIGTERM at the end. The
+//! workers get a database of their own (`<db>_workers`, created and dropped by the bench) so
+//! that the engine's and the workers' commits are counted apart;
 //! `--shared-database` puts everything in one. With `--external` it drives a deployment that is
 //! already running (started with the same `--prefix` and `--partitions`); faults are then the
 //! workers' own flags, and `--workers-database-url` names the workers' database if it is not
@@ -325,9 +327,6 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
     // A launched deployment gets queues of its own, removed at the end; queues under a prefix
     // the user named are never deleted.
     let own_prefix = !args.external && args.amqp.prefix == "sagaflow";
-    if own_prefix {
-        args.amqp.prefix = format!("sagaflow-bench-{run_id}");
-    }
     sqlx::any::install_default_drivers();
     let mut admin = connect_one(&args.database_url).await?;
     let postgres = !args.database_url.starts_with("sqlite:")
@@ -341,6 +340,28 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         args.database_url.clone()
     };
+    if own_prefix {
+        // Named after the database (bound to it, see below), so a later bench on the same
+        // database is the same deployment again.
+        let db: String = engine_name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let db = db.trim_matches('-');
+        let db = &db[db.len().saturating_sub(40)..];
+        args.amqp.prefix = format!("sagaflow-bench-{db}");
+    }
+    // One database, one deployment: a bench on a running deployment's database (without
+    // --external) is refused here, before anything is launched or seeded.
+    {
+        let check = Store::connect(&args.database_url, 2).await?;
+        check.migrate(&[ENGINE_MIGRATIONS]).await?;
+        check.bind_prefix(&args.amqp.prefix).await.map_err(|e| {
+            anyhow::anyhow!(
+                "{e}\n(to bench a running deployment, pass --external with its --prefix; otherwise give the bench a database of its own)"
+            )
+        })?;
+    }
     let mut dbs = Databases {
         engine_url: args.database_url.clone(),
         engine_name: engine_name.clone(),

@@ -115,6 +115,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
                     "--duplicate injects duplicates in the in-process transport; it cannot be combined with --amqp-url"
                 );
             }
+            store.bind_prefix(&args.amqp_prefix).await?;
             let mut config = AmqpConfig::new(url);
             config.prefix = args.amqp_prefix.clone();
             config.connection_name = format!("sagaflow dev (pid {})", std::process::id());

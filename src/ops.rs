@@ -115,6 +115,9 @@ pub struct RetryArgs {
     /// The id of a Failed saga.
     #[arg(value_name = "ID")]
     id: String,
+    /// Who retries it, for the saga's history (default: user@host).
+    #[arg(long, value_name = "NAME")]
+    actor: Option<String>,
     #[command(flatten)]
     db: DbArgs,
     #[command(flatten)]
@@ -129,6 +132,9 @@ pub struct AbortArgs {
     /// Why: recorded in the saga's state and timeline.
     #[arg(long, default_value = "no reason given", value_name = "TEXT")]
     reason: String,
+    /// Who aborts it, for the saga's history (default: user@host).
+    #[arg(long, value_name = "NAME")]
+    actor: Option<String>,
     #[command(flatten)]
     db: DbArgs,
     #[command(flatten)]
@@ -543,22 +549,24 @@ pub async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn retry(args: RetryArgs) -> anyhow::Result<ExitCode> {
+    let actor = args.actor.clone().unwrap_or_else(default_actor);
     if let Some(url) = &args.server.server {
-        let done = remote::Client::new(url)?.retry(&args.id)?;
+        let done = remote::Client::new(url)?.retry(&args.id, &actor)?;
         return remote::report(&done);
     }
     let engine = open_existing(&args.db).await?;
-    let applied = engine.retry(&args.id).await?;
+    let applied = engine.retry(&args.id, &actor).await?;
     report(&engine, &args.id, applied, "the retried commands").await
 }
 
 pub async fn abort(args: AbortArgs) -> anyhow::Result<ExitCode> {
+    let actor = args.actor.clone().unwrap_or_else(default_actor);
     if let Some(url) = &args.server.server {
-        let done = remote::Client::new(url)?.abort(&args.id, &args.reason)?;
+        let done = remote::Client::new(url)?.abort(&args.id, &actor, &args.reason)?;
         return remote::report(&done);
     }
     let engine = open_existing(&args.db).await?;
-    let applied = engine.abort(&args.id, &args.reason).await?;
+    let applied = engine.abort(&args.id, &actor, &args.reason).await?;
     report(&engine, &args.id, applied, "the compensations").await
 }
 
@@ -776,13 +784,14 @@ pub mod remote {
         }
 
         /// `POST /sagas/{id}/retry`.
-        pub fn retry(&self, id: &str) -> anyhow::Result<ActionResponse> {
-            self.post(&format!("/sagas/{}/retry", encode(id)), None)
+        pub fn retry(&self, id: &str, actor: &str) -> anyhow::Result<ActionResponse> {
+            let body = json!({ "actor": actor });
+            self.post(&format!("/sagas/{}/retry", encode(id)), Some(&body))
         }
 
         /// `POST /sagas/{id}/abort`.
-        pub fn abort(&self, id: &str, reason: &str) -> anyhow::Result<ActionResponse> {
-            let body = json!({ "reason": reason });
+        pub fn abort(&self, id: &str, actor: &str, reason: &str) -> anyhow::Result<ActionResponse> {
+            let body = json!({ "reason": reason, "actor": actor });
             self.post(&format!("/sagas/{}/abort", encode(id)), Some(&body))
         }
 

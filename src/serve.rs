@@ -374,6 +374,8 @@ pub async fn engine(args: EngineArgs) -> anyhow::Result<ExitCode> {
     else {
         return stopped_while_waiting(who);
     };
+    // Before the broker: a process of another deployment touches none of its queues.
+    store.bind_prefix(&args.amqp.prefix).await?;
     let Some(transport) = args
         .amqp
         .connect_waiting("engine", who, &mut shutdown)
@@ -456,6 +458,7 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     else {
         return stopped_while_waiting(&who);
     };
+    store.bind_prefix(&args.amqp.prefix).await?;
     let role = format!("{} worker", args.service);
     let Some(transport) = args
         .amqp

@@ -221,7 +221,10 @@ on_both_backends!(
         let orders = sys.orders("abort", 1).await;
         let id = start_all(&sys, &orders).await.remove(0);
         assert_eq!(
-            sys.engine.abort(&id, "customer cancelled").await.unwrap(),
+            sys.engine
+                .abort(&id, "ops", "customer cancelled")
+                .await
+                .unwrap(),
             Applied::Changed
         );
         wait_all_final(&sys.store, LIMIT).await;
@@ -229,10 +232,10 @@ on_both_backends!(
         assert_invariants(&sys.store).await;
         // Abort of a finished saga is refused, and says why.
         assert_eq!(
-            sys.engine.abort(&id, "again").await.unwrap(),
+            sys.engine.abort(&id, "ops", "again").await.unwrap(),
             Applied::Ignored
         );
-        assert!(sys.engine.abort("no-such-saga", "x").await.is_err());
+        assert!(sys.engine.abort("no-such-saga", "ops", "x").await.is_err());
         sys.stop().await;
     }
 );

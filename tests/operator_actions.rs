@@ -126,7 +126,10 @@ on_both_backends!(
         );
 
         // Resolved by a retry that succeeds: the key goes to the next saga.
-        assert_eq!(engine.retry(&first).await.expect("retry"), Applied::Changed);
+        assert_eq!(
+            engine.retry(&first, "ops").await.expect("retry"),
+            Applied::Changed
+        );
         assert_eq!(state(&engine, &second).await, "queued");
         engine
             .apply(&[reply(&first, Op::Action, 2, ok())])
@@ -184,7 +187,10 @@ on_both_backends!(
             detail.timeline
         );
         // Its key is gone: retrying it now could run it beside the next saga, so that is refused.
-        assert_eq!(engine.retry(&first).await.expect("retry"), Applied::Ignored);
+        assert_eq!(
+            engine.retry(&first, "ops").await.expect("retry"),
+            Applied::Ignored
+        );
         assert!(
             ignored_because(&engine, &first)
                 .await
@@ -274,6 +280,24 @@ on_both_backends!(
             .expect("history")
             .expect("entry");
         assert!(entry.detail.contains("operator dana"), "{}", entry.detail);
+        // Without --actor, the history names user@host.
+        let aborted = cli(&url, &["abort", &second, "--reason", "customer called"]).await;
+        assert!(
+            aborted.status.success(),
+            "{}",
+            String::from_utf8_lossy(&aborted.stderr)
+        );
+        let entry = status::last_history(engine.store(), &second, "aborted")
+            .await
+            .expect("history")
+            .expect("entry");
+        assert!(
+            entry.detail.starts_with("operator ")
+                && entry.detail.contains('@')
+                && entry.detail.ends_with(": customer called"),
+            "{}",
+            entry.detail
+        );
     }
 );
 
@@ -362,8 +386,19 @@ on_both_backends!(
         assert!(failed.finished_at.is_some());
 
         // The retry resumes with attempt 3, a first attempt of a new budget of 2.
-        assert_eq!(engine.retry(&id).await.expect("retry"), Applied::Changed);
+        assert_eq!(
+            engine.retry(&id, "ops").await.expect("retry"),
+            Applied::Changed
+        );
         let resumed = detail(&engine, &id).await;
+        assert!(
+            resumed
+                .timeline
+                .iter()
+                .any(|t| t.kind == "retry" && t.detail.starts_with("operator ops: retry")),
+            "who retried is in the history: {:?}",
+            resumed.timeline
+        );
         assert_eq!(resumed.status.name(), "compensating");
         assert_eq!(
             resumed.finished_at, None,
@@ -394,7 +429,10 @@ on_both_backends!(
             again.timeline
         );
         // A second retry, and a refund that works: Compensated.
-        assert_eq!(engine.retry(&id).await.expect("retry"), Applied::Changed);
+        assert_eq!(
+            engine.retry(&id, "ops").await.expect("retry"),
+            Applied::Changed
+        );
         apply(&engine, reply(&id, Op::Compensate, 5, ok())).await;
         assert_eq!(state(&engine, &id).await, "compensated");
     }

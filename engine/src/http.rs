@@ -5,8 +5,8 @@
 //! | `POST /sagas` | start `{"saga": NAME, "input": {…}, "idempotency_key": K?, "definition_hash": H?}` | 201 `{"id", "existing": false, …}`; 200 with `existing: true` when the key matched |
 //! | `GET /sagas/{id}` | state, steps (state, attempts, last error), timeline: what `sagaflow status` shows | 200 |
 //! | `GET /sagas?state=&key=&limit=&after=` | newest first, paged | 200 `{"sagas": […], "next": CURSOR or null}` |
-//! | `POST /sagas/{id}/retry` | operator: resume a Failed saga | 200 `{"id", "state", …}` |
-//! | `POST /sagas/{id}/abort` | operator: compensate a Running or Queued saga; body `{"reason": …}` optional | 200 `{"id", "state", …}` |
+//! | `POST /sagas/{id}/retry` | operator: resume a Failed saga; body `{"actor": …}` optional | 200 `{"id", "state", …}` |
+//! | `POST /sagas/{id}/abort` | operator: compensate a Running or Queued saga; body `{"reason": …, "actor": …}` optional | 200 `{"id", "state", …}` |
 //! | `POST /sagas/{id}/release-key` | operator: a Failed saga resolved by hand gives its order's sequence key to the next saga; body `{"actor": …, "reason": …}` (reason required) | 200 `{"id", "state", …}` |
 //! | `GET /healthz` | the database answers a trivial query | 200 `{"status": "ok"}`, else 503 |
 //! | `GET /metrics` | Prometheus (OpenMetrics text), see [`crate::metrics`] | 200 |
@@ -327,17 +327,30 @@ async fn list_sagas(
     }
 }
 
-/// The body of `POST /sagas/{id}/retry`: nothing, or `{}`.
+/// The body of `POST /sagas/{id}/retry`: nothing, or `{"actor": …}`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RetryRequest {}
+struct RetryRequest {
+    /// Who retries it, for the history (default: `api`).
+    #[serde(default)]
+    actor: Option<String>,
+}
 
-/// The body of `POST /sagas/{id}/abort`: nothing, or `{"reason": …}`.
+/// The body of `POST /sagas/{id}/abort`: nothing, or `{"reason": …, "actor": …}`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AbortRequest {
     #[serde(default)]
     reason: Option<String>,
+    #[serde(default)]
+    actor: Option<String>,
+}
+
+/// The actor an API caller named, or `api`.
+fn actor_or_api(actor: Option<String>) -> String {
+    actor
+        .filter(|a| !a.trim().is_empty())
+        .unwrap_or_else(|| "api".to_owned())
 }
 
 /// The body of `POST /sagas/{id}/release-key`.
@@ -368,8 +381,8 @@ async fn retry_saga(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let id = saga_id(id)?;
-    let _: RetryRequest = optional_json_body(&headers, &body?)?;
-    let applied = engine.retry(&id).await?;
+    let req: RetryRequest = optional_json_body(&headers, &body?)?;
+    let applied = engine.retry(&id, &actor_or_api(req.actor)).await?;
     operator_outcome(&engine, &id, applied).await
 }
 
@@ -386,7 +399,7 @@ async fn abort_saga(
         .reason
         .filter(|r| !r.trim().is_empty())
         .unwrap_or_else(|| "no reason given".to_owned());
-    let applied = engine.abort(&id, &reason).await?;
+    let applied = engine.abort(&id, &actor_or_api(req.actor), &reason).await?;
     operator_outcome(&engine, &id, applied).await
 }
 
@@ -405,11 +418,9 @@ async fn release_key(
             "releasing a sequence key needs a body {\"reason\": \"…\"} saying how the saga was resolved",
         ));
     };
-    let actor = req
-        .actor
-        .filter(|a| !a.trim().is_empty())
-        .unwrap_or_else(|| "api".to_owned());
-    let applied = engine.release_key(&id, &actor, &req.reason).await?;
+    let applied = engine
+        .release_key(&id, &actor_or_api(req.actor), &req.reason)
+        .await?;
     operator_outcome(&engine, &id, applied).await
 }
 

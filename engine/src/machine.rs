@@ -280,9 +280,9 @@ pub enum Event {
         kind: TimerKind,
     },
     /// Operator: compensate a Running (or Queued) saga.
-    Abort { reason: String },
+    Abort { actor: String, reason: String },
     /// Operator: resume a Failed saga where it stopped.
-    Retry,
+    Retry { actor: String },
     /// Operator: a Failed saga gives its sequence key to the next saga of its order (it was
     /// resolved outside the engine). It stays Failed and can never be retried.
     ReleaseKey { actor: String, reason: String },
@@ -409,8 +409,8 @@ impl Machine<'_> {
                 attempt,
                 kind,
             } => self.timer(*step, *op, *attempt, *kind),
-            Event::Abort { reason } => self.abort(reason),
-            Event::Retry => self.operator_retry(),
+            Event::Abort { actor, reason } => self.abort(actor, reason),
+            Event::Retry { actor } => self.operator_retry(actor),
             Event::ReleaseKey { actor, reason } => self.release_key(actor, reason),
         }
     }
@@ -518,13 +518,13 @@ impl Machine<'_> {
         }
     }
 
-    fn abort(&mut self, reason: &str) -> bool {
+    fn abort(&mut self, actor: &str, reason: &str) -> bool {
         match &self.state.status {
             SagaStatus::Queued => {
                 self.state.status = SagaStatus::Compensated {
                     reason: format!("aborted before it started: {reason}"),
                 };
-                self.log("aborted", None, reason.to_owned());
+                self.log("aborted", None, format!("operator {actor}: {reason}"));
                 true
             }
             SagaStatus::Running => {
@@ -551,7 +551,7 @@ impl Machine<'_> {
                         "abort refused: TCC confirmation has begun, so the saga can only complete",
                     );
                 }
-                self.log("aborted", None, reason.to_owned());
+                self.log("aborted", None, format!("operator {actor}: {reason}"));
                 self.start_compensation(format!("aborted by operator: {reason}"));
                 true
             }
@@ -562,7 +562,7 @@ impl Machine<'_> {
         }
     }
 
-    fn operator_retry(&mut self) -> bool {
+    fn operator_retry(&mut self, actor: &str) -> bool {
         let SagaStatus::Failed { compensating, .. } = self.state.status.clone() else {
             let name = self.state.status.name();
             return self.ignore(
@@ -580,7 +580,11 @@ impl Machine<'_> {
             Some(reason) => SagaStatus::Compensating { reason },
             None => SagaStatus::Running,
         };
-        self.log("retry", None, "operator retry: resuming");
+        self.log(
+            "retry",
+            None,
+            format!("operator {actor}: retry, resuming with a fresh retry budget"),
+        );
         for i in 0..self.state.steps.len() {
             if let StepStatus::Stuck { op, attempt, .. } = self.state.steps[i].clone() {
                 // A fresh budget: the next attempt is the first of it again.

@@ -6,20 +6,32 @@ use crate::engine::{Applied, Engine, EngineError, Incoming};
 use crate::machine::Event;
 
 impl Engine {
-    /// Operator: compensate a running saga.
-    pub async fn abort(&self, saga_id: &str, reason: &str) -> Result<Applied, EngineError> {
+    /// Operator `actor`: compensate a running saga; actor and reason go into its history.
+    pub async fn abort(
+        &self,
+        saga_id: &str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Applied, EngineError> {
         self.operator(
             saga_id,
             Event::Abort {
+                actor: actor.to_owned(),
                 reason: reason.to_owned(),
             },
         )
         .await
     }
 
-    /// Operator: resume a failed saga.
-    pub async fn retry(&self, saga_id: &str) -> Result<Applied, EngineError> {
-        self.operator(saga_id, Event::Retry).await
+    /// Operator `actor`: resume a failed saga (recorded in its history).
+    pub async fn retry(&self, saga_id: &str, actor: &str) -> Result<Applied, EngineError> {
+        self.operator(
+            saga_id,
+            Event::Retry {
+                actor: actor.to_owned(),
+            },
+        )
+        .await
     }
 
     /// Operator: a Failed saga hands its sequence key to the next saga of its order; `actor`

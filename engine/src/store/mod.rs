@@ -9,6 +9,7 @@
 //! writer). SQLite gets a single connection: it serialises writers anyway, and one connection
 //! avoids `SQLITE_BUSY` on lock upgrades.
 
+pub mod deployment;
 pub mod outbox;
 pub mod read;
 pub mod retention;
@@ -146,6 +147,11 @@ pub const ENGINE_MIGRATIONS: Migrations = &[
         "0005_outbox_queue",
         include_str!("../../../migrations/sqlite/0005_outbox_queue.sql"),
         include_str!("../../../migrations/postgres/0005_outbox_queue.sql"),
+    ),
+    (
+        "0006_deployment",
+        include_str!("../../../migrations/sqlite/0006_deployment.sql"),
+        include_str!("../../../migrations/postgres/0006_deployment.sql"),
     ),
 ];
 

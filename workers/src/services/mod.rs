@@ -529,6 +529,11 @@ pub const MIGRATIONS: sagaflow_engine::store::Migrations = &[
         include_str!("../../../migrations/sqlite/0105_barrier_retention.sql"),
         include_str!("../../../migrations/postgres/0105_barrier_retention.sql"),
     ),
+    (
+        "0106_deployment",
+        include_str!("../../../migrations/sqlite/0106_deployment.sql"),
+        include_str!("../../../migrations/postgres/0106_deployment.sql"),
+    ),
 ];
 
 /// The worker for `service` with all its handlers registered, or None for an unknown service.
