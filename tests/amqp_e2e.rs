@@ -635,3 +635,41 @@ async fn two_engines_at_once_never_advance_a_saga_twice() {
     }
     d.finish().await;
 }
+
+/// The queues under `prefix` on the local broker.
+fn queues_named(prefix: &str) -> Vec<String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name"])
+        .output()
+        .expect("rabbitmqctl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|q| q.starts_with(&format!("{prefix}.")))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_that_fails_still_removes_its_queues() {
+    let Some(mut d) = Deployment::new("cleanup", 2).await else {
+        return;
+    };
+    let prefix = d.prefix.clone();
+    d.engine_process();
+    let mut declared = Vec::new();
+    for _ in 0..300 {
+        declared = queues_named(&prefix);
+        if declared.iter().any(|q| q.contains(".reply.")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        declared.iter().any(|q| q.contains(".reply.")),
+        "the engine declared its queues: {declared:?}"
+    );
+    // What a failing test does: the deployment is dropped without `finish`.
+    drop(d);
+    assert_eq!(queues_named(&prefix), Vec::<String>::new());
+}

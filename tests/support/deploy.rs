@@ -49,6 +49,8 @@ pub struct Deployment {
     pub partitions: u16,
     pub procs: Vec<Proc>,
     logs: TempDir,
+    /// `finish` removed the queues; else Drop does (a test that failed).
+    queues_removed: bool,
 }
 
 impl Deployment {
@@ -90,6 +92,7 @@ impl Deployment {
             partitions,
             procs: Vec::new(),
             logs: TempDir(logs),
+            queues_removed: false,
         })
     }
 
@@ -328,6 +331,17 @@ impl Deployment {
     }
 }
 
+/// The logical queues of a deployment (each with its partitions).
+fn logical_queues() -> Vec<String> {
+    let mut logicals: Vec<String> = services::SERVICES
+        .iter()
+        .map(|s| command_queue(s))
+        .collect();
+    logicals.push(REPLY_QUEUE.to_owned());
+    logicals.push(START_QUEUE.to_owned());
+    logicals
+}
+
 impl Deployment {
     /// Stops every process and removes the test's queues.
     pub async fn finish(mut self) {
@@ -335,24 +349,46 @@ impl Deployment {
             let _ = p.child.kill();
             let _ = p.child.wait();
         }
-        let mut logicals: Vec<String> = services::SERVICES
-            .iter()
-            .map(|s| command_queue(s))
-            .collect();
-        logicals.push(REPLY_QUEUE.to_owned());
-        logicals.push(START_QUEUE.to_owned());
+        let logicals = logical_queues();
         let refs: Vec<&str> = logicals.iter().map(String::as_str).collect();
         let _ = self.transport.delete_topology(&refs).await;
         self.transport.close().await;
+        self.queues_removed = true;
     }
 }
 
 impl Drop for Deployment {
-    /// A failed test still kills its processes (its queues stay, under a unique prefix).
+    /// A failed test still kills its processes and removes its queues (on a connection and a
+    /// runtime of its own: Drop cannot await, and the test's runtime may be going away).
     fn drop(&mut self) {
         for p in &mut self.procs {
             let _ = p.child.kill();
             let _ = p.child.wait();
         }
+        if self.queues_removed {
+            return;
+        }
+        let (prefix, partitions) = (self.prefix.clone(), self.partitions);
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let mut config = AmqpConfig::new(&amqp_url());
+                config.prefix = prefix;
+                config.partitions = partitions;
+                config.connection_name = "test cleanup".into();
+                if let Ok(t) = AmqpTransport::connect(config).await {
+                    let logicals = logical_queues();
+                    let refs: Vec<&str> = logicals.iter().map(String::as_str).collect();
+                    let _ = t.delete_topology(&refs).await;
+                    t.close().await;
+                }
+            });
+        })
+        .join();
     }
 }

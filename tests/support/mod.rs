@@ -45,6 +45,35 @@ impl Drop for TempDir {
     }
 }
 
+/// Connects, retrying for a while what a busy server answers ("too many clients", a refused or
+/// reset connection while it restarts): on a machine shared by many test processes that is a
+/// wait, not a failure. Other errors (a wrong password, no such database) come back at once.
+pub async fn connect_patiently(url: &str) -> Result<sqlx::AnyConnection, sqlx::Error> {
+    let mut delay = std::time::Duration::from_millis(100);
+    for _ in 0..12 {
+        match <sqlx::AnyConnection as sqlx::Connection>::connect(url).await {
+            Ok(c) => return Ok(c),
+            Err(e) if busy(&e) => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    <sqlx::AnyConnection as sqlx::Connection>::connect(url).await
+}
+
+fn busy(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
+        // too_many_connections, cannot_connect_now (starting up / shutting down).
+        sqlx::Error::Database(db) => {
+            matches!(db.code().as_deref(), Some("53300" | "57P03" | "57P01"))
+        }
+        _ => false,
+    }
+}
+
 pub async fn fresh_db(backend: Backend, test: &str) -> Option<TestDb> {
     match backend {
         Backend::Sqlite => {
@@ -65,7 +94,7 @@ pub async fn fresh_db(backend: Backend, test: &str) -> Option<TestDb> {
             sqlx::any::install_default_drivers();
             let url = std::env::var("SAGAFLOW_TEST_DATABASE_URL")
                 .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-            let mut admin = match <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await {
+            let mut admin = match connect_patiently(&url).await {
                 Ok(c) => c,
                 Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
                     eprintln!("skipping {test} on PostgreSQL: {url} is unreachable: {e}");
@@ -103,9 +132,7 @@ impl Drop for TestDb {
                     .build();
                 if let Ok(rt) = rt {
                     rt.block_on(async {
-                        if let Ok(mut c) =
-                            <sqlx::AnyConnection as sqlx::Connection>::connect(&admin).await
-                        {
+                        if let Ok(mut c) = connect_patiently(&admin).await {
                             let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                                 "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
                             )))
