@@ -615,7 +615,7 @@ async fn report(
                 .map_or_else(|| "the saga refused it".to_owned(), |r| r.detail);
             bail!("saga {id}: {why}")
         }
-        Applied::Duplicate | Applied::UnknownSaga => {
+        Applied::Duplicate | Applied::UnknownSaga | Applied::UnknownStep(_) => {
             bail!("saga {id}: the engine did not apply the request ({applied:?})")
         }
     }

@@ -565,14 +565,49 @@ async fn poison_messages_are_dead_lettered_and_their_partition_keeps_flowing() {
             .expect("published");
     }
     let orders = d.orders("poison", 3).await;
+    let mut ids = Vec::new();
     for o in &orders {
-        d.start(o.clone()).await;
+        ids.push(d.start(o.clone()).await);
     }
+    // A well-formed reply for a real saga, naming a step it does not have.
+    let stray = ReplyMsg {
+        saga_id: ids[0].clone(),
+        step: 99,
+        op: Op::Action,
+        attempt: 1,
+        outcome: Outcome::Ok { output: json!({}) },
+    };
+    d.transport
+        .publish(
+            REPLY_QUEUE,
+            Message {
+                id: stray.message_id(),
+                key: "o-poison-0".into(),
+                payload: serde_json::to_vec(&stray).expect("json"),
+            },
+        )
+        .await
+        .expect("published");
     d.wait_all_final(FINAL).await;
     assert_eq!(d.counts().await.get("completed"), Some(&3));
     let mut dead = d.transport.take_dead_letters(10).await.expect("DLQ");
+    for _ in 0..50 {
+        if dead.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        dead.extend(d.transport.take_dead_letters(10).await.expect("DLQ"));
+    }
+    // The stray reply (its id starts with the saga's) sorts first.
     dead.sort_by(|a, b| a.message.id.cmp(&b.message.id));
-    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    let stray_dead = dead.remove(0);
+    assert_eq!(stray_dead.message.id, stray.message_id());
+    assert_eq!(stray_dead.queue, "reply");
+    assert_eq!(
+        stray_dead.reason,
+        format!("reply for unknown step #99 of saga {}", ids[0])
+    );
     assert_eq!(
         (dead[0].message.id.as_str(), dead[0].queue.as_str()),
         ("poison-cmd", "cmd.payment")
@@ -597,7 +632,7 @@ async fn poison_messages_are_dead_lettered_and_their_partition_keeps_flowing() {
         .lines()
         .find(|l| l.starts_with("sagaflow_dead_letters_total") && l.contains("reply"))
         .unwrap_or_else(|| panic!("no dead-letter metric in:\n{metrics}"));
-    assert!(line.ends_with(" 1"), "{line}");
+    assert!(line.ends_with(" 2"), "{line}");
     d.finish().await;
 }
 

@@ -268,6 +268,16 @@ impl Engine {
                 results[i] = Some(Done::Applied(Applied::UnknownSaga));
                 continue;
             }
+            if let Event::Reply { step, .. } = &e.event
+                && plan
+                    .sagas
+                    .get(&e.saga_id)
+                    .is_some_and(|w| *step >= w.graph.steps().len())
+            {
+                tracing::warn!(saga.id = %e.saga_id, step, "reply for a step the saga does not have");
+                results[i] = Some(Done::Applied(Applied::UnknownStep(*step)));
+                continue;
+            }
             if let Some(m) = &e.message_id
                 && !fresh.remove(m)
             {

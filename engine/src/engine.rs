@@ -69,6 +69,9 @@ pub enum Applied {
     Ignored,
     Duplicate,
     UnknownSaga,
+    /// A reply naming a step its saga does not have (step index): it can never apply, so the
+    /// inbound loop dead-letters it with that reason.
+    UnknownStep(usize),
 }
 
 /// A saga that was started (or found by its idempotency key).

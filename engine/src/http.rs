@@ -447,9 +447,9 @@ async fn operator_outcome(engine: &Engine, id: &str, applied: Applied) -> ApiRes
             ))
         }
         Applied::UnknownSaga => Err(EngineError::UnknownSaga(id.to_owned()).into()),
-        Applied::Duplicate => Err(ApiError::new(
+        Applied::Duplicate | Applied::UnknownStep(_) => Err(ApiError::new(
             StatusCode::CONFLICT,
-            format!("saga {id}: the engine did not apply the request (a duplicate)"),
+            format!("saga {id}: the engine did not apply the request ({applied:?})"),
         )),
     }
 }

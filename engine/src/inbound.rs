@@ -8,7 +8,7 @@
 //! | result | delivery |
 //! |---|---|
 //! | applied, ignored, or a duplicate | acknowledged |
-//! | undecodable; a reply for an unknown saga; a start without an idempotency key, for an unknown definition or with an input its definition refuses | dead-lettered with the reason (kept for an operator, never blocking the queue) |
+//! | undecodable; a reply for an unknown saga or for a step its saga does not have; a start without an idempotency key, for an unknown definition or with an input its definition refuses | dead-lettered with the reason (kept for an operator, never blocking the queue) |
 //! | a database error | given back (redelivered), and the loop backs off |
 //!
 //! A start is idempotent by its key, a reply by its message id (the inbox), so a message
@@ -162,6 +162,14 @@ impl Engine {
                         Inbound::Start(_) => "?",
                     };
                     let reason = format!("reply for unknown saga {saga}");
+                    self.dead_letter(d, queue.name(), &reason).await;
+                }
+                Ok(Done::Applied(Applied::UnknownStep(step))) => {
+                    let saga = match inbound {
+                        Inbound::Event(e) => e.saga_id.as_str(),
+                        Inbound::Start(_) => "?",
+                    };
+                    let reason = format!("reply for unknown step #{step} of saga {saga}");
                     self.dead_letter(d, queue.name(), &reason).await;
                 }
                 Ok(done) => {
