@@ -267,9 +267,30 @@ on_both_backends!(
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("`user_id` is required") && err.contains("`amount` must be decimal"),
+            err.contains("`user_id` is required")
+                && err.contains("`amount` must be an exact decimal"),
             "{err}"
         );
+        // Money through a float is refused, not rounded: 0.1 + 0.2 is not 0.3 in binary.
+        for inexact in [
+            serde_json::json!(129.9),
+            serde_json::json!("1e3"),
+            serde_json::json!("NaN"),
+        ] {
+            let mut order = orders[0].clone();
+            order["amount"] = inexact.clone();
+            let err = sys
+                .engine
+                .start(&sys.order, order, None)
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("`amount` must be an exact decimal: a string like \"129.90\" or a whole number (a JSON number with a fraction would pass through binary floating point), got {inexact}")),
+                "{err}"
+            );
+        }
+
         wait_all_final(&sys.store, LIMIT).await;
         assert_eq!(counts(&sys.store).await.get("completed"), Some(&1));
         sys.stop().await;

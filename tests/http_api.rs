@@ -496,6 +496,32 @@ async fn every_bad_request_gets_a_json_error() {
     post_json(&sagas, &json!({"input": input}))
         .await
         .error(400, "missing field `saga`");
+    // A body of the wrong kind: the error says what the API wants, not which Rust type.
+    for wrong in [json!("order-paid"), json!([1, 2]), json!(7)] {
+        let answer = post_json(&sagas, &wrong).await;
+        assert_eq!(answer.status, 400, "{}", answer.body);
+        assert!(
+            !answer.body.contains("StartRequest") && !answer.body.contains("struct"),
+            "{}",
+            answer.body
+        );
+        // (An array is read field by field, and fails on its first element instead.)
+        if !wrong.is_array() {
+            assert!(
+                answer
+                    .body
+                    .contains(r#"expected a JSON object {\"saga\": NAME"#),
+                "{}",
+                answer.body
+            );
+        }
+    }
+    post_json(&format!("{sagas}/x/abort"), &json!("why"))
+        .await
+        .error(
+            400,
+            r#"expected {"reason": "…", "actor": "…"} (or nothing)"#,
+        );
     post_json(
         &sagas,
         &json!({"saga": "hold", "input": input, "idempotency-key": "k"}),

@@ -64,16 +64,38 @@ impl InputType {
     }
 
     /// Whether a JSON value is acceptable for this type.
+    /// What a value of this type must look like, for error messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::String => "a string",
+            Self::Integer => "an integer",
+            Self::Decimal => {
+                "an exact decimal: a string like \"129.90\" or a whole number (a JSON number with a fraction would pass through binary floating point)"
+            }
+            Self::Boolean => "true or false",
+        }
+    }
+
     pub fn accepts(self, v: &Value) -> bool {
         match self {
             Self::String => v.is_string(),
             Self::Integer => v.is_i64() || v.is_u64(),
-            Self::Decimal => {
-                v.is_number() || v.as_str().is_some_and(|s| s.trim().parse::<f64>().is_ok())
-            }
+            // Exact only: a whole JSON number, or a decimal string. A JSON number with a
+            // fraction has been through binary floating point already (0.1 is not 0.1).
+            Self::Decimal => v.is_i64() || v.is_u64() || v.as_str().is_some_and(is_exact_decimal),
             Self::Boolean => v.is_boolean(),
         }
     }
+}
+
+/// `-12`, `129.90`, `0.5`: an optional sign, digits, and optionally a point and more digits.
+pub fn is_exact_decimal(s: &str) -> bool {
+    let s = s.trim();
+    let s = s.strip_prefix('-').unwrap_or(s);
+    let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+    !whole.is_empty()
+        && whole.chars().all(|c| c.is_ascii_digit())
+        && (!s.contains('.') || (!frac.is_empty() && frac.chars().all(|c| c.is_ascii_digit())))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -261,6 +283,22 @@ fn millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exact_decimals_only() {
+        for ok in ["0", "12", "-3", "129.90", "0.5", " 7.25 "] {
+            assert!(is_exact_decimal(ok), "{ok}");
+        }
+        for bad in [
+            "", "-", "12.", ".5", "1e3", "NaN", "inf", "1,5", "+1", "1.2.3",
+        ] {
+            assert!(!is_exact_decimal(bad), "{bad}");
+        }
+        use serde_json::json;
+        assert!(InputType::Decimal.accepts(&json!(12)));
+        assert!(InputType::Decimal.accepts(&json!("12.30")));
+        assert!(!InputType::Decimal.accepts(&json!(12.3)));
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

@@ -180,7 +180,7 @@ async fn start_saga(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    let req: StartRequest = json_body(&headers, &body?)?;
+    let req: StartRequest = json_body(&headers, &body?, START_SHAPE)?;
     if req.saga.trim().is_empty() {
         return Err(ApiError::bad_request(
             "`saga` must name a saga definition, e.g. \"order-paid\"",
@@ -381,7 +381,7 @@ async fn retry_saga(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let id = saga_id(id)?;
-    let req: RetryRequest = optional_json_body(&headers, &body?)?;
+    let req: RetryRequest = optional_json_body(&headers, &body?, r#"{"actor": "…"} (or nothing)"#)?;
     let applied = engine.retry(&id, &actor_or_api(req.actor)).await?;
     operator_outcome(&engine, &id, applied).await
 }
@@ -394,7 +394,11 @@ async fn abort_saga(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let id = saga_id(id)?;
-    let req: AbortRequest = optional_json_body(&headers, &body?)?;
+    let req: AbortRequest = optional_json_body(
+        &headers,
+        &body?,
+        r#"{"reason": "…", "actor": "…"} (or nothing)"#,
+    )?;
     let reason = req
         .reason
         .filter(|r| !r.trim().is_empty())
@@ -411,7 +415,8 @@ async fn release_key(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let id = saga_id(id)?;
-    let req: Option<ReleaseKeyRequest> = optional_json_body(&headers, &body?)?;
+    let req: Option<ReleaseKeyRequest> =
+        optional_json_body(&headers, &body?, r#"{"reason": "…", "actor": "…"}"#)?;
     let Some(req) = req.filter(|r| !r.reason.trim().is_empty()) else {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -513,7 +518,35 @@ async fn wrong_method(method: Method, uri: Uri) -> ApiError {
 }
 
 /// The request body as `T`: it must be JSON, declared as such.
-fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> Result<T, ApiError> {
+/// What `POST /sagas` takes, as its errors say it.
+const START_SHAPE: &str = r#"a JSON object {"saga": NAME, "input": {…}, "idempotency_key": "…"}"#;
+
+/// A JSON error as the API's user can act on it: serde names the Rust type it wanted ("expected
+/// struct StartRequest"), which says nothing to a caller; say what the API wants instead.
+fn body_error(e: &serde_json::Error, shape: &str) -> String {
+    let text = e.to_string();
+    for marker in [
+        "expected struct ",
+        "expected unit struct ",
+        "expected enum ",
+    ] {
+        if let Some(i) = text.find(marker) {
+            let rest = &text[i + marker.len()..];
+            let end = rest
+                .find(|c: char| !c.is_alphanumeric() && c != '_')
+                .unwrap_or(rest.len());
+            return format!("{}expected {shape}{}", &text[..i], &rest[end..]);
+        }
+    }
+    text
+}
+
+/// `shape`: what the endpoint wants, for the error message.
+fn json_body<T: DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &Bytes,
+    shape: &str,
+) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request(
             "the request body is empty; send a JSON object",
@@ -526,7 +559,7 @@ fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> Result<T
         } else {
             "malformed JSON body"
         };
-        ApiError::bad_request(format!("{what}: {e}"))
+        ApiError::bad_request(format!("{what}: {}", body_error(&e, shape)))
     })
 }
 
@@ -534,11 +567,12 @@ fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> Result<T
 fn optional_json_body<T: DeserializeOwned + Default>(
     headers: &HeaderMap,
     body: &Bytes,
+    shape: &str,
 ) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    json_body(headers, body)
+    json_body(headers, body, shape)
 }
 
 fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {

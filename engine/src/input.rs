@@ -27,7 +27,7 @@ pub fn sequence_key(graph: &SagaGraph, input: &Value) -> Result<String, EngineEr
                 problems.push(format!("`{name}` is required"))
             }
             Some(v) if !v.is_null() && !field.r#type.accepts(v) => {
-                let ty = format!("{:?}", field.r#type).to_lowercase();
+                let ty = field.r#type.describe();
                 problems.push(format!("`{name}` must be {ty}, got {v}"));
             }
             _ => {}

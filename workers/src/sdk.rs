@@ -142,7 +142,15 @@ pub trait TccStep: Send + Sync {
 pub fn cents(value: &Value) -> Result<i64, StepError> {
     let text = match value {
         Value::String(s) => s.trim().to_owned(),
-        Value::Number(n) => n.to_string(),
+        Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
+        Value::Number(n) => {
+            return Err(StepError::business(
+                "bad_amount",
+                format!(
+                    "amount {n} is a JSON number with a fraction, which is not exact; send it as a decimal string such as \"129.90\""
+                ),
+            ));
+        }
         other => {
             return Err(StepError::business(
                 "bad_amount",
@@ -213,5 +221,8 @@ mod tests {
         assert!(cents(&json!("-1")).is_err());
         assert!(cents(&json!("abc")).is_err());
         assert!(cents(&json!(true)).is_err());
+        // Through a float: refused, not rounded.
+        assert!(cents(&json!(129.9)).is_err());
+        assert!(cents(&json!(0.1)).is_err());
     }
 }
