@@ -44,6 +44,11 @@ pub struct StepSite {
     pub dep_positions: BTreeMap<String, usize>,
 }
 
+/// Stands in for an operation whose own error was reported (see `step_kind`).
+fn placeholder() -> String {
+    "<invalid>".to_owned()
+}
+
 pub fn validate(raw: RawSaga, spans: &SpanIndex, out: &mut Vec<Diagnostic>) -> Validated {
     let mut v = Validator {
         spans,
@@ -771,9 +776,14 @@ impl Validator<'_> {
                         op(self, "compensation", &raw.compensation).map(Compensation::Operation)
                     }
                 };
+                // An operation with its own error (reported above) is replaced by a placeholder,
+                // so that the step stays in the graph and its cycles, pivots and data flow are
+                // checked too: every error of the file at once. The placeholder never leaves the
+                // compiler, since a definition with errors does not compile.
                 Some(StepKind::Saga {
-                    action: action?,
-                    compensation: compensation?,
+                    action: action.unwrap_or_else(placeholder),
+                    compensation: compensation
+                        .unwrap_or_else(|| Compensation::Operation(placeholder())),
                 })
             }
             (None, Some(_)) => {
@@ -782,10 +792,8 @@ impl Validator<'_> {
                         .with_label_mut("saga field on a TCC step")
                         .with_hint_mut("a TCC step is undone by its `cancel`");
                 }
-                let mut complete = true;
                 for (field, value) in [("confirm", &raw.confirm), ("cancel", &raw.cancel)] {
                     if value.is_none() {
-                        complete = false;
                         let verb = if field == "confirm" {
                             "make the reservation final"
                         } else {
@@ -800,17 +808,12 @@ impl Validator<'_> {
                         .with_hint_mut(format!("add `{field}: <operation>` to {verb}"));
                     }
                 }
-                let t = op(self, "try", &raw.r#try);
-                let c = op(self, "confirm", &raw.confirm);
-                let x = op(self, "cancel", &raw.cancel);
-                match (complete, t, c, x) {
-                    (true, Some(r#try), Some(confirm), Some(cancel)) => Some(StepKind::Tcc {
-                        r#try,
-                        confirm,
-                        cancel,
-                    }),
-                    _ => None,
-                }
+                // As for saga steps: placeholders for what was reported missing or invalid.
+                Some(StepKind::Tcc {
+                    r#try: op(self, "try", &raw.r#try).unwrap_or_else(placeholder),
+                    confirm: op(self, "confirm", &raw.confirm).unwrap_or_else(placeholder),
+                    cancel: op(self, "cancel", &raw.cancel).unwrap_or_else(placeholder),
+                })
             }
         }
     }
