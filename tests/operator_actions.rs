@@ -437,3 +437,125 @@ on_both_backends!(
         assert_eq!(state(&engine, &id).await, "compensated");
     }
 );
+
+/// A charge then points, within 30 minutes; `pivot` makes the charge irreversible.
+fn with_deadline(pivot: bool) -> String {
+    let compensation = if pivot {
+        "compensation: none\n    irreversible_reason: \"a wire transfer\""
+    } else {
+        "compensation: refund"
+    };
+    format!(
+        r#"
+name: timed
+version: 1
+sequence_key: ${{input.order_id}}
+deadline: 30m
+input:
+  order_id: string
+steps:
+  - id: charge
+    service: payment
+    action: charge
+    {compensation}
+    params: {{ order_id: "${{input.order_id}}" }}
+  - id: points
+    service: points
+    depends_on: [charge]
+    action: grant
+    compensation: revoke
+    on_failure: retry
+    params: {{ order_id: "${{input.order_id}}" }}
+"#
+    )
+}
+
+fn deadline_due(saga: &str) -> Incoming {
+    Incoming {
+        saga_id: saga.to_owned(),
+        event: Event::Timer {
+            step: 0,
+            op: Op::Action,
+            attempt: 0,
+            kind: TimerKind::Deadline,
+        },
+        message_id: None,
+        timer_id: None,
+    }
+}
+
+on_both_backends!(
+    past_its_deadline_a_saga_compensates_unless_past_its_pivot,
+    |url: String| async move {
+        let engine = engine(&url).await;
+
+        // Reversible: past the deadline it stops going forward and compensates.
+        let graph = engine
+            .register(&with_deadline(false))
+            .await
+            .expect("register");
+        let id = engine
+            .start(&graph, json!({ "order_id": "o-late" }), None)
+            .await
+            .expect("start")
+            .id;
+        let started = detail(&engine, &id).await;
+        let due = engine
+            .store()
+            .next_timers(10)
+            .await
+            .expect("timers")
+            .into_iter()
+            .find(|t| t.saga_id == id && t.id.ends_with("/deadline"))
+            .expect("a deadline timer");
+        assert_eq!(due.due_at, started.created_at + 30 * 60 * 1000);
+        apply(&engine, reply(&id, Op::Action, 1, ok())).await;
+        apply(&engine, deadline_due(&id)).await;
+        let late = detail(&engine, &id).await;
+        assert_eq!(late.status.name(), "compensating");
+        assert!(
+            late.timeline
+                .iter()
+                .any(|t| t.kind == "deadline"
+                    && t.detail == "its deadline of 30m passed: compensating"),
+            "{:?}",
+            late.timeline
+        );
+
+        // Irreversible and started: it can only go forward, and the history says why.
+        let graph = engine
+            .register(&with_deadline(true))
+            .await
+            .expect("register");
+        let id = engine
+            .start(&graph, json!({ "order_id": "o-pivot" }), None)
+            .await
+            .expect("start")
+            .id;
+        apply(&engine, deadline_due(&id)).await;
+        let pivot = detail(&engine, &id).await;
+        assert_eq!(pivot.status.name(), "running");
+        assert!(
+            pivot.timeline.iter().any(|t| t.kind == "deadline"
+                && t.detail
+                    .contains("passed, but an irreversible step has started")),
+            "{:?}",
+            pivot.timeline
+        );
+        // Once final, its deadline timer is gone.
+        apply(&engine, reply(&id, Op::Action, 1, ok())).await;
+        let points = Incoming {
+            event: Event::Reply {
+                step: 1,
+                op: Op::Action,
+                attempt: 1,
+                outcome: ok(),
+            },
+            ..reply(&id, Op::Action, 1, ok())
+        };
+        apply(&engine, points).await;
+        assert_eq!(state(&engine, &id).await, "completed");
+        let left = engine.store().next_timers(100).await.expect("timers");
+        assert!(!left.iter().any(|t| t.saga_id == id), "{left:?}");
+    }
+);

@@ -35,6 +35,12 @@ pub struct SagaDef {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     pub sequence_key: Template,
+    /// Past this long after it began, the saga stops going forward and compensates (if no
+    /// irreversible step has started).
+    /// (Left out of the serialized form when absent, so definitions without one keep their
+    /// content hash.)
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "opt_millis")]
+    pub deadline: Option<Duration>,
     pub input: BTreeMap<String, InputField>,
     pub steps: Vec<StepDef>,
 }
@@ -278,6 +284,13 @@ impl ParamExpr {
 
 fn millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u128(d.as_millis())
+}
+
+fn opt_millis<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => millis(d, s),
+        None => s.serialize_none(),
+    }
 }
 
 #[cfg(test)]

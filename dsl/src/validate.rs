@@ -148,6 +148,10 @@ impl Validator<'_> {
             None => DEFAULT_TIMEOUT,
         };
         let sequence_key = self.sequence_key(raw.sequence_key.as_deref(), &input);
+        let deadline = raw
+            .deadline
+            .as_ref()
+            .and_then(|d| self.duration(d, "deadline", false));
 
         let raw_steps = match raw.steps {
             Some(s) if !s.is_empty() => s,
@@ -253,6 +257,7 @@ impl Validator<'_> {
                 version,
                 description: raw.description,
                 sequence_key,
+                deadline,
                 input,
                 steps,
             }),

@@ -492,6 +492,17 @@ impl Engine {
                 },
             );
         }
+        // A saga that stopped going forward (final, or compensating) no longer needs its
+        // deadline.
+        if w.graph.def().deadline.is_some()
+            && w.state.status == machine::SagaStatus::Running
+            && state.status != machine::SagaStatus::Running
+        {
+            let id = timer_id(saga_id, &machine::deadline_timer(0));
+            if plan.timers.remove(&id).is_none() {
+                plan.cancelled.insert(id);
+            }
+        }
         // A step that left the attempt a timer was guarding no longer needs that timer: delete
         // it instead of letting it fire only to be ignored.
         for (i, old) in w.state.steps.iter().enumerate() {

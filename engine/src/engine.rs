@@ -91,7 +91,7 @@ pub struct Engine {
     /// Definition name → hash of the latest registered version.
     pub(crate) names: RwLock<HashMap<String, String>>,
     /// Outbox rows this engine committed, on their way to its relay.
-    handoff: crate::relay::Handoff,
+    handoff: Arc<crate::handoff::Handoff>,
     metrics: Metrics,
     timers_changed: Notify,
     /// When the timer loop plans to look next (ms); a timer due earlier wakes it.
@@ -105,7 +105,7 @@ impl Engine {
             transport,
             graphs: RwLock::default(),
             names: RwLock::default(),
-            handoff: crate::relay::Handoff::default(),
+            handoff: Arc::default(),
             metrics: Metrics::new(),
             timers_changed: Notify::new(),
             next_timer_check: AtomicI64::new(0),
@@ -126,8 +126,12 @@ impl Engine {
     }
 
     /// Where committed outbox rows go to this engine's relay.
-    pub(crate) fn handoff(&self) -> &crate::relay::Handoff {
+    pub(crate) fn handoff(&self) -> &crate::handoff::Handoff {
         &self.handoff
+    }
+
+    pub(crate) fn handoff_shared(&self) -> Arc<crate::handoff::Handoff> {
+        self.handoff.clone()
     }
 
     /// A timer due at `due` was committed: wake the timer loop if it planned to sleep past it.
@@ -213,7 +217,7 @@ impl Engine {
 
     /// Runs the loops until `shutdown` turns true.
     pub async fn run(self: Arc<Self>, shutdown: watch::Receiver<bool>) -> Result<(), EngineError> {
-        let active = crate::relay::Active::new(self.clone());
+        let active = crate::handoff::Active::new(self.handoff_shared());
         let relay = tokio::spawn(self.clone().relay_loop(shutdown.clone(), active));
         let timers = tokio::spawn(self.clone().timer_loop(shutdown.clone()));
         let replies = tokio::spawn(

@@ -22,6 +22,7 @@
 pub mod apply;
 pub mod definitions;
 pub mod engine;
+pub mod handoff;
 pub mod http;
 pub mod inbound;
 pub mod input;

@@ -259,6 +259,9 @@ pub enum TimerKind {
     Timeout,
     /// The backoff before the next attempt is over.
     Retry,
+    /// The saga's `deadline` passed (a saga-level timer: its step, op and attempt are 0,
+    /// `Action`, 0).
+    Deadline,
 }
 
 /// Everything that can happen to a saga.
@@ -393,6 +396,9 @@ impl Machine<'_> {
                 SagaStatus::Queued => {
                     self.state.status = SagaStatus::Running;
                     self.log("begin", None, "sequence key acquired; starting");
+                    if let Some(d) = self.graph.def().deadline {
+                        self.timers.push(deadline_timer(self.ctx.now + millis(d)));
+                    }
                     true
                 }
                 _ => self.ignore(None, "begin: the saga has already started"),
@@ -476,6 +482,9 @@ impl Machine<'_> {
     }
 
     fn timer(&mut self, step: usize, op: Op, attempt: u32, kind: TimerKind) -> bool {
+        if kind == TimerKind::Deadline {
+            return self.deadline_passed();
+        }
         let current = self.state.steps.get(step).cloned();
         match (kind, current) {
             (
@@ -518,6 +527,54 @@ impl Machine<'_> {
         }
     }
 
+    /// Why a Running saga can no longer be compensated, if it cannot.
+    fn forward_only(&self) -> Option<&'static str> {
+        let past_pivot = self.state.steps.iter().enumerate().any(|(i, s)| {
+            !self.graph.step(i).is_reversible()
+                && !matches!(s, StepStatus::Pending | StepStatus::Skipped)
+        });
+        if past_pivot {
+            return Some("an irreversible step has started, so the saga can only go forward");
+        }
+        let confirming = self.state.steps.iter().any(|s| {
+            matches!(
+                s,
+                StepStatus::Confirmed
+                    | StepStatus::Active {
+                        op: Op::Confirm,
+                        ..
+                    }
+            )
+        });
+        confirming.then_some("TCC confirmation has begun, so the saga can only complete")
+    }
+
+    /// The saga's `deadline` passed: a Running saga stops going forward and compensates,
+    /// unless it is past its pivot; the history says which.
+    fn deadline_passed(&mut self) -> bool {
+        let limit = self.graph.def().deadline.map_or_else(
+            || "its deadline".to_owned(),
+            |d| format!("its deadline of {}", fmt_whole(d)),
+        );
+        match &self.state.status {
+            SagaStatus::Running => match self.forward_only() {
+                Some(why) => {
+                    self.log("deadline", None, format!("{limit} passed, but {why}"));
+                    true
+                }
+                None => {
+                    self.log("deadline", None, format!("{limit} passed: compensating"));
+                    self.start_compensation(format!("{limit} passed"));
+                    true
+                }
+            },
+            other => {
+                let name = other.name();
+                self.ignore(None, format!("{limit} passed; the saga is {name}"))
+            }
+        }
+    }
+
     fn abort(&mut self, actor: &str, reason: &str) -> bool {
         match &self.state.status {
             SagaStatus::Queued => {
@@ -528,28 +585,8 @@ impl Machine<'_> {
                 true
             }
             SagaStatus::Running => {
-                let past_pivot = self.state.steps.iter().enumerate().any(|(i, s)| {
-                    !self.graph.step(i).is_reversible()
-                        && !matches!(s, StepStatus::Pending | StepStatus::Skipped)
-                });
-                let confirming = self.state.steps.iter().any(|s| {
-                    matches!(
-                        s,
-                        StepStatus::Confirmed
-                            | StepStatus::Active {
-                                op: Op::Confirm,
-                                ..
-                            }
-                    )
-                });
-                if past_pivot {
-                    return self.ignore(None, "abort refused: an irreversible step has started, so the saga can only go forward");
-                }
-                if confirming {
-                    return self.ignore(
-                        None,
-                        "abort refused: TCC confirmation has begun, so the saga can only complete",
-                    );
+                if let Some(why) = self.forward_only() {
+                    return self.ignore(None, format!("abort refused: {why}"));
                 }
                 self.log("aborted", None, format!("operator {actor}: {reason}"));
                 self.start_compensation(format!("aborted by operator: {reason}"));
@@ -1030,9 +1067,36 @@ fn fmt_duration(d: Duration) -> String {
     }
 }
 
+/// `30m`, `2h`, `90s`: a duration as a definition writes it, when it is whole minutes or hours.
+fn fmt_whole(d: Duration) -> String {
+    let s = d.as_secs();
+    if d.subsec_millis() == 0 && s > 0 {
+        if s.is_multiple_of(3600) {
+            return format!("{}h", s / 3600);
+        }
+        if s.is_multiple_of(60) {
+            return format!("{}m", s / 60);
+        }
+        return format!("{s}s");
+    }
+    fmt_duration(d)
+}
+
 fn timer_word(kind: TimerKind) -> &'static str {
     match kind {
         TimerKind::Timeout => "timeout",
         TimerKind::Retry => "retry",
+        TimerKind::Deadline => "deadline",
+    }
+}
+
+/// The saga-level timer of its `deadline`, due at `at`.
+pub fn deadline_timer(at: Millis) -> Timer {
+    Timer {
+        step: 0,
+        op: Op::Action,
+        attempt: 0,
+        kind: TimerKind::Deadline,
+        at,
     }
 }

@@ -9,7 +9,7 @@
 //!
 //! A batch comes from one of two places:
 //! - **the hand-off**: the rows this engine's own transactions just committed, passed in memory
-//!   in commit order ([`Handoff`]). No claim statement, and no wait for a poll: the usual path.
+//!   in commit order ([`crate::handoff::Handoff`]). No claim statement, and no wait for a poll: the usual path.
 //! - **a claim** (one statement, a lease: [`crate::store::outbox`]) for the rest: rows written
 //!   by a process without a relay (an operator's CLI), given back after a failed publish, or
 //!   left by an engine that died. The relay claims when the hand-off is idle, at most every
@@ -21,16 +21,15 @@
 //! causally ordered anyway; what may cross are retries of one step, which the worker's barrier
 //! and attempt numbers make harmless.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, Semaphore, watch};
-use tracing::{debug, warn};
+use tokio::sync::{Semaphore, watch};
+use tracing::warn;
 
 use crate::engine::{Engine, EngineError, backoff};
+use crate::handoff::Active;
 use crate::store::now_ms;
 use crate::store::outbox::Claimed;
 
@@ -52,76 +51,6 @@ const CLAIM_EVERY: Duration = Duration::from_millis(200);
 /// And a busy one at least this often, so a steady hand-off cannot starve the others.
 const CLAIM_AT_LEAST: Duration = Duration::from_secs(1);
 
-/// Messages the hand-off holds at most; the rows of a commit that finds it full are left to a
-/// claim (after their grace), so a stalled broker cannot grow the engine's memory.
-const HANDOFF_CAPACITY: usize = 50_000;
-
-/// Outbox rows committed by this engine, waiting for its relay, in commit order.
-#[derive(Debug, Default)]
-pub(crate) struct Handoff {
-    queue: Mutex<VecDeque<Claimed>>,
-    ready: Notify,
-    /// This engine's relay loop runs: its transactions may hand rows off.
-    active: AtomicBool,
-}
-
-impl Handoff {
-    /// Whether rows written now will be sent by this engine's relay (else they are written
-    /// free for any relay to claim).
-    pub(crate) fn active(&self) -> bool {
-        self.active.load(Ordering::Acquire)
-    }
-
-    /// Queues a commit's rows; false if the hand-off is full (they are claimed later instead).
-    pub(crate) fn push(&self, rows: Vec<Claimed>) -> bool {
-        if rows.is_empty() {
-            return true;
-        }
-        {
-            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            if queue.len() + rows.len() > HANDOFF_CAPACITY {
-                debug!(
-                    rows = rows.len(),
-                    "outbox hand-off full; the rows wait for a claim"
-                );
-                return false;
-            }
-            queue.extend(rows);
-        }
-        self.ready.notify_one();
-        true
-    }
-
-    /// Up to `max` rows, oldest first.
-    fn take(&self, max: usize) -> Vec<Claimed> {
-        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        let n = queue.len().min(max);
-        queue.drain(..n).collect()
-    }
-
-    fn drain(&self) -> Vec<Claimed> {
-        self.take(usize::MAX)
-    }
-}
-
-/// Marks the hand-off active from before a relay loop is spawned until it ends (however it
-/// ends), so that every commit after [`Engine::run`] or [`Engine::relay`] was called hands its
-/// rows off.
-pub(crate) struct Active(Arc<Engine>);
-
-impl Active {
-    pub(crate) fn new(engine: Arc<Engine>) -> Self {
-        engine.handoff().active.store(true, Ordering::Release);
-        Active(engine)
-    }
-}
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.0.handoff().active.store(false, Ordering::Release);
-    }
-}
-
 impl Engine {
     /// Runs this engine's outbox relay alone (what [`Engine::run`] runs beside the other
     /// loops) until `shutdown` turns true.
@@ -129,7 +58,7 @@ impl Engine {
         self: Arc<Self>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(), EngineError> {
-        let active = Active::new(self.clone());
+        let active = Active::new(self.handoff_shared());
         self.relay_loop(shutdown, active).await
     }
 

@@ -446,6 +446,7 @@ pub fn timer_id(saga_id: &str, t: &Timer) -> String {
         match t.kind {
             crate::machine::TimerKind::Timeout => "timeout",
             crate::machine::TimerKind::Retry => "retry",
+            crate::machine::TimerKind::Deadline => "deadline",
         }
     )
 }
