@@ -333,6 +333,25 @@ steps:
     params: { order_id: "${input.order_id}", amount: "${input.amount}" }
 "#;
 
+/// The reply a worker sends when the one step of `hold` is declined for good: the saga is
+/// then Failed, for an operator.
+fn declined_for_good(saga: &str) -> Incoming {
+    Incoming {
+        saga_id: saga.to_owned(),
+        event: Event::Reply {
+            step: 0,
+            op: Op::Action,
+            attempt: 1,
+            outcome: Outcome::Business {
+                code: "declined".into(),
+                message: "card declined".into(),
+            },
+        },
+        message_id: None,
+        timer_id: None,
+    }
+}
+
 /// An engine whose loops do not run: what the API writes stays in the outbox, and the test
 /// applies the workers' replies itself.
 async fn idle_engine(test: &str) -> (support::TestDb, Arc<Engine>) {
@@ -404,20 +423,7 @@ async fn operator_actions_and_outbox_gauges() {
         .error(409, "retry refused: the saga is running, not failed");
 
     // The step that must succeed answers with a business failure: the saga is Failed.
-    let failure = Incoming {
-        saga_id: id.clone(),
-        event: Event::Reply {
-            step: 0,
-            op: Op::Action,
-            attempt: 1,
-            outcome: Outcome::Business {
-                code: "declined".into(),
-                message: "card declined".into(),
-            },
-        },
-        message_id: None,
-        timer_id: None,
-    };
+    let failure = declined_for_good(&id);
     engine.apply(&[failure]).await.expect("apply");
     assert_eq!(
         get(&format!("{base}/sagas/{id}")).await.json()["state"],
@@ -864,20 +870,7 @@ async fn cli_operator_actions_through_the_server() {
     );
 
     // The charge is refused for good: the saga is Failed, and `retry` resumes it.
-    let failure = Incoming {
-        saga_id: id.clone(),
-        event: Event::Reply {
-            step: 0,
-            op: Op::Action,
-            attempt: 1,
-            outcome: Outcome::Business {
-                code: "declined".into(),
-                message: "card declined".into(),
-            },
-        },
-        message_id: None,
-        timer_id: None,
-    };
+    let failure = declined_for_good(&id);
     engine.apply(&[failure]).await.expect("apply");
     let (text, _) = sagaflow_ok(&["status", &id, "--server", &base]).await;
     assert!(text.contains("state     failed — step `charge`"), "{text}");
@@ -971,20 +964,7 @@ async fn release_key_through_the_api_and_the_server() {
         .as_str()
         .expect("id")
         .to_owned();
-    let failure = Incoming {
-        saga_id: first.clone(),
-        event: Event::Reply {
-            step: 0,
-            op: Op::Action,
-            attempt: 1,
-            outcome: Outcome::Business {
-                code: "declined".into(),
-                message: "card declined".into(),
-            },
-        },
-        message_id: None,
-        timer_id: None,
-    };
+    let failure = declined_for_good(&first);
     engine.apply(&[failure]).await.expect("apply");
     // The Failed saga holds the key: the second waits, and the first's detail says so.
     let detail = get(&format!("{base}/sagas/{first}")).await.json();

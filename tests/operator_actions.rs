@@ -86,6 +86,16 @@ async fn ignored_because(engine: &Engine, id: &str) -> String {
         .detail
 }
 
+/// Two sagas of one order, the first of them Failed (its charge declined for good).
+async fn first_failed(engine: &Engine, order: &str) -> (String, String) {
+    let (first, second) = two_of_one_order(engine, order).await;
+    engine
+        .apply(&[reply(&first, Op::Action, 1, declined())])
+        .await
+        .expect("apply");
+    (first, second)
+}
+
 /// Starts two sagas of one order: the first runs, the second waits behind it.
 async fn two_of_one_order(engine: &Engine, order: &str) -> (String, String) {
     let graph = engine.register(HOLD).await.expect("register");
@@ -105,12 +115,7 @@ on_both_backends!(
     a_failed_saga_keeps_its_orders_key,
     |url: String| async move {
         let engine = engine(&url).await;
-        let (first, second) = two_of_one_order(&engine, "o-failed").await;
-
-        engine
-            .apply(&[reply(&first, Op::Action, 1, declined())])
-            .await
-            .expect("apply");
+        let (first, second) = first_failed(&engine, "o-failed").await;
         assert_eq!(state(&engine, &first).await, "failed");
         // The bug this pins: Failed released the key, and the second saga began while the first
         // still had to be retried (and could then compensate) — two sagas of one order at once.
@@ -145,11 +150,7 @@ on_both_backends!(
     an_operator_can_release_a_failed_sagas_key,
     |url: String| async move {
         let engine = engine(&url).await;
-        let (first, second) = two_of_one_order(&engine, "o-release").await;
-        engine
-            .apply(&[reply(&first, Op::Action, 1, declined())])
-            .await
-            .expect("apply");
+        let (first, second) = first_failed(&engine, "o-release").await;
         assert_eq!(state(&engine, &second).await, "queued");
 
         // Releasing a running saga's key is refused: it would let two run at once.
@@ -226,11 +227,7 @@ on_both_backends!(
     release_key_from_the_command_line,
     |url: String| async move {
         let engine = engine(&url).await;
-        let (first, second) = two_of_one_order(&engine, "o-cli").await;
-        engine
-            .apply(&[reply(&first, Op::Action, 1, declined())])
-            .await
-            .expect("apply");
+        let (first, second) = first_failed(&engine, "o-cli").await;
 
         let status = cli(&url, &["status", &first]).await;
         let text = String::from_utf8_lossy(&status.stdout).into_owned();
