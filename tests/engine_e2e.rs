@@ -296,3 +296,73 @@ on_both_backends!(
         sys.stop().await;
     }
 );
+
+/// One charge that must succeed in the end (`on_failure: retry`): a refusal makes it Failed.
+const CHARGE_ONLY: &str = r#"
+name: charge-only
+version: 1
+sequence_key: ${input.order_id}
+input:
+  order_id: string
+  user_id: string
+  amount: money
+  coupon_id: { type: string, required: false }
+  points: { type: integer, required: false }
+  campaign_id: { type: string, required: false }
+steps:
+  - id: payment
+    service: payment
+    action: charge
+    compensation: refund
+    on_failure: retry
+    params:
+      account: ${input.user_id}
+      amount: ${input.amount}
+      order_id: ${input.order_id}
+"#;
+
+on_both_backends!(
+    a_retry_reaches_the_handler_after_a_business_refusal,
+    |url: String| async move {
+        // First run: the payment service refuses every charge, so the saga is Failed.
+        let refusing = Setup {
+            payment: Faults {
+                business: 1.0,
+                ..Faults::default()
+            },
+            ..Setup::default()
+        };
+        let sys = System::start(&url, refusing).await;
+        let graph = sys.engine.register(CHARGE_ONLY).await.expect("register");
+        let order = sys.orders("refused", 1).await.remove(0);
+        let id = sys
+            .engine
+            .start(&graph, order, None)
+            .await
+            .expect("start")
+            .id;
+        wait_all_final(&sys.store, LIMIT).await;
+        assert_eq!(counts(&sys.store).await.get("failed"), Some(&1));
+        // An operator retries it while no engine runs (as `sagaflow retry` does)...
+        assert_eq!(
+            sys.engine.retry(&id, "ops").await.expect("retry"),
+            Applied::Changed
+        );
+        sys.stop().await;
+        // ...and the next run, with a payment service that now accepts, completes it. The bug
+        // this pins: the barrier answered the retried charge with the recorded refusal, so the
+        // handler never ran and the saga was Failed again.
+        let sys = System::start(&url, Setup::default()).await;
+        wait_all_final(&sys.store, LIMIT).await;
+        assert_eq!(counts(&sys.store).await.get("completed"), Some(&1));
+        let charged: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM payment_ledger WHERE saga_id = $1 AND kind = 'charge'",
+        )
+        .bind(id.as_str())
+        .fetch_one(sys.store.pool())
+        .await
+        .expect("ledger");
+        assert_eq!(charged, 1, "charged exactly once");
+        sys.stop().await;
+    }
+);

@@ -1,7 +1,9 @@
 //! The idempotency barrier: one row per (saga, step, operation), written in the same transaction
 //! as the handler's effect.
 //!
-//! * a command whose row exists gets the recorded outcome back and changes nothing;
+//! * a command whose row exists gets the recorded outcome back and changes nothing — except
+//!   that a business refusal answers only its own attempt and earlier ones: a later attempt
+//!   (sent after an operator's retry) runs the handler again, its row replacing the refusal;
 //! * a forward operation runs its handler and its row is written with the outcome, in the same
 //!   transaction; a business failure rolls the effect back and stores the failure (durably:
 //!   the engine may rely on "no effect");
@@ -262,11 +264,15 @@ const INSERT_POSTGRES: &str = "INSERT INTO barrier (saga_id, step, op, outcome, 
      AS x(saga_id text, step text, op text, outcome text, created_at bigint) \
      ON CONFLICT (saga_id, step, op) DO NOTHING RETURNING saga_id";
 
+/// A row's outcome and the attempt that recorded it. Rows written before the attempt was
+/// stored answer every attempt (`u32::MAX`), as they always did.
+type Recorded = (Outcome, u32);
+
 /// The recorded outcomes of `keys` that exist, in one statement.
 async fn lookup(
     conn: &mut AnyConnection,
     keys: &[Key],
-) -> Result<HashMap<Key, Outcome>, sqlx::Error> {
+) -> Result<HashMap<Key, Recorded>, sqlx::Error> {
     let mut found = HashMap::new();
     if keys.is_empty() {
         return Ok(found);
@@ -299,7 +305,12 @@ async fn lookup(
             code: "corrupt_barrier".into(),
             message: format!("unreadable barrier outcome: {text}"),
         });
-        found.insert(key, outcome);
+        let attempt = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("attempt").and_then(serde_json::Value::as_u64))
+            .and_then(|a| u32::try_from(a).ok())
+            .unwrap_or(u32::MAX);
+        found.insert(key, (outcome, attempt));
     }
     Ok(found)
 }
@@ -308,7 +319,7 @@ async fn lookup(
 /// duplicate committed one of them after our lookup (on PostgreSQL the insert waited for it).
 async fn insert(
     conn: &mut AnyConnection,
-    rows: &mut [(Key, Outcome)],
+    rows: &mut [(Key, Recorded)],
 ) -> Result<bool, sqlx::Error> {
     if rows.is_empty() {
         return Ok(true);
@@ -319,12 +330,17 @@ async fn insert(
     let now = now_ms();
     let param: Vec<serde_json::Value> = rows
         .iter()
-        .map(|((saga_id, step, op), outcome)| {
+        .map(|((saga_id, step, op), (outcome, attempt))| {
+            // The outcome as the SDK reads it back, plus the attempt that recorded it.
+            let mut recorded = serde_json::to_value(outcome).unwrap_or_default();
+            if let Some(fields) = recorded.as_object_mut() {
+                fields.insert("attempt".into(), json!(attempt));
+            }
             json!({
                 "saga_id": saga_id,
                 "step": step,
                 "op": op.as_str(),
-                "outcome": serde_json::to_string(outcome).unwrap_or_default(),
+                "outcome": recorded.to_string(),
                 "created_at": now,
             })
         })
@@ -441,7 +457,9 @@ async fn run_in(
     // The database's rows plus the batch's own decisions so far: commands of one batch see
     // each other as if they had run one after the other.
     let mut overlay = lookup(tx, &wanted).await?;
-    let mut new_rows: Vec<(Key, Outcome)> = Vec::new();
+    let mut new_rows: Vec<(Key, Recorded)> = Vec::new();
+    // Refusals that a later attempt supersedes: deleted before the new rows go in.
+    let mut superseded: Vec<Key> = Vec::new();
     let mut done = Vec::with_capacity(jobs.len());
     let mut savepoints = Savepoints {
         open: false,
@@ -461,12 +479,23 @@ async fn run_in(
             continue;
         }
         let (op, own) = (job.op, key_of(job.ctx, job.op));
-        if let Some(outcome) = overlay.get(&own) {
-            done.push(Executed {
-                outcome: outcome.clone(),
-                duplicate: true,
-            });
-            continue;
+        match overlay.get(&own) {
+            // A business refusal answers its own attempt and the ones before it (duplicates,
+            // stragglers), not a later attempt: the engine sends one only after an operator's
+            // retry, and that must reach the handler, or a refused step could never be
+            // retried to success.
+            Some((Outcome::Business { .. }, recorded)) if job.ctx.attempt > *recorded => {
+                overlay.remove(&own);
+                superseded.push(own.clone());
+            }
+            Some((outcome, _)) => {
+                done.push(Executed {
+                    outcome: outcome.clone(),
+                    duplicate: true,
+                });
+                continue;
+            }
+            None => {}
         }
         let decided = if op.is_forward() {
             overlay
@@ -478,7 +507,7 @@ async fn run_in(
         } else {
             let took_effect = matches!(
                 overlay.get(&key_of(job.ctx, op.forward())),
-                Some(Outcome::Ok { .. })
+                Some((Outcome::Ok { .. }, _))
             );
             if op == Op::Confirm && !took_effect {
                 // Not recorded: a confirm is only sent after a successful try, so this is a
@@ -509,9 +538,18 @@ async fn run_in(
                 }
             },
         };
-        overlay.insert(own.clone(), outcome.clone());
-        new_rows.push((own, outcome.clone()));
+        let recorded = (outcome.clone(), job.ctx.attempt);
+        overlay.insert(own.clone(), recorded.clone());
+        new_rows.push((own, recorded));
         done.push(fresh(outcome));
+    }
+    for (saga_id, step, op) in &superseded {
+        sqlx::query("DELETE FROM barrier WHERE saga_id = $1 AND step = $2 AND op = $3")
+            .bind(saga_id.as_str())
+            .bind(step.as_str())
+            .bind(op.as_str())
+            .execute(&mut **tx)
+            .await?;
     }
     if !insert(tx, &mut new_rows).await? {
         return Ok(Try::Raced);
