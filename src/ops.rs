@@ -110,11 +110,35 @@ pub struct ListArgs {
     server: ServerArgs,
 }
 
+/// Every saga matching a filter, instead of one ID (`sagaflow retry --state failed --saga
+/// order-paid`), with a dry run that lists what would be touched.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Bulk {
+    /// Every saga in this state (narrowed by --saga and --key), instead of one ID.
+    #[arg(long, value_name = "STATE")]
+    state: Option<String>,
+    /// With --state: only sagas of this definition.
+    #[arg(long = "saga", value_name = "NAME", requires = "state")]
+    saga_name: Option<String>,
+    /// With --state: only sagas with this sequence key.
+    #[arg(long, value_name = "KEY", requires = "state")]
+    key: Option<String>,
+    /// With --state: list the sagas the action would touch, and change nothing.
+    #[arg(long, requires = "state")]
+    dry_run: bool,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct RetryArgs {
-    /// The id of a Failed saga.
-    #[arg(value_name = "ID")]
-    id: String,
+    /// The id of a Failed saga (or --state and its filters, for every matching saga).
+    #[arg(
+        value_name = "ID",
+        required_unless_present = "state",
+        conflicts_with = "state"
+    )]
+    id: Option<String>,
+    #[command(flatten)]
+    bulk: Bulk,
     /// Who retries it, for the saga's history (default: user@host).
     #[arg(long, value_name = "NAME")]
     actor: Option<String>,
@@ -126,9 +150,15 @@ pub struct RetryArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct AbortArgs {
-    /// The id of a Running or Queued saga.
-    #[arg(value_name = "ID")]
-    id: String,
+    /// The id of a Running or Queued saga (or --state and its filters, for every matching saga).
+    #[arg(
+        value_name = "ID",
+        required_unless_present = "state",
+        conflicts_with = "state"
+    )]
+    id: Option<String>,
+    #[command(flatten)]
+    bulk: Bulk,
     /// Why: recorded in the saga's state and timeline.
     #[arg(long, default_value = "no reason given", value_name = "TEXT")]
     reason: String,
@@ -550,24 +580,173 @@ pub async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn retry(args: RetryArgs) -> anyhow::Result<ExitCode> {
     let actor = args.actor.clone().unwrap_or_else(default_actor);
+    let Some(id) = &args.id else {
+        let action = Action::Retry { actor };
+        return bulk(&args.bulk, &args.db, &args.server, &action).await;
+    };
     if let Some(url) = &args.server.server {
-        let done = remote::Client::new(url)?.retry(&args.id, &actor)?;
+        let done = remote::Client::new(url)?.retry(id, &actor)?;
         return remote::report(&done);
     }
     let engine = open_existing(&args.db).await?;
-    let applied = engine.retry(&args.id, &actor).await?;
-    report(&engine, &args.id, applied, "the retried commands").await
+    let applied = engine.retry(id, &actor).await?;
+    report(&engine, id, applied, "the retried commands").await
 }
 
 pub async fn abort(args: AbortArgs) -> anyhow::Result<ExitCode> {
     let actor = args.actor.clone().unwrap_or_else(default_actor);
+    let Some(id) = &args.id else {
+        let action = Action::Abort {
+            actor,
+            reason: args.reason.clone(),
+        };
+        return bulk(&args.bulk, &args.db, &args.server, &action).await;
+    };
     if let Some(url) = &args.server.server {
-        let done = remote::Client::new(url)?.abort(&args.id, &actor, &args.reason)?;
+        let done = remote::Client::new(url)?.abort(id, &actor, &args.reason)?;
         return remote::report(&done);
     }
     let engine = open_existing(&args.db).await?;
-    let applied = engine.abort(&args.id, &actor, &args.reason).await?;
-    report(&engine, &args.id, applied, "the compensations").await
+    let applied = engine.abort(id, &actor, &args.reason).await?;
+    report(&engine, id, applied, "the compensations").await
+}
+
+/// What a bulk action does to each saga.
+enum Action {
+    Retry { actor: String },
+    Abort { actor: String, reason: String },
+}
+
+impl Action {
+    fn name(&self) -> &'static str {
+        match self {
+            Action::Retry { .. } => "retry",
+            Action::Abort { .. } => "abort",
+        }
+    }
+}
+
+/// Where a bulk action goes: the database, or a server's API.
+enum Target {
+    Local(Arc<Engine>),
+    Remote(remote::Client),
+}
+
+impl Target {
+    async fn page(&self, q: &ListQuery) -> anyhow::Result<status::Page> {
+        Ok(match self {
+            Target::Local(e) => status::list(e.store(), q).await?,
+            Target::Remote(c) => c.list(q)?,
+        })
+    }
+
+    /// The saga's new state, or why it was refused.
+    async fn act(&self, id: &str, action: &Action) -> anyhow::Result<String> {
+        match (self, action) {
+            (Target::Local(e), Action::Retry { actor }) => {
+                outcome_of(e, id, e.retry(id, actor).await?).await
+            }
+            (Target::Local(e), Action::Abort { actor, reason }) => {
+                outcome_of(e, id, e.abort(id, actor, reason).await?).await
+            }
+            (Target::Remote(c), Action::Retry { actor }) => {
+                Ok(state_line(&c.retry(id, actor)?.status))
+            }
+            (Target::Remote(c), Action::Abort { actor, reason }) => {
+                Ok(state_line(&c.abort(id, actor, reason)?.status))
+            }
+        }
+    }
+}
+
+/// A local action's result as one line: the new state, or an error with the machine's reason.
+async fn outcome_of(engine: &Engine, id: &str, applied: Applied) -> anyhow::Result<String> {
+    match applied {
+        Applied::Changed => {
+            let detail = status::saga(engine.store(), id)
+                .await?
+                .ok_or_else(|| EngineError::UnknownSaga(id.to_owned()))?;
+            Ok(state_line(&detail.status))
+        }
+        Applied::Ignored => {
+            let why = status::last_history(engine.store(), id, "ignored")
+                .await?
+                .map_or_else(|| "the saga refused it".to_owned(), |r| r.detail);
+            bail!("{why}")
+        }
+        other => bail!("the engine did not apply the request ({other:?})"),
+    }
+}
+
+/// Every saga matching `filter` (all pages), then `action` on each, one line per saga; exit 1
+/// if any was refused. A dry run only lists them.
+async fn bulk(
+    filter: &Bulk,
+    db: &DbArgs,
+    server: &ServerArgs,
+    action: &Action,
+) -> anyhow::Result<ExitCode> {
+    let what = action.name();
+    let target = match &server.server {
+        Some(url) => Target::Remote(remote::Client::new(url)?),
+        None => Target::Local(open_existing(db).await?),
+    };
+    let mut query = ListQuery {
+        state: filter.state.clone(),
+        sequence_key: filter.key.clone(),
+        limit: 1000,
+        after: None,
+    };
+    let mut matching = Vec::new();
+    loop {
+        let page = target.page(&query).await?;
+        matching.extend(
+            page.sagas
+                .into_iter()
+                .filter(|s| filter.saga_name.as_ref().is_none_or(|n| &s.name == n)),
+        );
+        match page.next {
+            Some(next) => query.after = Some(next),
+            None => break,
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    if filter.dry_run {
+        writeln!(
+            out,
+            "{what} would touch {} sagas (dry run: nothing changed)",
+            matching.len()
+        )?;
+        for s in &matching {
+            writeln!(
+                out,
+                "  {}  {}  {}  {}",
+                s.id, s.name, s.state, s.sequence_key
+            )?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut refused = 0usize;
+    for s in &matching {
+        match target.act(&s.id, action).await {
+            Ok(state) => writeln!(out, "saga {} is {state}", s.id)?,
+            Err(e) => {
+                refused += 1;
+                writeln!(out, "saga {}: {e}", s.id)?;
+            }
+        }
+    }
+    writeln!(
+        out,
+        "{what}: {} of {} sagas done, {refused} refused",
+        matching.len() - refused,
+        matching.len()
+    )?;
+    Ok(if refused == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 pub async fn release_key(args: ReleaseKeyArgs) -> anyhow::Result<ExitCode> {

@@ -556,3 +556,86 @@ on_both_backends!(
         assert!(!left.iter().any(|t| t.saga_id == id), "{left:?}");
     }
 );
+
+on_both_backends!(
+    bulk_actions_by_filter_with_a_dry_run,
+    |url: String| async move {
+        let engine = engine(&url).await;
+        let (failed_a, queued_a) = first_failed(&engine, "o-bulk-a").await;
+        let (failed_b, queued_b) = first_failed(&engine, "o-bulk-b").await;
+
+        let dry = cli(
+            &url,
+            &["retry", "--state", "failed", "--saga", "hold", "--dry-run"],
+        )
+        .await;
+        let text = String::from_utf8_lossy(&dry.stdout).into_owned();
+        assert!(dry.status.success(), "{text}");
+        assert!(
+            text.starts_with("retry would touch 2 sagas (dry run: nothing changed)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&failed_a) && text.contains(&failed_b),
+            "{text}"
+        );
+        assert_eq!(
+            state(&engine, &failed_a).await,
+            "failed",
+            "a dry run changes nothing"
+        );
+        // Another definition's name matches nothing.
+        let none = cli(
+            &url,
+            &["retry", "--state", "failed", "--saga", "other", "--dry-run"],
+        )
+        .await;
+        assert!(String::from_utf8_lossy(&none.stdout).starts_with("retry would touch 0 sagas"));
+
+        let done = cli(
+            &url,
+            &[
+                "retry", "--state", "failed", "--saga", "hold", "--actor", "bulk-ops",
+            ],
+        )
+        .await;
+        let text = String::from_utf8_lossy(&done.stdout).into_owned();
+        assert!(done.status.success(), "{text}");
+        assert!(
+            text.contains("retry: 2 of 2 sagas done, 0 refused"),
+            "{text}"
+        );
+        for id in [&failed_a, &failed_b] {
+            assert_eq!(state(&engine, id).await, "running");
+            let entry = status::last_history(engine.store(), id, "retry")
+                .await
+                .expect("history")
+                .expect("entry");
+            assert!(
+                entry.detail.starts_with("operator bulk-ops: retry"),
+                "{}",
+                entry.detail
+            );
+        }
+        // Aborting the queued ones by filter; one refusal (here: none left) would exit 1.
+        let aborted = cli(
+            &url,
+            &["abort", "--state", "queued", "--reason", "duplicate orders"],
+        )
+        .await;
+        let text = String::from_utf8_lossy(&aborted.stdout).into_owned();
+        assert!(aborted.status.success(), "{text}");
+        assert!(
+            text.contains("abort: 2 of 2 sagas done, 0 refused"),
+            "{text}"
+        );
+        for id in [&queued_a, &queued_b] {
+            assert_eq!(state(&engine, id).await, "compensated");
+        }
+        // A filter and an id at once, or neither: refused by the command line.
+        let both = cli(&url, &["retry", &failed_a, "--state", "failed"]).await;
+        assert_eq!(both.status.code(), Some(2));
+        let neither = cli(&url, &["retry"]).await;
+        assert_eq!(neither.status.code(), Some(2));
+    }
+);
