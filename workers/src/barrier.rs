@@ -301,15 +301,19 @@ async fn lookup(
             continue;
         }
         let text: String = row.try_get("outcome")?;
-        let outcome = serde_json::from_str(&text).unwrap_or(Outcome::Business {
-            code: "corrupt_barrier".into(),
-            message: format!("unreadable barrier outcome: {text}"),
-        });
-        let attempt = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
+        // Parsed once: the outcome, and the attempt that recorded it beside its fields.
+        let value: Option<serde_json::Value> = serde_json::from_str(&text).ok();
+        let attempt = value
+            .as_ref()
             .and_then(|v| v.get("attempt").and_then(serde_json::Value::as_u64))
             .and_then(|a| u32::try_from(a).ok())
             .unwrap_or(u32::MAX);
+        let outcome = value
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or(Outcome::Business {
+                code: "corrupt_barrier".into(),
+                message: format!("unreadable barrier outcome: {text}"),
+            });
         found.insert(key, (outcome, attempt));
     }
     Ok(found)

@@ -128,19 +128,6 @@ impl Store {
             oldest: row.try_get("oldest")?,
         })
     }
-
-    /// Commands dispatched since `since` (their `dispatch` history entries, since a sent row
-    /// leaves the outbox): the commands a run produced.
-    pub async fn dispatched_since(&self, since: i64) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query(
-            "SELECT COUNT(*) AS n FROM saga_history WHERE kind = 'dispatch' AND at >= $1",
-        )
-        .bind(since)
-        .fetch_one(&self.pool)
-        .await?
-        .try_get("n")?;
-        Ok(u64::try_from(n).unwrap_or(0))
-    }
 }
 
 /// Message ids as a JSON array of strings.
