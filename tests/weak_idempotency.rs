@@ -396,3 +396,86 @@ async fn unreachable_redis_is_a_retryable_failure() {
     }
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
+
+/// Refuses its first call (a business "no"), then does its effect.
+struct RefusesOnce {
+    calls: AtomicU64,
+    runs: Arc<AtomicU64>,
+}
+
+#[async_trait]
+impl SagaStep for RefusesOnce {
+    async fn action(
+        &self,
+        _: &mut sqlx::AnyConnection,
+        ctx: &StepContext,
+        _: &Value,
+    ) -> Result<Value, StepError> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Err(StepError::business("opted_out", "the user opted out"));
+        }
+        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok(json!({ "run": run, "attempt": ctx.attempt }))
+    }
+
+    async fn compensate(
+        &self,
+        _: &mut sqlx::AnyConnection,
+        _: &StepContext,
+        _: &Value,
+    ) -> Result<Value, StepError> {
+        Ok(Value::Null)
+    }
+}
+
+/// A business refusal answers its own attempt (a duplicate gets it again, the handler does not
+/// run), but a later attempt — what an operator's retry sends — runs the handler, as the
+/// barrier does. The bug this pins: weak mode answered the old refusal to every attempt, so a
+/// retried step could never succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weak_refusal_answers_its_attempt_but_not_a_later_one() {
+    let Some(weak) = weak("refusal_attempts").await else {
+        return;
+    };
+    let db = support::fresh_db(support::Backend::Sqlite, "weak_refusal_attempts")
+        .await
+        .expect("sqlite");
+    let store = store(&db.url).await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let step = RefusesOnce {
+        calls: AtomicU64::new(0),
+        runs: runs.clone(),
+    };
+    let (pool, w) = (store.pool().clone(), weak.clone());
+    let mut sys = run(move |t| {
+        Worker::new(SERVICE, pool, t).saga_step_with("send", step, Idempotency::Weak(w))
+    })
+    .await;
+    let first = command("saga-retried", "send", 1);
+    publish(&sys.transport, &first).await;
+    let refused = next_reply(&mut sys.replies).await;
+    assert!(
+        matches!(&refused.outcome, Outcome::Business { code, .. } if code == "opted_out"),
+        "{refused:?}"
+    );
+    // The same attempt again: the recorded refusal, the handler not run.
+    publish(&sys.transport, &first).await;
+    let again = next_reply(&mut sys.replies).await;
+    assert_eq!(again.outcome, refused.outcome);
+    // Attempt 2 (an operator retry): the handler runs, and succeeds.
+    let retried = command("saga-retried", "send", 2);
+    publish(&sys.transport, &retried).await;
+    let done = next_reply(&mut sys.replies).await;
+    sys.stop().await;
+    assert!(matches!(done.outcome, Outcome::Ok { .. }), "{done:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert!(
+        matches!(
+            weak.recorded_answer(&ctx_of(&retried), Op::Action)
+                .await
+                .expect("Redis"),
+            Some(Outcome::Ok { .. })
+        ),
+        "the success is now the recorded answer"
+    );
+}

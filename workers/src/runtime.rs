@@ -517,21 +517,27 @@ impl Worker {
             let mut finishes = Vec::new();
             for &i in members {
                 let result = match slots[i].claim.take() {
-                    Some(Claim::Run { key, token }) => {
+                    Some(Claim::Run {
+                        key,
+                        token,
+                        attempt,
+                    }) => {
                         let result = ran.remove(&i).unwrap_or_else(|| {
                             Err(WeakError::Db(sqlx::Error::Protocol("no answer".into())))
                         });
-                        finishes.push(Finish::after(key, token, &result));
+                        finishes.push(Finish::after(key, token, attempt, &result));
                         result
                     }
                     Some(Claim::Decided {
                         key,
                         token,
+                        attempt,
                         outcome,
                     }) => {
                         finishes.push(Finish::Record {
                             key,
                             token,
+                            attempt,
                             outcome: outcome.clone(),
                         });
                         Ok(Executed {

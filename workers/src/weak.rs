@@ -16,6 +16,10 @@
 //!    Its outcome then goes into the key (`PX ttl` again): a success and a business failure are
 //!    kept (a duplicate gets the same answer; a business "no" must stay "no", the engine relies
 //!    on it), a **transient failure deletes the key**, so the engine's retry runs the effect.
+//!    The attempt that recorded an outcome is kept with it: a business refusal answers its own
+//!    attempt and earlier ones (duplicates, stragglers) but not a later one — the engine sends
+//!    a later attempt after a refusal only when an operator retries the step — which takes the
+//!    key over and runs the effect, as the barrier does.
 //!
 //! In a worker's batch (see [`crate::runtime`]) these steps are shared: the claims of all the
 //! batch's weak commands go to Redis as one pipeline (in batch order), their handlers run in the
@@ -72,8 +76,9 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// The value of a key whose effect is running (or whose worker died before recording it).
 const PENDING: &str = "pending:";
 
-/// Writes the outcome only if the key still holds our pending token (it may have expired and
-/// been taken by another run meanwhile).
+/// Writes ARGV[2] only if the key still holds ARGV[1]: an outcome over our pending token (it
+/// may have expired and been taken by another run meanwhile), or our pending token over a
+/// refusal a later attempt supersedes.
 const RECORD: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
                       return redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) else return false end";
 
@@ -244,17 +249,23 @@ impl WeakIdempotency {
             Some(Claim::Decided {
                 key,
                 token,
+                attempt,
                 outcome,
             }) => {
                 self.finish_batch(vec![Finish::Record {
                     key,
                     token,
+                    attempt,
                     outcome: outcome.clone(),
                 }])
                 .await;
                 Ok(fresh(outcome))
             }
-            Some(Claim::Run { key, token }) => {
+            Some(Claim::Run {
+                key,
+                token,
+                attempt,
+            }) => {
                 let job = Job {
                     handler,
                     op,
@@ -266,7 +277,7 @@ impl WeakIdempotency {
                     Some(r) => r.map_err(WeakError::Db),
                     None => Err(WeakError::Db(sqlx::Error::Protocol("no answer".into()))),
                 };
-                self.finish_batch(vec![Finish::after(key, token, &result)])
+                self.finish_batch(vec![Finish::after(key, token, attempt, &result)])
                     .await;
                 result
             }
@@ -305,10 +316,15 @@ pub(crate) enum Claim {
     Decided {
         key: String,
         token: String,
+        attempt: u32,
         outcome: Outcome,
     },
     /// The key is ours: run the effect, then [`Finish`] the key.
-    Run { key: String, token: String },
+    Run {
+        key: String,
+        token: String,
+        attempt: u32,
+    },
     /// The same key as the batch's command at this index: answered with its outcome, as a
     /// duplicate, without a key of its own (its `SET NX` would only find ours pending).
     Same(usize),
@@ -317,10 +333,12 @@ pub(crate) enum Claim {
 /// What to do with a claimed key once its effect's transaction is over.
 #[derive(Debug)]
 pub(crate) enum Finish {
-    /// Keep the answer for duplicates (a success or a business failure).
+    /// Keep the answer for duplicates (a success or a business failure), with the attempt
+    /// that gave it.
     Record {
         key: String,
         token: String,
+        attempt: u32,
         outcome: Outcome,
     },
     /// Free the key (a transient failure, or the effect not run): a retry runs the effect.
@@ -329,7 +347,12 @@ pub(crate) enum Finish {
 
 impl Finish {
     /// What happens to the key of a command that ran to `result`.
-    pub(crate) fn after(key: String, token: String, result: &Result<Executed, WeakError>) -> Self {
+    pub(crate) fn after(
+        key: String,
+        token: String,
+        attempt: u32,
+        result: &Result<Executed, WeakError>,
+    ) -> Self {
         match result {
             Ok(Executed {
                 outcome: outcome @ (Outcome::Ok { .. } | Outcome::Business { .. }),
@@ -337,6 +360,7 @@ impl Finish {
             }) => Finish::Record {
                 key,
                 token,
+                attempt,
                 outcome: outcome.clone(),
             },
             _ => Finish::Release { key, token },
@@ -377,6 +401,7 @@ impl WeakIdempotency {
         let mut claims: Vec<Option<Claim>> = cmds.iter().map(|_| None).collect();
         let mut first: HashMap<&str, usize> = HashMap::new();
         let mut open = Vec::new();
+        let mut superseding: Vec<(usize, String)> = Vec::new();
         for (i, key) in keys.iter().enumerate() {
             match first.get(key.as_str()) {
                 Some(&j) => claims[i] = Some(Claim::Same(j)),
@@ -446,14 +471,17 @@ impl WeakIdempotency {
                     Some(false)
                 };
                 let claimed = !matches!(set, None | Some(redis::Value::Nil));
+                let attempt = cmds[i].0.attempt;
                 claims[i] = Some(match (claimed, undone, existing) {
                     (true, Some(false), _) => Claim::Run {
                         key: keys[i].clone(),
                         token: tokens[i].clone(),
+                        attempt,
                     },
                     (true, Some(true), _) => Claim::Decided {
                         key: keys[i].clone(),
                         token: tokens[i].clone(),
+                        attempt,
                         outcome: Outcome::Business {
                             code: "cancelled_before_run".into(),
                             message: format!("{op} refused: its {} already ran", op.undo()),
@@ -469,6 +497,16 @@ impl WeakIdempotency {
                             url: self.inner.url.clone(),
                             reason: format!("unexpected reply to EXISTS for {}", keys[i]),
                         }))
+                    }
+                    (false, Some(false), Some(value))
+                        if matches!(
+                            recorded_refusal(&value),
+                            Some(by) if attempt > by
+                        ) =>
+                    {
+                        // A later attempt than the refusal's: it takes the key over.
+                        superseding.push((i, value));
+                        continue;
                     }
                     (false, _, Some(value)) => Claim::Answered(Ok(Executed {
                         outcome: self.recorded(&keys[i], &value),
@@ -487,6 +525,43 @@ impl WeakIdempotency {
                 url: self.inner.url.clone(),
                 reason: format!("key {} could neither be set nor read", keys[i]),
             })));
+        }
+        if !superseding.is_empty() {
+            let mut pipe = redis::pipe();
+            for (i, old) in &superseding {
+                pipe.cmd("EVAL")
+                    .arg(RECORD)
+                    .arg(1)
+                    .arg(&keys[*i])
+                    .arg(old)
+                    .arg(&tokens[*i])
+                    .arg(self.ttl_ms());
+            }
+            let swapped = self.query_pipe(&pipe).await;
+            for (n, (i, _)) in superseding.into_iter().enumerate() {
+                let took = match &swapped {
+                    Ok(values) => !matches!(values.get(n), None | Some(redis::Value::Nil)),
+                    Err(_) => false,
+                };
+                claims[i] = Some(if took {
+                    Claim::Run {
+                        key: keys[i].clone(),
+                        token: tokens[i].clone(),
+                        attempt: cmds[i].0.attempt,
+                    }
+                } else {
+                    // Another worker took it over first, or Redis failed: not run here.
+                    Claim::Answered(Ok(Executed {
+                        outcome: Outcome::Retryable {
+                            message: format!(
+                                "weak idempotency: {} changed while this attempt took it over",
+                                keys[i]
+                            ),
+                        },
+                        duplicate: true,
+                    }))
+                });
+            }
         }
         claims
             .into_iter()
@@ -514,6 +589,7 @@ impl WeakIdempotency {
                 Finish::Record {
                     key,
                     token,
+                    attempt,
                     outcome,
                 } => {
                     pipe.cmd("EVAL")
@@ -521,7 +597,7 @@ impl WeakIdempotency {
                         .arg(1)
                         .arg(key)
                         .arg(token)
-                        .arg(serde_json::to_string(outcome).unwrap_or_default())
+                        .arg(recorded_value(outcome, *attempt))
                         .arg(self.ttl_ms());
                 }
                 Finish::Release { key, token } => {
@@ -555,6 +631,33 @@ impl WeakIdempotency {
             }
         }
     }
+}
+
+/// A key's recorded value: the outcome as JSON with the attempt that gave it beside its fields.
+fn recorded_value(outcome: &Outcome, attempt: u32) -> String {
+    let mut value = serde_json::to_value(outcome).unwrap_or_default();
+    if let Some(fields) = value.as_object_mut() {
+        fields.insert("attempt".into(), serde_json::json!(attempt));
+    }
+    value.to_string()
+}
+
+/// The attempt whose business refusal a recorded value is, if it is one (a value recorded
+/// before attempts were kept answers every attempt: `u32::MAX`).
+fn recorded_refusal(value: &str) -> Option<u32> {
+    if value.starts_with(PENDING) {
+        return None;
+    }
+    let doc: Value = serde_json::from_str(value).ok()?;
+    if doc.get("outcome").and_then(Value::as_str) != Some("business") {
+        return None;
+    }
+    Some(
+        doc.get("attempt")
+            .and_then(Value::as_u64)
+            .and_then(|a| u32::try_from(a).ok())
+            .unwrap_or(u32::MAX),
+    )
 }
 
 fn fresh(outcome: Outcome) -> Executed {
