@@ -526,6 +526,8 @@ async fn bench(
                 args.amqp.prefetch.to_string(),
                 "--bundle".into(),
                 args.amqp.bundle.to_string(),
+                "--delivery-limit".into(),
+                args.amqp.delivery_limit.to_string(),
             ]);
             Launch {
                 args: v,

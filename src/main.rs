@@ -9,6 +9,7 @@
 //! | [`ops`] | `start`, `status`, `list`, `retry`, `abort`: sagas in a database, for operators |
 
 mod bench;
+mod dead_letters;
 mod definitions;
 mod dev;
 mod ops;
@@ -72,9 +73,19 @@ enum Command {
     Retry(ops::RetryArgs),
     /// Operator: compensate a Running (or Queued) saga.
     Abort(ops::AbortArgs),
+    /// Operator: resolve a Failed saga's stuck step by hand (done, with an output, or without
+    /// effect), then go on with the saga.
+    Skip(ops::SkipArgs),
+    /// Operator: dispatch nothing for a saga until it resumes (replies are still recorded).
+    Pause(ops::PauseArgs),
+    /// Operator: end a pause; what it held back is dispatched.
+    Resume(ops::ResumeArgs),
     /// Operator: a Failed saga resolved by hand gives its order's sequence key to the next saga
     /// of that order (a Failed saga keeps it until then). It stays Failed, never to be retried.
     ReleaseKey(ops::ReleaseKeyArgs),
+    /// Operator: the deployment's dead letters (messages that could never be handled): list,
+    /// show, replay to their queue, purge.
+    DeadLetters(dead_letters::DeadLettersArgs),
     /// Create or upgrade the database schema (engine, barrier and service tables); every other
     /// command also does this at start.
     Migrate(ops::MigrateArgs),
@@ -191,6 +202,10 @@ fn main() -> ExitCode {
         Command::Retry(args) => runtime().and_then(|rt| rt.block_on(ops::retry(args))),
         Command::Abort(args) => runtime().and_then(|rt| rt.block_on(ops::abort(args))),
         Command::ReleaseKey(args) => runtime().and_then(|rt| rt.block_on(ops::release_key(args))),
+        Command::DeadLetters(args) => runtime().and_then(|rt| rt.block_on(dead_letters::run(args))),
+        Command::Skip(args) => runtime().and_then(|rt| rt.block_on(ops::skip(args))),
+        Command::Pause(args) => runtime().and_then(|rt| rt.block_on(ops::pause(args))),
+        Command::Resume(args) => runtime().and_then(|rt| rt.block_on(ops::resume(args))),
         Command::Migrate(args) => runtime().and_then(|rt| rt.block_on(ops::migrate(args))),
     };
     match result {

@@ -18,8 +18,10 @@ use std::time::{Duration, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use clap::ValueEnum;
 use sagaflow_dsl::render;
-use sagaflow_engine::machine::{SagaStatus, StepStatus};
+use sagaflow_engine::http::ActionResponse;
+use sagaflow_engine::machine::{Paused, Resolution, SagaStatus, StepStatus};
 use sagaflow_engine::status::{self, ListQuery, SagaDetail, StepDetail};
+use sagaflow_engine::store::SagaQueries as _;
 use sagaflow_engine::store::{ENGINE_MIGRATIONS, Store};
 use sagaflow_engine::transport::memory::MemoryTransport;
 use sagaflow_engine::{Applied, Engine, EngineError};
@@ -51,7 +53,7 @@ pub struct ServerArgs {
         hide_env_values = true,
         value_name = "URL"
     )]
-    server: Option<String>,
+    pub(crate) server: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -128,6 +130,18 @@ pub struct Bulk {
     dry_run: bool,
 }
 
+impl Bulk {
+    /// No filter: for the actions that take one saga only.
+    fn none() -> Bulk {
+        Bulk {
+            state: None,
+            saga_name: None,
+            key: None,
+            dry_run: false,
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct RetryArgs {
     /// The id of a Failed saga (or --state and its filters, for every matching saga).
@@ -163,6 +177,78 @@ pub struct AbortArgs {
     #[arg(long, default_value = "no reason given", value_name = "TEXT")]
     reason: String,
     /// Who aborts it, for the saga's history (default: user@host).
+    #[arg(long, value_name = "NAME")]
+    actor: Option<String>,
+    #[command(flatten)]
+    db: DbArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PauseArgs {
+    /// The id of a saga that has not finished (or --state and its filters, for every matching
+    /// saga).
+    #[arg(
+        value_name = "ID",
+        required_unless_present = "state",
+        conflicts_with = "state"
+    )]
+    id: Option<String>,
+    #[command(flatten)]
+    bulk: Bulk,
+    /// Why: recorded in the saga's timeline.
+    #[arg(long, default_value = "no reason given", value_name = "TEXT")]
+    reason: String,
+    /// Who pauses it, for the saga's history (default: user@host).
+    #[arg(long, value_name = "NAME")]
+    actor: Option<String>,
+    #[command(flatten)]
+    db: DbArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ResumeArgs {
+    /// The id of a paused saga (or --state and its filters, for every matching saga).
+    #[arg(
+        value_name = "ID",
+        required_unless_present = "state",
+        conflicts_with = "state"
+    )]
+    id: Option<String>,
+    #[command(flatten)]
+    bulk: Bulk,
+    /// Who resumes it, for the saga's history (default: user@host).
+    #[arg(long, value_name = "NAME")]
+    actor: Option<String>,
+    #[command(flatten)]
+    db: DbArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SkipArgs {
+    /// The id of a Failed saga.
+    #[arg(value_name = "ID")]
+    id: String,
+    /// The id of its stuck step (as the definition names it, e.g. `coupon`).
+    #[arg(value_name = "STEP")]
+    step: String,
+    /// Mark the step's operation done, with this output (JSON, or `@FILE`) as a forward
+    /// step's output for the steps after it (default `{}`).
+    #[arg(long, value_name = "JSON", conflicts_with = "compensated")]
+    output: Option<String>,
+    /// Mark the step as without effect (it never took one, or it was undone by hand) instead
+    /// of done.
+    #[arg(long)]
+    compensated: bool,
+    /// How it was resolved: recorded in the saga's timeline.
+    #[arg(long, value_name = "TEXT")]
+    reason: String,
+    /// Who resolves it, for the saga's history (default: user@host).
     #[arg(long, value_name = "NAME")]
     actor: Option<String>,
     #[command(flatten)]
@@ -233,7 +319,7 @@ async fn open(db: &DbArgs) -> anyhow::Result<Arc<Engine>> {
 
 /// For the commands that read or act on sagas already there: a SQLite path that names no file
 /// is an error, not a new empty database.
-async fn open_existing(db: &DbArgs) -> anyhow::Result<Arc<Engine>> {
+pub(crate) async fn open_existing(db: &DbArgs) -> anyhow::Result<Arc<Engine>> {
     engine_on(Store::connect_existing(&db.url(), 4).await?).await
 }
 
@@ -300,13 +386,18 @@ pub async fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
 
 /// `{"order_id": …}` or `@input.json`.
 fn parse_input(arg: &str) -> anyhow::Result<Value> {
+    parse_json(arg, "--input", "input")
+}
+
+/// JSON given on the command line as `flag` (the `what`), or `@FILE` to read it from a file.
+fn parse_json(arg: &str, flag: &str, what: &str) -> anyhow::Result<Value> {
     match arg.strip_prefix('@') {
         Some(file) => {
             let text = std::fs::read_to_string(file)
-                .with_context(|| format!("cannot read the input file {file}"))?;
+                .with_context(|| format!("cannot read the {what} file {file}"))?;
             serde_json::from_str(&text).with_context(|| format!("{file} is not valid JSON"))
         }
-        None => serde_json::from_str(arg).context("--input is not valid JSON"),
+        None => serde_json::from_str(arg).with_context(|| format!("{flag} is not valid JSON")),
     }
 }
 
@@ -343,7 +434,11 @@ fn human_status(d: &SagaDetail) -> String {
         .unwrap_or(&d.definition_hash);
     let _ = writeln!(out, "id        {}", d.id);
     let _ = writeln!(out, "saga      {} v{} ({short_hash})", d.name, d.version);
-    let _ = writeln!(out, "state     {}", state_line(&d.status));
+    let _ = writeln!(
+        out,
+        "state     {}",
+        state_line(&d.status, d.paused.as_ref())
+    );
     let _ = writeln!(out, "key       {}", d.sequence_key);
     if let Some(next) = d.waiting.first() {
         let more = match d.waiting.len() {
@@ -367,6 +462,8 @@ fn human_status(d: &SagaDetail) -> String {
         );
     }
     out.push('\n');
+    let held: &[usize] = d.paused.as_ref().map_or(&[], |p| &p.held);
+    let annotation = |s: &StepDetail| annotation(s, held.contains(&s.index));
     match (&d.graph, &d.definition_problem) {
         (Some(graph), _) => {
             out += &render::text(graph, &|i| d.steps.get(i).map(annotation));
@@ -428,8 +525,28 @@ fn human_status(d: &SagaDetail) -> String {
     out
 }
 
-/// `completed`, `compensated — step `coupon` failed: …`, `failed — …; resumes compensating`.
-fn state_line(s: &SagaStatus) -> String {
+/// `completed`, `compensated — step `coupon` failed: …`, `failed — …; resumes compensating`,
+/// `running, paused by ops@desk: …`.
+pub(crate) fn state_line(s: &SagaStatus, paused: Option<&Paused>) -> String {
+    let line = status_words(s);
+    match paused {
+        Some(p) => {
+            let held = match p.held.len() {
+                0 => String::new(),
+                n => format!("; {n} step(s) held back"),
+            };
+            format!(
+                "{line}, paused by {} since {}: {}{held} (`sagaflow resume` ends it)",
+                p.actor,
+                time(p.since),
+                one_line(&p.reason)
+            )
+        }
+        None => line,
+    }
+}
+
+fn status_words(s: &SagaStatus) -> String {
     match s {
         SagaStatus::Compensating { reason } | SagaStatus::Compensated { reason } => {
             format!("{} — {}", s.name(), one_line(reason))
@@ -453,7 +570,7 @@ fn state_line(s: &SagaStatus) -> String {
 
 /// What `render::text` prints next to a step: `● succeeded (1 attempt)`,
 /// `✗ failed: [injected] … (3 attempts)`, `… try running (attempt 2)`.
-fn annotation(step: &StepDetail) -> String {
+fn annotation(step: &StepDetail, held: bool) -> String {
     let attempts = match step.attempts {
         1 => "1 attempt".to_owned(),
         n => format!("{n} attempts"),
@@ -467,7 +584,9 @@ fn annotation(step: &StepDetail) -> String {
             waiting,
         } => {
             notes.push(format!("attempt {attempt}"));
-            if *waiting {
+            if *waiting && held {
+                format!("… {op} held by the pause")
+            } else if *waiting {
                 format!("… {op} waiting to retry")
             } else {
                 format!("… {op} running")
@@ -579,42 +698,143 @@ pub async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn retry(args: RetryArgs) -> anyhow::Result<ExitCode> {
-    let actor = args.actor.clone().unwrap_or_else(default_actor);
-    let Some(id) = &args.id else {
-        let action = Action::Retry { actor };
-        return bulk(&args.bulk, &args.db, &args.server, &action).await;
+    let action = Action::Retry {
+        actor: actor(args.actor),
     };
-    if let Some(url) = &args.server.server {
-        let done = remote::Client::new(url)?.retry(id, &actor)?;
-        return remote::report(&done);
-    }
-    let engine = open_existing(&args.db).await?;
-    let applied = engine.retry(id, &actor).await?;
-    report(&engine, id, applied, "the retried commands").await
+    act(
+        args.id.as_deref(),
+        &args.bulk,
+        &args.db,
+        &args.server,
+        &action,
+    )
+    .await
 }
 
 pub async fn abort(args: AbortArgs) -> anyhow::Result<ExitCode> {
-    let actor = args.actor.clone().unwrap_or_else(default_actor);
-    let Some(id) = &args.id else {
-        let action = Action::Abort {
-            actor,
-            reason: args.reason.clone(),
-        };
-        return bulk(&args.bulk, &args.db, &args.server, &action).await;
+    let action = Action::Abort {
+        actor: actor(args.actor),
+        reason: args.reason,
     };
-    if let Some(url) = &args.server.server {
-        let done = remote::Client::new(url)?.abort(id, &actor, &args.reason)?;
-        return remote::report(&done);
-    }
-    let engine = open_existing(&args.db).await?;
-    let applied = engine.abort(id, &actor, &args.reason).await?;
-    report(&engine, id, applied, "the compensations").await
+    act(
+        args.id.as_deref(),
+        &args.bulk,
+        &args.db,
+        &args.server,
+        &action,
+    )
+    .await
 }
 
-/// What a bulk action does to each saga.
-enum Action {
-    Retry { actor: String },
-    Abort { actor: String, reason: String },
+pub async fn pause(args: PauseArgs) -> anyhow::Result<ExitCode> {
+    let action = Action::Pause {
+        actor: actor(args.actor),
+        reason: args.reason,
+    };
+    act(
+        args.id.as_deref(),
+        &args.bulk,
+        &args.db,
+        &args.server,
+        &action,
+    )
+    .await
+}
+
+pub async fn resume(args: ResumeArgs) -> anyhow::Result<ExitCode> {
+    let action = Action::Resume {
+        actor: actor(args.actor),
+    };
+    act(
+        args.id.as_deref(),
+        &args.bulk,
+        &args.db,
+        &args.server,
+        &action,
+    )
+    .await
+}
+
+pub async fn release_key(args: ReleaseKeyArgs) -> anyhow::Result<ExitCode> {
+    if args.reason.trim().is_empty() {
+        bail!("--reason must say how the saga was resolved; it goes into the saga's timeline");
+    }
+    let action = Action::ReleaseKey {
+        actor: actor(args.actor),
+        reason: args.reason,
+    };
+    act(
+        Some(&args.id),
+        &Bulk::none(),
+        &args.db,
+        &args.server,
+        &action,
+    )
+    .await
+}
+
+pub async fn skip(args: SkipArgs) -> anyhow::Result<ExitCode> {
+    if args.reason.trim().is_empty() {
+        bail!("--reason must say how the step was resolved; it goes into the saga's timeline");
+    }
+    let resolution = match (&args.output, args.compensated) {
+        (_, true) => Resolution::Compensated,
+        (Some(text), false) => Resolution::Done {
+            output: parse_json(text, "--output", "output")?,
+        },
+        (None, false) => Resolution::Done {
+            output: Value::Object(serde_json::Map::new()),
+        },
+    };
+    let action = Action::Skip {
+        actor: actor(args.actor),
+        step: args.step,
+        resolution,
+        reason: args.reason,
+    };
+    act(
+        Some(&args.id),
+        &Bulk::none(),
+        &args.db,
+        &args.server,
+        &action,
+    )
+    .await
+}
+
+/// `--actor`, or `user@host`.
+fn actor(given: Option<String>) -> String {
+    given
+        .filter(|a| !a.trim().is_empty())
+        .unwrap_or_else(default_actor)
+}
+
+/// An operator action on one saga, as the CLI asks for it.
+pub(crate) enum Action {
+    Retry {
+        actor: String,
+    },
+    Abort {
+        actor: String,
+        reason: String,
+    },
+    Pause {
+        actor: String,
+        reason: String,
+    },
+    Resume {
+        actor: String,
+    },
+    ReleaseKey {
+        actor: String,
+        reason: String,
+    },
+    Skip {
+        actor: String,
+        step: String,
+        resolution: Resolution,
+        reason: String,
+    },
 }
 
 impl Action {
@@ -622,17 +842,92 @@ impl Action {
         match self {
             Action::Retry { .. } => "retry",
             Action::Abort { .. } => "abort",
+            Action::Pause { .. } => "pause",
+            Action::Resume { .. } => "resume",
+            Action::ReleaseKey { .. } => "release-key",
+            Action::Skip { .. } => "skip",
+        }
+    }
+
+    /// What the commands it writes are, for the line saying who delivers them.
+    fn writes(&self) -> &'static str {
+        match self {
+            Action::Retry { .. } => "the retried commands",
+            Action::Abort { .. } => "the compensations",
+            Action::ReleaseKey { .. } => "the next saga's commands",
+            Action::Pause { .. } | Action::Resume { .. } | Action::Skip { .. } => {
+                "its next commands"
+            }
+        }
+    }
+
+    /// The HTTP API's path (after `/sagas/{id}/`) and body for it.
+    pub(crate) fn http(&self) -> (&'static str, Value) {
+        match self {
+            Action::Retry { actor } | Action::Resume { actor } => {
+                (self.name(), serde_json::json!({ "actor": actor }))
+            }
+            Action::Abort { actor, reason }
+            | Action::Pause { actor, reason }
+            | Action::ReleaseKey { actor, reason } => (
+                self.name(),
+                serde_json::json!({ "actor": actor, "reason": reason }),
+            ),
+            Action::Skip {
+                actor,
+                step,
+                resolution,
+                reason,
+            } => {
+                let mut body =
+                    serde_json::json!({ "step": step, "actor": actor, "reason": reason });
+                match resolution {
+                    Resolution::Done { output } => {
+                        body["as"] = "done".into();
+                        body["output"] = output.clone();
+                    }
+                    Resolution::Compensated => body["as"] = "compensated".into(),
+                }
+                (self.name(), body)
+            }
+        }
+    }
+
+    async fn on(&self, engine: &Engine, id: &str) -> Result<Applied, EngineError> {
+        match self {
+            Action::Retry { actor } => engine.retry(id, actor).await,
+            Action::Abort { actor, reason } => engine.abort(id, actor, reason).await,
+            Action::Pause { actor, reason } => engine.pause(id, actor, reason).await,
+            Action::Resume { actor } => engine.resume(id, actor).await,
+            Action::ReleaseKey { actor, reason } => engine.release_key(id, actor, reason).await,
+            Action::Skip {
+                actor,
+                step,
+                resolution,
+                reason,
+            } => {
+                engine
+                    .skip(id, step, resolution.clone(), actor, reason)
+                    .await
+            }
         }
     }
 }
 
-/// Where a bulk action goes: the database, or a server's API.
+/// Where an action goes: the database, or a server's API.
 enum Target {
     Local(Arc<Engine>),
     Remote(remote::Client),
 }
 
 impl Target {
+    async fn open(db: &DbArgs, server: &ServerArgs) -> anyhow::Result<Target> {
+        Ok(match &server.server {
+            Some(url) => Target::Remote(remote::Client::new(url)?),
+            None => Target::Local(open_existing(db).await?),
+        })
+    }
+
     async fn page(&self, q: &ListQuery) -> anyhow::Result<status::Page> {
         Ok(match self {
             Target::Local(e) => status::list(e.store(), q).await?,
@@ -640,57 +935,65 @@ impl Target {
         })
     }
 
-    /// The saga's new state, or why it was refused.
-    async fn act(&self, id: &str, action: &Action) -> anyhow::Result<String> {
-        match (self, action) {
-            (Target::Local(e), Action::Retry { actor }) => {
-                outcome_of(e, id, e.retry(id, actor).await?).await
+    /// The saga's state after the action, or why it was refused (the machine's reason).
+    async fn act(&self, id: &str, action: &Action) -> anyhow::Result<ActionResponse> {
+        let engine = match self {
+            Target::Remote(c) => return c.act(id, action),
+            Target::Local(e) => e,
+        };
+        match action.on(engine, id).await? {
+            Applied::Changed => {
+                let state = engine
+                    .store()
+                    .saga_state(id)
+                    .await?
+                    .ok_or_else(|| EngineError::UnknownSaga(id.to_owned()))?;
+                Ok(ActionResponse {
+                    id: id.to_owned(),
+                    status: state.status,
+                    paused: state.paused,
+                })
             }
-            (Target::Local(e), Action::Abort { actor, reason }) => {
-                outcome_of(e, id, e.abort(id, actor, reason).await?).await
+            Applied::Ignored => {
+                let why = status::last_history(engine.store(), id, "ignored")
+                    .await?
+                    .map_or_else(|| "the saga refused it".to_owned(), |r| r.detail);
+                bail!("{why}")
             }
-            (Target::Remote(c), Action::Retry { actor }) => {
-                Ok(state_line(&c.retry(id, actor)?.status))
-            }
-            (Target::Remote(c), Action::Abort { actor, reason }) => {
-                Ok(state_line(&c.abort(id, actor, reason)?.status))
-            }
+            other => bail!("the engine did not apply the request ({other:?})"),
         }
     }
 }
 
-/// A local action's result as one line: the new state, or an error with the machine's reason.
-async fn outcome_of(engine: &Engine, id: &str, applied: Applied) -> anyhow::Result<String> {
-    match applied {
-        Applied::Changed => {
-            let detail = status::saga(engine.store(), id)
-                .await?
-                .ok_or_else(|| EngineError::UnknownSaga(id.to_owned()))?;
-            Ok(state_line(&detail.status))
-        }
-        Applied::Ignored => {
-            let why = status::last_history(engine.store(), id, "ignored")
-                .await?
-                .map_or_else(|| "the saga refused it".to_owned(), |r| r.detail);
-            bail!("{why}")
-        }
-        other => bail!("the engine did not apply the request ({other:?})"),
-    }
-}
-
-/// Every saga matching `filter` (all pages), then `action` on each, one line per saga; exit 1
-/// if any was refused. A dry run only lists them.
-async fn bulk(
+/// `action` on saga `id`, or on every saga the bulk filter matches.
+async fn act(
+    id: Option<&str>,
     filter: &Bulk,
     db: &DbArgs,
     server: &ServerArgs,
     action: &Action,
 ) -> anyhow::Result<ExitCode> {
-    let what = action.name();
-    let target = match &server.server {
-        Some(url) => Target::Remote(remote::Client::new(url)?),
-        None => Target::Local(open_existing(db).await?),
+    let target = Target::open(db, server).await?;
+    let Some(id) = id else {
+        return bulk(filter, &target, action).await;
     };
+    let done = target
+        .act(id, action)
+        .await
+        .map_err(|e| anyhow::anyhow!("saga {id}: {e}"))?;
+    let mut stdout = std::io::stdout().lock();
+    let state = state_line(&done.status, done.paused.as_ref());
+    writeln!(stdout, "saga {id} is {state}")?;
+    if matches!(target, Target::Local(_)) && !done.status.is_final() && done.paused.is_none() {
+        writeln!(stdout, "{} wait in the outbox; {DELIVERY}", action.writes())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Every saga matching `filter` (all pages), then `action` on each, one line per saga; exit 1
+/// if any was refused. A dry run only lists them.
+async fn bulk(filter: &Bulk, target: &Target, action: &Action) -> anyhow::Result<ExitCode> {
+    let what = action.name();
     let mut query = ListQuery {
         state: filter.state.clone(),
         sequence_key: filter.key.clone(),
@@ -729,7 +1032,12 @@ async fn bulk(
     let mut refused = 0usize;
     for s in &matching {
         match target.act(&s.id, action).await {
-            Ok(state) => writeln!(out, "saga {} is {state}", s.id)?,
+            Ok(done) => writeln!(
+                out,
+                "saga {} is {}",
+                s.id,
+                state_line(&done.status, done.paused.as_ref())
+            )?,
             Err(e) => {
                 refused += 1;
                 writeln!(out, "saga {}: {e}", s.id)?;
@@ -749,59 +1057,8 @@ async fn bulk(
     })
 }
 
-pub async fn release_key(args: ReleaseKeyArgs) -> anyhow::Result<ExitCode> {
-    if args.reason.trim().is_empty() {
-        bail!("--reason must say how the saga was resolved; it goes into the saga's timeline");
-    }
-    let actor = args.actor.clone().unwrap_or_else(default_actor);
-    if let Some(url) = &args.server.server {
-        let done = remote::Client::new(url)?.release_key(&args.id, &actor, &args.reason)?;
-        return remote::report(&done);
-    }
-    let engine = open_existing(&args.db).await?;
-    let applied = engine.release_key(&args.id, &actor, &args.reason).await?;
-    report(&engine, &args.id, applied, "the next saga's commands").await
-}
-
-/// What an operator action did: the saga's new state, or why the machine refused it (exit 1).
-async fn report(
-    engine: &Engine,
-    id: &str,
-    applied: Applied,
-    commands: &str,
-) -> anyhow::Result<ExitCode> {
-    let store = engine.store();
-    match applied {
-        Applied::Changed => {
-            let detail = status::saga(store, id)
-                .await?
-                .ok_or_else(|| EngineError::UnknownSaga(id.to_owned()))?;
-            let state = state_line(&detail.status);
-            let mut stdout = std::io::stdout().lock();
-            if detail.status.is_final() {
-                writeln!(stdout, "saga {id} is {state}")?;
-            } else {
-                writeln!(
-                    stdout,
-                    "saga {id} is {state}\n{commands} wait in the outbox; {DELIVERY}"
-                )?;
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Applied::Ignored => {
-            let why = status::last_history(store, id, "ignored")
-                .await?
-                .map_or_else(|| "the saga refused it".to_owned(), |r| r.detail);
-            bail!("saga {id}: {why}")
-        }
-        Applied::Duplicate | Applied::UnknownSaga | Applied::UnknownStep(_) => {
-            bail!("saga {id}: the engine did not apply the request ({applied:?})")
-        }
-    }
-}
-
 /// Epoch milliseconds as RFC 3339 UTC, e.g. `2025-06-01T12:00:00.123Z`.
-fn time(ms: i64) -> String {
+pub(crate) fn time(ms: i64) -> String {
     let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
     humantime::format_rfc3339_millis(t).to_string()
 }
@@ -819,292 +1076,8 @@ fn elapsed(ms: i64) -> String {
 }
 
 /// Errors from services may span lines; a table row may not.
-fn one_line(s: &str) -> String {
+pub(crate) fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// `--server URL`: the same commands through a running engine's HTTP API
-/// (`sagaflow_engine::http`), with a blocking HTTP client (no TLS: `http://` only).
-pub mod remote {
-    use std::fmt::Write as _;
-    use std::io::Write as _;
-    use std::path::Path;
-    use std::process::ExitCode;
-    use std::time::Duration;
-
-    use anyhow::{Context, anyhow, bail};
-    use sagaflow_engine::http::{ActionResponse, StartResponse};
-    use sagaflow_engine::status::{ListQuery, Page, SagaDetail};
-    use serde::de::DeserializeOwned;
-    use serde_json::{Value, json};
-
-    use super::{Format, StartArgs, looks_like_path, state_line};
-
-    /// A client of one server.
-    #[derive(Debug)]
-    pub struct Client {
-        /// `http://host:port` (and a path prefix, if the URL had one), without a trailing `/`.
-        base: String,
-        /// `base` with any password replaced, for messages.
-        shown: String,
-        agent: ureq::Agent,
-    }
-
-    impl Client {
-        /// `http://host:port`, or `host:port` (http is assumed).
-        pub fn new(url: &str) -> anyhow::Result<Client> {
-            let trimmed = url.trim();
-            let url = sagaflow_engine::redact::redact_url(trimmed);
-            let rest = if let Some(rest) = trimmed.strip_prefix("http://") {
-                rest
-            } else if trimmed.starts_with("https://") {
-                bail!("--server {url}: https is not supported (this build has no TLS); use http://")
-            } else if trimmed.contains("://") {
-                bail!("--server {url}: not an http:// URL")
-            } else {
-                trimmed
-            };
-            let rest = rest.trim_end_matches('/');
-            if rest.is_empty() || rest.starts_with('/') {
-                bail!("--server {url}: the URL names no host");
-            }
-            let base = format!("http://{rest}");
-            let shown = sagaflow_engine::redact::redact_url(&base);
-            let agent = ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_connect(Some(Duration::from_secs(10)))
-                .timeout_global(Some(Duration::from_secs(60)))
-                .build()
-                .new_agent();
-            Ok(Client { base, shown, agent })
-        }
-
-        /// The server's address as messages show it (no password).
-        pub fn shown(&self) -> &str {
-            &self.shown
-        }
-
-        fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-            let answer = self.agent.get(format!("{}{path}", self.base)).call();
-            self.answer(&format!("{}{path}", self.shown), answer)
-        }
-
-        fn post<T: DeserializeOwned>(&self, path: &str, body: Option<&Value>) -> anyhow::Result<T> {
-            let request = self.agent.post(format!("{}{path}", self.base));
-            let answer = match body {
-                Some(b) => request.send_json(b),
-                None => request.send_empty(),
-            };
-            self.answer(&format!("{}{path}", self.shown), answer)
-        }
-
-        /// The answer's JSON as `T`; an error answer becomes the server's own message.
-        fn answer<T: DeserializeOwned>(
-            &self,
-            url: &str,
-            answer: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-        ) -> anyhow::Result<T> {
-            let mut response = answer.map_err(|e| {
-                let why = sagaflow_engine::redact::redact_in(&e.to_string(), &self.base);
-                anyhow!("cannot reach the sagaflow server at {}: {why}", self.shown)
-            })?;
-            let status = response.status();
-            let text = response
-                .body_mut()
-                .read_to_string()
-                .map_err(|e| anyhow!("cannot read the answer of {url}: {e}"))?;
-            let doc: Option<Value> = serde_json::from_str(&text).ok();
-            if !status.is_success() {
-                match doc
-                    .as_ref()
-                    .and_then(|d| d.get("error"))
-                    .and_then(Value::as_str)
-                {
-                    Some(message) => {
-                        bail!("{message} (HTTP {} from {})", status.as_u16(), self.shown)
-                    }
-                    None => bail!(
-                        "{url} answered HTTP {} without a sagaflow error (is {} a sagaflow server?): {}",
-                        status.as_u16(),
-                        self.shown,
-                        excerpt(&text)
-                    ),
-                }
-            }
-            let doc = doc.ok_or_else(|| {
-                anyhow!(
-                    "{url} answered with something that is not JSON (is {} a sagaflow server?): {}",
-                    self.shown,
-                    excerpt(&text)
-                )
-            })?;
-            serde_json::from_value(doc)
-                .with_context(|| format!("{url} answered JSON this sagaflow does not understand"))
-        }
-
-        /// `GET /sagas/{id}`.
-        pub fn saga(&self, id: &str) -> anyhow::Result<SagaDetail> {
-            self.get(&format!("/sagas/{}", encode(id)))
-        }
-
-        /// `GET /sagas?…`.
-        pub fn list(&self, q: &ListQuery) -> anyhow::Result<Page> {
-            let mut path = format!("/sagas?limit={}", q.limit);
-            for (name, value) in [
-                ("state", &q.state),
-                ("key", &q.sequence_key),
-                ("after", &q.after),
-            ] {
-                if let Some(v) = value {
-                    let _ = write!(path, "&{name}={}", encode(v));
-                }
-            }
-            self.get(&path)
-        }
-
-        /// `POST /sagas/{id}/retry`.
-        pub fn retry(&self, id: &str, actor: &str) -> anyhow::Result<ActionResponse> {
-            let body = json!({ "actor": actor });
-            self.post(&format!("/sagas/{}/retry", encode(id)), Some(&body))
-        }
-
-        /// `POST /sagas/{id}/abort`.
-        pub fn abort(&self, id: &str, actor: &str, reason: &str) -> anyhow::Result<ActionResponse> {
-            let body = json!({ "reason": reason, "actor": actor });
-            self.post(&format!("/sagas/{}/abort", encode(id)), Some(&body))
-        }
-
-        /// `POST /sagas/{id}/release-key`.
-        pub fn release_key(
-            &self,
-            id: &str,
-            actor: &str,
-            reason: &str,
-        ) -> anyhow::Result<ActionResponse> {
-            let body = json!({ "actor": actor, "reason": reason });
-            self.post(&format!("/sagas/{}/release-key", encode(id)), Some(&body))
-        }
-
-        /// `POST /sagas`.
-        pub fn start(&self, body: &Value) -> anyhow::Result<StartResponse> {
-            self.post("/sagas", Some(body))
-        }
-    }
-
-    /// `sagaflow start --server URL`: a file is compiled here for its name and content hash,
-    /// and the server starts its definition of that name only if it is the same one.
-    pub fn start(url: &str, args: &StartArgs, input: Value) -> anyhow::Result<ExitCode> {
-        let client = Client::new(url)?;
-        let path = Path::new(&args.saga);
-        let (name, hash) = if path.is_file() {
-            let source = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            let compiled = sagaflow_dsl::compile(&source);
-            let Some(graph) = compiled.graph else {
-                let detail = compiled
-                    .errors()
-                    .map(|d| format!("line {}: {}", d.span.line, d.message))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                bail!(
-                    "{}: invalid saga definition: {detail} (`sagaflow validate {}` explains)",
-                    path.display(),
-                    path.display()
-                );
-            };
-            (
-                graph.name().to_owned(),
-                Some(graph.content_hash().to_owned()),
-            )
-        } else if looks_like_path(&args.saga) {
-            bail!("cannot read {}: no such file", path.display());
-        } else {
-            (args.saga.clone(), None)
-        };
-        let mut body = json!({ "saga": name, "input": input });
-        if let Some(k) = &args.idempotency_key {
-            body["idempotency_key"] = json!(k);
-        }
-        if let Some(h) = hash {
-            body["definition_hash"] = json!(h);
-        }
-        let started = client.start(&body)?;
-        if args.format == Format::Json {
-            let doc = json!({"id": started.id, "existing": started.existing});
-            writeln!(std::io::stdout().lock(), "{doc}")?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        writeln!(std::io::stdout().lock(), "{}", started.id)?;
-        if started.existing {
-            eprintln!(
-                "idempotency key `{}` already started saga {}; nothing new was started",
-                args.idempotency_key.as_deref().unwrap_or_default(),
-                started.id
-            );
-        } else {
-            eprintln!(
-                "saga {} ({} v{}) is {}; the engine at {} delivers its commands",
-                started.id,
-                started.saga,
-                started.version,
-                started.state,
-                client.shown()
-            );
-        }
-        Ok(ExitCode::SUCCESS)
-    }
-
-    /// What `retry` and `abort` print: the saga's state after the action.
-    pub fn report(done: &ActionResponse) -> anyhow::Result<ExitCode> {
-        writeln!(
-            std::io::stdout().lock(),
-            "saga {} is {}",
-            done.id,
-            state_line(&done.status)
-        )?;
-        Ok(ExitCode::SUCCESS)
-    }
-
-    /// Percent-encodes a path segment or query value (everything but RFC 3986's unreserved).
-    fn encode(s: &str) -> String {
-        let mut out = String::with_capacity(s.len());
-        for b in s.bytes() {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-                out.push(char::from(b));
-            } else {
-                let _ = write!(out, "%{b:02X}");
-            }
-        }
-        out
-    }
-
-    /// The start of an unexpected answer, on one line.
-    fn excerpt(text: &str) -> String {
-        let line = super::one_line(text);
-        match line.char_indices().nth(200) {
-            Some((i, _)) => format!("{}…", &line[..i]),
-            None if line.is_empty() => "(empty body)".to_owned(),
-            None => line,
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn urls_and_encoding() {
-            assert_eq!(encode("a b/c?d&é"), "a%20b%2Fc%3Fd%26%C3%A9");
-            assert_eq!(
-                Client::new("127.0.0.1:8080/")
-                    .map(|c| c.base)
-                    .ok()
-                    .as_deref(),
-                Some("http://127.0.0.1:8080")
-            );
-            assert!(Client::new("https://x").is_err());
-            assert!(Client::new("ftp://x").is_err());
-            assert!(Client::new("http://").is_err());
-        }
-    }
-}
+pub mod remote;

@@ -71,6 +71,11 @@ pub struct AmqpArgs {
     /// own). 1 sends every message on its own.
     #[arg(long, env = "SAGAFLOW_BUNDLE", default_value_t = 128)]
     pub bundle: u16,
+    /// With `--queue-type quorum`: a message delivered this many times without being settled
+    /// (its consumer crashed on it every time) goes to the dead-letter queue with the reason,
+    /// instead of blocking its partition (0: no limit). Classic queues have no such limit.
+    #[arg(long, env = "SAGAFLOW_DELIVERY_LIMIT", default_value_t = sagaflow_engine::transport::amqp::DEFAULT_DELIVERY_LIMIT)]
+    pub delivery_limit: u32,
 }
 
 impl AmqpArgs {
@@ -85,6 +90,7 @@ impl AmqpArgs {
         config.prefix = self.prefix.clone();
         config.prefetch = self.prefetch;
         config.bundle = self.bundle;
+        config.delivery_limit = self.delivery_limit;
         config.connection_name = format!("sagaflow {role} (pid {})", std::process::id());
         config
     }
@@ -173,6 +179,51 @@ pub struct WorkerArgs {
     /// each of the 4 workers: 2·9 + 8·5 = 58. Lanes wait for a connection when all are busy.
     #[arg(long, env = "SAGAFLOW_POOL", default_value_t = 5)]
     pub pool: u32,
+    /// Serve the worker's counters (commands, duplicates, dead letters, commits) as Prometheus
+    /// metrics at `GET /metrics` on this address, e.g. 127.0.0.1:9101.
+    #[arg(long, env = "SAGAFLOW_METRICS", value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+/// `--metrics ADDR`: the worker's counters at `GET /metrics` until shutdown.
+async fn serve_worker_metrics(
+    addr: std::net::SocketAddr,
+    service: String,
+    stats: Arc<sagaflow_workers::runtime::Stats>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use axum::http::header;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for the worker's metrics"))?;
+    let address = listener.local_addr()?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = sagaflow_workers::metrics::encode(&service, &stats);
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        sagaflow_workers::metrics::CONTENT_TYPE,
+                    )],
+                    text,
+                )
+            }
+        }),
+    );
+    eprintln!("metrics at http://{address}/metrics");
+    Ok(tokio::spawn(async move {
+        let stop = async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::warn!(error = %e, "the metrics server stopped");
+        }
+    }))
 }
 
 fn known_service(s: &str) -> Result<String, String> {
@@ -494,8 +545,23 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         },
         shutdown.clone(),
     ));
+    let metrics = match args.metrics {
+        Some(addr) => Some(
+            serve_worker_metrics(
+                addr,
+                args.service.clone(),
+                worker.stats.clone(),
+                shutdown.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let result = worker.run(shutdown).await;
     let _ = retention.await;
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
     transport.close().await;
     result.map_err(anyhow::Error::msg)?;
     eprintln!(

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use sagaflow_engine::machine::{Op, Outcome};
+use sagaflow_engine::store::dead_letters::DeadLetterQuery;
 use sagaflow_engine::transport::{Message, REPLY_QUEUE, Transport, command_queue};
 use sagaflow_engine::wire::{CommandMsg, ReplyMsg};
 use serde_json::json;
@@ -546,7 +547,15 @@ async fn poison_messages_are_dead_lettered_and_their_partition_keeps_flowing() {
         return;
     };
     let (_, http) = d.engine_process();
-    d.all_workers();
+    // The payment worker serves its counters.
+    let metrics_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        l.local_addr().expect("address")
+    };
+    d.worker_process("payment", &["--metrics", &metrics_addr.to_string()]);
+    for service in ["coupon", "points", "gmv"] {
+        d.worker_process(service, &[]);
+    }
     // One partition: the poison sits in the very queue the orders need.
     for (queue, id) in [
         (command_queue("payment"), "poison-cmd"),
@@ -590,37 +599,88 @@ async fn poison_messages_are_dead_lettered_and_their_partition_keeps_flowing() {
         .expect("published");
     d.wait_all_final(FINAL).await;
     assert_eq!(d.counts().await.get("completed"), Some(&3));
-    let mut dead = d.transport.take_dead_letters(10).await.expect("DLQ");
-    for _ in 0..50 {
+    // The engine keeps every dead letter of the deployment in its database: the worker's
+    // poison command, its own poison reply, and the stray reply.
+    let query = DeadLetterQuery {
+        limit: 10,
+        ..DeadLetterQuery::default()
+    };
+    let mut dead = Vec::new();
+    for _ in 0..100 {
+        dead = d.store.dead_letters(&query).await.expect("dead letters");
         if dead.len() >= 3 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        dead.extend(d.transport.take_dead_letters(10).await.expect("DLQ"));
     }
     // The stray reply (its id starts with the saga's) sorts first.
-    dead.sort_by(|a, b| a.message.id.cmp(&b.message.id));
+    dead.sort_by(|a, b| a.message_id.cmp(&b.message_id));
     assert_eq!(dead.len(), 3, "{dead:?}");
     let stray_dead = dead.remove(0);
-    assert_eq!(stray_dead.message.id, stray.message_id());
+    assert_eq!(stray_dead.message_id, stray.message_id());
     assert_eq!(stray_dead.queue, "reply");
     assert_eq!(
         stray_dead.reason,
         format!("reply for unknown step #99 of saga {}", ids[0])
     );
     assert_eq!(
-        (dead[0].message.id.as_str(), dead[0].queue.as_str()),
+        (dead[0].message_id.as_str(), dead[0].queue.as_str()),
         ("poison-cmd", "cmd.payment")
     );
     assert!(
         dead[0].reason.contains("decode") || dead[0].reason.contains("undecodable"),
         "{dead:?}"
     );
+    assert_eq!(dead[0].payload, b"{not json".to_vec());
     assert_eq!(
-        (dead[1].message.id.as_str(), dead[1].queue.as_str()),
+        (dead[1].message_id.as_str(), dead[1].queue.as_str()),
         ("poison-reply", "reply")
     );
     assert!(dead[1].reason.starts_with("undecodable reply"), "{dead:?}");
+    // The worker counted its dead letter.
+    let worker_metrics = ureq::get(&format!("http://{metrics_addr}/metrics"))
+        .call()
+        .expect("worker metrics")
+        .into_body()
+        .read_to_string()
+        .expect("body");
+    assert!(
+        worker_metrics.contains("sagaflow_worker_dead_letters_total{service=\"payment\"} 1\n"),
+        "{worker_metrics}"
+    );
+    // A replay puts the command back on its queue: still poison, the worker sets it aside
+    // again, as a new letter of the same message.
+    let replayed = d
+        .store
+        .replay_dead_letters(
+            std::slice::from_ref(&dead[0].id),
+            sagaflow_engine::store::now_ms(),
+        )
+        .await
+        .expect("replay");
+    assert_eq!(
+        replayed[0].queue.as_deref(),
+        Some("cmd.payment"),
+        "{replayed:?}"
+    );
+    let mut again = Vec::new();
+    for _ in 0..100 {
+        again = d.store.dead_letters(&query).await.expect("dead letters");
+        if again
+            .iter()
+            .any(|l| l.message_id == "poison-cmd" && l.id != dead[0].id)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        again
+            .iter()
+            .any(|l| l.message_id == "poison-cmd" && l.id != dead[0].id),
+        "the replayed command came back as a new dead letter: {again:?}"
+    );
+    assert!(again.iter().all(|l| l.id != dead[0].id), "{again:?}");
     // The engine counted its dead letter.
     let metrics = ureq::get(&format!("http://{http}/metrics"))
         .call()

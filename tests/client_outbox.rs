@@ -558,6 +558,14 @@ impl Transport for NeverConfirms {
     > {
         Err(sagaflow_engine::transport::TransportError::Closed)
     }
+    async fn consume_dead_letters(
+        &self,
+    ) -> Result<
+        Box<dyn sagaflow_engine::transport::DeadLetterConsumer>,
+        sagaflow_engine::transport::TransportError,
+    > {
+        Err(sagaflow_engine::transport::TransportError::Closed)
+    }
 }
 
 #[tokio::test]

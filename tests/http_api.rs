@@ -1026,3 +1026,243 @@ async fn cli_names_an_unreachable_server() {
     let err = sagaflow_fails(&["list", "--server", "https://127.0.0.1:1"]).await;
     assert!(err.contains("https is not supported"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_pause_and_resume_through_the_api_and_the_server() {
+    let (_db, engine) = idle_engine("http_skip_pause").await;
+    let server = Server::start(engine.clone()).await;
+    let base = server.base.clone();
+    let sagas = format!("{base}/sagas");
+    let body = json!({"saga": "hold", "input": {"order_id": "s-1", "amount": "3.00"}});
+    let id = post_json(&sagas, &body).await.json()["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let skip = format!("{sagas}/{id}/skip");
+    // A running saga has nothing stuck to skip; a bad body is refused before that.
+    call("POST", &skip, None)
+        .await
+        .error(400, "skipping a step needs a body");
+    post_json(
+        &skip,
+        &json!({"step": "charge", "reason": "x", "as": "maybe"}),
+    )
+    .await
+    .error(400, "`as` must be `done` or `compensated`, got `maybe`");
+    post_json(&skip, &json!({"step": "charge", "reason": "x"}))
+        .await
+        .error(409, "skip refused: the saga is running");
+
+    // Paused: the API answers with who paused it; a second pause is refused.
+    let paused = post_json(
+        &format!("{sagas}/{id}/pause"),
+        &json!({"actor": "dana", "reason": "fraud check"}),
+    )
+    .await;
+    assert_eq!(paused.status, 200, "{}", paused.body);
+    assert_eq!(paused.json()["state"], json!("running"));
+    assert_eq!(paused.json()["paused"]["actor"], json!("dana"));
+    assert_eq!(paused.json()["paused"]["reason"], json!("fraud check"));
+    call("POST", &format!("{sagas}/{id}/pause"), None)
+        .await
+        .error(409, "pause refused: already paused by dana");
+    let detail = get(&format!("{sagas}/{id}")).await.json();
+    assert_eq!(detail["paused"]["actor"], json!("dana"), "{detail}");
+    let (text, _) = sagaflow_ok(&["status", &id, "--server", &base]).await;
+    assert!(
+        text.contains("state     running, paused by dana since"),
+        "{text}"
+    );
+
+    // The charge is declined for good while paused (replies are still applied): Failed, with
+    // the charge stuck. Skipping it as done completes the saga, even paused (nothing is left
+    // to dispatch), and ends the pause.
+    engine
+        .apply(&[declined_for_good(&id)])
+        .await
+        .expect("apply");
+    assert_eq!(
+        get(&format!("{sagas}/{id}")).await.json()["state"],
+        json!("failed")
+    );
+    post_json(&skip, &json!({"step": "refund", "reason": "x"}))
+        .await
+        .error(409, "no step `refund`; its steps are charge");
+    let (code, _, err) = sagaflow(&["skip", &id, "charge", "--server", &base], &[]).await;
+    assert_eq!(code, 2, "a missing --reason is a usage error: {err}");
+    assert!(err.contains("--reason"), "{err}");
+    let (out, _) = sagaflow_ok(&[
+        "skip",
+        &id,
+        "charge",
+        "--output",
+        r#"{"txn_id": "manual-1"}"#,
+        "--reason",
+        "charged by phone, ticket 9",
+        "--actor",
+        "dana",
+        "--server",
+        &base,
+    ])
+    .await;
+    assert_eq!(out.trim(), format!("saga {id} is completed"));
+    let detail = get(&format!("{sagas}/{id}")).await.json();
+    assert!(detail.get("paused").is_none(), "{detail}");
+    let timeline = detail["timeline"].as_array().expect("timeline").clone();
+    let skip_line = timeline
+        .iter()
+        .find(|t| t["kind"] == json!("skip"))
+        .unwrap_or_else(|| panic!("no skip line: {timeline:?}"));
+    assert!(
+        skip_line["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("operator dana") && d.contains("ticket 9")),
+        "{skip_line}"
+    );
+
+    // Pause and resume through the CLI on a second saga; resume of an unpaused one is refused.
+    let second = post_json(&sagas, &body).await.json()["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let (out, _) = sagaflow_ok(&["pause", &second, "--reason", "look", "--server", &base]).await;
+    assert!(out.contains("paused by"), "{out}");
+    let (out, _) = sagaflow_ok(&["resume", &second, "--server", &base]).await;
+    assert_eq!(out.trim(), format!("saga {second} is running"));
+    let err = sagaflow_fails(&["resume", &second, "--server", &base]).await;
+    assert!(
+        err.contains("resume refused: the saga is not paused"),
+        "{err}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_list_show_replay_and_purge() {
+    let db = fresh_db(Backend::Sqlite, "http_dead_letters")
+        .await
+        .expect("sqlite");
+    let sys = System::start(&db.url, Setup::default()).await;
+    let server = Server::start(sys.engine.clone()).await;
+    let base = server.base.clone();
+    // Three replies no saga can take: the engine dead-letters them, and keeps them.
+    for i in 0..3 {
+        let message = Message {
+            id: format!("stray-{i}"),
+            key: format!("k-{i}"),
+            payload: if i == 2 {
+                b"not json".to_vec()
+            } else {
+                serde_json::to_vec(&sagaflow_engine::wire::ReplyMsg {
+                    saga_id: format!("nope-{i}"),
+                    step: 0,
+                    op: Op::Action,
+                    attempt: 1,
+                    outcome: Outcome::Ok { output: json!({}) },
+                })
+                .expect("json")
+            },
+        };
+        sys.transport
+            .publish(REPLY_QUEUE, message)
+            .await
+            .expect("publish");
+    }
+    let page = eventually("three dead letters kept", || async {
+        let page = get(&format!("{base}/dead-letters")).await.json();
+        (page["dead_letters"].as_array().map(Vec::len) == Some(3)).then_some(page)
+    })
+    .await;
+    let letters = page["dead_letters"].as_array().expect("letters").clone();
+    assert!(
+        letters.iter().all(|l| l["queue"] == json!("reply")),
+        "{page}"
+    );
+    let undecodable = letters
+        .iter()
+        .find(|l| l["message_id"] == json!("stray-2"))
+        .expect("the undecodable one");
+    assert!(
+        undecodable["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("undecodable reply")),
+        "{undecodable}"
+    );
+    let unknown = letters
+        .iter()
+        .find(|l| l["message_id"] == json!("stray-0"))
+        .expect("an unknown saga's reply");
+    let unknown_id = unknown["id"].as_str().expect("id").to_owned();
+    assert!(
+        unknown["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("unknown saga nope-0")),
+        "{unknown}"
+    );
+
+    // Paged, one at a time.
+    let first = get(&format!("{base}/dead-letters?limit=1")).await.json();
+    let next = first["next"].as_str().expect("a next page").to_owned();
+    let second = get(&format!("{base}/dead-letters?limit=1&after={next}"))
+        .await
+        .json();
+    assert_ne!(
+        first["dead_letters"][0]["id"],
+        second["dead_letters"][0]["id"]
+    );
+
+    // Show, through the CLI and the server; an unknown id is a clear error.
+    let (text, _) = sagaflow_ok(&["dead-letters", "show", &unknown_id, "--server", &base]).await;
+    assert!(text.contains("queue     reply"), "{text}");
+    assert!(text.contains("unknown saga nope-0"), "{text}");
+    assert!(text.contains("\"saga_id\": \"nope-0\""), "{text}");
+    let err = sagaflow_fails(&["dead-letters", "show", "dl-none", "--server", &base]).await;
+    assert!(err.contains("no dead letter with id dl-none"), "{err}");
+    get(&format!("{base}/dead-letters/dl-none"))
+        .await
+        .error(404, "no dead letter with id dl-none");
+
+    // Replay one: it goes back to `reply` and, still for no saga, is dead-lettered again as a
+    // new letter; the old one is gone.
+    let (out, _) = sagaflow_ok(&["dead-letters", "replay", &unknown_id, "--server", &base]).await;
+    assert!(
+        out.contains(&format!("{unknown_id}  back on reply")),
+        "{out}"
+    );
+    eventually("the replayed reply is dead-lettered again", || async {
+        let page = get(&format!("{base}/dead-letters")).await.json();
+        let ids: Vec<Value> = page["dead_letters"]
+            .as_array()?
+            .iter()
+            .map(|l| l["id"].clone())
+            .collect();
+        (ids.len() == 3 && !ids.contains(&json!(unknown_id))).then_some(())
+    })
+    .await;
+    post_json(&format!("{base}/dead-letters/replay"), &json!({}))
+        .await
+        .error(400, "say which dead letters");
+
+    // Purge all of `reply`'s: none left; the metrics saw them.
+    let metrics = get(&format!("{base}/metrics")).await.body;
+    assert_eq!(
+        sample(&metrics, "sagaflow_dead_letters_kept"),
+        Some(3.0),
+        "{metrics}"
+    );
+    let (out, _) = sagaflow_ok(&[
+        "dead-letters",
+        "purge",
+        "--all",
+        "--queue",
+        "reply",
+        "--server",
+        &base,
+    ])
+    .await;
+    assert_eq!(out.trim(), "purged 3 dead letters");
+    let (out, _) = sagaflow_ok(&["dead-letters", "list", "--server", &base]).await;
+    assert_eq!(out.trim(), "no dead letters");
+    server.shutdown().await;
+    sys.stop().await;
+}

@@ -65,6 +65,10 @@ const COMMANDS: &[&str] = &[
     "retry",
     "abort",
     "release-key",
+    "skip",
+    "pause",
+    "resume",
+    "dead-letters",
     "migrate",
 ];
 
@@ -93,7 +97,21 @@ fn no_command_prints_a_password() {
     };
 
     // Help texts, with the addresses in the environment (clap shows `[env: …]` values).
-    check("--help".into(), run(&["--help"], &env, quick));
+    let help = run(&["--help"], &env, quick);
+    // Every command is in the list (a new one is checked too).
+    let listed: Vec<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert!(listed.len() > 10, "{help}");
+    for c in &listed {
+        assert!(COMMANDS.contains(c), "`{c}` is not checked here");
+    }
+    check("--help".into(), help);
     for cmd in COMMANDS {
         check(format!("{cmd} --help"), run(&[cmd, "--help"], &env, quick));
     }
@@ -139,6 +157,18 @@ fn no_command_prints_a_password() {
     check(
         "retry --server".into(),
         run(&["retry", "x", "--server", &server_url], &[], quick),
+    );
+    check(
+        "dead-letters list --server".into(),
+        run(&["dead-letters", "list", "--server", &server_url], &[], quick),
+    );
+    check(
+        "dead-letters list".into(),
+        run(&["dead-letters", "list"], &env, quick),
+    );
+    check(
+        "pause (server in env)".into(),
+        run(&["pause", "x"], &with_server, quick),
     );
 
     // An engine and a worker that the broker refuses (a wrong password): what they log.

@@ -8,7 +8,7 @@ mod support;
 
 use std::sync::Arc;
 
-use sagaflow_engine::machine::{Event, Op, Outcome, SagaStatus, TimerKind};
+use sagaflow_engine::machine::{Event, Op, Outcome, Resolution, SagaStatus, TimerKind};
 use sagaflow_engine::status;
 use sagaflow_engine::store::{ENGINE_MIGRATIONS, Store};
 use sagaflow_engine::transport::memory::MemoryTransport;
@@ -637,5 +637,163 @@ on_both_backends!(
         assert_eq!(both.status.code(), Some(2));
         let neither = cli(&url, &["retry"]).await;
         assert_eq!(neither.status.code(), Some(2));
+    }
+);
+
+/// The commands waiting in the outbox: (step, op, attempt) of each, oldest first.
+async fn outbox_commands(engine: &Engine) -> Vec<(String, String, u64)> {
+    let rows = sqlx::query("SELECT payload FROM outbox ORDER BY id")
+        .fetch_all(engine.store().pool())
+        .await
+        .expect("outbox");
+    rows.iter()
+        .map(|r| {
+            let payload: String = sqlx::Row::try_get(r, "payload").expect("payload");
+            let doc: serde_json::Value = serde_json::from_str(&payload).expect("json");
+            let c = &doc;
+            (
+                c["step_id"].as_str().unwrap_or_default().to_owned(),
+                c["op"].as_str().unwrap_or_default().to_owned(),
+                c["attempt"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+on_both_backends!(
+    a_paused_saga_dispatches_nothing_until_it_resumes,
+    |url: String| async move {
+        let engine = engine(&url).await;
+        let graph = engine
+            .register(&support::order_saga())
+            .await
+            .expect("register");
+        let input = json!({"order_id": "p-1", "user_id": "u-1", "amount": "5.00", "coupon_id": "c-1", "points": 5, "campaign_id": "x"});
+        let id = engine.start(&graph, input, None).await.expect("start").id;
+        assert_eq!(outbox_commands(&engine).await.len(), 1, "the charge");
+        assert_eq!(
+            engine
+                .pause(&id, "ops@desk", "fraud check")
+                .await
+                .expect("pause"),
+            Applied::Changed
+        );
+        // The charge succeeds while paused: recorded, but nothing new goes out.
+        apply(
+            &engine,
+            reply(
+                &id,
+                Op::Action,
+                1,
+                Outcome::Ok {
+                    output: json!({"txn_id": "t-1"}),
+                },
+            ),
+        )
+        .await;
+        let paused = detail(&engine, &id).await;
+        assert_eq!(paused.steps[0].status, "succeeded");
+        assert_eq!(
+            outbox_commands(&engine).await.len(),
+            1,
+            "nothing dispatched while paused"
+        );
+        let p = paused.paused.clone().expect("paused");
+        assert_eq!(
+            (p.actor.as_str(), p.reason.as_str()),
+            ("ops@desk", "fraud check")
+        );
+        assert_eq!(p.held, vec![1, 2, 3]);
+        assert!(
+            paused
+                .timeline
+                .iter()
+                .any(|t| t.kind == "paused" && t.detail.contains("operator ops@desk")),
+            "{:?}",
+            paused.timeline
+        );
+        assert_eq!(
+            engine.pause(&id, "ops", "again").await.expect("pause"),
+            Applied::Ignored
+        );
+        assert!(
+            ignored_because(&engine, &id)
+                .await
+                .contains("already paused by ops@desk")
+        );
+
+        assert_eq!(
+            engine.resume(&id, "ops@desk").await.expect("resume"),
+            Applied::Changed
+        );
+        let mut sent = outbox_commands(&engine).await;
+        sent.sort();
+        assert_eq!(
+            sent,
+            vec![
+                ("coupon".to_owned(), "try".to_owned(), 1),
+                ("gmv".to_owned(), "action".to_owned(), 1),
+                ("payment".to_owned(), "action".to_owned(), 1),
+                ("points".to_owned(), "action".to_owned(), 1),
+            ]
+        );
+        assert!(detail(&engine, &id).await.paused.is_none());
+        assert_eq!(
+            engine.resume(&id, "ops").await.expect("resume"),
+            Applied::Ignored
+        );
+        assert!(ignored_because(&engine, &id).await.contains("not paused"));
+    }
+);
+
+on_both_backends!(
+    skip_resolves_a_stuck_step_and_the_next_saga_of_the_order_runs,
+    |url: String| async move {
+        let engine = engine(&url).await;
+        let (first, second) = first_failed(&engine, "o-skip").await;
+        assert_eq!(
+            engine
+                .skip(
+                    &first,
+                    "nope",
+                    Resolution::Done { output: json!({}) },
+                    "ops",
+                    "x"
+                )
+                .await
+                .expect("skip"),
+            Applied::Ignored
+        );
+        assert!(
+            ignored_because(&engine, &first)
+                .await
+                .contains("no step `nope`; its steps are charge")
+        );
+        assert_eq!(
+            engine
+                .skip(
+                    &first,
+                    "charge",
+                    Resolution::Done {
+                        output: json!({"txn_id": "by-hand"})
+                    },
+                    "ops@desk",
+                    "charged by phone",
+                )
+                .await
+                .expect("skip"),
+            Applied::Changed
+        );
+        let done = detail(&engine, &first).await;
+        assert_eq!(done.status.name(), "completed");
+        assert!(
+            done.timeline.iter().any(|t| t.kind == "skip"
+                && t.detail.contains("operator ops@desk")
+                && t.detail.contains("charged by phone")),
+            "{:?}",
+            done.timeline
+        );
+        // Completed: the key goes to the order's next saga.
+        assert_eq!(state(&engine, &second).await, "running");
     }
 );

@@ -228,8 +228,9 @@ impl Engine {
             self.clone()
                 .inbound_loop(crate::inbound::Queue::Starts, shutdown.clone()),
         );
-        let (a, b, c, d) = tokio::join!(relay, timers, replies, starts);
-        for r in [a, b, c, d] {
+        let dead = tokio::spawn(self.clone().dead_letter_loop(shutdown.clone()));
+        let (a, b, c, d, e) = tokio::join!(relay, timers, replies, starts, dead);
+        for r in [a, b, c, d, e] {
             match r {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e),

@@ -7,7 +7,11 @@
 //! | `GET /sagas?state=&key=&limit=&after=` | newest first, paged | 200 `{"sagas": […], "next": CURSOR or null}` |
 //! | `POST /sagas/{id}/retry` | operator: resume a Failed saga; body `{"actor": …}` optional | 200 `{"id", "state", …}` |
 //! | `POST /sagas/{id}/abort` | operator: compensate a Running or Queued saga; body `{"reason": …, "actor": …}` optional | 200 `{"id", "state", …}` |
+//! | `POST /sagas/{id}/skip` | operator: resolve a Failed saga's stuck step by hand; body `{"step": ID, "as": "done" or "compensated", "output": {…}?, "reason": …, "actor": …?}` (step and reason required; `output` is a done forward step's output) | 200 `{"id", "state", …}` |
+//! | `POST /sagas/{id}/pause` | operator: dispatch nothing for the saga until it resumes; body `{"reason": …, "actor": …}` optional | 200 `{"id", "state", …}` |
+//! | `POST /sagas/{id}/resume` | operator: end a pause, dispatch what it held back; body `{"actor": …}` optional | 200 `{"id", "state", …}` |
 //! | `POST /sagas/{id}/release-key` | operator: a Failed saga resolved by hand gives its order's sequence key to the next saga; body `{"actor": …, "reason": …}` (reason required) | 200 `{"id", "state", …}` |
+//! | `GET /dead-letters…`, `POST /dead-letters/replay`, `…/purge` | the deployment's dead letters: see [`dead_letters`] | 200 |
 //! | `GET /healthz` | the database answers a trivial query | 200 `{"status": "ok"}`, else 503 |
 //! | `GET /metrics` | Prometheus (OpenMetrics text), see [`crate::metrics`] | 200 |
 //!
@@ -37,8 +41,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::error;
 
+pub mod dead_letters;
+
 use crate::engine::{Applied, Engine, EngineError};
-use crate::machine::SagaStatus;
+use crate::machine::{Paused, Resolution, SagaState, SagaStatus};
 use crate::metrics;
 use crate::status::{self, ListQuery};
 use crate::store::{SagaQueries, StoreError, now_ms};
@@ -58,6 +64,13 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/sagas/{id}/retry", post(retry_saga))
         .route("/sagas/{id}/abort", post(abort_saga))
         .route("/sagas/{id}/release-key", post(release_key))
+        .route("/sagas/{id}/skip", post(skip_step))
+        .route("/sagas/{id}/pause", post(pause_saga))
+        .route("/sagas/{id}/resume", post(resume_saga))
+        .route("/dead-letters", get(dead_letters::list))
+        .route("/dead-letters/replay", post(dead_letters::replay))
+        .route("/dead-letters/purge", post(dead_letters::purge))
+        .route("/dead-letters/{id}", get(dead_letters::show))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(no_route)
@@ -371,6 +384,9 @@ pub struct ActionResponse {
     /// `state` and, depending on it, `reason` and `compensating` (like `GET /sagas/{id}`).
     #[serde(flatten)]
     pub status: SagaStatus,
+    /// Set while an operator has the saga paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<Paused>,
 }
 
 /// `POST /sagas/{id}/retry`.
@@ -429,16 +445,110 @@ async fn release_key(
     operator_outcome(&engine, &id, applied).await
 }
 
+/// The body of `POST /sagas/{id}/skip`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SkipRequest {
+    step: String,
+    /// `done` (default) or `compensated`.
+    #[serde(default, rename = "as")]
+    resolution: Option<String>,
+    /// A done forward step's output (default `{}`).
+    #[serde(default)]
+    output: Option<Value>,
+    reason: String,
+    #[serde(default)]
+    actor: Option<String>,
+}
+
+/// `POST /sagas/{id}/skip`.
+async fn skip_step(
+    State(engine): State<Arc<Engine>>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let id = saga_id(id)?;
+    const SHAPE: &str = r#"{"step": "…", "as": "done" or "compensated", "output": {…}, "reason": "…", "actor": "…"}"#;
+    let req: Option<SkipRequest> = optional_json_body(&headers, &body?, SHAPE)?;
+    let Some(req) = req.filter(|r| !r.reason.trim().is_empty() && !r.step.trim().is_empty()) else {
+        return Err(ApiError::bad_request(format!(
+            "skipping a step needs a body {SHAPE} naming the step and saying why"
+        )));
+    };
+    let resolution = match (req.resolution.as_deref().unwrap_or("done"), req.output) {
+        ("done", output) => Resolution::Done {
+            output: output.unwrap_or_else(|| json!({})),
+        },
+        ("compensated", None) => Resolution::Compensated,
+        ("compensated", Some(_)) => {
+            return Err(ApiError::bad_request(
+                "`output` is for a step marked done, not compensated",
+            ));
+        }
+        (other, _) => {
+            return Err(ApiError::bad_request(format!(
+                "`as` must be `done` or `compensated`, got `{other}`"
+            )));
+        }
+    };
+    let applied = engine
+        .skip(
+            &id,
+            &req.step,
+            resolution,
+            &actor_or_api(req.actor),
+            &req.reason,
+        )
+        .await?;
+    operator_outcome(&engine, &id, applied).await
+}
+
+/// `POST /sagas/{id}/pause`.
+async fn pause_saga(
+    State(engine): State<Arc<Engine>>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let id = saga_id(id)?;
+    let req: AbortRequest = optional_json_body(
+        &headers,
+        &body?,
+        r#"{"reason": "…", "actor": "…"} (or nothing)"#,
+    )?;
+    let reason = req
+        .reason
+        .filter(|r| !r.trim().is_empty())
+        .unwrap_or_else(|| "no reason given".to_owned());
+    let applied = engine.pause(&id, &actor_or_api(req.actor), &reason).await?;
+    operator_outcome(&engine, &id, applied).await
+}
+
+/// `POST /sagas/{id}/resume`.
+async fn resume_saga(
+    State(engine): State<Arc<Engine>>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let id = saga_id(id)?;
+    let req: RetryRequest = optional_json_body(&headers, &body?, r#"{"actor": "…"} (or nothing)"#)?;
+    let applied = engine.resume(&id, &actor_or_api(req.actor)).await?;
+    operator_outcome(&engine, &id, applied).await
+}
+
 /// The saga's new state, or 409 with the reason the machine recorded for refusing.
 async fn operator_outcome(engine: &Engine, id: &str, applied: Applied) -> ApiResult {
     match applied {
         Applied::Changed => {
-            let status = saga_status(engine, id)
+            let state = saga_state(engine, id)
                 .await?
                 .ok_or_else(|| EngineError::UnknownSaga(id.to_owned()))?;
             let response = ActionResponse {
                 id: id.to_owned(),
-                status,
+                status: state.status,
+                paused: state.paused,
             };
             Ok(axum::Json(response).into_response())
         }
@@ -459,11 +569,11 @@ async fn operator_outcome(engine: &Engine, id: &str, applied: Applied) -> ApiRes
     }
 }
 
-/// The saga's status from its state column (one query; no definition compiled).
-async fn saga_status(engine: &Engine, id: &str) -> Result<Option<SagaStatus>, ApiError> {
+/// The saga's state column (one query; no definition compiled).
+async fn saga_state(engine: &Engine, id: &str) -> Result<Option<SagaState>, ApiError> {
     Ok(engine
         .store()
-        .saga_status(id)
+        .saga_state(id)
         .await
         .map_err(EngineError::from)?)
 }
@@ -493,6 +603,12 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> ApiResult {
     engine
         .metrics()
         .set_outbox(outbox.pending, outbox.oldest, now_ms());
+    let kept = engine
+        .store()
+        .dead_letter_count()
+        .await
+        .map_err(EngineError::from)?;
+    engine.metrics().set_dead_letters_kept(kept);
     Ok((
         [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
         engine.metrics().encode(),

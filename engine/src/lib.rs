@@ -20,6 +20,7 @@
 //! | [`metrics`] | Prometheus metrics: counters from the engine's decisions, outbox gauges at scrape time |
 
 pub mod apply;
+pub mod dead_letters;
 pub mod definitions;
 pub mod engine;
 pub mod handoff;

@@ -17,9 +17,11 @@
 //! * compensation runs in reverse dependency order: a step is undone after all its dependents;
 //! * when every step succeeded, TCC steps are confirmed; confirm, cancel and compensate retry
 //!   with `compensation_retry` and, when that is exhausted, the saga is Failed for an operator;
-//! * a terminal answer (success or business failure) for the operation in flight is accepted
-//!   from any attempt — the barrier guarantees one outcome per (saga, step, operation); replies
-//!   that match nothing in flight (duplicates, late, stale attempts) are recorded and ignored.
+//! * a success for the operation in flight is accepted from any attempt — the barrier keeps one
+//!   success per (saga, step, operation) and answers it to every later attempt; a business
+//!   failure only from the latest attempt sent — the barrier lets a later attempt past an
+//!   earlier refusal, so an older refusal says nothing about a newer attempt; replies that match
+//!   nothing in flight (duplicates, late, stale attempts) are recorded and ignored.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -208,6 +210,33 @@ pub struct SagaState {
     /// keep counting up (they name its messages). Empty until the first operator retry.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retry_base: Vec<u32>,
+    /// Paused by an operator ([`Event::Pause`]): nothing is dispatched until
+    /// [`Event::Resume`]; replies and timers are still applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<Paused>,
+}
+
+/// Who paused a saga, why, and what it holds back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Paused {
+    pub actor: String,
+    pub reason: String,
+    pub since: Millis,
+    /// Steps whose next operation would have been dispatched meanwhile: each waits as
+    /// `Active { waiting: true }` and is dispatched when the saga resumes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<usize>,
+}
+
+/// How an operator resolves a stuck step ([`Event::Skip`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "as", rename_all = "snake_case")]
+pub enum Resolution {
+    /// Its operation is done (by hand): a forward step succeeded with `output`, a confirm is
+    /// confirmed, an undo is compensated.
+    Done { output: Value },
+    /// It has no effect any more (it never took one, or it was undone by hand).
+    Compensated,
 }
 
 impl SagaState {
@@ -223,6 +252,7 @@ impl SagaState {
             last_errors: vec![None; n],
             key_released: false,
             retry_base: Vec::new(),
+            paused: None,
         }
     }
 
@@ -289,6 +319,17 @@ pub enum Event {
     /// Operator: a Failed saga gives its sequence key to the next saga of its order (it was
     /// resolved outside the engine). It stays Failed and can never be retried.
     ReleaseKey { actor: String, reason: String },
+    /// Operator: resolve a Failed saga's stuck step by hand (`step` is its id), then go on.
+    Skip {
+        step: String,
+        resolution: Resolution,
+        actor: String,
+        reason: String,
+    },
+    /// Operator: dispatch nothing until [`Event::Resume`] (replies are still recorded).
+    Pause { actor: String, reason: String },
+    /// Operator: end a pause; what it held back is dispatched now.
+    Resume { actor: String },
 }
 
 /// A message for a worker.
@@ -356,6 +397,7 @@ pub fn decide(graph: &SagaGraph, state: &SagaState, event: &Event, ctx: Context)
     let applied = m.apply(event);
     if applied {
         m.progress();
+        m.end_pause_if_finished();
     }
     Decision {
         state: m.state,
@@ -418,6 +460,14 @@ impl Machine<'_> {
             Event::Abort { actor, reason } => self.abort(actor, reason),
             Event::Retry { actor } => self.operator_retry(actor),
             Event::ReleaseKey { actor, reason } => self.release_key(actor, reason),
+            Event::Skip {
+                step,
+                resolution,
+                actor,
+                reason,
+            } => self.skip(step, resolution, actor, reason),
+            Event::Pause { actor, reason } => self.pause(actor, reason),
+            Event::Resume { actor } => self.resume(actor),
         }
     }
 
@@ -448,6 +498,20 @@ impl Machine<'_> {
                 true
             }
             Outcome::Business { code, message } => {
+                // The worker's barrier lets a later attempt past an earlier attempt's refusal
+                // (an operator's retry must reach the handler), so a refusal says nothing about
+                // an attempt sent after it: that one may still take effect. Wait for its answer.
+                let last_sent = if waiting {
+                    current_attempt.saturating_sub(1)
+                } else {
+                    current_attempt
+                };
+                if attempt < last_sent {
+                    return self.ignore(
+                        Some(step),
+                        format!("{op} attempt {attempt} refused ([{code}]), but attempt {last_sent} was sent since; waiting for its answer"),
+                    );
+                }
                 let error = format!("[{code}] {message}");
                 self.state.last_errors[step] = Some(error.clone());
                 self.log(
@@ -658,6 +722,202 @@ impl Machine<'_> {
         true
     }
 
+    /// Resolves a Failed saga's stuck step as the operator says, then resumes the saga's phase
+    /// if nothing else is stuck.
+    fn skip(&mut self, step_id: &str, resolution: &Resolution, actor: &str, reason: &str) -> bool {
+        let SagaStatus::Failed { compensating, .. } = self.state.status.clone() else {
+            let name = self.state.status.name();
+            return self.ignore(
+                None,
+                format!("skip refused: the saga is {name}; only a Failed saga's stuck step can be skipped"),
+            );
+        };
+        if self.state.key_released {
+            return self.ignore(
+                None,
+                "skip refused: its sequence key was released, so it never runs again",
+            );
+        }
+        let Some(step) = self.graph.steps().iter().position(|s| s.id.0 == step_id) else {
+            let ids: Vec<&str> = self.graph.steps().iter().map(|s| s.id.0.as_str()).collect();
+            return self.ignore(
+                None,
+                format!(
+                    "skip refused: the saga has no step `{step_id}`; its steps are {}",
+                    ids.join(", ")
+                ),
+            );
+        };
+        let StepStatus::Stuck { op, .. } = self.state.steps[step].clone() else {
+            let stuck: Vec<&str> = (0..self.state.steps.len())
+                .filter(|&i| matches!(self.state.steps[i], StepStatus::Stuck { .. }))
+                .map(|i| self.graph.step(i).id.0.as_str())
+                .collect();
+            return self.ignore(
+                Some(step),
+                format!(
+                    "skip refused: step `{step_id}` is not stuck; the stuck steps are {}",
+                    stuck.join(", ")
+                ),
+            );
+        };
+        let (new, detail) = match (resolution, op) {
+            (Resolution::Done { output }, Op::Action | Op::Try) => {
+                let def = self.graph.step(step);
+                let missing: Vec<&str> = def
+                    .outputs
+                    .iter()
+                    .flatten()
+                    .filter(|k| output.get(k.as_str()).is_none())
+                    .map(String::as_str)
+                    .collect();
+                if !missing.is_empty() {
+                    return self.ignore(
+                        Some(step),
+                        format!(
+                            "skip refused: step `{step_id}` declares the outputs {}; the output given lacks {}",
+                            def.outputs.iter().flatten().cloned().collect::<Vec<_>>().join(", "),
+                            missing.join(", ")
+                        ),
+                    );
+                }
+                let id = def.id.0.clone();
+                self.state.outputs.insert(id, output.clone());
+                (
+                    StepStatus::Succeeded,
+                    format!("{op} marked done with output {output}"),
+                )
+            }
+            (Resolution::Done { .. }, Op::Confirm) => {
+                (StepStatus::Confirmed, "confirm marked done".to_owned())
+            }
+            (Resolution::Done { .. } | Resolution::Compensated, Op::Compensate | Op::Cancel) => {
+                (StepStatus::Compensated, format!("{op} marked done"))
+            }
+            (Resolution::Compensated, Op::Action | Op::Try) => (
+                StepStatus::Compensated,
+                format!("{op} marked as without effect"),
+            ),
+            (Resolution::Compensated, Op::Confirm) => {
+                return self.ignore(
+                    Some(step),
+                    "skip refused: a confirm cannot be marked compensated (the saga is past its reservation); mark it done",
+                );
+            }
+        };
+        self.log(
+            "skip",
+            Some(step),
+            format!("operator {actor}: {detail}: {reason}"),
+        );
+        self.state.steps[step] = new.clone();
+        self.state.last_errors[step] = None;
+        let other_stuck = self
+            .state
+            .steps
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| match s {
+                StepStatus::Stuck { error, .. } => Some((i, error.clone())),
+                _ => None,
+            });
+        if let Some((i, error)) = other_stuck {
+            let id = &self.graph.step(i).id;
+            self.state.status = SagaStatus::Failed {
+                reason: format!("step `{id}`: {error}"),
+                compensating,
+            };
+            return true;
+        }
+        match compensating {
+            Some(reason) => self.state.status = SagaStatus::Compensating { reason },
+            None => {
+                self.state.status = SagaStatus::Running;
+                // A required forward step without effect: the saga cannot complete.
+                let def = self.graph.step(step);
+                if new == StepStatus::Compensated
+                    && op.is_forward()
+                    && def.on_failure != FailurePolicy::Continue
+                {
+                    let id = &def.id;
+                    self.start_compensation(format!(
+                        "step `{id}` was marked as without effect by operator {actor}"
+                    ));
+                }
+            }
+        }
+        true
+    }
+
+    fn pause(&mut self, actor: &str, reason: &str) -> bool {
+        if let SagaStatus::Completed | SagaStatus::Compensated { .. } = self.state.status {
+            let name = self.state.status.name();
+            return self.ignore(None, format!("pause refused: the saga is {name}"));
+        }
+        if let Some(p) = &self.state.paused {
+            let by = p.actor.clone();
+            return self.ignore(None, format!("pause refused: already paused by {by}"));
+        }
+        self.state.paused = Some(Paused {
+            actor: actor.to_owned(),
+            reason: reason.to_owned(),
+            since: self.ctx.now,
+            held: Vec::new(),
+        });
+        self.log(
+            "paused",
+            None,
+            format!("operator {actor}: {reason}; nothing is dispatched until it resumes"),
+        );
+        true
+    }
+
+    fn resume(&mut self, actor: &str) -> bool {
+        let Some(paused) = self.state.paused.take() else {
+            return self.ignore(None, "resume refused: the saga is not paused");
+        };
+        let held: Vec<usize> = paused
+            .held
+            .iter()
+            .copied()
+            .filter(|&i| {
+                matches!(
+                    self.state.steps.get(i),
+                    Some(StepStatus::Active { waiting: true, .. })
+                )
+            })
+            .collect();
+        let names: Vec<&str> = held
+            .iter()
+            .map(|&i| self.graph.step(i).id.0.as_str())
+            .collect();
+        let what = if names.is_empty() {
+            "nothing was held back".to_owned()
+        } else {
+            format!("dispatching what was held back: {}", names.join(", "))
+        };
+        self.log("resumed", None, format!("operator {actor}: {what}"));
+        for i in held {
+            if let StepStatus::Active { op, attempt, .. } = self.state.steps[i] {
+                self.dispatch(i, op, attempt);
+            }
+        }
+        true
+    }
+
+    /// A pause ends by itself when the saga completes or compensates (nothing is left to hold).
+    fn end_pause_if_finished(&mut self) {
+        if self.state.paused.is_some()
+            && matches!(
+                self.state.status,
+                SagaStatus::Completed | SagaStatus::Compensated { .. }
+            )
+        {
+            self.state.paused = None;
+            self.log("resumed", None, "the pause ended: the saga finished");
+        }
+    }
+
     fn succeeded(&mut self, step: usize, op: Op, attempt: u32, output: Value) {
         let id = self.graph.step(step).id.0.clone();
         self.log(
@@ -801,6 +1061,15 @@ impl Machine<'_> {
         self.log("compensating", None, reason.clone());
         for i in 0..self.state.steps.len() {
             match self.state.steps[i].clone() {
+                // Held by a pause before anything was ever sent: it cannot have taken effect.
+                StepStatus::Active { op, .. } if op.is_forward() && self.state.attempts[i] == 0 => {
+                    self.state.steps[i] = StepStatus::Skipped;
+                    self.log(
+                        "skipped",
+                        Some(i),
+                        "held by the pause, never sent; the saga compensates",
+                    );
+                }
                 // Forward operations in flight or waiting for a retry may take effect: stop them
                 // (their replies will be ignored) and let compensation cover them.
                 StepStatus::Active { op, .. } if op.is_forward() => {
@@ -978,6 +1247,24 @@ impl Machine<'_> {
                 return;
             }
         };
+        if let Some(paused) = &mut self.state.paused {
+            // Held: it waits like a step waiting for a retry, with no timer, until resumed.
+            self.state.steps[step] = StepStatus::Active {
+                op,
+                attempt,
+                waiting: true,
+            };
+            if !paused.held.contains(&step) {
+                paused.held.push(step);
+            }
+            let name = operation_name(&def.kind, op);
+            self.log(
+                "held",
+                Some(step),
+                format!("{op} `{name}` attempt {attempt} waits: the saga is paused"),
+            );
+            return;
+        }
         self.state.steps[step] = StepStatus::Active {
             op,
             attempt,

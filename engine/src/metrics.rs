@@ -10,6 +10,7 @@
 //! | `sagaflow_dead_letters_total{queue}` | counter | messages set aside because they can never be handled |
 //! | `sagaflow_outbox_published_total` | counter | outbox rows published and confirmed by the relay |
 //! | `sagaflow_outbox_claimed_total` | counter | outbox rows the relay had to claim rather than being handed them by its own engine's commits: written by another process (an operator's CLI), given back after a failed publish, or left by an engine that died |
+//! | `sagaflow_dead_letters_kept` | gauge | dead letters of the whole deployment (engines', workers', the broker's) kept in the database for an operator (`sagaflow dead-letters list`), read at scrape time |
 //! | `sagaflow_outbox_pending` | gauge | unsent outbox rows (read from the database at scrape time) |
 //! | `sagaflow_outbox_lag_seconds` | gauge | age of the oldest unsent outbox row, 0 when none (scrape time) |
 //!
@@ -92,6 +93,7 @@ pub struct Metrics {
     outbox_claimed: Counter,
     outbox_pending: Gauge,
     outbox_lag: Gauge<f64, AtomicU64>,
+    dead_letters_kept: Gauge,
     /// (saga id, step index) → the attempt in flight and when it was dispatched.
     in_flight: Mutex<HashMap<(String, usize), Flight>>,
     /// (saga id, version) of the transitions counted lately, and their order.
@@ -215,6 +217,12 @@ impl Metrics {
             Unit::Seconds,
             outbox_lag.clone(),
         );
+        let dead_letters_kept = Gauge::default();
+        registry.register(
+            "sagaflow_dead_letters_kept",
+            "Dead letters of the whole deployment kept in the database for an operator, read at scrape time",
+            dead_letters_kept.clone(),
+        );
         Metrics {
             registry,
             sagas_started,
@@ -227,6 +235,7 @@ impl Metrics {
             outbox_claimed,
             outbox_pending,
             outbox_lag,
+            dead_letters_kept,
             in_flight: Mutex::default(),
             counted: Mutex::default(),
         }
@@ -367,6 +376,11 @@ impl Metrics {
         self.outbox_pending.set(pending);
         let lag = oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0);
         self.outbox_lag.set(lag);
+    }
+
+    /// Sets the dead-letter gauge: `kept` letters in the database.
+    pub fn set_dead_letters_kept(&self, kept: i64) {
+        self.dead_letters_kept.set(kept);
     }
 
     /// The OpenMetrics text exposition of every metric (serve it as [`CONTENT_TYPE`]).

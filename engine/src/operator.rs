@@ -1,9 +1,10 @@
-//! Operator actions on one saga: abort (compensate), retry (resume a Failed saga) and release
-//! its sequence key (a Failed saga resolved outside the engine). They are events like any other
-//! and go through the same apply path.
+//! Operator actions on one saga: abort (compensate), retry (resume a Failed saga), skip (resolve
+//! a stuck step by hand), pause and resume, and release its sequence key (a Failed saga resolved
+//! outside the engine). They are events like any other and go through the same apply path; each
+//! is recorded in the saga's history with its actor.
 
 use crate::engine::{Applied, Engine, EngineError, Incoming};
-use crate::machine::Event;
+use crate::machine::{Event, Resolution};
 
 impl Engine {
     /// Operator `actor`: compensate a running saga; actor and reason go into its history.
@@ -47,6 +48,56 @@ impl Engine {
             Event::ReleaseKey {
                 actor: actor.to_owned(),
                 reason: reason.to_owned(),
+            },
+        )
+        .await
+    }
+
+    /// Operator `actor`: resolve a Failed saga's stuck step `step` (its id) by hand, then go
+    /// on with the saga; `reason` goes into its history.
+    pub async fn skip(
+        &self,
+        saga_id: &str,
+        step: &str,
+        resolution: Resolution,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Applied, EngineError> {
+        self.operator(
+            saga_id,
+            Event::Skip {
+                step: step.to_owned(),
+                resolution,
+                actor: actor.to_owned(),
+                reason: reason.to_owned(),
+            },
+        )
+        .await
+    }
+
+    /// Operator `actor`: dispatch nothing for this saga until [`Engine::resume`].
+    pub async fn pause(
+        &self,
+        saga_id: &str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Applied, EngineError> {
+        self.operator(
+            saga_id,
+            Event::Pause {
+                actor: actor.to_owned(),
+                reason: reason.to_owned(),
+            },
+        )
+        .await
+    }
+
+    /// Operator `actor`: end a pause; what it held back is dispatched.
+    pub async fn resume(&self, saga_id: &str, actor: &str) -> Result<Applied, EngineError> {
+        self.operator(
+            saga_id,
+            Event::Resume {
+                actor: actor.to_owned(),
             },
         )
         .await

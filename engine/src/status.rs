@@ -15,7 +15,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use crate::engine::EngineError;
-use crate::machine::{Millis, SagaState, SagaStatus, StepStatus};
+use crate::machine::{Millis, Paused, SagaState, SagaStatus, StepStatus};
 use crate::store::{SagaFilter, SagaQueries, Store, step_status_name};
 pub use crate::store::{SagaSummary, TimelineRow};
 
@@ -33,6 +33,9 @@ pub struct SagaDetail {
     /// `state` (one of [`SagaStatus::NAMES`]) and, depending on it, `reason` and `compensating`.
     #[serde(flatten)]
     pub status: SagaStatus,
+    /// Set while an operator has the saga paused: who, why, since when, what it holds back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<Paused>,
     pub sequence_key: String,
     /// Sagas of its order waiting for the sequence key this saga holds, next first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -152,6 +155,7 @@ pub async fn saga(store: &Store, id: &str) -> Result<Option<SagaDetail>, EngineE
             .unwrap_or(0),
         definition_hash: hash,
         status: state.status.clone(),
+        paused: state.paused.clone(),
         sequence_key: record.sequence_key,
         waiting,
         idempotency_key: record.idempotency_key,

@@ -3,8 +3,9 @@
 //! The world has a network that delivers messages in any order, duplicates and drops them;
 //! timers that fire whenever the scheduler chooses to let time pass (so a timeout can beat a slow
 //! reply); and a model worker with the SDK's barrier semantics: one recorded outcome per (step,
-//! operation), a null compensation for an undo that arrives before its forward operation (which is
-//! then refused), nothing recorded for a transient failure. Random definitions and fault rates
+//! operation), a business refusal answering its own attempt and earlier ones but not a later one,
+//! a null compensation for an undo that arrives before its forward operation (which is then
+//! refused), nothing recorded for a transient failure. Random definitions and fault rates
 //! drive it; after the saga is final every message still in flight is delivered, so a late
 //! command that would apply an effect after the fact is caught too.
 //!
@@ -46,7 +47,8 @@ struct Faults {
 
 #[derive(Debug, Default)]
 struct Worker {
-    barrier: HashMap<(usize, Op), Outcome>,
+    /// The recorded outcome per (step, operation) and the attempt that recorded it.
+    barrier: HashMap<(usize, Op), (Outcome, u32)>,
     forward: Vec<u32>,
     undo: Vec<u32>,
     confirm: Vec<u32>,
@@ -67,8 +69,13 @@ impl Worker {
 
     fn handle(&mut self, cmd: &Command, faults: Faults, rng: &mut fastrand::Rng) -> Outcome {
         let key = (cmd.step, cmd.op);
-        if let Some(o) = self.barrier.get(&key) {
-            return o.clone(); // a duplicate gets the recorded result
+        match self.barrier.get(&key) {
+            // A business refusal answers its own attempt and earlier ones; a later attempt runs
+            // the operation again (the SDK's barrier, so that an operator's retry can succeed).
+            Some((Outcome::Business { .. }, recorded)) if cmd.attempt > *recorded => {}
+            // A duplicate gets the recorded result.
+            Some((o, _)) => return o.clone(),
+            None => {}
         }
         // Transient faults, bounded so that every operation succeeds eventually.
         let draws = self.draws.entry(key).or_default();
@@ -98,7 +105,10 @@ impl Worker {
                 }
             }
         } else {
-            let fwd = self.barrier.get(&(cmd.step, cmd.op.forward()));
+            let fwd = self
+                .barrier
+                .get(&(cmd.step, cmd.op.forward()))
+                .map(|(o, _)| o);
             match (cmd.op, fwd) {
                 // Null compensation: record it so the late forward operation is refused.
                 (Op::Compensate | Op::Cancel, None) => Outcome::Ok {
@@ -127,7 +137,7 @@ impl Worker {
                 }
             }
         };
-        self.barrier.insert(key, outcome.clone());
+        self.barrier.insert(key, (outcome.clone(), cmd.attempt));
         outcome
     }
 }
@@ -142,10 +152,15 @@ struct World<'g> {
     faults: Faults,
     rng: fastrand::Rng,
     trace: String,
+    /// Chance per scheduling step that an operator pauses (or resumes) the saga.
+    pause_rate: f64,
+    /// A command dispatched by a decision taken while the saga was paused.
+    paused_dispatch: Option<String>,
 }
 
 impl World<'_> {
     fn step(&mut self, event: Event) {
+        let was_paused = self.state.paused.is_some();
         let d = decide(
             self.graph,
             &self.state,
@@ -156,6 +171,16 @@ impl World<'_> {
             },
         );
         let _ = writeln!(self.trace, "{:?} -> {}", event, d.state.status.name());
+        if was_paused
+            && !matches!(event, Event::Resume { .. })
+            && !d.commands.is_empty()
+            && self.paused_dispatch.is_none()
+        {
+            self.paused_dispatch = Some(format!(
+                "{event:?} dispatched {:?} while paused",
+                d.commands
+            ));
+        }
         self.state = d.state;
         self.network
             .extend(d.commands.into_iter().map(Msg::Command));
@@ -166,7 +191,27 @@ impl World<'_> {
         self.step(Event::Begin);
         for _ in 0..20_000 {
             if self.network.is_empty() && self.timers.is_empty() {
+                if self.state.paused.is_some() {
+                    // Nothing moves while paused: the operator resumes it.
+                    self.step(Event::Resume {
+                        actor: "ops".into(),
+                    });
+                    continue;
+                }
                 return Ok(());
+            }
+            if self.rng.f64() < self.pause_rate {
+                let event = match self.state.paused {
+                    Some(_) => Event::Resume {
+                        actor: "ops".into(),
+                    },
+                    None => Event::Pause {
+                        actor: "ops".into(),
+                        reason: "look".into(),
+                    },
+                };
+                self.step(event);
+                continue;
             }
             let fire = !self.timers.is_empty()
                 && (self.network.is_empty() || self.rng.f64() < self.faults.impatience);
@@ -336,6 +381,15 @@ fn input() -> serde_json::Value {
 }
 
 fn simulate(graph: &SagaGraph, faults: Faults, seed: u64) -> Result<(), String> {
+    simulate_with_pauses(graph, faults, seed, 0.0)
+}
+
+fn simulate_with_pauses(
+    graph: &SagaGraph,
+    faults: Faults,
+    seed: u64,
+    pause_rate: f64,
+) -> Result<(), String> {
     let mut w = World {
         graph,
         state: SagaState::new(graph, input()),
@@ -346,8 +400,13 @@ fn simulate(graph: &SagaGraph, faults: Faults, seed: u64) -> Result<(), String> 
         faults,
         rng: fastrand::Rng::with_seed(seed),
         trace: String::new(),
+        pause_rate,
+        paused_dispatch: None,
     };
-    let result = w.run().and_then(|()| check(graph, &w));
+    let result = w.run().and_then(|()| match &w.paused_dispatch {
+        Some(e) => Err(e.clone()),
+        None => check(graph, &w),
+    });
     result.map_err(|e| format!("{e}\nfinal state: {:?}\ntrace:\n{}", w.state, w.trace))
 }
 
@@ -381,6 +440,17 @@ proptest! {
         }
     }
 
+    /// An operator pausing and resuming at random changes no outcome's consistency, and a
+    /// paused saga dispatches nothing.
+    #[test]
+    fn pauses_hold_every_dispatch_and_change_no_guarantee(def_seed in any::<u64>(), faults in faults(), seed in any::<u64>(), pause_rate in 0.01..0.2f64) {
+        let text = random_definition(def_seed);
+        let graph = compile(&text).graph.expect("random definitions are valid");
+        if let Err(e) = simulate_with_pauses(&graph, faults, seed, pause_rate) {
+            prop_assert!(false, "definition:\n{}\n{}", text, e);
+        }
+    }
+
     #[test]
     fn random_sagas_reach_a_consistent_final_state(def_seed in any::<u64>(), faults in faults(), seed in any::<u64>()) {
         let text = random_definition(def_seed);
@@ -390,4 +460,82 @@ proptest! {
             prop_assert!(false, "definition:\n{}\n{}", text, e);
         }
     }
+}
+
+/// The race the model above found: attempt 1 is refused while the engine, having timed it
+/// out, already sent attempt 2, which the barrier lets past the refusal. Taking attempt 1's
+/// refusal as the step's answer made the saga compensate without undoing attempt 2's effect
+/// (a coupon left frozen). The refusal is ignored; attempt 2's answer decides.
+#[test]
+fn a_refusal_of_an_older_attempt_waits_for_the_attempt_sent_after_it() {
+    let graph = compile(&definitions()[0]).graph.expect("valid");
+    let ctx = |now| Context { now, random: 0.5 };
+    let mut state = SagaState::new(&graph, input());
+    state = decide(&graph, &state, &Event::Begin, ctx(0)).state;
+    let timeout = Event::Timer {
+        step: 0,
+        op: Op::Action,
+        attempt: 1,
+        kind: sagaflow_engine::machine::TimerKind::Timeout,
+    };
+    let d = decide(&graph, &state, &timeout, ctx(10_000));
+    let retry = d
+        .timers
+        .iter()
+        .find(|t| t.attempt == 2)
+        .expect("a retry")
+        .clone();
+    state = d.state;
+    let d = decide(
+        &graph,
+        &state,
+        &Event::Timer {
+            step: 0,
+            op: Op::Action,
+            attempt: 2,
+            kind: retry.kind,
+        },
+        ctx(retry.at),
+    );
+    assert_eq!(d.commands.len(), 1, "attempt 2 is sent");
+    state = d.state;
+    let refused = Event::Reply {
+        step: 0,
+        op: Op::Action,
+        attempt: 1,
+        outcome: Outcome::Business {
+            code: "declined".into(),
+            message: "card declined".into(),
+        },
+    };
+    let d = decide(&graph, &state, &refused, ctx(retry.at + 1));
+    assert!(d.ignored, "{:?}", d.history);
+    assert!(
+        d.history[0].detail.contains("attempt 2 was sent since"),
+        "{:?}",
+        d.history
+    );
+    assert_eq!(d.state.status, SagaStatus::Running);
+    let ok = Event::Reply {
+        step: 0,
+        op: Op::Action,
+        attempt: 2,
+        outcome: Outcome::Ok {
+            output: json!({"txn_id": "t"}),
+        },
+    };
+    let d = decide(&graph, &d.state, &ok, ctx(retry.at + 2));
+    assert_eq!(d.state.steps[0], StepStatus::Succeeded);
+    // The latest attempt's own refusal is still an answer.
+    let mut state = SagaState::new(&graph, input());
+    state = decide(&graph, &state, &Event::Begin, ctx(0)).state;
+    let d = decide(&graph, &state, &refused, ctx(1));
+    assert!(
+        matches!(
+            d.state.status,
+            SagaStatus::Compensating { .. } | SagaStatus::Compensated { .. }
+        ),
+        "{:?}",
+        d.state.status
+    );
 }

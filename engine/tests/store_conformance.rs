@@ -232,6 +232,7 @@ fn state(status: SagaStatus, n: u64) -> SagaState {
         ],
         key_released: false,
         retry_base: Vec::new(),
+        paused: None,
     }
 }
 
@@ -1334,7 +1335,7 @@ async fn read_unknown_saga_is_none_everywhere(store: Store) {
 
     assert!(store.saga_record("nope").await.unwrap().is_none());
     assert_eq!(store.saga_header("nope").await.unwrap(), None);
-    assert_eq!(store.saga_status("nope").await.unwrap(), None);
+    assert_eq!(store.saga_state("nope").await.unwrap(), None);
     assert!(store.step_names("nope").await.unwrap().is_empty());
     let timeline = store.timeline("nope", 10).await.unwrap();
     assert_eq!((timeline.rows.len(), timeline.total), (0, 0));
@@ -1423,7 +1424,10 @@ async fn read_saga_record_header_status_and_timeline(store: Store) {
         ("order", "failed", HASH)
     );
     assert_eq!(h.definition_version, Some(1));
-    assert_eq!(store.saga_status("s1").await.unwrap(), Some(failed()));
+    assert_eq!(
+        store.saga_state("s1").await.unwrap().map(|s| s.status),
+        Some(failed())
+    );
 
     let mut names = store.step_names("s1").await.unwrap();
     names.sort();
@@ -1487,7 +1491,7 @@ async fn read_corrupt_state_is_an_error_naming_the_saga(store: Store) {
         other => panic!("expected a corrupt row, got {other:?}"),
     };
     corrupt(store.saga_record("broken").await.unwrap_err());
-    corrupt(store.saga_status("broken").await.unwrap_err());
+    corrupt(store.saga_state("broken").await.unwrap_err());
     match status::saga(&store, "broken").await {
         Err(EngineError::Store(e)) => corrupt(e),
         other => panic!("expected a store error, got {other:?}"),

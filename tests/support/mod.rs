@@ -102,11 +102,8 @@ pub async fn fresh_db(backend: Backend, test: &str) -> Option<TestDb> {
                 }
                 Err(e) => panic!("PostgreSQL at {url} is unreachable (CI=true): {e}"),
             };
-            let name = format!(
-                "sagaflow_{}_{:08x}",
-                test.replace('-', "_"),
-                fastrand::u32(..)
-            );
+            sweep_dead_processes_databases(&mut admin).await;
+            let name = test_database_name(test);
             sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
                 .execute(&mut admin)
                 .await
@@ -120,6 +117,69 @@ pub async fn fresh_db(backend: Backend, test: &str) -> Option<TestDb> {
             })
         }
     }
+}
+
+/// `sagaflow_t<pid>_<test>_<random>`: the creating process's id in the name, so that a later
+/// run can tell a database left by a killed test process (whose Drop never ran) from one in
+/// use; at most 63 bytes, PostgreSQL's limit (a longer name would be cut, and not found).
+fn test_database_name(test: &str) -> String {
+    let short: String = test.replace('-', "_").chars().take(30).collect();
+    format!(
+        "sagaflow_t{}_{short}_{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    )
+}
+
+/// Drops, once per test process, the test databases of processes that are gone (killed, or
+/// stopped at a timeout, before their databases' Drop ran). A database whose process id is
+/// alive is left alone, whoever that process is now.
+async fn sweep_dead_processes_databases(admin: &mut sqlx::AnyConnection) {
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SWEPT
+        .get_or_init(|| async {
+            sweep_leftovers(admin).await;
+        })
+        .await;
+}
+
+/// Drops every test database whose creating process is gone; returns their names.
+pub async fn sweep_leftovers(admin: &mut sqlx::AnyConnection) -> Vec<String> {
+    let mut dropped = Vec::new();
+    {
+        {
+            let rows =
+                sqlx::query("SELECT datname::text AS datname FROM pg_database WHERE datname LIKE 'sagaflow\\_t%'")
+                    .fetch_all(&mut *admin)
+                    .await
+                    .unwrap_or_default();
+            for row in rows {
+                let Ok(name) = row.try_get::<String, _>("datname") else {
+                    continue;
+                };
+                let Some(pid) = name
+                    .strip_prefix("sagaflow_t")
+                    .and_then(|rest| rest.split('_').next())
+                    .and_then(|p| p.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+                if !alive {
+                    eprintln!("dropping {name}, left by test process {pid}, which is gone");
+                    let gone = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut *admin)
+                    .await;
+                    if gone.is_ok() {
+                        dropped.push(name);
+                    }
+                }
+            }
+        }
+    }
+    dropped
 }
 
 impl Drop for TestDb {

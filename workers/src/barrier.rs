@@ -485,9 +485,10 @@ async fn run_in(
         let (op, own) = (job.op, key_of(job.ctx, job.op));
         match overlay.get(&own) {
             // A business refusal answers its own attempt and the ones before it (duplicates,
-            // stragglers), not a later attempt: the engine sends one only after an operator's
-            // retry, and that must reach the handler, or a refused step could never be
-            // retried to success.
+            // stragglers), not a later attempt: an operator's retry must reach the handler, or
+            // a refused step could never be retried to success. (A later attempt may also be
+            // one the engine sent after a timeout while the refusal was on its way; the engine
+            // therefore takes a refusal only from the latest attempt it sent.)
             Some((Outcome::Business { .. }, recorded)) if job.ctx.attempt > *recorded => {
                 overlay.remove(&own);
                 superseded.push(own.clone());

@@ -9,6 +9,7 @@
 //! | [`services`] | the order services: payment, coupon, points, gmv — each with its own tables |
 
 pub mod barrier;
+pub mod metrics;
 pub mod runtime;
 pub mod sdk;
 pub mod services;

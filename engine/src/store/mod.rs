@@ -9,6 +9,7 @@
 //! writer). SQLite gets a single connection: it serialises writers anyway, and one connection
 //! avoids `SQLITE_BUSY` on lock upgrades.
 
+pub mod dead_letters;
 pub mod deployment;
 pub mod outbox;
 pub mod read;
@@ -152,6 +153,11 @@ pub const ENGINE_MIGRATIONS: Migrations = &[
         "0006_deployment",
         include_str!("../../../migrations/sqlite/0006_deployment.sql"),
         include_str!("../../../migrations/postgres/0006_deployment.sql"),
+    ),
+    (
+        "0007_dead_letters",
+        include_str!("../../../migrations/sqlite/0007_dead_letters.sql"),
+        include_str!("../../../migrations/postgres/0007_dead_letters.sql"),
     ),
 ];
 

@@ -12,7 +12,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::{Store, StoreError};
-use crate::machine::{Millis, SagaState, SagaStatus};
+use crate::machine::{Millis, SagaState};
 
 /// One saga with the definition it is pinned to, as stored.
 #[derive(Debug, Clone)]
@@ -35,7 +35,7 @@ pub struct SagaRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SagaHeader {
     pub name: String,
-    /// The `status` column: one of [`SagaStatus::NAMES`].
+    /// The `status` column: one of [`crate::machine::SagaStatus::NAMES`].
     pub status: String,
     pub definition_hash: String,
     /// `None` when the definition row is missing.
@@ -76,7 +76,7 @@ pub struct SagaSummary {
 /// descending).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SagaFilter {
-    /// The `status` column: one of [`SagaStatus::NAMES`].
+    /// The `status` column: one of [`crate::machine::SagaStatus::NAMES`].
     pub status: Option<String>,
     pub sequence_key: Option<String>,
     /// Keyset paging: only sagas listed after this `(created_at, id)`.
@@ -100,8 +100,8 @@ pub trait SagaQueries {
     async fn saga_record(&self, id: &str) -> Result<Option<SagaRecord>, StoreError>;
     /// Name, status column and definition of a saga, without decoding its state.
     async fn saga_header(&self, id: &str) -> Result<Option<SagaHeader>, StoreError>;
-    /// The status in the saga's state (with its reason), or `None`.
-    async fn saga_status(&self, id: &str) -> Result<Option<SagaStatus>, StoreError>;
+    /// The saga's state (its status with its reason, steps, pause), or `None`.
+    async fn saga_state(&self, id: &str) -> Result<Option<SagaState>, StoreError>;
     /// `(step index, step id)` from the steps projection, any order.
     async fn step_names(&self, id: &str) -> Result<Vec<(i64, String)>, StoreError>;
     /// The newest `limit` timeline rows (oldest first) and how many there are in all.
@@ -238,14 +238,14 @@ impl SagaQueries for Store {
         }))
     }
 
-    async fn saga_status(&self, id: &str) -> Result<Option<SagaStatus>, StoreError> {
+    async fn saga_state(&self, id: &str) -> Result<Option<SagaState>, StoreError> {
         let row = sqlx::query("SELECT state FROM sagas WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
         let Some(row) = row else { return Ok(None) };
         let text: String = row.try_get("state")?;
-        Ok(Some(decode_state(id, &text)?.status))
+        Ok(Some(decode_state(id, &text)?))
     }
 
     async fn step_names(&self, id: &str) -> Result<Vec<(i64, String)>, StoreError> {

@@ -344,7 +344,7 @@ impl Tx {
     }
 
     /// The raw connection, for the rare per-row paths.
-    fn conn(&mut self) -> &mut sqlx::AnyConnection {
+    pub(super) fn conn(&mut self) -> &mut sqlx::AnyConnection {
         &mut self.tx
     }
 

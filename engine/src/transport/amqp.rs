@@ -48,7 +48,10 @@ use lapin::{
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use super::{Acker, Consumer, Delivery, Message, Transport, TransportError, bundle};
+use super::{
+    Acker, Consumer, DeadDelivery, DeadLetter, DeadLetterConsumer, Delivery, Message, Transport,
+    TransportError, bundle,
+};
 
 /// How long a connection attempt and a publisher confirm may take before they count as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -59,6 +62,8 @@ pub const KEY_HEADER: &str = "x-sagaflow-key";
 /// Headers set on a dead-lettered message.
 pub const REASON_HEADER: &str = "x-sagaflow-reason";
 pub const QUEUE_HEADER: &str = "x-sagaflow-queue";
+pub const DEAD_ID_HEADER: &str = "x-sagaflow-dead-id";
+pub const DEAD_AT_HEADER: &str = "x-sagaflow-dead-at";
 /// Header marking a bundle (several messages in one AMQP message, see [`super::bundle`]): the
 /// number of parts.
 pub const BUNDLE_HEADER: &str = "x-sagaflow-bundle";
@@ -112,6 +117,10 @@ pub struct AmqpConfig {
     /// At most this many messages of one partition travel in one AMQP message (see
     /// [`super::bundle`]); 1 sends every message on its own.
     pub bundle: u16,
+    /// Quorum queues only: a message delivered this many times without being settled (its
+    /// consumer died on it each time) goes to the dead-letter queue with the broker's reason,
+    /// rather than blocking its partition for ever. 0: no limit.
+    pub delivery_limit: u32,
 }
 
 impl AmqpConfig {
@@ -124,9 +133,17 @@ impl AmqpConfig {
             prefetch: 64,
             connection_name: format!("sagaflow-{}", std::process::id()),
             bundle: 128,
+            delivery_limit: DEFAULT_DELIVERY_LIMIT,
         }
     }
 }
+
+/// The default [`AmqpConfig::delivery_limit`]. The engine gives back a reply it cannot apply
+/// yet (its database is down) after a backoff of up to 5 s, so 100 deliveries take over 8
+/// minutes of outage — and a reply set aside even then is kept, while the step's timeout sends
+/// the command again. A message that kills its consumer every time is set aside after 100
+/// restarts instead of blocking its partition for ever.
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 100;
 
 /// The name a connection shows in the broker's connection list.
 fn broker_connection_name(name: &str, prefix: &str) -> String {
@@ -217,6 +234,26 @@ pub struct AmqpTransport {
 
 fn amqp_err(context: &str, e: impl std::fmt::Display) -> TransportError {
     TransportError::Other(format!("{context}: {e}"))
+}
+
+/// At most this long for any one exchange with the broker that has no bound of its own (a
+/// declare, opening a channel, settling a delivery, closing a dead connection). A node that
+/// dies under a connection can leave such an exchange unanswered for ever (seen on a 3-node
+/// cluster: a worker's reply path stopped, then its lanes, then its consumer); bounded, it
+/// fails, the connection is dropped and the work is redone on a new one.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `fut`, or an error naming `what` once [`BROKER_TIMEOUT`] has passed.
+async fn bounded<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, TransportError>>,
+) -> Result<T, TransportError> {
+    match tokio::time::timeout(BROKER_TIMEOUT, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(TransportError::Other(format!(
+            "{what}: no answer from RabbitMQ within {BROKER_TIMEOUT:?}"
+        ))),
+    }
 }
 
 fn table(entries: Vec<(&str, AMQPValue)>) -> FieldTable {
@@ -337,21 +374,25 @@ impl AmqpTransport {
         {
             return Ok(link.clone());
         }
-        let link = Arc::new(self.open().await?);
+        let link = Arc::new(bounded("connecting", self.open()).await?);
         *guard = Some(link.clone());
         Ok(link)
     }
 
     /// Forgets a broken connection (only if nobody replaced it already).
     async fn broken(&self, generation: u64) {
-        let mut guard = self.shared.link.lock().await;
-        if guard.as_ref().is_some_and(|l| l.generation == generation)
-            && let Some(old) = guard.take()
-        {
-            let _ = old
-                .connection
-                .close(200, ShortString::from("reconnecting"))
-                .await;
+        let old = {
+            let mut guard = self.shared.link.lock().await;
+            if guard.as_ref().is_some_and(|l| l.generation == generation) {
+                guard.take()
+            } else {
+                None
+            }
+        };
+        // Closed outside the lock, and bounded: a dead connection may never answer.
+        if let Some(old) = old {
+            let closing = old.connection.close(200, ShortString::from("reconnecting"));
+            let _ = tokio::time::timeout(Duration::from_secs(2), closing).await;
         }
     }
 
@@ -474,6 +515,10 @@ impl AmqpTransport {
         if single_active {
             args.push(("x-single-active-consumer", AMQPValue::Boolean(true)));
             args.push(("x-dead-letter-exchange", long_string(&self.name("dead"))));
+            let limit = self.shared.config.delivery_limit;
+            if self.shared.config.queue_type == QueueType::Quorum && limit > 0 {
+                args.push(("x-delivery-limit", AMQPValue::LongLongInt(i64::from(limit))));
+            }
         }
         ch.queue_declare(
             ShortString::from(name),
@@ -532,7 +577,7 @@ impl AmqpTransport {
     /// Declares the topology of `logical` queues without consuming (for tools and tests).
     pub async fn declare(&self, logical: &str) -> Result<(), TransportError> {
         let link = self.link().await?;
-        self.ensure_declared(&link, logical).await
+        bounded("declaring", self.ensure_declared(&link, logical)).await
     }
 
     /// Messages ready in a queue (by its full name), without consuming.
@@ -585,12 +630,7 @@ impl AmqpTransport {
                 .map_err(|e| amqp_err("reading the dead-letter queue", e))?;
             let Some(got) = got else { break };
             let d = got.delivery;
-            let header = |name: &str| header_str(&d.properties, name).unwrap_or_default();
-            out.push(super::DeadLetter {
-                queue: header(QUEUE_HEADER),
-                reason: header(REASON_HEADER),
-                message: to_message(&d.properties, d.data.clone()),
-            });
+            out.extend(self.letters_of(&d.properties, &d.data));
         }
         let _ = ch.close(200, ShortString::from("done")).await;
         Ok(out)
@@ -654,7 +694,7 @@ impl AmqpTransport {
         routing_key: &str,
         message: &Message,
         extra_headers: Vec<(&str, AMQPValue)>,
-    ) -> Result<lapin::PublisherConfirm, lapin::Error> {
+    ) -> Result<lapin::PublisherConfirm, String> {
         let mut headers = vec![(KEY_HEADER, long_string(&message.key))];
         headers.extend(extra_headers);
         let properties = BasicProperties::default()
@@ -662,18 +702,22 @@ impl AmqpTransport {
             .with_content_type(ShortString::from("application/json"))
             .with_message_id(ShortString::from(message.id.as_str()))
             .with_headers(table(headers));
-        link.publisher
-            .basic_publish(
-                ShortString::from(exchange),
-                ShortString::from(routing_key),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &message.payload,
-                properties,
-            )
-            .await
+        let publishing = link.publisher.basic_publish(
+            ShortString::from(exchange),
+            ShortString::from(routing_key),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            &message.payload,
+            properties,
+        );
+        match tokio::time::timeout(BROKER_TIMEOUT, publishing).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "the frame was not written within {BROKER_TIMEOUT:?}"
+            )),
+        }
     }
 
     /// The second half: the broker's answer.
@@ -683,7 +727,7 @@ impl AmqpTransport {
         exchange: &str,
         routing_key: &str,
         parts: u64,
-        sent: Result<lapin::PublisherConfirm, lapin::Error>,
+        sent: Result<lapin::PublisherConfirm, String>,
     ) -> Result<(), TransportError> {
         let not_confirmed = |reason: String| TransportError::NotConfirmed {
             queue: format!("{exchange}/{routing_key}"),
@@ -698,7 +742,10 @@ impl AmqpTransport {
                     )));
                 }
             },
-            Err(e) => Err(e),
+            Err(e) => {
+                self.broken(link.generation).await;
+                return Err(not_confirmed(format!("connection problem: {e}")));
+            }
         };
         match confirm {
             Ok(Confirmation::Ack(None)) => {
@@ -776,45 +823,134 @@ impl AmqpTransport {
         reason: &str,
     ) -> Result<(), TransportError> {
         let exchange = self.name("dead");
+        let letter = DeadLetter::now(queue, reason, message.clone());
         let headers = vec![
             (REASON_HEADER, long_string(reason)),
             (QUEUE_HEADER, long_string(queue)),
+            (DEAD_ID_HEADER, long_string(&letter.id)),
+            (DEAD_AT_HEADER, AMQPValue::LongLongInt(letter.at)),
         ];
         self.publish_raw(&exchange, "", message, headers).await
+    }
+
+    /// What a broker delivery from the dead-letter queue holds: the letter we published (our
+    /// headers), or a message the broker set aside itself (its `x-death` headers: a quorum
+    /// queue's delivery limit). A bundle yields one letter per part.
+    fn letters_of(&self, props: &BasicProperties, data: &[u8]) -> Vec<DeadLetter> {
+        let message = to_message(props, data.to_vec());
+        let ours = header_str(props, REASON_HEADER);
+        let (queue, reason) = match ours {
+            Some(reason) => (header_str(props, QUEUE_HEADER).unwrap_or_default(), reason),
+            None => {
+                let death = header_str(props, "x-first-death-reason").unwrap_or_default();
+                let physical = header_str(props, "x-first-death-queue").unwrap_or_default();
+                let count = death_count(props);
+                let why = match death.as_str() {
+                    "delivery_limit" => format!(
+                        "delivered {count} times without being settled (the queue's delivery limit of {}): its consumer failed on it every time",
+                        self.shared.config.delivery_limit
+                    ),
+                    "" => "set aside by the broker (no reason given)".to_owned(),
+                    other => format!("set aside by the broker: {other}"),
+                };
+                (self.logical_of(&physical), why)
+            }
+        };
+        let id = header_str(props, DEAD_ID_HEADER).unwrap_or_else(|| {
+            // The broker's own: the same on every redelivery of this letter.
+            format!("dl-broker-{}-{}-{}", message.id, death_count(props), queue)
+        });
+        let at = header_i64(props, DEAD_AT_HEADER)
+            .or_else(|| death_time(props))
+            .unwrap_or_else(super::epoch_ms);
+        let letter = |n: usize, message: Message| DeadLetter {
+            id: if n == 0 {
+                id.clone()
+            } else {
+                format!("{id}.{n}")
+            },
+            queue: queue.clone(),
+            reason: reason.clone(),
+            at,
+            message,
+        };
+        let is_bundle = props
+            .headers()
+            .as_ref()
+            .is_some_and(|h| h.inner().contains_key(BUNDLE_HEADER));
+        if !is_bundle {
+            return vec![letter(0, message)];
+        }
+        match bundle::decode(&message.payload) {
+            Ok(parts) => parts
+                .into_iter()
+                .enumerate()
+                .map(|(n, part)| letter(n + 1, part))
+                .collect(),
+            // Kept as it is: an operator sees the bytes and why.
+            Err(e) => {
+                let mut whole = letter(0, message);
+                whole.reason = format!("{} (and the bundle does not decode: {e})", whole.reason);
+                vec![whole]
+            }
+        }
+    }
+
+    /// `cmd.payment` for `<prefix>.cmd.payment.3`; the name itself if it is not one of ours.
+    fn logical_of(&self, physical: &str) -> String {
+        let prefix = format!("{}.", self.shared.config.prefix);
+        let rest = physical.strip_prefix(&prefix).unwrap_or(physical);
+        match rest.rsplit_once('.') {
+            Some((logical, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+                logical.to_owned()
+            }
+            _ => rest.to_owned(),
+        }
     }
 
     /// One partition's consumer: connect, consume, forward; on any loss, back off and resume.
     async fn consume_partition(self, logical: String, partition: u16, tx: mpsc::Sender<Delivery>) {
         let queue = self.partition_queue(&logical, partition);
+        self.consume_queue(queue, Sink::Partition { logical, tx })
+            .await;
+    }
+
+    /// Consumes one broker queue into `sink`: connect, consume, forward; on any loss, back off
+    /// and resume.
+    async fn consume_queue(self, queue: String, sink: Sink) {
         let mut closed = self.shared.closed.subscribe();
         loop {
-            if self.is_closed() || tx.is_closed() {
+            if self.is_closed() || sink.is_closed() {
                 return;
             }
-            let attempt = || async {
-                let link = self.link().await?;
-                self.ensure_declared(&link, &logical).await?;
-                let ch = link
-                    .connection
-                    .create_channel()
-                    .await
-                    .map_err(|e| amqp_err("opening a channel", e))?;
-                ch.basic_qos(self.shared.config.prefetch, BasicQosOptions::default())
-                    .await
-                    .map_err(|e| amqp_err("setting the prefetch", e))?;
-                let consumer = ch
-                    .basic_consume(
-                        ShortString::from(queue.as_str()),
-                        ShortString::from(format!(
-                            "{}-{}",
-                            self.shared.config.connection_name, queue
-                        )),
-                        BasicConsumeOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(|e| amqp_err(&format!("consuming {queue}"), e))?;
-                Ok::<_, TransportError>((link.generation, ch, consumer))
+            let attempt = || {
+                bounded("starting a consumer", async {
+                    let link = self.link().await?;
+                    if let Sink::Partition { logical, .. } = &sink {
+                        bounded("declaring", self.ensure_declared(&link, logical)).await?;
+                    }
+                    let ch = link
+                        .connection
+                        .create_channel()
+                        .await
+                        .map_err(|e| amqp_err("opening a channel", e))?;
+                    ch.basic_qos(self.shared.config.prefetch, BasicQosOptions::default())
+                        .await
+                        .map_err(|e| amqp_err("setting the prefetch", e))?;
+                    let consumer = ch
+                        .basic_consume(
+                            ShortString::from(queue.as_str()),
+                            ShortString::from(format!(
+                                "{}-{}",
+                                self.shared.config.connection_name, queue
+                            )),
+                            BasicConsumeOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await
+                        .map_err(|e| amqp_err(&format!("consuming {queue}"), e))?;
+                    Ok::<_, TransportError>((link.generation, ch, consumer))
+                })
             };
             let started = attempt
                 .retry(
@@ -841,14 +977,11 @@ impl AmqpTransport {
                 };
                 match next {
                     Some(Ok(d)) => {
-                        let deliveries = self.unpack(&logical, d).await;
-                        for delivery in deliveries {
-                            if tx.send(delivery).await.is_err() {
-                                let _ = channel
-                                    .close(200, ShortString::from("consumer dropped"))
-                                    .await;
-                                return;
-                            }
+                        if !sink.forward(&self, &queue, d).await {
+                            let _ = channel
+                                .close(200, ShortString::from("consumer dropped"))
+                                .await;
+                            return;
                         }
                     }
                     Some(Err(e)) => {
@@ -868,6 +1001,111 @@ impl AmqpTransport {
             }
         }
     }
+}
+
+/// Where a queue consumer's deliveries go.
+enum Sink {
+    /// A logical queue's partition: unpacked into the logical queue's deliveries.
+    Partition {
+        logical: String,
+        tx: mpsc::Sender<Delivery>,
+    },
+    /// The dead-letter queue.
+    Dead { tx: mpsc::Sender<DeadDelivery> },
+}
+
+impl Sink {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sink::Partition { tx, .. } => tx.is_closed(),
+            Sink::Dead { tx } => tx.is_closed(),
+        }
+    }
+
+    /// False once the receiving side is gone.
+    async fn forward(&self, t: &AmqpTransport, queue: &str, d: lapin::message::Delivery) -> bool {
+        match self {
+            Sink::Partition { logical, tx } => {
+                for delivery in t.unpack(logical, d).await {
+                    if tx.send(delivery).await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            }
+            Sink::Dead { tx } => {
+                let letters = t.letters_of(&d.properties, &d.data);
+                let acker = AmqpAcker {
+                    acker: d.acker,
+                    transport: t.clone(),
+                    queue: queue.to_owned(),
+                };
+                tx.send(DeadDelivery::new(letters, Box::new(acker)))
+                    .await
+                    .is_ok()
+            }
+        }
+    }
+}
+
+/// The dead-letter queue's deliveries.
+#[derive(Debug)]
+struct AmqpDeadConsumer {
+    rx: mpsc::Receiver<DeadDelivery>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for AmqpDeadConsumer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[async_trait]
+impl DeadLetterConsumer for AmqpDeadConsumer {
+    async fn next(&mut self) -> Option<DeadDelivery> {
+        self.rx.recv().await
+    }
+}
+
+/// How often the broker set this message aside (`x-death`'s count for its latest death).
+fn death_count(props: &BasicProperties) -> i64 {
+    first_death(props)
+        .and_then(|t| t.inner().get("count").and_then(amqp_i64))
+        .unwrap_or(1)
+}
+
+/// When the broker last set it aside, in ms.
+fn death_time(props: &BasicProperties) -> Option<i64> {
+    match first_death(props)?.inner().get("time")? {
+        AMQPValue::Timestamp(secs) => i64::try_from(*secs).ok().map(|s| s * 1000),
+        _ => None,
+    }
+}
+
+fn first_death(props: &BasicProperties) -> Option<FieldTable> {
+    match props.headers().as_ref()?.inner().get("x-death")? {
+        AMQPValue::FieldArray(deaths) => match deaths.as_slice().first()? {
+            AMQPValue::FieldTable(t) => Some(t.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn amqp_i64(v: &AMQPValue) -> Option<i64> {
+    match v {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::Timestamp(n) => i64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+fn header_i64(props: &BasicProperties, name: &str) -> Option<i64> {
+    amqp_i64(props.headers().as_ref()?.inner().get(name)?)
 }
 
 fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
@@ -899,7 +1137,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Transport for AmqpTransport {
     async fn publish(&self, queue: &str, message: Message) -> Result<(), TransportError> {
         let link = self.link().await?;
-        if let Err(e) = self.ensure_declared(&link, queue).await {
+        if let Err(e) = bounded("declaring", self.ensure_declared(&link, queue)).await {
             // A channel-level refusal (e.g. PRECONDITION_FAILED) leaves the connection usable.
             if !link.connection.status().connected() {
                 self.broken(link.generation).await;
@@ -952,7 +1190,7 @@ impl Transport for AmqpTransport {
                 results[i] = Some(Err(TransportError::Other(reason.clone())));
                 continue;
             }
-            if let Err(e) = self.ensure_declared(&link, queue).await {
+            if let Err(e) = bounded("declaring", self.ensure_declared(&link, queue)).await {
                 if !link.connection.status().connected() {
                     self.broken(link.generation).await;
                 }
@@ -1074,6 +1312,17 @@ impl Transport for AmqpTransport {
             .collect();
         Ok(Box::new(AmqpConsumer { rx, tasks }))
     }
+
+    async fn consume_dead_letters(&self) -> Result<Box<dyn DeadLetterConsumer>, TransportError> {
+        // Connect up front so a bad configuration fails here (the queue is declared on connect).
+        self.link().await?;
+        let (tx, rx) = mpsc::channel(usize::from(self.shared.config.prefetch.max(1)));
+        let task = tokio::spawn(
+            self.clone()
+                .consume_queue(self.dead_letter_queue(), Sink::Dead { tx }),
+        );
+        Ok(Box::new(AmqpDeadConsumer { rx, task }))
+    }
 }
 
 /// Deliveries of all partitions of one logical queue, merged (each partition stays FIFO).
@@ -1115,7 +1364,14 @@ impl Acker for AmqpAcker {
     async fn ack(self: Box<Self>) -> Result<(), TransportError> {
         // On a dead channel this fails, and the broker redelivers: the receiver deduplicates.
         // On a dead channel lapin answers Ok(false): the broker redelivers, the receiver dedups.
-        match self.acker.ack(BasicAckOptions::default()).await {
+        let acking = self.acker.ack(BasicAckOptions::default());
+        let Ok(answer) = tokio::time::timeout(BROKER_TIMEOUT, acking).await else {
+            return Err(TransportError::Other(
+                "acknowledging: no answer from the connection; the message will be redelivered"
+                    .into(),
+            ));
+        };
+        match answer {
             Ok(true) => Ok(()),
             Ok(false) => Err(TransportError::Other(
                 "acknowledging: the channel is gone; the message will be redelivered".into(),
@@ -1125,14 +1381,16 @@ impl Acker for AmqpAcker {
     }
 
     async fn nack(self: Box<Self>) -> Result<(), TransportError> {
-        match self
-            .acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                multiple: false,
-            })
-            .await
-        {
+        let returning = self.acker.nack(BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        });
+        let Ok(answer) = tokio::time::timeout(BROKER_TIMEOUT, returning).await else {
+            return Err(TransportError::Other(
+                "returning a message: no answer from the connection; the broker requeues it".into(),
+            ));
+        };
+        match answer {
             Ok(true) => Ok(()),
             Ok(false) => Err(TransportError::Other(
                 "returning a message: the channel is gone; the broker requeues it".into(),

@@ -10,7 +10,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
-use super::{Acker, Consumer, DeadLetter, Delivery, Message, Transport, TransportError};
+use super::{
+    Acker, Consumer, DeadDelivery, DeadLetter, DeadLetterConsumer, Delivery, Message, Transport,
+    TransportError,
+};
+
+/// The internal queue the dead letters wait in for [`Transport::consume_dead_letters`] (a name
+/// no logical queue can have).
+const DEAD_QUEUE: &str = " dead-letters";
 
 /// Faults applied to every published message.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -174,6 +181,34 @@ impl Transport for MemoryTransport {
             id,
         }))
     }
+
+    async fn consume_dead_letters(&self) -> Result<Box<dyn DeadLetterConsumer>, TransportError> {
+        Ok(Box::new(MemoryDeadConsumer {
+            inner: self.inner.clone(),
+            queue: self.consume(DEAD_QUEUE).await?,
+        }))
+    }
+}
+
+/// The dead letters, in the order they were set aside.
+#[derive(Debug)]
+struct MemoryDeadConsumer {
+    inner: Arc<Mutex<Inner>>,
+    queue: Box<dyn Consumer>,
+}
+
+#[async_trait]
+impl DeadLetterConsumer for MemoryDeadConsumer {
+    async fn next(&mut self) -> Option<DeadDelivery> {
+        let delivery = self.queue.next().await?;
+        let (token, acker) = delivery.into_parts();
+        let letter = lock(&self.inner)
+            .dead
+            .iter()
+            .find(|l| l.id == token.id)
+            .cloned();
+        Some(DeadDelivery::new(letter.into_iter().collect(), acker))
+    }
 }
 
 #[derive(Debug)]
@@ -291,11 +326,17 @@ impl Acker for MemoryAcker {
         if let Some(q) = inner.queues.get_mut(&self.queue) {
             q.unacked.remove(&self.tag);
         }
-        inner.dead.push(DeadLetter {
-            queue: self.queue.clone(),
-            reason: reason.to_owned(),
-            message: message.clone(),
-        });
+        let letter = DeadLetter::now(&self.queue, reason, message.clone());
+        let id = letter.id.clone();
+        inner.dead.push(letter);
+        drop(inner);
+        // Its id travels through the internal queue; the letter is looked up on delivery.
+        let token = Message {
+            id,
+            key: String::new(),
+            payload: Vec::new(),
+        };
+        MemoryTransport::enqueue(&self.inner, DEAD_QUEUE, token);
         Ok(())
     }
 }

@@ -60,10 +60,68 @@ pub const START_QUEUE: &str = "start";
 /// A message set aside because it could not be handled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
+    /// Unique per dead-lettering (the same message set aside twice is two letters); the same
+    /// on every redelivery of one letter, so whoever keeps them can deduplicate.
+    pub id: String,
     /// The logical queue it came from (`cmd.payment`, `reply`, …).
     pub queue: String,
     pub reason: String,
+    /// When it was set aside (ms since the Unix epoch).
+    pub at: i64,
     pub message: Message,
+}
+
+impl DeadLetter {
+    /// A letter set aside now, with a fresh id.
+    pub fn now(queue: &str, reason: &str, message: Message) -> DeadLetter {
+        let at = epoch_ms();
+        DeadLetter {
+            id: format!("dl-{at:x}-{:016x}", fastrand::u64(..)),
+            queue: queue.to_owned(),
+            reason: reason.to_owned(),
+            at,
+            message,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn epoch_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Dead letters delivered to whoever keeps them (the engine stores them in its database);
+/// acknowledge once they are stored.
+#[derive(Debug)]
+pub struct DeadDelivery {
+    /// One letter, or every part of a bundle the broker set aside whole.
+    pub letters: Vec<DeadLetter>,
+    acker: Box<dyn Acker>,
+}
+
+impl DeadDelivery {
+    pub fn new(letters: Vec<DeadLetter>, acker: Box<dyn Acker>) -> Self {
+        DeadDelivery { letters, acker }
+    }
+
+    /// Stored: it will not come again.
+    pub async fn ack(self) -> Result<(), TransportError> {
+        self.acker.ack().await
+    }
+
+    /// Not stored: give it back.
+    pub async fn nack(self) -> Result<(), TransportError> {
+        self.acker.nack().await
+    }
+}
+
+/// The dead-letter queue's consumer (see [`Transport::consume_dead_letters`]).
+#[async_trait]
+pub trait DeadLetterConsumer: Send + std::fmt::Debug {
+    /// The next dead letters; None once the transport is closed.
+    async fn next(&mut self) -> Option<DeadDelivery>;
 }
 
 #[async_trait]
@@ -99,6 +157,10 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
 
     /// Starts consuming `queue`. Waits while another consumer is active on it.
     async fn consume(&self, queue: &str) -> Result<Box<dyn Consumer>, TransportError>;
+
+    /// Starts consuming the deployment's dead letters (every process's, and what the broker
+    /// set aside itself), for the engine that keeps them in its database.
+    async fn consume_dead_letters(&self) -> Result<Box<dyn DeadLetterConsumer>, TransportError>;
 }
 
 #[async_trait]
@@ -136,6 +198,11 @@ impl Delivery {
     /// Not processed: give it back for redelivery.
     pub async fn nack(self) -> Result<(), TransportError> {
         self.acker.nack().await
+    }
+
+    /// The message and what settles it, for a transport that wraps deliveries.
+    pub(crate) fn into_parts(self) -> (Message, Box<dyn Acker>) {
+        (self.message, self.acker)
     }
 
     /// Cannot ever be processed: move it to the dead-letter queue with `reason`, then
