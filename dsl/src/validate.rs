@@ -454,9 +454,10 @@ impl Validator<'_> {
             Err(e) => {
                 let mut span = self.spans.value(path);
                 // Point inside the string when it sits on one line (quotes shift it by one).
+                // Both lengths in bytes: the source span's and the value's.
                 let src_len = span.len;
-                let quoted = src_len == text.chars().count() + 2;
-                if src_len >= text.chars().count() {
+                let quoted = src_len == text.len() + 2;
+                if src_len >= text.len() {
                     let shift = e.column + usize::from(quoted);
                     span.column += shift;
                     span.offset += text
