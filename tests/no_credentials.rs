@@ -160,7 +160,11 @@ fn no_command_prints_a_password() {
     );
     check(
         "dead-letters list --server".into(),
-        run(&["dead-letters", "list", "--server", &server_url], &[], quick),
+        run(
+            &["dead-letters", "list", "--server", &server_url],
+            &[],
+            quick,
+        ),
     );
     check(
         "dead-letters list".into(),
