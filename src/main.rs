@@ -54,14 +54,28 @@ enum Command {
         #[arg(long, value_enum, default_value_t = ValidateFormat::Human)]
         format: ValidateFormat,
     },
-    /// Draw a saga's step graph: layers, parallel branches, compensation order.
+    /// Draw a saga's step graph: layers, parallel branches, compensation order — of a YAML
+    /// file, or of a running saga (`--saga ID`) with each step's state drawn on it.
     Graph {
         /// A saga YAML file.
-        #[arg(value_name = "FILE")]
-        file: PathBuf,
-        /// `text` for the terminal, `dot` for Graphviz, `mermaid` for Markdown.
+        #[arg(
+            value_name = "FILE",
+            required_unless_present = "saga",
+            conflicts_with = "saga"
+        )]
+        file: Option<PathBuf>,
+        /// Draw this saga's definition with the saga's states (from the database, or through
+        /// --server).
+        #[arg(long, value_name = "ID")]
+        saga: Option<String>,
+        /// `text` for the terminal, `dot` for Graphviz (`| dot -Tsvg > saga.svg`), `mermaid`
+        /// for Markdown.
         #[arg(long, value_enum, default_value_t = GraphFormat::Text)]
         format: GraphFormat,
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(flatten)]
+        server: ops::ServerArgs,
     },
     /// Start a saga from a YAML file or a registered definition's name; prints its id.
     Start(ops::StartArgs),
@@ -86,6 +100,14 @@ enum Command {
     /// Operator: the deployment's dead letters (messages that could never be handled): list,
     /// show, replay to their queue, purge.
     DeadLetters(dead_letters::DeadLettersArgs),
+    /// Print a shell completion script: `sagaflow completions bash > /etc/bash_completion.d/sagaflow`,
+    /// `sagaflow completions zsh > "${fpath[1]}/_sagaflow"`, `sagaflow completions fish >
+    /// ~/.config/fish/completions/sagaflow.fish`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
     /// Create or upgrade the database schema (engine, barrier and service tables); every other
     /// command also does this at start.
     Migrate(ops::MigrateArgs),
@@ -178,6 +200,16 @@ enum GraphFormat {
     Mermaid,
 }
 
+impl GraphFormat {
+    fn as_str(self) -> &'static str {
+        match self {
+            GraphFormat::Text => "text",
+            GraphFormat::Dot => "dot",
+            GraphFormat::Mermaid => "mermaid",
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -195,7 +227,18 @@ fn main() -> ExitCode {
         Command::Validate { files, format } => {
             definitions::validate(&files, format == ValidateFormat::Json)
         }
-        Command::Graph { file, format } => definitions::graph(&file, format),
+        Command::Graph {
+            file,
+            saga,
+            format,
+            db,
+            server,
+        } => match (file, saga) {
+            (_, Some(id)) => runtime()
+                .and_then(|rt| rt.block_on(ops::graph_of_saga(&id, format.as_str(), &db, &server))),
+            (Some(file), None) => definitions::graph(&file, format),
+            (None, None) => Err(anyhow::anyhow!("name a saga file or --saga ID")),
+        },
         Command::Start(args) => runtime().and_then(|rt| rt.block_on(ops::start(args))),
         Command::Status(args) => runtime().and_then(|rt| rt.block_on(ops::status(args))),
         Command::List(args) => runtime().and_then(|rt| rt.block_on(ops::list(args))),
@@ -206,6 +249,16 @@ fn main() -> ExitCode {
         Command::Skip(args) => runtime().and_then(|rt| rt.block_on(ops::skip(args))),
         Command::Pause(args) => runtime().and_then(|rt| rt.block_on(ops::pause(args))),
         Command::Resume(args) => runtime().and_then(|rt| rt.block_on(ops::resume(args))),
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "sagaflow",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Migrate(args) => runtime().and_then(|rt| rt.block_on(ops::migrate(args))),
     };
     match result {

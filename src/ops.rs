@@ -17,9 +17,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::ValueEnum;
-use sagaflow_dsl::render;
 use sagaflow_engine::http::ActionResponse;
-use sagaflow_engine::machine::{Paused, Resolution, SagaStatus, StepStatus};
+use sagaflow_engine::machine::{Paused, Resolution, SagaStatus};
 use sagaflow_engine::status::{self, ListQuery, SagaDetail, StepDetail};
 use sagaflow_engine::store::SagaQueries as _;
 use sagaflow_engine::store::{ENGINE_MIGRATIONS, Store};
@@ -82,8 +81,16 @@ pub struct StatusArgs {
     /// The saga's id.
     #[arg(value_name = "ID")]
     id: String,
+    /// `human`: state, the step graph with each step's state, the timeline; `json`: the same
+    /// as one JSON document (what `GET /sagas/{id}` answers).
     #[arg(long, value_enum, default_value_t = Format::Human)]
     format: Format,
+    /// Redraw whenever the saga changes, until it is final.
+    #[arg(long)]
+    watch: bool,
+    /// With --watch: how often to look.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, requires = "watch")]
+    interval: Duration,
     #[command(flatten)]
     db: DbArgs,
     #[command(flatten)]
@@ -407,25 +414,90 @@ fn looks_like_path(s: &str) -> bool {
 }
 
 pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let detail = match &args.server.server {
-        Some(url) => remote::Client::new(url)?.saga(&args.id)?,
-        None => {
-            let engine = open_existing(&args.db).await?;
-            let Some(detail) = status::saga(engine.store(), &args.id).await? else {
-                bail!("no saga with id {}", args.id);
-            };
-            detail
-        }
+    let source = match &args.server.server {
+        Some(url) => Detail::Remote(remote::Client::new(url)?),
+        None => Detail::Local(open_existing(&args.db).await?),
     };
-    let text = match args.format {
-        Format::Json => serde_json::to_string_pretty(&detail)? + "\n",
-        Format::Human => human_status(&detail),
+    let mut shown: Option<(i64, usize)> = None;
+    loop {
+        let (detail, drawing) = source.get(&args.id).await?;
+        let text = match args.format {
+            Format::Json => serde_json::to_string_pretty(&detail)? + "\n",
+            Format::Human => human_status(&detail, drawing.as_deref()),
+        };
+        let version = (detail.updated_at, detail.timeline.len());
+        if shown != Some(version) {
+            let mut stdout = std::io::stdout().lock();
+            if args.watch && shown.is_some() && std::io::IsTerminal::is_terminal(&stdout) {
+                // Clear the screen and redraw in place.
+                write!(stdout, "\x1b[2J\x1b[H")?;
+            } else if shown.is_some() {
+                writeln!(stdout)?;
+            }
+            write!(stdout, "{text}")?;
+            stdout.flush()?;
+            shown = Some(version);
+        }
+        if !args.watch || detail.status.is_final() {
+            return Ok(ExitCode::SUCCESS);
+        }
+        tokio::time::sleep(args.interval).await;
+    }
+}
+
+/// Where `status` reads a saga: the database (drawn here) or a server (drawn there).
+enum Detail {
+    Local(Arc<Engine>),
+    Remote(remote::Client),
+}
+
+impl Detail {
+    async fn get(&self, id: &str) -> anyhow::Result<(SagaDetail, Option<String>)> {
+        match self {
+            Detail::Local(engine) => {
+                let Some(detail) = status::saga(engine.store(), id).await? else {
+                    bail!("no saga with id {id}");
+                };
+                let drawing = status::draw(&detail, status::DrawFormat::Text).ok();
+                Ok((detail, drawing))
+            }
+            Detail::Remote(client) => {
+                let detail = client.saga(id)?;
+                // An older server has no drawing route: the steps are listed instead.
+                let drawing = client.graph(id, "text").ok();
+                Ok((detail, drawing))
+            }
+        }
+    }
+}
+
+/// `sagaflow graph --saga ID`: the saga's definition with its states drawn on it.
+pub async fn graph_of_saga(
+    id: &str,
+    format: &str,
+    db: &DbArgs,
+    server: &ServerArgs,
+) -> anyhow::Result<ExitCode> {
+    let text = match &server.server {
+        Some(url) => remote::Client::new(url)?.graph(id, format)?,
+        None => {
+            let engine = open_existing(db).await?;
+            let Some(detail) = status::saga(engine.store(), id).await? else {
+                bail!("no saga with id {id}");
+            };
+            let f = status::DrawFormat::parse(format)
+                .ok_or_else(|| anyhow::anyhow!("unknown format `{format}`"))?;
+            status::draw(&detail, f)
+                .map_err(|why| anyhow::anyhow!("cannot draw saga {id}: {why}"))?
+        }
     };
     write!(std::io::stdout().lock(), "{text}")?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn human_status(d: &SagaDetail) -> String {
+/// `status` for people; `drawing` is the step graph with the saga's states (the server's,
+/// through `--server`), or None to list the steps.
+fn human_status(d: &SagaDetail, drawing: Option<&str>) -> String {
     let mut out = String::new();
     let short_hash = d
         .definition_hash
@@ -463,11 +535,9 @@ fn human_status(d: &SagaDetail) -> String {
     }
     out.push('\n');
     let held: &[usize] = d.paused.as_ref().map_or(&[], |p| &p.held);
-    let annotation = |s: &StepDetail| annotation(s, held.contains(&s.index));
-    match (&d.graph, &d.definition_problem) {
-        (Some(graph), _) => {
-            out += &render::text(graph, &|i| d.steps.get(i).map(annotation));
-        }
+    let annotation = |s: &StepDetail| status::step_note(s, held.contains(&s.index));
+    match (drawing, &d.definition_problem) {
+        (Some(drawing), _) => out += drawing,
         (None, problem) => {
             // A broken stored definition, or a saga read through the HTTP API (which sends the
             // steps, not the definition to draw them with).
@@ -565,63 +635,6 @@ fn status_words(s: &SagaStatus) -> String {
             format!("failed — {}{phase}", one_line(reason))
         }
         _ => s.name().to_owned(),
-    }
-}
-
-/// What `render::text` prints next to a step: `● succeeded (1 attempt)`,
-/// `✗ failed: [injected] … (3 attempts)`, `… try running (attempt 2)`.
-fn annotation(step: &StepDetail, held: bool) -> String {
-    let attempts = match step.attempts {
-        1 => "1 attempt".to_owned(),
-        n => format!("{n} attempts"),
-    };
-    let mut notes: Vec<String> = Vec::new();
-    let head = match &step.state {
-        StepStatus::Pending => "· pending".to_owned(),
-        StepStatus::Active {
-            op,
-            attempt,
-            waiting,
-        } => {
-            notes.push(format!("attempt {attempt}"));
-            if *waiting && held {
-                format!("… {op} held by the pause")
-            } else if *waiting {
-                format!("… {op} waiting to retry")
-            } else {
-                format!("… {op} running")
-            }
-        }
-        StepStatus::Succeeded => "● succeeded".to_owned(),
-        StepStatus::Confirmed => "● confirmed".to_owned(),
-        StepStatus::Failed { error, business } => {
-            let effect = if *business {
-                ""
-            } else {
-                " (may have taken effect)"
-            };
-            format!("✗ failed{effect}: {}", one_line(error))
-        }
-        StepStatus::Skipped => "○ skipped".to_owned(),
-        StepStatus::Compensated => "↺ compensated".to_owned(),
-        StepStatus::Stuck { op, error, .. } => format!("✗ {op} stuck: {}", one_line(error)),
-    };
-    if step.attempts > 0 && !matches!(step.state, StepStatus::Active { .. }) {
-        notes.push(attempts);
-    }
-    // The last error, unless the state already says it.
-    if let Some(e) = &step.last_error
-        && !matches!(
-            step.state,
-            StepStatus::Failed { .. } | StepStatus::Stuck { .. }
-        )
-    {
-        notes.push(format!("last error: {}", one_line(e)));
-    }
-    if notes.is_empty() {
-        head
-    } else {
-        format!("{head} ({})", notes.join("; "))
     }
 }
 

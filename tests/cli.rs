@@ -192,3 +192,22 @@ fn reading_commands_do_not_create_a_database_for_a_mistyped_path() {
     assert!(std::path::Path::new(typo).exists(), "{out:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn completions_for_each_shell_name_every_command() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = sagaflow(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {:?}", out);
+        let script = stdout(&out);
+        for word in ["dead-letters", "release-key", "--database-url", "--server"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let out = sagaflow(&["completions", "tcsh"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bash") && err.contains("zsh") && err.contains("fish"),
+        "{err}"
+    );
+}

@@ -1120,6 +1120,38 @@ async fn skip_pause_and_resume_through_the_api_and_the_server() {
         "{skip_line}"
     );
 
+    // Its graph with the states, from the API and through the server.
+    let drawn = get(&format!("{sagas}/{id}/graph")).await;
+    assert_eq!(drawn.status, 200, "{}", drawn.body);
+    assert!(
+        drawn.content_type.starts_with("text/plain"),
+        "{}",
+        drawn.content_type
+    );
+    assert!(
+        drawn.body.contains("charge") && drawn.body.contains("● succeeded"),
+        "{}",
+        drawn.body
+    );
+    let dot = get(&format!("{sagas}/{id}/graph?format=dot")).await;
+    assert!(
+        dot.content_type.starts_with("text/vnd.graphviz"),
+        "{}",
+        dot.content_type
+    );
+    get(&format!("{sagas}/{id}/graph?format=svg"))
+        .await
+        .error(400, "`format` must be text, dot or mermaid, got `svg`");
+    get(&format!("{sagas}/nope/graph")).await.error(404, "nope");
+    let (text, _) = sagaflow_ok(&[
+        "graph", "--saga", &id, "--format", "mermaid", "--server", &base,
+    ])
+    .await;
+    assert!(text.starts_with("flowchart TD"), "{text}");
+    // `status` through the server now draws the graph too.
+    let (text, _) = sagaflow_ok(&["status", &id, "--server", &base]).await;
+    assert!(text.contains("● succeeded"), "{text}");
+
     // Pause and resume through the CLI on a second saga; resume of an unpaused one is refused.
     let second = post_json(&sagas, &body).await.json()["id"]
         .as_str()

@@ -69,6 +69,7 @@ const COMMANDS: &[&str] = &[
     "pause",
     "resume",
     "dead-letters",
+    "completions",
     "migrate",
 ];
 

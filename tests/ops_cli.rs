@@ -175,6 +175,32 @@ fn list_and_status_of_sagas_that_dev_ran(backend: Backend) {
     let timeline = detail["timeline"].as_array().expect("timeline");
     assert_eq!(timeline[0]["kind"], "created");
     assert_eq!(timeline.last().expect("rows")["kind"], "completed");
+
+    // The saga's graph with its states, in each format.
+    let text = db.ok(&["graph", "--saga", id]);
+    assert!(
+        text.contains("│  payment") && text.contains("● succeeded (1 attempt)"),
+        "{text}"
+    );
+    let dot = db.ok(&["graph", "--saga", id, "--format", "dot"]);
+    assert!(dot.starts_with("digraph \"order-paid\""), "{dot}");
+    assert!(
+        dot.contains("fillcolor=\"#c8f2c2\"") && dot.contains("● confirmed"),
+        "{dot}"
+    );
+    let mermaid = db.ok(&["graph", "--saga", id, "--format", "mermaid"]);
+    assert!(mermaid.contains("style s0 fill:#c8f2c2"), "{mermaid}");
+    assert!(
+        db.fails(&["graph", "--saga", "no-such-id"])
+            .contains("no saga with id no-such-id")
+    );
+    // A final saga: --watch prints it once and ends.
+    let watched = db.ok(&["status", id, "--watch", "--interval", "100ms"]);
+    assert_eq!(
+        watched.matches("state     completed").count(),
+        1,
+        "{watched}"
+    );
 }
 
 fn list_filters_and_pages(backend: Backend) {

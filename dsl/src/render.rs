@@ -165,8 +165,22 @@ fn template_text(t: &crate::template::Template) -> String {
         .collect()
 }
 
+/// What a drawing shows on a step beside its definition: a running saga's state of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlay {
+    /// One line, e.g. `● succeeded (1 attempt)`.
+    pub note: String,
+    /// A fill colour (`#rrggbb`).
+    pub fill: &'static str,
+}
+
 /// Graphviz DOT: saga steps as boxes, TCC steps as hexagons, optional steps dashed.
 pub fn dot(graph: &SagaGraph) -> String {
+    dot_with(graph, &|_| None)
+}
+
+/// [`dot`] with each step's overlay (a third label line and a fill colour) where there is one.
+pub fn dot_with(graph: &SagaGraph, overlay: &dyn Fn(usize) -> Option<Overlay>) -> String {
     let g = graph.petgraph();
     let node_attrs = |_, (_, &i): (petgraph::graph::NodeIndex, &usize)| {
         let step = graph.step(i);
@@ -178,8 +192,23 @@ pub fn dot(graph: &SagaGraph) -> String {
             FailurePolicy::Continue => ", style=dashed",
             _ => "",
         };
+        let (note, fill) = match overlay(i) {
+            Some(o) => (
+                format!("\\n{}", dot_escape(&o.note)),
+                format!(
+                    ", style=\"{}\", fillcolor=\"{}\"",
+                    if style.is_empty() {
+                        "filled"
+                    } else {
+                        "filled,dashed"
+                    },
+                    o.fill
+                ),
+            ),
+            None => (String::new(), style.to_owned()),
+        };
         format!(
-            "label=\"{}\\n{}\", shape={shape}{style}",
+            "label=\"{}\\n{}{note}\", shape={shape}{fill}",
             dot_escape(&step.id.0),
             dot_escape(&operations(step))
         )
@@ -208,13 +237,24 @@ fn dot_escape(s: &str) -> String {
 
 /// Mermaid flowchart: paste into any Markdown renderer that supports Mermaid.
 pub fn mermaid(graph: &SagaGraph) -> String {
+    mermaid_with(graph, &|_| None)
+}
+
+/// [`mermaid`] with each step's overlay (a third label line and a fill colour) where there is
+/// one.
+pub fn mermaid_with(graph: &SagaGraph, overlay: &dyn Fn(usize) -> Option<Overlay>) -> String {
     let mut out = String::from("flowchart TD\n");
+    let mut fills = Vec::new();
     for (i, step) in graph.steps().iter().enumerate() {
-        let label = format!(
+        let mut label = format!(
             "{}<br/>{}",
             mermaid_escape(&step.id.0),
             mermaid_escape(&operations(step))
         );
+        if let Some(o) = overlay(i) {
+            label = format!("{label}<br/>{}", mermaid_escape(&o.note));
+            fills.push((i, o.fill));
+        }
         let _ = match step.kind {
             StepKind::Saga { .. } => writeln!(out, "    s{i}[\"{label}\"]"),
             StepKind::Tcc { .. } => writeln!(out, "    s{i}{{{{\"{label}\"}}}}"),
@@ -224,6 +264,9 @@ pub fn mermaid(graph: &SagaGraph) -> String {
         for dep in graph.dependencies(i) {
             let _ = writeln!(out, "    s{dep} --> s{i}");
         }
+    }
+    for (i, fill) in fills {
+        let _ = writeln!(out, "    style s{i} fill:{fill}");
     }
     out
 }

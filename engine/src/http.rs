@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | `POST /sagas` | start `{"saga": NAME, "input": {…}, "idempotency_key": K?, "definition_hash": H?}` | 201 `{"id", "existing": false, …}`; 200 with `existing: true` when the key matched |
 //! | `GET /sagas/{id}` | state, steps (state, attempts, last error), timeline: what `sagaflow status` shows | 200 |
+//! | `GET /sagas/{id}/graph?format=text|dot|mermaid` | the saga's step graph with each step's state drawn on it (default `text`) | 200 text (`text/vnd.graphviz` for dot) |
 //! | `GET /sagas?state=&key=&limit=&after=` | newest first, paged | 200 `{"sagas": […], "next": CURSOR or null}` |
 //! | `POST /sagas/{id}/retry` | operator: resume a Failed saga; body `{"actor": …}` optional | 200 `{"id", "state", …}` |
 //! | `POST /sagas/{id}/abort` | operator: compensate a Running or Queued saga; body `{"reason": …, "actor": …}` optional | 200 `{"id", "state", …}` |
@@ -61,6 +62,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
     Router::new()
         .route("/sagas", post(start_saga).get(list_sagas))
         .route("/sagas/{id}", get(get_saga))
+        .route("/sagas/{id}/graph", get(saga_graph))
         .route("/sagas/{id}/retry", post(retry_saga))
         .route("/sagas/{id}/abort", post(abort_saga))
         .route("/sagas/{id}/release-key", post(release_key))
@@ -280,6 +282,49 @@ async fn get_saga(
         Some(detail) => Ok(axum::Json(detail).into_response()),
         None => Err(EngineError::UnknownSaga(id).into()),
     }
+}
+
+/// `GET /sagas/{id}/graph?format=`.
+async fn saga_graph(
+    State(engine): State<Arc<Engine>>,
+    id: Result<Path<String>, PathRejection>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult {
+    let id = saga_id(id)?;
+    let Query(params) = query.map_err(|r| {
+        ApiError::bad_request(format!("unreadable query string: {}", r.body_text()))
+    })?;
+    let mut format = status::DrawFormat::Text;
+    for (name, value) in &params {
+        match name.as_str() {
+            "format" => {
+                format = status::DrawFormat::parse(value).ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "`format` must be text, dot or mermaid, got `{value}`"
+                    ))
+                })?;
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter `{other}`; /sagas/{{id}}/graph takes format"
+                )));
+            }
+        }
+    }
+    let detail = status::saga(engine.store(), &id)
+        .await?
+        .ok_or_else(|| EngineError::UnknownSaga(id.clone()))?;
+    let text = status::draw(&detail, format).map_err(|why| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            format!("cannot draw saga {id}: {why}"),
+        )
+    })?;
+    let content_type = match format {
+        status::DrawFormat::Dot => "text/vnd.graphviz; charset=utf-8",
+        _ => "text/plain; charset=utf-8",
+    };
+    Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
 }
 
 /// `GET /sagas?state=&key=&limit=&after=`.

@@ -223,6 +223,127 @@ fn steps_from_names(names: Vec<Option<String>>, state: &SagaState) -> Vec<StepDe
         .collect()
 }
 
+/// What a drawing shows on a step (`held`: the saga's pause holds it back): `● succeeded (1 attempt)`,
+/// `✗ failed: [injected] … (3 attempts)`, `… try running (attempt 2)`.
+pub fn step_note(step: &StepDetail, held: bool) -> String {
+    let attempts = match step.attempts {
+        1 => "1 attempt".to_owned(),
+        n => format!("{n} attempts"),
+    };
+    let mut notes: Vec<String> = Vec::new();
+    let head = match &step.state {
+        StepStatus::Pending => "· pending".to_owned(),
+        StepStatus::Active {
+            op,
+            attempt,
+            waiting,
+        } => {
+            notes.push(format!("attempt {attempt}"));
+            if *waiting && held {
+                format!("… {op} held by the pause")
+            } else if *waiting {
+                format!("… {op} waiting to retry")
+            } else {
+                format!("… {op} running")
+            }
+        }
+        StepStatus::Succeeded => "● succeeded".to_owned(),
+        StepStatus::Confirmed => "● confirmed".to_owned(),
+        StepStatus::Failed { error, business } => {
+            let effect = if *business {
+                ""
+            } else {
+                " (may have taken effect)"
+            };
+            format!("✗ failed{effect}: {}", one_line(error))
+        }
+        StepStatus::Skipped => "○ skipped".to_owned(),
+        StepStatus::Compensated => "↺ compensated".to_owned(),
+        StepStatus::Stuck { op, error, .. } => format!("✗ {op} stuck: {}", one_line(error)),
+    };
+    if step.attempts > 0 && !matches!(step.state, StepStatus::Active { .. }) {
+        notes.push(attempts);
+    }
+    // The last error, unless the state already says it.
+    if let Some(e) = &step.last_error
+        && !matches!(
+            step.state,
+            StepStatus::Failed { .. } | StepStatus::Stuck { .. }
+        )
+    {
+        notes.push(format!("last error: {}", one_line(e)));
+    }
+    if notes.is_empty() {
+        head
+    } else {
+        format!("{head} ({})", notes.join("; "))
+    }
+}
+
+/// The fill colour of a step's state in a drawing.
+pub fn step_fill(state: &StepStatus) -> &'static str {
+    match state {
+        StepStatus::Pending | StepStatus::Skipped => "#eeeeee",
+        StepStatus::Active { .. } => "#fff3b0",
+        StepStatus::Succeeded | StepStatus::Confirmed => "#c8f2c2",
+        StepStatus::Compensated => "#cfe3ff",
+        StepStatus::Failed { .. } => "#ffd6cc",
+        StepStatus::Stuck { .. } => "#ff9f8f",
+    }
+}
+
+/// How [`draw`] draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrawFormat {
+    Text,
+    Dot,
+    Mermaid,
+}
+
+impl DrawFormat {
+    pub fn parse(s: &str) -> Option<DrawFormat> {
+        Some(match s {
+            "text" => DrawFormat::Text,
+            "dot" => DrawFormat::Dot,
+            "mermaid" => DrawFormat::Mermaid,
+            _ => return None,
+        })
+    }
+}
+
+/// The saga's step graph with each step's state drawn on it, or why it cannot be drawn (its
+/// stored definition no longer compiles to the one it was pinned to).
+pub fn draw(d: &SagaDetail, format: DrawFormat) -> Result<String, String> {
+    let Some(graph) = &d.graph else {
+        return Err(d
+            .definition_problem
+            .clone()
+            .unwrap_or_else(|| "the saga's definition is not at hand".to_owned()));
+    };
+    let held: &[usize] = d.paused.as_ref().map_or(&[], |p| &p.held);
+    let note = |i: usize| {
+        d.steps
+            .get(i)
+            .map(|s| step_note(s, held.contains(&s.index)))
+    };
+    let overlay = |i: usize| {
+        d.steps.get(i).map(|s| sagaflow_dsl::render::Overlay {
+            note: step_note(s, held.contains(&s.index)),
+            fill: step_fill(&s.state),
+        })
+    };
+    Ok(match format {
+        DrawFormat::Text => sagaflow_dsl::render::text(graph, &note),
+        DrawFormat::Dot => sagaflow_dsl::render::dot_with(graph, &overlay),
+        DrawFormat::Mermaid => sagaflow_dsl::render::mermaid_with(graph, &overlay),
+    })
+}
+
+/// Errors from services may span lines; a drawing's line may not.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// One page of sagas, newest first.
 pub async fn list(store: &Store, query: &ListQuery) -> Result<Page, EngineError> {
     let after = match &query.after {

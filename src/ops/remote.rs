@@ -139,6 +139,30 @@ impl Client {
         self.get(&path)
     }
 
+    /// `GET /sagas/{id}/graph?format=…`: the drawing, as text.
+    pub fn graph(&self, id: &str, format: &str) -> anyhow::Result<String> {
+        let path = format!("/sagas/{}/graph?format={}", encode(id), encode(format));
+        let url = format!("{}{path}", self.shown);
+        let answer = self.agent.get(format!("{}{path}", self.base)).call();
+        let mut response = answer.map_err(|e| {
+            let why = sagaflow_engine::redact::redact_in(&e.to_string(), &self.base);
+            anyhow!("cannot reach the sagaflow server at {}: {why}", self.shown)
+        })?;
+        let status = response.status();
+        let text = response
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| anyhow!("cannot read the answer of {url}: {e}"))?;
+        if !status.is_success() {
+            let message = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|d| d.get("error").and_then(Value::as_str).map(str::to_owned))
+                .unwrap_or_else(|| excerpt(&text));
+            bail!("{message} (HTTP {} from {})", status.as_u16(), self.shown);
+        }
+        Ok(text)
+    }
+
     /// `GET /dead-letters?…`.
     pub fn dead_letters(&self, q: &DeadLetterQuery) -> anyhow::Result<DeadLetterPage> {
         let mut path = format!("/dead-letters?limit={}", q.limit);
