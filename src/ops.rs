@@ -13,7 +13,7 @@ use std::io::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::ValueEnum;
@@ -1072,8 +1072,7 @@ async fn bulk(filter: &Bulk, target: &Target, action: &Action) -> anyhow::Result
 
 /// Epoch milliseconds as RFC 3339 UTC, e.g. `2025-06-01T12:00:00.123Z`.
 pub(crate) fn time(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    humantime::format_rfc3339_millis(t).to_string()
+    sagaflow_engine::time::format(ms)
 }
 
 /// `850ms`, `3.2s`, `4m05s`.

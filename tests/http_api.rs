@@ -1068,6 +1068,28 @@ async fn skip_pause_and_resume_through_the_api_and_the_server() {
         .error(409, "pause refused: already paused by dana");
     let detail = get(&format!("{sagas}/{id}")).await.json();
     assert_eq!(detail["paused"]["actor"], json!("dana"), "{detail}");
+    // Times are RFC 3339 in UTC with milliseconds, everywhere in the API.
+    for time in [
+        &detail["created_at"],
+        &detail["updated_at"],
+        &detail["paused"]["since"],
+        &detail["timeline"][0]["at"],
+    ] {
+        let text = time
+            .as_str()
+            .unwrap_or_else(|| panic!("not a string: {time}"));
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(text).is_ok() && text.ends_with('Z'),
+            "{text}"
+        );
+    }
+    let listed = get(&format!("{sagas}?limit=1")).await.json();
+    assert!(
+        listed["sagas"][0]["created_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{listed}"
+    );
     let (text, _) = sagaflow_ok(&["status", &id, "--server", &base]).await;
     assert!(
         text.contains("state     running, paused by dana since"),

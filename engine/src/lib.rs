@@ -35,6 +35,7 @@ pub mod relay;
 pub mod retention;
 pub mod status;
 pub mod store;
+pub mod time;
 pub mod timers;
 pub mod transport;
 pub mod wire;

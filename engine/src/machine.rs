@@ -221,6 +221,7 @@ pub struct SagaState {
 pub struct Paused {
     pub actor: String,
     pub reason: String,
+    #[serde(with = "crate::time::rfc3339")]
     pub since: Millis,
     /// Steps whose next operation would have been dispatched meanwhile: each waits as
     /// `Active { waiting: true }` and is dispatched when the saga resumes.

@@ -41,8 +41,11 @@ pub struct SagaDetail {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waiting: Vec<String>,
     pub idempotency_key: Option<String>,
+    #[serde(with = "crate::time::rfc3339")]
     pub created_at: Millis,
+    #[serde(with = "crate::time::rfc3339")]
     pub updated_at: Millis,
+    #[serde(with = "crate::time::rfc3339_opt")]
     pub finished_at: Option<Millis>,
     pub input: Value,
     pub steps: Vec<StepDetail>,

@@ -23,7 +23,8 @@ pub struct DeadLetterRow {
     /// The logical queue it came from (`cmd.payment`, `reply`, `start`).
     pub queue: String,
     pub reason: String,
-    /// When it was set aside (ms since the Unix epoch).
+    /// When it was set aside (RFC 3339 in JSON).
+    #[serde(with = "crate::time::rfc3339")]
     pub dead_at: i64,
     pub message_id: String,
     /// The message's ordering key (its saga's sequence key).

@@ -45,6 +45,7 @@ pub struct SagaHeader {
 /// One line of a saga's timeline.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TimelineRow {
+    #[serde(with = "crate::time::rfc3339")]
     pub at: Millis,
     pub kind: String,
     pub step: Option<String>,
@@ -67,8 +68,11 @@ pub struct SagaSummary {
     pub name: String,
     pub state: String,
     pub sequence_key: String,
+    #[serde(with = "crate::time::rfc3339")]
     pub created_at: Millis,
+    #[serde(with = "crate::time::rfc3339")]
     pub updated_at: Millis,
+    #[serde(with = "crate::time::rfc3339_opt")]
     pub finished_at: Option<Millis>,
 }
 
