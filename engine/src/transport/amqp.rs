@@ -243,6 +243,10 @@ fn amqp_err(context: &str, e: impl std::fmt::Display) -> TransportError {
 /// fails, the connection is dropped and the work is redone on a new one.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How long a consumer may go without a delivery while its queue holds ready messages before
+/// it subscribes again (see `consume_queue`).
+const CONSUMER_WATCHDOG: Duration = Duration::from_secs(15);
+
 /// `fut`, or an error naming `what` once [`BROKER_TIMEOUT`] has passed.
 async fn bounded<T>(
     what: &str,
@@ -970,11 +974,39 @@ impl AmqpTransport {
                 _ = closed.wait_for(|c| *c) => return,
             };
             debug!(queue = %queue, "consuming");
+            // The watchdog: a consumer that got nothing for a whole period while its queue
+            // holds ready messages subscribes again. Seen on a 3-node cluster after the node a
+            // worker was connected to was killed: the worker reconnected, but three of its
+            // partitions had no consumer registered any more, and their commands waited for
+            // ever. (A standby of a single-active-consumer queue just subscribes again as a
+            // standby.)
+            let mut watchdog = tokio::time::interval(CONSUMER_WATCHDOG);
+            watchdog.tick().await;
+            let mut delivered = false;
+            let mut resubscribe = false;
             loop {
                 let next = tokio::select! {
-                    n = consumer.next() => n,
+                    n = consumer.next() => Some(n),
+                    _ = watchdog.tick() => None,
                     _ = closed.wait_for(|c| *c) => return,
                 };
+                let Some(next) = next else {
+                    if std::mem::take(&mut delivered) {
+                        continue;
+                    }
+                    match bounded("inspecting a queue", self.queue_stats(&queue)).await {
+                        Ok((ready, consumers)) if ready > 0 => {
+                            warn!(queue = %queue, ready, consumers, "nothing delivered for {CONSUMER_WATCHDOG:?} while messages wait; subscribing again");
+                            let closing =
+                                channel.close(200, ShortString::from("subscribing again"));
+                            let _ = tokio::time::timeout(Duration::from_secs(2), closing).await;
+                            resubscribe = true;
+                            break;
+                        }
+                        _ => continue,
+                    }
+                };
+                delivered = true;
                 match next {
                     Some(Ok(d)) => {
                         if !sink.forward(&self, &queue, d).await {
@@ -994,7 +1026,9 @@ impl AmqpTransport {
                     }
                 }
             }
-            self.broken(generation).await;
+            if !resubscribe {
+                self.broken(generation).await;
+            }
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(200)) => {}
                 _ = closed.wait_for(|c| *c) => return,
