@@ -4,17 +4,15 @@
 
 use std::io::Write as _;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::bail;
-use sagaflow_engine::Engine;
 use sagaflow_engine::http::dead_letters::{self, DeadLetterPage, Selection};
 use sagaflow_engine::store::dead_letters::{DeadLetterQuery, DeadLetterRow, Replayed};
 use sagaflow_engine::store::now_ms;
 use serde::Deserialize;
 
 use crate::DbArgs;
-use crate::ops::{Format, ServerArgs, one_line, open_existing, remote, time};
+use crate::ops::{Format, ServerArgs, Target, one_line, time};
 
 #[derive(Debug, clap::Args)]
 pub struct DeadLettersArgs {
@@ -102,21 +100,9 @@ impl Which {
     }
 }
 
-/// The database, or a server's API.
-enum Target {
-    Local(Arc<Engine>),
-    Remote(remote::Client),
-}
-
+/// The dead-letter side of the operator commands' target (the database, or a server's API).
 impl Target {
-    async fn open(db: &DbArgs, server: &ServerArgs) -> anyhow::Result<Target> {
-        Ok(match &server.server {
-            Some(url) => Target::Remote(remote::Client::new(url)?),
-            None => Target::Local(open_existing(db).await?),
-        })
-    }
-
-    async fn page(&self, q: &DeadLetterQuery) -> anyhow::Result<DeadLetterPage> {
+    async fn dead_letter_page(&self, q: &DeadLetterQuery) -> anyhow::Result<DeadLetterPage> {
         Ok(match self {
             Target::Local(e) => dead_letters::page(e, q).await?,
             Target::Remote(c) => c.dead_letters(q)?,
@@ -188,7 +174,7 @@ pub async fn run(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
             }
             let target = Target::open(&db, &server).await?;
             let page = target
-                .page(&DeadLetterQuery {
+                .dead_letter_page(&DeadLetterQuery {
                     queue,
                     limit,
                     after,

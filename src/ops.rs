@@ -927,14 +927,14 @@ impl Action {
     }
 }
 
-/// Where an action goes: the database, or a server's API.
-enum Target {
+/// Where a command goes: the database, or a server's API.
+pub(crate) enum Target {
     Local(Arc<Engine>),
     Remote(remote::Client),
 }
 
 impl Target {
-    async fn open(db: &DbArgs, server: &ServerArgs) -> anyhow::Result<Target> {
+    pub(crate) async fn open(db: &DbArgs, server: &ServerArgs) -> anyhow::Result<Target> {
         Ok(match &server.server {
             Some(url) => Target::Remote(remote::Client::new(url)?),
             None => Target::Local(open_existing(db).await?),

@@ -455,17 +455,24 @@ async fn abort_saga(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let id = saga_id(id)?;
+    let (actor, reason) = actor_and_reason(&headers, &body?)?;
+    let applied = engine.abort(&id, &actor, &reason).await?;
+    operator_outcome(&engine, &id, applied).await
+}
+
+/// The actor and reason of an optional `{"reason": …, "actor": …}` body (defaults `api`, `no
+/// reason given`).
+fn actor_and_reason(headers: &HeaderMap, body: &Bytes) -> Result<(String, String), ApiError> {
     let req: AbortRequest = optional_json_body(
-        &headers,
-        &body?,
+        headers,
+        body,
         r#"{"reason": "…", "actor": "…"} (or nothing)"#,
     )?;
     let reason = req
         .reason
         .filter(|r| !r.trim().is_empty())
         .unwrap_or_else(|| "no reason given".to_owned());
-    let applied = engine.abort(&id, &actor_or_api(req.actor), &reason).await?;
-    operator_outcome(&engine, &id, applied).await
+    Ok((actor_or_api(req.actor), reason))
 }
 
 /// `POST /sagas/{id}/release-key`.
@@ -557,16 +564,8 @@ async fn pause_saga(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let id = saga_id(id)?;
-    let req: AbortRequest = optional_json_body(
-        &headers,
-        &body?,
-        r#"{"reason": "…", "actor": "…"} (or nothing)"#,
-    )?;
-    let reason = req
-        .reason
-        .filter(|r| !r.trim().is_empty())
-        .unwrap_or_else(|| "no reason given".to_owned());
-    let applied = engine.pause(&id, &actor_or_api(req.actor), &reason).await?;
+    let (actor, reason) = actor_and_reason(&headers, &body?)?;
+    let applied = engine.pause(&id, &actor, &reason).await?;
     operator_outcome(&engine, &id, applied).await
 }
 

@@ -923,6 +923,7 @@ impl AmqpTransport {
     /// and resume.
     async fn consume_queue(self, queue: String, sink: Sink) {
         let mut closed = self.shared.closed.subscribe();
+        let mut recovering = false;
         loop {
             if self.is_closed() || sink.is_closed() {
                 return;
@@ -973,7 +974,10 @@ impl AmqpTransport {
                 },
                 _ = closed.wait_for(|c| *c) => return,
             };
-            debug!(queue = %queue, "consuming");
+            if recovering {
+                warn!(queue = %queue, "consuming again");
+            }
+            recovering = true;
             // The watchdog: a consumer that got nothing for a whole period while its queue
             // holds ready messages subscribes again. Seen on a 3-node cluster after the node a
             // worker was connected to was killed: the worker reconnected, but three of its
@@ -1003,7 +1007,12 @@ impl AmqpTransport {
                             resubscribe = true;
                             break;
                         }
-                        _ => continue,
+                        Ok(_) => continue,
+                        Err(e) => {
+                            warn!(queue = %queue, error = %e, "nothing delivered for {CONSUMER_WATCHDOG:?}, and the queue cannot be inspected; subscribing again");
+                            resubscribe = true;
+                            break;
+                        }
                     }
                 };
                 delivered = true;
@@ -1029,6 +1038,7 @@ impl AmqpTransport {
             if !resubscribe {
                 self.broken(generation).await;
             }
+            warn!(queue = %queue, "subscribing again");
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(200)) => {}
                 _ = closed.wait_for(|c| *c) => return,
