@@ -615,6 +615,12 @@ async fn send_replies(
         .map(|m| (REPLY_QUEUE.to_owned(), m))
         .collect();
     let confirms = transport.publish_batch(messages).await;
+    if confirms.iter().any(Result::is_err) {
+        // The broker refused or lost them: give the commands back after a pause, not at once,
+        // or each comes straight back to be answered and refused again (and counts against a
+        // quorum queue's delivery limit every time).
+        tokio::time::sleep(REFUSED_REPLY_PAUSE).await;
+    }
     for (delivery, confirmed) in deliveries.into_iter().zip(confirms) {
         match confirmed {
             Ok(()) => {
@@ -627,6 +633,10 @@ async fn send_replies(
         }
     }
 }
+
+/// How long a worker waits before giving back commands whose replies the broker did not
+/// confirm.
+const REFUSED_REPLY_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A stable lane for a key (the transport's hash: the same in every process and release).
 pub fn lane_of(key: &str, lanes: usize) -> usize {

@@ -29,7 +29,7 @@
 
 use crate::redact::redact_url as redact;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -224,6 +224,8 @@ struct Shared {
     published: AtomicU64,
     /// AMQP messages confirmed (a bundle is one).
     frames: AtomicU64,
+    /// When a refused publish last made the link be opened anew (ms since the epoch).
+    last_refusal_reset: AtomicI64,
 }
 
 /// The RabbitMQ transport. Cheap to clone; clones share one connection.
@@ -300,6 +302,7 @@ impl AmqpTransport {
                 closed,
                 published: AtomicU64::new(0),
                 frames: AtomicU64::new(0),
+                last_refusal_reset: AtomicI64::new(0),
             }),
         };
         transport.link().await?;
@@ -761,7 +764,29 @@ impl AmqpTransport {
                 "unroutable ({}): no queue is bound for it",
                 returned.reply_text
             ))),
-            Ok(Confirmation::Nack(_)) => Err(not_confirmed("the broker refused it".into())),
+            Ok(Confirmation::Nack(_)) => {
+                // A quorum queue refuses publishes while it has no leader, and a channel that
+                // published through the leader's death can go on being refused (seen on the
+                // 3-node cluster: a worker's replies to four partitions were refused from the
+                // kill to the end of the run, its commands redelivered in a loop). So a
+                // refusal opens the link anew, at most once a second.
+                let now = super::epoch_ms();
+                let last = self.shared.last_refusal_reset.load(Ordering::Relaxed);
+                if now - last >= 1000
+                    && self
+                        .shared
+                        .last_refusal_reset
+                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    warn!(
+                        exchange,
+                        routing_key, "the broker refused a publish; opening the connection anew"
+                    );
+                    self.broken(link.generation).await;
+                }
+                Err(not_confirmed("the broker refused it".into()))
+            }
             Ok(Confirmation::NotRequested) => Err(not_confirmed("confirms are not enabled".into())),
             Err(e) => {
                 self.broken(link.generation).await;
@@ -995,10 +1020,13 @@ impl AmqpTransport {
                     _ = closed.wait_for(|c| *c) => return,
                 };
                 let Some(next) = next else {
+                    debug!(queue = %queue, delivered, "consumer watchdog");
                     if std::mem::take(&mut delivered) {
                         continue;
                     }
-                    match bounded("inspecting a queue", self.queue_stats(&queue)).await {
+                    let stats = bounded("inspecting a queue", self.queue_stats(&queue)).await;
+                    debug!(queue = %queue, ?stats, "consumer watchdog: the queue");
+                    match stats {
                         Ok((ready, consumers)) if ready > 0 => {
                             warn!(queue = %queue, ready, consumers, "nothing delivered for {CONSUMER_WATCHDOG:?} while messages wait; subscribing again");
                             let closing =
