@@ -442,8 +442,7 @@ async fn retry_saga(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let id = saga_id(id)?;
-    let req: RetryRequest = optional_json_body(&headers, &body?, r#"{"actor": "…"} (or nothing)"#)?;
-    let applied = engine.retry(&id, &actor_or_api(req.actor)).await?;
+    let applied = engine.retry(&id, &actor_only(&headers, &body?)?).await?;
     operator_outcome(&engine, &id, applied).await
 }
 
@@ -458,6 +457,12 @@ async fn abort_saga(
     let (actor, reason) = actor_and_reason(&headers, &body?)?;
     let applied = engine.abort(&id, &actor, &reason).await?;
     operator_outcome(&engine, &id, applied).await
+}
+
+/// The actor of an optional `{"actor": …}` body (default `api`).
+fn actor_only(headers: &HeaderMap, body: &Bytes) -> Result<String, ApiError> {
+    let req: RetryRequest = optional_json_body(headers, body, r#"{"actor": "…"} (or nothing)"#)?;
+    Ok(actor_or_api(req.actor))
 }
 
 /// The actor and reason of an optional `{"reason": …, "actor": …}` body (defaults `api`, `no
@@ -577,8 +582,7 @@ async fn resume_saga(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let id = saga_id(id)?;
-    let req: RetryRequest = optional_json_body(&headers, &body?, r#"{"actor": "…"} (or nothing)"#)?;
-    let applied = engine.resume(&id, &actor_or_api(req.actor)).await?;
+    let applied = engine.resume(&id, &actor_only(&headers, &body?)?).await?;
     operator_outcome(&engine, &id, applied).await
 }
 
