@@ -87,6 +87,7 @@ pub fn graph(path: &Path, format: GraphFormat) -> anyhow::Result<ExitCode> {
         GraphFormat::Text => render::text(graph, &|_| None),
         GraphFormat::Dot => render::dot(graph),
         GraphFormat::Mermaid => render::mermaid(graph),
+        GraphFormat::Svg => render::svg_with(graph, &|_| None),
     };
     print!("{text}");
     Ok(ExitCode::SUCCESS)

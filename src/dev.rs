@@ -69,6 +69,11 @@ pub struct DevArgs {
     /// Give up waiting when no saga finishes for this long.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub stall_timeout: Duration,
+    /// Also serve the HTTP API and the web console on this address (e.g. 127.0.0.1:8080). The
+    /// engine and the services then keep running after the orders are final, so that sagas can
+    /// be looked at and acted on, until Ctrl-C; the summary follows.
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<std::net::SocketAddr>,
 }
 
 pub(crate) fn rate(s: &str) -> Result<f64, String> {
@@ -165,6 +170,24 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     }
 
     let (stop, stopped) = watch::channel(false);
+    let http = match args.http {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for the HTTP API"))?;
+            let shown = listener.local_addr().unwrap_or(addr);
+            eprintln!("web console and HTTP API at http://{shown}/");
+            Some((
+                shown,
+                tokio::spawn(sagaflow_engine::http::serve(
+                    engine.clone(),
+                    listener,
+                    stopped.clone(),
+                )),
+            ))
+        }
+        None => None,
+    };
     let engine_task = tokio::spawn(engine.clone().run(stopped.clone()));
     let worker_stats: Vec<_> = workers.iter().map(|w| w.stats.clone()).collect();
     let worker_tasks: Vec<_> = workers
@@ -225,7 +248,18 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     }
     bar.finish_and_clear();
     let elapsed = started_at.elapsed();
+    if let Some((shown, _)) = &http {
+        eprintln!(
+            "all {total} sagas are final; the console stays at http://{shown}/ (engine and services running) until Ctrl-C"
+        );
+        tokio::signal::ctrl_c()
+            .await
+            .context("cannot wait for Ctrl-C")?;
+    }
     let _ = stop.send(true);
+    if let Some((_, task)) = http {
+        let _ = task.await;
+    }
     let _ = engine_task.await;
     for t in worker_tasks {
         let _ = t.await;

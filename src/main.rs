@@ -39,8 +39,12 @@ enum Command {
     /// Production: run an engine (replies, timers, outbox relay, saga starts, HTTP API) over
     /// RabbitMQ and PostgreSQL. Run as many as you like.
     Engine(serve::EngineArgs),
-    /// Production: run one service's worker (payment, coupon, points or gmv) over RabbitMQ and
-    /// PostgreSQL. Run as many of each as you like.
+    /// Production: run one of the four demo order services (payment, coupon, points or gmv)
+    /// over RabbitMQ and PostgreSQL. Run as many of each as you like.
+    ///
+    /// A service of your own is not run by this command but by a program of its own on the
+    /// worker SDK (the sagaflow-workers crate): examples/shipping/ is one to copy (README, "Your
+    /// own service").
     Worker(serve::WorkerArgs),
     /// Drive N orders through engine and worker processes over RabbitMQ and PostgreSQL; print
     /// sagas/s, latency and the invariant check.
@@ -68,8 +72,7 @@ enum Command {
         /// --server).
         #[arg(long, value_name = "ID")]
         saga: Option<String>,
-        /// `text` for the terminal, `dot` for Graphviz (`| dot -Tsvg > saga.svg`), `mermaid`
-        /// for Markdown.
+        /// How to draw it.
         #[arg(long, value_enum, default_value_t = GraphFormat::Text)]
         format: GraphFormat,
         #[command(flatten)]
@@ -189,15 +192,22 @@ impl DbArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum ValidateFormat {
+    /// Diagnostics for people, with the source lines they point at.
     Human,
+    /// One JSON document on stdout: per file, valid or not and each diagnostic.
     Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum GraphFormat {
+    /// For the terminal: layers, operations, dependencies, compensation order.
     Text,
+    /// Graphviz (`| dot -Tsvg > saga.svg`).
     Dot,
+    /// A Mermaid flowchart, for Markdown.
     Mermaid,
+    /// SVG, laid out by layer (what the web console draws).
+    Svg,
 }
 
 impl GraphFormat {
@@ -206,6 +216,7 @@ impl GraphFormat {
             GraphFormat::Text => "text",
             GraphFormat::Dot => "dot",
             GraphFormat::Mermaid => "mermaid",
+            GraphFormat::Svg => "svg",
         }
     }
 }

@@ -655,6 +655,7 @@ pub async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         sequence_key: args.key.clone(),
         limit: args.limit,
         after: args.after.clone(),
+        ..ListQuery::default()
     };
     let page = match &args.server.server {
         Some(url) => remote::Client::new(url)?.list(&query)?,
@@ -1010,8 +1011,9 @@ async fn bulk(filter: &Bulk, target: &Target, action: &Action) -> anyhow::Result
     let mut query = ListQuery {
         state: filter.state.clone(),
         sequence_key: filter.key.clone(),
+        saga: filter.saga_name.clone(),
         limit: 1000,
-        after: None,
+        ..ListQuery::default()
     };
     let mut matching = Vec::new();
     loop {

@@ -99,7 +99,10 @@ impl AmqpArgs {
 /// When a worker's batch uses savepoints (`--savepoints`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Savepoints {
+    /// Run a batch without savepoints first; only when a handler fails, run it again with one
+    /// per handler.
     OnFailure,
+    /// A savepoint around every handler from the start.
     Always,
 }
 

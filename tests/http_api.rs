@@ -635,6 +635,64 @@ async fn every_bad_request_gets_a_json_error() {
     get(&format!("{sagas}?state=failed&state=running"))
         .await
         .error(400, "given more than once");
+    get(&format!("{sagas}?from=yesterday"))
+        .await
+        .error(400, "`from` must be a time in RFC 3339");
+    get(&format!("{sagas}?to=2026-13-01T00:00:00Z"))
+        .await
+        .error(400, "`to` must be a time");
+    // By definition and creation time: the saga started above is a `hold` of the last hour.
+    let hour_ago = sagaflow_engine::time::format(sagaflow_engine::store::now_ms() - 3_600_000);
+    let listed = get(&format!("{sagas}?saga=hold&from={hour_ago}"))
+        .await
+        .json();
+    assert!(
+        listed["sagas"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|s| s["id"] == json!(id))),
+        "{listed}"
+    );
+    let none = get(&format!("{sagas}?saga=other")).await.json();
+    assert_eq!(none["sagas"], json!([]), "{none}");
+    let none = get(&format!("{sagas}?to={hour_ago}")).await.json();
+    assert_eq!(none["sagas"], json!([]), "{none}");
+
+    // The console and its figures.
+    let page = get(&format!("{base}/")).await;
+    assert_eq!(page.status, 200);
+    assert!(
+        page.content_type.starts_with("text/html"),
+        "{}",
+        page.content_type
+    );
+    assert!(page.body.contains("/console/app.js"), "{}", page.body);
+    for asset in ["/console/app.js", "/console/app.css"] {
+        let a = get(&format!("{base}{asset}")).await;
+        assert_eq!(a.status, 200, "{asset}");
+        assert!(!a.body.is_empty(), "{asset}");
+    }
+    let stats = get(&format!("{base}/stats?minutes=5")).await.json();
+    assert_eq!(stats["window_minutes"], json!(5), "{stats}");
+    assert!(
+        stats["counts"]["running"].as_u64().is_some_and(|n| n >= 1),
+        "{stats}"
+    );
+    assert!(
+        stats["minutes"][0]["started"]
+            .as_u64()
+            .is_some_and(|n| n >= 1),
+        "{stats}"
+    );
+    assert_eq!(stats["definitions"], json!(["hold"]), "{stats}");
+    assert!(stats["outbox"]["pending"].as_u64().is_some(), "{stats}");
+    let counts_only = get(&format!("{base}/stats?minutes=0")).await.json();
+    assert_eq!(counts_only["minutes"], json!([]), "{counts_only}");
+    get(&format!("{base}/stats?minutes=100000"))
+        .await
+        .error(400, "`minutes` must be a whole number from 0 to 1440");
+    get(&format!("{base}/stats?window=5"))
+        .await
+        .error(400, "unknown query parameter `window`");
 
     get(&format!("{sagas}/%FF%FE"))
         .await
@@ -1161,9 +1219,21 @@ async fn skip_pause_and_resume_through_the_api_and_the_server() {
         "{}",
         dot.content_type
     );
-    get(&format!("{sagas}/{id}/graph?format=svg"))
+    let svg = get(&format!("{sagas}/{id}/graph?format=svg")).await;
+    assert_eq!(svg.status, 200, "{}", svg.body);
+    assert!(
+        svg.content_type.starts_with("image/svg+xml"),
+        "{}",
+        svg.content_type
+    );
+    assert!(
+        svg.body.starts_with("<svg") && svg.body.contains("data-step=\"charge\""),
+        "{}",
+        svg.body
+    );
+    get(&format!("{sagas}/{id}/graph?format=png"))
         .await
-        .error(400, "`format` must be text, dot or mermaid, got `svg`");
+        .error(400, "`format` must be text, dot, mermaid or svg, got `png`");
     get(&format!("{sagas}/nope/graph")).await.error(404, "nope");
     let (text, _) = sagaflow_ok(&[
         "graph", "--saga", &id, "--format", "mermaid", "--server", &base,

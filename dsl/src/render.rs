@@ -276,3 +276,197 @@ fn mermaid_escape(s: &str) -> String {
         .replace('<', "#lt;")
         .replace('>', "#gt;")
 }
+
+/// SVG, laid out by layer (top to bottom; the steps of one layer run in parallel): one box per
+/// step with its id, its operations and the overlay's note, filled with the overlay's colour; TCC
+/// steps have round corners, optional steps a dashed border. A line too long for its box is
+/// shortened with `…`; the box's tooltip (`<title>`) holds it whole. Every text is escaped, so a
+/// step id or an error message cannot inject markup into a page that inlines the drawing.
+pub fn svg_with(graph: &SagaGraph, overlay: &dyn Fn(usize) -> Option<Overlay>) -> String {
+    const W: usize = 240;
+    const H: usize = 66;
+    const GAP_X: usize = 28;
+    const GAP_Y: usize = 46;
+    const MARGIN: usize = 16;
+    const CHARS: usize = 36;
+    let layers = graph.layers();
+    let widest = layers.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let width = MARGIN * 2 + widest * W + (widest - 1) * GAP_X;
+    let height = MARGIN * 2 + layers.len().max(1) * H + layers.len().saturating_sub(1) * GAP_Y;
+    // Top-left corner of each step's box.
+    let mut at = vec![(0usize, 0usize); graph.steps().len()];
+    for (row, layer) in layers.iter().enumerate() {
+        let used = layer.len() * W + layer.len().saturating_sub(1) * GAP_X;
+        let left = (width - used) / 2;
+        for (col, &i) in layer.iter().enumerate() {
+            at[i] = (left + col * (W + GAP_X), MARGIN + row * (H + GAP_Y));
+        }
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"saga-graph\" width=\"{width}\" height=\"{height}\" viewBox=\"0 0 {width} {height}\" font-family=\"Helvetica, Arial, sans-serif\" font-size=\"12\">"
+    );
+    let _ = writeln!(
+        out,
+        "<title>{} v{}</title>\n<defs><marker id=\"arrow\" viewBox=\"0 0 10 10\" refX=\"10\" refY=\"5\" markerWidth=\"7\" markerHeight=\"7\" orient=\"auto-start-reverse\"><path d=\"M 0 0 L 10 5 L 0 10 z\" fill=\"#666\"/></marker></defs>",
+        xml_escape(&graph.def().name),
+        graph.def().version
+    );
+    for &i in graph.topological_order() {
+        let (x, y) = at[i];
+        for dep in graph.dependencies(i) {
+            let (dx, dy) = at[dep];
+            let (x1, y1) = (dx + W / 2, dy + H);
+            let (x2, y2) = (x + W / 2, y);
+            let mid = (y1 + y2) / 2;
+            let _ = writeln!(
+                out,
+                "<path class=\"edge\" d=\"M {x1} {y1} C {x1} {mid}, {x2} {mid}, {x2} {y2}\" fill=\"none\" stroke=\"#666\" stroke-width=\"1.3\" marker-end=\"url(#arrow)\"/>"
+            );
+        }
+    }
+    for (i, step) in graph.steps().iter().enumerate() {
+        let (x, y) = at[i];
+        let o = overlay(i);
+        let fill = o.as_ref().map_or("#ffffff", |o| o.fill);
+        let rx = match step.kind {
+            StepKind::Saga { .. } => 3,
+            StepKind::Tcc { .. } => 16,
+        };
+        let dash = match step.on_failure {
+            FailurePolicy::Continue => " stroke-dasharray=\"5 3\"",
+            _ => "",
+        };
+        let ops = operations(step);
+        let note = o.as_ref().map(|o| o.note.as_str()).unwrap_or("");
+        let mut tip = format!("{} ({})\n{ops}", step.id.0, kind_tag(step).trim());
+        if !note.is_empty() {
+            tip.push('\n');
+            tip.push_str(note);
+        }
+        let _ = writeln!(
+            out,
+            "<g class=\"step\" data-step=\"{}\"><title>{}</title><rect x=\"{x}\" y=\"{y}\" width=\"{W}\" height=\"{H}\" rx=\"{rx}\" fill=\"{fill}\" stroke=\"#444\"{dash}/>",
+            xml_escape(&step.id.0),
+            xml_escape(&tip)
+        );
+        let cx = x + W / 2;
+        let lines = [
+            (format!("{} · {}", step.id.0, kind_tag(step).trim()), "bold"),
+            (ops, "normal"),
+            (note.to_owned(), "normal"),
+        ];
+        for (n, (text, weight)) in lines.iter().enumerate() {
+            if text.is_empty() {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "<text x=\"{cx}\" y=\"{}\" text-anchor=\"middle\" font-weight=\"{weight}\">{}</text>",
+                y + 20 + n * 17,
+                xml_escape(&shorten(text, CHARS))
+            );
+        }
+        out.push_str("</g>\n");
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+/// `s` cut to at most `max` characters, the cut marked with `…`.
+fn shorten(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_owned();
+    }
+    let mut cut: String = s.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
+fn xml_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            // Control characters are not allowed in XML 1.0 text (tab and newline are).
+            c if c.is_control() && c != '\n' && c != '\t' => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO_LAYERS: &str = r#"
+name: shop
+version: 1
+sequence_key: ${input.order_id}
+input:
+  order_id: string
+steps:
+  - id: pay
+    service: payment
+    action: charge
+    compensation: refund
+  - id: ship
+    service: shipping
+    depends_on: [pay]
+    action: book
+    compensation: cancel
+  - id: mail
+    service: mail
+    depends_on: [pay]
+    action: send
+    compensation: recall
+"#;
+
+    #[test]
+    fn svg_escapes_every_text_and_lays_out_by_layer() {
+        let compiled = crate::compile(TWO_LAYERS);
+        let graph = compiled
+            .graph
+            .unwrap_or_else(|| panic!("invalid: {:?}", compiled.diagnostics));
+        let svg = svg_with(&graph, &|i| {
+            (i == 1).then(|| Overlay {
+                note: "✗ failed: <script>alert('x')</script> & more".into(),
+                fill: "#ffd6cc",
+            })
+        });
+        assert!(!svg.contains("<script>"), "{svg}");
+        assert!(
+            svg.contains("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; more"),
+            "{svg}"
+        );
+        assert!(svg.contains("<title>shop v1</title>"), "{svg}");
+        assert!(svg.contains("fill=\"#ffd6cc\""), "{svg}");
+        // One box per step, one edge per dependency.
+        assert_eq!(svg.matches("<g class=\"step\"").count(), 3);
+        assert_eq!(svg.matches("class=\"edge\"").count(), 2);
+        // `pay` alone on the first layer, `ship` and `mail` side by side below it.
+        let y_of = |id: &str| -> usize {
+            let at = svg.find(&format!("data-step=\"{id}\"")).expect(id);
+            let rest = &svg[at..];
+            let y = rest.find(" y=\"").expect("y") + 4;
+            rest[y..y + rest[y..].find('"').expect("end")]
+                .parse()
+                .expect("number")
+        };
+        assert!(y_of("pay") < y_of("ship"));
+        assert_eq!(y_of("ship"), y_of("mail"));
+    }
+
+    #[test]
+    fn long_lines_are_cut_with_an_ellipsis() {
+        assert_eq!(shorten("abcdef", 4), "abc…");
+        assert_eq!(shorten("abc", 4), "abc");
+        assert_eq!(shorten("äöüß", 4), "äöüß");
+    }
+}

@@ -136,6 +136,12 @@ fn check_outcome(source: &str, compiled: &Compiled) -> Result<(), TestCaseError>
         prop_assert!(!render::text(graph, &|_| None).is_empty());
         prop_assert!(render::dot(graph).starts_with("digraph"));
         prop_assert!(!render::mermaid(graph).is_empty());
+        let svg = render::svg_with(graph, &|_| None);
+        prop_assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+        prop_assert_eq!(
+            svg.matches("<g class=\"step\"").count(),
+            graph.steps().len()
+        );
         // Deterministic: the same text is the same definition.
         let again = compile(source);
         prop_assert_eq!(

@@ -4,8 +4,8 @@
 //! |---|---|---|
 //! | `POST /sagas` | start `{"saga": NAME, "input": {…}, "idempotency_key": K?, "definition_hash": H?}` | 201 `{"id", "existing": false, …}`; 200 with `existing: true` when the key matched |
 //! | `GET /sagas/{id}` | state, steps (state, attempts, last error), timeline: what `sagaflow status` shows | 200 |
-//! | `GET /sagas/{id}/graph?format=text|dot|mermaid` | the saga's step graph with each step's state drawn on it (default `text`) | 200 text (`text/vnd.graphviz` for dot) |
-//! | `GET /sagas?state=&key=&limit=&after=` | newest first, paged | 200 `{"sagas": […], "next": CURSOR or null}` |
+//! | `GET /sagas/{id}/graph?format=text|dot|mermaid|svg` | the saga's step graph with each step's state drawn on it (default `text`) | 200 text (`text/vnd.graphviz` for dot, `image/svg+xml` for svg) |
+//! | `GET /sagas?state=&key=&saga=&from=&to=&limit=&after=` | newest first, paged; `saga` a definition name, `from`/`to` bound the creation time (RFC 3339 or ms) | 200 `{"sagas": […], "next": CURSOR or null}` |
 //! | `POST /sagas/{id}/retry` | operator: resume a Failed saga; body `{"actor": …}` optional | 200 `{"id", "state", …}` |
 //! | `POST /sagas/{id}/abort` | operator: compensate a Running or Queued saga; body `{"reason": …, "actor": …}` optional | 200 `{"id", "state", …}` |
 //! | `POST /sagas/{id}/skip` | operator: resolve a Failed saga's stuck step by hand; body `{"step": ID, "as": "done" or "compensated", "output": {…}?, "reason": …, "actor": …?}` (step and reason required; `output` is a done forward step's output) | 200 `{"id", "state", …}` |
@@ -13,6 +13,7 @@
 //! | `POST /sagas/{id}/resume` | operator: end a pause, dispatch what it held back; body `{"actor": …}` optional | 200 `{"id", "state", …}` |
 //! | `POST /sagas/{id}/release-key` | operator: a Failed saga resolved by hand gives its order's sequence key to the next saga; body `{"actor": …, "reason": …}` (reason required) | 200 `{"id", "state", …}` |
 //! | `GET /dead-letters…`, `POST /dead-letters/replay`, `…/purge` | the deployment's dead letters: see [`dead_letters`] | 200 |
+//! | `GET /`, `GET /stats?minutes=` | the web console and its dashboard's figures: see [`console`] | 200 |
 //! | `GET /healthz` | the database answers a trivial query | 200 `{"status": "ok"}`, else 503 |
 //! | `GET /metrics` | Prometheus (OpenMetrics text), see [`crate::metrics`] | 200 |
 //!
@@ -42,6 +43,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::error;
 
+pub mod console;
 pub mod dead_letters;
 
 use crate::engine::{Applied, Engine, EngineError};
@@ -60,6 +62,10 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 /// The API's routes, on `engine`.
 pub fn router(engine: Arc<Engine>) -> Router {
     Router::new()
+        .route("/", get(console::index))
+        .route("/console/app.js", get(console::script))
+        .route("/console/app.css", get(console::style))
+        .route("/stats", get(console::stats))
         .route("/sagas", post(start_saga).get(list_sagas))
         .route("/sagas/{id}", get(get_saga))
         .route("/sagas/{id}/graph", get(saga_graph))
@@ -300,7 +306,7 @@ async fn saga_graph(
             "format" => {
                 format = status::DrawFormat::parse(value).ok_or_else(|| {
                     ApiError::bad_request(format!(
-                        "`format` must be text, dot or mermaid, got `{value}`"
+                        "`format` must be text, dot, mermaid or svg, got `{value}`"
                     ))
                 })?;
             }
@@ -322,12 +328,13 @@ async fn saga_graph(
     })?;
     let content_type = match format {
         status::DrawFormat::Dot => "text/vnd.graphviz; charset=utf-8",
+        status::DrawFormat::Svg => "image/svg+xml; charset=utf-8",
         _ => "text/plain; charset=utf-8",
     };
     Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
 }
 
-/// `GET /sagas?state=&key=&limit=&after=`.
+/// `GET /sagas?state=&key=&saga=&from=&to=&limit=&after=`.
 async fn list_sagas(
     State(engine): State<Arc<Engine>>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
@@ -358,6 +365,19 @@ async fn list_sagas(
                 q.state = Some(value.clone());
             }
             "key" => q.sequence_key = Some(value.clone()),
+            "saga" => q.saga = Some(value.clone()),
+            "from" | "to" => {
+                let t = crate::time::parse(value).ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "`{name}` must be a time in RFC 3339 (e.g. 2026-12-01T10:00:00Z) or milliseconds since the epoch, got `{value}`"
+                    ))
+                })?;
+                if name == "from" {
+                    q.created_from = Some(t);
+                } else {
+                    q.created_before = Some(t);
+                }
+            }
             "after" => q.after = Some(value.clone()),
             "limit" => {
                 q.limit = value
@@ -372,7 +392,7 @@ async fn list_sagas(
             }
             other => {
                 return Err(ApiError::bad_request(format!(
-                    "unknown query parameter `{other}`; /sagas takes state, key, limit and after"
+                    "unknown query parameter `{other}`; /sagas takes state, key, saga, from, to, limit and after"
                 )));
             }
         }

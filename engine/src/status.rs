@@ -8,6 +8,7 @@
 //! not hide a saga from an operator: its steps are then named from the `saga_steps` projection
 //! and the detail says what went wrong.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use sagaflow_dsl::{SagaGraph, StepKind, compile};
@@ -48,6 +49,9 @@ pub struct SagaDetail {
     #[serde(with = "crate::time::rfc3339_opt")]
     pub finished_at: Option<Millis>,
     pub input: Value,
+    /// Outputs of the steps that succeeded, by step id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub outputs: BTreeMap<String, Value>,
     pub steps: Vec<StepDetail>,
     pub timeline: Vec<TimelineRow>,
     /// Older timeline rows not loaded (see [`TIMELINE_LIMIT`]).
@@ -87,6 +91,12 @@ pub struct ListQuery {
     /// One of [`SagaStatus::NAMES`].
     pub state: Option<String>,
     pub sequence_key: Option<String>,
+    /// The definition's name.
+    pub saga: Option<String>,
+    /// Created at or after this time (ms since the epoch).
+    pub created_from: Option<i64>,
+    /// Created before this time (ms since the epoch).
+    pub created_before: Option<i64>,
     pub limit: u32,
     /// A previous page's [`Page::next`].
     pub after: Option<String>,
@@ -166,6 +176,7 @@ pub async fn saga(store: &Store, id: &str) -> Result<Option<SagaDetail>, EngineE
         updated_at: record.updated_at,
         finished_at: record.finished_at,
         input: state.input.clone(),
+        outputs: state.outputs.clone(),
         steps,
         timeline_omitted: timeline.total.saturating_sub(timeline.rows.len() as u64),
         timeline: timeline.rows,
@@ -301,6 +312,8 @@ pub enum DrawFormat {
     Text,
     Dot,
     Mermaid,
+    /// SVG, for a web page (the console inlines it).
+    Svg,
 }
 
 impl DrawFormat {
@@ -309,6 +322,7 @@ impl DrawFormat {
             "text" => DrawFormat::Text,
             "dot" => DrawFormat::Dot,
             "mermaid" => DrawFormat::Mermaid,
+            "svg" => DrawFormat::Svg,
             _ => return None,
         })
     }
@@ -339,6 +353,7 @@ pub fn draw(d: &SagaDetail, format: DrawFormat) -> Result<String, String> {
         DrawFormat::Text => sagaflow_dsl::render::text(graph, &note),
         DrawFormat::Dot => sagaflow_dsl::render::dot_with(graph, &overlay),
         DrawFormat::Mermaid => sagaflow_dsl::render::mermaid_with(graph, &overlay),
+        DrawFormat::Svg => sagaflow_dsl::render::svg_with(graph, &overlay),
     })
 }
 
@@ -360,6 +375,9 @@ pub async fn list(store: &Store, query: &ListQuery) -> Result<Page, EngineError>
     let filter = SagaFilter {
         status: query.state.clone(),
         sequence_key: query.sequence_key.clone(),
+        name: query.saga.clone(),
+        created_from: query.created_from,
+        created_before: query.created_before,
         after,
     };
     let limit = query.limit.max(1) as usize;

@@ -1525,6 +1525,7 @@ async fn read_list_filters_and_pages(store: Store) {
         status: status.map(str::to_owned),
         sequence_key: key.map(str::to_owned),
         after: after.map(|(c, i)| (c, i.to_owned())),
+        ..SagaFilter::default()
     };
     let all = store
         .list_sagas(&list(None, None, None), 100)
@@ -1569,6 +1570,24 @@ async fn read_list_filters_and_pages(store: Store) {
         got(list(Some("running"), None, Some((NOW + 3, "d"))), 1).await,
         ids(&["b2"])
     );
+    // By definition name and by creation time: `from` inclusive, `to` exclusive.
+    let named = |name: &str| SagaFilter {
+        name: Some(name.to_owned()),
+        ..SagaFilter::default()
+    };
+    assert_eq!(got(named("order"), 100).await.len(), 6);
+    assert!(got(named("other"), 100).await.is_empty());
+    let window = SagaFilter {
+        created_from: Some(NOW + 1),
+        created_before: Some(NOW + 3),
+        ..SagaFilter::default()
+    };
+    assert_eq!(got(window.clone(), 100).await, ids(&["c", "b2", "b1"]));
+    let running_in_window = SagaFilter {
+        status: Some("running".into()),
+        ..window
+    };
+    assert_eq!(got(running_in_window, 100).await, ids(&["b2"]));
 
     // status::list pages through all of them, `limit` at a time, and says when it is done.
     for (state, want) in [
@@ -1679,6 +1698,38 @@ async fn read_counts_by_status_and_latencies(store: Store) {
     tx.commit().await.unwrap();
     assert_eq!(store.dispatched_since(NOW).await.unwrap(), 1);
     assert_eq!(store.dispatched_since(NOW + 1).await.unwrap(), 0);
+
+    // Per minute: NOW is 20 s into its minute, so everything above is in that one; a saga
+    // started a minute later finishes two minutes later.
+    insert_at(&store, "late", "k2", NOW + 60_000).await;
+    move_to(&store, "late", 0, SagaStatus::Completed, NOW + 120_000).await;
+    let minute = NOW / 60_000 * 60_000;
+    let minutes = store.per_minute(NOW - 30_000).await.unwrap();
+    let got: Vec<(i64, u64, BTreeMap<String, u64>)> = minutes
+        .iter()
+        .map(|m| (m.at - minute, m.started, m.finished.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                0,
+                8,
+                counts(&[("completed", 3), ("compensated", 1), ("failed", 1)])
+            ),
+            (60_000, 1, counts(&[])),
+            (120_000, 0, counts(&[("completed", 1)])),
+        ]
+    );
+    // Only what happened since: `late`'s start and end.
+    let since = store.per_minute(NOW + 1_000).await.unwrap();
+    assert_eq!(
+        since
+            .iter()
+            .map(|m| (m.started, m.finished.values().sum::<u64>()))
+            .collect::<Vec<_>>(),
+        vec![(1, 0), (0, 1)]
+    );
 }
 
 async fn read_definition_names_migrations_and_ping(store: Store) {

@@ -130,10 +130,16 @@ impl Client {
         for (name, value) in [
             ("state", &q.state),
             ("key", &q.sequence_key),
+            ("saga", &q.saga),
             ("after", &q.after),
         ] {
             if let Some(v) = value {
                 let _ = write!(path, "&{name}={}", encode(v));
+            }
+        }
+        for (name, value) in [("from", q.created_from), ("to", q.created_before)] {
+            if let Some(ms) = value {
+                let _ = write!(path, "&{name}={ms}");
             }
         }
         self.get(&path)

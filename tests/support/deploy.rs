@@ -49,6 +49,9 @@ pub struct Deployment {
     pub partitions: u16,
     pub procs: Vec<Proc>,
     logs: TempDir,
+    /// Command queues of services other than the four (a test's own worker), removed with the
+    /// deployment's.
+    pub extra_services: Vec<String>,
     /// `finish` removed the queues; else Drop does (a test that failed).
     queues_removed: bool,
 }
@@ -92,6 +95,7 @@ impl Deployment {
             partitions,
             procs: Vec::new(),
             logs: TempDir(logs),
+            extra_services: Vec::new(),
             queues_removed: false,
         })
     }
@@ -137,6 +141,11 @@ impl Deployment {
 
     /// An engine process; returns (index, HTTP address).
     pub fn engine_process(&mut self) -> (usize, String) {
+        self.engine_process_with(&[])
+    }
+
+    /// An engine process with extra flags (e.g. `--saga FILE`); returns (index, HTTP address).
+    pub fn engine_process_with(&mut self, extra: &[&str]) -> (usize, String) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -145,6 +154,7 @@ impl Deployment {
         let mut args = vec!["engine".to_owned()];
         args.extend(self.common());
         args.extend(["--http".to_owned(), address.clone()]);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
         let n = self
             .procs
             .iter()
@@ -331,11 +341,13 @@ impl Deployment {
     }
 }
 
-/// The logical queues of a deployment (each with its partitions).
-fn logical_queues() -> Vec<String> {
+/// The logical queues of a deployment (each with its partitions), `extra` services' included.
+fn logical_queues(extra: &[String]) -> Vec<String> {
     let mut logicals: Vec<String> = services::SERVICES
         .iter()
-        .map(|s| command_queue(s))
+        .copied()
+        .chain(extra.iter().map(String::as_str))
+        .map(command_queue)
         .collect();
     logicals.push(REPLY_QUEUE.to_owned());
     logicals.push(START_QUEUE.to_owned());
@@ -349,7 +361,7 @@ impl Deployment {
             let _ = p.child.kill();
             let _ = p.child.wait();
         }
-        let logicals = logical_queues();
+        let logicals = logical_queues(&self.extra_services);
         let refs: Vec<&str> = logicals.iter().map(String::as_str).collect();
         let _ = self.transport.delete_topology(&refs).await;
         self.transport.close().await;
@@ -369,6 +381,7 @@ impl Drop for Deployment {
             return;
         }
         let (prefix, partitions) = (self.prefix.clone(), self.partitions);
+        let extra = self.extra_services.clone();
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -382,7 +395,7 @@ impl Drop for Deployment {
                 config.partitions = partitions;
                 config.connection_name = "test cleanup".into();
                 if let Ok(t) = AmqpTransport::connect(config).await {
-                    let logicals = logical_queues();
+                    let logicals = logical_queues(&extra);
                     let refs: Vec<&str> = logicals.iter().map(String::as_str).collect();
                     let _ = t.delete_topology(&refs).await;
                     t.close().await;

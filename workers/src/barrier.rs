@@ -49,6 +49,20 @@
 //!
 //! Rows are kept until [`purge`] (driven by [`retention_loop`]) removes them by age: the barrier
 //! cannot tell when a saga is over, so the retention must exceed the longest saga.
+//!
+//! # Schema
+//!
+//! [`MIGRATIONS`] (also [`crate::BARRIER_MIGRATIONS`]) is what the SDK needs in a worker's
+//! database and nothing else: `0100_barrier` (the table), `0105_barrier_retention` (the index
+//! [`purge`] reads) and `0106_deployment` (the `sagaflow_deployment` row that
+//! `Store::bind_prefix` keeps: one database, one deployment). Apply it with your own table's
+//! migrations after it, `store.migrate(&[BARRIER_MIGRATIONS, YOURS])`. The same SQL, one file per
+//! dialect, is in `migrations/{postgres,sqlite}/0100_barrier.sql`, `0105_barrier_retention.sql`
+//! and `0106_deployment.sql` for a migration tool of your own (every statement is `IF NOT
+//! EXISTS`, so a later `Store::migrate` over them changes nothing). The demo services' set
+//! ([`crate::services::MIGRATIONS`]) holds these same three entries under the same names: a
+//! database migrated with that set takes this one without running anything again, and the
+//! other way round only the demo services' tables are added.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -60,6 +74,36 @@ use sqlx::{Any, AnyConnection, AnyPool, Row, Transaction};
 use tracing::{debug, warn};
 
 use crate::sdk::{StepContext, StepError};
+
+/// One migration: its name (recorded in `schema_migrations`), its SQLite and its PostgreSQL SQL.
+type Migration = (&'static str, &'static str, &'static str);
+
+/// The barrier's table.
+pub(crate) const BARRIER_TABLE: Migration = (
+    "0100_barrier",
+    include_str!("../../migrations/sqlite/0100_barrier.sql"),
+    include_str!("../../migrations/postgres/0100_barrier.sql"),
+);
+
+/// The index barrier retention ([`purge`]) reads.
+pub(crate) const BARRIER_RETENTION: Migration = (
+    "0105_barrier_retention",
+    include_str!("../../migrations/sqlite/0105_barrier_retention.sql"),
+    include_str!("../../migrations/postgres/0105_barrier_retention.sql"),
+);
+
+/// `sagaflow_deployment`, for `Store::bind_prefix` on a workers' database of its own (the same
+/// table as the engine's `0006_deployment`: the two may be one database).
+pub(crate) const DEPLOYMENT: Migration = (
+    "0106_deployment",
+    include_str!("../../migrations/sqlite/0106_deployment.sql"),
+    include_str!("../../migrations/postgres/0106_deployment.sql"),
+);
+
+/// The SDK's tables in a worker's database, without any service's (see the module docs,
+/// "Schema"): the barrier, its retention index, and the deployment binding.
+pub const MIGRATIONS: sagaflow_engine::store::Migrations =
+    &[BARRIER_TABLE, BARRIER_RETENTION, DEPLOYMENT];
 
 /// The handler for one step kind, as the runtime looks it up.
 #[derive(Clone)]

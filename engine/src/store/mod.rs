@@ -28,8 +28,8 @@ use sqlx::{AnyConnection, AnyPool, Row};
 use crate::machine::{SagaState, StepStatus, Timer};
 use crate::redact::redact_url as redact;
 pub use read::{
-    Latencies, SagaCounts, SagaFilter, SagaHeader, SagaQueries, SagaRecord, SagaSummary, Timeline,
-    TimelineRow,
+    Latencies, Minute, SagaCounts, SagaFilter, SagaHeader, SagaQueries, SagaRecord, SagaSummary,
+    Timeline, TimelineRow,
 };
 pub use retention::PurgeReport;
 use sql::Sql;

@@ -83,6 +83,12 @@ pub struct SagaFilter {
     /// The `status` column: one of [`crate::machine::SagaStatus::NAMES`].
     pub status: Option<String>,
     pub sequence_key: Option<String>,
+    /// The definition's name.
+    pub name: Option<String>,
+    /// Only sagas created at or after this time.
+    pub created_from: Option<Millis>,
+    /// Only sagas created before this time.
+    pub created_before: Option<Millis>,
     /// Keyset paging: only sagas listed after this `(created_at, id)`.
     pub after: Option<(Millis, String)>,
 }
@@ -144,6 +150,20 @@ pub trait SagaCounts {
     /// Start-to-final latencies at `quantiles` (0.0 ..= 1.0) among the sagas created since
     /// `since`; portable (SQLite has no `percentile_disc`).
     async fn latencies(&self, since: Millis, quantiles: &[f64]) -> Result<Latencies, StoreError>;
+    /// Per minute since `since` (oldest first, only minutes with something in them): sagas
+    /// started, and sagas finished by final state. Two statements.
+    async fn per_minute(&self, since: Millis) -> Result<Vec<Minute>, StoreError>;
+}
+
+/// What one minute saw: see [`SagaCounts::per_minute`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Minute {
+    /// The minute's start.
+    #[serde(with = "crate::time::rfc3339")]
+    pub at: Millis,
+    pub started: u64,
+    /// By the state they ended in (`completed`, `compensated`, `failed`).
+    pub finished: BTreeMap<String, u64>,
 }
 
 fn limit_param(limit: usize) -> i64 {
@@ -189,6 +209,15 @@ fn list_sql(filter: &SagaFilter) -> String {
     }
     if filter.sequence_key.is_some() {
         sql += &format!(" AND sequence_key = {}", next_param());
+    }
+    if filter.name.is_some() {
+        sql += &format!(" AND name = {}", next_param());
+    }
+    if filter.created_from.is_some() {
+        sql += &format!(" AND created_at >= {}", next_param());
+    }
+    if filter.created_before.is_some() {
+        sql += &format!(" AND created_at < {}", next_param());
     }
     if filter.after.is_some() {
         let (c, i, c2) = (next_param(), next_param(), next_param());
@@ -321,6 +350,15 @@ impl SagaQueries for Store {
         if let Some(k) = &filter.sequence_key {
             q = q.bind(k.as_str());
         }
+        if let Some(n) = &filter.name {
+            q = q.bind(n.as_str());
+        }
+        if let Some(t) = filter.created_from {
+            q = q.bind(t);
+        }
+        if let Some(t) = filter.created_before {
+            q = q.bind(t);
+        }
         if let Some((created, id)) = &filter.after {
             q = q.bind(*created).bind(id.as_str()).bind(*created);
         }
@@ -430,6 +468,38 @@ impl SagaCounts for Store {
         }
         Ok(Latencies { finished, at })
     }
+
+    async fn per_minute(&self, since: Millis) -> Result<Vec<Minute>, StoreError> {
+        let started = sqlx::query(
+            "SELECT created_at / 60000 AS m, COUNT(*) AS n FROM sagas WHERE created_at >= $1 GROUP BY created_at / 60000",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        let finished = sqlx::query(
+            "SELECT finished_at / 60000 AS m, status, COUNT(*) AS n FROM sagas WHERE finished_at >= $1 GROUP BY finished_at / 60000, status",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: BTreeMap<i64, Minute> = BTreeMap::new();
+        fn minute(out: &mut BTreeMap<i64, Minute>, m: i64) -> &mut Minute {
+            out.entry(m).or_insert_with(|| Minute {
+                at: m * 60_000,
+                ..Minute::default()
+            })
+        }
+        for r in &started {
+            minute(&mut out, r.try_get("m")?).started = count_of(r, "n")?;
+        }
+        for r in &finished {
+            let status: String = r.try_get("status")?;
+            minute(&mut out, r.try_get("m")?)
+                .finished
+                .insert(status, count_of(r, "n")?);
+        }
+        Ok(out.into_values().collect())
+    }
 }
 
 impl Store {
@@ -467,12 +537,16 @@ mod tests {
         let all = SagaFilter {
             status: Some("running".into()),
             sequence_key: Some("k".into()),
+            name: Some("order-paid".into()),
+            created_from: Some(1),
+            created_before: Some(9),
             after: Some((5, "id".into())),
         };
         assert!(list_sql(&all).ends_with(
-            "WHERE 1 = 1 AND status = $1 AND sequence_key = $2 \
-             AND (created_at < $3 OR (created_at = $5 AND id < $4)) \
-             ORDER BY created_at DESC, id DESC LIMIT $6"
+            "WHERE 1 = 1 AND status = $1 AND sequence_key = $2 AND name = $3 \
+             AND created_at >= $4 AND created_at < $5 \
+             AND (created_at < $6 OR (created_at = $8 AND id < $7)) \
+             ORDER BY created_at DESC, id DESC LIMIT $9"
         ));
     }
 }

@@ -1,4 +1,6 @@
-//! The four order services, each owning its own tables.
+//! The four demo order services, each owning its own tables (what `sagaflow dev`, `sagaflow
+//! worker` and `sagaflow bench` run; a service of your own is a program of its own, see
+//! `examples/shipping/`).
 //!
 //! | module | tables (migration `01xx`) | handlers |
 //! |---|---|---|
@@ -488,6 +490,65 @@ mod tests {
             .unwrap();
     }
 
+    /// The SDK's migrations on their own make a worker database the barrier runs on, and they
+    /// and the demo services' set agree, entry for entry: a database migrated with one set
+    /// (before the split: with `MIGRATIONS` only) takes the other without re-running anything.
+    #[tokio::test]
+    async fn barrier_migrations_stand_alone_and_agree_with_the_services_set() {
+        use sagaflow_engine::store::Store;
+        for (name, sqlite, postgres) in crate::BARRIER_MIGRATIONS {
+            assert!(
+                MIGRATIONS.contains(&(name, sqlite, postgres)),
+                "{name} differs between the two sets"
+            );
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "sagaflow-barrier-migrations-{}-{:08x}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let names = |store: Store| async move { store.applied_migrations().await.unwrap() };
+        let set = |m: sagaflow_engine::store::Migrations| {
+            let mut v: Vec<String> = m.iter().map(|(n, _, _)| (*n).to_owned()).collect();
+            v.sort();
+            v
+        };
+
+        // The barrier alone: its tables, no service's.
+        let alone = Store::connect(&dir.join("alone.db").display().to_string(), 1)
+            .await
+            .unwrap();
+        alone.migrate(&[crate::BARRIER_MIGRATIONS]).await.unwrap();
+        assert_eq!(names(alone.clone()).await, set(crate::BARRIER_MIGRATIONS));
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name <> 'schema_migrations' \
+             ORDER BY name",
+        )
+        .fetch_all(alone.pool())
+        .await
+        .unwrap();
+        assert_eq!(tables, ["barrier", "sagaflow_deployment"]);
+        alone.bind_prefix("shop").await.unwrap();
+        // … then the services' set adds only the services' tables.
+        alone.migrate(&[MIGRATIONS]).await.unwrap();
+        assert_eq!(names(alone.clone()).await, set(MIGRATIONS));
+        alone.pool().close().await;
+
+        // Migrated the old way (the services' set): the barrier's set finds nothing to do.
+        let old = Store::connect(&dir.join("old.db").display().to_string(), 1)
+            .await
+            .unwrap();
+        old.migrate(&[MIGRATIONS]).await.unwrap();
+        let before = names(old.clone()).await;
+        old.migrate(&[crate::BARRIER_MIGRATIONS, MIGRATIONS])
+            .await
+            .unwrap();
+        assert_eq!(names(old.clone()).await, before);
+        old.pool().close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn money_formats_cents() {
         assert_eq!(money(12990), "129.90");
@@ -497,13 +558,11 @@ mod tests {
     }
 }
 
-/// The barrier's and the services' tables, applied after the engine's.
+/// The barrier's and the services' tables, applied after the engine's: the SDK's own
+/// ([`crate::BARRIER_MIGRATIONS`], the same entries under the same names, so a database migrated
+/// with this set validates with that one and the other way round) and the four services'.
 pub const MIGRATIONS: sagaflow_engine::store::Migrations = &[
-    (
-        "0100_barrier",
-        include_str!("../../../migrations/sqlite/0100_barrier.sql"),
-        include_str!("../../../migrations/postgres/0100_barrier.sql"),
-    ),
+    crate::barrier::BARRIER_TABLE,
     (
         "0101_payment",
         include_str!("../../../migrations/sqlite/0101_payment.sql"),
@@ -524,16 +583,8 @@ pub const MIGRATIONS: sagaflow_engine::store::Migrations = &[
         include_str!("../../../migrations/sqlite/0104_gmv.sql"),
         include_str!("../../../migrations/postgres/0104_gmv.sql"),
     ),
-    (
-        "0105_barrier_retention",
-        include_str!("../../../migrations/sqlite/0105_barrier_retention.sql"),
-        include_str!("../../../migrations/postgres/0105_barrier_retention.sql"),
-    ),
-    (
-        "0106_deployment",
-        include_str!("../../../migrations/sqlite/0106_deployment.sql"),
-        include_str!("../../../migrations/postgres/0106_deployment.sql"),
-    ),
+    crate::barrier::BARRIER_RETENTION,
+    crate::barrier::DEPLOYMENT,
 ];
 
 /// The worker for `service` with all its handlers registered, or None for an unknown service.
