@@ -19,6 +19,9 @@
 //! database), it is split in halves and each half applied on its own, down to single events,
 //! so one bad event never holds the others back; a single event that loses an optimistic-lock
 //! race is retried a few times.
+//!
+//! The engine's entry points into it are here too: [`Engine::start`], [`Engine::start_many`]
+//! and [`Engine::apply`].
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -64,6 +67,73 @@ pub enum Done {
     /// Only inside the apply path: [`Engine::apply_inbound`] hands it out as
     /// [`EngineError::Refused`].
     Refused(String),
+}
+
+impl Engine {
+    /// Starts a saga: checks the input, writes the saga and (if its sequence key is free) its
+    /// first commands in one transaction. With an idempotency key, starting twice starts once.
+    pub async fn start(
+        &self,
+        graph: &Arc<SagaGraph>,
+        input: Value,
+        idempotency_key: Option<&str>,
+    ) -> Result<Started, EngineError> {
+        let mut done = self
+            .start_many(graph, vec![(input, idempotency_key.map(str::to_owned))])
+            .await;
+        done.pop()
+            .unwrap_or_else(|| Err(EngineError::Refused("no start was applied".into())))
+    }
+
+    /// Starts many sagas of one definition in one transaction (falling back to smaller ones
+    /// if it fails); one result per input, in order.
+    pub async fn start_many(
+        &self,
+        graph: &Arc<SagaGraph>,
+        inputs: Vec<(Value, Option<String>)>,
+    ) -> Vec<Result<Started, EngineError>> {
+        let mut results: Vec<Option<Result<Started, EngineError>>> = Vec::new();
+        let mut batch = Vec::new();
+        let mut slots = Vec::new();
+        for (input, idempotency_key) in inputs {
+            match crate::input::sequence_key(graph, &input) {
+                Ok(sequence_key) => {
+                    slots.push(results.len());
+                    results.push(None);
+                    batch.push(Inbound::Start(StartRequest {
+                        graph: graph.clone(),
+                        input,
+                        sequence_key,
+                        idempotency_key,
+                    }));
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        for (slot, done) in slots.into_iter().zip(self.apply_inbound(&batch).await) {
+            results[slot] = Some(done.and_then(|d| match d {
+                Done::Started(s) => Ok(s),
+                Done::Refused(why) => Err(EngineError::Refused(why)),
+                Done::Applied(a) => Err(EngineError::Refused(format!(
+                    "a start was applied as an event ({a:?})"
+                ))),
+            }));
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(EngineError::Refused("start lost".into()))))
+            .collect()
+    }
+
+    /// Applies events (one transaction for all when it can); the first error if any failed.
+    pub async fn apply(&self, batch: &[Incoming]) -> Result<Vec<Applied>, EngineError> {
+        let inbound: Vec<Inbound> = batch.iter().cloned().map(Inbound::Event).collect();
+        self.apply_inbound(&inbound)
+            .await
+            .into_iter()
+            .map(applied)
+            .collect()
+    }
 }
 
 /// A start whose idempotency key already started `saga`: the same start again (its answer is

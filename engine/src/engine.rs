@@ -18,11 +18,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use sagaflow_dsl::SagaGraph;
-use serde_json::Value;
 use tokio::sync::{Notify, watch};
 use tracing::warn;
 
-use crate::apply::{Done, Inbound, StartRequest};
 use crate::machine::Event;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
@@ -148,96 +146,6 @@ impl Engine {
 
     pub(crate) async fn timers_changed_notified(&self) {
         self.timers_changed.notified().await;
-    }
-
-    /// Starts a saga: checks the input, writes the saga and (if its sequence key is free) its
-    /// first commands in one transaction. With an idempotency key, starting twice starts once.
-    pub async fn start(
-        &self,
-        graph: &Arc<SagaGraph>,
-        input: Value,
-        idempotency_key: Option<&str>,
-    ) -> Result<Started, EngineError> {
-        let mut done = self
-            .start_many(graph, vec![(input, idempotency_key.map(str::to_owned))])
-            .await;
-        done.pop()
-            .unwrap_or_else(|| Err(EngineError::Refused("no start was applied".into())))
-    }
-
-    /// Starts many sagas of one definition in one transaction (falling back to smaller ones
-    /// if it fails); one result per input, in order.
-    pub async fn start_many(
-        &self,
-        graph: &Arc<SagaGraph>,
-        inputs: Vec<(Value, Option<String>)>,
-    ) -> Vec<Result<Started, EngineError>> {
-        let mut results: Vec<Option<Result<Started, EngineError>>> = Vec::new();
-        let mut batch = Vec::new();
-        let mut slots = Vec::new();
-        for (input, idempotency_key) in inputs {
-            match crate::input::sequence_key(graph, &input) {
-                Ok(sequence_key) => {
-                    slots.push(results.len());
-                    results.push(None);
-                    batch.push(Inbound::Start(StartRequest {
-                        graph: graph.clone(),
-                        input,
-                        sequence_key,
-                        idempotency_key,
-                    }));
-                }
-                Err(e) => results.push(Some(Err(e))),
-            }
-        }
-        for (slot, done) in slots.into_iter().zip(self.apply_inbound(&batch).await) {
-            results[slot] = Some(done.and_then(|d| match d {
-                Done::Started(s) => Ok(s),
-                Done::Refused(why) => Err(EngineError::Refused(why)),
-                Done::Applied(a) => Err(EngineError::Refused(format!(
-                    "a start was applied as an event ({a:?})"
-                ))),
-            }));
-        }
-        results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(EngineError::Refused("start lost".into()))))
-            .collect()
-    }
-
-    /// Applies events (one transaction for all when it can); the first error if any failed.
-    pub async fn apply(&self, batch: &[Incoming]) -> Result<Vec<Applied>, EngineError> {
-        let inbound: Vec<Inbound> = batch.iter().cloned().map(Inbound::Event).collect();
-        self.apply_inbound(&inbound)
-            .await
-            .into_iter()
-            .map(crate::apply::applied)
-            .collect()
-    }
-
-    /// Runs the loops until `shutdown` turns true.
-    pub async fn run(self: Arc<Self>, shutdown: watch::Receiver<bool>) -> Result<(), EngineError> {
-        let active = crate::handoff::Active::new(self.handoff_shared());
-        let relay = tokio::spawn(self.clone().relay_loop(shutdown.clone(), active));
-        let timers = tokio::spawn(self.clone().timer_loop(shutdown.clone()));
-        let replies = tokio::spawn(
-            self.clone()
-                .inbound_loop(crate::inbound::Queue::Replies, shutdown.clone()),
-        );
-        let starts = tokio::spawn(
-            self.clone()
-                .inbound_loop(crate::inbound::Queue::Starts, shutdown.clone()),
-        );
-        let dead = tokio::spawn(self.clone().dead_letter_loop(shutdown.clone()));
-        let (a, b, c, d, e) = tokio::join!(relay, timers, replies, starts, dead);
-        for r in [a, b, c, d, e] {
-            match r {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(e),
-                Err(join) => return Err(EngineError::Refused(format!("engine task died: {join}"))),
-            }
-        }
-        Ok(())
     }
 }
 

@@ -33,6 +33,7 @@ pub mod operator;
 pub mod redact;
 pub mod relay;
 pub mod retention;
+pub mod run;
 pub mod status;
 pub mod store;
 pub mod time;
