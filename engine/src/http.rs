@@ -16,6 +16,7 @@
 //! | `GET /`, `GET /stats?minutes=` | the web console and its dashboard's figures: see [`console`] | 200 |
 //! | `GET /healthz` | the database answers a trivial query | 200 `{"status": "ok"}`, else 503 |
 //! | `GET /metrics` | Prometheus (OpenMetrics text), see [`crate::metrics`] | 200 |
+//! | `GET /openapi.json` | this API as an OpenAPI 3.1 document, see [`openapi`] | 200 |
 //!
 //! Every failure has a JSON body `{"error": "…"}` saying what is wrong: 400 for a malformed or
 //! invalid request (the engine's input check included), 404 for an unknown saga, definition or
@@ -25,6 +26,11 @@
 //!
 //! The API only writes through [`Engine`]: the engine process serving it also runs its loops
 //! (`Engine::run`), which deliver what a start, retry or abort wrote to the outbox.
+//!
+//! Every route is registered once, through `utoipa_axum`'s [`routes!`] with the handler's
+//! `#[utoipa::path]`: the router and the OpenAPI document come from the same registrations, and
+//! the schemas from the types the handlers (de)serialize, so the document cannot list a route
+//! the router lacks or miss one it serves.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,13 +41,17 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::error;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::{RefOr, Tag};
+use utoipa::{PartialSchema, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub mod console;
 pub mod dead_letters;
@@ -49,7 +59,7 @@ pub mod dead_letters;
 use crate::engine::{Applied, Engine, EngineError};
 use crate::machine::{Paused, Resolution, SagaState, SagaStatus};
 use crate::metrics;
-use crate::status::{self, ListQuery};
+use crate::status::{self, ListQuery, SagaDetail};
 use crate::store::{SagaQueries, StoreError, now_ms};
 
 /// Sagas per page when `limit` is not given, and the most a page may hold.
@@ -61,29 +71,115 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The API's routes, on `engine`.
 pub fn router(engine: Arc<Engine>) -> Router {
-    Router::new()
-        .route("/", get(console::index))
-        .route("/console/app.js", get(console::script))
-        .route("/console/app.css", get(console::style))
-        .route("/stats", get(console::stats))
-        .route("/sagas", post(start_saga).get(list_sagas))
-        .route("/sagas/{id}", get(get_saga))
-        .route("/sagas/{id}/graph", get(saga_graph))
-        .route("/sagas/{id}/retry", post(retry_saga))
-        .route("/sagas/{id}/abort", post(abort_saga))
-        .route("/sagas/{id}/release-key", post(release_key))
-        .route("/sagas/{id}/skip", post(skip_step))
-        .route("/sagas/{id}/pause", post(pause_saga))
-        .route("/sagas/{id}/resume", post(resume_saga))
-        .route("/dead-letters", get(dead_letters::list))
-        .route("/dead-letters/replay", post(dead_letters::replay))
-        .route("/dead-letters/purge", post(dead_letters::purge))
-        .route("/dead-letters/{id}", get(dead_letters::show))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
+    let (routes, _) = api();
+    routes
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(engine)
+}
+
+/// The API as an OpenAPI 3.1 document (what `GET /openapi.json` answers): every route the
+/// router serves, with its parameters, body and every response, and the schemas of the JSON
+/// they exchange.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().1
+}
+
+/// Every route, each registered once with its documentation: the router and the document.
+fn api() -> (Router<Arc<Engine>>, utoipa::openapi::OpenApi) {
+    let (routes, doc) = OpenApiRouter::with_openapi(document())
+        .routes(routes!(console::index))
+        .routes(routes!(console::script))
+        .routes(routes!(console::style))
+        .routes(routes!(console::stats))
+        .routes(routes!(start_saga, list_sagas))
+        .routes(routes!(get_saga))
+        .routes(routes!(saga_graph))
+        .routes(routes!(retry_saga))
+        .routes(routes!(abort_saga))
+        .routes(routes!(release_key))
+        .routes(routes!(skip_step))
+        .routes(routes!(pause_saga))
+        .routes(routes!(resume_saga))
+        .routes(routes!(dead_letters::list))
+        .routes(routes!(dead_letters::replay))
+        .routes(routes!(dead_letters::purge))
+        .routes(routes!(dead_letters::show))
+        .routes(routes!(healthz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+        .split_for_parts();
+    (routes, optional_bodies(doc))
+}
+
+/// utoipa writes an optional body (`request_body(content = Option<T>)`) as "`T` or `null`",
+/// and leaves it not required; but what is optional here is the body itself (an empty one
+/// means the defaults), and a `null` body is refused. So such a body's schema is `T`.
+fn optional_bodies(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::schema::OneOf;
+    let operations = doc.paths.paths.values_mut().flat_map(|item| {
+        [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.options,
+            &mut item.head,
+            &mut item.patch,
+            &mut item.trace,
+        ]
+    });
+    for operation in operations.flatten() {
+        let Some(body) = &mut operation.request_body else {
+            continue;
+        };
+        for content in body.content.values_mut() {
+            if let Some(RefOr::T(Schema::OneOf(OneOf { items, .. }))) = &content.schema
+                && let [RefOr::T(Schema::Object(null)), other] = items.as_slice()
+                && null.schema_type == Type::Null.into()
+            {
+                content.schema = Some(other.clone());
+            }
+        }
+    }
+    doc
+}
+
+/// What the document says before the routes are added: title, version, what holds everywhere.
+fn document() -> utoipa::openapi::OpenApi {
+    #[derive(utoipa::OpenApi)]
+    #[openapi(info(
+        title = "sagaflow engine HTTP API",
+        description = "Start sagas, read them, act on them as an operator, manage dead letters; \
+            health, metrics and the web console.\n\n\
+            Every failure has a JSON body `{\"error\": \"…\"}` (`ErrorBody`) saying what is wrong. \
+            A path no route serves answers 404 and a method a path does not serve 405, both \
+            with that body. Times are RFC 3339 in UTC with milliseconds. The API has no login \
+            of its own: serve it on a private address or behind a proxy that guards it."
+    ))]
+    struct Document;
+
+    let mut doc = <Document as utoipa::OpenApi>::openapi();
+    doc.tags = Some(
+        [
+            ("sagas", "Start and read sagas."),
+            (
+                "operator",
+                "Act on one saga by hand; each action is the saga's state machine's to accept or refuse (409).",
+            ),
+            ("dead letters", "The deployment's dead letters, kept in the engine's database."),
+            ("console", "The web console and its dashboard's figures."),
+            ("service", "Health, metrics and this document."),
+        ]
+        .into_iter()
+        .map(|(name, description)| {
+            let mut tag = Tag::new(name);
+            tag.description = Some(description.to_owned());
+            tag
+        })
+        .collect(),
+    );
+    doc
 }
 
 /// Serves the API on `listener` until `shutdown` turns true (or its sender is dropped), then
@@ -120,12 +216,22 @@ impl ApiError {
     }
 }
 
+/// The body of every failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// What is wrong, in words a caller can act on.
+    pub error: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
             error!(status = %self.status, error = %self.message, "HTTP API request failed");
         }
-        (self.status, axum::Json(json!({ "error": self.message }))).into_response()
+        let body = ErrorBody {
+            error: self.message,
+        };
+        (self.status, axum::Json(body)).into_response()
     }
 }
 
@@ -162,14 +268,18 @@ impl From<BytesRejection> for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-/// `POST /sagas`.
-#[derive(Debug, Deserialize)]
+/// What `POST /sagas` takes: which saga to start, with what input.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct StartRequest {
-    /// The name of a registered definition (its latest version is started).
+    /// The name of a registered definition (its latest version is started), e.g. `order-paid`.
     saga: String,
+    /// The saga's input, checked against the definition's (default `{}`).
     #[serde(default = "empty_object")]
+    #[schema(value_type = Object)]
     input: Value,
+    /// Names one start: the same key again with the same saga and input answers the first
+    /// saga (200, `existing: true`), with another saga or input 409. Not empty.
     #[serde(default)]
     idempotency_key: Option<String>,
     /// When given, the definition the caller means: refused (409) if the engine's latest
@@ -183,7 +293,7 @@ fn empty_object() -> Value {
 }
 
 /// What `POST /sagas` answers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct StartResponse {
     pub id: String,
     /// True when the idempotency key matched a saga started before: nothing new was started.
@@ -196,6 +306,27 @@ pub struct StartResponse {
     pub state: String,
 }
 
+/// Start a saga
+///
+/// Starts the latest version of the named definition with the input; with an idempotency key,
+/// a start already made with that key is answered instead of starting another.
+#[utoipa::path(
+    post,
+    path = "/sagas",
+    tag = "sagas",
+    request_body(content = StartRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Started", body = StartResponse),
+        (status = 200, description = "The idempotency key matched a saga started before: nothing new was started (`existing: true`)", body = StartResponse),
+        (status = 400, description = "Malformed or invalid body, the engine's input check included", body = ErrorBody),
+        (status = 404, description = "No saga definition of that name", body = ErrorBody),
+        (status = 405, description = "A method the path does not serve", body = ErrorBody),
+        (status = 409, description = "The idempotency key names another start, or `definition_hash` is not the engine's latest definition of that name", body = ErrorBody),
+        (status = 413, description = "The body is over the limit (2 MiB)", body = ErrorBody),
+        (status = 415, description = "The body is not declared `application/json`", body = ErrorBody),
+        (status = 500, description = "The database failed", body = ErrorBody),
+    )
+)]
 async fn start_saga(
     State(engine): State<Arc<Engine>>,
     headers: HeaderMap,
@@ -278,7 +409,22 @@ async fn definition_names(engine: &Engine) -> Result<Vec<String>, ApiError> {
         .map_err(EngineError::from)?)
 }
 
-/// `GET /sagas/{id}`.
+/// One saga
+///
+/// Its state, steps (state, attempts, last error) and timeline: what `sagaflow status` shows.
+#[utoipa::path(
+    get,
+    path = "/sagas/{id}",
+    tag = "sagas",
+    params(("id" = String, Path, description = "The saga's id")),
+    responses(
+        (status = 200, description = "The saga", body = SagaDetail),
+        (status = 400, description = "The id in the path does not decode", body = ErrorBody),
+        (status = 404, description = "No saga with that id", body = ErrorBody),
+        (status = 405, description = "A method the path does not serve", body = ErrorBody),
+        (status = 500, description = "The database failed, or holds what this version cannot read", body = ErrorBody),
+    )
+)]
 async fn get_saga(
     State(engine): State<Arc<Engine>>,
     id: Result<Path<String>, PathRejection>,
@@ -290,7 +436,31 @@ async fn get_saga(
     }
 }
 
-/// `GET /sagas/{id}/graph?format=`.
+/// A saga's graph
+///
+/// The saga's step graph with each step's state drawn on it, in the format asked for (what
+/// `sagaflow graph --saga ID` prints; `svg` is what the console shows).
+#[utoipa::path(
+    get,
+    path = "/sagas/{id}/graph",
+    tag = "sagas",
+    params(
+        ("id" = String, Path, description = "The saga's id"),
+        ("format" = inline(Option<status::DrawFormat>), Query, description = "How to draw it (default `text`)"),
+    ),
+    responses(
+        (status = 200, description = "The drawing: text and mermaid as `text/plain`, dot as `text/vnd.graphviz`, svg as `image/svg+xml`", content(
+            (String = "text/plain"),
+            (String = "text/vnd.graphviz"),
+            (String = "image/svg+xml"),
+        )),
+        (status = 400, description = "An unknown format or query parameter, or an id that does not decode", body = ErrorBody),
+        (status = 404, description = "No saga with that id", body = ErrorBody),
+        (status = 405, description = "A method the path does not serve", body = ErrorBody),
+        (status = 409, description = "The saga cannot be drawn: its stored definition no longer compiles to the one it was pinned to", body = ErrorBody),
+        (status = 500, description = "The database failed", body = ErrorBody),
+    )
+)]
 async fn saga_graph(
     State(engine): State<Arc<Engine>>,
     id: Result<Path<String>, PathRejection>,
@@ -334,7 +504,30 @@ async fn saga_graph(
     Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
 }
 
-/// `GET /sagas?state=&key=&saga=&from=&to=&limit=&after=`.
+/// List sagas
+///
+/// Newest first, `limit` at a time; pass a page's `next` as `after` for the next page. Each
+/// parameter may be given once.
+#[utoipa::path(
+    get,
+    path = "/sagas",
+    tag = "sagas",
+    params(
+        ("state" = Option<String>, Query, description = "Only sagas in this state: queued, running, compensating, completed, compensated or failed"),
+        ("key" = Option<String>, Query, description = "Only sagas of this sequence key (their order)"),
+        ("saga" = Option<String>, Query, description = "Only sagas of this definition name"),
+        ("from" = Option<String>, Query, description = "Only sagas created at or after this time: RFC 3339 (e.g. 2026-12-01T10:00:00Z) or milliseconds since the epoch"),
+        ("to" = Option<String>, Query, description = "Only sagas created before this time: RFC 3339 or milliseconds since the epoch"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Sagas per page, 1 to 1000 (default 50)"),
+        ("after" = Option<String>, Query, description = "The `next` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "One page of sagas", body = status::Page),
+        (status = 400, description = "An unknown, repeated or invalid query parameter, or a cursor that is not one", body = ErrorBody),
+        (status = 405, description = "A method the path does not serve", body = ErrorBody),
+        (status = 500, description = "The database failed", body = ErrorBody),
+    )
+)]
 async fn list_sagas(
     State(engine): State<Arc<Engine>>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
@@ -405,21 +598,23 @@ async fn list_sagas(
     }
 }
 
-/// The body of `POST /sagas/{id}/retry`: nothing, or `{"actor": …}`.
-#[derive(Debug, Default, Deserialize)]
+/// The body of `POST /sagas/{id}/retry` and `…/resume`: nothing, or `{"actor": …}`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RetryRequest {
-    /// Who retries it, for the history (default: `api`).
+    /// Who acts, for the saga's timeline (default: `api`).
     #[serde(default)]
     actor: Option<String>,
 }
 
-/// The body of `POST /sagas/{id}/abort`: nothing, or `{"reason": …, "actor": …}`.
-#[derive(Debug, Default, Deserialize)]
+/// The body of `POST /sagas/{id}/abort` and `…/pause`: nothing, or `{"reason": …, "actor": …}`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AbortRequest {
+    /// Why, for the saga's timeline (default: `no reason given`).
     #[serde(default)]
     reason: Option<String>,
+    /// Who acts, for the saga's timeline (default: `api`).
     #[serde(default)]
     actor: Option<String>,
 }
@@ -432,18 +627,18 @@ fn actor_or_api(actor: Option<String>) -> String {
 }
 
 /// The body of `POST /sagas/{id}/release-key`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ReleaseKeyRequest {
     /// Who releases it (default: `api`).
     #[serde(default)]
     actor: Option<String>,
-    /// Why: recorded in the saga's timeline.
+    /// How the saga was resolved, recorded in its timeline (not empty).
     reason: String,
 }
 
-/// What `retry` and `abort` answer: the saga's state after the action.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What the operator actions answer: the saga's state after the action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ActionResponse {
     pub id: String,
     /// `state` and, depending on it, `reason` and `compensating` (like `GET /sagas/{id}`).
@@ -454,7 +649,26 @@ pub struct ActionResponse {
     pub paused: Option<Paused>,
 }
 
-/// `POST /sagas/{id}/retry`.
+/// Retry a failed saga
+///
+/// Resumes a Failed saga where it stopped, with a fresh retry budget for its stuck step.
+#[utoipa::path(
+    post,
+    path = "/sagas/{id}/retry",
+    tag = "operator",
+    params(("id" = String, Path, description = "The saga's id")),
+    request_body(content = Option<RetryRequest>, content_type = "application/json", description = "Optional: who retries it"),
+    responses(
+        (status = 200, description = "Retried: the saga's state now", body = ActionResponse),
+        (status = 400, description = "Malformed or invalid body, or an id that does not decode", body = ErrorBody),
+        (status = 404, description = "No saga with that id", body = ErrorBody),
+        (status = 405, description = "A method the path does not serve", body = ErrorBody),
+        (status = 409, description = "The saga refuses it (it is not Failed, or its key was released): the message says why", body = ErrorBody),
+        (status = 413, description = "The body is over the limit (2 MiB)", body = ErrorBody),
+        (status = 415, description = "A body that is not declared `application/json`", body = ErrorBody),
+        (status = 500, description = "The database failed", body = ErrorBody),
+    )
+)]
 async fn retry_saga(
     State(engine): State<Arc<Engine>>,
     id: Result<Path<String>, PathRejection>,
@@ -466,7 +680,26 @@ async fn retry_saga(
     operator_outcome(&engine, &id, applied).await
 }
 
-/// `POST /sagas/{id}/abort`.
+/// Abort a saga
+///
+/// Compensates a Running or Queued saga: what it did is undone.
+#[utoipa::path(
+    post,
+    path = "/sagas/{id}/abort",
+    tag = "operator",
+    params(("id" = String, Path, description = "The saga's id")),
+    request_body(content = Option<AbortRequest>, content_type = "application/json", description = "Optional: why, and who aborts it"),
+    responses(
+        (status = 200, description = "Aborted: the saga's state now", body = ActionResponse),
+        (status = 400, description = "Malformed or invalid body, or an id that does not decode", body = ErrorBody),
+        (status = 404, description = "No saga with that id", body = ErrorBody),
+        (status = 405, description = "A method the path does not serve", body = ErrorBody),
+        (status = 409, description = "The saga refuses it (it is not Running or Queued): the message says why", body = ErrorBody),
+        (status = 413, description = "The body is over the limit (2 MiB)", body = ErrorBody),
+        (status = 415, description = "A body that is not declared `application/json`", body = ErrorBody),
+        (status = 500, description = "The database failed", body = ErrorBody),
+    )
+)]
 async fn abort_saga(
     State(engine): State<Arc<Engine>>,
     id: Result<Path<String>, PathRejection>,
@@ -500,7 +733,26 @@ fn actor_and_reason(headers: &HeaderMap, body: &Bytes) -> Result<(String, String
     Ok((actor_or_api(req.actor), reason))
 }
 
-/// `POST /sagas/{id}/release-key`.
+/// Release a failed saga's sequence key
+///
+/// A Failed saga resolved by hand gives its order's sequence key to the next saga of that order; it never runs again.
+#[utoipa::path(
+    post,
+    path = "/sagas/{id}/release-key",
+    tag = "operator",
+    params(("id" = String, Path, description = "The saga's id")),
+    request_body(content = ReleaseKeyRequest, content_type = "application/json", description = "Required: how the saga was resolved"),
+    responses(
+        (status = 200, description = "Released: the saga's state now", body = ActionResponse),
+        (status = 400, description = "No body or no reason, a malformed or invalid body, or an id that does not decode", body = ErrorBody),
+        (status = 404, description = "No saga with that id", body = ErrorBody),
+        (status = 405, description = "A method the path does not serve", body = ErrorBody),
+        (status = 409, description = "The saga refuses it (it is not Failed, or holds no key): the message says why", body = ErrorBody),
+        (status = 413, description = "The body is over the limit (2 MiB)", body = ErrorBody),
+        (status = 415, description = "A body that is not declared `application/json`", body = ErrorBody),
+        (status = 500, description = "The database failed", body = ErrorBody),
+    )
+)]
 async fn release_key(
     State(engine): State<Arc<Engine>>,
     id: Result<Path<String>, PathRejection>,
@@ -523,22 +775,58 @@ async fn release_key(
 }
 
 /// The body of `POST /sagas/{id}/skip`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SkipRequest {
+    /// The stuck step's id (not empty).
     step: String,
-    /// `done` (default) or `compensated`.
+    /// How it was resolved (default `done`).
     #[serde(default, rename = "as")]
+    #[schema(value_type = Option<SkipAs>)]
     resolution: Option<String>,
-    /// A done forward step's output (default `{}`).
+    /// A done forward step's output (default `{}`); not with `compensated`.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     output: Option<Value>,
+    /// Why, for the saga's timeline (not empty).
     reason: String,
+    /// Who acts, for the saga's timeline (default: `api`).
     #[serde(default)]
     actor: Option<String>,
 }
 
-/// `POST /sagas/{id}/skip`.
+/// How the step was resolved: its operation is `done` by hand, or it has no effect any more
+/// (`compensated`).
+// Only the schema of `SkipRequest::resolution`: the handler reads the text, to answer a wrong
+// one with what it accepts.
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum SkipAs {
+    Done,
+    Compensated,
+}
+
+/// Resolve a failed saga's stuck step by hand
+///
+/// Marks the stuck step `done` (a forward step with `output`) or `compensated`, and the saga goes on from there.
+#[utoipa::path(
+    post,
+    path = "/sagas/{id}/skip",
+    tag = "operator",
+    params(("id" = String, Path, description = "The saga's id")),
+    request_body(content = SkipRequest, content_type = "application/json", description = "Required: the step, how it was resolved, and why"),
+    responses(
+        (status = 200, description = "Resolved: the saga's state now", body = ActionResponse),
+        (status = 400, description = "No body, no step or reason, an `as` other than done or compensated, `output` with compensated, a malformed body, or an id that does not decode", body = ErrorBody),
+        (status = 404, description = "No saga with that id", body = ErrorBody),
+        (status = 405, description = "A method the path does not serve", body = ErrorBody),
+        (status = 409, description = "The saga refuses it (it is not Failed, or the step is not stuck): the message says why", body = ErrorBody),
+        (status = 413, description = "The body is over the limit (2 MiB)", body = ErrorBody),
+        (status = 415, description = "A body that is not declared `application/json`", body = ErrorBody),
+        (status = 500, description = "The database failed", body = ErrorBody),
+    )
+)]
 async fn skip_step(
     State(engine): State<Arc<Engine>>,
     id: Result<Path<String>, PathRejection>,
@@ -581,7 +869,26 @@ async fn skip_step(
     operator_outcome(&engine, &id, applied).await
 }
 
-/// `POST /sagas/{id}/pause`.
+/// Pause a saga
+///
+/// Nothing is dispatched for the saga until it resumes; replies and timers are still applied. The answer has `paused` while it is paused.
+#[utoipa::path(
+    post,
+    path = "/sagas/{id}/pause",
+    tag = "operator",
+    params(("id" = String, Path, description = "The saga's id")),
+    request_body(content = Option<AbortRequest>, content_type = "application/json", description = "Optional: why, and who pauses it"),
+    responses(
+        (status = 200, description = "Paused: the saga's state now", body = ActionResponse),
+        (status = 400, description = "Malformed or invalid body, or an id that does not decode", body = ErrorBody),
+        (status = 404, description = "No saga with that id", body = ErrorBody),
+        (status = 405, description = "A method the path does not serve", body = ErrorBody),
+        (status = 409, description = "The saga refuses it (it is final, or already paused): the message says why", body = ErrorBody),
+        (status = 413, description = "The body is over the limit (2 MiB)", body = ErrorBody),
+        (status = 415, description = "A body that is not declared `application/json`", body = ErrorBody),
+        (status = 500, description = "The database failed", body = ErrorBody),
+    )
+)]
 async fn pause_saga(
     State(engine): State<Arc<Engine>>,
     id: Result<Path<String>, PathRejection>,
@@ -594,7 +901,26 @@ async fn pause_saga(
     operator_outcome(&engine, &id, applied).await
 }
 
-/// `POST /sagas/{id}/resume`.
+/// Resume a paused saga
+///
+/// Ends a pause and dispatches what it held back.
+#[utoipa::path(
+    post,
+    path = "/sagas/{id}/resume",
+    tag = "operator",
+    params(("id" = String, Path, description = "The saga's id")),
+    request_body(content = Option<RetryRequest>, content_type = "application/json", description = "Optional: who resumes it"),
+    responses(
+        (status = 200, description = "Resumed: the saga's state now", body = ActionResponse),
+        (status = 400, description = "Malformed or invalid body, or an id that does not decode", body = ErrorBody),
+        (status = 404, description = "No saga with that id", body = ErrorBody),
+        (status = 405, description = "A method the path does not serve", body = ErrorBody),
+        (status = 409, description = "The saga refuses it (it is not paused): the message says why", body = ErrorBody),
+        (status = 413, description = "The body is over the limit (2 MiB)", body = ErrorBody),
+        (status = 415, description = "A body that is not declared `application/json`", body = ErrorBody),
+        (status = 500, description = "The database failed", body = ErrorBody),
+    )
+)]
 async fn resume_saga(
     State(engine): State<Arc<Engine>>,
     id: Result<Path<String>, PathRejection>,
@@ -646,22 +972,64 @@ async fn saga_state(engine: &Engine, id: &str) -> Result<Option<SagaState>, ApiE
         .map_err(EngineError::from)?)
 }
 
-/// `GET /healthz`.
+/// What `GET /healthz` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ok`, or `unavailable` (503).
+    pub status: String,
+    /// Why it is unavailable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Health
+///
+/// Whether the database answers a trivial query (within 5 s).
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "service",
+    responses(
+        (status = 200, description = "The database answers: `{\"status\": \"ok\"}`", body = Health),
+        (status = 405, description = "A method the path does not serve", body = ErrorBody),
+        (status = 503, description = "The database does not answer: `{\"status\": \"unavailable\", \"error\": \"…\"}`", body = Health),
+    )
+)]
 async fn healthz(State(engine): State<Arc<Engine>>) -> Response {
     let problem = match tokio::time::timeout(HEALTH_TIMEOUT, engine.store().ping()).await {
-        Ok(Ok(())) => return axum::Json(json!({ "status": "ok" })).into_response(),
+        Ok(Ok(())) => {
+            let ok = Health {
+                status: "ok".to_owned(),
+                error: None,
+            };
+            return axum::Json(ok).into_response();
+        }
         // `database: …` (a store error says where it came from).
         Ok(Err(e)) => e.to_string(),
         Err(_) => format!("database: no answer within {}s", HEALTH_TIMEOUT.as_secs()),
     };
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        axum::Json(json!({ "status": "unavailable", "error": problem })),
-    )
-        .into_response()
+    let unavailable = Health {
+        status: "unavailable".to_owned(),
+        error: Some(problem),
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, axum::Json(unavailable)).into_response()
 }
 
-/// `GET /metrics`.
+/// Metrics
+///
+/// Prometheus metrics in the OpenMetrics text format (the README lists them).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "service",
+    responses(
+        (status = 200, description = "The metrics", content(
+            (String = "application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        )),
+        (status = 405, description = "A method the path does not serve", body = ErrorBody),
+        (status = 500, description = "The database failed (the outbox and dead-letter figures are read at scrape time)", body = ErrorBody),
+    )
+)]
 async fn metrics(State(engine): State<Arc<Engine>>) -> ApiResult {
     let outbox = engine
         .store()
@@ -684,11 +1052,46 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> ApiResult {
         .into_response())
 }
 
+/// This API's OpenAPI document
+///
+/// What [`openapi`] returns: every route, its parameters, bodies and responses, and the schemas
+/// of the JSON they exchange.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "service",
+    responses(
+        (status = 200, description = "The document", body = OpenApiDocument),
+        (status = 405, description = "A method the path does not serve", body = ErrorBody),
+    )
+)]
+async fn openapi_json() -> Response {
+    static DOCUMENT: std::sync::LazyLock<utoipa::openapi::OpenApi> =
+        std::sync::LazyLock::new(openapi);
+    axum::Json(&*DOCUMENT).into_response()
+}
+
+/// The schema of `GET /openapi.json`'s answer: an OpenAPI document, not described further here.
+struct OpenApiDocument;
+
+impl PartialSchema for OpenApiDocument {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .description(Some(
+                "An OpenAPI 3.1 document: this one (see https://spec.openapis.org/oas/v3.1.0)",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for OpenApiDocument {}
+
 async fn no_route(method: Method, uri: Uri) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         format!(
-            "no route for {method} {}; the API serves /sagas, /sagas/{{id}}, /sagas/{{id}}/retry, /sagas/{{id}}/abort, /sagas/{{id}}/release-key, /healthz and /metrics",
+            "no route for {method} {}; GET /openapi.json lists the API's routes",
             uri.path()
         ),
     )

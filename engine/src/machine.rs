@@ -31,12 +31,15 @@ use sagaflow_dsl::template::{ResolveError, Values};
 use sagaflow_dsl::{Compensation, FailurePolicy, SagaGraph, StepKind};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
 /// Milliseconds since the Unix epoch: the machine's only notion of time.
 pub type Millis = i64;
 
 /// An operation on a step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Op {
     Action,
@@ -104,7 +107,7 @@ impl fmt::Display for Op {
 }
 
 /// Where a saga is. Variants carry what only they need.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum SagaStatus {
     /// Waiting behind another saga with the same sequence key.
@@ -156,7 +159,7 @@ impl SagaStatus {
 }
 
 /// Where a step is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum StepStatus {
     Pending,
@@ -217,11 +220,12 @@ pub struct SagaState {
 }
 
 /// Who paused a saga, why, and what it holds back.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Paused {
     pub actor: String,
     pub reason: String,
     #[serde(with = "crate::time::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub since: Millis,
     /// Steps whose next operation would have been dispatched meanwhile: each waits as
     /// `Active { waiting: true }` and is dispatched when the saga resumes.

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use sagaflow_dsl::{SagaGraph, StepKind, compile};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
 use crate::engine::EngineError;
 use crate::machine::{Millis, Paused, SagaState, SagaStatus, StepStatus};
@@ -25,13 +26,14 @@ pub use crate::store::{SagaSummary, TimelineRow};
 pub const TIMELINE_LIMIT: usize = 1000;
 
 /// One saga with its steps and timeline (what `GET /sagas/{id}` answers).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct SagaDetail {
     pub id: String,
     pub name: String,
     pub version: u32,
     pub definition_hash: String,
-    /// `state` (one of [`SagaStatus::NAMES`]) and, depending on it, `reason` and `compensating`.
+    /// `state` (queued, running, compensating, completed, compensated or failed) and,
+    /// depending on it, `reason` and `compensating`.
     #[serde(flatten)]
     pub status: SagaStatus,
     /// Set while an operator has the saga paused: who, why, since when, what it holds back.
@@ -43,21 +45,28 @@ pub struct SagaDetail {
     pub waiting: Vec<String>,
     pub idempotency_key: Option<String>,
     #[serde(with = "crate::time::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: Millis,
     #[serde(with = "crate::time::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub updated_at: Millis,
+    /// When it became final (`null` while it is not).
     #[serde(with = "crate::time::rfc3339_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub finished_at: Option<Millis>,
+    /// The input it was started with.
+    #[schema(value_type = Object)]
     pub input: Value,
     /// Outputs of the steps that succeeded, by step id.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, Value>)]
     pub outputs: BTreeMap<String, Value>,
     pub steps: Vec<StepDetail>,
     pub timeline: Vec<TimelineRow>,
-    /// Older timeline rows not loaded (see [`TIMELINE_LIMIT`]).
+    /// Older timeline rows not loaded (at most the newest 1000 are).
     pub timeline_omitted: u64,
     /// Set when the stored definition no longer compiles to the same hash: steps are then
-    /// named from the projection and `graph` is `None`.
+    /// named from the projection, and the saga cannot be drawn.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub definition_problem: Option<String>,
     /// The compiled definition the saga is pinned to, for drawing it.
@@ -66,14 +75,15 @@ pub struct SagaDetail {
 }
 
 /// One step of a saga.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct StepDetail {
     pub index: usize,
     pub id: String,
-    /// `None` only when the definition no longer compiles.
+    /// Null only when the definition no longer compiles.
     pub service: Option<String>,
-    /// `saga` or `tcc` (`None` only when the definition no longer compiles).
+    /// `saga` or `tcc` (null only when the definition no longer compiles).
     #[serde(default, deserialize_with = "step_kind")]
+    #[schema(value_type = Option<String>)]
     pub kind: Option<StaticStr>,
     /// For people: `succeeded`, `try: running`, `compensate: stuck`, …
     pub status: String,
@@ -103,10 +113,11 @@ pub struct ListQuery {
 }
 
 /// One page of `sagaflow list` (what `GET /sagas` answers).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[schema(as = SagaPage)]
 pub struct Page {
     pub sagas: Vec<SagaSummary>,
-    /// Pass as [`ListQuery::after`] for the next page; `None` on the last page.
+    /// Pass as `after` for the next page; `null` on the last page.
     pub next: Option<String>,
 }
 
@@ -306,8 +317,9 @@ pub fn step_fill(state: &StepStatus) -> &'static str {
     }
 }
 
-/// How [`draw`] draws.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a saga's graph is drawn: plain text, Graphviz dot, Mermaid or SVG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ToSchema)]
+#[schema(rename_all = "lowercase")]
 pub enum DrawFormat {
     Text,
     Dot,

@@ -20,8 +20,9 @@ use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use super::{ApiError, ApiResult};
+use super::{ApiError, ApiResult, ErrorBody};
 use crate::engine::{Engine, EngineError};
 use crate::store::{Minute, SagaCounts, SagaQueries, now_ms};
 
@@ -50,25 +51,59 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
-/// `GET /`.
+/// The web console
+///
+/// One HTML page (sagas, one saga, dead letters, dashboard) over this JSON API.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "console",
+    operation_id = "console_page",
+    responses(
+        (status = 200, description = "The page", content((String = "text/html"))),
+        (status = 405, description = "A method the path does not serve", body = ErrorBody),
+    )
+)]
 pub async fn index() -> Response {
     asset("text/html; charset=utf-8", INDEX)
 }
 
-/// `GET /console/app.js`.
+/// The web console's script
+#[utoipa::path(
+    get,
+    path = "/console/app.js",
+    tag = "console",
+    operation_id = "console_script",
+    responses(
+        (status = 200, description = "The script", content((String = "text/javascript"))),
+        (status = 405, description = "A method the path does not serve", body = ErrorBody),
+    )
+)]
 pub async fn script() -> Response {
     asset("text/javascript; charset=utf-8", APP_JS)
 }
 
-/// `GET /console/app.css`.
+/// The web console's stylesheet
+#[utoipa::path(
+    get,
+    path = "/console/app.css",
+    tag = "console",
+    operation_id = "console_style",
+    responses(
+        (status = 200, description = "The stylesheet", content((String = "text/css"))),
+        (status = 405, description = "A method the path does not serve", body = ErrorBody),
+    )
+)]
 pub async fn style() -> Response {
     asset("text/css; charset=utf-8", APP_CSS)
 }
 
 /// What `GET /stats` answers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Stats {
+    /// When the figures were read.
     #[serde(with = "crate::time::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub now: i64,
     /// All sagas by state.
     pub counts: BTreeMap<String, u64>,
@@ -85,7 +120,8 @@ pub struct Stats {
     pub definitions: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Start-to-final latency percentiles, in milliseconds (`null` when no saga finished).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LatencyStats {
     /// Sagas started in the window that are final.
     pub finished: u64,
@@ -94,7 +130,8 @@ pub struct LatencyStats {
     pub p99_ms: Option<i64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The outbox's backlog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct OutboxLag {
     /// Commands and replies written but not yet confirmed by the broker.
     pub pending: u64,
@@ -102,7 +139,25 @@ pub struct OutboxLag {
     pub lag_ms: i64,
 }
 
-/// `GET /stats?minutes=N`.
+/// The dashboard's figures
+///
+/// Sagas by state; per minute of the last `minutes` started and finished by outcome;
+/// start-to-final latency percentiles of the sagas started in that window; outbox backlog and
+/// lag; dead letters kept; definition names.
+#[utoipa::path(
+    get,
+    path = "/stats",
+    tag = "console",
+    params(
+        ("minutes" = Option<u32>, Query, minimum = 0, maximum = 1440, description = "The window, in minutes: 0 to 1440 (default 60; 0: counts only)"),
+    ),
+    responses(
+        (status = 200, description = "The figures", body = Stats),
+        (status = 400, description = "An unknown or invalid query parameter", body = ErrorBody),
+        (status = 405, description = "A method the path does not serve", body = ErrorBody),
+        (status = 500, description = "The database failed", body = ErrorBody),
+    )
+)]
 pub async fn stats(
     State(engine): State<Arc<Engine>>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,

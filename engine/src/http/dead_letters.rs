@@ -15,31 +15,49 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use utoipa::ToSchema;
 
-use super::{ApiError, ApiResult, DEFAULT_LIMIT, MAX_LIMIT, json_body};
+use super::{ApiError, ApiResult, DEFAULT_LIMIT, ErrorBody, MAX_LIMIT, json_body};
 use crate::engine::{Engine, EngineError};
-use crate::store::dead_letters::{DeadLetterQuery, DeadLetterRow};
+use crate::store::dead_letters::{DeadLetterQuery, DeadLetterRow, Replayed};
 use crate::store::now_ms;
 
 /// One page of `GET /dead-letters`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DeadLetterPage {
     pub dead_letters: Vec<DeadLetterRow>,
-    /// Pass as `after` for the next page; `None` on the last page.
+    /// Pass as `after` for the next page; `null` on the last page.
     pub next: Option<String>,
 }
 
-/// Which letters a replay or purge takes: listed ids, or all (of one queue).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+/// Which letters a replay or purge takes: listed ids (`{"ids": […]}`), or all of them, of one
+/// source queue if `queue` is given (`{"all": true, "queue": …}`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Selection {
+    /// These letters (at least one); not with `all` or `queue`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ids: Option<Vec<String>>,
+    /// Every letter (of `queue`, if given); not with `ids`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub all: bool,
+    /// With `all`: only the letters of this source queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<String>,
+}
+
+/// What `POST /dead-letters/replay` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReplayResponse {
+    /// Per letter, the queue it went back to, or why it could not.
+    pub replayed: Vec<Replayed>,
+}
+
+/// What `POST /dead-letters/purge` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PurgeResponse {
+    /// How many letters were deleted.
+    pub purged: u64,
 }
 
 const SELECTION: &str = r#"{"ids": ["…"]} or {"all": true, "queue": "…" (optional)}"#;
@@ -63,7 +81,27 @@ impl Selection {
     }
 }
 
-/// `GET /dead-letters`.
+/// List dead letters
+///
+/// The deployment's kept dead letters, oldest first, `limit` at a time; pass a page's `next`
+/// as `after` for the next page.
+#[utoipa::path(
+    get,
+    path = "/dead-letters",
+    tag = "dead letters",
+    operation_id = "list_dead_letters",
+    params(
+        ("queue" = Option<String>, Query, description = "Only letters from this source queue (`cmd.payment`, `reply`, `start`, …)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Letters per page, 1 to 1000 (default 50)"),
+        ("after" = Option<String>, Query, description = "The `next` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "One page of dead letters", body = DeadLetterPage),
+        (status = 400, description = "An unknown or invalid query parameter", body = ErrorBody),
+        (status = 405, description = "A method the path does not serve", body = ErrorBody),
+        (status = 500, description = "The database failed", body = ErrorBody),
+    )
+)]
 pub(super) async fn list(
     State(engine): State<Arc<Engine>>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
@@ -117,7 +155,23 @@ pub async fn page(engine: &Engine, q: &DeadLetterQuery) -> Result<DeadLetterPage
     })
 }
 
-/// `GET /dead-letters/{id}`.
+/// One dead letter
+///
+/// Its reason, source queue, time and message.
+#[utoipa::path(
+    get,
+    path = "/dead-letters/{id}",
+    tag = "dead letters",
+    operation_id = "show_dead_letter",
+    params(("id" = String, Path, description = "The letter's id")),
+    responses(
+        (status = 200, description = "The letter", body = DeadLetterRow),
+        (status = 400, description = "The id in the path does not decode", body = ErrorBody),
+        (status = 404, description = "No dead letter with that id", body = ErrorBody),
+        (status = 405, description = "A method the path does not serve", body = ErrorBody),
+        (status = 500, description = "The database failed", body = ErrorBody),
+    )
+)]
 pub(super) async fn show(
     State(engine): State<Arc<Engine>>,
     id: Result<Path<String>, PathRejection>,
@@ -163,7 +217,25 @@ pub async fn selected(engine: &Engine, s: &Selection) -> Result<Vec<String>, Eng
     Ok(ids)
 }
 
-/// `POST /dead-letters/replay`.
+/// Replay dead letters
+///
+/// Puts the letters back on their source queue, through the outbox, in the transaction that
+/// deletes them.
+#[utoipa::path(
+    post,
+    path = "/dead-letters/replay",
+    tag = "dead letters",
+    operation_id = "replay_dead_letters",
+    request_body(content = Selection, content_type = "application/json"),
+    responses(
+        (status = 200, description = "What became of each letter", body = ReplayResponse),
+        (status = 400, description = "No body, or one that does not say which letters", body = ErrorBody),
+        (status = 405, description = "A method the path does not serve", body = ErrorBody),
+        (status = 413, description = "The body is over the limit (2 MiB)", body = ErrorBody),
+        (status = 415, description = "The body is not declared `application/json`", body = ErrorBody),
+        (status = 500, description = "The database failed", body = ErrorBody),
+    )
+)]
 pub(super) async fn replay(
     State(engine): State<Arc<Engine>>,
     headers: HeaderMap,
@@ -182,10 +254,27 @@ pub(super) async fn replay(
                 .map_err(EngineError::from)?,
         );
     }
-    Ok(axum::Json(json!({ "replayed": replayed })).into_response())
+    Ok(axum::Json(ReplayResponse { replayed }).into_response())
 }
 
-/// `POST /dead-letters/purge`.
+/// Purge dead letters
+///
+/// Deletes the letters for good.
+#[utoipa::path(
+    post,
+    path = "/dead-letters/purge",
+    tag = "dead letters",
+    operation_id = "purge_dead_letters",
+    request_body(content = Selection, content_type = "application/json"),
+    responses(
+        (status = 200, description = "How many were deleted", body = PurgeResponse),
+        (status = 400, description = "No body, or one that does not say which letters", body = ErrorBody),
+        (status = 405, description = "A method the path does not serve", body = ErrorBody),
+        (status = 413, description = "The body is over the limit (2 MiB)", body = ErrorBody),
+        (status = 415, description = "The body is not declared `application/json`", body = ErrorBody),
+        (status = 500, description = "The database failed", body = ErrorBody),
+    )
+)]
 pub(super) async fn purge(
     State(engine): State<Arc<Engine>>,
     headers: HeaderMap,
@@ -198,5 +287,5 @@ pub(super) async fn purge(
         .purge_dead_letters(s.ids.as_deref(), s.queue.as_deref())
         .await
         .map_err(EngineError::from)?;
-    Ok(axum::Json(json!({ "purged": purged })).into_response())
+    Ok(axum::Json(PurgeResponse { purged }).into_response())
 }

@@ -473,7 +473,9 @@ async function sagaPage(page, id) {
         el('dt', {}, 'Updated'), el('dd', {}, when(d.updated_at)),
         el('dt', {}, 'Finished'), el('dd', {}, d.finished_at ? when(d.finished_at) : 'not yet'),
         d.definition_problem ? [el('dt', {}, 'Definition problem'), el('dd', { class: 'error' }, d.definition_problem)] : []));
-    actions.replaceChildren(...operatorActions(d, () => { lastUpdated = null; clearTimeout(timer); poll(refresh, 1500, () => !FINAL.includes(state)); }));
+    // After an action the next refresh redraws everything (the loop runs on: a saga with an
+    // action to offer is not final).
+    actions.replaceChildren(...operatorActions(d, () => { lastUpdated = null; }));
     if (svg) graph.innerHTML = svg; else graph.replaceChildren(el('p', { class: 'muted' }, d.definition_problem || 'The graph cannot be drawn.'));
     steps.replaceChildren(...d.steps.map((s) => el('tr', { 'data-step': s.id },
       el('td', { class: 'mono' }, s.id), el('td', {}, s.service || ''), el('td', {}, s.kind || ''),
