@@ -16,7 +16,7 @@
 //! | [`wire`] | the command, reply and start messages |
 //! | [`status`] | read side: saga details, lists, timelines |
 //! | [`retention`] | purging the history, inbox, outbox and timer rows of sagas finished long ago, in small batches |
-//! | [`http`] | the HTTP API (axum): start, read, retry and abort sagas; `/healthz`, `/metrics` |
+//! | `http` | the HTTP API (axum), the web console and `/openapi.json`; behind the `http` feature (on by default; workers and the client library go without) |
 //! | [`metrics`] | Prometheus metrics: counters from the engine's decisions, outbox gauges at scrape time |
 
 pub mod apply;
@@ -24,6 +24,7 @@ pub mod dead_letters;
 pub mod definitions;
 pub mod engine;
 pub mod handoff;
+#[cfg(feature = "http")]
 pub mod http;
 pub mod inbound;
 pub mod input;

@@ -31,15 +31,13 @@ use sagaflow_dsl::template::{ResolveError, Values};
 use sagaflow_dsl::{Compensation, FailurePolicy, SagaGraph, StepKind};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use utoipa::ToSchema;
 
 /// Milliseconds since the Unix epoch: the machine's only notion of time.
 pub type Millis = i64;
 
 /// An operation on a step.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Op {
     Action,
@@ -107,7 +105,8 @@ impl fmt::Display for Op {
 }
 
 /// Where a saga is. Variants carry what only they need.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum SagaStatus {
     /// Waiting behind another saga with the same sequence key.
@@ -159,7 +158,8 @@ impl SagaStatus {
 }
 
 /// Where a step is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum StepStatus {
     Pending,
@@ -220,12 +220,13 @@ pub struct SagaState {
 }
 
 /// Who paused a saga, why, and what it holds back.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct Paused {
     pub actor: String,
     pub reason: String,
     #[serde(with = "crate::time::rfc3339")]
-    #[schema(value_type = String, format = DateTime)]
+    #[cfg_attr(feature = "http", schema(value_type = String, format = DateTime))]
     pub since: Millis,
     /// Steps whose next operation would have been dispatched meanwhile: each waits as
     /// `Active { waiting: true }` and is dispatched when the saga resumes.

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use sagaflow_dsl::{SagaGraph, StepKind, compile};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
-use utoipa::ToSchema;
 
 use crate::engine::EngineError;
 use crate::machine::{Millis, Paused, SagaState, SagaStatus, StepStatus};
@@ -26,7 +25,8 @@ pub use crate::store::{SagaSummary, TimelineRow};
 pub const TIMELINE_LIMIT: usize = 1000;
 
 /// One saga with its steps and timeline (what `GET /sagas/{id}` answers).
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct SagaDetail {
     pub id: String,
     pub name: String,
@@ -45,21 +45,21 @@ pub struct SagaDetail {
     pub waiting: Vec<String>,
     pub idempotency_key: Option<String>,
     #[serde(with = "crate::time::rfc3339")]
-    #[schema(value_type = String, format = DateTime)]
+    #[cfg_attr(feature = "http", schema(value_type = String, format = DateTime))]
     pub created_at: Millis,
     #[serde(with = "crate::time::rfc3339")]
-    #[schema(value_type = String, format = DateTime)]
+    #[cfg_attr(feature = "http", schema(value_type = String, format = DateTime))]
     pub updated_at: Millis,
     /// When it became final (`null` while it is not).
     #[serde(with = "crate::time::rfc3339_opt")]
-    #[schema(value_type = Option<String>, format = DateTime)]
+    #[cfg_attr(feature = "http", schema(value_type = Option<String>, format = DateTime))]
     pub finished_at: Option<Millis>,
     /// The input it was started with.
-    #[schema(value_type = Object)]
+    #[cfg_attr(feature = "http", schema(value_type = Object))]
     pub input: Value,
     /// Outputs of the steps that succeeded, by step id.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schema(value_type = BTreeMap<String, Value>)]
+    #[cfg_attr(feature = "http", schema(value_type = BTreeMap<String, Value>))]
     pub outputs: BTreeMap<String, Value>,
     pub steps: Vec<StepDetail>,
     pub timeline: Vec<TimelineRow>,
@@ -75,7 +75,8 @@ pub struct SagaDetail {
 }
 
 /// One step of a saga.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct StepDetail {
     pub index: usize,
     pub id: String,
@@ -83,7 +84,7 @@ pub struct StepDetail {
     pub service: Option<String>,
     /// `saga` or `tcc` (null only when the definition no longer compiles).
     #[serde(default, deserialize_with = "step_kind")]
-    #[schema(value_type = Option<String>)]
+    #[cfg_attr(feature = "http", schema(value_type = Option<String>))]
     pub kind: Option<StaticStr>,
     /// For people: `succeeded`, `try: running`, `compensate: stuck`, …
     pub status: String,
@@ -113,8 +114,9 @@ pub struct ListQuery {
 }
 
 /// One page of `sagaflow list` (what `GET /sagas` answers).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[schema(as = SagaPage)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "http", schema(as = SagaPage))]
 pub struct Page {
     pub sagas: Vec<SagaSummary>,
     /// Pass as `after` for the next page; `null` on the last page.
@@ -318,8 +320,9 @@ pub fn step_fill(state: &StepStatus) -> &'static str {
 }
 
 /// How a saga's graph is drawn: plain text, Graphviz dot, Mermaid or SVG.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ToSchema)]
-#[schema(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "http", schema(rename_all = "lowercase"))]
 pub enum DrawFormat {
     Text,
     Dot,

@@ -17,7 +17,8 @@ use super::{Store, StoreError};
 use crate::transport::DeadLetter;
 
 /// One kept dead letter.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct DeadLetterRow {
     pub id: String,
     /// The logical queue it came from (`cmd.payment`, `reply`, `start`).
@@ -25,14 +26,14 @@ pub struct DeadLetterRow {
     pub reason: String,
     /// When it was set aside (RFC 3339 in JSON).
     #[serde(with = "crate::time::rfc3339")]
-    #[schema(value_type = String, format = DateTime)]
+    #[cfg_attr(feature = "http", schema(value_type = String, format = DateTime))]
     pub dead_at: i64,
     pub message_id: String,
     /// The message's ordering key (its saga's sequence key).
     pub message_key: String,
     /// The message as it was: UTF-8 text (JSON) for every message sagaflow writes.
     #[serde(with = "payload_text")]
-    #[schema(value_type = String)]
+    #[cfg_attr(feature = "http", schema(value_type = String))]
     pub payload: Vec<u8>,
 }
 
@@ -46,7 +47,8 @@ pub struct DeadLetterQuery {
 }
 
 /// What a replay did with one letter.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct Replayed {
     pub id: String,
     /// The queue it went back to, or `None` with `error` when it could not be replayed.
