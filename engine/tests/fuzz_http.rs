@@ -7,7 +7,7 @@
 //! removed, replaced by random JSON, renamed or added to, or cut short. Property: never a panic
 //! or a hang; the status is one the API documents (200, 201, 400, 404, 405, 409, 413, 415 — a
 //! 500 is only for a failing database, and this one does not fail); every failure has a JSON
-//! body `{"error": "…"}` with a message; every success but `/metrics` is JSON; 415 only for a
+//! body `{"error": "…"}` with a message; every success but `/metrics`, the console's page and assets and a saga's drawing is JSON; 415 only for a
 //! body that is not declared JSON; 201 only for a start. `PROPTEST_CASES=20000` runs longer.
 
 use std::sync::{Arc, OnceLock};
@@ -195,6 +195,16 @@ fn query() -> impl Strategy<Value = String> {
     })
 }
 
+/// The routes whose success is not JSON: Prometheus text, the console's page and assets, and
+/// a saga's drawing.
+fn answers_text(path: &str) -> bool {
+    let route = path.split('?').next().unwrap_or(path);
+    route == "/metrics"
+        || route == "/"
+        || route.starts_with("/console/")
+        || route.ends_with("/graph")
+}
+
 fn path() -> impl Strategy<Value = String> {
     prop_oneof![
         3 => query().prop_map(|q| if q.is_empty() { "/sagas".to_owned() } else { format!("/sagas?{q}") }),
@@ -203,6 +213,7 @@ fn path() -> impl Strategy<Value = String> {
         1 => (id(), "[a-z-]{0,12}").prop_map(|(id, a)| format!("/sagas/{id}/{a}")),
         1 => Just("/healthz".to_owned()),
         1 => Just("/metrics".to_owned()),
+        1 => prop_oneof![Just("/"), Just("/console/app.js"), Just("/openapi.json"), Just("/stats")].prop_map(str::to_owned),
         1 => "/[A-Za-z0-9/._~%?=&-]{0,30}",
     ]
 }
@@ -452,7 +463,7 @@ fn check(
     );
     if status == StatusCode::CREATED {
         prop_assert!(
-            method == Method::POST && path == "/sagas",
+            method == Method::POST && path.split('?').next() == Some("/sagas"),
             "201 for {} {}",
             method,
             path
@@ -479,7 +490,7 @@ fn check(
             .map_err(|e| TestCaseError::fail(format!("not JSON ({e}): {answer}")))?;
         let message = doc["error"].as_str().unwrap_or("");
         prop_assert!(!message.trim().is_empty(), "no error message: {}", doc);
-    } else if !path.starts_with("/metrics") {
+    } else if !answers_text(path) {
         prop_assert!(
             serde_json::from_slice::<Value>(&bytes).is_ok(),
             "{} {} answered {} with a body that is not JSON: {}",
