@@ -1,4 +1,5 @@
-//! The engine: what it holds, and the loops it runs.
+//! The engine: what it holds (store, transport, definitions, hand-off, metrics), its errors and
+//! results. The loops it runs, each in its own file and started together by [`crate::run`]:
 //!
 //! Everything an engine does is in the database first, so each loop can stop and restart at
 //! any point:
