@@ -14,6 +14,7 @@ mod definitions;
 mod dev;
 mod ops;
 mod serve;
+mod telemetry;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -223,13 +224,15 @@ impl GraphFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SAGAFLOW_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // The long-running processes export traces when an OTLP endpoint is set; every command
+    // logs as SAGAFLOW_LOG says. Dropping the guard flushes the last spans.
+    let service = match &cli.command {
+        Command::Dev(_) => Some("sagaflow-dev"),
+        Command::Engine(_) => Some("sagaflow-engine"),
+        Command::Worker(_) => Some("sagaflow-worker"),
+        _ => None,
+    };
+    let mut telemetry = telemetry::init(service);
     let result = match cli.command {
         Command::Dev(args) => runtime().and_then(|rt| rt.block_on(dev::run(args))),
         Command::Engine(args) => runtime().and_then(|rt| rt.block_on(serve::engine(args))),
@@ -272,6 +275,7 @@ fn main() -> ExitCode {
         }
         Command::Migrate(args) => runtime().and_then(|rt| rt.block_on(ops::migrate(args))),
     };
+    telemetry.shutdown();
     match result {
         Ok(code) => code,
         Err(err) => {

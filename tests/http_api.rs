@@ -1278,6 +1278,7 @@ async fn dead_letters_list_show_replay_and_purge() {
                 b"not json".to_vec()
             } else {
                 serde_json::to_vec(&sagaflow_engine::wire::ReplyMsg {
+                    traceparent: None,
                     saga_id: format!("nope-{i}"),
                     step: 0,
                     op: Op::Action,

@@ -156,6 +156,7 @@ async fn assert_tables(worker_store: &Store, started: &[(String, Value)]) {
 /// The reserve action of a completed saga once more, as a broker redelivers it.
 fn reserve_again(id: &str, input: &Value) -> Message {
     let cmd = CommandMsg {
+        traceparent: None,
         saga_id: id.to_owned(),
         saga: "ship-order".into(),
         key: input["order_id"].as_str().expect("order").to_owned(),

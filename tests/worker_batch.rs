@@ -483,6 +483,7 @@ on_both_backends!(
         for seq in 0..per_key {
             for key in keys {
                 let cmd = CommandMsg {
+                    traceparent: None,
                     saga_id: format!("{key}-{seq}"),
                     saga: "test".into(),
                     key: key.into(),
@@ -662,6 +663,7 @@ async fn weak(test: &str) -> Option<WeakIdempotency> {
 
 fn command(saga: &str, forward: &str, op: Op, params: Value) -> CommandMsg {
     CommandMsg {
+        traceparent: None,
         saga_id: saga.into(),
         saga: "test".into(),
         key: "one-key".into(),

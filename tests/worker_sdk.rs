@@ -219,6 +219,7 @@ on_both_backends!(
         for seq in 0..per_key {
             for key in keys {
                 let cmd = CommandMsg {
+                    traceparent: None,
                     saga_id: format!("{key}-{seq}"),
                     saga: "test".into(),
                     key: key.into(),

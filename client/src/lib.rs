@@ -206,6 +206,7 @@ pub fn start_message(
         saga: saga.to_owned(),
         input,
         idempotency_key: idempotency_key.to_owned(),
+        traceparent: None,
     })?;
     Ok(Message {
         id: format!("start/{idempotency_key}"),
@@ -448,6 +449,7 @@ mod tests {
                 saga: "order-paid".into(),
                 input,
                 idempotency_key: "o-1".into(),
+                traceparent: None,
             }
         );
     }

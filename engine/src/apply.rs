@@ -49,6 +49,9 @@ pub struct StartRequest {
     pub input: Value,
     pub sequence_key: String,
     pub idempotency_key: Option<String>,
+    /// The caller's W3C trace context (a `traceparent`), if it sent one: the saga's trace
+    /// continues it (see [`crate::trace`]).
+    pub trace: Option<String>,
 }
 
 /// One piece of inbound work.
@@ -78,8 +81,24 @@ impl Engine {
         input: Value,
         idempotency_key: Option<&str>,
     ) -> Result<Started, EngineError> {
+        self.start_traced(graph, input, idempotency_key, None).await
+    }
+
+    /// [`start`](Engine::start), the saga's trace continuing `traceparent` (the caller's W3C
+    /// trace context; a malformed one is ignored).
+    pub async fn start_traced(
+        &self,
+        graph: &Arc<SagaGraph>,
+        input: Value,
+        idempotency_key: Option<&str>,
+        traceparent: Option<&str>,
+    ) -> Result<Started, EngineError> {
         let mut done = self
-            .start_many(graph, vec![(input, idempotency_key.map(str::to_owned))])
+            .start_many_traced(
+                graph,
+                vec![(input, idempotency_key.map(str::to_owned))],
+                traceparent,
+            )
             .await;
         done.pop()
             .unwrap_or_else(|| Err(EngineError::Refused("no start was applied".into())))
@@ -91,6 +110,15 @@ impl Engine {
         &self,
         graph: &Arc<SagaGraph>,
         inputs: Vec<(Value, Option<String>)>,
+    ) -> Vec<Result<Started, EngineError>> {
+        self.start_many_traced(graph, inputs, None).await
+    }
+
+    async fn start_many_traced(
+        &self,
+        graph: &Arc<SagaGraph>,
+        inputs: Vec<(Value, Option<String>)>,
+        traceparent: Option<&str>,
     ) -> Vec<Result<Started, EngineError>> {
         let mut results: Vec<Option<Result<Started, EngineError>>> = Vec::new();
         let mut batch = Vec::new();
@@ -105,6 +133,7 @@ impl Engine {
                         input,
                         sequence_key,
                         idempotency_key,
+                        trace: traceparent.map(str::to_owned),
                     }));
                 }
                 Err(e) => results.push(Some(Err(e))),
@@ -439,7 +468,9 @@ impl Engine {
                     },
                 );
             }
-            let state = SagaState::new(&s.graph, s.input.clone());
+            let mut state = SagaState::new(&s.graph, s.input.clone());
+            state.trace =
+                crate::trace::start(s.trace.as_deref(), &id, s.graph.name(), &s.sequence_key);
             plan.history.push(HistoryRow {
                 saga_id: id.clone(),
                 entry: HistoryEntry {
@@ -723,7 +754,8 @@ fn outbox_message(
     handed_off: bool,
 ) -> OutboxMessage {
     let kind = &graph.step(c.step).kind;
-    let msg = CommandMsg {
+    let mut msg = CommandMsg {
+        traceparent: None,
         saga_id: saga.id.clone(),
         saga: saga.name.clone(),
         key: saga.sequence_key.clone(),
@@ -736,6 +768,7 @@ fn outbox_message(
         attempt: c.attempt,
         params: c.params.clone(),
     };
+    msg.traceparent = crate::trace::dispatch(saga.state.trace.as_deref(), &msg);
     OutboxMessage {
         message_id: msg.message_id(),
         destination: command_queue(&c.service),

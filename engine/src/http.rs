@@ -372,8 +372,16 @@ async fn start_saga(
             ),
         ));
     }
+    // The caller's W3C trace context, if any: the saga's trace continues it (a malformed one
+    // is ignored, see `crate::trace`).
+    let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
     let started = engine
-        .start(&graph, req.input, req.idempotency_key.as_deref())
+        .start_traced(
+            &graph,
+            req.input,
+            req.idempotency_key.as_deref(),
+            traceparent,
+        )
         .await?;
     let header = engine
         .store()

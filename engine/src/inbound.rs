@@ -135,12 +135,17 @@ impl Engine {
     async fn handle_batch(&self, queue: Queue, deliveries: Vec<Delivery>) -> bool {
         let mut work = Vec::with_capacity(deliveries.len());
         let mut held = Vec::with_capacity(deliveries.len());
+        // The replies' `apply` spans (when traces are on), open while their batch is applied.
+        let mut spans = Vec::new();
         let mut ok = true;
         for d in deliveries {
             match self.decode(queue, &d).await {
-                Ok(inbound) => {
+                Ok((inbound, span)) => {
                     work.push(inbound);
                     held.push(d);
+                    if let Some(span) = span {
+                        spans.push(span);
+                    }
                 }
                 Err(Refusal::Poison(reason)) => self.dead_letter(d, queue.name(), &reason).await,
                 Err(Refusal::Transient(e)) => {
@@ -154,6 +159,7 @@ impl Engine {
             return ok;
         }
         let results = self.apply_inbound(&work).await;
+        drop(spans);
         for ((d, inbound), result) in held.into_iter().zip(&work).zip(results) {
             match result {
                 Ok(Done::Applied(Applied::UnknownSaga)) => {
@@ -210,12 +216,19 @@ impl Engine {
         ok
     }
 
-    async fn decode(&self, queue: Queue, d: &Delivery) -> Result<Inbound, Refusal> {
+    /// The work in a delivery, and for a reply its `apply` span when traces are on.
+    async fn decode(
+        &self,
+        queue: Queue,
+        d: &Delivery,
+    ) -> Result<(Inbound, Option<tracing::Span>), Refusal> {
         match queue {
             Queue::Replies => {
                 let reply: ReplyMsg = serde_json::from_slice(&d.message.payload)
                     .map_err(|e| Refusal::Poison(format!("undecodable reply: {e}")))?;
-                Ok(Inbound::Event(Incoming {
+                let span =
+                    crate::trace::enabled().then(|| crate::trace::apply(&reply, &d.message.key));
+                let incoming = Inbound::Event(Incoming {
                     saga_id: reply.saga_id.clone(),
                     message_id: Some(reply.message_id()),
                     event: Event::Reply {
@@ -225,7 +238,8 @@ impl Engine {
                         outcome: reply.outcome,
                     },
                     timer_id: None,
-                }))
+                });
+                Ok((incoming, span))
             }
             Queue::Starts => {
                 let start: StartMsg = serde_json::from_slice(&d.message.payload)
@@ -249,12 +263,16 @@ impl Engine {
                     .map_err(refused)?;
                 let sequence_key =
                     crate::input::sequence_key(&graph, &start.input).map_err(refused)?;
-                Ok(Inbound::Start(StartRequest {
-                    graph,
-                    input: start.input,
-                    sequence_key,
-                    idempotency_key: Some(start.idempotency_key),
-                }))
+                Ok((
+                    Inbound::Start(StartRequest {
+                        graph,
+                        input: start.input,
+                        sequence_key,
+                        idempotency_key: Some(start.idempotency_key),
+                        trace: start.traceparent,
+                    }),
+                    None,
+                ))
             }
         }
     }

@@ -39,6 +39,7 @@ pub mod status;
 pub mod store;
 pub mod time;
 pub mod timers;
+pub mod trace;
 pub mod transport;
 pub mod wire;
 

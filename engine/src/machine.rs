@@ -217,6 +217,11 @@ pub struct SagaState {
     /// [`Event::Resume`]; replies and timers are still applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused: Option<Paused>,
+    /// The saga's W3C trace context (its `start` span's, see [`crate::trace`]): every command
+    /// of the saga is a span of this trace. Kept in the state, so it survives the outbox and a
+    /// change of engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 /// Who paused a saga, why, and what it holds back.
@@ -259,6 +264,7 @@ impl SagaState {
             key_released: false,
             retry_base: Vec::new(),
             paused: None,
+            trace: None,
         }
     }
 

@@ -9,6 +9,10 @@ use crate::machine::{Op, Outcome};
 /// Engine → worker: run one operation of one step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CommandMsg {
+    /// W3C trace context (see [`crate::trace`]). First, so the transport finds it by a prefix
+    /// check; absent in messages from before traces, and ignored when malformed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     pub saga_id: String,
     /// The saga definition's name (`order-paid`).
     pub saga: String,
@@ -40,6 +44,10 @@ pub fn command_id(saga_id: &str, step: usize, op: Op, attempt: u32) -> String {
 /// Worker → engine: the outcome of one command.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReplyMsg {
+    /// W3C trace context (see [`crate::trace`]). First, so the transport finds it by a prefix
+    /// check; absent in messages from before traces, and ignored when malformed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     pub saga_id: String,
     pub step: usize,
     pub op: Op,
@@ -66,4 +74,8 @@ pub struct StartMsg {
     pub saga: String,
     pub input: Value,
     pub idempotency_key: String,
+    /// The application's W3C trace context when it started the saga, if any (see
+    /// [`crate::trace`]); absent in older messages, ignored when malformed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }

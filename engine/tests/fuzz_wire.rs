@@ -119,6 +119,7 @@ fn command() -> impl Strategy<Value = CommandMsg> {
                 (op, operation, forward, attempt, params),
             )| {
                 CommandMsg {
+                    traceparent: None,
                     saga_id,
                     saga,
                     key,
@@ -138,6 +139,7 @@ fn command() -> impl Strategy<Value = CommandMsg> {
 fn reply() -> impl Strategy<Value = ReplyMsg> {
     (text(), any::<usize>(), op(), any::<u32>(), outcome()).prop_map(
         |(saga_id, step, op, attempt, outcome)| ReplyMsg {
+            traceparent: None,
             saga_id,
             step,
             op,
@@ -449,7 +451,7 @@ proptest! {
         let mut input = input;
         edit_fields(&mut input, &input_edits);
         check_start_input(&input)?;
-        let m = StartMsg { saga, input, idempotency_key: key };
+        let m = StartMsg {traceparent: None,  saga, input, idempotency_key: key };
         mutated(&m, START_FIELDS, &fields, &bytes)?;
     }
 
@@ -503,6 +505,7 @@ fn inbound_payloads(saga_ids: &[String], n: usize) -> Vec<(&'static str, Vec<u8>
     let ids = saga_ids.to_vec();
     let reply_for_real = (any::<Index>(), 0usize..8, op(), 0u32..4, outcome()).prop_map(
         move |(i, step, op, attempt, outcome)| ReplyMsg {
+            traceparent: None,
             saga_id: ids[i.index(ids.len())].clone(),
             step,
             op,
@@ -528,7 +531,7 @@ fn inbound_payloads(saga_ids: &[String], n: usize) -> Vec<(&'static str, Vec<u8>
         )
             .prop_map(|(mut input, ie, key, e)| {
                 edit_fields(&mut input, &ie);
-                let start = StartMsg { saga: "order-paid".into(), input, idempotency_key: key };
+                let start = StartMsg {traceparent: None,  saga: "order-paid".into(), input, idempotency_key: key };
                 let mut doc = serde_json::to_value(&start).expect("encode");
                 edit_fields(&mut doc, &e);
                 (START_QUEUE, serde_json::to_vec(&doc).expect("encode"))

@@ -209,6 +209,7 @@ conformance!(
 
 fn state(status: SagaStatus, n: u64) -> SagaState {
     SagaState {
+        trace: None,
         status,
         steps: vec![
             StepStatus::Succeeded,

@@ -302,18 +302,31 @@ impl Worker {
         }
         let cmds: Vec<(&CommandMsg, &Registered)> =
             todo.iter().map(|(_, cmd, r)| (cmd, *r)).collect();
+        // Each command's `worker` span (when traces are on), open while its batch runs.
+        let spans: Vec<tracing::Span> = if sagaflow_engine::trace::enabled() {
+            cmds.iter()
+                .map(|(cmd, _)| sagaflow_engine::trace::worker(cmd, &self.service))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let outcomes = self.execute_batch(&cmds).await;
         let replies: Vec<Message> = todo
             .iter()
             .zip(outcomes)
-            .map(|((_, cmd, _), outcome)| {
-                let reply = ReplyMsg {
+            .enumerate()
+            .map(|(i, ((_, cmd, _), outcome))| {
+                let mut reply = ReplyMsg {
+                    traceparent: None,
                     saga_id: cmd.saga_id.clone(),
                     step: cmd.step,
                     op: cmd.op,
                     attempt: cmd.attempt,
                     outcome,
                 };
+                if let Some(span) = spans.get(i) {
+                    reply.traceparent = sagaflow_engine::trace::reply(span, &reply, &cmd.key);
+                }
                 Message {
                     id: reply.message_id(),
                     key: cmd.key.clone(),
@@ -680,6 +693,7 @@ mod tests {
 
     fn command(saga: &str, forward: &str, op: Op, service: &str) -> CommandMsg {
         CommandMsg {
+            traceparent: None,
             saga_id: saga.into(),
             saga: "test".into(),
             key: "order-1".into(),

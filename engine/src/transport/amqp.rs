@@ -67,6 +67,10 @@ pub const DEAD_AT_HEADER: &str = "x-sagaflow-dead-at";
 /// Header marking a bundle (several messages in one AMQP message, see [`super::bundle`]): the
 /// number of parts.
 pub const BUNDLE_HEADER: &str = "x-sagaflow-bundle";
+
+/// The W3C trace context header: a command's or reply's own, or a bundle's first part's
+/// (each part carries its own in its payload, see [`crate::trace`]).
+pub const TRACEPARENT_HEADER: &str = "traceparent";
 /// A bundle's encoded size stays under this (RabbitMQ's own limit is far above it).
 const BUNDLE_MAX_BYTES: usize = 512 * 1024;
 
@@ -703,6 +707,9 @@ impl AmqpTransport {
         extra_headers: Vec<(&str, AMQPValue)>,
     ) -> Result<lapin::PublisherConfirm, String> {
         let mut headers = vec![(KEY_HEADER, long_string(&message.key))];
+        if let Some(tp) = crate::trace::traceparent_in(&message.payload) {
+            headers.push((TRACEPARENT_HEADER, long_string(tp)));
+        }
         headers.extend(extra_headers);
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
@@ -1324,14 +1331,12 @@ impl Transport for AmqpTransport {
                     payload: bundle::encode(members.iter().map(|&i| &messages[i].1)),
                 };
                 let count = AMQPValue::LongUInt(members.len() as u32);
-                self.send_raw(
-                    &link,
-                    &exchange,
-                    &routing_key,
-                    &frame,
-                    vec![(BUNDLE_HEADER, count)],
-                )
-                .await
+                let mut headers = vec![(BUNDLE_HEADER, count)];
+                if let Some(tp) = crate::trace::traceparent_in(&first.payload) {
+                    headers.push((TRACEPARENT_HEADER, long_string(tp)));
+                }
+                self.send_raw(&link, &exchange, &routing_key, &frame, headers)
+                    .await
             };
             pending.push((exchange, routing_key, members, sent));
         }

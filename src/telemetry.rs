@@ -1,0 +1,131 @@
+//! Logs, and traces when asked for: with `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) set, sagaflow's trace spans (see
+//! `sagaflow_engine::trace`) go to that OTLP/HTTP (protobuf) endpoint beside the usual logs;
+//! without it, exactly the plain logs (`SAGAFLOW_LOG`) and no spans are made at all.
+
+use std::time::Duration;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_http::{Bytes, HttpClient, HttpError, Request, Response};
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+/// What [`init`] installed; flushes the spans still buffered when dropped.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Sends what is buffered and stops the exporter (also done on drop).
+    pub fn shutdown(&mut self) {
+        if let Some(provider) = self.provider.take()
+            && let Err(e) = provider.shutdown()
+        {
+            eprintln!("sagaflow: flushing traces failed: {e}");
+        }
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Whether traces are asked for (an OTLP endpoint is set).
+pub fn otlp_requested() -> bool {
+    [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty()))
+}
+
+/// Installs the logs (and the OTLP exporter if asked for); `service` names this process in
+/// the traces unless `OTEL_SERVICE_NAME` does.
+pub fn init(service: Option<&str>) -> Telemetry {
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SAGAFLOW_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        );
+    let provider = match service {
+        Some(service) if otlp_requested() => match provider(service) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("sagaflow: traces are off, the OTLP exporter could not be set up: {e}");
+                None
+            }
+        },
+        _ => None,
+    };
+    let Some(provider) = provider else {
+        tracing_subscriber::registry().with(fmt).init();
+        return Telemetry::default();
+    };
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("sagaflow"))
+        .with_filter(
+            tracing_subscriber::filter::Targets::new()
+                .with_target(sagaflow_engine::trace::TARGET, tracing::Level::INFO),
+        );
+    tracing_subscriber::registry().with(fmt).with(otel).init();
+    sagaflow_engine::trace::set_enabled(true);
+    Telemetry {
+        provider: Some(provider),
+    }
+}
+
+fn provider(service: &str) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpBinary)
+        .with_http_client(UreqClient::new())
+        .build()?;
+    let mut resource = Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name(service.to_owned());
+    }
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build())
+}
+
+/// The exporter's HTTP client: ureq, already in the tree for the CLI, instead of reqwest or
+/// tonic. The SDK's batch processor exports from a thread of its own, so a blocking call
+/// there holds no async runtime up.
+#[derive(Debug)]
+struct UreqClient {
+    agent: ureq::Agent,
+}
+
+impl UreqClient {
+    fn new() -> Self {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(10)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        UreqClient { agent }
+    }
+}
+
+#[async_trait::async_trait]
+impl HttpClient for UreqClient {
+    async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+        let (parts, body) = request.into_parts();
+        let request = Request::from_parts(parts, body.to_vec());
+        let response = self.agent.run(request)?;
+        let (parts, mut body) = response.into_parts();
+        let bytes = body.with_config().limit(4 << 20).read_to_vec()?;
+        Ok(Response::from_parts(parts, Bytes::from(bytes)))
+    }
+}

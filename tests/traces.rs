@@ -1,0 +1,204 @@
+//! Traces across the transport: one saga is one trace, and each hop's span is the child of the
+//! span whose context the message carried (start → dispatch → worker → reply → apply). The
+//! engine and the four services run in this process (on SQLite and on the real PostgreSQL),
+//! with an in-memory span exporter behind the same tracing-opentelemetry layer the CLI
+//! installs.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use sagaflow_engine::trace;
+use support::{Setup, System, wait_all_final};
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+
+const LIMIT: Duration = Duration::from_secs(90);
+const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALLER_SPAN: &str = "00f067aa0ba902b7";
+
+/// The exporter every test of this binary shares (a global subscriber, since the engine's
+/// tasks run on the runtime's threads); each test looks at its own sagas' spans.
+fn exporter() -> &'static InMemorySpanExporter {
+    static EXPORTER: OnceLock<InMemorySpanExporter> = OnceLock::new();
+    EXPORTER.get_or_init(|| {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let layer = tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("sagaflow-test"))
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target(trace::TARGET, tracing::Level::INFO),
+            );
+        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))
+            .expect("one global subscriber");
+        trace::set_enabled(true);
+        // Kept for the process's life: dropping the provider would stop the exporting.
+        std::mem::forget(provider);
+        exporter
+    })
+}
+
+fn attr(span: &SpanData, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == key)
+        .map(|kv| kv.value.as_str().into_owned())
+}
+
+/// The finished spans of one saga, by name.
+fn spans_of(saga_id: &str) -> HashMap<String, Vec<SpanData>> {
+    let mut by_name: HashMap<String, Vec<SpanData>> = HashMap::new();
+    for s in exporter().get_finished_spans().expect("spans") {
+        if attr(&s, "saga_id").as_deref() == Some(saga_id) {
+            by_name.entry(s.name.to_string()).or_default().push(s);
+        }
+    }
+    by_name
+}
+
+/// The span of `name` for one hop (step, op, attempt).
+fn hop<'a>(spans: &'a [SpanData], of: &SpanData) -> &'a SpanData {
+    let same = |s: &&SpanData| {
+        ["step", "op", "attempt"]
+            .iter()
+            .all(|k| attr(s, k) == attr(of, k))
+    };
+    let found: Vec<&SpanData> = spans.iter().filter(same).collect();
+    assert_eq!(found.len(), 1, "one span per hop for {:?}", of.attributes);
+    found[0]
+}
+
+on_both_backends!(
+    a_saga_is_one_trace_across_the_transport,
+    |url: String| async move {
+        exporter();
+        let sys = System::start(&url, Setup::default()).await;
+        let orders = sys.orders("traced", 2).await;
+        let caller = format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01");
+        let traced = sys
+            .engine
+            .start_traced(&sys.order, orders[0].clone(), None, Some(&caller))
+            .await
+            .expect("start")
+            .id;
+        // A malformed caller context is ignored: the saga runs, in a trace of its own.
+        let untraced = sys
+            .engine
+            .start_traced(&sys.order, orders[1].clone(), None, Some("00-nonsense-01"))
+            .await
+            .expect("start")
+            .id;
+        wait_all_final(&sys.store, LIMIT).await;
+        let state = {
+            use sagaflow_engine::store::SagaTable as _;
+            let mut tx = sys.store.begin().await.expect("begin");
+            let rows = tx
+                .load_sagas(std::slice::from_ref(&traced))
+                .await
+                .expect("load");
+            tx.rollback().await.expect("rollback");
+            rows.into_iter().next().expect("the saga").state
+        };
+        assert_eq!(sys.engine.store().outbox_stats().await.unwrap().pending, 0);
+        sys.stop().await;
+
+        let key = orders[0]["order_id"].as_str().expect("order id").to_owned();
+        let spans = spans_of(&traced);
+        let [start] = &spans["start"][..] else {
+            panic!("one start span: {:?}", spans.get("start"))
+        };
+        let caller_trace = TraceId::from_hex(CALLER_TRACE).unwrap();
+        assert_eq!(start.span_context.trace_id(), caller_trace);
+        assert_eq!(start.parent_span_id, SpanId::from_hex(CALLER_SPAN).unwrap());
+        assert_eq!(
+            state
+                .trace
+                .as_deref()
+                .and_then(trace::parse)
+                .map(|c| c.span_id()),
+            Some(start.span_context.span_id()),
+            "the saga keeps its start span's context"
+        );
+        // Five forward operations, each dispatched, run, answered and applied.
+        for name in ["dispatch", "worker", "reply", "apply"] {
+            assert_eq!(spans.get(name).map_or(0, Vec::len), 5, "{name} spans");
+        }
+        for s in spans.values().flatten() {
+            assert_eq!(
+                s.span_context.trace_id(),
+                caller_trace,
+                "{} is in the saga's trace",
+                s.name
+            );
+            assert_eq!(
+                attr(s, "key").as_deref(),
+                Some(key.as_str()),
+                "{} carries the key",
+                s.name
+            );
+            if s.name != "start" {
+                assert!(
+                    attr(s, "step").is_some() && attr(s, "attempt").is_some(),
+                    "{}",
+                    s.name
+                );
+            }
+        }
+        for worker in &spans["worker"] {
+            let dispatch = hop(&spans["dispatch"], worker);
+            assert_eq!(dispatch.parent_span_id, start.span_context.span_id());
+            assert_eq!(
+                worker.parent_span_id,
+                dispatch.span_context.span_id(),
+                "the worker's span is the child of the engine's dispatch span"
+            );
+            assert!(
+                worker.parent_span_is_remote,
+                "its parent came over the transport"
+            );
+            assert!(attr(worker, "service").is_some());
+            let reply = hop(&spans["reply"], worker);
+            assert_eq!(reply.parent_span_id, worker.span_context.span_id());
+            let apply = hop(&spans["apply"], worker);
+            assert_eq!(apply.parent_span_id, reply.span_context.span_id());
+        }
+
+        let other = spans_of(&untraced);
+        let [start] = &other["start"][..] else {
+            panic!("one start span")
+        };
+        assert_ne!(start.span_context.trace_id(), caller_trace);
+        assert_eq!(start.parent_span_id, SpanId::INVALID, "a new root");
+        assert_eq!(other.get("worker").map_or(0, Vec::len), 5);
+    }
+);
+
+#[test]
+fn messages_without_or_with_a_bad_traceparent_are_accepted() {
+    let old = r#"{"saga_id":"s","saga":"order-paid","key":"o-1","step":0,"step_id":"pay",
+        "service":"payment","op":"action","operation":"charge","forward":"charge","attempt":1,
+        "params":{}}"#;
+    let cmd: sagaflow_engine::wire::CommandMsg = serde_json::from_str(old).expect("old command");
+    assert_eq!(cmd.traceparent, None);
+    let bad = old.replacen('{', r#"{"traceparent":"zz-not-a-context","#, 1);
+    let cmd: sagaflow_engine::wire::CommandMsg = serde_json::from_str(&bad).expect("bad context");
+    assert!(trace::parse(cmd.traceparent.as_deref().unwrap()).is_none());
+    // The span of such a command is a root (or its contextual parent's child), never an error.
+    let span = tracing::info_span!("x");
+    trace::set_parent(&span, cmd.traceparent.as_deref());
+    let reply = r#"{"saga_id":"s","step":0,"op":"action","attempt":1,"outcome":{"outcome":"ok","output":null}}"#;
+    let reply: sagaflow_engine::wire::ReplyMsg = serde_json::from_str(reply).expect("old reply");
+    assert_eq!(reply.traceparent, None);
+    // A command's context comes first in its JSON, where the transport looks for it.
+    let mut cmd = cmd;
+    cmd.traceparent = Some(format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01"));
+    let payload = serde_json::to_vec(&cmd).unwrap();
+    assert_eq!(trace::traceparent_in(&payload), cmd.traceparent.as_deref());
+}
