@@ -749,3 +749,76 @@ async fn publish_and_consume_go_on_across_repeated_connection_resets() {
     drop(consumer);
     cleanup(&t, &["cmd.resets"]).await;
 }
+
+/// The W3C trace context a message carries (its payload's leading `traceparent` field) is also
+/// its AMQP `traceparent` header, for tools that read headers; a bundle carries its first
+/// part's; a message without one gets none.
+#[tokio::test]
+async fn the_trace_context_travels_in_the_amqp_traceparent_header() {
+    use lapin::options::BasicGetOptions;
+    use lapin::types::{AMQPValue, ShortString};
+    let _shared = BROKER.read().await;
+    let Some(t) = connect(config(1)).await else {
+        return;
+    };
+    t.declare("cmd.svc").await.expect("declare");
+    let queue = t.partition_queues("cmd.svc")[0].clone();
+    let tp = |span: &str| format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{span}-01");
+    let traced = |id: &str, span: &str| Message {
+        id: id.into(),
+        key: "k".into(),
+        payload: format!("{{\"traceparent\":\"{}\",\"id\":\"{id}\"}}", tp(span)).into_bytes(),
+    };
+    t.publish("cmd.svc", traced("one", "00f067aa0ba902b7"))
+        .await
+        .expect("confirmed");
+    t.publish("cmd.svc", msg("plain", "k"))
+        .await
+        .expect("confirmed");
+    for sent in t
+        .publish_batch(vec![
+            ("cmd.svc".to_owned(), traced("b1", "1111111111111111")),
+            ("cmd.svc".to_owned(), traced("b2", "2222222222222222")),
+        ])
+        .await
+    {
+        sent.expect("confirmed");
+    }
+
+    let conn = lapin::Connection::connect(&url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let mut headers_seen = Vec::new();
+    for _ in 0..3 {
+        let got = ch
+            .basic_get(
+                ShortString::from(queue.as_str()),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("get")
+            .expect("a message");
+        let header = got
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("traceparent").cloned());
+        headers_seen.push(match header {
+            Some(AMQPValue::LongString(s)) => Some(s.to_string()),
+            Some(other) => Some(format!("{other:?}")),
+            None => None,
+        });
+    }
+    let _ = conn.close(200, ShortString::from("bye")).await;
+    assert_eq!(
+        headers_seen,
+        vec![
+            Some(tp("00f067aa0ba902b7")),
+            None,
+            Some(tp("1111111111111111")),
+        ]
+    );
+    cleanup(&t, &["cmd.svc"]).await;
+}
