@@ -202,3 +202,73 @@ fn messages_without_or_with_a_bad_traceparent_are_accepted() {
     let payload = serde_json::to_vec(&cmd).unwrap();
     assert_eq!(trace::traceparent_in(&payload), cmd.traceparent.as_deref());
 }
+
+/// `POST /sagas` with a W3C `traceparent` header: the saga's `start` span is the child of the
+/// caller's span, in the caller's trace (the HTTP API reads the header; a start without one is
+/// a root).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_sagas_joins_the_trace_of_its_traceparent_header() {
+    exporter();
+    let db = support::fresh_db(support::Backend::Sqlite, "traces_http")
+        .await
+        .expect("sqlite");
+    let sys = System::start(&db.url, Setup::default()).await;
+    let orders = sys.orders("traced-http", 2).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("address"));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(sagaflow_engine::http::serve(
+        sys.engine.clone(),
+        listener,
+        stopped,
+    ));
+    const HTTP_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+    const HTTP_SPAN: &str = "b7ad6b7169203331";
+    let post = |input: serde_json::Value, traceparent: Option<String>| {
+        let url = format!("{base}/sagas");
+        tokio::task::spawn_blocking(move || {
+            let mut request = ureq::post(&url);
+            if let Some(tp) = traceparent {
+                request = request.header("traceparent", tp);
+            }
+            let mut answer = request
+                .send_json(serde_json::json!({"saga": "order-paid", "input": input}))
+                .expect("POST /sagas");
+            let body: serde_json::Value = answer.body_mut().read_json().expect("json");
+            body["id"].as_str().expect("id").to_owned()
+        })
+    };
+    let traced = post(
+        orders[0].clone(),
+        Some(format!("00-{HTTP_TRACE}-{HTTP_SPAN}-01")),
+    )
+    .await
+    .expect("join");
+    let plain = post(orders[1].clone(), None).await.expect("join");
+    wait_all_final(&sys.store, LIMIT).await;
+    let _ = stop.send(true);
+    let _ = server.await;
+    sys.stop().await;
+
+    let spans = spans_of(&traced);
+    let [start] = &spans["start"][..] else {
+        panic!("one start span: {:?}", spans.get("start"))
+    };
+    let http_trace = TraceId::from_hex(HTTP_TRACE).unwrap();
+    assert_eq!(start.span_context.trace_id(), http_trace);
+    assert_eq!(start.parent_span_id, SpanId::from_hex(HTTP_SPAN).unwrap());
+    assert!(
+        spans["worker"]
+            .iter()
+            .all(|w| w.span_context.trace_id() == http_trace),
+        "the workers' spans are in the caller's trace"
+    );
+    let other = spans_of(&plain);
+    let [start] = &other["start"][..] else {
+        panic!("one start span")
+    };
+    assert_ne!(start.span_context.trace_id(), http_trace);
+    assert_eq!(start.parent_span_id, SpanId::INVALID, "a new root");
+}
