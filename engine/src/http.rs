@@ -109,7 +109,54 @@ fn api() -> (Router<Arc<Engine>>, utoipa::openapi::OpenApi) {
         .routes(routes!(metrics))
         .routes(routes!(openapi_json))
         .split_for_parts();
-    (routes, optional_bodies(doc))
+    (routes, router_answers(optional_bodies(doc)))
+}
+
+/// The answers the router itself gives, whatever the handler: 405 on every path (another
+/// method; `method_not_allowed_fallback`), and 413 and 415 wherever a JSON body is read
+/// (`json_body`). Declared here once, where they come from, rather than on every route.
+fn router_answers(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let error = |description: &str| {
+        RefOr::T(
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name(ErrorBody::name())))
+                        .build(),
+                )
+                .build(),
+        )
+    };
+    for item in doc.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.options,
+            &mut item.head,
+            &mut item.patch,
+            &mut item.trace,
+        ];
+        for operation in operations.into_iter().flatten() {
+            let answers = &mut operation.responses.responses;
+            answers
+                .entry("405".to_owned())
+                .or_insert_with(|| error("A method the path does not serve"));
+            if operation.request_body.is_some() {
+                answers
+                    .entry("413".to_owned())
+                    .or_insert_with(|| error("The body is over the limit (2 MiB)"));
+                answers
+                    .entry("415".to_owned())
+                    .or_insert_with(|| error("A body that is not declared `application/json`"));
+            }
+        }
+    }
+    doc
 }
 
 /// utoipa writes an optional body (`request_body(content = Option<T>)`) as "`T` or `null`",
@@ -320,10 +367,7 @@ pub struct StartResponse {
         (status = 200, description = "The idempotency key matched a saga started before: nothing new was started (`existing: true`)", body = StartResponse),
         (status = 400, description = "Malformed or invalid body, the engine's input check included", body = ErrorBody),
         (status = 404, description = "No saga definition of that name", body = ErrorBody),
-        (status = 405, description = "A method the path does not serve", body = ErrorBody),
         (status = 409, description = "The idempotency key names another start, or `definition_hash` is not the engine's latest definition of that name", body = ErrorBody),
-        (status = 413, description = "The body is over the limit (2 MiB)", body = ErrorBody),
-        (status = 415, description = "The body is not declared `application/json`", body = ErrorBody),
         (status = 500, description = "The database failed", body = ErrorBody),
     )
 )]
@@ -429,7 +473,6 @@ async fn definition_names(engine: &Engine) -> Result<Vec<String>, ApiError> {
         (status = 200, description = "The saga", body = SagaDetail),
         (status = 400, description = "The id in the path does not decode", body = ErrorBody),
         (status = 404, description = "No saga with that id", body = ErrorBody),
-        (status = 405, description = "A method the path does not serve", body = ErrorBody),
         (status = 500, description = "The database failed, or holds what this version cannot read", body = ErrorBody),
     )
 )]
@@ -464,7 +507,6 @@ async fn get_saga(
         )),
         (status = 400, description = "An unknown format or query parameter, or an id that does not decode", body = ErrorBody),
         (status = 404, description = "No saga with that id", body = ErrorBody),
-        (status = 405, description = "A method the path does not serve", body = ErrorBody),
         (status = 409, description = "The saga cannot be drawn: its stored definition no longer compiles to the one it was pinned to", body = ErrorBody),
         (status = 500, description = "The database failed", body = ErrorBody),
     )
@@ -532,7 +574,6 @@ async fn saga_graph(
     responses(
         (status = 200, description = "One page of sagas", body = status::Page),
         (status = 400, description = "An unknown, repeated or invalid query parameter, or a cursor that is not one", body = ErrorBody),
-        (status = 405, description = "A method the path does not serve", body = ErrorBody),
         (status = 500, description = "The database failed", body = ErrorBody),
     )
 )]
@@ -670,10 +711,7 @@ pub struct ActionResponse {
         (status = 200, description = "Retried: the saga's state now", body = ActionResponse),
         (status = 400, description = "Malformed or invalid body, or an id that does not decode", body = ErrorBody),
         (status = 404, description = "No saga with that id", body = ErrorBody),
-        (status = 405, description = "A method the path does not serve", body = ErrorBody),
         (status = 409, description = "The saga refuses it (it is not Failed, or its key was released): the message says why", body = ErrorBody),
-        (status = 413, description = "The body is over the limit (2 MiB)", body = ErrorBody),
-        (status = 415, description = "A body that is not declared `application/json`", body = ErrorBody),
         (status = 500, description = "The database failed", body = ErrorBody),
     )
 )]
@@ -701,10 +739,7 @@ async fn retry_saga(
         (status = 200, description = "Aborted: the saga's state now", body = ActionResponse),
         (status = 400, description = "Malformed or invalid body, or an id that does not decode", body = ErrorBody),
         (status = 404, description = "No saga with that id", body = ErrorBody),
-        (status = 405, description = "A method the path does not serve", body = ErrorBody),
         (status = 409, description = "The saga refuses it (it is not Running or Queued): the message says why", body = ErrorBody),
-        (status = 413, description = "The body is over the limit (2 MiB)", body = ErrorBody),
-        (status = 415, description = "A body that is not declared `application/json`", body = ErrorBody),
         (status = 500, description = "The database failed", body = ErrorBody),
     )
 )]
@@ -754,10 +789,7 @@ fn actor_and_reason(headers: &HeaderMap, body: &Bytes) -> Result<(String, String
         (status = 200, description = "Released: the saga's state now", body = ActionResponse),
         (status = 400, description = "No body or no reason, a malformed or invalid body, or an id that does not decode", body = ErrorBody),
         (status = 404, description = "No saga with that id", body = ErrorBody),
-        (status = 405, description = "A method the path does not serve", body = ErrorBody),
         (status = 409, description = "The saga refuses it (it is not Failed, or holds no key): the message says why", body = ErrorBody),
-        (status = 413, description = "The body is over the limit (2 MiB)", body = ErrorBody),
-        (status = 415, description = "A body that is not declared `application/json`", body = ErrorBody),
         (status = 500, description = "The database failed", body = ErrorBody),
     )
 )]
@@ -828,10 +860,7 @@ enum SkipAs {
         (status = 200, description = "Resolved: the saga's state now", body = ActionResponse),
         (status = 400, description = "No body, no step or reason, an `as` other than done or compensated, `output` with compensated, a malformed body, or an id that does not decode", body = ErrorBody),
         (status = 404, description = "No saga with that id", body = ErrorBody),
-        (status = 405, description = "A method the path does not serve", body = ErrorBody),
         (status = 409, description = "The saga refuses it (it is not Failed, or the step is not stuck): the message says why", body = ErrorBody),
-        (status = 413, description = "The body is over the limit (2 MiB)", body = ErrorBody),
-        (status = 415, description = "A body that is not declared `application/json`", body = ErrorBody),
         (status = 500, description = "The database failed", body = ErrorBody),
     )
 )]
@@ -890,10 +919,7 @@ async fn skip_step(
         (status = 200, description = "Paused: the saga's state now", body = ActionResponse),
         (status = 400, description = "Malformed or invalid body, or an id that does not decode", body = ErrorBody),
         (status = 404, description = "No saga with that id", body = ErrorBody),
-        (status = 405, description = "A method the path does not serve", body = ErrorBody),
         (status = 409, description = "The saga refuses it (it is final, or already paused): the message says why", body = ErrorBody),
-        (status = 413, description = "The body is over the limit (2 MiB)", body = ErrorBody),
-        (status = 415, description = "A body that is not declared `application/json`", body = ErrorBody),
         (status = 500, description = "The database failed", body = ErrorBody),
     )
 )]
@@ -922,10 +948,7 @@ async fn pause_saga(
         (status = 200, description = "Resumed: the saga's state now", body = ActionResponse),
         (status = 400, description = "Malformed or invalid body, or an id that does not decode", body = ErrorBody),
         (status = 404, description = "No saga with that id", body = ErrorBody),
-        (status = 405, description = "A method the path does not serve", body = ErrorBody),
         (status = 409, description = "The saga refuses it (it is not paused): the message says why", body = ErrorBody),
-        (status = 413, description = "The body is over the limit (2 MiB)", body = ErrorBody),
-        (status = 415, description = "A body that is not declared `application/json`", body = ErrorBody),
         (status = 500, description = "The database failed", body = ErrorBody),
     )
 )]
@@ -999,7 +1022,6 @@ pub struct Health {
     tag = "service",
     responses(
         (status = 200, description = "The database answers: `{\"status\": \"ok\"}`", body = Health),
-        (status = 405, description = "A method the path does not serve", body = ErrorBody),
         (status = 503, description = "The database does not answer: `{\"status\": \"unavailable\", \"error\": \"…\"}`", body = Health),
     )
 )]
@@ -1034,7 +1056,6 @@ async fn healthz(State(engine): State<Arc<Engine>>) -> Response {
         (status = 200, description = "The metrics", content(
             (String = "application/openmetrics-text; version=1.0.0; charset=utf-8"),
         )),
-        (status = 405, description = "A method the path does not serve", body = ErrorBody),
         (status = 500, description = "The database failed (the outbox and dead-letter figures are read at scrape time)", body = ErrorBody),
     )
 )]
@@ -1070,7 +1091,6 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> ApiResult {
     tag = "service",
     responses(
         (status = 200, description = "The document", body = OpenApiDocument),
-        (status = 405, description = "A method the path does not serve", body = ErrorBody),
     )
 )]
 async fn openapi_json() -> Response {

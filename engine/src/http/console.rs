@@ -61,7 +61,6 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
     operation_id = "console_page",
     responses(
         (status = 200, description = "The page", content((String = "text/html"))),
-        (status = 405, description = "A method the path does not serve", body = ErrorBody),
     )
 )]
 pub async fn index() -> Response {
@@ -76,7 +75,6 @@ pub async fn index() -> Response {
     operation_id = "console_script",
     responses(
         (status = 200, description = "The script", content((String = "text/javascript"))),
-        (status = 405, description = "A method the path does not serve", body = ErrorBody),
     )
 )]
 pub async fn script() -> Response {
@@ -91,7 +89,6 @@ pub async fn script() -> Response {
     operation_id = "console_style",
     responses(
         (status = 200, description = "The stylesheet", content((String = "text/css"))),
-        (status = 405, description = "A method the path does not serve", body = ErrorBody),
     )
 )]
 pub async fn style() -> Response {
@@ -154,7 +151,6 @@ pub struct OutboxLag {
     responses(
         (status = 200, description = "The figures", body = Stats),
         (status = 400, description = "An unknown or invalid query parameter", body = ErrorBody),
-        (status = 405, description = "A method the path does not serve", body = ErrorBody),
         (status = 500, description = "The database failed", body = ErrorBody),
     )
 )]

@@ -98,7 +98,6 @@ impl Selection {
     responses(
         (status = 200, description = "One page of dead letters", body = DeadLetterPage),
         (status = 400, description = "An unknown or invalid query parameter", body = ErrorBody),
-        (status = 405, description = "A method the path does not serve", body = ErrorBody),
         (status = 500, description = "The database failed", body = ErrorBody),
     )
 )]
@@ -168,7 +167,6 @@ pub async fn page(engine: &Engine, q: &DeadLetterQuery) -> Result<DeadLetterPage
         (status = 200, description = "The letter", body = DeadLetterRow),
         (status = 400, description = "The id in the path does not decode", body = ErrorBody),
         (status = 404, description = "No dead letter with that id", body = ErrorBody),
-        (status = 405, description = "A method the path does not serve", body = ErrorBody),
         (status = 500, description = "The database failed", body = ErrorBody),
     )
 )]
@@ -230,9 +228,6 @@ pub async fn selected(engine: &Engine, s: &Selection) -> Result<Vec<String>, Eng
     responses(
         (status = 200, description = "What became of each letter", body = ReplayResponse),
         (status = 400, description = "No body, or one that does not say which letters", body = ErrorBody),
-        (status = 405, description = "A method the path does not serve", body = ErrorBody),
-        (status = 413, description = "The body is over the limit (2 MiB)", body = ErrorBody),
-        (status = 415, description = "The body is not declared `application/json`", body = ErrorBody),
         (status = 500, description = "The database failed", body = ErrorBody),
     )
 )]
@@ -269,9 +264,6 @@ pub(super) async fn replay(
     responses(
         (status = 200, description = "How many were deleted", body = PurgeResponse),
         (status = 400, description = "No body, or one that does not say which letters", body = ErrorBody),
-        (status = 405, description = "A method the path does not serve", body = ErrorBody),
-        (status = 413, description = "The body is over the limit (2 MiB)", body = ErrorBody),
-        (status = 415, description = "The body is not declared `application/json`", body = ErrorBody),
         (status = 500, description = "The database failed", body = ErrorBody),
     )
 )]
