@@ -483,18 +483,19 @@ const START_CHUNK: usize = 256;
 
 /// Starts these orders of `graph`. The one place `sagaflow dev` and the bench start sagas: in
 /// chunks of [`START_CHUNK`], one transaction each (the engine's batch path, as the start
-/// queue's consumer uses it).
+/// queue's consumer uses it). Returns the sagas' ids, in order.
 pub async fn start_orders(
     engine: &Engine,
     graph: &Arc<sagaflow_dsl::SagaGraph>,
     orders: &[serde_json::Value],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<String>> {
     // One transaction per chunk: the engine's batch path, as the start queue's consumer uses it.
+    let mut ids = Vec::with_capacity(orders.len());
     for chunk in orders.chunks(START_CHUNK) {
         let batch = chunk.iter().map(|o| (o.clone(), None)).collect();
         for started in engine.start_many(graph, batch).await {
-            started.context("starting an order")?;
+            ids.push(started.context("starting an order")?.id);
         }
     }
-    Ok(())
+    Ok(ids)
 }

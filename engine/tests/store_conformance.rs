@@ -1676,11 +1676,26 @@ async fn read_counts_by_status_and_latencies(store: Store) {
     );
     // Failed is final: it waits for an operator, not for the engine.
     assert_eq!(store.unfinished_count().await.unwrap(), 3);
-    assert_eq!(store.progress_since(run).await.unwrap(), (4, 2));
-    assert_eq!(store.progress_since(NOW).await.unwrap(), (5, 3));
-    assert_eq!(store.unfinished_since(run).await.unwrap(), 2);
-    assert_eq!(store.unfinished_since(NOW).await.unwrap(), 3);
-    assert_eq!(store.unfinished_since(run + 1_000).await.unwrap(), 0);
+    let among = |ids: &[&str]| ids.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    let mut finished = store
+        .finished_among(&among(&[
+            "r0",
+            "r1",
+            "r2",
+            "r3",
+            "r4",
+            "r5",
+            "no-such-saga",
+        ]))
+        .await
+        .unwrap();
+    finished.sort();
+    assert_eq!(finished, among(&["r0", "r1", "r2", "r3"]));
+    assert_eq!(
+        store.finished_among(&among(&["r4", "r5"])).await.unwrap(),
+        Vec::<String>::new()
+    );
+    assert!(store.finished_among(&[]).await.unwrap().is_empty());
 
     let l = store
         .latencies(run, &[0.0, 0.5, 0.9, 0.99, 1.0])

@@ -148,11 +148,11 @@ pub trait SagaCounts {
     ) -> Result<BTreeMap<String, u64>, StoreError>;
     /// Sagas not final yet.
     async fn unfinished_count(&self) -> Result<u64, StoreError>;
-    /// `(final, not final)` among the sagas created since `since`.
-    async fn progress_since(&self, since: Millis) -> Result<(u64, u64), StoreError>;
-    /// Unfinished sagas started since `since` (read through the index of unfinished sagas, so
-    /// it costs what is in flight, not what ran before).
-    async fn unfinished_since(&self, since: Millis) -> Result<u64, StoreError>;
+    /// Which of `ids` are final now (unknown ids are not). One statement of primary-key
+    /// lookups: it costs the ids asked about, never the sagas that ran before or the dead rows
+    /// their updates left (a count over the index of unfinished sagas walks every one of them
+    /// until a vacuum, and a bitmap scan never marks them dead).
+    async fn finished_among(&self, ids: &[String]) -> Result<Vec<String>, StoreError>;
     /// Start-to-final latencies at `quantiles` (0.0 ..= 1.0) among the sagas created since
     /// `since`; portable (SQLite has no `percentile_disc`).
     async fn latencies(&self, since: Millis, quantiles: &[f64]) -> Result<Latencies, StoreError>;
@@ -425,26 +425,24 @@ impl SagaCounts for Store {
         count_of(&row, "n")
     }
 
-    async fn progress_since(&self, since: Millis) -> Result<(u64, u64), StoreError> {
-        let row = sqlx::query(
-            "SELECT COUNT(finished_at) AS done, COUNT(*) - COUNT(finished_at) AS open FROM sagas WHERE created_at >= $1",
-        )
-        .bind(since)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok((count_of(&row, "done")?, count_of(&row, "open")?))
-    }
-
-    async fn unfinished_since(&self, since: Millis) -> Result<u64, StoreError> {
-        // Not kept prepared: planned on the table as it is now, it reads the partial index.
-        let row = sqlx::query(
-            "SELECT COUNT(*) AS n FROM sagas WHERE finished_at IS NULL AND created_at >= $1",
-        )
-        .persistent(false)
-        .bind(since)
-        .fetch_one(&self.pool)
-        .await?;
-        count_of(&row, "n")
+    async fn finished_among(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = if self.sql().postgres {
+            "SELECT id FROM sagas WHERE id = ANY(ARRAY(SELECT json_array_elements_text($1::json))) \
+             AND finished_at IS NOT NULL"
+        } else {
+            "SELECT id FROM sagas WHERE id IN (SELECT value FROM json_each($1)) \
+             AND finished_at IS NOT NULL"
+        };
+        let rows = sqlx::query(sql)
+            .bind(super::json(&ids))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok(r.try_get::<String, _>("id")?))
+            .collect()
     }
 
     async fn latencies(&self, since: Millis, quantiles: &[f64]) -> Result<Latencies, StoreError> {
