@@ -1,8 +1,8 @@
 //! Traces across the transport: one saga is one trace, and each hop's span is the child of the
 //! span whose context the message carried (start → dispatch → worker → reply → apply). The
-//! engine and the four services run in this process (on SQLite and on the real PostgreSQL),
-//! with an in-memory span exporter behind the same tracing-opentelemetry layer the CLI
-//! installs.
+//! engine and the four services run in this process (on SQLite and on the real PostgreSQL, over
+//! the in-process transport and over the real RabbitMQ), with an in-memory span exporter behind
+//! the same tracing-opentelemetry layer the CLI installs.
 
 mod support;
 
@@ -271,4 +271,113 @@ async fn post_sagas_joins_the_trace_of_its_traceparent_header() {
     };
     assert_ne!(start.span_context.trace_id(), http_trace);
     assert_eq!(start.parent_span_id, SpanId::INVALID, "a new root");
+}
+
+/// The same parent/child chain over the real RabbitMQ and PostgreSQL: the engine and the four
+/// services (in this process, so that their spans reach the test's exporter, but each side on a
+/// broker connection of its own, as separate processes would be) on a queue prefix and a
+/// database of the test's own. One saga's spans are one trace, from its start to the apply of
+/// its last reply; every worker span's parent is the engine's dispatch span of its command
+/// (whose context came in the AMQP message), every apply span's the worker's reply span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_is_one_trace_over_rabbitmq() {
+    use sagaflow_engine::machine::SagaStatus;
+    use sagaflow_engine::store::{SagaQueries as _, Store};
+    use sagaflow_engine::transport::Transport;
+    use sagaflow_engine::transport::amqp::{AmqpConfig, AmqpTransport};
+    use sagaflow_workers::services;
+    use support::deploy::{Deployment, amqp_url};
+
+    exporter();
+    let Some(d) = Deployment::new("traces_amqp", 2).await else {
+        return;
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let engine = tokio::spawn(d.engine.clone().run(stopped.clone()));
+    let mut config = AmqpConfig::new(&amqp_url());
+    config.prefix = d.prefix.clone();
+    config.partitions = d.partitions;
+    config.connection_name = "test traces workers".into();
+    let worker_transport = AmqpTransport::connect(config).await.expect("RabbitMQ");
+    let worker_store = Store::connect(&d.db.url, 3).await.expect("connect");
+    let mut workers = Vec::new();
+    for service in services::SERVICES {
+        let pool = worker_store.pool().clone();
+        let transport = worker_transport.clone() as std::sync::Arc<dyn Transport>;
+        let w = services::worker(service, pool, transport).expect("known service");
+        workers.push(tokio::spawn(w.run(stopped.clone())));
+    }
+    for _ in 0..2_000 {
+        if d.engine.relay_running() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let orders = d.orders("traced-amqp", 1).await;
+    let caller = format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01");
+    let id = d
+        .engine
+        .start_traced(&d.order, orders[0].clone(), None, Some(&caller))
+        .await
+        .expect("start")
+        .id;
+    d.wait_all_final(LIMIT).await;
+    let state = d.store.saga_state(&id).await.expect("read").expect("saga");
+    assert_eq!(state.status, SagaStatus::Completed, "{:?}", state.status);
+    let _ = stop.send(true);
+    let _ = engine.await;
+    for w in workers {
+        let _ = w.await;
+    }
+    worker_transport.close().await;
+    worker_store.pool().close().await;
+    d.finish().await;
+
+    let spans = spans_of(&id);
+    let [start] = &spans["start"][..] else {
+        panic!("one start span: {:?}", spans.get("start"))
+    };
+    let caller_trace = TraceId::from_hex(CALLER_TRACE).unwrap();
+    assert_eq!(start.parent_span_id, SpanId::from_hex(CALLER_SPAN).unwrap());
+    // Every span, from the start to the apply that made the saga Completed, is in one trace.
+    for s in spans.values().flatten() {
+        assert_eq!(
+            s.span_context.trace_id(),
+            caller_trace,
+            "{} is in the saga's trace",
+            s.name
+        );
+    }
+    // Five forward operations, each dispatched, run, answered and applied (a step the engine
+    // timed out and sent again, on a loaded machine, adds a hop with its own attempt).
+    for name in ["dispatch", "worker", "reply", "apply"] {
+        assert!(spans.get(name).map_or(0, Vec::len) >= 5, "{name} spans");
+    }
+    for worker in &spans["worker"] {
+        let dispatch = hop(&spans["dispatch"], worker);
+        assert_eq!(dispatch.parent_span_id, start.span_context.span_id());
+        assert_eq!(
+            worker.parent_span_id,
+            dispatch.span_context.span_id(),
+            "the worker's span is the child of the engine's dispatch span of its command"
+        );
+        assert!(
+            worker.parent_span_is_remote,
+            "its parent came over RabbitMQ"
+        );
+    }
+    for reply in &spans["reply"] {
+        let worker = hop(&spans["worker"], reply);
+        assert_eq!(reply.parent_span_id, worker.span_context.span_id());
+    }
+    for apply in &spans["apply"] {
+        let reply = hop(&spans["reply"], apply);
+        assert_eq!(
+            apply.parent_span_id,
+            reply.span_context.span_id(),
+            "the apply span is the child of the worker's reply span"
+        );
+        assert!(apply.parent_span_is_remote, "its parent came over RabbitMQ");
+    }
 }
