@@ -381,3 +381,87 @@ async fn a_saga_is_one_trace_over_rabbitmq() {
         assert!(apply.parent_span_is_remote, "its parent came over RabbitMQ");
     }
 }
+
+/// A saga started from the application's transaction through the client library, with the
+/// caller's `traceparent`: the outbox row and the start message carry it, and the saga's
+/// `start` span is the caller's span's child, its workers' spans in the caller's trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_started_through_the_client_joins_the_callers_trace() {
+    use sagaflow_engine::transport::Transport;
+
+    exporter();
+    let Some(app) = support::fresh_db(support::Backend::Postgres, "traces_client_app").await else {
+        return;
+    };
+    let db = support::fresh_db(support::Backend::Sqlite, "traces_client")
+        .await
+        .expect("sqlite");
+    let sys = System::start(&db.url, Setup::default()).await;
+    let orders = sys.orders("traced-client", 2).await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&app.url)
+        .await
+        .expect("the application's database");
+    sagaflow_client::install(&mut pool.acquire().await.expect("conn"))
+        .await
+        .expect("install");
+    const APP_TRACE: &str = "5c2e1a9d3b7f4e60a1b2c3d4e5f60718";
+    const APP_SPAN: &str = "a1b2c3d4e5f60718";
+    let caller = format!("00-{APP_TRACE}-{APP_SPAN}-01");
+    let keys = ["client-traced", "client-plain"];
+    let mut tx = pool.begin().await.expect("begin");
+    sagaflow_client::Start::new("order-paid", &orders[0], keys[0])
+        .traceparent(&caller)
+        .write(&mut tx)
+        .await
+        .expect("start");
+    sagaflow_client::start_saga(&mut tx, "order-paid", &orders[1], keys[1])
+        .await
+        .expect("start");
+    tx.commit().await.expect("commit");
+    let relay = sagaflow_client::Relay::new(
+        pool.clone(),
+        sys.transport.clone() as std::sync::Arc<dyn Transport>,
+    );
+    while relay.relay_once().await.expect("relay") > 0 {}
+    let start = std::time::Instant::now();
+    while support::counts(&sys.store).await.values().sum::<i64>() < 2 {
+        assert!(start.elapsed() < LIMIT, "the started sagas do not exist");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    wait_all_final(&sys.store, LIMIT).await;
+    let mut ids = Vec::new();
+    for key in keys {
+        let id: String = sqlx::query_scalar("SELECT id FROM sagas WHERE idempotency_key = $1")
+            .bind(key)
+            .fetch_one(sys.store.pool())
+            .await
+            .expect("the saga");
+        ids.push(id);
+    }
+    sys.stop().await;
+    pool.close().await;
+
+    let spans = spans_of(&ids[0]);
+    let [start] = &spans["start"][..] else {
+        panic!("one start span: {:?}", spans.get("start"))
+    };
+    let app_trace = TraceId::from_hex(APP_TRACE).unwrap();
+    assert_eq!(start.span_context.trace_id(), app_trace);
+    assert_eq!(start.parent_span_id, SpanId::from_hex(APP_SPAN).unwrap());
+    assert_eq!(spans.get("worker").map_or(0, Vec::len), 5);
+    assert!(
+        spans
+            .values()
+            .flatten()
+            .all(|s| s.span_context.trace_id() == app_trace),
+        "every span of the saga is in the caller's trace"
+    );
+    let other = spans_of(&ids[1]);
+    let [start] = &other["start"][..] else {
+        panic!("one start span")
+    };
+    assert_ne!(start.span_context.trace_id(), app_trace);
+    assert_eq!(start.parent_span_id, SpanId::INVALID, "a new root");
+}
