@@ -374,6 +374,7 @@ engine_on_both_backends!(
         let start = |saga: &str, input: &Value, key: &str| {
             serde_json::to_vec(&StartMsg {
                 traceparent: None,
+                tracestate: None,
                 saga: saga.to_owned(),
                 input: input.clone(),
                 idempotency_key: key.to_owned(),

@@ -158,6 +158,7 @@ async fn assert_tables(worker_store: &Store, started: &[(String, Value)]) {
 fn reserve_again(id: &str, input: &Value) -> Message {
     let cmd = CommandMsg {
         traceparent: None,
+        tracestate: None,
         saga_id: id.to_owned(),
         saga: "ship-order".into(),
         key: input["order_id"].as_str().expect("order").to_owned(),

@@ -20,6 +20,13 @@ use tracing_subscriber::layer::SubscriberExt as _;
 const LIMIT: Duration = Duration::from_secs(90);
 const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
+/// A caller's `tracestate`: each of the saga's spans carries it on.
+const CALLER_STATE: &str = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7";
+
+/// The `tracestate` a span's context carries.
+fn state_of(span: &SpanData) -> String {
+    span.span_context.trace_state().header()
+}
 
 /// The exporter every test of this binary shares (a global subscriber, since the engine's
 /// tasks run on the runtime's threads); each test looks at its own sagas' spans.
@@ -192,7 +199,7 @@ fn messages_without_or_with_a_bad_traceparent_are_accepted() {
     assert!(trace::parse(cmd.traceparent.as_deref().unwrap()).is_none());
     // The span of such a command is a root (or its contextual parent's child), never an error.
     let span = tracing::info_span!("x");
-    trace::set_parent(&span, cmd.traceparent.as_deref());
+    trace::set_parent(&span, cmd.traceparent.as_deref(), cmd.tracestate.as_deref());
     let reply = r#"{"saga_id":"s","step":0,"op":"action","attempt":1,"outcome":{"outcome":"ok","output":null}}"#;
     let reply: sagaflow_engine::wire::ReplyMsg = serde_json::from_str(reply).expect("old reply");
     assert_eq!(reply.traceparent, None);
@@ -231,7 +238,11 @@ async fn post_sagas_joins_the_trace_of_its_traceparent_header() {
         tokio::task::spawn_blocking(move || {
             let mut request = ureq::post(&url);
             if let Some(tp) = traceparent {
-                request = request.header("traceparent", tp);
+                // Two tracestate headers are one list (W3C): the saga carries both.
+                request = request
+                    .header("traceparent", tp)
+                    .header("tracestate", "congo=t61rcWkgMzE")
+                    .header("tracestate", "rojo=00f067aa0ba902b7");
             }
             let mut answer = request
                 .send_json(serde_json::json!({"saga": "order-paid", "input": input}))
@@ -265,11 +276,19 @@ async fn post_sagas_joins_the_trace_of_its_traceparent_header() {
             .all(|w| w.span_context.trace_id() == http_trace),
         "the workers' spans are in the caller's trace"
     );
+    assert!(
+        spans
+            .values()
+            .flatten()
+            .all(|s| state_of(s) == CALLER_STATE),
+        "every span carries the caller's tracestate"
+    );
     let other = spans_of(&plain);
     let [start] = &other["start"][..] else {
         panic!("one start span")
     };
     assert_ne!(start.span_context.trace_id(), http_trace);
+    assert_eq!(state_of(start), "");
     assert_eq!(start.parent_span_id, SpanId::INVALID, "a new root");
 }
 
@@ -316,9 +335,13 @@ async fn a_saga_is_one_trace_over_rabbitmq() {
 
     let orders = d.orders("traced-amqp", 1).await;
     let caller = format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01");
+    let trace = trace::Carried {
+        traceparent: Some(caller),
+        tracestate: Some(CALLER_STATE.to_owned()),
+    };
     let id = d
         .engine
-        .start_traced(&d.order, orders[0].clone(), None, Some(&caller))
+        .start_with_trace(&d.order, orders[0].clone(), None, &trace)
         .await
         .expect("start")
         .id;
@@ -340,7 +363,8 @@ async fn a_saga_is_one_trace_over_rabbitmq() {
     };
     let caller_trace = TraceId::from_hex(CALLER_TRACE).unwrap();
     assert_eq!(start.parent_span_id, SpanId::from_hex(CALLER_SPAN).unwrap());
-    // Every span, from the start to the apply that made the saga Completed, is in one trace.
+    // Every span, from the start to the apply that made the saga Completed, is in one trace,
+    // and carries the caller's tracestate on (it crossed RabbitMQ beside the context).
     for s in spans.values().flatten() {
         assert_eq!(
             s.span_context.trace_id(),
@@ -348,7 +372,14 @@ async fn a_saga_is_one_trace_over_rabbitmq() {
             "{} is in the saga's trace",
             s.name
         );
+        assert_eq!(
+            state_of(s),
+            CALLER_STATE,
+            "{} carries the tracestate",
+            s.name
+        );
     }
+    assert_eq!(state.tracestate.as_deref(), Some(CALLER_STATE));
     // Five forward operations, each dispatched, run, answered and applied (a step the engine
     // timed out and sent again, on a loaded machine, adds a hop with its own attempt).
     for name in ["dispatch", "worker", "reply", "apply"] {
@@ -413,6 +444,7 @@ async fn a_saga_started_through_the_client_joins_the_callers_trace() {
     let mut tx = pool.begin().await.expect("begin");
     sagaflow_client::Start::new("order-paid", &orders[0], keys[0])
         .traceparent(&caller)
+        .tracestate(CALLER_STATE)
         .write(&mut tx)
         .await
         .expect("start");
@@ -457,6 +489,13 @@ async fn a_saga_started_through_the_client_joins_the_callers_trace() {
             .flatten()
             .all(|s| s.span_context.trace_id() == app_trace),
         "every span of the saga is in the caller's trace"
+    );
+    assert!(
+        spans
+            .values()
+            .flatten()
+            .all(|s| state_of(s) == CALLER_STATE),
+        "every span of the saga carries the caller's tracestate"
     );
     let other = spans_of(&ids[1]);
     let [start] = &other["start"][..] else {

@@ -51,8 +51,9 @@
 //! # Traces
 //!
 //! A saga started with [`Start`] and the caller's W3C `traceparent` joins the caller's trace:
-//! the context is kept in the outbox row, carried by the start message, and the engine's
-//! `start` span is the caller's span's child (as `POST /sagas` with a `traceparent` header).
+//! the context (and its `tracestate`, if any) is kept in the outbox row, carried by the start
+//! message, and the engine's `start` span is the caller's span's child (as `POST /sagas` with a
+//! `traceparent` header).
 //!
 //! ```no_run
 //! # async fn example(tx: &mut sqlx::PgConnection, input: serde_json::Value) -> Result<(), sagaflow_client::ClientError> {
@@ -68,6 +69,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use sagaflow_engine::trace::Carried;
 use sagaflow_engine::transport::{Message, START_QUEUE, Transport, TransportError};
 use sagaflow_engine::wire::StartMsg;
 use serde_json::Value;
@@ -90,12 +92,14 @@ CREATE TABLE IF NOT EXISTS sagaflow_start_outbox (
     idempotency_key TEXT NOT NULL UNIQUE,
     created_at      TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
     sent_at         TIMESTAMPTZ,
-    traceparent     TEXT  -- the caller's W3C trace context, if it gave one
+    traceparent     TEXT, -- the caller's W3C trace context, if it gave one
+    tracestate      TEXT  -- and the tracestate that came with it
 );
 CREATE INDEX IF NOT EXISTS sagaflow_start_outbox_unsent
     ON sagaflow_start_outbox (id) WHERE sent_at IS NULL;
--- A table made before the trace context was kept gets its column.
+-- A table made before the trace context was kept gets its columns.
 ALTER TABLE sagaflow_start_outbox ADD COLUMN IF NOT EXISTS traceparent TEXT;
+ALTER TABLE sagaflow_start_outbox ADD COLUMN IF NOT EXISTS tracestate TEXT;
 ";
 
 /// Serialises concurrent [`install`]s (`CREATE TABLE IF NOT EXISTS` races otherwise).
@@ -180,6 +184,7 @@ pub struct Start<'a> {
     input: &'a Value,
     idempotency_key: &'a str,
     traceparent: Option<&'a str>,
+    tracestate: Option<&'a str>,
 }
 
 impl<'a> Start<'a> {
@@ -190,6 +195,7 @@ impl<'a> Start<'a> {
             input,
             idempotency_key,
             traceparent: None,
+            tracestate: None,
         }
     }
 
@@ -201,18 +207,32 @@ impl<'a> Start<'a> {
         self
     }
 
+    /// The W3C `tracestate` that came with the caller's context (vendors' `key=value` list):
+    /// carried on beside it, as W3C Trace Context asks. Kept only beside a valid
+    /// [`traceparent`](Start::traceparent), and dropped if malformed (or over 512 characters).
+    pub fn tracestate(mut self, tracestate: &'a str) -> Start<'a> {
+        self.tracestate = Some(tracestate);
+        self
+    }
+
+    fn trace(&self) -> Carried {
+        sagaflow_engine::trace::pass_on_carried(self.traceparent, self.tracestate)
+    }
+
     /// Inserts the start's row on `conn`, in the transaction open there (see [`start_saga`]).
     pub async fn write(self, conn: &mut PgConnection) -> Result<(), ClientError> {
         validate(self.saga, self.input, self.idempotency_key)?;
-        let traceparent = sagaflow_engine::trace::pass_on(self.traceparent);
+        let trace = self.trace();
         sqlx::query(
-            "INSERT INTO sagaflow_start_outbox (saga, input, idempotency_key, traceparent) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (idempotency_key) DO NOTHING",
+            "INSERT INTO sagaflow_start_outbox \
+             (saga, input, idempotency_key, traceparent, tracestate) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING",
         )
         .bind(self.saga)
         .bind(Json(self.input))
         .bind(self.idempotency_key)
-        .bind(traceparent)
+        .bind(trace.traceparent)
+        .bind(trace.tracestate)
         .execute(conn)
         .await
         .map_err(db_error)?;
@@ -221,12 +241,11 @@ impl<'a> Start<'a> {
 
     /// The wire message this start becomes when a [`Relay`] publishes its row.
     pub fn message(&self) -> Result<Message, ClientError> {
-        let traceparent = sagaflow_engine::trace::pass_on(self.traceparent);
         encode(
             self.saga,
             self.input.clone(),
             self.idempotency_key,
-            traceparent,
+            self.trace(),
         )
     }
 }
@@ -283,20 +302,21 @@ pub fn start_message(
     input: Value,
     idempotency_key: &str,
 ) -> Result<Message, ClientError> {
-    encode(saga, input, idempotency_key, None)
+    encode(saga, input, idempotency_key, Carried::default())
 }
 
 fn encode(
     saga: &str,
     input: Value,
     idempotency_key: &str,
-    traceparent: Option<String>,
+    trace: Carried,
 ) -> Result<Message, ClientError> {
     let payload = serde_json::to_vec(&StartMsg {
         saga: saga.to_owned(),
         input,
         idempotency_key: idempotency_key.to_owned(),
-        traceparent,
+        traceparent: trace.traceparent,
+        tracestate: trace.tracestate,
     })?;
     Ok(Message {
         id: format!("start/{idempotency_key}"),
@@ -305,8 +325,16 @@ fn encode(
     })
 }
 
-/// An outbox row as the relay reads it: id, saga, input, idempotency key, traceparent.
-type OutboxRow = (i64, String, Json<Value>, String, Option<String>);
+/// An outbox row as the relay reads it: id, saga, input, idempotency key, traceparent,
+/// tracestate.
+type OutboxRow = (
+    i64,
+    String,
+    Json<Value>,
+    String,
+    Option<String>,
+    Option<String>,
+);
 
 /// Publishes committed start requests from `sagaflow_start_outbox` to the engine's
 /// [`START_QUEUE`].
@@ -368,7 +396,8 @@ impl Relay {
     pub async fn relay_once(&self) -> Result<usize, ClientError> {
         let mut tx = self.pool.begin().await?;
         let rows: Vec<OutboxRow> = sqlx::query_as(
-            "SELECT id, saga, input, idempotency_key, traceparent FROM sagaflow_start_outbox \
+            "SELECT id, saga, input, idempotency_key, traceparent, tracestate \
+             FROM sagaflow_start_outbox \
              WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(i64::try_from(self.batch_size).unwrap_or(i64::MAX))
@@ -379,8 +408,12 @@ impl Relay {
             return Ok(0);
         }
         let mut batch = Vec::with_capacity(rows.len());
-        for (id, saga, Json(input), key, traceparent) in rows {
-            batch.push((id, encode(&saga, input, &key, traceparent)?));
+        for (id, saga, Json(input), key, traceparent, tracestate) in rows {
+            let trace = Carried {
+                traceparent,
+                tracestate,
+            };
+            batch.push((id, encode(&saga, input, &key, trace)?));
         }
         // Publish the whole batch, then wait for all confirms (pipelined; over RabbitMQ the
         // starts of one partition travel in bundles).
@@ -543,6 +576,7 @@ mod tests {
                 input,
                 idempotency_key: "o-1".into(),
                 traceparent: None,
+                tracestate: None,
             }
         );
     }
@@ -558,6 +592,16 @@ mod tests {
         assert_eq!(decode(m).traceparent.as_deref(), Some(TP));
         let junk = Start::new("order-paid", &input, "o-1").traceparent("00-nonsense-01");
         assert_eq!(decode(junk.message().unwrap()).traceparent, None);
+        // The tracestate goes beside a valid traceparent only, and only a valid one.
+        let state = |start: Start| decode(start.message().unwrap()).tracestate;
+        let with = Start::new("order-paid", &input, "o-1").traceparent(TP);
+        assert_eq!(
+            state(with.clone().tracestate("a=1,b=2")).as_deref(),
+            Some("a=1,b=2")
+        );
+        assert_eq!(state(with.tracestate("no equals")), None);
+        let alone = Start::new("order-paid", &input, "o-1").tracestate("a=1");
+        assert_eq!(state(alone), None);
         let plain = Start::new("order-paid", &input, "o-1").message().unwrap();
         assert_eq!(
             plain,
@@ -572,6 +616,7 @@ mod tests {
         assert!(INSTALL_SQL.contains("idempotency_key TEXT NOT NULL UNIQUE"));
         assert!(INSTALL_SQL.contains("CREATE INDEX IF NOT EXISTS"));
         assert!(INSTALL_SQL.contains("ADD COLUMN IF NOT EXISTS traceparent TEXT"));
+        assert!(INSTALL_SQL.contains("ADD COLUMN IF NOT EXISTS tracestate TEXT"));
         assert_eq!(OUTBOX_TABLE, "sagaflow_start_outbox");
     }
 }
