@@ -262,6 +262,7 @@ async fn a_command_and_a_reply_published_twice_have_one_effect_and_one_transitio
     let cmd: CommandMsg = serde_json::from_str(&payload).expect("command");
     let reply = ReplyMsg {
         traceparent: None,
+        tracestate: None,
         saga_id: id.clone(),
         step: cmd.step,
         op: cmd.op,
@@ -341,6 +342,7 @@ async fn commands_of_one_key_are_handled_in_send_order_while_keys_interleave() {
         for k in keys {
             let cmd = CommandMsg {
                 traceparent: None,
+                tracestate: None,
                 saga_id: format!("fifo-{k}-{i:03}"),
                 saga: "order-paid".into(),
                 key: k.into(),
@@ -583,6 +585,7 @@ async fn poison_messages_are_dead_lettered_and_their_partition_keeps_flowing() {
     // A well-formed reply for a real saga, naming a step it does not have.
     let stray = ReplyMsg {
         traceparent: None,
+        tracestate: None,
         saga_id: ids[0].clone(),
         step: 99,
         op: Op::Action,

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sagaflow_client::{ClientError, Relay, install, start_saga};
+use sagaflow_client::{ClientError, Relay, Start, install, start_saga};
 use sagaflow_engine::store::{ENGINE_MIGRATIONS, Store};
 use sagaflow_engine::transport::memory::{Faults as NetFaults, MemoryTransport};
 use sagaflow_engine::transport::{Message, START_QUEUE, Transport};
@@ -374,6 +374,7 @@ engine_on_both_backends!(
         let start = |saga: &str, input: &Value, key: &str| {
             serde_json::to_vec(&StartMsg {
                 traceparent: None,
+                tracestate: None,
                 saga: saga.to_owned(),
                 input: input.clone(),
                 idempotency_key: key.to_owned(),
@@ -600,4 +601,136 @@ async fn an_unconfirmed_batch_times_out_and_its_rows_stay_unsent() {
     let relay = Relay::new(app.pool.clone(), transport.clone() as Arc<dyn Transport>);
     assert_eq!(relay.relay_once().await.expect("relay"), 3);
     assert_eq!(transport.depth(START_QUEUE), 3);
+}
+
+engine_on_both_backends!(
+    a_start_keeps_the_callers_trace_context,
+    |app: App, url: String| async move {
+        const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let sys = System::start(&url, Setup::default()).await;
+        let orders = sys.orders("traced", 3).await;
+        let mut tx = app.pool.begin().await.expect("begin");
+        let keys: Vec<String> = orders.iter().map(order_id).collect();
+        Start::new("order-paid", &orders[0], &keys[0])
+            .traceparent(TP)
+            .write(&mut tx)
+            .await
+            .expect("traced start");
+        // A malformed context is dropped, not an error; no context is the plain start.
+        Start::new("order-paid", &orders[1], &keys[1])
+            .traceparent("00-nonsense-01")
+            .write(&mut tx)
+            .await
+            .expect("start with a malformed context");
+        start_saga(&mut tx, "order-paid", &orders[2], &keys[2])
+            .await
+            .expect("start_saga");
+        tx.commit().await.expect("commit");
+        let kept: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT idempotency_key, traceparent FROM sagaflow_start_outbox ORDER BY id",
+        )
+        .fetch_all(&app.pool)
+        .await
+        .expect("rows");
+        assert_eq!(
+            kept,
+            [
+                (keys[0].clone(), Some(TP.to_owned())),
+                (keys[1].clone(), None),
+                (keys[2].clone(), None)
+            ]
+        );
+        while relay(&app, &sys).relay_once().await.expect("relay") > 0 {}
+        eventually("the three sagas exist", || async {
+            all_sagas(&sys.store).await == 3
+        })
+        .await;
+        wait_all_final(&sys.store, LIMIT).await;
+        // Without spans (no OpenTelemetry layer here) the saga keeps the caller's context as
+        // it came; tests/traces.rs shows the start span as that span's child.
+        let mut ids = Vec::new();
+        for key in &keys {
+            let mut conn = sys.store.pool().acquire().await.expect("conn");
+            let id: String = sqlx::query("SELECT id FROM sagas WHERE idempotency_key = $1")
+                .bind(key.as_str())
+                .fetch_one(&mut *conn)
+                .await
+                .expect("saga")
+                .try_get("id")
+                .expect("id");
+            ids.push(id);
+        }
+        let rows = {
+            use sagaflow_engine::store::SagaTable as _;
+            let mut tx = sys.store.begin().await.expect("begin");
+            let rows = tx.load_sagas(&ids).await.expect("load");
+            tx.rollback().await.expect("rollback");
+            rows
+        };
+        let traces: Vec<Option<String>> = ids
+            .iter()
+            .map(|id| {
+                let row = rows.iter().find(|r| &r.id == id).expect("the saga");
+                row.state.trace.clone()
+            })
+            .collect();
+        assert_eq!(traces, [Some(TP.to_owned()), None, None]);
+        assert_eq!(counts(&sys.store).await.get("completed"), Some(&3));
+        sys.stop().await;
+    }
+);
+
+/// A table made by an earlier sagaflow-client (without the trace context's column) is a
+/// clear error for a start and for the relay, and `install` again brings it up to date,
+/// keeping its rows.
+#[tokio::test]
+async fn an_outdated_outbox_table_is_named_and_install_upgrades_it() {
+    let Some(db) = support::fresh_db(Backend::Postgres, "app_outdated").await else {
+        return;
+    };
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&db.url)
+        .await
+        .expect("connect");
+    sqlx::raw_sql(
+        "CREATE TABLE sagaflow_start_outbox (id BIGSERIAL PRIMARY KEY, saga TEXT NOT NULL, \
+         input JSONB NOT NULL, idempotency_key TEXT NOT NULL UNIQUE, \
+         created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(), sent_at TIMESTAMPTZ); \
+         INSERT INTO sagaflow_start_outbox (saga, input, idempotency_key) \
+         VALUES ('order-paid', '{}', 'old')",
+    )
+    .execute(&pool)
+    .await
+    .expect("the 0.1 table");
+    let mut tx = pool.begin().await.expect("begin");
+    let e = start_saga(&mut tx, "order-paid", &json!({}), "k")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::OutdatedTable(_)), "{e}");
+    assert!(
+        e.to_string().contains("run sagaflow_client::install again"),
+        "{e}"
+    );
+    drop(tx);
+    let transport = Arc::new(MemoryTransport::new(NetFaults::default()));
+    let relay = Relay::new(pool.clone(), transport.clone() as Arc<dyn Transport>);
+    let e = relay.relay_once().await.unwrap_err();
+    assert!(matches!(e, ClientError::OutdatedTable(_)), "{e}");
+
+    install(&mut pool.acquire().await.expect("conn"))
+        .await
+        .expect("install");
+    let mut tx = pool.begin().await.expect("begin");
+    start_saga(&mut tx, "order-paid", &json!({}), "k")
+        .await
+        .expect("start after the upgrade");
+    tx.commit().await.expect("commit");
+    assert_eq!(
+        relay.relay_once().await.expect("relay"),
+        2,
+        "the old row too"
+    );
+    assert_eq!(transport.depth(START_QUEUE), 2);
+    pool.close().await;
 }

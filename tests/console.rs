@@ -166,6 +166,7 @@ async fn console_pages_and_a_retry_from_the_browser() {
         key: "k-stray".into(),
         payload: serde_json::to_vec(&sagaflow_engine::wire::ReplyMsg {
             traceparent: None,
+            tracestate: None,
             saga_id: "no-such-saga".into(),
             step: 0,
             op: Op::Action,

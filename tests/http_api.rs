@@ -1279,6 +1279,7 @@ async fn dead_letters_list_show_replay_and_purge() {
             } else {
                 serde_json::to_vec(&sagaflow_engine::wire::ReplyMsg {
                     traceparent: None,
+                    tracestate: None,
                     saga_id: format!("nope-{i}"),
                     step: 0,
                     op: Op::Action,

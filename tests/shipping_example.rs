@@ -1,5 +1,5 @@
 //! The README's "Your own service": `examples/shipping/` run for real. Its worker is the example
-//! crate's own code (`sagaflow_example_shipping::worker`, which the example's `main` runs too),
+//! crate's own code (`sagaflow_example_shipping::SERVICE`, which the example's `main` runs too),
 //! on a database that has only the SDK's tables (`BARRIER_MIGRATIONS`) and the example's
 //! table, driven by sagas of the example's `shipping.yaml`: the orders the carrier serves
 //! complete, the PO boxes are refused and their parcels released, and the `shipments` table
@@ -23,6 +23,7 @@ use sagaflow_engine::wire::CommandMsg;
 use sagaflow_example_shipping as shipping;
 use sagaflow_workers::BARRIER_MIGRATIONS;
 use sagaflow_workers::runtime::{Faults, Stats};
+use sagaflow_workers::service::{self, Config};
 use serde_json::{Value, json};
 use sqlx::Row;
 use tokio::sync::watch;
@@ -157,6 +158,7 @@ async fn assert_tables(worker_store: &Store, started: &[(String, Value)]) {
 fn reserve_again(id: &str, input: &Value) -> Message {
     let cmd = CommandMsg {
         traceparent: None,
+        tracestate: None,
         saga_id: id.to_owned(),
         saga: "ship-order".into(),
         key: input["order_id"].as_str().expect("order").to_owned(),
@@ -198,7 +200,11 @@ async fn shipping_example_embedded_with_duplicates_and_transient_failures() {
         .expect("sqlite");
     let store = Store::connect(&db.url, 4).await.expect("connect");
     store
-        .migrate(&[ENGINE_MIGRATIONS, BARRIER_MIGRATIONS, shipping::MIGRATIONS])
+        .migrate(&[
+            ENGINE_MIGRATIONS,
+            BARRIER_MIGRATIONS,
+            shipping::SERVICE.migrations,
+        ])
         .await
         .expect("migrate");
     let transport = Arc::new(MemoryTransport::new(NetFaults {
@@ -209,15 +215,17 @@ async fn shipping_example_embedded_with_duplicates_and_transient_failures() {
     }));
     let engine = Engine::new(store.clone(), transport.clone());
     let saga = engine
-        .register(shipping::SAGA)
+        .register(shipping::SERVICE.sagas[0])
         .await
         .expect("the example's saga");
     let (stop, stopped) = watch::channel(false);
     let engine_task = tokio::spawn(engine.clone().run(stopped.clone()));
-    let worker = shipping::worker(store.pool().clone(), transport.clone()).with_faults(Faults {
-        transient: 0.05,
-        ..Faults::default()
-    });
+    let worker = shipping::SERVICE
+        .worker(store.pool().clone(), transport.clone())
+        .with_faults(Faults {
+            transient: 0.05,
+            ..Faults::default()
+        });
     let stats = worker.stats.clone();
     let worker_task = tokio::spawn(worker.run(stopped));
 
@@ -265,7 +273,7 @@ async fn shipping_example_over_rabbitmq_and_postgres() {
     };
     let worker_store = Store::connect(&worker_db.url, 3).await.expect("connect");
     worker_store
-        .migrate(&[BARRIER_MIGRATIONS, shipping::MIGRATIONS])
+        .migrate(&[BARRIER_MIGRATIONS, shipping::SERVICE.migrations])
         .await
         .expect("migrate");
     worker_store.bind_prefix(&d.prefix).await.expect("bind");
@@ -291,7 +299,7 @@ async fn shipping_example_over_rabbitmq_and_postgres() {
     config.partitions = d.partitions;
     config.connection_name = "test shipping worker".into();
     let worker_transport = AmqpTransport::connect(config).await.expect("RabbitMQ");
-    let worker = shipping::worker(worker_store.pool().clone(), worker_transport.clone());
+    let worker = shipping::SERVICE.worker(worker_store.pool().clone(), worker_transport.clone());
     let stats = worker.stats.clone();
     let (stop, stopped) = watch::channel(false);
     let worker_task = tokio::spawn(worker.run(stopped));
@@ -302,7 +310,11 @@ async fn shipping_example_over_rabbitmq_and_postgres() {
     );
     d.engine_process_with(&["--saga", saga_file]);
     // The test's engine only writes the starts; the engine process relays and drives them.
-    let saga = d.engine.register(shipping::SAGA).await.expect("saga");
+    let saga = d
+        .engine
+        .register(shipping::SERVICE.sagas[0])
+        .await
+        .expect("saga");
     let started = start_all(&d.engine, &saga, orders("amqp", 12)).await;
     d.wait_all_final(Duration::from_secs(90)).await;
     assert_outcomes(&d.store, &started).await;
@@ -325,6 +337,65 @@ async fn shipping_example_over_rabbitmq_and_postgres() {
     let _ = stop.send(true);
     let _ = worker_task.await;
     worker_transport.close().await;
+    worker_store.pool().close().await;
+    d.finish().await;
+}
+
+/// The example's process over RabbitMQ as its `main` runs it with `SAGAFLOW_AMQP_URL` set
+/// (`sagaflow_workers::service::run`, configured from those variables), beside a `sagaflow
+/// engine --saga …/shipping.yaml` process: it migrates and binds its own database, runs the
+/// sagas' commands, and stops cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipping_service_run_over_rabbitmq() {
+    let Some(mut d) = Deployment::new("shipping_service", 2).await else {
+        return;
+    };
+    d.extra_services.push("shipping".to_owned());
+    let Some(worker_db) = fresh_db(Backend::Postgres, "shipping_service_worker").await else {
+        return;
+    };
+    let env = [
+        ("SAGAFLOW_DATABASE_URL", worker_db.url.clone()),
+        ("SAGAFLOW_AMQP_URL", amqp_url()),
+        ("SAGAFLOW_PREFIX", d.prefix.clone()),
+        ("SAGAFLOW_PARTITIONS", d.partitions.to_string()),
+        ("SAGAFLOW_QUEUE_TYPE", "classic".to_owned()),
+    ];
+    let config = Config::from_vars("shipping", |var| {
+        Ok(env.iter().find(|(k, _)| *k == var).map(|(_, v)| v.clone()))
+    })
+    .expect("config");
+    let (stop, stopped) = watch::channel(false);
+    let service =
+        tokio::spawn(async move { service::run(&shipping::SERVICE, config, stopped).await });
+
+    let saga_file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/shipping/shipping.yaml"
+    );
+    d.engine_process_with(&["--saga", saga_file]);
+    let saga = d
+        .engine
+        .register(shipping::SERVICE.sagas[0])
+        .await
+        .expect("saga");
+    let started = start_all(&d.engine, &saga, orders("run", 8)).await;
+    d.wait_all_final(Duration::from_secs(90)).await;
+    assert_outcomes(&d.store, &started).await;
+
+    let _ = stop.send(true);
+    let ended = tokio::time::timeout(Duration::from_secs(30), service).await;
+    ended
+        .expect("run stops")
+        .expect("no panic")
+        .expect("a clean stop");
+    let worker_store = Store::connect(&worker_db.url, 1).await.expect("connect");
+    assert_tables(&worker_store, &started).await;
+    assert_eq!(
+        worker_store.bound_prefix().await.expect("read").as_deref(),
+        Some(d.prefix.as_str()),
+        "its database is bound to the deployment"
+    );
     worker_store.pool().close().await;
     d.finish().await;
 }

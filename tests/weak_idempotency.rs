@@ -111,6 +111,7 @@ impl SagaStep for Effect {
 fn command(saga_id: &str, forward: &str, attempt: u32) -> CommandMsg {
     CommandMsg {
         traceparent: None,
+        tracestate: None,
         saga_id: saga_id.into(),
         saga: "welcome".into(),
         key: format!("order-{saga_id}"),

@@ -484,6 +484,7 @@ on_both_backends!(
             for key in keys {
                 let cmd = CommandMsg {
                     traceparent: None,
+                    tracestate: None,
                     saga_id: format!("{key}-{seq}"),
                     saga: "test".into(),
                     key: key.into(),
@@ -664,6 +665,7 @@ async fn weak(test: &str) -> Option<WeakIdempotency> {
 fn command(saga: &str, forward: &str, op: Op, params: Value) -> CommandMsg {
     CommandMsg {
         traceparent: None,
+        tracestate: None,
         saga_id: saga.into(),
         saga: "test".into(),
         key: "one-key".into(),

@@ -220,6 +220,7 @@ on_both_backends!(
             for key in keys {
                 let cmd = CommandMsg {
                     traceparent: None,
+                    tracestate: None,
                     saga_id: format!("{key}-{seq}"),
                     saga: "test".into(),
                     key: key.into(),

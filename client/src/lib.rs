@@ -47,10 +47,29 @@
 //!
 //! A start request the engine can never act on (a saga name it does not know, an input that does
 //! not match the definition) is dead-lettered there with its reason; it never blocks the queue.
+//!
+//! # Traces
+//!
+//! A saga started with [`Start`] and the caller's W3C `traceparent` joins the caller's trace:
+//! the context (and its `tracestate`, if any) is kept in the outbox row, carried by the start
+//! message, and the engine's `start` span is the caller's span's child (as `POST /sagas` with a
+//! `traceparent` header).
+//!
+//! ```no_run
+//! # async fn example(tx: &mut sqlx::PgConnection, input: serde_json::Value) -> Result<(), sagaflow_client::ClientError> {
+//! // e.g. from your OpenTelemetry propagator, or the request's own `traceparent` header
+//! let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+//! sagaflow_client::Start::new("order-paid", &input, "o-1")
+//!     .traceparent(traceparent)
+//!     .write(tx)
+//!     .await?;
+//! # Ok(()) }
+//! ```
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use sagaflow_engine::trace::Carried;
 use sagaflow_engine::transport::{Message, START_QUEUE, Transport, TransportError};
 use sagaflow_engine::wire::StartMsg;
 use serde_json::Value;
@@ -62,8 +81,9 @@ use tracing::{debug, warn};
 /// The outbox table's name.
 pub const OUTBOX_TABLE: &str = "sagaflow_start_outbox";
 
-/// The outbox table, for your own migrations (idempotent: safe to run again). [`install`] runs
-/// exactly this.
+/// The outbox table, for your own migrations (idempotent: safe to run again, and running it
+/// again brings a table made by an earlier version up to date — add it as a new migration when
+/// you upgrade). [`install`] runs exactly this.
 pub const INSTALL_SQL: &str = "\
 CREATE TABLE IF NOT EXISTS sagaflow_start_outbox (
     id              BIGSERIAL PRIMARY KEY,
@@ -71,10 +91,15 @@ CREATE TABLE IF NOT EXISTS sagaflow_start_outbox (
     input           JSONB NOT NULL,
     idempotency_key TEXT NOT NULL UNIQUE,
     created_at      TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
-    sent_at         TIMESTAMPTZ
+    sent_at         TIMESTAMPTZ,
+    traceparent     TEXT, -- the caller's W3C trace context, if it gave one
+    tracestate      TEXT  -- and the tracestate that came with it
 );
 CREATE INDEX IF NOT EXISTS sagaflow_start_outbox_unsent
     ON sagaflow_start_outbox (id) WHERE sent_at IS NULL;
+-- A table made before the trace context was kept gets its columns.
+ALTER TABLE sagaflow_start_outbox ADD COLUMN IF NOT EXISTS traceparent TEXT;
+ALTER TABLE sagaflow_start_outbox ADD COLUMN IF NOT EXISTS tracestate TEXT;
 ";
 
 /// Serialises concurrent [`install`]s (`CREATE TABLE IF NOT EXISTS` races otherwise).
@@ -98,6 +123,10 @@ pub enum ClientError {
         "the table sagaflow_start_outbox does not exist: run sagaflow_client::install (or INSTALL_SQL in your migrations) first"
     )]
     NotInstalled,
+    #[error(
+        "the table sagaflow_start_outbox was made by an earlier sagaflow-client and lacks a column ({0}): run sagaflow_client::install again (or INSTALL_SQL as a new migration)"
+    )]
+    OutdatedTable(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
     #[error(transparent)]
@@ -135,24 +164,90 @@ pub async fn install(conn: &mut PgConnection) -> Result<(), ClientError> {
 ///
 /// If the table does not exist the insert fails with [`ClientError::NotInstalled`], and on
 /// PostgreSQL that aborts your transaction: no business write commits without its start.
+///
+/// The same as `Start::new(saga, input, idempotency_key).write(conn)`; [`Start`] also carries
+/// the caller's trace context.
 pub async fn start_saga(
     conn: &mut PgConnection,
     saga: &str,
     input: &Value,
     idempotency_key: &str,
 ) -> Result<(), ClientError> {
-    validate(saga, input, idempotency_key)?;
-    sqlx::query(
-        "INSERT INTO sagaflow_start_outbox (saga, input, idempotency_key) VALUES ($1, $2, $3) \
-         ON CONFLICT (idempotency_key) DO NOTHING",
-    )
-    .bind(saga)
-    .bind(Json(input))
-    .bind(idempotency_key)
-    .execute(conn)
-    .await
-    .map_err(db_error)?;
-    Ok(())
+    Start::new(saga, input, idempotency_key).write(conn).await
+}
+
+/// A saga start to write into the outbox: [`start_saga`] with more to say.
+#[derive(Debug, Clone)]
+#[must_use = "a Start does nothing until it is written"]
+pub struct Start<'a> {
+    saga: &'a str,
+    input: &'a Value,
+    idempotency_key: &'a str,
+    traceparent: Option<&'a str>,
+    tracestate: Option<&'a str>,
+}
+
+impl<'a> Start<'a> {
+    /// The saga `saga`, started with `input`, once for `idempotency_key` (see [`start_saga`]).
+    pub fn new(saga: &'a str, input: &'a Value, idempotency_key: &'a str) -> Start<'a> {
+        Start {
+            saga,
+            input,
+            idempotency_key,
+            traceparent: None,
+            tracestate: None,
+        }
+    }
+
+    /// The caller's W3C trace context (`00-<trace id>-<span id>-<flags>`): the saga's trace
+    /// continues it, its `start` span the child of that span. A malformed one is dropped here
+    /// (the saga then starts a trace of its own), never an error.
+    pub fn traceparent(mut self, traceparent: &'a str) -> Start<'a> {
+        self.traceparent = Some(traceparent);
+        self
+    }
+
+    /// The W3C `tracestate` that came with the caller's context (vendors' `key=value` list):
+    /// carried on beside it, as W3C Trace Context asks. Kept only beside a valid
+    /// [`traceparent`](Start::traceparent), and dropped if malformed (or over 512 characters).
+    pub fn tracestate(mut self, tracestate: &'a str) -> Start<'a> {
+        self.tracestate = Some(tracestate);
+        self
+    }
+
+    fn trace(&self) -> Carried {
+        sagaflow_engine::trace::pass_on_carried(self.traceparent, self.tracestate)
+    }
+
+    /// Inserts the start's row on `conn`, in the transaction open there (see [`start_saga`]).
+    pub async fn write(self, conn: &mut PgConnection) -> Result<(), ClientError> {
+        validate(self.saga, self.input, self.idempotency_key)?;
+        let trace = self.trace();
+        sqlx::query(
+            "INSERT INTO sagaflow_start_outbox \
+             (saga, input, idempotency_key, traceparent, tracestate) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING",
+        )
+        .bind(self.saga)
+        .bind(Json(self.input))
+        .bind(self.idempotency_key)
+        .bind(trace.traceparent)
+        .bind(trace.tracestate)
+        .execute(conn)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    /// The wire message this start becomes when a [`Relay`] publishes its row.
+    pub fn message(&self) -> Result<Message, ClientError> {
+        encode(
+            self.saga,
+            self.input.clone(),
+            self.idempotency_key,
+            self.trace(),
+        )
+    }
 }
 
 fn validate(saga: &str, input: &Value, idempotency_key: &str) -> Result<(), ClientError> {
@@ -185,28 +280,43 @@ fn validate(saga: &str, input: &Value, idempotency_key: &str) -> Result<(), Clie
     Ok(())
 }
 
-/// `undefined_table` gets its own error: the most likely mistake is a missing [`install`].
+/// `undefined_table` gets its own error: the most likely mistake is a missing [`install`]; and
+/// `undefined_column`, a table from before a column was added, one saying to run it again.
 fn db_error(e: sqlx::Error) -> ClientError {
     match &e {
         sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => {
             ClientError::NotInstalled
+        }
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("42703") => {
+            ClientError::OutdatedTable(db.message().to_owned())
         }
         _ => ClientError::Db(e),
     }
 }
 
 /// The wire message for one outbox row: id `start/<key>` (a re-send is the same message), routed
-/// by the idempotency key, payload a [`StartMsg`].
+/// by the idempotency key, payload a [`StartMsg`]. Without a trace context; [`Start::message`]
+/// is the same with one.
 pub fn start_message(
     saga: &str,
     input: Value,
     idempotency_key: &str,
 ) -> Result<Message, ClientError> {
+    encode(saga, input, idempotency_key, Carried::default())
+}
+
+fn encode(
+    saga: &str,
+    input: Value,
+    idempotency_key: &str,
+    trace: Carried,
+) -> Result<Message, ClientError> {
     let payload = serde_json::to_vec(&StartMsg {
         saga: saga.to_owned(),
         input,
         idempotency_key: idempotency_key.to_owned(),
-        traceparent: None,
+        traceparent: trace.traceparent,
+        tracestate: trace.tracestate,
     })?;
     Ok(Message {
         id: format!("start/{idempotency_key}"),
@@ -214,6 +324,17 @@ pub fn start_message(
         payload,
     })
 }
+
+/// An outbox row as the relay reads it: id, saga, input, idempotency key, traceparent,
+/// tracestate.
+type OutboxRow = (
+    i64,
+    String,
+    Json<Value>,
+    String,
+    Option<String>,
+    Option<String>,
+);
 
 /// Publishes committed start requests from `sagaflow_start_outbox` to the engine's
 /// [`START_QUEUE`].
@@ -274,8 +395,9 @@ impl Relay {
     /// on a database error, or when rows were taken and not one of them was confirmed.
     pub async fn relay_once(&self) -> Result<usize, ClientError> {
         let mut tx = self.pool.begin().await?;
-        let rows: Vec<(i64, String, Json<Value>, String)> = sqlx::query_as(
-            "SELECT id, saga, input, idempotency_key FROM sagaflow_start_outbox \
+        let rows: Vec<OutboxRow> = sqlx::query_as(
+            "SELECT id, saga, input, idempotency_key, traceparent, tracestate \
+             FROM sagaflow_start_outbox \
              WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(i64::try_from(self.batch_size).unwrap_or(i64::MAX))
@@ -286,8 +408,12 @@ impl Relay {
             return Ok(0);
         }
         let mut batch = Vec::with_capacity(rows.len());
-        for (id, saga, Json(input), key) in rows {
-            batch.push((id, start_message(&saga, input, &key)?));
+        for (id, saga, Json(input), key, traceparent, tracestate) in rows {
+            let trace = Carried {
+                traceparent,
+                tracestate,
+            };
+            batch.push((id, encode(&saga, input, &key, trace)?));
         }
         // Publish the whole batch, then wait for all confirms (pipelined; over RabbitMQ the
         // starts of one partition travel in bundles).
@@ -450,8 +576,38 @@ mod tests {
                 input,
                 idempotency_key: "o-1".into(),
                 traceparent: None,
+                tracestate: None,
             }
         );
+    }
+
+    #[test]
+    fn a_start_carries_the_callers_traceparent_and_drops_a_malformed_one() {
+        const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let input = json!({"order_id": "o-1"});
+        let decode = |m: Message| serde_json::from_slice::<StartMsg>(&m.payload).unwrap();
+        let traced = Start::new("order-paid", &input, "o-1").traceparent(TP);
+        let m = traced.message().unwrap();
+        assert_eq!((m.id.as_str(), m.key.as_str()), ("start/o-1", "o-1"));
+        assert_eq!(decode(m).traceparent.as_deref(), Some(TP));
+        let junk = Start::new("order-paid", &input, "o-1").traceparent("00-nonsense-01");
+        assert_eq!(decode(junk.message().unwrap()).traceparent, None);
+        // The tracestate goes beside a valid traceparent only, and only a valid one.
+        let state = |start: Start| decode(start.message().unwrap()).tracestate;
+        let with = Start::new("order-paid", &input, "o-1").traceparent(TP);
+        assert_eq!(
+            state(with.clone().tracestate("a=1,b=2")).as_deref(),
+            Some("a=1,b=2")
+        );
+        assert_eq!(state(with.tracestate("no equals")), None);
+        let alone = Start::new("order-paid", &input, "o-1").tracestate("a=1");
+        assert_eq!(state(alone), None);
+        let plain = Start::new("order-paid", &input, "o-1").message().unwrap();
+        assert_eq!(
+            plain,
+            start_message("order-paid", input.clone(), "o-1").unwrap()
+        );
+        assert_eq!(decode(plain).traceparent, None);
     }
 
     #[test]
@@ -459,6 +615,8 @@ mod tests {
         assert!(INSTALL_SQL.contains("CREATE TABLE IF NOT EXISTS sagaflow_start_outbox"));
         assert!(INSTALL_SQL.contains("idempotency_key TEXT NOT NULL UNIQUE"));
         assert!(INSTALL_SQL.contains("CREATE INDEX IF NOT EXISTS"));
+        assert!(INSTALL_SQL.contains("ADD COLUMN IF NOT EXISTS traceparent TEXT"));
+        assert!(INSTALL_SQL.contains("ADD COLUMN IF NOT EXISTS tracestate TEXT"));
         assert_eq!(OUTBOX_TABLE, "sagaflow_start_outbox");
     }
 }

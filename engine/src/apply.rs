@@ -52,6 +52,8 @@ pub struct StartRequest {
     /// The caller's W3C trace context (a `traceparent`), if it sent one: the saga's trace
     /// continues it (see [`crate::trace`]).
     pub trace: Option<String>,
+    /// The `tracestate` that came with it, if any: carried on beside it.
+    pub tracestate: Option<String>,
 }
 
 /// One piece of inbound work.
@@ -93,11 +95,28 @@ impl Engine {
         idempotency_key: Option<&str>,
         traceparent: Option<&str>,
     ) -> Result<Started, EngineError> {
+        let trace = crate::trace::Carried {
+            traceparent: traceparent.map(str::to_owned),
+            tracestate: None,
+        };
+        self.start_with_trace(graph, input, idempotency_key, &trace)
+            .await
+    }
+
+    /// [`start_traced`](Engine::start_traced) with the `tracestate` that came with the
+    /// caller's context, carried on beside it (a malformed one is dropped).
+    pub async fn start_with_trace(
+        &self,
+        graph: &Arc<SagaGraph>,
+        input: Value,
+        idempotency_key: Option<&str>,
+        trace: &crate::trace::Carried,
+    ) -> Result<Started, EngineError> {
         let mut done = self
             .start_many_traced(
                 graph,
                 vec![(input, idempotency_key.map(str::to_owned))],
-                traceparent,
+                trace,
             )
             .await;
         done.pop()
@@ -111,14 +130,15 @@ impl Engine {
         graph: &Arc<SagaGraph>,
         inputs: Vec<(Value, Option<String>)>,
     ) -> Vec<Result<Started, EngineError>> {
-        self.start_many_traced(graph, inputs, None).await
+        self.start_many_traced(graph, inputs, &Default::default())
+            .await
     }
 
     async fn start_many_traced(
         &self,
         graph: &Arc<SagaGraph>,
         inputs: Vec<(Value, Option<String>)>,
-        traceparent: Option<&str>,
+        trace: &crate::trace::Carried,
     ) -> Vec<Result<Started, EngineError>> {
         let mut results: Vec<Option<Result<Started, EngineError>>> = Vec::new();
         let mut batch = Vec::new();
@@ -133,7 +153,8 @@ impl Engine {
                         input,
                         sequence_key,
                         idempotency_key,
-                        trace: traceparent.map(str::to_owned),
+                        trace: trace.traceparent.clone(),
+                        tracestate: trace.tracestate.clone(),
                     }));
                 }
                 Err(e) => results.push(Some(Err(e))),
@@ -469,8 +490,14 @@ impl Engine {
                 );
             }
             let mut state = SagaState::new(&s.graph, s.input.clone());
-            state.trace =
-                crate::trace::start(s.trace.as_deref(), &id, s.graph.name(), &s.sequence_key);
+            let trace = crate::trace::start(
+                s.trace.as_deref(),
+                s.tracestate.as_deref(),
+                &id,
+                s.graph.name(),
+                &s.sequence_key,
+            );
+            (state.trace, state.tracestate) = (trace.traceparent, trace.tracestate);
             plan.history.push(HistoryRow {
                 saga_id: id.clone(),
                 entry: HistoryEntry {
@@ -756,6 +783,7 @@ fn outbox_message(
     let kind = &graph.step(c.step).kind;
     let mut msg = CommandMsg {
         traceparent: None,
+        tracestate: None,
         saga_id: saga.id.clone(),
         saga: saga.name.clone(),
         key: saga.sequence_key.clone(),
@@ -768,7 +796,9 @@ fn outbox_message(
         attempt: c.attempt,
         params: c.params.clone(),
     };
-    msg.traceparent = crate::trace::dispatch(saga.state.trace.as_deref(), &msg);
+    let (trace, state) = (&saga.state.trace, &saga.state.tracestate);
+    let carried = crate::trace::dispatch(trace.as_deref(), state.as_deref(), &msg);
+    (msg.traceparent, msg.tracestate) = (carried.traceparent, carried.tracestate);
     OutboxMessage {
         message_id: msg.message_id(),
         destination: command_queue(&c.service),

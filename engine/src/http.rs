@@ -418,14 +418,19 @@ async fn start_saga(
     }
     // The caller's W3C trace context, if any: the saga's trace continues it (a malformed one
     // is ignored, see `crate::trace`).
+    // Its `tracestate` is carried beside it; several `tracestate` headers are one list.
     let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    let tracestate: Vec<&str> = headers
+        .get_all("tracestate")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let trace = crate::trace::Carried {
+        traceparent: traceparent.map(str::to_owned),
+        tracestate: (!tracestate.is_empty()).then(|| tracestate.join(",")),
+    };
     let started = engine
-        .start_traced(
-            &graph,
-            req.input,
-            req.idempotency_key.as_deref(),
-            traceparent,
-        )
+        .start_with_trace(&graph, req.input, req.idempotency_key.as_deref(), &trace)
         .await?;
     let header = engine
         .store()

@@ -270,6 +270,7 @@ impl Engine {
                         sequence_key,
                         idempotency_key: Some(start.idempotency_key),
                         trace: start.traceparent,
+                        tracestate: start.tracestate,
                     }),
                     None,
                 ))

@@ -222,6 +222,10 @@ pub struct SagaState {
     /// change of engine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<String>,
+    /// The W3C `tracestate` that came with the caller's context, kept beside `trace` and
+    /// carried with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
 }
 
 /// Who paused a saga, why, and what it holds back.
@@ -265,6 +269,7 @@ impl SagaState {
             retry_base: Vec::new(),
             paused: None,
             trace: None,
+            tracestate: None,
         }
     }
 

@@ -10,11 +10,20 @@
 //!   payload (so every part of a bundle carries its own, and the AMQP transport lifts it into
 //!   the `traceparent` header without parsing the payload, see [`traceparent_in`]).
 //!
+//! A caller's W3C `tracestate` (vendors' entries) travels beside it, as W3C Trace Context
+//! asks: kept in the saga's state next to its context, carried by each command and reply as
+//! their second field when there is one (the AMQP transport sets the `tracestate` header from
+//! it, see [`tracestate_in`]), and given back to OpenTelemetry with the parent context, so the
+//! spans' own contexts carry it on. sagaflow adds no entry of its own. Without one nothing
+//! changes: the field is left out of the JSON.
+//!
 //! Spans are only made when [`enabled`] (an OpenTelemetry layer is installed, see
 //! `sagaflow`'s `telemetry` module): otherwise the hot path pays one relaxed atomic load per
 //! message, and a context that came with a saga is passed on unchanged. A missing or malformed
 //! `traceparent` is ignored (the span gets a new root or its contextual parent), never fatal.
 
+use std::borrow::Cow;
+use std::str::FromStr as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
@@ -70,6 +79,33 @@ pub fn parse(traceparent: &str) -> Option<SpanContext> {
     ))
 }
 
+/// The longest `tracestate` carried (W3C asks vendors to pass on at least 512 characters); a
+/// longer one is dropped whole.
+pub const MAX_TRACESTATE: usize = 512;
+
+/// Parses a W3C `tracestate`; None if it is empty, longer than [`MAX_TRACESTATE`], not
+/// printable ASCII, or not a list of `key=value` members with valid keys and values (a list of
+/// more than 32 members keeps the first 32).
+pub fn parse_state(tracestate: &str) -> Option<TraceState> {
+    let tracestate = tracestate.trim_matches([' ', '\t']);
+    if tracestate.is_empty()
+        || tracestate.len() > MAX_TRACESTATE
+        || !tracestate
+            .bytes()
+            .all(|b| (0x20..=0x7e).contains(&b) || b == b'\t')
+    {
+        return None;
+    }
+    let state = TraceState::from_str(tracestate).ok()?;
+    (state != TraceState::NONE).then_some(state)
+}
+
+/// The `tracestate` of a span context; None if it has no entries.
+pub fn format_state(sc: &SpanContext) -> Option<String> {
+    let header = sc.trace_state().header();
+    (!header.is_empty()).then_some(header)
+}
+
 /// The `traceparent` of a span context; None if it is not valid.
 pub fn format(sc: &SpanContext) -> Option<String> {
     sc.is_valid().then(|| {
@@ -84,19 +120,49 @@ pub fn format(sc: &SpanContext) -> Option<String> {
 
 /// The `traceparent` of a tracing span (None without an OpenTelemetry layer).
 pub fn context_of(span: &tracing::Span) -> Option<String> {
-    if span.is_disabled() {
-        return None;
-    }
-    format(span.context().span().span_context())
+    carried_of(span).traceparent
 }
 
-/// Makes `span` a child of `traceparent` when it is a valid one; otherwise leaves its
-/// contextual parent (or a new root). Call before the span is entered.
-pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>) {
+/// What a span's context carries on: its `traceparent` and its `tracestate` (the one its
+/// parent came with). Empty without an OpenTelemetry layer.
+pub fn carried_of(span: &tracing::Span) -> Carried {
+    if span.is_disabled() {
+        return Carried::default();
+    }
+    let context = span.context();
+    let otel = context.span();
+    let sc = otel.span_context();
+    let traceparent = format(sc);
+    let tracestate = traceparent.as_ref().and_then(|_| format_state(sc));
+    Carried {
+        traceparent,
+        tracestate,
+    }
+}
+
+/// A W3C trace context as sagaflow carries it: a `traceparent` and, beside it, the
+/// `tracestate` it came with (never one without the other's context: a `tracestate` without a
+/// valid `traceparent` means nothing and is dropped).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Carried {
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+/// Makes `span` a child of `traceparent` (with `tracestate`, if it is a valid one) when that
+/// is a valid context; otherwise leaves its contextual parent (or a new root). Call before the
+/// span is entered.
+pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>, tracestate: Option<&str>) {
     if span.is_disabled() {
         return;
     }
     if let Some(sc) = traceparent.and_then(parse) {
+        let sc = match tracestate.and_then(parse_state) {
+            Some(state) => {
+                SpanContext::new(sc.trace_id(), sc.span_id(), sc.trace_flags(), true, state)
+            }
+            None => sc,
+        };
         let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(sc));
     }
 }
@@ -109,6 +175,22 @@ pub fn pass_on(traceparent: Option<&str>) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// A context and its `tracestate` that came in, passed on when no spans are made: the
+/// `traceparent` as [`pass_on`], the `tracestate` only beside a valid one and only if it is
+/// valid itself ([`parse_state`]; passed on in its normal form, without optional blanks).
+pub fn pass_on_carried(traceparent: Option<&str>, tracestate: Option<&str>) -> Carried {
+    let traceparent = pass_on(traceparent);
+    let tracestate = traceparent
+        .as_ref()
+        .and(tracestate)
+        .and_then(parse_state)
+        .map(|s| s.header());
+    Carried {
+        traceparent,
+        tracestate,
+    }
+}
+
 /// The `traceparent` a JSON payload of a command or reply starts with, if any: the field comes
 /// first in both, so this is a prefix check, not a parse.
 pub fn traceparent_in(payload: &[u8]) -> Option<&str> {
@@ -119,22 +201,88 @@ pub fn traceparent_in(payload: &[u8]) -> Option<&str> {
     parse(tp).is_some().then_some(tp)
 }
 
-/// The `start` span of a new saga: a child of `traceparent` if valid, else of the current span
-/// (the HTTP request's), else a new root. Returns the context the saga keeps.
-pub fn start(traceparent: Option<&str>, saga_id: &str, saga: &str, key: &str) -> Option<String> {
-    if !enabled() {
-        return pass_on(traceparent);
+/// The `tracestate` a JSON payload of a command or reply carries, if any: its second field,
+/// right after the `traceparent` [`traceparent_in`] finds, so this too is a prefix check. The
+/// text as it was sent (a JSON escape, for a `"` or `\` the W3C grammar allows, is undone);
+/// None if it is not printable ASCII of at most [`MAX_TRACESTATE`] bytes with a `key=value`.
+pub fn tracestate_in(payload: &[u8]) -> Option<Cow<'_, str>> {
+    const FIELD: &[u8] = br#"","tracestate":""#;
+    let tp = traceparent_in(payload)?;
+    let rest = payload.get(br#"{"traceparent":""#.len() + tp.len()..)?;
+    let rest = rest.strip_prefix(FIELD)?;
+    // Escaped, a `tracestate` is at most twice as long as its limit.
+    let mut end = None;
+    let mut escaped = false;
+    let mut i = 0;
+    while i < rest.len().min(2 * MAX_TRACESTATE + 1) {
+        match rest[i] {
+            b'\\' => {
+                escaped = true;
+                i += 1;
+            }
+            b'"' => {
+                end = Some(i);
+                break;
+            }
+            _ => {}
+        }
+        i += 1;
     }
-    let span = tracing::info_span!(target: TARGET, "start", saga_id, saga, key);
-    set_parent(&span, traceparent);
-    context_of(&span).or_else(|| pass_on(traceparent))
+    let text = &rest[..end?];
+    let state = if escaped {
+        let quoted = [b"\"", text, b"\""].concat();
+        Cow::Owned(serde_json::from_slice::<String>(&quoted).ok()?)
+    } else {
+        Cow::Borrowed(std::str::from_utf8(text).ok()?)
+    };
+    // Checked for shape only (it was checked whole when the saga started): no allocation on
+    // the relay's path beyond an escape's.
+    let plausible = !state.is_empty()
+        && state.len() <= MAX_TRACESTATE
+        && state.contains('=')
+        && state
+            .bytes()
+            .all(|b| (0x20..=0x7e).contains(&b) || b == b'\t');
+    plausible.then_some(state)
 }
 
-/// The `dispatch` span of a command written to the outbox, a child of the saga's context;
-/// returns the context the command carries.
-pub fn dispatch(saga_trace: Option<&str>, cmd: &crate::wire::CommandMsg) -> Option<String> {
+/// The `start` span of a new saga: a child of `traceparent` (with its `tracestate`) if valid,
+/// else of the current span (the HTTP request's), else a new root. Returns the context the
+/// saga keeps.
+pub fn start(
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+    saga_id: &str,
+    saga: &str,
+    key: &str,
+) -> Carried {
     if !enabled() {
-        return saga_trace.map(str::to_owned);
+        return pass_on_carried(traceparent, tracestate);
+    }
+    let span = tracing::info_span!(target: TARGET, "start", saga_id, saga, key);
+    set_parent(&span, traceparent, tracestate);
+    let carried = carried_of(&span);
+    if carried.traceparent.is_some() {
+        carried
+    } else {
+        pass_on_carried(traceparent, tracestate)
+    }
+}
+
+/// The `dispatch` span of a command written to the outbox, a child of the saga's context
+/// (`traceparent` and `tracestate` as the saga keeps them); returns the context the command
+/// carries.
+pub fn dispatch(
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+    cmd: &crate::wire::CommandMsg,
+) -> Carried {
+    let kept = || Carried {
+        traceparent: traceparent.map(str::to_owned),
+        tracestate: tracestate.map(str::to_owned),
+    };
+    if !enabled() {
+        return kept();
     }
     let span = tracing::info_span!(
         target: TARGET,
@@ -149,8 +297,13 @@ pub fn dispatch(saga_trace: Option<&str>, cmd: &crate::wire::CommandMsg) -> Opti
         attempt = cmd.attempt,
         service = %cmd.service,
     );
-    set_parent(&span, saga_trace);
-    context_of(&span).or_else(|| saga_trace.map(str::to_owned))
+    set_parent(&span, traceparent, tracestate);
+    let carried = carried_of(&span);
+    if carried.traceparent.is_some() {
+        carried
+    } else {
+        kept()
+    }
 }
 
 /// The `worker` span of a command a worker runs, a child of the command's context (its
@@ -172,15 +325,15 @@ pub fn worker(cmd: &crate::wire::CommandMsg, worker_service: &str) -> tracing::S
         attempt = cmd.attempt,
         service = worker_service,
     );
-    set_parent(&span, cmd.traceparent.as_deref());
+    set_parent(&span, cmd.traceparent.as_deref(), cmd.tracestate.as_deref());
     span
 }
 
 /// The `reply` span of a worker's reply, a child of its `worker` span; returns the context
-/// the reply carries (None when spans are off).
-pub fn reply(worker: &tracing::Span, reply: &crate::wire::ReplyMsg, key: &str) -> Option<String> {
+/// the reply carries (none when spans are off).
+pub fn reply(worker: &tracing::Span, reply: &crate::wire::ReplyMsg, key: &str) -> Carried {
     if !enabled() || worker.is_disabled() {
-        return None;
+        return Carried::default();
     }
     let span = tracing::info_span!(
         target: TARGET,
@@ -193,7 +346,7 @@ pub fn reply(worker: &tracing::Span, reply: &crate::wire::ReplyMsg, key: &str) -
         attempt = reply.attempt,
         outcome = outcome_kind(&reply.outcome),
     );
-    context_of(&span)
+    carried_of(&span)
 }
 
 fn outcome_kind(outcome: &crate::machine::Outcome) -> &'static str {
@@ -220,7 +373,11 @@ pub fn apply(reply: &crate::wire::ReplyMsg, key: &str) -> tracing::Span {
         attempt = reply.attempt,
         outcome = outcome_kind(&reply.outcome),
     );
-    set_parent(&span, reply.traceparent.as_deref());
+    set_parent(
+        &span,
+        reply.traceparent.as_deref(),
+        reply.tracestate.as_deref(),
+    );
     span
 }
 
@@ -275,11 +432,92 @@ mod tests {
     fn without_spans_a_context_is_passed_on_unchanged() {
         // No OpenTelemetry layer in unit tests: spans are off.
         assert!(!enabled());
-        assert_eq!(start(Some(TP), "s", "order", "k").as_deref(), Some(TP));
-        assert_eq!(start(Some("junk"), "s", "order", "k"), None);
-        assert_eq!(start(None, "s", "order", "k"), None);
+        let carried = |tp: &str, ts: Option<&str>| Carried {
+            traceparent: Some(tp.to_owned()),
+            tracestate: ts.map(str::to_owned),
+        };
+        assert_eq!(start(Some(TP), None, "s", "order", "k"), carried(TP, None));
+        assert_eq!(
+            start(Some("junk"), None, "s", "order", "k"),
+            Carried::default()
+        );
+        assert_eq!(start(None, None, "s", "order", "k"), Carried::default());
         let span = tracing::info_span!("x");
-        set_parent(&span, Some("junk"));
+        set_parent(&span, Some("junk"), Some("a=1"));
         assert_eq!(context_of(&span), None);
+        // A tracestate beside its context, in its normal form; never without a context.
+        assert_eq!(
+            start(
+                Some(TP),
+                Some(" congo=t61rcWkgMzE ,rojo=00f067aa0ba902b7"),
+                "s",
+                "o",
+                "k"
+            ),
+            carried(TP, Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"))
+        );
+        assert_eq!(
+            start(Some("junk"), Some("a=1"), "s", "o", "k"),
+            Carried::default()
+        );
+        assert_eq!(
+            start(Some(TP), Some("no equals"), "s", "o", "k"),
+            carried(TP, None)
+        );
+        let cmd: crate::wire::CommandMsg = serde_json::from_str(
+            r#"{"saga_id":"s","saga":"o","key":"k","step":0,"step_id":"p","service":"payment",
+            "op":"action","operation":"charge","forward":"charge","attempt":1,"params":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            dispatch(Some(TP), Some("a=1"), &cmd),
+            carried(TP, Some("a=1"))
+        );
+    }
+
+    #[test]
+    fn tracestates_are_checked() {
+        for good in [
+            "a=1",
+            "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7",
+            "k@v=x\"y\\z",
+            "a=1, b=2",
+        ] {
+            assert!(parse_state(good).is_some(), "{good:?} refused");
+        }
+        let long = format!("a={}", "x".repeat(MAX_TRACESTATE));
+        for bad in [
+            "",
+            " ",
+            "novalue",
+            "A=1",
+            "a=1,b",
+            "a=é",
+            "a=\u{7f}",
+            long.as_str(),
+        ] {
+            assert!(parse_state(bad).is_none(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn the_tracestate_header_is_lifted_from_the_field_after_the_traceparent() {
+        let with = format!(r#"{{"traceparent":"{TP}","tracestate":"a=1,b=2","saga_id":"s"}}"#);
+        assert_eq!(tracestate_in(with.as_bytes()).as_deref(), Some("a=1,b=2"));
+        // JSON escapes are undone: `"` and `\` are allowed in a tracestate value.
+        let state = "k=x\"y\\z";
+        let json = serde_json::to_string(state).unwrap();
+        let escaped = format!(r#"{{"traceparent":"{TP}","tracestate":{json},"s":1}}"#);
+        assert_eq!(tracestate_in(escaped.as_bytes()).as_deref(), Some(state));
+        let without = format!(r#"{{"traceparent":"{TP}","saga_id":"s"}}"#);
+        assert_eq!(tracestate_in(without.as_bytes()), None);
+        assert_eq!(
+            tracestate_in(br#"{"tracestate":"a=1","saga_id":"s"}"#),
+            None
+        );
+        let bad = format!(r#"{{"traceparent":"{TP}","tracestate":"nonsense","s":1}}"#);
+        assert_eq!(tracestate_in(bad.as_bytes()), None);
+        let open = format!(r#"{{"traceparent":"{TP}","tracestate":"a=1"#);
+        assert_eq!(tracestate_in(open.as_bytes()), None);
     }
 }

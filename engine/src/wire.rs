@@ -13,6 +13,10 @@ pub struct CommandMsg {
     /// check; absent in messages from before traces, and ignored when malformed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// The W3C `tracestate` that came with the trace context, if any (see [`crate::trace`]).
+    /// Second, right after `traceparent`, for the same prefix check; ignored when malformed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
     pub saga_id: String,
     /// The saga definition's name (`order-paid`).
     pub saga: String,
@@ -48,6 +52,10 @@ pub struct ReplyMsg {
     /// check; absent in messages from before traces, and ignored when malformed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// The W3C `tracestate` that came with the trace context, if any (see [`crate::trace`]).
+    /// Second, right after `traceparent`, for the same prefix check; ignored when malformed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
     pub saga_id: String,
     pub step: usize,
     pub op: Op,
@@ -78,4 +86,7 @@ pub struct StartMsg {
     /// [`crate::trace`]); absent in older messages, ignored when malformed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// The `tracestate` that came with it, if any; ignored when malformed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
 }

@@ -750,9 +750,10 @@ async fn publish_and_consume_go_on_across_repeated_connection_resets() {
     cleanup(&t, &["cmd.resets"]).await;
 }
 
-/// The W3C trace context a message carries (its payload's leading `traceparent` field) is also
-/// its AMQP `traceparent` header, for tools that read headers; a bundle carries its first
-/// part's; a message without one gets none.
+/// The W3C trace context a message carries (its payload's leading `traceparent` field, and the
+/// `tracestate` right after it if any) is also its AMQP `traceparent` (and `tracestate`)
+/// header, for tools that read headers; a bundle carries its first part's; a message without
+/// one gets none.
 #[tokio::test]
 async fn the_trace_context_travels_in_the_amqp_traceparent_header() {
     use lapin::options::BasicGetOptions;
@@ -764,21 +765,41 @@ async fn the_trace_context_travels_in_the_amqp_traceparent_header() {
     t.declare("cmd.svc").await.expect("declare");
     let queue = t.partition_queues("cmd.svc")[0].clone();
     let tp = |span: &str| format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{span}-01");
-    let traced = |id: &str, span: &str| Message {
-        id: id.into(),
-        key: "k".into(),
-        payload: format!("{{\"traceparent\":\"{}\",\"id\":\"{id}\"}}", tp(span)).into_bytes(),
+    let traced = |id: &str, span: &str, state: Option<&str>| {
+        let state = state.map_or(String::new(), |s| {
+            format!(
+                ",\"tracestate\":{}",
+                serde_json::to_string(s).expect("json")
+            )
+        });
+        Message {
+            id: id.into(),
+            key: "k".into(),
+            payload: format!(
+                "{{\"traceparent\":\"{}\"{state},\"id\":\"{id}\"}}",
+                tp(span)
+            )
+            .into_bytes(),
+        }
     };
-    t.publish("cmd.svc", traced("one", "00f067aa0ba902b7"))
+    // A `"` is allowed in a tracestate value (escaped in the JSON, not in the header).
+    let quoted = r#"rojo=00f067aa0ba902b7,congo=t"61"#;
+    t.publish("cmd.svc", traced("one", "00f067aa0ba902b7", Some(quoted)))
         .await
         .expect("confirmed");
     t.publish("cmd.svc", msg("plain", "k"))
         .await
         .expect("confirmed");
+    t.publish("cmd.svc", traced("two", "3333333333333333", None))
+        .await
+        .expect("confirmed");
     for sent in t
         .publish_batch(vec![
-            ("cmd.svc".to_owned(), traced("b1", "1111111111111111")),
-            ("cmd.svc".to_owned(), traced("b2", "2222222222222222")),
+            (
+                "cmd.svc".to_owned(),
+                traced("b1", "1111111111111111", Some("a=1")),
+            ),
+            ("cmd.svc".to_owned(), traced("b2", "2222222222222222", None)),
         ])
         .await
     {
@@ -790,7 +811,7 @@ async fn the_trace_context_travels_in_the_amqp_traceparent_header() {
         .expect("connect");
     let ch = conn.create_channel().await.expect("channel");
     let mut headers_seen = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..4 {
         let got = ch
             .basic_get(
                 ShortString::from(queue.as_str()),
@@ -799,25 +820,29 @@ async fn the_trace_context_travels_in_the_amqp_traceparent_header() {
             .await
             .expect("get")
             .expect("a message");
-        let header = got
-            .delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("traceparent").cloned());
-        headers_seen.push(match header {
-            Some(AMQPValue::LongString(s)) => Some(s.to_string()),
-            Some(other) => Some(format!("{other:?}")),
-            None => None,
-        });
+        let header = |name: &str| {
+            let value = got
+                .delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(name).cloned());
+            match value {
+                Some(AMQPValue::LongString(s)) => Some(s.to_string()),
+                Some(other) => Some(format!("{other:?}")),
+                None => None,
+            }
+        };
+        headers_seen.push((header("traceparent"), header("tracestate")));
     }
     let _ = conn.close(200, ShortString::from("bye")).await;
     assert_eq!(
         headers_seen,
         vec![
-            Some(tp("00f067aa0ba902b7")),
-            None,
-            Some(tp("1111111111111111")),
+            (Some(tp("00f067aa0ba902b7")), Some(quoted.to_owned())),
+            (None, None),
+            (Some(tp("3333333333333333")), None),
+            (Some(tp("1111111111111111")), Some("a=1".to_owned())),
         ]
     );
     cleanup(&t, &["cmd.svc"]).await;

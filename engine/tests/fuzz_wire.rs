@@ -120,6 +120,7 @@ fn command() -> impl Strategy<Value = CommandMsg> {
             )| {
                 CommandMsg {
                     traceparent: None,
+                    tracestate: None,
                     saga_id,
                     saga,
                     key,
@@ -140,6 +141,7 @@ fn reply() -> impl Strategy<Value = ReplyMsg> {
     (text(), any::<usize>(), op(), any::<u32>(), outcome()).prop_map(
         |(saga_id, step, op, attempt, outcome)| ReplyMsg {
             traceparent: None,
+            tracestate: None,
             saga_id,
             step,
             op,
@@ -451,7 +453,7 @@ proptest! {
         let mut input = input;
         edit_fields(&mut input, &input_edits);
         check_start_input(&input)?;
-        let m = StartMsg {traceparent: None,  saga, input, idempotency_key: key };
+        let m = StartMsg {traceparent: None, tracestate: None,  saga, input, idempotency_key: key };
         mutated(&m, START_FIELDS, &fields, &bytes)?;
     }
 
@@ -506,6 +508,7 @@ fn inbound_payloads(saga_ids: &[String], n: usize) -> Vec<(&'static str, Vec<u8>
     let reply_for_real = (any::<Index>(), 0usize..8, op(), 0u32..4, outcome()).prop_map(
         move |(i, step, op, attempt, outcome)| ReplyMsg {
             traceparent: None,
+            tracestate: None,
             saga_id: ids[i.index(ids.len())].clone(),
             step,
             op,
@@ -531,7 +534,7 @@ fn inbound_payloads(saga_ids: &[String], n: usize) -> Vec<(&'static str, Vec<u8>
         )
             .prop_map(|(mut input, ie, key, e)| {
                 edit_fields(&mut input, &ie);
-                let start = StartMsg {traceparent: None,  saga: "order-paid".into(), input, idempotency_key: key };
+                let start = StartMsg {traceparent: None, tracestate: None,  saga: "order-paid".into(), input, idempotency_key: key };
                 let mut doc = serde_json::to_value(&start).expect("encode");
                 edit_fields(&mut doc, &e);
                 (START_QUEUE, serde_json::to_vec(&doc).expect("encode"))

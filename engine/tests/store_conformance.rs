@@ -210,6 +210,7 @@ conformance!(
 fn state(status: SagaStatus, n: u64) -> SagaState {
     SagaState {
         trace: None,
+        tracestate: None,
         status,
         steps: vec![
             StepStatus::Succeeded,

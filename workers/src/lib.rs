@@ -6,16 +6,19 @@
 //! | [`barrier`] | strong idempotency: one row per (saga, step, operation), in the effect's transaction, set-based per batch with a savepoint per handler; retention by age; its migrations ([`BARRIER_MIGRATIONS`]) |
 //! | [`weak`] | weak idempotency: a Redis key per (saga, step, operation) holding the reply, for cheap effects |
 //! | [`runtime`] | the worker: handlers registered with their `Idempotency` (barrier or weak), consume commands, per-key lanes, batches (one transaction each), barrier or weak mode, pipelined replies, ack; poison commands dead-lettered; fault injection |
+//! | [`service`] | a service of your own as a process (`service::main`): the environment, embedded with the engine or the worker alone over RabbitMQ, migrations, retention, signals |
 //! | [`services`] | the demo order services: payment, coupon, points, gmv — each with its own tables |
 //!
-//! A service of your own needs only the SDK: its handlers, `runtime::Worker`, and
-//! [`BARRIER_MIGRATIONS`] followed by its own tables' migrations. `examples/shipping/` in the
-//! repository is one, start to end (the README's "Your own service").
+//! A service of your own needs only the SDK: its handlers, and a [`service::Service`] naming
+//! them, its sagas and its tables' migrations (applied after [`BARRIER_MIGRATIONS`]), which
+//! [`service::main`] runs as a process. `examples/shipping/` in the repository is one, start to
+//! end (the README's "Your own service").
 
 pub mod barrier;
 pub mod metrics;
 pub mod runtime;
 pub mod sdk;
+pub mod service;
 pub mod services;
 pub mod weak;
 

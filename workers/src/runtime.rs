@@ -318,6 +318,7 @@ impl Worker {
             .map(|(i, ((_, cmd, _), outcome))| {
                 let mut reply = ReplyMsg {
                     traceparent: None,
+                    tracestate: None,
                     saga_id: cmd.saga_id.clone(),
                     step: cmd.step,
                     op: cmd.op,
@@ -325,7 +326,9 @@ impl Worker {
                     outcome,
                 };
                 if let Some(span) = spans.get(i) {
-                    reply.traceparent = sagaflow_engine::trace::reply(span, &reply, &cmd.key);
+                    let carried = sagaflow_engine::trace::reply(span, &reply, &cmd.key);
+                    (reply.traceparent, reply.tracestate) =
+                        (carried.traceparent, carried.tracestate);
                 }
                 Message {
                     id: reply.message_id(),
@@ -694,6 +697,7 @@ mod tests {
     fn command(saga: &str, forward: &str, op: Op, service: &str) -> CommandMsg {
         CommandMsg {
             traceparent: None,
+            tracestate: None,
             saga_id: saga.into(),
             saga: "test".into(),
             key: "order-1".into(),

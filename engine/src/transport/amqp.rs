@@ -71,6 +71,8 @@ pub const BUNDLE_HEADER: &str = "x-sagaflow-bundle";
 /// The W3C trace context header: a command's or reply's own, or a bundle's first part's
 /// (each part carries its own in its payload, see [`crate::trace`]).
 pub const TRACEPARENT_HEADER: &str = "traceparent";
+/// The W3C `tracestate` header, beside [`TRACEPARENT_HEADER`] when the message carries one.
+pub const TRACESTATE_HEADER: &str = "tracestate";
 /// A bundle's encoded size stays under this (RabbitMQ's own limit is far above it).
 const BUNDLE_MAX_BYTES: usize = 512 * 1024;
 
@@ -709,6 +711,9 @@ impl AmqpTransport {
         let mut headers = vec![(KEY_HEADER, long_string(&message.key))];
         if let Some(tp) = crate::trace::traceparent_in(&message.payload) {
             headers.push((TRACEPARENT_HEADER, long_string(tp)));
+            if let Some(ts) = crate::trace::tracestate_in(&message.payload) {
+                headers.push((TRACESTATE_HEADER, long_string(&ts)));
+            }
         }
         headers.extend(extra_headers);
         let properties = BasicProperties::default()
@@ -1334,6 +1339,9 @@ impl Transport for AmqpTransport {
                 let mut headers = vec![(BUNDLE_HEADER, count)];
                 if let Some(tp) = crate::trace::traceparent_in(&first.payload) {
                     headers.push((TRACEPARENT_HEADER, long_string(tp)));
+                    if let Some(ts) = crate::trace::tracestate_in(&first.payload) {
+                        headers.push((TRACESTATE_HEADER, long_string(&ts)));
+                    }
                 }
                 self.send_raw(&link, &exchange, &routing_key, &frame, headers)
                     .await

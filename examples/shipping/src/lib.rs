@@ -1,37 +1,26 @@
-//! The shipping service: the handlers of `shipping.yaml`'s steps, and its table. A handler writes
-//! its effect on the connection the SDK gives it, inside the transaction that also writes the
-//! barrier row of (saga, step, operation): a command that comes twice has its effect once, and a
-//! compensation is called only when its action's effect was committed.
-use std::sync::Arc;
-
+//! The shipping service: its saga, its table and its steps' handlers. Each writes its effect on
+//! the connection the SDK gives it, in the transaction of the step's barrier row: a command that
+//! comes twice has its effect once, a compensation runs only after its action's effect committed.
 use async_trait::async_trait;
-use sagaflow_engine::{store::Migrations, transport::Transport};
-use sagaflow_workers::runtime::Worker;
 use sagaflow_workers::sdk::{SagaStep, StepContext, StepError, param_i64, param_str};
+use sagaflow_workers::service::Service;
 use serde_json::{Value, json};
-use sqlx::{AnyConnection as Conn, AnyPool};
+use sqlx::AnyConnection as Conn;
 
-pub const SAGA: &str = include_str!("../shipping.yaml");
+/// What `src/main.rs` runs (`sagaflow_workers::service` says how the environment sets it up).
+pub const SERVICE: Service = Service {
+    name: "shipping",
+    sagas: &[include_str!("../shipping.yaml")],
+    migrations: &[(
+        "shipping_0001_shipments",
+        include_str!("../migrations/sqlite/0001_shipments.sql"),
+        include_str!("../migrations/postgres/0001_shipments.sql"),
+    )],
+    handlers: |w| w.saga_step("reserve", Reserve).saga_step("book", Book), // by action name
+};
 
-/// This service's table, applied after `sagaflow_workers::BARRIER_MIGRATIONS`.
-pub const MIGRATIONS: Migrations = &[(
-    "shipping_0001_shipments",
-    include_str!("../migrations/sqlite/0001_shipments.sql"),
-    include_str!("../migrations/postgres/0001_shipments.sql"),
-)];
-
-/// The `shipping` worker: each step under its action's name, behind the barrier.
-pub fn worker(pool: AnyPool, transport: Arc<dyn Transport>) -> Worker {
-    let worker = Worker::new("shipping", pool, transport);
-    worker.saga_step("reserve", Reserve).saga_step("book", Book)
-}
-
-/// `reserve` the order's parcels; compensation `release`.
-#[derive(Debug)]
-pub struct Reserve;
-/// `book` the carrier, which refuses PO boxes (`unserviceable`); compensation `cancel`.
-#[derive(Debug)]
-pub struct Book;
+struct Reserve; // `reserve` the order's parcels; compensation `release`
+struct Book; // `book` the carrier, which refuses PO boxes; compensation `cancel`
 
 type Reply = Result<Value, StepError>;
 
@@ -63,8 +52,7 @@ async fn undo(c: &mut Conn, ctx: &StepContext, state: &str) -> Reply {
 #[async_trait]
 impl SagaStep for Reserve {
     async fn action(&self, c: &mut Conn, ctx: &StepContext, p: &Value) -> Reply {
-        let parcels = param_i64(p, "parcels")?;
-        record(c, ctx, p, &parcels.to_string(), "reserved").await
+        record(c, ctx, p, &param_i64(p, "parcels")?.to_string(), "reserved").await
     }
     async fn compensate(&self, c: &mut Conn, ctx: &StepContext, _: &Value) -> Reply {
         undo(c, ctx, "released").await

@@ -24,6 +24,15 @@ impl Drop for Running {
     }
 }
 
+/// Removes the directory, also when the test fails.
+struct Dir(std::path::PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[tokio::test]
 async fn embedded_mode_runs_sagas_started_in_its_database() {
     let dir = std::env::temp_dir().join(format!("sagaflow-shipping-{}", std::process::id()));
@@ -48,7 +57,7 @@ async fn embedded_mode_runs_sagas_started_in_its_database() {
         std::sync::Arc::new(MemoryTransport::default()),
     );
     let saga = engine
-        .register(sagaflow_example_shipping::SAGA)
+        .register(sagaflow_example_shipping::SERVICE.sagas[0])
         .await
         .unwrap();
     let mut ids = Vec::new();
@@ -96,4 +105,45 @@ async fn embedded_mode_runs_sagas_started_in_its_database() {
     );
     let exit = running.0.wait().unwrap();
     assert!(exit.success(), "SIGTERM: {exit}");
+}
+
+/// A value the process cannot use ends it at once with exit code 1 and one line naming the
+/// variable and the value, never a panic; nothing is created.
+#[test]
+fn a_bad_environment_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("sagaflow-shipping-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _removed = Dir(dir.clone());
+    let db = dir.join("shipping.db");
+    for (var, value, says) in [
+        (
+            "SAGAFLOW_PARTITIONS",
+            "eight",
+            "a whole number from 1 to 65535",
+        ),
+        ("SAGAFLOW_PARTITIONS", "0", "a whole number from 1 to 65535"),
+        (
+            "SAGAFLOW_QUEUE_TYPE",
+            "mirrored",
+            "expected `classic` or `quorum`",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_shipping"))
+            .env("SAGAFLOW_DATABASE_URL", &db)
+            .env("SAGAFLOW_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+            .env(var, value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{var}={value}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("shipping: {var}=`{value}`: ")) && stderr.contains(says),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(
+            !db.exists(),
+            "nothing is opened before the environment is checked"
+        );
+    }
 }
