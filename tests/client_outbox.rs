@@ -680,11 +680,11 @@ engine_on_both_backends!(
     }
 );
 
-/// A table made by an earlier sagaflow-client (without the trace context's column) is a
-/// clear error for a start and for the relay, and `install` again brings it up to date,
-/// keeping its rows.
+/// A table made by an earlier sagaflow-client (without the trace context's columns): a start
+/// without a trace context still goes in, a traced one is a clear error naming the fix, and
+/// the relay brings the table up to date itself (what `install` does) and sends every row.
 #[tokio::test]
-async fn an_outdated_outbox_table_is_named_and_install_upgrades_it() {
+async fn an_outdated_outbox_table_keeps_working_and_the_relay_upgrades_it() {
     let Some(db) = support::fresh_db(Backend::Postgres, "app_outdated").await else {
         return;
     };
@@ -703,8 +703,26 @@ async fn an_outdated_outbox_table_is_named_and_install_upgrades_it() {
     .execute(&pool)
     .await
     .expect("the 0.1 table");
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let columns = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM information_schema.columns \
+             WHERE table_name = 'sagaflow_start_outbox' AND column_name IN ('traceparent', 'tracestate')",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("columns")
+    };
+
     let mut tx = pool.begin().await.expect("begin");
-    let e = start_saga(&mut tx, "order-paid", &json!({}), "k")
+    start_saga(&mut tx, "order-paid", &json!({}), "k")
+        .await
+        .expect("an untraced start on the old table");
+    tx.commit().await.expect("commit");
+    let mut tx = pool.begin().await.expect("begin");
+    let e = Start::new("order-paid", &json!({}), "traced")
+        .traceparent(traceparent)
+        .write(&mut tx)
         .await
         .unwrap_err();
     assert!(matches!(e, ClientError::OutdatedTable(_)), "{e}");
@@ -713,24 +731,24 @@ async fn an_outdated_outbox_table_is_named_and_install_upgrades_it() {
         "{e}"
     );
     drop(tx);
+    assert_eq!(columns().await, 0);
+
     let transport = Arc::new(MemoryTransport::new(NetFaults::default()));
     let relay = Relay::new(pool.clone(), transport.clone() as Arc<dyn Transport>);
-    let e = relay.relay_once().await.unwrap_err();
-    assert!(matches!(e, ClientError::OutdatedTable(_)), "{e}");
-
-    install(&mut pool.acquire().await.expect("conn"))
-        .await
-        .expect("install");
-    let mut tx = pool.begin().await.expect("begin");
-    start_saga(&mut tx, "order-paid", &json!({}), "k")
-        .await
-        .expect("start after the upgrade");
-    tx.commit().await.expect("commit");
     assert_eq!(
-        relay.relay_once().await.expect("relay"),
+        relay.relay_once().await.expect("relay on the old table"),
         2,
-        "the old row too"
+        "the old row and the new one"
     );
-    assert_eq!(transport.depth(START_QUEUE), 2);
+    assert_eq!(columns().await, 2, "the relay added the columns");
+    let mut tx = pool.begin().await.expect("begin");
+    Start::new("order-paid", &json!({}), "traced")
+        .traceparent(traceparent)
+        .write(&mut tx)
+        .await
+        .expect("a traced start after the upgrade");
+    tx.commit().await.expect("commit");
+    assert_eq!(relay.relay_once().await.expect("relay"), 1);
+    assert_eq!(transport.depth(START_QUEUE), 3);
     pool.close().await;
 }

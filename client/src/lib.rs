@@ -223,19 +223,30 @@ impl<'a> Start<'a> {
     pub async fn write(self, conn: &mut PgConnection) -> Result<(), ClientError> {
         validate(self.saga, self.input, self.idempotency_key)?;
         let trace = self.trace();
-        sqlx::query(
-            "INSERT INTO sagaflow_start_outbox \
-             (saga, input, idempotency_key, traceparent, tracestate) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING",
-        )
-        .bind(self.saga)
-        .bind(Json(self.input))
-        .bind(self.idempotency_key)
-        .bind(trace.traceparent)
-        .bind(trace.tracestate)
-        .execute(conn)
-        .await
-        .map_err(db_error)?;
+        // Without a trace context, the columns every version of the table has: an application
+        // that upgraded the library before its table keeps starting sagas (its relay brings
+        // the table up to date, see `Relay::relay_once`).
+        let query = if trace.traceparent.is_none() {
+            sqlx::query(
+                "INSERT INTO sagaflow_start_outbox (saga, input, idempotency_key) \
+                 VALUES ($1, $2, $3) ON CONFLICT (idempotency_key) DO NOTHING",
+            )
+            .bind(self.saga)
+            .bind(Json(self.input))
+            .bind(self.idempotency_key)
+        } else {
+            sqlx::query(
+                "INSERT INTO sagaflow_start_outbox \
+                 (saga, input, idempotency_key, traceparent, tracestate) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING",
+            )
+            .bind(self.saga)
+            .bind(Json(self.input))
+            .bind(self.idempotency_key)
+            .bind(trace.traceparent)
+            .bind(trace.tracestate)
+        };
+        query.execute(conn).await.map_err(db_error)?;
         Ok(())
     }
 
@@ -394,6 +405,19 @@ impl Relay {
     /// how many were sent (0: nothing to do, or every row was locked by another relay). Fails
     /// on a database error, or when rows were taken and not one of them was confirmed.
     pub async fn relay_once(&self) -> Result<usize, ClientError> {
+        match self.relay_batch().await {
+            // A table made by an earlier version: bring it up to date (what `install` does,
+            // idempotent and serialised) and go on, rather than stop relaying after an upgrade.
+            Err(ClientError::OutdatedTable(column)) => {
+                warn!(%column, "sagaflow_start_outbox lacks a column of this version; adding it (INSTALL_SQL)");
+                install(&mut *self.pool.acquire().await?).await?;
+                self.relay_batch().await
+            }
+            other => other,
+        }
+    }
+
+    async fn relay_batch(&self) -> Result<usize, ClientError> {
         let mut tx = self.pool.begin().await?;
         let rows: Vec<OutboxRow> = sqlx::query_as(
             "SELECT id, saga, input, idempotency_key, traceparent, tracestate \
