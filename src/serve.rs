@@ -20,11 +20,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use backon::{ExponentialBuilder, Retryable};
-use sagaflow_engine::Engine;
-use sagaflow_engine::store::{ENGINE_MIGRATIONS, Migrations, Store, StoreError};
+use sagaflow_engine::store::{ENGINE_MIGRATIONS, Migrations, Store};
+use sagaflow_engine::transport::Transport;
 use sagaflow_engine::transport::amqp::{AmqpConfig, AmqpTransport, QueueType};
-use sagaflow_engine::transport::{Transport, TransportError};
+use sagaflow_engine::{Engine, startup};
 use sagaflow_workers::runtime::Faults;
 use sagaflow_workers::services;
 use tokio::sync::watch;
@@ -277,87 +276,6 @@ async fn wait_for_signal() {
     }
 }
 
-/// Backoff between start-up attempts: 250 ms doubling up to 10 s, jittered, without end.
-fn startup_backoff() -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(250))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-}
-
-/// Runs `attempt` until it succeeds, retrying (with [`startup_backoff`]) the failures
-/// `transient` accepts and printing each one with its reason; `None` when a shutdown signal
-/// comes first.
-async fn wait_for<T, E, F, Fut>(
-    who: &str,
-    what: &str,
-    attempt: F,
-    transient: fn(&E) -> bool,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Result<Option<T>, E>
-where
-    E: std::fmt::Display,
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, E>>,
-{
-    let mut failures = 0u32;
-    let retrying = attempt
-        .retry(startup_backoff())
-        .sleep(tokio::time::sleep)
-        .when(transient)
-        .notify(|e: &E, wait: Duration| {
-            failures += 1;
-            eprintln!(
-                "{who}: {what} not ready (attempt {failures}): {e}; retrying in {:.1}s",
-                wait.as_secs_f64()
-            );
-        });
-    tokio::select! {
-        result = retrying => result.map(Some),
-        _ = shutdown.wait_for(|stop| *stop) => Ok(None),
-    }
-}
-
-/// Whether waiting may cure a failure to open or migrate the database: refused or reset
-/// connections, a server starting up or shutting down, no free connection slot, a database
-/// that does not exist yet. Not: a malformed URL, authentication failures, failing SQL.
-fn store_transient(e: &StoreError) -> bool {
-    match e {
-        StoreError::Connect { reason, .. } => {
-            let r = reason.to_ascii_lowercase();
-            ![
-                "error with configuration",
-                "password authentication failed",
-                "pg_hba.conf",
-            ]
-            .iter()
-            .any(|permanent| r.contains(permanent))
-        }
-        StoreError::Db(e) | StoreError::Migration { error: e, .. } => sqlx_transient(e),
-        _ => false,
-    }
-}
-
-fn sqlx_transient(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut => true,
-        // SQLSTATE classes 08 (connection exception) and 57P (operator intervention: shutting
-        // down, starting up), 53300 too_many_connections, 3D000 invalid_catalog_name.
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
-            c.starts_with("08") || c.starts_with("57P") || c == "53300" || c == "3D000"
-        }),
-        _ => false,
-    }
-}
-
-/// Whether waiting may cure a failure to connect to RabbitMQ (unreachable, not answering);
-/// not a refused login or a topology that disagrees with the deployment's.
-fn amqp_transient(e: &TransportError) -> bool {
-    matches!(e, TransportError::Other(m)
-        if m.starts_with("cannot connect to RabbitMQ") && !m.contains("ACCESS_REFUSED"))
-}
-
 /// Opens and migrates the database, waiting while it is unreachable; `None` on shutdown.
 pub async fn connect_store(
     who: &str,
@@ -366,12 +284,7 @@ pub async fn connect_store(
     migrations: &[Migrations],
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<Option<Store>> {
-    let attempt = || async {
-        let store = Store::connect(url, pool).await?;
-        store.migrate(migrations).await?;
-        Ok::<_, StoreError>(store)
-    };
-    Ok(wait_for(who, "database", attempt, store_transient, shutdown).await?)
+    Ok(startup::connect_store(who, url, pool, migrations, shutdown).await?)
 }
 
 impl AmqpArgs {
@@ -382,8 +295,7 @@ impl AmqpArgs {
         who: &str,
         shutdown: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<Option<Arc<AmqpTransport>>> {
-        let attempt = || async { AmqpTransport::connect(self.config(role)).await };
-        Ok(wait_for(who, "RabbitMQ", attempt, amqp_transient, shutdown).await?)
+        Ok(startup::connect_amqp(who, self.config(role), shutdown).await?)
     }
 }
 

@@ -399,3 +399,81 @@ async fn shipping_service_run_over_rabbitmq() {
     worker_store.pool().close().await;
     d.finish().await;
 }
+
+/// A service started before its database exists waits for it (as `sagaflow worker` does),
+/// rather than exiting; once the database is created it migrates and runs; a stop while it
+/// waits ends it cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_waits_for_its_database() {
+    let Some(db) = fresh_db(Backend::Postgres, "shipping_waits").await else {
+        return;
+    };
+    let (server, name) = db.url.rsplit_once('/').expect("a database URL");
+    let admin_url = format!("{server}/postgres");
+    let admin = |sql: String| {
+        let admin_url = admin_url.clone();
+        async move {
+            let mut c = support::connect_patiently(&admin_url).await.expect("admin");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut c)
+                .await
+                .expect("admin statement");
+        }
+    };
+    // Not there yet (the test's guard still drops it at the end, whatever happens).
+    admin(format!("DROP DATABASE {name} WITH (FORCE)")).await;
+    let config = |url: &str| Config {
+        database_url: url.to_owned(),
+        amqp: None,
+    };
+
+    // A stop while it waits ends the run, cleanly.
+    let (stop, stopped) = watch::channel(false);
+    let url = db.url.clone();
+    let waiting =
+        tokio::spawn(async move { service::run(&shipping::SERVICE, config(&url), stopped).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!waiting.is_finished(), "it waits for the database");
+    let _ = stop.send(true);
+    let ended = tokio::time::timeout(Duration::from_secs(20), waiting).await;
+    ended
+        .expect("a stop ends the wait")
+        .expect("no panic")
+        .expect("a clean stop");
+
+    // Created while it waits: it migrates and runs.
+    let (stop, stopped) = watch::channel(false);
+    let url = db.url.clone();
+    let service =
+        tokio::spawn(async move { service::run(&shipping::SERVICE, config(&url), stopped).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!service.is_finished(), "it waits for the database");
+    admin(format!("CREATE DATABASE {name}")).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let migrated = loop {
+        if let Ok(store) = Store::connect(&db.url, 1).await {
+            let found = sqlx::query("SELECT 1 FROM shipments LIMIT 1")
+                .fetch_optional(store.pool())
+                .await
+                .is_ok();
+            store.pool().close().await;
+            if found {
+                break true;
+            }
+        }
+        if Instant::now() > deadline || service.is_finished() {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        migrated,
+        "the service migrated its database once it existed"
+    );
+    let _ = stop.send(true);
+    let ended = tokio::time::timeout(Duration::from_secs(30), service).await;
+    ended
+        .expect("run stops")
+        .expect("no panic")
+        .expect("a clean stop");
+}

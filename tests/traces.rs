@@ -82,6 +82,42 @@ fn hop<'a>(spans: &'a [SpanData], of: &SpanData) -> &'a SpanData {
     found[0]
 }
 
+/// The chain of one saga's spans: each dispatch span the child of the start span, each worker
+/// span the child of its command's dispatch span (a parent that came over the transport),
+/// each reply span the child of its worker span, each apply span the child of its reply span
+/// (again over the transport).
+fn assert_chain(spans: &HashMap<String, Vec<SpanData>>, start: &SpanData) {
+    for worker in &spans["worker"] {
+        let dispatch = hop(&spans["dispatch"], worker);
+        assert_eq!(dispatch.parent_span_id, start.span_context.span_id());
+        assert_eq!(
+            worker.parent_span_id,
+            dispatch.span_context.span_id(),
+            "the worker's span is the child of the engine's dispatch span of its command"
+        );
+        assert!(
+            worker.parent_span_is_remote,
+            "its parent came over the transport"
+        );
+    }
+    for reply in &spans["reply"] {
+        let worker = hop(&spans["worker"], reply);
+        assert_eq!(reply.parent_span_id, worker.span_context.span_id());
+    }
+    for apply in &spans["apply"] {
+        let reply = hop(&spans["reply"], apply);
+        assert_eq!(
+            apply.parent_span_id,
+            reply.span_context.span_id(),
+            "the apply span is the child of the worker's reply span"
+        );
+        assert!(
+            apply.parent_span_is_remote,
+            "its parent came over the transport"
+        );
+    }
+}
+
 on_both_backends!(
     a_saga_is_one_trace_across_the_transport,
     |url: String| async move {
@@ -158,23 +194,9 @@ on_both_backends!(
                 );
             }
         }
+        assert_chain(&spans, start);
         for worker in &spans["worker"] {
-            let dispatch = hop(&spans["dispatch"], worker);
-            assert_eq!(dispatch.parent_span_id, start.span_context.span_id());
-            assert_eq!(
-                worker.parent_span_id,
-                dispatch.span_context.span_id(),
-                "the worker's span is the child of the engine's dispatch span"
-            );
-            assert!(
-                worker.parent_span_is_remote,
-                "its parent came over the transport"
-            );
             assert!(attr(worker, "service").is_some());
-            let reply = hop(&spans["reply"], worker);
-            assert_eq!(reply.parent_span_id, worker.span_context.span_id());
-            let apply = hop(&spans["apply"], worker);
-            assert_eq!(apply.parent_span_id, reply.span_context.span_id());
         }
 
         let other = spans_of(&untraced);
@@ -385,32 +407,7 @@ async fn a_saga_is_one_trace_over_rabbitmq() {
     for name in ["dispatch", "worker", "reply", "apply"] {
         assert!(spans.get(name).map_or(0, Vec::len) >= 5, "{name} spans");
     }
-    for worker in &spans["worker"] {
-        let dispatch = hop(&spans["dispatch"], worker);
-        assert_eq!(dispatch.parent_span_id, start.span_context.span_id());
-        assert_eq!(
-            worker.parent_span_id,
-            dispatch.span_context.span_id(),
-            "the worker's span is the child of the engine's dispatch span of its command"
-        );
-        assert!(
-            worker.parent_span_is_remote,
-            "its parent came over RabbitMQ"
-        );
-    }
-    for reply in &spans["reply"] {
-        let worker = hop(&spans["worker"], reply);
-        assert_eq!(reply.parent_span_id, worker.span_context.span_id());
-    }
-    for apply in &spans["apply"] {
-        let reply = hop(&spans["reply"], apply);
-        assert_eq!(
-            apply.parent_span_id,
-            reply.span_context.span_id(),
-            "the apply span is the child of the worker's reply span"
-        );
-        assert!(apply.parent_span_is_remote, "its parent came over RabbitMQ");
-    }
+    assert_chain(&spans, start);
 }
 
 /// A saga started from the application's transaction through the client library, with the

@@ -35,6 +35,7 @@ pub mod redact;
 pub mod relay;
 pub mod retention;
 pub mod run;
+pub mod startup;
 pub mod status;
 pub mod store;
 pub mod time;

@@ -28,16 +28,17 @@
 //! RabbitMQ**: the worker alone; its database gets [`BARRIER_MIGRATIONS`](crate::BARRIER_MIGRATIONS)
 //! and the service's own migrations, nothing of the engine's. Either way barrier rows older
 //! than 7 days are purged, and a stop (SIGTERM, ctrl-c, or the `shutdown` given to [`run`])
-//! finishes and acknowledges what is in flight before the process ends. Unlike `sagaflow
-//! worker`, it does not wait for a database or broker that is not up yet, and serves no
-//! metrics.
+//! finishes and acknowledges what is in flight before the process ends. A database or broker
+//! that is not up yet is waited for, as `sagaflow worker` waits ([`sagaflow_engine::startup`]);
+//! unlike it, a service serves no metrics.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use sagaflow_engine::redact::redact_url;
-use sagaflow_engine::store::{ENGINE_MIGRATIONS, Migrations, Store, StoreError};
-use sagaflow_engine::transport::amqp::{AmqpConfig, AmqpTransport, QueueType};
+use sagaflow_engine::startup;
+use sagaflow_engine::store::{ENGINE_MIGRATIONS, Migrations, StoreError};
+use sagaflow_engine::transport::amqp::{AmqpConfig, QueueType};
 use sagaflow_engine::transport::memory::MemoryTransport;
 use sagaflow_engine::transport::{Transport, TransportError};
 use sagaflow_engine::{Engine, EngineError};
@@ -195,9 +196,29 @@ pub async fn run(
 ) -> Result<(), ServiceError> {
     let db = redact_url(&config.database_url);
     let store_err = |doing: String| move |error| ServiceError::Store { doing, error };
-    let store = Store::connect(&config.database_url, POOL)
-        .await
-        .map_err(store_err("opening the database".into()))?;
+    // A database or broker that is not up yet is waited for (a stop meanwhile ends the run).
+    let mut waiting = shutdown.clone();
+    let migrations: &[Migrations] = match config.amqp {
+        Some(_) => &[crate::BARRIER_MIGRATIONS, service.migrations],
+        // Embedded: the engine's tables too, it runs on this database.
+        None => &[
+            ENGINE_MIGRATIONS,
+            crate::BARRIER_MIGRATIONS,
+            service.migrations,
+        ],
+    };
+    let opened = startup::connect_store(
+        service.name,
+        &config.database_url,
+        POOL,
+        migrations,
+        &mut waiting,
+    )
+    .await
+    .map_err(store_err(format!("opening and migrating {db}")))?;
+    let Some(store) = opened else {
+        return Ok(());
+    };
     // One stop for everything inside: the caller's `shutdown`, or the worker or engine ending.
     let stop = watch::Sender::new(false);
     let stopped = stop.subscribe();
@@ -205,10 +226,6 @@ pub async fn run(
     let mut engine = None;
     let (transport, mode): (Arc<dyn Transport>, String) = match config.amqp {
         Some(broker) => {
-            store
-                .migrate(&[crate::BARRIER_MIGRATIONS, service.migrations])
-                .await
-                .map_err(store_err(format!("migrating {db}")))?;
             // One database, one deployment (before anything touches the broker).
             store
                 .bind_prefix(&broker.prefix)
@@ -220,22 +237,15 @@ pub async fn run(
                 broker.prefix,
                 broker.partitions
             );
-            let broker = AmqpTransport::connect(broker)
-                .await
-                .map_err(ServiceError::Broker)?;
+            let connected = startup::connect_amqp(service.name, broker, &mut waiting).await;
+            let Some(broker) = connected.map_err(ServiceError::Broker)? else {
+                store.pool().close().await;
+                return Ok(());
+            };
             amqp = Some(broker.clone());
             (broker, mode)
         }
         None => {
-            let all = [
-                ENGINE_MIGRATIONS,
-                crate::BARRIER_MIGRATIONS,
-                service.migrations,
-            ];
-            store
-                .migrate(&all)
-                .await
-                .map_err(store_err(format!("migrating {db}")))?;
             let memory = Arc::new(MemoryTransport::default());
             let embedded = Engine::new(store.clone(), memory.clone());
             for (i, saga) in service.sagas.iter().enumerate() {
@@ -348,7 +358,7 @@ mod tests {
 
     use async_trait::async_trait;
     use sagaflow_engine::machine::SagaStatus;
-    use sagaflow_engine::store::SagaQueries;
+    use sagaflow_engine::store::{SagaQueries, Store};
     use serde_json::{Value, json};
 
     use super::*;
