@@ -1017,7 +1017,6 @@ async fn commits(
     Ok(out)
 }
 
-/// (final, unfinished) among the sagas started since `since`: one statement.
 /// The sagas this run started and has not seen final yet, and how many it has. The bench asks
 /// the store only about these ([`SagaCounts::finished_among`]): a count over the sagas table
 /// would cost the whole run so far, and on a server without autovacuum every dead row the

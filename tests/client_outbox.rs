@@ -735,11 +735,21 @@ async fn an_outdated_outbox_table_keeps_working_and_the_relay_upgrades_it() {
 
     let transport = Arc::new(MemoryTransport::new(NetFaults::default()));
     let relay = Relay::new(pool.clone(), transport.clone() as Arc<dyn Transport>);
+    // An application transaction holds the table: the upgrade cannot have its lock at once,
+    // and the relay sends the rows as they are rather than wait or stop.
+    let mut app = pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE sagaflow_start_outbox IN ROW EXCLUSIVE MODE")
+        .execute(&mut *app)
+        .await
+        .expect("lock");
     assert_eq!(
         relay.relay_once().await.expect("relay on the old table"),
         2,
-        "the old row and the new one"
+        "the old row and the new one, sent without the upgrade"
     );
+    assert_eq!(columns().await, 0, "not upgraded while the table was held");
+    app.commit().await.expect("commit");
+    assert_eq!(relay.relay_once().await.expect("relay"), 0);
     assert_eq!(columns().await, 2, "the relay added the columns");
     let mut tx = pool.begin().await.expect("begin");
     Start::new("order-paid", &json!({}), "traced")

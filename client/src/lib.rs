@@ -405,29 +405,54 @@ impl Relay {
     /// how many were sent (0: nothing to do, or every row was locked by another relay). Fails
     /// on a database error, or when rows were taken and not one of them was confirmed.
     pub async fn relay_once(&self) -> Result<usize, ClientError> {
-        match self.relay_batch().await {
+        match self.relay_batch(true).await {
             // A table made by an earlier version: bring it up to date (what `install` does,
             // idempotent and serialised) and go on, rather than stop relaying after an upgrade.
+            // A role that may not alter the table (or a lock it cannot get at once) relays
+            // the table as it is: its rows have no trace context anyway.
             Err(ClientError::OutdatedTable(column)) => {
                 warn!(%column, "sagaflow_start_outbox lacks a column of this version; adding it (INSTALL_SQL)");
-                install(&mut *self.pool.acquire().await?).await?;
-                self.relay_batch().await
+                if let Err(e) = self.upgrade().await {
+                    warn!(error = %e, "could not bring sagaflow_start_outbox up to date; relaying it without trace contexts until install runs");
+                    return self.relay_batch(false).await;
+                }
+                self.relay_batch(true).await
             }
             other => other,
         }
     }
 
-    async fn relay_batch(&self) -> Result<usize, ClientError> {
+    /// [`install`] on a connection of the pool, giving up at once rather than queueing its
+    /// table lock behind the application's open transactions (and every insert behind it).
+    async fn upgrade(&self) -> Result<(), ClientError> {
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query("SET lock_timeout = '2s'")
+            .execute(&mut *conn)
+            .await?;
+        let installed = install(&mut conn).await;
+        let reset = sqlx::query("RESET lock_timeout").execute(&mut *conn).await;
+        installed?;
+        reset?;
+        Ok(())
+    }
+
+    /// One round; `traced`: the table has the trace context's columns.
+    async fn relay_batch(&self, traced: bool) -> Result<usize, ClientError> {
         let mut tx = self.pool.begin().await?;
-        let rows: Vec<OutboxRow> = sqlx::query_as(
+        let select = if traced {
             "SELECT id, saga, input, idempotency_key, traceparent, tracestate \
              FROM sagaflow_start_outbox \
-             WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-        )
-        .bind(i64::try_from(self.batch_size).unwrap_or(i64::MAX))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_error)?;
+             WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+        } else {
+            "SELECT id, saga, input, idempotency_key, NULL::text, NULL::text \
+             FROM sagaflow_start_outbox \
+             WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+        };
+        let rows: Vec<OutboxRow> = sqlx::query_as(select)
+            .bind(i64::try_from(self.batch_size).unwrap_or(i64::MAX))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_error)?;
         if rows.is_empty() {
             return Ok(0);
         }

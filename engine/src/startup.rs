@@ -59,9 +59,12 @@ where
 
 /// Whether waiting may cure a failure to open or migrate the database: refused or reset
 /// connections, a server starting up or shutting down, no free connection slot, a database
-/// that does not exist yet. Not: a malformed URL, authentication failures, failing SQL.
+/// that does not exist yet. Not: a malformed URL, a SQLite file that cannot be opened,
+/// authentication failures, failing SQL.
 pub fn store_transient(e: &StoreError) -> bool {
     match e {
+        // A SQLite file that cannot be opened (no such folder, no permission) stays so.
+        StoreError::Connect { url, .. } if !url.starts_with("postgres") => false,
         StoreError::Connect { reason, .. } => {
             let r = reason.to_ascii_lowercase();
             ![

@@ -21,6 +21,9 @@
 //! | `SAGAFLOW_PREFIX` | `sagaflow` | the deployment's queue prefix (the database is bound to it) |
 //! | `SAGAFLOW_PARTITIONS` | `8` | partitions per queue, 1–65535, as every process of the deployment has |
 //! | `SAGAFLOW_QUEUE_TYPE` | `classic` | `classic`, or `quorum` on a cluster |
+//! | `SAGAFLOW_PREFETCH` | `64` | unacknowledged messages per partition consumer |
+//! | `SAGAFLOW_BUNDLE` | `128` | messages per bundle on the wire (1: none) |
+//! | `SAGAFLOW_DELIVERY_LIMIT` | the engine's | quorum queues: deliveries before a message is dead-lettered, as every process of the deployment declares it |
 //!
 //! **Embedded** (no `SAGAFLOW_AMQP_URL`): the engine and the worker in one process, on the
 //! database (the engine's tables too) and the in-process transport, the service's sagas
@@ -149,19 +152,52 @@ impl Config {
         let url = var("SAGAFLOW_AMQP_URL")?;
         // Checked in either mode: a bad value is a mistake even where it is not used.
         let prefix = var("SAGAFLOW_PREFIX")?;
-        let partitions = match var("SAGAFLOW_PARTITIONS")? {
-            None => None,
-            Some(value) => match value.trim().parse::<u16>() {
-                Ok(n) if n > 0 => Some(n),
-                _ => {
-                    return Err(ServiceError::Env {
-                        var: "SAGAFLOW_PARTITIONS",
-                        value,
-                        why: "the partitions per queue are a whole number from 1 to 65535, the same in every process of the deployment".into(),
-                    });
-                }
-            },
-        };
+        // A whole number in `min..=max`, or the error saying what it must be.
+        fn number<T: std::str::FromStr + PartialOrd + Copy>(
+            var: &'static str,
+            value: Option<String>,
+            min: T,
+            max: T,
+            why: &str,
+        ) -> Result<Option<T>, ServiceError> {
+            let Some(value) = value else { return Ok(None) };
+            match value.trim().parse::<T>() {
+                Ok(n) if n >= min && n <= max => Ok(Some(n)),
+                _ => Err(ServiceError::Env {
+                    var,
+                    value,
+                    why: why.to_owned(),
+                }),
+            }
+        }
+        let partitions = number(
+            "SAGAFLOW_PARTITIONS",
+            var("SAGAFLOW_PARTITIONS")?,
+            1u16,
+            u16::MAX,
+            "the partitions per queue are a whole number from 1 to 65535, the same in every process of the deployment",
+        )?;
+        let prefetch = number(
+            "SAGAFLOW_PREFETCH",
+            var("SAGAFLOW_PREFETCH")?,
+            1u16,
+            u16::MAX,
+            "the unacknowledged messages per partition consumer are a whole number from 1 to 65535",
+        )?;
+        let bundle = number(
+            "SAGAFLOW_BUNDLE",
+            var("SAGAFLOW_BUNDLE")?,
+            1u16,
+            u16::MAX,
+            "the messages per bundle are a whole number from 1 (no bundles) to 65535",
+        )?;
+        let delivery_limit = number(
+            "SAGAFLOW_DELIVERY_LIMIT",
+            var("SAGAFLOW_DELIVERY_LIMIT")?,
+            0u32,
+            u32::MAX,
+            "the delivery limit of quorum queues is a whole number (0: none), the same in every process of the deployment",
+        )?;
         let queue_type = match var("SAGAFLOW_QUEUE_TYPE")? {
             None => None,
             Some(value) => Some(
@@ -180,6 +216,9 @@ impl Config {
             amqp.prefix = prefix.unwrap_or(amqp.prefix);
             amqp.partitions = partitions.unwrap_or(amqp.partitions);
             amqp.queue_type = queue_type.unwrap_or(amqp.queue_type);
+            amqp.prefetch = prefetch.unwrap_or(amqp.prefetch);
+            amqp.bundle = bundle.unwrap_or(amqp.bundle);
+            amqp.delivery_limit = delivery_limit.unwrap_or(amqp.delivery_limit);
             amqp
         });
         Ok(Config { database_url, amqp })
@@ -406,12 +445,19 @@ mod tests {
             ("SAGAFLOW_PREFIX", "prod"),
             ("SAGAFLOW_PARTITIONS", "16"),
             ("SAGAFLOW_QUEUE_TYPE", "quorum"),
+            ("SAGAFLOW_PREFETCH", "32"),
+            ("SAGAFLOW_BUNDLE", "1"),
+            ("SAGAFLOW_DELIVERY_LIMIT", "0"),
         ])
         .unwrap();
         let amqp = c.amqp.as_ref().unwrap();
         assert_eq!(
             (amqp.prefix.as_str(), amqp.partitions, amqp.queue_type),
             ("prod", 16, QueueType::Quorum)
+        );
+        assert_eq!(
+            (amqp.prefetch, amqp.bundle, amqp.delivery_limit),
+            (32, 1, 0)
         );
         let shown = format!("{c:?}");
         assert!(
@@ -432,6 +478,14 @@ mod tests {
                     "{e}"
                 );
             }
+        }
+        for (var, bad) in [
+            ("SAGAFLOW_PREFETCH", "0"),
+            ("SAGAFLOW_BUNDLE", "many"),
+            ("SAGAFLOW_DELIVERY_LIMIT", "-3"),
+        ] {
+            let e = config(&[(var, bad)]).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("{var}=`{bad}`: ")), "{e}");
         }
         let e = config(&[("SAGAFLOW_QUEUE_TYPE", "mirrored")]).unwrap_err();
         assert_eq!(
@@ -581,25 +635,30 @@ steps:
             .expect("a clean stop");
     }
 
-    /// What cannot start is an error saying what it was doing, the broker's password redacted.
+    /// A broker that does not answer is waited for (as `sagaflow worker` waits), and a stop
+    /// during the wait ends the run cleanly; what no waiting cures is an error saying what it
+    /// was doing.
     #[tokio::test]
-    async fn what_cannot_start_is_a_clear_error() {
+    async fn what_cannot_start_is_waited_for_or_a_clear_error() {
         let dir = Dir::new("service-errors");
-        let (_stop, stopped) = watch::channel(false);
+        let (stop, stopped) = watch::channel(false);
         let nobody = "amqp://guest:hunter2@127.0.0.1:1/%2f"; // nothing listens on port 1
         let config = config(&[
             ("SAGAFLOW_AMQP_URL", nobody),
             ("SAGAFLOW_DATABASE_URL", &dir.db()),
         ])
         .unwrap();
-        let e = run(&NOTES, config, stopped.clone()).await.unwrap_err();
-        let e = e.to_string();
-        assert!(
-            e.contains("cannot connect to RabbitMQ at amqp://guest:"),
-            "{e}"
-        );
-        assert!(e.contains("127.0.0.1:1") && !e.contains("hunter2"), "{e}");
+        let waiting = tokio::spawn(async move { run(&NOTES, config, stopped).await });
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(!waiting.is_finished(), "it waits for the broker");
+        let _ = stop.send(true);
+        let ended = tokio::time::timeout(Duration::from_secs(20), waiting).await;
+        ended
+            .expect("a stop ends the wait")
+            .expect("no panic")
+            .expect("a stop while waiting is a clean end");
 
+        let (_stop, stopped) = watch::channel(false);
         let broken = Service {
             sagas: &["name: note\nsteps: [nonsense"],
             ..NOTES
@@ -618,7 +677,18 @@ steps:
             database_url: "mysql://db/notes".into(),
             amqp: None,
         };
-        let e = run(&NOTES, nowhere, stopped).await.unwrap_err();
-        assert!(e.to_string().starts_with("opening the database: "), "{e}");
+        let e = run(&NOTES, nowhere, stopped.clone()).await.unwrap_err();
+        assert!(e.to_string().starts_with("opening and migrating "), "{e}");
+
+        // A SQLite file that cannot be opened is not waited for.
+        let missing_dir = Config {
+            database_url: format!("sqlite://{}/no/such/dir/notes.db", dir.0.display()),
+            amqp: None,
+        };
+        let e = tokio::time::timeout(Duration::from_secs(20), run(&NOTES, missing_dir, stopped))
+            .await
+            .expect("not waited for")
+            .unwrap_err();
+        assert!(e.to_string().starts_with("opening and migrating "), "{e}");
     }
 }
