@@ -24,7 +24,7 @@ use sagaflow_engine::store::{ENGINE_MIGRATIONS, Store};
 use sagaflow_engine::transport::memory::MemoryTransport;
 use sagaflow_engine::transport::{Message, REPLY_QUEUE, START_QUEUE, Transport, bundle};
 use sagaflow_engine::wire::{CommandMsg, ReplyMsg, StartMsg};
-use sagaflow_engine::{Engine, EngineError, input};
+use sagaflow_engine::{Engine, EngineError, input, trace};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -108,19 +108,40 @@ fn outcome() -> impl Strategy<Value = Outcome> {
     ]
 }
 
+/// A trace context as messages carry it: none, a valid one, one of the right shape, or any
+/// text; its `tracestate` none, a valid list, or any text.
+fn trace_context() -> impl Strategy<Value = (Option<String>, Option<String>)> {
+    let traceparent = prop_oneof![
+        Just(None),
+        Just(Some(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned()
+        )),
+        "00-[0-9a-f]{32}-[0-9a-f]{16}-0[01]".prop_map(Some),
+        text().prop_map(Some),
+    ];
+    let tracestate = prop_oneof![
+        Just(None),
+        "[a-z]{1,8}=[a-z0-9]{1,8}(,[a-z]{1,8}=[a-z0-9]{1,8}){0,3}".prop_map(Some),
+        text().prop_map(Some),
+    ];
+    (traceparent, tracestate)
+}
+
 fn command() -> impl Strategy<Value = CommandMsg> {
     (
         (text(), text(), text(), any::<usize>(), text(), text()),
         (op(), text(), text(), any::<u32>(), json_value()),
+        trace_context(),
     )
         .prop_map(
             |(
                 (saga_id, saga, key, step, step_id, service),
                 (op, operation, forward, attempt, params),
+                (traceparent, tracestate),
             )| {
                 CommandMsg {
-                    traceparent: None,
-                    tracestate: None,
+                    traceparent,
+                    tracestate,
                     saga_id,
                     saga,
                     key,
@@ -138,17 +159,25 @@ fn command() -> impl Strategy<Value = CommandMsg> {
 }
 
 fn reply() -> impl Strategy<Value = ReplyMsg> {
-    (text(), any::<usize>(), op(), any::<u32>(), outcome()).prop_map(
-        |(saga_id, step, op, attempt, outcome)| ReplyMsg {
-            traceparent: None,
-            tracestate: None,
-            saga_id,
-            step,
-            op,
-            attempt,
-            outcome,
-        },
+    (
+        text(),
+        any::<usize>(),
+        op(),
+        any::<u32>(),
+        outcome(),
+        trace_context(),
     )
+        .prop_map(
+            |(saga_id, step, op, attempt, outcome, (traceparent, tracestate))| ReplyMsg {
+                traceparent,
+                tracestate,
+                saga_id,
+                step,
+                op,
+                attempt,
+                outcome,
+            },
+        )
 }
 
 /// A valid input of the order saga, as the shop sends it.
@@ -415,6 +444,43 @@ proptest! {
         decode::<StartMsg>(&bytes)?;
         decode::<Outcome>(&bytes)?;
         check_start_input(&doc)?;
+    }
+
+    /// The transport's prefix scanners (the AMQP headers are read with them, not with a
+    /// decoder) find exactly a valid `traceparent`, and a `tracestate` only beside it and as
+    /// it was sent; a valid list is always found. Any bytes after the prefix never panic them.
+    #[test]
+    fn trace_context_scanners_agree_with_the_message(
+        m in command(),
+        r in reply(),
+        tail in proptest::collection::vec(any::<u8>(), 0..600),
+    ) {
+        for (bytes, tp, ts) in [
+            (serde_json::to_vec(&m).expect("encode"), &m.traceparent, &m.tracestate),
+            (serde_json::to_vec(&r).expect("encode"), &r.traceparent, &r.tracestate),
+        ] {
+            let valid = tp.as_deref().filter(|t| trace::parse(t).is_some());
+            prop_assert_eq!(trace::traceparent_in(&bytes), valid);
+            let found = trace::tracestate_in(&bytes);
+            if valid.is_none() {
+                prop_assert!(found.is_none());
+            }
+            if let Some(found) = &found {
+                prop_assert_eq!(Some(found.as_ref()), ts.as_deref());
+            }
+            let simple = ts.as_deref().is_some_and(|s| {
+                !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'=' || b == b',')
+                    && trace::parse_state(s).is_some()
+            });
+            if valid.is_some() && simple {
+                prop_assert!(found.is_some(), "a valid tracestate is found: {:?}", ts);
+            }
+            if let Some(valid) = valid {
+                let mut cut = format!(r#"{{"traceparent":"{valid}","tracestate":""#).into_bytes();
+                cut.extend_from_slice(&tail);
+                let _ = trace::tracestate_in(&cut);
+            }
+        }
     }
 
     #[test]

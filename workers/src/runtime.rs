@@ -325,11 +325,17 @@ impl Worker {
                     attempt: cmd.attempt,
                     outcome,
                 };
-                if let Some(span) = spans.get(i) {
-                    let carried = sagaflow_engine::trace::reply(span, &reply, &cmd.key);
-                    (reply.traceparent, reply.tracestate) =
-                        (carried.traceparent, carried.tracestate);
-                }
+                let carried = match spans.get(i) {
+                    Some(span) => sagaflow_engine::trace::reply(span, &reply, &cmd.key),
+                    // No spans here: the command's context goes back unchanged, so the
+                    // engine's `apply` span stays in the saga's trace (the child of its
+                    // `dispatch` span) even when this process exports nothing.
+                    None => sagaflow_engine::trace::pass_on_carried(
+                        cmd.traceparent.as_deref(),
+                        cmd.tracestate.as_deref(),
+                    ),
+                };
+                (reply.traceparent, reply.tracestate) = (carried.traceparent, carried.tracestate);
                 Message {
                     id: reply.message_id(),
                     key: cmd.key.clone(),
@@ -755,7 +761,10 @@ mod tests {
         for m in poison.iter().cloned() {
             transport.publish(&queue, m).await.expect("publish");
         }
-        let good = command("s-ok", "count", Op::Action, "counter");
+        let mut good = command("s-ok", "count", Op::Action, "counter");
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        good.traceparent = Some(traceparent.into());
+        good.tracestate = Some("vendor=x".into());
         transport
             .publish(&queue, encoded(&good))
             .await
@@ -779,6 +788,11 @@ mod tests {
             .expect("a reply");
         let reply: ReplyMsg = serde_json::from_slice(&reply.message.payload).expect("a reply");
         assert_eq!(reply.saga_id, "s-ok");
+        // Spans are off in this process: the command's context goes back as it came.
+        assert_eq!(
+            (reply.traceparent.as_deref(), reply.tracestate.as_deref()),
+            (Some(traceparent), Some("vendor=x"))
+        );
         assert_eq!(
             reply.outcome,
             Outcome::Ok {
