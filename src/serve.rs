@@ -27,7 +27,6 @@ use sagaflow_engine::{Engine, startup};
 use sagaflow_workers::runtime::Faults;
 use sagaflow_workers::services;
 use tokio::sync::watch;
-use tracing::info;
 
 /// The sagas shipped with sagaflow, registered by every engine (and `dev`).
 pub const SHIPPED_SAGAS: [(&str, &str); 2] = [
@@ -244,36 +243,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
 /// A watch that turns true on SIGTERM or ctrl-c.
 pub fn shutdown_on_signal() -> watch::Receiver<bool> {
-    let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        info!("shutting down: finishing in-flight work");
-        eprintln!("sagaflow: shutting down (finishing in-flight work)");
-        let _ = tx.send(true);
-    });
-    rx
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+    startup::shutdown_on_signal("sagaflow")
 }
 
 /// Opens and migrates the database, waiting while it is unreachable; `None` on shutdown.

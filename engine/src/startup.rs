@@ -126,3 +126,40 @@ pub async fn connect_amqp(
     let attempt = || async { AmqpTransport::connect(config.clone()).await };
     wait_for(who, "RabbitMQ", attempt, amqp_transient, shutdown).await
 }
+
+/// A watch that turns true on SIGTERM or ctrl-c (ctrl-c alone where SIGTERM cannot be
+/// listened for), printing `<who>: shutting down (finishing in-flight work)`. Call inside a
+/// Tokio runtime.
+pub fn shutdown_on_signal(who: &str) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    let who = who.to_owned();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: finishing in-flight work");
+        eprintln!("{who}: shutting down (finishing in-flight work)");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

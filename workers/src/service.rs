@@ -348,25 +348,9 @@ async fn until_stopped(mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// A shutdown signal that turns true on SIGTERM or ctrl-c (SIGINT). Call inside a Tokio
-/// runtime.
-pub fn shutdown_on_signal() -> Result<watch::Receiver<bool>, ServiceError> {
-    let (stop, stopped) = watch::channel(false);
-    #[cfg(unix)]
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|error| ServiceError::Io {
-            doing: "listening for SIGTERM",
-            error,
-        })?;
-    tokio::spawn(async move {
-        #[cfg(unix)]
-        tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-        let _ = stop.send(true); // stop taking commands, finish and acknowledge what is in flight
-    });
-    Ok(stopped)
-}
+/// A watch that turns true on SIGTERM or ctrl-c: the `shutdown` [`run`] takes (the one
+/// `sagaflow engine` and `sagaflow worker` use).
+pub use sagaflow_engine::startup::shutdown_on_signal;
 
 /// The whole process: [`Config::from_env`], then [`run`] until SIGTERM or ctrl-c. An error is
 /// printed to stderr as `<name>: <what went wrong>` and the exit code is 1.
@@ -378,7 +362,7 @@ pub fn main(service: Service) -> ExitCode {
     let done = runtime.and_then(|rt| {
         rt.block_on(async {
             let config = Config::from_env(service.name)?;
-            run(&service, config, shutdown_on_signal()?).await
+            run(&service, config, shutdown_on_signal(service.name)).await
         })
     });
     match done {
