@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use sagaflow_engine::store::{ENGINE_MIGRATIONS, Migrations, Store};
+use sagaflow_engine::store::ENGINE_MIGRATIONS;
 use sagaflow_engine::transport::Transport;
 use sagaflow_engine::transport::amqp::{AmqpConfig, AmqpTransport, QueueType};
 use sagaflow_engine::{Engine, startup};
@@ -241,22 +241,6 @@ fn known_service(s: &str) -> Result<String, String> {
 /// How long the engine waits, after SIGTERM or ctrl-c, for its in-flight work.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
-/// A watch that turns true on SIGTERM or ctrl-c.
-pub fn shutdown_on_signal() -> watch::Receiver<bool> {
-    startup::shutdown_on_signal("sagaflow")
-}
-
-/// Opens and migrates the database, waiting while it is unreachable; `None` on shutdown.
-pub async fn connect_store(
-    who: &str,
-    url: &str,
-    pool: u32,
-    migrations: &[Migrations],
-    shutdown: &mut watch::Receiver<bool>,
-) -> anyhow::Result<Option<Store>> {
-    Ok(startup::connect_store(who, url, pool, migrations, shutdown).await?)
-}
-
 impl AmqpArgs {
     /// [`AmqpArgs::connect`], waiting while the broker is unreachable; `None` on shutdown.
     pub async fn connect_waiting(
@@ -298,8 +282,8 @@ fn stopped_while_waiting(who: &str) -> anyhow::Result<ExitCode> {
 
 pub async fn engine(args: EngineArgs) -> anyhow::Result<ExitCode> {
     let who = "sagaflow engine";
-    let mut shutdown = shutdown_on_signal();
-    let Some(store) = connect_store(
+    let mut shutdown = startup::shutdown_on_signal("sagaflow");
+    let Some(store) = startup::connect_store(
         who,
         &args.database_url,
         args.pool,
@@ -382,8 +366,8 @@ pub async fn engine(args: EngineArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let who = format!("sagaflow worker {}", args.service);
-    let mut shutdown = shutdown_on_signal();
-    let Some(store) = connect_store(
+    let mut shutdown = startup::shutdown_on_signal("sagaflow");
+    let Some(store) = startup::connect_store(
         &who,
         &args.database_url,
         args.pool,
