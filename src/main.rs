@@ -21,6 +21,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// mimalloc rather than glibc's malloc: the engine and workers allocate and free many small,
+/// short-lived buffers per batch from several threads, and glibc's allocator was a fifth of the
+/// engine's CPU on `sagaflow bench` (perf; docs/architecture.md "Measured choices").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "sagaflow",
