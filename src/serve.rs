@@ -123,7 +123,7 @@ pub struct EngineArgs {
     /// More saga definitions to register (the shipped ones always are).
     #[arg(long = "saga", value_name = "FILE")]
     pub sagas: Vec<PathBuf>,
-    /// Keep history, inbox and outbox rows of finished sagas this long.
+    /// Keep the history and timer rows of finished sagas this long.
     #[arg(long, env = "SAGAFLOW_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     pub retention: Duration,
     /// Database connections of this process (at most; the outbox relay has one more of its

@@ -258,7 +258,7 @@ async fn a_command_and_a_reply_published_twice_have_one_effect_and_one_transitio
     )
     .await;
     assert_eq!(pay.len(), 1, "one charge: {pay:?}");
-    // A reply delivered twice more after the fact: dropped by the inbox.
+    // A reply delivered twice more after the fact: the saga waits for nothing it answers.
     let cmd: CommandMsg = serde_json::from_str(&payload).expect("command");
     let reply = ReplyMsg {
         traceparent: None,
@@ -274,7 +274,7 @@ async fn a_command_and_a_reply_published_twice_have_one_effect_and_one_transitio
     let version_before = d
         .scalar_for("SELECT version AS n FROM sagas WHERE id = $1", &id)
         .await;
-    // A reply the machine sees but ignores is still logged; the inbox drops it before that.
+    // A reply the machine ignores is logged in the timeline, and changes nothing else.
     let history_before = d
         .scalar_for(
             "SELECT COUNT(*) AS n FROM saga_history WHERE saga_id = $1",
@@ -313,9 +313,22 @@ async fn a_command_and_a_reply_published_twice_have_one_effect_and_one_transitio
         )
         .await;
     assert_eq!(
-        history_before, history_after,
-        "the duplicate replies were dropped by the inbox, not even logged as ignored"
+        history_after,
+        history_before + 2,
+        "each duplicate reply is one `ignored` line"
     );
+    let ignored = rows(
+        &d,
+        "SELECT kind || ': ' || detail, id FROM saga_history WHERE saga_id = $1 ORDER BY id DESC LIMIT 2",
+        &id,
+    )
+    .await;
+    for (line, _) in &ignored {
+        assert!(
+            line.starts_with("ignored") && line.contains("nothing in flight; duplicate or late"),
+            "{ignored:?}"
+        );
+    }
     d.assert_no_double_transitions().await;
     let pay = rows(
         &d,

@@ -347,7 +347,6 @@ fn declined_for_good(saga: &str) -> Incoming {
                 message: "card declined".into(),
             },
         },
-        message_id: None,
         timer_id: None,
     }
 }

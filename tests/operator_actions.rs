@@ -50,7 +50,6 @@ fn reply(saga: &str, op: Op, attempt: u32, outcome: Outcome) -> Incoming {
             attempt,
             outcome,
         },
-        message_id: None,
         timer_id: None,
     }
 }
@@ -343,7 +342,6 @@ fn refund_due(saga: &str, attempt: u32) -> Incoming {
             attempt,
             kind: TimerKind::Retry,
         },
-        message_id: None,
         timer_id: None,
     }
 }
@@ -476,7 +474,6 @@ fn deadline_due(saga: &str) -> Incoming {
             attempt: 0,
             kind: TimerKind::Deadline,
         },
-        message_id: None,
         timer_id: None,
     }
 }

@@ -1,4 +1,4 @@
-//! Retention on SQLite and on the real PostgreSQL: the history, inbox and timer rows of sagas
+//! Retention on SQLite and on the real PostgreSQL: the history and timer rows of sagas
 //! finished cleanly longer ago than `keep` are purged in small batches (sent outbox rows are
 //! gone already); a running saga, a Failed one and a recently finished one keep theirs; a purged
 //! saga's status still answers; barrier rows go by age. And the purge loops run next to live traffic.
@@ -43,8 +43,8 @@ async fn count(store: &Store, sql: &'static str, saga_id: &str) -> i64 {
         .expect("count")
 }
 
-/// A saga's rows: (history, inbox, outbox (unsent: a sent row leaves it), timers, barrier).
-async fn rows_of(store: &Store, id: &str) -> [i64; 5] {
+/// A saga's rows: (history, outbox (unsent: a sent row leaves it), timers, barrier).
+async fn rows_of(store: &Store, id: &str) -> [i64; 4] {
     let like = format!("{id}/%");
     [
         count(
@@ -53,7 +53,6 @@ async fn rows_of(store: &Store, id: &str) -> [i64; 5] {
             id,
         )
         .await,
-        count(store, "SELECT COUNT(*) FROM inbox WHERE saga_id = $1", id).await,
         count(
             store,
             "SELECT COUNT(*) FROM outbox WHERE message_id LIKE $1",
@@ -123,7 +122,7 @@ async fn start_ghost(sys: &System, order: &str) -> String {
             &id,
         )
         .await;
-        if dispatched > 0 && rows_of(&sys.store, &id).await[2] == 0 {
+        if dispatched > 0 && rows_of(&sys.store, &id).await[1] == 0 {
             return id;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -175,15 +174,15 @@ on_both_backends!(
         for id in ids.iter().chain([&running]) {
             before.push((id.clone(), rows_of(&store, id).await));
         }
-        let expected: [i64; 5] = purgeable.iter().fold([0; 5], |mut acc, id| {
+        let expected: [i64; 4] = purgeable.iter().fold([0; 4], |mut acc, id| {
             let rows = &before.iter().find(|(i, _)| i == id).expect("known").1;
             for (a, r) in acc.iter_mut().zip(rows) {
                 *a += r;
             }
             acc
         });
-        assert!(expected[0] > 8 && expected[1] > 4 && expected[3] >= 1);
-        assert_eq!(expected[2], 1, "one unsent command");
+        assert!(expected[0] > 8 && expected[2] >= 1);
+        assert_eq!(expected[1], 1, "one unsent command");
 
         // Small batches: several of them, none deleting more than `batch` rows from a table.
         let batch = 4;
@@ -196,9 +195,7 @@ on_both_backends!(
                 break;
             }
             assert!(
-                [r.history, r.inbox, r.timers]
-                    .iter()
-                    .all(|n| *n <= batch as u64),
+                [r.history, r.timers].iter().all(|n| *n <= batch as u64),
                 "{r:?}"
             );
             reports.push(r);
@@ -210,7 +207,6 @@ on_both_backends!(
             .fold(PurgeReport::default(), |t, r| PurgeReport {
                 sagas: t.sagas + r.sagas,
                 history: t.history + r.history,
-                inbox: t.inbox + r.inbox,
                 timers: t.timers + r.timers,
             });
         assert_eq!(
@@ -218,8 +214,7 @@ on_both_backends!(
             PurgeReport {
                 sagas: purgeable.len() as u64,
                 history: expected[0] as u64,
-                inbox: expected[1] as u64,
-                timers: expected[3] as u64,
+                timers: expected[2] as u64,
             }
         );
 
@@ -227,7 +222,7 @@ on_both_backends!(
             let now = rows_of(&store, id).await;
             if purgeable.contains(id) {
                 // Gone but the unsent command and the barrier (the workers purge that).
-                assert_eq!(now, [0, 0, rows[2], 0, rows[4]], "saga {id}");
+                assert_eq!(now, [0, rows[1], 0, rows[3]], "saga {id}");
                 let detail = status::saga(&store, id)
                     .await
                     .expect("status")
@@ -254,7 +249,7 @@ on_both_backends!(
         let old_rows: i64 = {
             let mut n = 0;
             for id in old {
-                n += rows_of(&store, id).await[4];
+                n += rows_of(&store, id).await[3];
             }
             n
         };
@@ -272,9 +267,9 @@ on_both_backends!(
         }
         assert_eq!(purged, [7, 7, 7, 4]);
         for id in old {
-            assert_eq!(rows_of(&store, id).await[4], 0);
+            assert_eq!(rows_of(&store, id).await[3], 0);
         }
-        assert_eq!(rows_of(&store, recent).await[4], 5, "recent rows stay");
+        assert_eq!(rows_of(&store, recent).await[3], 5, "recent rows stay");
     }
 );
 
@@ -323,7 +318,7 @@ on_both_backends!(
         .expect("the loops stop on shutdown, even while idle");
         for id in &live {
             let r = rows_of(&store, id).await;
-            assert!(r[0] > 0 && r[1] > 0 && r[4] == 5, "live saga {id}: {r:?}");
+            assert!(r[0] > 0 && r[3] == 5, "live saga {id}: {r:?}");
             let detail = status::saga(&store, id)
                 .await
                 .expect("status")

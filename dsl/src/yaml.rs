@@ -25,6 +25,26 @@ pub struct Parsed {
     pub diagnostics: Vec<Diagnostic>,
 }
 
+/// The `id` of each step, read from the text as plain YAML data (no validation), for a
+/// definition that no longer compiles but whose steps an operator still needs named: `None`
+/// for a step without a string `id`; empty when the text is not a mapping with a `steps` list.
+pub fn step_ids(source: &str) -> Vec<Option<String>> {
+    let Ok(value) = serde_yaml::from_str::<serde_yaml::Value>(source) else {
+        return Vec::new();
+    };
+    let Some(steps) = value.get("steps").and_then(serde_yaml::Value::as_sequence) else {
+        return Vec::new();
+    };
+    steps
+        .iter()
+        .map(|step| {
+            step.get("id")
+                .and_then(serde_yaml::Value::as_str)
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
 pub fn parse(source: &str) -> Parsed {
     let spans = SpanIndex::build(source);
     let mut diagnostics = Vec::new();
@@ -483,6 +503,18 @@ impl MarkedEventReceiver for Builder<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn step_ids_read_a_definition_that_does_not_compile() {
+        let src = "name: x\nsteps:\n  - id: pay\n  - service: s\n  - id: 7\n  - id: ship\n    action: [1]\n";
+        assert_eq!(
+            step_ids(src),
+            [Some("pay".to_owned()), None, None, Some("ship".to_owned())]
+        );
+        assert!(step_ids("name: x").is_empty());
+        assert!(step_ids("steps: 3").is_empty());
+        assert!(step_ids("[not: a mapping").is_empty());
+    }
 
     #[test]
     fn span_index_locates_nested_nodes() {

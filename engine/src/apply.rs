@@ -2,20 +2,20 @@
 //! many sagas, applied in **one transaction with a fixed number of statements per table**.
 //!
 //! ```text
-//!  claim timers ─ load sagas ─ record inbox ─ insert starts + take keys
+//!  claim timers ─ load sagas ─ new sagas take their keys
 //!        │                                          │
 //!        └──────── decide every event in memory, in batch order ──────┐
 //!                                                                     │
 //!  release keys of sagas that became final (and begin who was next) ◀─┘
 //!        │
-//!  write: sagas (version-checked) · steps · history · outbox · timers ─ commit
+//!  write: new sagas · sagas (version-checked) · history · outbox · timers ─ commit
 //! ```
 //!
-//! What a batch guarantees is what one event alone does: the inbox drops a message seen
-//! before (also twice in one batch), a timer fires once (its row is deleted by the
-//! transaction that applies it), two events of one saga are decided one after the other on the
-//! state the first left, and nothing is visible — no outbox row, no state — unless all of it
-//! commits. If the batch fails (a concurrent engine moved a saga's version, a bad row, the
+//! What a batch guarantees is what one event alone does: a reply seen before (also twice in
+//! one batch) finds its saga no longer waiting for it and is ignored by the machine, a timer
+//! fires once (its row is deleted by the transaction that applies it), two events of one saga
+//! are decided one after the other on the state the first left, and nothing is visible — no
+//! outbox row, no state — unless all of it commits. If the batch fails (a concurrent engine moved a saga's version, a bad row, the
 //! database), it is split in halves and each half applied on its own, down to single events,
 //! so one bad event never holds the others back; a single event that loses an optimistic-lock
 //! race is retried a few times.
@@ -36,8 +36,8 @@ use crate::machine::{TimerKind, decide, forward_op, operation_name};
 use crate::store::KeyedSaga;
 use crate::store::outbox::Claimed;
 use crate::store::{
-    Changes, HistoryRow, NewSaga, OutboxMessage, SagaRow, SagaTable, SagaWrite, StepRow,
-    StoreError, StoreTx, TimerRow, now_ms, step_status_name, timer_id,
+    Changes, HistoryRow, NewSaga, OutboxMessage, SagaRow, SagaTable, SagaWrite, StoreError,
+    StoreTx, TimerRow, now_ms, timer_id,
 };
 use crate::transport::{Message, command_queue};
 use crate::wire::CommandMsg;
@@ -363,21 +363,8 @@ impl Engine {
                 .insert(row.id.clone(), Working::loaded(row, graph));
         }
 
-        // The inbox: a message seen before (in an earlier batch, or earlier in this one) is a
-        // duplicate.
-        let mut seen = HashSet::new();
-        let mut messages = Vec::new();
-        for (_, e) in &live {
-            if let Some(m) = &e.message_id
-                && plan.sagas.contains_key(&e.saga_id)
-                && seen.insert(m.clone())
-            {
-                messages.push((m.clone(), e.saga_id.clone()));
-            }
-        }
-        let mut fresh = tx.record_inbox(&messages, now).await?;
-
-        // Starts: idempotency keys, new rows, sequence keys.
+        // Starts: idempotency keys, new sagas (written at the end, in the state this batch
+        // leaves them in), sequence keys.
         let begins = self.plan_starts(tx, plan, batch, &mut results, now).await?;
 
         // Decide, in batch order.
@@ -396,12 +383,6 @@ impl Engine {
             {
                 tracing::warn!(saga.id = %e.saga_id, step, "reply for a step the saga does not have");
                 results[i] = Some(Done::Applied(Applied::UnknownStep(*step)));
-                continue;
-            }
-            if let Some(m) = &e.message_id
-                && !fresh.remove(m)
-            {
-                results[i] = Some(Done::Applied(Applied::Duplicate));
                 continue;
             }
             let changed = self.decide_into(plan, &e.saga_id, &e.event, now, &mut releasing);
@@ -443,8 +424,9 @@ impl Engine {
             .collect()
     }
 
-    /// Inserts the batch's new sagas and takes their sequence keys; fills in the starts'
-    /// results; returns the sagas that hold their key and begin now.
+    /// Makes the batch's new sagas (inserted by [`Plan::write`], in the state the batch leaves
+    /// them in) and takes their sequence keys; fills in the starts' results; returns the sagas
+    /// that hold their key and begin now.
     async fn plan_starts(
         &self,
         tx: &mut impl StoreTx,
@@ -469,7 +451,6 @@ impl Engine {
             .filter_map(|(_, s)| s.idempotency_key.clone())
             .collect();
         let mut existing = tx.sagas_by_idempotency_key(&keys).await?;
-        let mut new = Vec::new();
         let mut requests = Vec::new();
         for (i, s) in starts {
             if let Some(k) = &s.idempotency_key
@@ -511,14 +492,6 @@ impl Engine {
                     ),
                 },
             });
-            new.push(NewSaga {
-                id: id.clone(),
-                name: s.graph.name().to_owned(),
-                definition_hash: s.graph.content_hash().to_owned(),
-                sequence_key: s.sequence_key.clone(),
-                state: state.clone(),
-                idempotency_key: s.idempotency_key.clone(),
-            });
             requests.push((s.sequence_key.clone(), id.clone()));
             let row = SagaRow {
                 id: id.clone(),
@@ -530,14 +503,14 @@ impl Engine {
                 created_at: now,
                 finished_at: None,
             };
-            plan.sagas
-                .insert(id.clone(), Working::loaded(row, s.graph.clone()));
+            let mut working = Working::loaded(row, s.graph.clone());
+            working.new = Some(s.idempotency_key.clone());
+            plan.sagas.insert(id.clone(), working);
             results[i] = Some(Done::Started(Started {
                 id,
                 existing: false,
             }));
         }
-        tx.insert_sagas(&new, now).await?;
         let holding = tx.acquire_keys(&requests).await?;
         let holds: HashSet<&String> = holding.iter().collect();
         for (key, id) in &requests {
@@ -696,6 +669,8 @@ struct Working {
     state: SagaState,
     /// Changing decisions so far.
     changes: i64,
+    /// Started by this batch, with this idempotency key: inserted at the end, not updated.
+    new: Option<Option<String>>,
 }
 
 impl Working {
@@ -705,6 +680,7 @@ impl Working {
             row,
             graph,
             changes: 0,
+            new: None,
         }
     }
 }
@@ -721,35 +697,26 @@ struct Plan {
 
 impl Plan {
     async fn write(&self, tx: &mut impl StoreTx, now: i64) -> Result<(), StoreError> {
+        let mut inserts = Vec::new();
         let mut writes = Vec::new();
-        let mut steps = Vec::new();
         for (id, w) in &self.sagas {
-            if w.changes == 0 {
-                continue;
-            }
-            writes.push(SagaWrite {
-                id: id.clone(),
-                expected_version: w.row.version,
-                changes: w.changes,
-                state: w.state.clone(),
-            });
-            let (old, new) = (&w.row.state, &w.state);
-            for (i, step) in new.steps.iter().enumerate() {
-                // Version 0: inserted by this batch or never begun: every step row is written.
-                let changed = w.row.version == 0
-                    || old.steps.get(i) != Some(step)
-                    || old.attempts.get(i) != new.attempts.get(i)
-                    || old.last_errors.get(i) != new.last_errors.get(i);
-                if changed && i < w.graph.steps().len() {
-                    steps.push(StepRow {
-                        saga_id: id.clone(),
-                        index: i,
-                        step_id: w.graph.step(i).id.to_string(),
-                        status: step_status_name(step),
-                        attempts: new.attempts.get(i).copied().unwrap_or(0),
-                        last_error: new.last_errors.get(i).cloned().flatten(),
-                    });
-                }
+            if let Some(idempotency_key) = &w.new {
+                inserts.push(NewSaga {
+                    id: id.clone(),
+                    name: w.row.name.clone(),
+                    definition_hash: w.row.definition_hash.clone(),
+                    sequence_key: w.row.sequence_key.clone(),
+                    state: w.state.clone(),
+                    idempotency_key: idempotency_key.clone(),
+                    version: w.changes,
+                });
+            } else if w.changes > 0 {
+                writes.push(SagaWrite {
+                    id: id.clone(),
+                    expected_version: w.row.version,
+                    changes: w.changes,
+                    state: w.state.clone(),
+                });
             }
         }
         // Timers before sagas: a timer batch locks the timer row (its claim) and then the saga,
@@ -759,8 +726,8 @@ impl Plan {
         tx.cancel_timers(&cancelled).await?;
         tx.write_changes(
             &Changes {
+                new_sagas: &inserts,
                 sagas: &writes,
-                steps: &steps,
                 history: &self.history,
                 outbox: &self.outbox,
             },

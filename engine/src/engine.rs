@@ -55,8 +55,6 @@ impl From<sqlx::Error> for EngineError {
 pub struct Incoming {
     pub saga_id: String,
     pub event: Event,
-    /// For replies: the message id, recorded in the inbox so a redelivery is dropped.
-    pub message_id: Option<String>,
     /// For timers: the timer row, deleted in the same transaction (the claim).
     pub timer_id: Option<String>,
 }
@@ -65,7 +63,10 @@ pub struct Incoming {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
     Changed,
+    /// The machine found nothing it applies to (a redelivered or late reply, a stale attempt):
+    /// recorded in the timeline as `ignored`, nothing else changed.
     Ignored,
+    /// A timer another transaction claimed first.
     Duplicate,
     UnknownSaga,
     /// A reply naming a step its saga does not have (step index): it can never apply, so the

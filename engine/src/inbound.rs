@@ -11,7 +11,8 @@
 //! | undecodable; a reply for an unknown saga or for a step its saga does not have; a start without an idempotency key, for an unknown definition or with an input its definition refuses | dead-lettered with the reason (kept for an operator, never blocking the queue) |
 //! | a database error | given back (redelivered), and the loop backs off |
 //!
-//! A start is idempotent by its key, a reply by its message id (the inbox), so a message
+//! A start is idempotent by its key, a reply by the saga's state (the machine applies a reply
+//! only to the operation and attempt it is waiting for, see [`crate::machine`]), so a message
 //! delivered twice — or applied and then redelivered because its ack was lost — has one effect.
 
 use std::sync::Arc;
@@ -183,7 +184,7 @@ impl Engine {
                         debug!(message = %d.message.id, saga.id = %s.id, existing = s.existing, "start request handled");
                     }
                     if let Err(e) = d.ack().await {
-                        // Redelivered later and recognised (inbox, idempotency key).
+                        // Redelivered later and recognised (state, idempotency key).
                         warn!(error = %e, "acknowledging a message failed");
                     }
                 }
@@ -230,7 +231,6 @@ impl Engine {
                     crate::trace::enabled().then(|| crate::trace::apply(&reply, &d.message.key));
                 let incoming = Inbound::Event(Incoming {
                     saga_id: reply.saga_id.clone(),
-                    message_id: Some(reply.message_id()),
                     event: Event::Reply {
                         step: reply.step,
                         op: reply.op,

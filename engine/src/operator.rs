@@ -108,7 +108,6 @@ impl Engine {
             .apply(&[Incoming {
                 saga_id: saga_id.to_owned(),
                 event,
-                message_id: None,
                 timer_id: None,
             }])
             .await?;

@@ -6,12 +6,10 @@
 //! | table | rows purged |
 //! |---|---|
 //! | `saga_history` | the whole timeline |
-//! | `inbox` | its processed reply ids (a reply that arrives after that finds a final saga and changes nothing) |
-//! | `outbox` | its **sent** commands; an unsent one is left for the relay. Outbox rows have no saga id column: they are matched by their message id, the command id `<saga id>/<step>/<op>/<attempt>` (see [`crate::wire::command_id`]) |
 //! | `timers` | leftovers (a final saga ignores its timers anyway) |
 //!
-//! What stays: the `sagas` row (state, input, outputs) and the `saga_steps` projection, so
-//! `sagaflow status` still answers — with an empty timeline — and `sagaflow list` still lists
+//! The outbox needs no purge: a row leaves it once the broker confirmed it. What stays: the
+//! `sagas` row (state, input, outputs), so `sagaflow status` still answers — with an empty timeline — and `sagaflow list` still lists
 //! it. A **Failed** saga is never purged (it waits for an operator, who needs its history), nor
 //! is a running, compensating or queued one, however old. A purged saga is marked
 //! (`sagas.purged_at`) and never looked at again, so finding work stays cheap however many
@@ -23,7 +21,7 @@
 //! rows are purged by age on the same schedule (`sagaflow_workers::barrier::purge`).
 //!
 //! Known leak, by design: a reply or event for a saga that arrives *after* its purge (later than
-//! `keep`) may leave an inbox or history row behind, which is not purged again.
+//! `keep`) may leave a history row (`ignored`) behind, which is not purged again.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -38,8 +36,7 @@ use crate::store::{Store, StoreError, now_ms};
 /// How long finished sagas keep their rows, and how fast they are purged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
-    /// How long after its last update a finished saga keeps its history, inbox, outbox and
-    /// timer rows (and a barrier row after its creation: it must exceed the longest saga).
+    /// How long after its last update a finished saga keeps its history and timer rows (and a barrier row after its creation: it must exceed the longest saga).
     pub keep: Duration,
     /// At most this many rows are deleted from each table per transaction.
     pub batch: usize,
@@ -97,7 +94,6 @@ pub async fn run(store: Store, cfg: Retention, shutdown: watch::Receiver<bool>) 
                 info!(
                     sagas = total.sagas,
                     history = total.history,
-                    inbox = total.inbox,
                     timers = total.timers,
                     "retention: purged the rows of finished sagas"
                 );

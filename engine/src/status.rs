@@ -5,8 +5,8 @@
 //! (whose `state` column is the machine's whole state, the authority for steps),
 //! `saga_definitions` (the definition each saga is pinned to, compiled here again to name and
 //! draw its steps) and `saga_history` (the timeline). A definition that no longer compiles does
-//! not hide a saga from an operator: its steps are then named from the `saga_steps` projection
-//! and the detail says what went wrong.
+//! not hide a saga from an operator: its steps are then named from the stored source read as
+//! plain YAML ([`sagaflow_dsl::yaml::step_ids`]) and the detail says what went wrong.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -160,12 +160,12 @@ pub async fn saga(store: &Store, id: &str) -> Result<Option<SagaDetail>, EngineE
     let steps = match &graph {
         Some(g) => steps_from_graph(g, state),
         None => {
-            let mut names = vec![None; state.steps.len()];
-            for (i, step_id) in store.step_names(id).await? {
-                if let Some(slot) = usize::try_from(i).ok().and_then(|i| names.get_mut(i)) {
-                    *slot = Some(step_id);
-                }
-            }
+            let mut names = record
+                .definition_source
+                .as_deref()
+                .map(sagaflow_dsl::yaml::step_ids)
+                .unwrap_or_default();
+            names.resize(state.steps.len(), None);
             steps_from_names(names, state)
         }
     };

@@ -68,7 +68,6 @@ impl Engine {
                 Some(event) => batch.push(Incoming {
                     saga_id: r.saga_id,
                     event,
-                    message_id: None,
                     timer_id: Some(r.id),
                 }),
                 None => {

@@ -64,8 +64,8 @@ pub struct ReplyMsg {
 }
 
 impl ReplyMsg {
-    /// The same command answered twice (a duplicate delivery) yields the same reply id, so the
-    /// engine's inbox drops the second one.
+    /// The same command answered twice (a duplicate delivery) yields the same reply id (the AMQP
+    /// message id; the engine recognises the second one by the saga's state).
     pub fn message_id(&self) -> String {
         format!(
             "{}/reply",

@@ -17,10 +17,9 @@ use sagaflow_engine::machine::{Event, HistoryEntry, Op, SagaState, SagaStatus, S
 use sagaflow_engine::status::{self, ListQuery};
 use sagaflow_engine::store::outbox::{Claimed, HANDOFF_GRACE_MS};
 use sagaflow_engine::store::{
-    Changes, DefinitionTable, ENGINE_MIGRATIONS, HistoryRow, HistoryTable, InboxTable, NewSaga,
-    OutboxMessage, OutboxTable, PurgeReport, SagaCounts, SagaFilter, SagaQueries, SagaTable,
-    SagaWrite, SequenceKeyTable, StepRow, StepTable, Store, StoreError, StoreTx, TimelineRow,
-    TimerRow, TimerTable,
+    Changes, DefinitionTable, ENGINE_MIGRATIONS, HistoryRow, HistoryTable, NewSaga, OutboxMessage,
+    OutboxTable, PurgeReport, SagaCounts, SagaFilter, SagaQueries, SagaTable, SagaWrite,
+    SequenceKeyTable, Store, StoreError, StoreTx, TimelineRow, TimerRow, TimerTable,
 };
 use serde_json::json;
 use sqlx::Row;
@@ -174,9 +173,7 @@ conformance!(
     stale_version_conflicts_and_rolls_back,
     one_stale_saga_fails_the_whole_update,
     idempotency_keys_find_and_stay_unique,
-    inbox_returns_only_new_messages,
     history_keeps_slice_order,
-    steps_upsert_by_saga_and_index,
     outbox_keeps_order_and_first_copy,
     outbox_claim_leases_rows,
     outbox_sent_rows_are_never_claimed,
@@ -246,6 +243,7 @@ fn saga(id: &str, key: &str, idem: Option<&str>) -> NewSaga {
         sequence_key: key.to_owned(),
         state: state(SagaStatus::Queued, 0),
         idempotency_key: idem.map(str::to_owned),
+        version: 0,
     }
 }
 
@@ -410,9 +408,7 @@ async fn empty_batches_are_free_no_ops(store: Store) {
     tx.insert_sagas(&[], NOW).await.unwrap();
     tx.update_sagas(&[], NOW).await.unwrap();
     assert!(tx.sagas_by_idempotency_key(&[]).await.unwrap().is_empty());
-    tx.upsert_steps(&[], NOW).await.unwrap();
     tx.append_history(&[], NOW).await.unwrap();
-    assert!(tx.record_inbox(&[], NOW).await.unwrap().is_empty());
     tx.enqueue_outbox(&[], NOW).await.unwrap();
     assert!(tx.claim_timers(&[]).await.unwrap().is_empty());
     tx.set_timers(&[]).await.unwrap();
@@ -430,9 +426,7 @@ async fn empty_batches_are_free_no_ops(store: Store) {
     // And nothing was written.
     for table in [
         "sagas",
-        "saga_steps",
         "saga_history",
-        "inbox",
         "outbox",
         "timers",
         "sequence_keys",
@@ -480,7 +474,10 @@ async fn sagas_round_trip_at_version_zero(store: Store) {
         assert_eq!(got.definition_hash, HASH);
         assert_eq!(got.sequence_key, want.sequence_key);
         assert_eq!(got.created_at, NOW);
-        assert_eq!(got.finished_at, None);
+        // A saga inserted in a final state (a batch that started and finished it) is finished
+        // at once.
+        let finished = want.state.status.is_final().then_some(NOW);
+        assert_eq!(got.finished_at, finished);
     }
 }
 
@@ -630,39 +627,6 @@ async fn idempotency_keys_find_and_stay_unique(store: Store) {
     assert!(rows.is_empty(), "a failed insert left rows");
 }
 
-async fn inbox_returns_only_new_messages(store: Store) {
-    let mut tx = store.begin().await.unwrap();
-    let fresh = tx
-        .record_inbox(&pairs(&[("m1", "s1"), ("m2", "s1")]), NOW)
-        .await
-        .unwrap();
-    assert_eq!(fresh, set(&["m1", "m2"]));
-    tx.commit().await.unwrap();
-
-    let mut tx = store.begin().await.unwrap();
-    let fresh = tx
-        .record_inbox(&pairs(&[("m2", "s1"), ("m3", "s2"), ("m3", "s2")]), NOW)
-        .await
-        .unwrap();
-    assert_eq!(fresh, set(&["m3"]), "m2 is an inbox hit; m3 is new once");
-    tx.commit().await.unwrap();
-
-    let rows: Vec<(String, String)> =
-        sqlx::query("SELECT message_id, saga_id FROM inbox ORDER BY message_id")
-            .fetch_all(store.pool())
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r.try_get("message_id").unwrap(),
-                    r.try_get("saga_id").unwrap(),
-                )
-            })
-            .collect();
-    assert_eq!(rows, pairs(&[("m1", "s1"), ("m2", "s1"), ("m3", "s2")]));
-}
-
 async fn history_keeps_slice_order(store: Store) {
     // Kinds in an order that is neither sorted nor reverse-sorted, with another saga's rows
     // interleaved.
@@ -720,68 +684,6 @@ async fn history_keeps_slice_order(store: Store) {
         })
         .collect();
     assert_eq!(got, want);
-}
-
-async fn steps_upsert_by_saga_and_index(store: Store) {
-    let row = |i: usize, status: &str, attempts: u32, err: Option<&str>| StepRow {
-        saga_id: "s1".into(),
-        index: i,
-        step_id: format!("step-{i}"),
-        status: status.into(),
-        attempts,
-        last_error: err.map(str::to_owned),
-    };
-    let mut tx = store.begin().await.unwrap();
-    tx.upsert_steps(
-        &[
-            row(0, "action: running", 1, None),
-            row(1, "pending", 0, None),
-        ],
-        NOW,
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
-    let mut tx = store.begin().await.unwrap();
-    tx.upsert_steps(&[row(0, "failed", 2, Some("boom"))], NOW + 1)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-
-    let got: Vec<(i64, String, String, i64, Option<String>, i64)> = sqlx::query(
-        "SELECT step_index, step_id, status, attempts, last_error, updated_at FROM saga_steps \
-         WHERE saga_id = $1 ORDER BY step_index",
-    )
-    .bind("s1")
-    .fetch_all(store.pool())
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| {
-        (
-            r.try_get("step_index").unwrap(),
-            r.try_get("step_id").unwrap(),
-            r.try_get("status").unwrap(),
-            r.try_get("attempts").unwrap(),
-            r.try_get("last_error").unwrap(),
-            r.try_get("updated_at").unwrap(),
-        )
-    })
-    .collect();
-    assert_eq!(
-        got,
-        vec![
-            (
-                0,
-                "step-0".into(),
-                "failed".into(),
-                2,
-                Some("boom".into()),
-                NOW + 1
-            ),
-            (1, "step-1".into(), "pending".into(), 0, None, NOW),
-        ]
-    );
 }
 
 async fn outbox_keeps_order_and_first_copy(store: Store) {
@@ -1150,15 +1052,6 @@ async fn batches_cost_one_statement_whatever_their_size(store: Store) {
     let many = cost!(tx.update_sagas(&writes("many", 50), NOW));
     costs.push(("update_sagas", one, many));
 
-    let inbox = |prefix: &str, n: usize| -> Vec<(String, String)> {
-        (0..n)
-            .map(|i| (format!("{prefix}-m{i}"), format!("{prefix}-{i}")))
-            .collect()
-    };
-    let one = cost!(tx.record_inbox(&inbox("one", 1), NOW));
-    let many = cost!(tx.record_inbox(&inbox("many", 50), NOW));
-    costs.push(("record_inbox", one, many));
-
     let history = |n: usize| -> Vec<HistoryRow> {
         (0..n)
             .map(|i| HistoryRow {
@@ -1205,7 +1098,6 @@ async fn batches_cost_one_statement_whatever_their_size(store: Store) {
     // The 50-row batches really wrote 50 rows each.
     for (sql, want) in [
         ("SELECT COUNT(*) AS n FROM sagas WHERE version = 1", 51),
-        ("SELECT COUNT(*) AS n FROM inbox", 51),
         ("SELECT COUNT(*) AS n FROM saga_history", 51),
         ("SELECT COUNT(*) AS n FROM outbox", 51),
         ("SELECT COUNT(*) AS n FROM timers", 51),
@@ -1338,7 +1230,6 @@ async fn read_unknown_saga_is_none_everywhere(store: Store) {
     assert!(store.saga_record("nope").await.unwrap().is_none());
     assert_eq!(store.saga_header("nope").await.unwrap(), None);
     assert_eq!(store.saga_state("nope").await.unwrap(), None);
-    assert!(store.step_names("nope").await.unwrap().is_empty());
     let timeline = store.timeline("nope", 10).await.unwrap();
     assert_eq!((timeline.rows.len(), timeline.total), (0, 0));
     assert_eq!(store.last_history("nope", "ignored").await.unwrap(), None);
@@ -1377,29 +1268,6 @@ async fn read_saga_record_header_status_and_timeline(store: Store) {
     )
     .await
     .unwrap();
-    tx.upsert_steps(
-        &[
-            StepRow {
-                saga_id: "s1".into(),
-                index: 0,
-                step_id: "pay".into(),
-                status: "succeeded".into(),
-                attempts: 1,
-                last_error: None,
-            },
-            StepRow {
-                saga_id: "s1".into(),
-                index: 2,
-                step_id: "ship".into(),
-                status: "failed".into(),
-                attempts: 1,
-                last_error: Some("no".into()),
-            },
-        ],
-        NOW,
-    )
-    .await
-    .unwrap();
     tx.commit().await.unwrap();
 
     let r = store.saga_record("s1").await.unwrap().expect("s1");
@@ -1431,10 +1299,6 @@ async fn read_saga_record_header_status_and_timeline(store: Store) {
         Some(failed())
     );
 
-    let mut names = store.step_names("s1").await.unwrap();
-    names.sort();
-    assert_eq!(names, vec![(0, "pay".to_owned()), (2, "ship".to_owned())]);
-
     // The newest 3 of 5, oldest first; the other saga's row is not counted.
     let t = store.timeline("s1", 3).await.unwrap();
     assert_eq!(t.total, 5);
@@ -1463,8 +1327,14 @@ async fn read_saga_record_header_status_and_timeline(store: Store) {
     );
     assert_eq!(store.last_history("s1", "completed").await.unwrap(), None);
 
-    // status::saga on top: the stored source does not compile, so the steps are named from the
-    // projection (a step missing there by its index) and the detail says why.
+    // status::saga on top: the stored source does not compile, so the steps are named from its
+    // YAML read as plain data (a step without an id by its index) and the detail says why.
+    sqlx::query("UPDATE saga_definitions SET source = $1 WHERE hash = $2")
+        .bind("name: order\nsteps:\n  - id: pay\n  - service: x\n  - id: ship\n    action: [1]\n")
+        .bind(HASH)
+        .execute(store.pool())
+        .await
+        .unwrap();
     let d = status::saga(&store, "s1").await.unwrap().expect("s1");
     assert!(d.definition_problem.is_some());
     let step_ids: Vec<&str> = d.steps.iter().map(|s| s.id.as_str()).collect();
@@ -1790,8 +1660,8 @@ async fn read_definition_names_migrations_and_ping(store: Store) {
     assert!(store.saga_record("x").await.is_err());
 }
 
-/// Gives saga `id` rows in every table retention looks at: 3 history rows, 2 inbox rows, 1
-/// unsent outbox row (2 more are sent, which takes them out), 1 timer, 2 step rows.
+/// Gives saga `id` rows in every table retention looks at: 3 history rows, 1 unsent outbox row
+/// (2 more are sent, which takes them out), 1 timer.
 async fn with_rows(store: &Store, id: &str) {
     let mut tx = store.begin().await.unwrap();
     tx.append_history(
@@ -1800,12 +1670,6 @@ async fn with_rows(store: &Store, id: &str) {
             history(id, "reply", "2"),
             history(id, "final", "3"),
         ],
-        NOW,
-    )
-    .await
-    .unwrap();
-    tx.record_inbox(
-        &pairs(&[(&format!("{id}/r1"), id), (&format!("{id}/r2"), id)]),
         NOW,
     )
     .await
@@ -1826,17 +1690,6 @@ async fn with_rows(store: &Store, id: &str) {
     }])
     .await
     .unwrap();
-    let step = |index: usize, step: &str| StepRow {
-        saga_id: id.to_owned(),
-        index,
-        step_id: step.to_owned(),
-        status: "succeeded".into(),
-        attempts: 1,
-        last_error: None,
-    };
-    tx.upsert_steps(&[step(0, "pay"), step(1, "ship")], NOW)
-        .await
-        .unwrap();
     tx.commit().await.unwrap();
     // Send what says so.
     let claimed = store.claim_outbox(NOW, 1_000, 100).await.unwrap();
@@ -1854,19 +1707,13 @@ async fn with_rows(store: &Store, id: &str) {
     store.release_lease(&unsent).await.unwrap();
 }
 
-/// A saga's rows: [history, inbox, outbox (unsent: sent rows leave it), timers, steps].
-async fn rows_of(store: &Store, id: &str) -> [i64; 5] {
+/// A saga's rows: [history, outbox (unsent: sent rows leave it), timers].
+async fn rows_of(store: &Store, id: &str) -> [i64; 3] {
     let prefix = format!("{id}/%");
     [
         scalar(
             store,
             "SELECT COUNT(*) AS n FROM saga_history WHERE saga_id = $1",
-            id,
-        )
-        .await,
-        scalar(
-            store,
-            "SELECT COUNT(*) AS n FROM inbox WHERE saga_id = $1",
             id,
         )
         .await,
@@ -1879,12 +1726,6 @@ async fn rows_of(store: &Store, id: &str) -> [i64; 5] {
         scalar(
             store,
             "SELECT COUNT(*) AS n FROM timers WHERE saga_id = $1",
-            id,
-        )
-        .await,
-        scalar(
-            store,
-            "SELECT COUNT(*) AS n FROM saga_steps WHERE saga_id = $1",
             id,
         )
         .await,
@@ -1932,15 +1773,14 @@ async fn retention_purges_only_old_cleanly_finished_sagas(store: Store) {
         PurgeReport {
             sagas: 2,
             history: 6,
-            inbox: 4,
             timers: 2,
         }
     );
     for id in ["old-done", "old-comp"] {
         assert_eq!(
             rows_of(&store, id).await,
-            [0, 0, 1, 0, 2],
-            "{id}: history, inbox and timers go; unsent outbox and steps stay"
+            [0, 1, 0],
+            "{id}: history and timers go; the unsent outbox row stays"
         );
         assert_eq!(purged_at(&store, id).await, Some(now), "{id}");
     }
@@ -1951,7 +1791,7 @@ async fn retention_purges_only_old_cleanly_finished_sagas(store: Store) {
         "queued",
         "recent-done",
     ] {
-        assert_eq!(rows_of(&store, id).await, [3, 2, 1, 1, 2], "{id} kept");
+        assert_eq!(rows_of(&store, id).await, [3, 1, 1], "{id} kept");
         assert_eq!(purged_at(&store, id).await, None, "{id}");
     }
     // The saga row stays: status still answers, with an empty timeline.
@@ -1961,7 +1801,6 @@ async fn retention_purges_only_old_cleanly_finished_sagas(store: Store) {
         .expect("old-done");
     assert_eq!(d.status, SagaStatus::Completed);
     assert!(d.timeline.is_empty());
-    assert_eq!(d.steps[0].id, "pay");
     // Purged sagas are not looked at again: the next batch finds nothing.
     let again = store
         .purge_finished(cutoff, now + 1, 100, 100)
@@ -1972,10 +1811,10 @@ async fn retention_purges_only_old_cleanly_finished_sagas(store: Store) {
     // A later cutoff takes the ones that were too recent; Failed and unfinished never go.
     let later = store.purge_finished(now, now + 2, 100, 100).await.unwrap();
     assert_eq!(later.sagas, 2, "{later:?}");
-    assert_eq!(rows_of(&store, "old-done2").await, [0, 0, 1, 0, 2]);
-    assert_eq!(rows_of(&store, "recent-done").await, [0, 0, 1, 0, 2]);
+    assert_eq!(rows_of(&store, "old-done2").await, [0, 1, 0]);
+    assert_eq!(rows_of(&store, "recent-done").await, [0, 1, 0]);
     for id in ["old-failed", "running", "queued"] {
-        assert_eq!(rows_of(&store, id).await, [3, 2, 1, 1, 2], "{id} kept");
+        assert_eq!(rows_of(&store, id).await, [3, 1, 1], "{id} kept");
     }
 }
 
@@ -2001,47 +1840,35 @@ async fn retention_purges_in_batches_of_rows_and_sagas(store: Store) {
         reports.push(r);
         assert!(reports.len() < 20, "the purge does not end: {reports:?}");
     }
-    let r = |sagas, history, inbox, timers| PurgeReport {
+    let r = |sagas, history, timers| PurgeReport {
         sagas,
         history,
-        inbox,
         timers,
     };
     assert_eq!(
         reports,
         vec![
-            // a and b: 6 history, 4 inbox, 2 timers, 2 at a time.
-            r(0, 2, 2, 2),
-            r(0, 2, 2, 0),
+            // a and b: 6 history, 2 timers, 2 at a time.
+            r(0, 2, 2),
             // History gave a full 2: there may be more, so a and b are not marked yet.
-            r(0, 2, 0, 0),
+            r(0, 2, 0),
+            r(0, 2, 0),
             // Every table gave fewer than 2: a and b are marked.
-            r(2, 0, 0, 0),
+            r(2, 0, 0),
             // Then c alone, marked in the batch that took its last history row.
-            r(0, 2, 2, 1),
-            r(1, 1, 0, 0),
+            r(0, 2, 1),
+            r(1, 1, 0),
         ]
     );
     let mut total = PurgeReport::default();
     for report in &reports {
         total.add(report);
     }
-    assert_eq!(total, r(3, 9, 6, 3));
-    assert_eq!(total.rows(), 18);
+    assert_eq!(total, r(3, 9, 3));
+    assert_eq!(total.rows(), 12);
     for id in ["a", "b", "c"] {
-        assert_eq!(rows_of(&store, id).await, [0, 0, 1, 0, 2], "{id}");
+        assert_eq!(rows_of(&store, id).await, [0, 1, 0], "{id}");
         assert!(purged_at(&store, id).await.is_some(), "{id}");
-    }
-}
-
-fn step_row(saga: &str, index: usize, status: &str) -> StepRow {
-    StepRow {
-        saga_id: saga.into(),
-        index,
-        step_id: format!("step-{index}"),
-        status: status.into(),
-        attempts: 1,
-        last_error: None,
     }
 }
 
@@ -2076,7 +1903,19 @@ async fn write_changes_writes_every_table_in_order(store: Store) {
         write("s1", 0, 2, state(SagaStatus::Running, 1)),
         write("s2", 0, 1, state(SagaStatus::Completed, 3)),
     ];
-    let steps = [step_row("s1", 0, "running"), step_row("s2", 0, "done")];
+    // Sagas started by the batch go in as the batch left them: begun, or already final.
+    let new_sagas = [
+        NewSaga {
+            state: state(SagaStatus::Running, 4),
+            version: 1,
+            ..saga("n1", "k3", Some("idem-n1"))
+        },
+        NewSaga {
+            state: state(SagaStatus::Completed, 5),
+            version: 3,
+            ..saga("n2", "k4", None)
+        },
+    ];
     let history = [
         history_row("s1", "z-first"),
         history_row("s2", "only"),
@@ -2086,8 +1925,8 @@ async fn write_changes_writes_every_table_in_order(store: Store) {
     let mut tx = store.begin().await.unwrap();
     tx.write_changes(
         &Changes {
+            new_sagas: &new_sagas,
             sagas: &writes,
-            steps: &steps,
             history: &history,
             outbox: &outbox,
         },
@@ -2102,19 +1941,33 @@ async fn write_changes_writes_every_table_in_order(store: Store) {
     assert_eq!(s1.state, state(SagaStatus::Running, 1));
     let s2 = load(&store, "s2").await;
     assert_eq!((s2.version, s2.finished_at), (1, Some(NOW + 7)));
+    let n1 = load(&store, "n1").await;
+    assert_eq!((n1.version, n1.finished_at), (1, None));
+    assert_eq!(n1.state, state(SagaStatus::Running, 4));
+    assert_eq!((n1.created_at, n1.sequence_key.as_str()), (NOW + 7, "k3"));
+    let n2 = load(&store, "n2").await;
+    assert_eq!((n2.version, n2.finished_at), (3, Some(NOW + 7)));
+    assert_eq!(n2.state, state(SagaStatus::Completed, 5));
+    let mut tx = store.begin().await.unwrap();
+    let keyed = tx
+        .sagas_by_idempotency_key(&ids(&["idem-n1"]))
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(keyed["idem-n1"].id, "n1");
     let statuses: Vec<(String, String)> =
-        sqlx::query("SELECT saga_id, status FROM saga_steps ORDER BY saga_id")
+        sqlx::query("SELECT id, status FROM sagas WHERE id IN ('n1', 'n2') ORDER BY id")
             .fetch_all(store.pool())
             .await
             .unwrap()
             .iter()
-            .map(|r| (r.try_get("saga_id").unwrap(), r.try_get("status").unwrap()))
+            .map(|r| (r.try_get("id").unwrap(), r.try_get("status").unwrap()))
             .collect();
     assert_eq!(
         statuses,
         [
-            ("s1".into(), "running".into()),
-            ("s2".into(), "done".into())
+            ("n1".into(), "running".into()),
+            ("n2".into(), "completed".into())
         ]
     );
     assert_eq!(kinds(&store, "s1").await, ["z-first", "a-second"]);
@@ -2154,8 +2007,8 @@ async fn write_changes_with_a_stale_saga_writes_nothing(store: Store) {
     let err = tx
         .write_changes(
             &Changes {
+                new_sagas: &[saga("newborn", "k9", None)],
                 sagas: &writes,
-                steps: &[step_row("fresh", 0, "running")],
                 history: &history,
                 outbox: &outbox,
             },
@@ -2169,4 +2022,7 @@ async fn write_changes_with_a_stale_saga_writes_nothing(store: Store) {
     assert_eq!(load(&store, "stale").await.version, 2);
     assert!(kinds(&store, "fresh").await.is_empty());
     assert!(outbox_ids(&store).await.is_empty());
+    let mut tx = store.begin().await.unwrap();
+    assert!(tx.load_sagas(&ids(&["newborn"])).await.unwrap().is_empty());
+    tx.rollback().await.unwrap();
 }

@@ -34,9 +34,8 @@ pub use read::{
 pub use retention::PurgeReport;
 use sql::Sql;
 pub use tx::{
-    Changes, DefinitionTable, HistoryRow, HistoryTable, InboxTable, KeyedSaga, NewSaga,
-    OutboxMessage, OutboxTable, SagaTable, SagaWrite, SequenceKeyTable, StepRow, StepTable,
-    StoreTx, TimerRow, TimerTable, Tx,
+    Changes, DefinitionTable, HistoryRow, HistoryTable, KeyedSaga, NewSaga, OutboxMessage,
+    OutboxTable, SagaTable, SagaWrite, SequenceKeyTable, StoreTx, TimerRow, TimerTable, Tx,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +157,11 @@ pub const ENGINE_MIGRATIONS: Migrations = &[
         "0007_dead_letters",
         include_str!("../../../migrations/sqlite/0007_dead_letters.sql"),
         include_str!("../../../migrations/postgres/0007_dead_letters.sql"),
+    ),
+    (
+        "0008_state_is_the_record",
+        include_str!("../../../migrations/sqlite/0008_state_is_the_record.sql"),
+        include_str!("../../../migrations/postgres/0008_state_is_the_record.sql"),
     ),
 ];
 

@@ -118,8 +118,6 @@ pub trait SagaQueries {
     async fn saga_header(&self, id: &str) -> Result<Option<SagaHeader>, StoreError>;
     /// The saga's state (its status with its reason, steps, pause), or `None`.
     async fn saga_state(&self, id: &str) -> Result<Option<SagaState>, StoreError>;
-    /// `(step index, step id)` from the steps projection, any order.
-    async fn step_names(&self, id: &str) -> Result<Vec<(i64, String)>, StoreError>;
     /// The newest `limit` timeline rows (oldest first) and how many there are in all.
     async fn timeline(&self, id: &str, limit: usize) -> Result<Timeline, StoreError>;
     /// The newest timeline row of this kind.
@@ -287,16 +285,6 @@ impl SagaQueries for Store {
         let Some(row) = row else { return Ok(None) };
         let text: String = row.try_get("state")?;
         Ok(Some(decode_state(id, &text)?))
-    }
-
-    async fn step_names(&self, id: &str) -> Result<Vec<(i64, String)>, StoreError> {
-        let rows = sqlx::query("SELECT step_index, step_id FROM saga_steps WHERE saga_id = $1")
-            .bind(id)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("step_index")?, r.try_get("step_id")?)))
-            .collect()
     }
 
     async fn timeline(&self, id: &str, limit: usize) -> Result<Timeline, StoreError> {

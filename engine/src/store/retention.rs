@@ -15,14 +15,13 @@ pub struct PurgeReport {
     /// Sagas whose rows are now all gone (marked purged in this batch).
     pub sagas: u64,
     pub history: u64,
-    pub inbox: u64,
     pub timers: u64,
 }
 
 impl PurgeReport {
     /// Rows deleted, all tables together.
     pub fn rows(&self) -> u64 {
-        self.history + self.inbox + self.timers
+        self.history + self.timers
     }
 
     /// True when the batch found nothing to do.
@@ -34,7 +33,6 @@ impl PurgeReport {
     pub fn add(&mut self, other: &PurgeReport) {
         self.sagas += other.sagas;
         self.history += other.history;
-        self.inbox += other.inbox;
         self.timers += other.timers;
     }
 }
@@ -42,11 +40,10 @@ impl PurgeReport {
 impl Store {
     /// Purges one batch, in one transaction: takes up to `sagas` of the oldest sagas not purged
     /// yet that are Completed or Compensated and finished before `cutoff`, deletes up to `rows`
-    /// of their rows from each of `saga_history`, `inbox` and `timers`, and marks them purged at
-    /// `now` once nothing of theirs is left (every table gave fewer than `rows`; otherwise the
-    /// next batch takes the same sagas again). The `sagas` row
-    /// and its `saga_steps` projection stay. Running, compensating, queued and Failed sagas are
-    /// never touched.
+    /// of their rows from each of `saga_history` and `timers`, and marks them purged at `now`
+    /// once nothing of theirs is left (every table gave fewer than `rows`; otherwise the next
+    /// batch takes the same sagas again). The `sagas` row stays. Running, compensating, queued
+    /// and Failed sagas are never touched.
     pub async fn purge_finished(
         &self,
         cutoff: i64,
@@ -74,8 +71,8 @@ impl Store {
         }
         let ids = json(&ids);
 
-        let mut counts = [0u64; 3];
-        let deletes = [sql.purge_history, sql.purge_inbox, sql.purge_timers];
+        let mut counts = [0u64; 2];
+        let deletes = [sql.purge_history, sql.purge_timers];
         for (statement, count) in deletes.into_iter().zip(counts.iter_mut()) {
             *count = sqlx::query(statement)
                 .bind(limit)
@@ -84,7 +81,7 @@ impl Store {
                 .await?
                 .rows_affected();
         }
-        [report.history, report.inbox, report.timers] = counts;
+        [report.history, report.timers] = counts;
 
         if counts.iter().all(|&n| n < rows as u64) {
             report.sagas = sqlx::query(sql.mark_purged)

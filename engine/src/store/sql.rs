@@ -20,9 +20,7 @@ pub struct Sql {
     pub insert_sagas: &'static str,
     pub update_sagas: &'static str,
     pub sagas_by_idempotency_key: &'static str,
-    pub upsert_steps: &'static str,
     pub append_history: &'static str,
-    pub record_inbox: &'static str,
     pub enqueue_outbox: &'static str,
     pub claim_timers: &'static str,
     pub set_timers: &'static str,
@@ -43,7 +41,6 @@ pub struct Sql {
     pub purge_candidates: &'static str,
     /// A batch of a saga set's rows (`$1` row limit, `$2` saga ids).
     pub purge_history: &'static str,
-    pub purge_inbox: &'static str,
     pub purge_timers: &'static str,
     /// `$1` now, `$2` cutoff, `$3` saga ids: checked again, so a saga that moved is left.
     pub mark_purged: &'static str,
@@ -53,9 +50,9 @@ pub const POSTGRES: Sql = Sql {
     postgres: true,
     load_sagas: "SELECT id, name, definition_hash, sequence_key, state, version, created_at, finished_at FROM sagas \
         WHERE id = ANY(ARRAY(SELECT json_array_elements_text($1::json)))",
-    insert_sagas: "INSERT INTO sagas (id, name, definition_hash, sequence_key, status, state, version, idempotency_key, created_at, updated_at) \
-        SELECT x.id, x.name, x.hash, x.k, x.status, x.state, 0, x.idem, $2, $2 \
-        FROM json_to_recordset($1::json) AS x(id text, name text, hash text, k text, status text, state text, idem text)",
+    insert_sagas: "INSERT INTO sagas (id, name, definition_hash, sequence_key, status, state, version, idempotency_key, created_at, updated_at, finished_at) \
+        SELECT x.id, x.name, x.hash, x.k, x.status, x.state, x.version, x.idem, $2, $2, x.finished \
+        FROM json_to_recordset($1::json) AS x(id text, name text, hash text, k text, status text, state text, idem text, version bigint, finished bigint)",
     update_sagas: "UPDATE sagas SET status = x.status, state = x.state, version = x.version + x.n, updated_at = $2, \
         finished_at = CASE WHEN x.finished IS NULL THEN NULL ELSE COALESCE(sagas.finished_at, x.finished) END \
         FROM json_to_recordset($1::json) AS x(id text, status text, state text, version bigint, n bigint, finished bigint) \
@@ -63,17 +60,9 @@ pub const POSTGRES: Sql = Sql {
         AND sagas.id = ANY(ARRAY(SELECT e->>'id' FROM json_array_elements($1::json) AS e))",
     sagas_by_idempotency_key: "SELECT idempotency_key, id, name, state FROM sagas \
         WHERE idempotency_key = ANY(ARRAY(SELECT json_array_elements_text($1::json)))",
-    upsert_steps: "INSERT INTO saga_steps (saga_id, step_index, step_id, status, attempts, last_error, updated_at) \
-        SELECT x.saga, x.i, x.step, x.status, x.attempts, x.err, $2 \
-        FROM json_to_recordset($1::json) AS x(saga text, i bigint, step text, status text, attempts bigint, err text) \
-        ON CONFLICT (saga_id, step_index) DO UPDATE SET status = excluded.status, attempts = excluded.attempts, \
-        last_error = excluded.last_error, updated_at = excluded.updated_at",
     append_history: "INSERT INTO saga_history (saga_id, at, kind, step, detail) \
         SELECT e.j->>'saga', $2, e.j->>'kind', e.j->>'step', e.j->>'detail' \
         FROM json_array_elements($1::json) WITH ORDINALITY AS e(j, o) ORDER BY e.o",
-    record_inbox: "INSERT INTO inbox (message_id, saga_id, received_at) \
-        SELECT x.m, x.s, $2 FROM json_to_recordset($1::json) AS x(m text, s text) \
-        ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
     enqueue_outbox: "INSERT INTO outbox (message_id, destination, routing_key, payload, created_at, lease_until) \
         SELECT e.j->>'id', e.j->>'dest', e.j->>'key', e.j->>'payload', $2, (e.j->>'lease')::bigint \
         FROM json_array_elements($1::json) WITH ORDINALITY AS e(j, o) ORDER BY e.o \
@@ -107,8 +96,6 @@ pub const POSTGRES: Sql = Sql {
         ORDER BY finished_at, id LIMIT $2",
     purge_history: "DELETE FROM saga_history WHERE id IN (SELECT id FROM saga_history \
         WHERE saga_id = ANY(ARRAY(SELECT json_array_elements_text($2::json))) LIMIT $1)",
-    purge_inbox: "DELETE FROM inbox WHERE message_id IN (SELECT message_id FROM inbox \
-        WHERE saga_id = ANY(ARRAY(SELECT json_array_elements_text($2::json))) LIMIT $1)",
     purge_timers: "DELETE FROM timers WHERE id IN (SELECT id FROM timers \
         WHERE saga_id = ANY(ARRAY(SELECT json_array_elements_text($2::json))) LIMIT $1)",
     mark_purged: "UPDATE sagas SET purged_at = $1 \
@@ -120,10 +107,11 @@ pub const SQLITE: Sql = Sql {
     postgres: false,
     load_sagas: "SELECT id, name, definition_hash, sequence_key, state, version, created_at, finished_at FROM sagas \
         WHERE id IN (SELECT value FROM json_each($1))",
-    insert_sagas: "INSERT INTO sagas (id, name, definition_hash, sequence_key, status, state, version, idempotency_key, created_at, updated_at) \
+    insert_sagas: "INSERT INTO sagas (id, name, definition_hash, sequence_key, status, state, version, idempotency_key, created_at, updated_at, finished_at) \
         SELECT json_extract(value, '$.id'), json_extract(value, '$.name'), json_extract(value, '$.hash'), \
-        json_extract(value, '$.k'), json_extract(value, '$.status'), json_extract(value, '$.state'), 0, \
-        json_extract(value, '$.idem'), $2, $2 FROM json_each($1)",
+        json_extract(value, '$.k'), json_extract(value, '$.status'), json_extract(value, '$.state'), \
+        json_extract(value, '$.version'), json_extract(value, '$.idem'), $2, $2, json_extract(value, '$.finished') \
+        FROM json_each($1)",
     update_sagas: "UPDATE sagas SET status = x.status, state = x.state, version = x.version + x.n, updated_at = $2, \
         finished_at = CASE WHEN x.finished IS NULL THEN NULL ELSE COALESCE(sagas.finished_at, x.finished) END \
         FROM (SELECT json_extract(value, '$.id') AS id, json_extract(value, '$.status') AS status, \
@@ -132,18 +120,9 @@ pub const SQLITE: Sql = Sql {
         WHERE sagas.id = x.id AND sagas.version = x.version",
     sagas_by_idempotency_key: "SELECT idempotency_key, id, name, state FROM sagas \
         WHERE idempotency_key IN (SELECT value FROM json_each($1))",
-    upsert_steps: "INSERT INTO saga_steps (saga_id, step_index, step_id, status, attempts, last_error, updated_at) \
-        SELECT json_extract(value, '$.saga'), json_extract(value, '$.i'), json_extract(value, '$.step'), \
-        json_extract(value, '$.status'), json_extract(value, '$.attempts'), json_extract(value, '$.err'), $2 \
-        FROM json_each($1) WHERE true \
-        ON CONFLICT (saga_id, step_index) DO UPDATE SET status = excluded.status, attempts = excluded.attempts, \
-        last_error = excluded.last_error, updated_at = excluded.updated_at",
     append_history: "INSERT INTO saga_history (saga_id, at, kind, step, detail) \
         SELECT json_extract(value, '$.saga'), $2, json_extract(value, '$.kind'), json_extract(value, '$.step'), \
         json_extract(value, '$.detail') FROM json_each($1) ORDER BY key",
-    record_inbox: "INSERT INTO inbox (message_id, saga_id, received_at) \
-        SELECT json_extract(value, '$.m'), json_extract(value, '$.s'), $2 FROM json_each($1) WHERE true \
-        ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
     enqueue_outbox: "INSERT INTO outbox (message_id, destination, routing_key, payload, created_at, lease_until) \
         SELECT json_extract(value, '$.id'), json_extract(value, '$.dest'), json_extract(value, '$.key'), \
         json_extract(value, '$.payload'), $2, json_extract(value, '$.lease') FROM json_each($1) WHERE true ORDER BY key \
@@ -180,8 +159,6 @@ pub const SQLITE: Sql = Sql {
         ORDER BY finished_at, id LIMIT $2",
     purge_history: "DELETE FROM saga_history WHERE id IN (SELECT id FROM saga_history \
         WHERE saga_id IN (SELECT value FROM json_each($2)) LIMIT $1)",
-    purge_inbox: "DELETE FROM inbox WHERE message_id IN (SELECT message_id FROM inbox \
-        WHERE saga_id IN (SELECT value FROM json_each($2)) LIMIT $1)",
     purge_timers: "DELETE FROM timers WHERE id IN (SELECT id FROM timers \
         WHERE saga_id IN (SELECT value FROM json_each($2)) LIMIT $1)",
     // `+status`: SQLite would otherwise walk `sagas_by_status` (every completed saga) rather
@@ -191,19 +168,20 @@ pub const SQLITE: Sql = Sql {
         AND +status IN ('completed', 'compensated') AND finished_at < $2",
 };
 
-/// PostgreSQL: `update_sagas`, `upsert_steps`, `append_history` and `enqueue_outbox` as ONE
-/// statement (data-modifying CTEs; every part runs, in one snapshot, on tables of its own), so
-/// a batch's writes cost one round trip instead of four. `$1`..`$4` are the four row sets,
-/// `$5` is now; the statement returns how many sagas the version-checked update wrote.
+/// PostgreSQL: `insert_sagas`, `update_sagas`, `append_history` and `enqueue_outbox` as ONE
+/// statement (data-modifying CTEs; every part runs in one snapshot, the two on `sagas` on
+/// different rows), so a batch's writes cost one round trip instead of four. `$1`..`$4` are
+/// the four row sets, `$5` is now; the statement returns how many sagas the version-checked
+/// update wrote.
 pub fn postgres_write_changes() -> &'static str {
     static TEXT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         // Each part takes its rows as $1 and now as $2: renumber them.
         let part = |sql: &str, rows: u8| sql.replace("$2", "$5").replace("$1", &format!("${rows}"));
         format!(
-            "WITH u AS ({} RETURNING 1), s AS ({}), h AS ({}), o AS ({}) \
+            "WITH i AS ({}), u AS ({} RETURNING 1), h AS ({}), o AS ({}) \
              SELECT (SELECT COUNT(*) FROM u) AS updated",
-            part(POSTGRES.update_sagas, 1),
-            part(POSTGRES.upsert_steps, 2),
+            part(POSTGRES.insert_sagas, 1),
+            part(POSTGRES.update_sagas, 2),
             part(POSTGRES.append_history, 3),
             part(POSTGRES.enqueue_outbox, 4),
         )

@@ -16,7 +16,8 @@ use super::sql::Sql;
 use super::{Counters, SagaRow, StoreError, json, saga_from_row};
 use crate::machine::{Event, HistoryEntry, SagaState};
 
-/// A saga to insert (version 0).
+/// A saga to insert, in the state the batch that starts it leaves it in (so a saga that begins
+/// at once is written once, not inserted queued and then updated).
 #[derive(Debug, Clone)]
 pub struct NewSaga {
     pub id: String,
@@ -25,6 +26,8 @@ pub struct NewSaga {
     pub sequence_key: String,
     pub state: SagaState,
     pub idempotency_key: Option<String>,
+    /// The changing decisions the batch already applied to it (0: inserted as it was made).
+    pub version: i64,
 }
 
 /// A saga's new state, written only if its row is still at `expected_version`.
@@ -35,17 +38,6 @@ pub struct SagaWrite {
     /// How many changing decisions this write carries: the version moves by that much.
     pub changes: i64,
     pub state: SagaState,
-}
-
-/// One row of the steps projection.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StepRow {
-    pub saga_id: String,
-    pub index: usize,
-    pub step_id: String,
-    pub status: String,
-    pub attempts: u32,
-    pub last_error: Option<String>,
 }
 
 /// One line of a saga's timeline.
@@ -102,30 +94,11 @@ pub struct KeyedSaga {
     pub input: Value,
 }
 
-/// The `saga_steps` projection (status displays).
-#[allow(async_fn_in_trait)]
-pub trait StepTable {
-    /// Rows must be unique by (saga, index).
-    async fn upsert_steps(&mut self, rows: &[StepRow], now: i64) -> Result<(), StoreError>;
-}
-
 /// The append-only `saga_history`.
 #[allow(async_fn_in_trait)]
 pub trait HistoryTable {
     /// Appended in slice order.
     async fn append_history(&mut self, rows: &[HistoryRow], now: i64) -> Result<(), StoreError>;
-}
-
-/// The `inbox` of processed message ids.
-#[allow(async_fn_in_trait)]
-pub trait InboxTable {
-    /// Records (message id, saga id) pairs; returns the ids recorded now (the others were
-    /// processed before: duplicates).
-    async fn record_inbox(
-        &mut self,
-        messages: &[(String, String)],
-        now: i64,
-    ) -> Result<HashSet<String>, StoreError>;
 }
 
 /// The transactional `outbox`.
@@ -188,19 +161,12 @@ pub trait DefinitionTable {
 /// Everything the engine writes, in one transaction.
 #[allow(async_fn_in_trait)]
 pub trait StoreTx:
-    SagaTable
-    + StepTable
-    + HistoryTable
-    + InboxTable
-    + OutboxTable
-    + TimerTable
-    + SequenceKeyTable
-    + DefinitionTable
+    SagaTable + HistoryTable + OutboxTable + TimerTable + SequenceKeyTable + DefinitionTable
 {
-    /// Writes a batch's changes: the sagas (version-checked, as [`SagaTable::update_sagas`]),
-    /// their steps, history and outbox messages. One statement on PostgreSQL
-    /// ([`super::sql::postgres_write_changes`]), one per table on SQLite; the same rows and
-    /// the same errors either way.
+    /// Writes a batch's changes: the new sagas (as [`SagaTable::insert_sagas`]), the changed
+    /// ones (version-checked, as [`SagaTable::update_sagas`]), their history and outbox
+    /// messages. One statement on PostgreSQL ([`super::sql::postgres_write_changes`]), one per
+    /// table on SQLite; the same rows and the same errors either way.
     async fn write_changes(&mut self, changes: &Changes<'_>, now: i64) -> Result<(), StoreError>;
 
     async fn commit(self) -> Result<(), StoreError>;
@@ -209,8 +175,8 @@ pub trait StoreTx:
 /// What [`StoreTx::write_changes`] writes.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Changes<'a> {
+    pub new_sagas: &'a [NewSaga],
     pub sagas: &'a [SagaWrite],
-    pub steps: &'a [StepRow],
     pub history: &'a [HistoryRow],
     pub outbox: &'a [OutboxMessage],
 }
@@ -258,17 +224,20 @@ fn check_written(writes: &[SagaWrite], written: u64) -> Result<(), StoreError> {
     )))
 }
 
-fn step_rows(rows: &[StepRow]) -> String {
-    let rows: Vec<Value> = rows
+fn new_saga_rows(sagas: &[NewSaga], now: i64) -> String {
+    let rows: Vec<Value> = sagas
         .iter()
         .map(|s| {
             json!({
-                "saga": s.saga_id,
-                "i": s.index,
-                "step": s.step_id,
-                "status": s.status,
-                "attempts": s.attempts,
-                "err": s.last_error,
+                "id": s.id,
+                "name": s.name,
+                "hash": s.definition_hash,
+                "k": s.sequence_key,
+                "status": s.state.status.name(),
+                "state": json(&s.state),
+                "idem": s.idempotency_key,
+                "version": s.version,
+                "finished": s.state.status.is_final().then_some(now),
             })
         })
         .collect();
@@ -366,21 +335,7 @@ impl SagaTable for Tx {
         if sagas.is_empty() {
             return Ok(());
         }
-        let rows: Vec<Value> = sagas
-            .iter()
-            .map(|s| {
-                json!({
-                    "id": s.id,
-                    "name": s.name,
-                    "hash": s.definition_hash,
-                    "k": s.sequence_key,
-                    "status": s.state.status.name(),
-                    "state": json(&s.state),
-                    "idem": s.idempotency_key,
-                })
-            })
-            .collect();
-        self.exec(self.sql.insert_sagas, json(&rows), Some(now))
+        self.exec(self.sql.insert_sagas, new_saga_rows(sagas, now), Some(now))
             .await?;
         Ok(())
     }
@@ -427,17 +382,6 @@ impl SagaTable for Tx {
     }
 }
 
-impl StepTable for Tx {
-    async fn upsert_steps(&mut self, rows: &[StepRow], now: i64) -> Result<(), StoreError> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        self.exec(self.sql.upsert_steps, step_rows(rows), Some(now))
-            .await?;
-        Ok(())
-    }
-}
-
 impl HistoryTable for Tx {
     async fn append_history(&mut self, rows: &[HistoryRow], now: i64) -> Result<(), StoreError> {
         if rows.is_empty() {
@@ -446,26 +390,6 @@ impl HistoryTable for Tx {
         self.exec(self.sql.append_history, history_rows(rows), Some(now))
             .await?;
         Ok(())
-    }
-}
-
-impl InboxTable for Tx {
-    async fn record_inbox(
-        &mut self,
-        messages: &[(String, String)],
-        now: i64,
-    ) -> Result<HashSet<String>, StoreError> {
-        if messages.is_empty() {
-            return Ok(HashSet::new());
-        }
-        let rows: Vec<Value> = messages
-            .iter()
-            .map(|(m, s)| json!({"m": m, "s": s}))
-            .collect();
-        let rows = self
-            .fetch(self.sql.record_inbox, json(&rows), Some(now))
-            .await?;
-        rows.iter().map(|r| Ok(r.try_get("message_id")?)).collect()
     }
 }
 
@@ -712,19 +636,23 @@ impl DefinitionTable for Tx {
 impl StoreTx for Tx {
     async fn write_changes(&mut self, c: &Changes<'_>, now: i64) -> Result<(), StoreError> {
         if !self.sql.postgres {
+            self.insert_sagas(c.new_sagas, now).await?;
             self.update_sagas(c.sagas, now).await?;
-            self.upsert_steps(c.steps, now).await?;
             self.append_history(c.history, now).await?;
             return self.enqueue_outbox(c.outbox, now).await;
         }
-        if c.sagas.is_empty() && c.steps.is_empty() && c.history.is_empty() && c.outbox.is_empty() {
+        if c.new_sagas.is_empty()
+            && c.sagas.is_empty()
+            && c.history.is_empty()
+            && c.outbox.is_empty()
+        {
             return Ok(());
         }
         self.counters.statement();
         let row = sqlx::query(super::sql::postgres_write_changes())
             .persistent(false)
+            .bind(new_saga_rows(c.new_sagas, now))
             .bind(saga_write_rows(c.sagas, now))
-            .bind(step_rows(c.steps))
             .bind(history_rows(c.history))
             .bind(outbox_rows(c.outbox))
             .bind(now)
