@@ -20,7 +20,8 @@
 
 use sqlx::Row;
 
-use super::{Store, StoreError, json};
+use super::sql::{Sql, rows_per_statement};
+use super::{Store, StoreError};
 use crate::transport::Message;
 
 /// How long a handed-off row is left to its writer's relay before any relay claims it. Long
@@ -85,36 +86,34 @@ impl Store {
     }
 
     /// Takes rows the broker confirmed out of the queue. (What was sent stays in each saga's
-    /// history as its `dispatch` entries.)
-    /// Rows are named by message id.
+    /// history as its `dispatch` entries.) Rows are named by message id.
     pub async fn delete_sent(&self, ids: &[String]) -> Result<(), StoreError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        self.counters.statement();
-        self.counters.commit();
-        sqlx::query(self.sql().delete_sent)
-            .persistent(false)
-            .bind(id_list(ids))
-            .execute(&self.relay_pool)
-            .await?;
-        Ok(())
+        self.by_message_ids(Sql::delete_sent, ids).await
     }
 
     /// Gives claimed or handed-off rows (by message id) back at once: the broker did not confirm
     /// them, so the next claim takes them, instead of waiting for their lease or grace to run
     /// out.
     pub async fn release_lease(&self, ids: &[String]) -> Result<(), StoreError> {
-        if ids.is_empty() {
-            return Ok(());
+        self.by_message_ids(Sql::release_lease, ids).await
+    }
+
+    /// One autocommitted statement per [`rows_per_statement`] ids (none for none).
+    async fn by_message_ids(
+        &self,
+        text: fn(&Sql, usize) -> super::sql::Text,
+        ids: &[String],
+    ) -> Result<(), StoreError> {
+        for chunk in ids.chunks(rows_per_statement(1)) {
+            self.counters.statement();
+            self.counters.commit();
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(text(self.sql(), chunk.len()).sql))
+                .persistent(false);
+            for id in chunk {
+                q = q.bind(id.as_str());
+            }
+            q.execute(&self.relay_pool).await?;
         }
-        self.counters.statement();
-        self.counters.commit();
-        sqlx::query(self.sql().release_lease)
-            .persistent(false)
-            .bind(id_list(ids))
-            .execute(&self.relay_pool)
-            .await?;
         Ok(())
     }
 
@@ -128,9 +127,4 @@ impl Store {
             oldest: row.try_get("oldest")?,
         })
     }
-}
-
-/// Message ids as a JSON array of strings.
-fn id_list(ids: &[String]) -> String {
-    json(&ids)
 }

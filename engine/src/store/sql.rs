@@ -1,95 +1,373 @@
-//! The set-based statements, one text per dialect.
+//! The statements, one set per dialect.
 //!
-//! Every batch statement takes its rows as **one JSON parameter** (`$1`) and expands it in SQL
-//! (`json_to_recordset` / `json_array_elements` on PostgreSQL, `json_each` on SQLite). So a
-//! statement's text is the same whatever the batch size: each connection prepares it once, and
-//! a batch of 200 events costs the same number of round trips as a batch of one. Rows whose
-//! order matters (history, outbox) are inserted in array order.
+//! A **batch statement** takes its rows as plain placeholders, one per value: a multi-row
+//! `VALUES (…), (…)` to insert or to join against (`UPDATE … FROM (VALUES …)`), an `IN (…)`
+//! list to look up or delete. Its text is built for the batch's size ([`Text`]), so a batch of
+//! 200 events costs the same number of statements as a batch of one, and every value reaches
+//! the database as it is — no JSON to build here and to parse (and re-parse per field) there,
+//! which was a third of the engine database's time on the write statement (measured: the same
+//! batch of 130 saga updates and 390 history rows took 3.5 ms as one JSON parameter, 2.3 ms as
+//! placeholders). A statement has at most [`MAX_PARAMS`] placeholders; a larger batch is sent
+//! as a few statements of that size.
 //!
-//! On PostgreSQL, id lists are matched with `= ANY(ARRAY(SELECT json_array_elements_text(..)))`
-//! rather than `IN (SELECT ..)`: the planner guesses 100 rows for a set-returning function and
-//! then prefers a hash join over a sequential scan of a churning table (timers, measured at 2 ms
-//! a statement mid-run); an array makes it an index scan.
+//! Statements are not kept prepared (see [`super::tx::Tx`]): PostgreSQL plans each with the
+//! tables' current sizes, and an `IN` list of constants is an index lookup.
+
+use std::fmt::Write as _;
+
+/// Placeholders in one statement at most (SQLite allows 32,766, PostgreSQL 65,535).
+pub const MAX_PARAMS: usize = 30_000;
+
+/// The text of a statement being built, and how many placeholders it has so far.
+#[derive(Debug, Default)]
+pub struct Text {
+    pub sql: String,
+    params: usize,
+}
+
+impl Text {
+    pub fn new(head: &str) -> Text {
+        let mut sql = String::with_capacity(head.len() + 512);
+        sql.push_str(head);
+        Text { sql, params: 0 }
+    }
+
+    pub fn push(&mut self, s: &str) -> &mut Text {
+        self.sql.push_str(s);
+        self
+    }
+
+    /// One fresh placeholder (`$n`) written here; returns its number.
+    pub fn param(&mut self) -> usize {
+        let n = self.reserve();
+        let _ = write!(self.sql, "${n}");
+        n
+    }
+
+    /// One fresh placeholder number, not written yet (for a value several rows share, written
+    /// into their groups as `$n`).
+    pub fn reserve(&mut self) -> usize {
+        self.params += 1;
+        self.params
+    }
+
+    /// `rows` copies of `group`, comma-separated, each `?` in it a fresh placeholder (other
+    /// text, such as `$1` for a value all rows share, is copied as it is).
+    pub fn rows(&mut self, rows: usize, group: &str) -> &mut Text {
+        for r in 0..rows {
+            if r > 0 {
+                self.sql.push(',');
+            }
+            for c in group.chars() {
+                if c == '?' {
+                    self.param();
+                } else {
+                    self.sql.push(c);
+                }
+            }
+        }
+        self
+    }
+
+    /// `n` fresh placeholders, comma-separated (an `IN` list).
+    pub fn list(&mut self, n: usize) -> &mut Text {
+        self.rows(n, "?")
+    }
+
+    pub fn params(&self) -> usize {
+        self.params
+    }
+}
+
+/// How many rows of `cols` values fit in one statement.
+pub fn rows_per_statement(cols: usize) -> usize {
+    (MAX_PARAMS / cols.max(1)).max(1)
+}
 
 /// The statements of one dialect.
 #[derive(Debug)]
 pub struct Sql {
     /// PostgreSQL (true) or SQLite.
     pub postgres: bool,
-    pub load_sagas: &'static str,
-    pub insert_sagas: &'static str,
-    pub update_sagas: &'static str,
-    pub sagas_by_idempotency_key: &'static str,
-    pub append_history: &'static str,
-    pub enqueue_outbox: &'static str,
-    pub claim_timers: &'static str,
-    pub set_timers: &'static str,
-    pub cancel_timers: &'static str,
-    pub acquire_keys: &'static str,
-    pub lock_keys: &'static str,
-    pub queue_heads: &'static str,
-    pub delete_keys: &'static str,
-    pub leave_queue: &'static str,
     /// One key's holder, locked (the rare per-key paths).
     pub lock_key: &'static str,
     pub claim_outbox: &'static str,
-    /// Confirmed rows leave the queue.
-    pub delete_sent: &'static str,
-    pub release_lease: &'static str,
     pub next_timers: &'static str,
     /// Retention ([`super::retention`]): the oldest sagas to purge (`$1` cutoff, `$2` limit).
     pub purge_candidates: &'static str,
-    /// A batch of a saga set's rows (`$1` row limit, `$2` saga ids).
+    /// A batch of a saga set's rows (`$1` row limit, `$2` saga ids as a JSON array).
     pub purge_history: &'static str,
     pub purge_timers: &'static str,
     /// `$1` now, `$2` cutoff, `$3` saga ids: checked again, so a saga that moved is left.
     pub mark_purged: &'static str,
 }
 
+/// The saga columns `load_sagas` reads.
+const SAGA_COLUMNS: &str =
+    "id, name, definition_hash, sequence_key, state, version, created_at, finished_at";
+
+/// Columns of the rows [`Sql::insert_sagas`] takes, in bind order.
+pub const NEW_SAGA_COLS: usize = 9;
+/// Columns of the rows [`Sql::update_sagas`] takes, in bind order.
+pub const SAGA_WRITE_COLS: usize = 6;
+/// Columns of the rows [`Sql::append_history`] takes, in bind order.
+pub const HISTORY_COLS: usize = 4;
+/// Columns of the rows [`Sql::enqueue_outbox`] takes, in bind order.
+pub const OUTBOX_COLS: usize = 5;
+/// Columns of the rows [`Sql::set_timers`] takes, in bind order.
+pub const TIMER_COLS: usize = 4;
+
+impl Sql {
+    /// `(VALUES groups) AS x(cols)`: rows to join against, their columns named. SQLite cannot
+    /// name a VALUES list's columns, so there it is wrapped in a SELECT that does.
+    fn values_as(&self, t: &mut Text, rows: usize, group: &str, cols: &[&str]) {
+        if self.postgres {
+            t.push("(VALUES ").rows(rows, group).push(") AS x(");
+            t.push(&cols.join(", ")).push(")");
+        } else {
+            t.push("(SELECT ");
+            for (i, c) in cols.iter().enumerate() {
+                if i > 0 {
+                    t.push(", ");
+                }
+                t.push(&format!("column{} AS {c}", i + 1));
+            }
+            t.push(" FROM (VALUES ").rows(rows, group).push(")) AS x");
+        }
+    }
+
+    /// The sagas of `n` ids (binds: the ids).
+    pub fn load_sagas(&self, n: usize) -> Text {
+        let mut t = Text::new(&format!("SELECT {SAGA_COLUMNS} FROM sagas WHERE id IN ("));
+        t.list(n).push(")");
+        t
+    }
+
+    /// Binds: now, then per saga id, name, definition hash, sequence key, status, state,
+    /// version, idempotency key, finished (now or NULL).
+    pub fn insert_sagas(&self, rows: usize) -> Text {
+        let mut t = Text::new("");
+        self.insert_sagas_into(&mut t, rows);
+        t
+    }
+
+    fn insert_sagas_into(&self, t: &mut Text, rows: usize) {
+        let now = t.reserve();
+        t.push(
+            "INSERT INTO sagas (id, name, definition_hash, sequence_key, status, state, version, \
+             idempotency_key, created_at, updated_at, finished_at) VALUES ",
+        );
+        t.rows(rows, &format!("(?,?,?,?,?,?,?,?,${now},${now},?)"));
+    }
+
+    /// The version-checked update. Binds: now, then per saga id, status, state, expected
+    /// version, changes, finished (now or NULL). A state that is no longer final clears
+    /// `finished_at`; one that is final keeps the first time it became so.
+    pub fn update_sagas(&self, rows: usize) -> Text {
+        let mut t = Text::new("");
+        self.update_sagas_into(&mut t, rows);
+        t
+    }
+
+    fn update_sagas_into(&self, t: &mut Text, rows: usize) {
+        let now = t.reserve();
+        t.push(&format!(
+            "UPDATE sagas SET status = x.status, state = x.state, version = x.version + x.n, \
+             updated_at = ${now}, finished_at = CASE WHEN x.finished IS NULL THEN NULL \
+             ELSE COALESCE(sagas.finished_at, x.finished) END FROM "
+        ));
+        self.values_as(
+            t,
+            rows,
+            "(?,?,?,?,?,?)",
+            &["id", "status", "state", "version", "n", "finished"],
+        );
+        t.push(" WHERE sagas.id = x.id AND sagas.version = x.version");
+    }
+
+    /// Binds: the idempotency keys.
+    pub fn sagas_by_idempotency_key(&self, n: usize) -> Text {
+        let mut t = Text::new(
+            "SELECT idempotency_key, id, name, state FROM sagas WHERE idempotency_key IN (",
+        );
+        t.list(n).push(")");
+        t
+    }
+
+    /// Appended in row order. Binds: now, then per row saga id, kind, step, detail.
+    pub fn append_history(&self, rows: usize) -> Text {
+        let mut t = Text::new("");
+        self.append_history_into(&mut t, rows);
+        t
+    }
+
+    fn append_history_into(&self, t: &mut Text, rows: usize) {
+        let now = t.reserve();
+        t.push("INSERT INTO saga_history (saga_id, at, kind, step, detail) VALUES ");
+        t.rows(rows, &format!("(?,${now},?,?,?)"));
+    }
+
+    /// Queued in row order; a message id already queued keeps its first row. Binds: now, then
+    /// per row message id, destination, routing key, payload, lease (NULL: handed off).
+    pub fn enqueue_outbox(&self, rows: usize) -> Text {
+        let mut t = Text::new("");
+        self.enqueue_outbox_into(&mut t, rows);
+        t
+    }
+
+    fn enqueue_outbox_into(&self, t: &mut Text, rows: usize) {
+        let now = t.reserve();
+        t.push(
+            "INSERT INTO outbox (message_id, destination, routing_key, payload, created_at, \
+             lease_until) VALUES ",
+        );
+        t.rows(rows, &format!("(?,?,?,?,${now},?)"));
+        t.push(" ON CONFLICT (message_id) DO NOTHING");
+    }
+
+    /// PostgreSQL: the four writes of a batch as ONE statement (data-modifying CTEs; every
+    /// part runs in one snapshot, the two on `sagas` on different rows), so they cost one
+    /// round trip instead of four; it returns how many sagas the version-checked update wrote
+    /// (`updated`). A part without rows is left out. Binds: each part's, in this order.
+    pub fn write_changes(
+        &self,
+        new_sagas: usize,
+        sagas: usize,
+        history: usize,
+        outbox: usize,
+    ) -> Text {
+        let mut t = Text::new("WITH ");
+        let mut first = true;
+        let mut part = |t: &mut Text, name: &str, rows: usize, f: &dyn Fn(&mut Text)| {
+            if rows == 0 {
+                return;
+            }
+            if !first {
+                t.push(", ");
+            }
+            first = false;
+            t.push(name).push(" AS (");
+            f(t);
+            t.push(")");
+        };
+        part(&mut t, "i", new_sagas, &|t| {
+            self.insert_sagas_into(t, new_sagas)
+        });
+        part(&mut t, "u", sagas, &|t| {
+            self.update_sagas_into(t, sagas);
+            t.push(" RETURNING 1");
+        });
+        part(&mut t, "h", history, &|t| {
+            self.append_history_into(t, history)
+        });
+        part(&mut t, "o", outbox, &|t| {
+            self.enqueue_outbox_into(t, outbox)
+        });
+        if sagas > 0 {
+            t.push(" SELECT (SELECT COUNT(*) FROM u) AS updated");
+        } else {
+            t.push(" SELECT 0 AS updated");
+        }
+        t
+    }
+
+    /// Claims timers by deleting them. Binds: the ids.
+    pub fn claim_timers(&self, n: usize) -> Text {
+        let mut t = Text::new("DELETE FROM timers WHERE id IN (");
+        t.list(n).push(") RETURNING id");
+        t
+    }
+
+    /// Binds per row: id, saga id, due at, event.
+    pub fn set_timers(&self, rows: usize) -> Text {
+        let mut t = Text::new("INSERT INTO timers (id, saga_id, due_at, event) VALUES ");
+        t.rows(rows, "(?,?,?,?)");
+        t.push(" ON CONFLICT (id) DO UPDATE SET due_at = excluded.due_at, event = excluded.event");
+        t
+    }
+
+    /// Binds: the ids.
+    pub fn cancel_timers(&self, n: usize) -> Text {
+        let mut t = Text::new("DELETE FROM timers WHERE id IN (");
+        t.list(n).push(")");
+        t
+    }
+
+    /// Takes the free keys. Binds per row: key, saga.
+    pub fn acquire_keys(&self, rows: usize) -> Text {
+        let mut t = Text::new("INSERT INTO sequence_keys (seq_key, holder) VALUES ");
+        t.rows(rows, "(?,?)");
+        t.push(" ON CONFLICT (seq_key) DO NOTHING RETURNING seq_key, holder");
+        t
+    }
+
+    /// The keys' holders, locked, in key order (so two engines releasing overlapping keys
+    /// cannot deadlock; SQLite has one writer: the write transaction is the lock). Binds: keys.
+    pub fn lock_keys(&self, n: usize) -> Text {
+        let mut t = Text::new("SELECT seq_key, holder FROM sequence_keys WHERE seq_key IN (");
+        t.list(n);
+        t.push(if self.postgres {
+            ") ORDER BY seq_key FOR UPDATE"
+        } else {
+            ")"
+        });
+        t
+    }
+
+    /// The first waiter of each key. Binds: the keys.
+    pub fn queue_heads(&self, n: usize) -> Text {
+        let mut t = Text::new(if self.postgres {
+            "SELECT DISTINCT ON (seq_key) seq_key, saga_id FROM sequence_queue WHERE seq_key IN ("
+        } else {
+            // SQLite returns the bare columns of the row that holds the MIN().
+            "SELECT seq_key, saga_id, MIN(position) AS position FROM sequence_queue \
+             WHERE seq_key IN ("
+        });
+        t.list(n);
+        t.push(if self.postgres {
+            ") ORDER BY seq_key, position"
+        } else {
+            ") GROUP BY seq_key"
+        });
+        t
+    }
+
+    /// Binds: the keys.
+    pub fn delete_keys(&self, n: usize) -> Text {
+        let mut t = Text::new("DELETE FROM sequence_keys WHERE seq_key IN (");
+        t.list(n).push(")");
+        t
+    }
+
+    /// Binds: the sagas.
+    pub fn leave_queue(&self, n: usize) -> Text {
+        let mut t = Text::new("DELETE FROM sequence_queue WHERE saga_id IN (");
+        t.list(n).push(")");
+        t
+    }
+
+    /// Confirmed rows leave the queue. Binds: message ids.
+    pub fn delete_sent(&self, n: usize) -> Text {
+        let mut t = Text::new("DELETE FROM outbox WHERE message_id IN (");
+        t.list(n).push(")");
+        t
+    }
+
+    /// Rows given back, claimable at once. Binds: message ids.
+    pub fn release_lease(&self, n: usize) -> Text {
+        let mut t = Text::new("UPDATE outbox SET lease_until = 0 WHERE message_id IN (");
+        t.list(n).push(")");
+        t
+    }
+}
+
 pub const POSTGRES: Sql = Sql {
     postgres: true,
-    load_sagas: "SELECT id, name, definition_hash, sequence_key, state, version, created_at, finished_at FROM sagas \
-        WHERE id = ANY(ARRAY(SELECT json_array_elements_text($1::json)))",
-    insert_sagas: "INSERT INTO sagas (id, name, definition_hash, sequence_key, status, state, version, idempotency_key, created_at, updated_at, finished_at) \
-        SELECT x.id, x.name, x.hash, x.k, x.status, x.state, x.version, x.idem, $2, $2, x.finished \
-        FROM json_to_recordset($1::json) AS x(id text, name text, hash text, k text, status text, state text, idem text, version bigint, finished bigint)",
-    update_sagas: "UPDATE sagas SET status = x.status, state = x.state, version = x.version + x.n, updated_at = $2, \
-        finished_at = CASE WHEN x.finished IS NULL THEN NULL ELSE COALESCE(sagas.finished_at, x.finished) END \
-        FROM json_to_recordset($1::json) AS x(id text, status text, state text, version bigint, n bigint, finished bigint) \
-        WHERE sagas.id = x.id AND sagas.version = x.version \
-        AND sagas.id = ANY(ARRAY(SELECT e->>'id' FROM json_array_elements($1::json) AS e))",
-    sagas_by_idempotency_key: "SELECT idempotency_key, id, name, state FROM sagas \
-        WHERE idempotency_key = ANY(ARRAY(SELECT json_array_elements_text($1::json)))",
-    append_history: "INSERT INTO saga_history (saga_id, at, kind, step, detail) \
-        SELECT e.j->>'saga', $2, e.j->>'kind', e.j->>'step', e.j->>'detail' \
-        FROM json_array_elements($1::json) WITH ORDINALITY AS e(j, o) ORDER BY e.o",
-    enqueue_outbox: "INSERT INTO outbox (message_id, destination, routing_key, payload, created_at, lease_until) \
-        SELECT e.j->>'id', e.j->>'dest', e.j->>'key', e.j->>'payload', $2, (e.j->>'lease')::bigint \
-        FROM json_array_elements($1::json) WITH ORDINALITY AS e(j, o) ORDER BY e.o \
-        ON CONFLICT (message_id) DO NOTHING",
-    claim_timers: "DELETE FROM timers WHERE id = ANY(ARRAY(SELECT json_array_elements_text($1::json))) RETURNING id",
-    set_timers: "INSERT INTO timers (id, saga_id, due_at, event) \
-        SELECT x.id, x.saga, x.due, x.event FROM json_to_recordset($1::json) AS x(id text, saga text, due bigint, event text) \
-        ON CONFLICT (id) DO UPDATE SET due_at = excluded.due_at, event = excluded.event",
-    cancel_timers: "DELETE FROM timers WHERE id = ANY(ARRAY(SELECT json_array_elements_text($1::json)))",
-    acquire_keys: "INSERT INTO sequence_keys (seq_key, holder) \
-        SELECT x.k, x.s FROM json_to_recordset($1::json) AS x(k text, s text) \
-        ON CONFLICT (seq_key) DO NOTHING RETURNING seq_key, holder",
-    // In key order, so two engines releasing overlapping keys cannot deadlock.
-    lock_keys: "SELECT seq_key, holder FROM sequence_keys \
-        WHERE seq_key = ANY(ARRAY(SELECT json_array_elements_text($1::json))) ORDER BY seq_key FOR UPDATE",
-    queue_heads: "SELECT DISTINCT ON (seq_key) seq_key, saga_id FROM sequence_queue \
-        WHERE seq_key = ANY(ARRAY(SELECT json_array_elements_text($1::json))) ORDER BY seq_key, position",
-    delete_keys: "DELETE FROM sequence_keys WHERE seq_key = ANY(ARRAY(SELECT json_array_elements_text($1::json)))",
-    leave_queue: "DELETE FROM sequence_queue WHERE saga_id = ANY(ARRAY(SELECT json_array_elements_text($1::json)))",
     lock_key: "SELECT holder FROM sequence_keys WHERE seq_key = $1 FOR UPDATE",
     claim_outbox: "UPDATE outbox SET lease_until = $1 WHERE id IN (\
         SELECT id FROM outbox WHERE lease_until < $2 OR (lease_until IS NULL AND created_at < $4) \
         ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
         RETURNING id, message_id, destination, routing_key, payload",
-    delete_sent: "DELETE FROM outbox WHERE message_id = ANY(ARRAY(SELECT json_array_elements_text($1::json)))",
-    release_lease: "UPDATE outbox SET lease_until = 0 \
-        WHERE message_id = ANY(ARRAY(SELECT json_array_elements_text($1::json)))",
     next_timers: "SELECT id, saga_id, due_at, event FROM timers ORDER BY due_at LIMIT $1",
     purge_candidates: "SELECT id FROM sagas WHERE purged_at IS NULL \
         AND status IN ('completed', 'compensated') AND finished_at < $1 \
@@ -105,51 +383,11 @@ pub const POSTGRES: Sql = Sql {
 
 pub const SQLITE: Sql = Sql {
     postgres: false,
-    load_sagas: "SELECT id, name, definition_hash, sequence_key, state, version, created_at, finished_at FROM sagas \
-        WHERE id IN (SELECT value FROM json_each($1))",
-    insert_sagas: "INSERT INTO sagas (id, name, definition_hash, sequence_key, status, state, version, idempotency_key, created_at, updated_at, finished_at) \
-        SELECT json_extract(value, '$.id'), json_extract(value, '$.name'), json_extract(value, '$.hash'), \
-        json_extract(value, '$.k'), json_extract(value, '$.status'), json_extract(value, '$.state'), \
-        json_extract(value, '$.version'), json_extract(value, '$.idem'), $2, $2, json_extract(value, '$.finished') \
-        FROM json_each($1)",
-    update_sagas: "UPDATE sagas SET status = x.status, state = x.state, version = x.version + x.n, updated_at = $2, \
-        finished_at = CASE WHEN x.finished IS NULL THEN NULL ELSE COALESCE(sagas.finished_at, x.finished) END \
-        FROM (SELECT json_extract(value, '$.id') AS id, json_extract(value, '$.status') AS status, \
-        json_extract(value, '$.state') AS state, json_extract(value, '$.version') AS version, \
-        json_extract(value, '$.n') AS n, json_extract(value, '$.finished') AS finished FROM json_each($1)) AS x \
-        WHERE sagas.id = x.id AND sagas.version = x.version",
-    sagas_by_idempotency_key: "SELECT idempotency_key, id, name, state FROM sagas \
-        WHERE idempotency_key IN (SELECT value FROM json_each($1))",
-    append_history: "INSERT INTO saga_history (saga_id, at, kind, step, detail) \
-        SELECT json_extract(value, '$.saga'), $2, json_extract(value, '$.kind'), json_extract(value, '$.step'), \
-        json_extract(value, '$.detail') FROM json_each($1) ORDER BY key",
-    enqueue_outbox: "INSERT INTO outbox (message_id, destination, routing_key, payload, created_at, lease_until) \
-        SELECT json_extract(value, '$.id'), json_extract(value, '$.dest'), json_extract(value, '$.key'), \
-        json_extract(value, '$.payload'), $2, json_extract(value, '$.lease') FROM json_each($1) WHERE true ORDER BY key \
-        ON CONFLICT (message_id) DO NOTHING",
-    claim_timers: "DELETE FROM timers WHERE id IN (SELECT value FROM json_each($1)) RETURNING id",
-    set_timers: "INSERT INTO timers (id, saga_id, due_at, event) \
-        SELECT json_extract(value, '$.id'), json_extract(value, '$.saga'), json_extract(value, '$.due'), \
-        json_extract(value, '$.event') FROM json_each($1) WHERE true \
-        ON CONFLICT (id) DO UPDATE SET due_at = excluded.due_at, event = excluded.event",
-    cancel_timers: "DELETE FROM timers WHERE id IN (SELECT value FROM json_each($1))",
-    acquire_keys: "INSERT INTO sequence_keys (seq_key, holder) \
-        SELECT json_extract(value, '$.k'), json_extract(value, '$.s') FROM json_each($1) WHERE true \
-        ON CONFLICT (seq_key) DO NOTHING RETURNING seq_key, holder",
-    // SQLite has one writer: the write transaction is the lock.
-    lock_keys: "SELECT seq_key, holder FROM sequence_keys WHERE seq_key IN (SELECT value FROM json_each($1))",
-    // SQLite returns the bare columns of the row that holds the MIN().
-    queue_heads: "SELECT seq_key, saga_id, MIN(position) AS position FROM sequence_queue \
-        WHERE seq_key IN (SELECT value FROM json_each($1)) GROUP BY seq_key",
-    delete_keys: "DELETE FROM sequence_keys WHERE seq_key IN (SELECT value FROM json_each($1))",
-    leave_queue: "DELETE FROM sequence_queue WHERE saga_id IN (SELECT value FROM json_each($1))",
     lock_key: "SELECT holder FROM sequence_keys WHERE seq_key = $1",
     claim_outbox: "UPDATE outbox SET lease_until = $1 WHERE id IN (\
         SELECT id FROM outbox WHERE lease_until < $2 OR (lease_until IS NULL AND created_at < $4) \
         ORDER BY id LIMIT $3) \
         RETURNING id, message_id, destination, routing_key, payload",
-    delete_sent: "DELETE FROM outbox WHERE message_id IN (SELECT value FROM json_each($1))",
-    release_lease: "UPDATE outbox SET lease_until = 0 WHERE message_id IN (SELECT value FROM json_each($1))",
     next_timers: "SELECT id, saga_id, due_at, event FROM timers ORDER BY due_at LIMIT $1",
     // Without statistics SQLite would rather walk `sagas_by_status` (every completed saga ever,
     // purged ones included) and sort: the partial index is named (an error if it no longer fits
@@ -168,23 +406,61 @@ pub const SQLITE: Sql = Sql {
         AND +status IN ('completed', 'compensated') AND finished_at < $2",
 };
 
-/// PostgreSQL: `insert_sagas`, `update_sagas`, `append_history` and `enqueue_outbox` as ONE
-/// statement (data-modifying CTEs; every part runs in one snapshot, the two on `sagas` on
-/// different rows), so a batch's writes cost one round trip instead of four. `$1`..`$4` are
-/// the four row sets, `$5` is now; the statement returns how many sagas the version-checked
-/// update wrote.
-pub fn postgres_write_changes() -> &'static str {
-    static TEXT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        // Each part takes its rows as $1 and now as $2: renumber them.
-        let part = |sql: &str, rows: u8| sql.replace("$2", "$5").replace("$1", &format!("${rows}"));
-        format!(
-            "WITH i AS ({}), u AS ({} RETURNING 1), h AS ({}), o AS ({}) \
-             SELECT (SELECT COUNT(*) FROM u) AS updated",
-            part(POSTGRES.insert_sagas, 1),
-            part(POSTGRES.update_sagas, 2),
-            part(POSTGRES.append_history, 3),
-            part(POSTGRES.enqueue_outbox, 4),
-        )
-    });
-    &TEXT
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_number_in_order_and_shared_values_repeat() {
+        let t = POSTGRES.append_history(2);
+        assert_eq!(
+            t.sql,
+            "INSERT INTO saga_history (saga_id, at, kind, step, detail) VALUES \
+             ($2,$1,$3,$4,$5),($6,$1,$7,$8,$9)"
+        );
+        assert_eq!(t.params(), 1 + 2 * HISTORY_COLS);
+        assert_eq!(POSTGRES.load_sagas(3).params(), 3);
+    }
+
+    #[test]
+    fn sqlite_names_a_values_lists_columns_through_a_select() {
+        let pg = POSTGRES.update_sagas(1).sql;
+        let lite = SQLITE.update_sagas(1).sql;
+        assert!(
+            pg.contains(
+                "(VALUES ($2,$3,$4,$5,$6,$7)) AS x(id, status, state, version, n, finished)"
+            ),
+            "{pg}"
+        );
+        assert!(
+            lite.contains("(SELECT column1 AS id, column2 AS status, column3 AS state, column4 AS version, column5 AS n, column6 AS finished FROM (VALUES ($2,$3,$4,$5,$6,$7))) AS x"),
+            "{lite}"
+        );
+    }
+
+    #[test]
+    fn write_changes_leaves_out_empty_parts_and_counts_params_across_them() {
+        let t = POSTGRES.write_changes(0, 1, 2, 0);
+        assert!(t.sql.starts_with("WITH u AS (UPDATE sagas"), "{}", t.sql);
+        assert!(
+            t.sql.contains("), h AS (INSERT INTO saga_history"),
+            "{}",
+            t.sql
+        );
+        assert!(!t.sql.contains("o AS"), "{}", t.sql);
+        assert!(
+            t.sql
+                .ends_with("SELECT (SELECT COUNT(*) FROM u) AS updated")
+        );
+        assert_eq!(t.params(), (1 + SAGA_WRITE_COLS) + (1 + 2 * HISTORY_COLS));
+        let none_updated = POSTGRES.write_changes(1, 0, 0, 0);
+        assert!(none_updated.sql.ends_with("SELECT 0 AS updated"));
+        assert_eq!(none_updated.params(), 1 + NEW_SAGA_COLS);
+    }
+
+    #[test]
+    fn batches_split_to_stay_under_the_placeholder_limit() {
+        assert_eq!(rows_per_statement(HISTORY_COLS), MAX_PARAMS / 4);
+        assert_eq!(rows_per_statement(0), MAX_PARAMS);
+    }
 }

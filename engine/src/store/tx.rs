@@ -1,18 +1,19 @@
 //! The engine's write transaction: the table traits and their implementation on sqlx.
 //!
 //! Each trait is one table or concern, and every method takes a whole batch of rows and costs
-//! one statement (see [`super::sql`]), whatever the batch size. The driver asks only for what
+//! one statement (see [`super::sql`]), whatever the batch size (up to [`sql::MAX_PARAMS`]
+//! values; a larger batch is a few statements). The driver asks only for what
 //! it touches; [`StoreTx`] bundles them with `commit`. One implementation, [`Tx`], serves
 //! PostgreSQL and SQLite with the dialect's statement texts; the conformance suite
 //! (`engine/tests/store_conformance.rs`) runs the same cases against both.
 
 use std::collections::{HashMap, HashSet};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::Row;
-use sqlx::any::AnyRow;
+use sqlx::any::{AnyArguments, AnyRow};
 
-use super::sql::Sql;
+use super::sql::{self, Sql, Text, rows_per_statement};
 use super::{Counters, SagaRow, StoreError, json, saga_from_row};
 use crate::machine::{Event, HistoryEntry, SagaState};
 
@@ -189,25 +190,19 @@ pub struct Tx {
     pub(super) counters: std::sync::Arc<Counters>,
 }
 
-fn ids_json(ids: &[String]) -> String {
-    json(&ids)
-}
+/// A statement with its values bound one by one.
+type Query<'q> = sqlx::query::Query<'q, sqlx::Any, AnyArguments>;
 
-fn saga_write_rows(writes: &[SagaWrite], now: i64) -> String {
-    let rows: Vec<Value> = writes
-        .iter()
-        .map(|w| {
-            json!({
-                "id": w.id,
-                "status": w.state.status.name(),
-                "state": json(&w.state),
-                "version": w.expected_version,
-                "n": w.changes,
-                "finished": w.state.status.is_final().then_some(now),
-            })
-        })
-        .collect();
-    json(&rows)
+/// The statement of a built text.
+///
+/// Not kept prepared: PostgreSQL plans it at each run with the tables' current sizes. A
+/// prepared statement keeps its generic plan for the life of the connection, and one made
+/// while the tables were small (a fresh deployment, the first seconds of a run) is a
+/// sequential scan the tables then outgrow (measured: 8-50 ms per saga update at 50,000
+/// sagas instead of 0.1 ms). Planning a batch statement costs far less than that. (Its text
+/// depends on the batch's size anyway.)
+fn query<'q>(text: Text) -> Query<'q> {
+    sqlx::query(sqlx::AssertSqlSafe(text.sql)).persistent(false)
 }
 
 /// A version-checked update wrote `written` of `writes`: anything less is a stale version.
@@ -224,92 +219,129 @@ fn check_written(writes: &[SagaWrite], written: u64) -> Result<(), StoreError> {
     )))
 }
 
-fn new_saga_rows(sagas: &[NewSaga], now: i64) -> String {
-    let rows: Vec<Value> = sagas
-        .iter()
-        .map(|s| {
-            json!({
-                "id": s.id,
-                "name": s.name,
-                "hash": s.definition_hash,
-                "k": s.sequence_key,
-                "status": s.state.status.name(),
-                "state": json(&s.state),
-                "idem": s.idempotency_key,
-                "version": s.version,
-                "finished": s.state.status.is_final().then_some(now),
-            })
-        })
-        .collect();
-    json(&rows)
+/// `now` if the state is final: when it became so.
+fn finished(state: &SagaState, now: i64) -> Option<i64> {
+    state.status.is_final().then_some(now)
 }
 
-fn history_rows(rows: &[HistoryRow]) -> String {
-    let rows: Vec<Value> = rows
-        .iter()
-        .map(|h| {
-            json!({
-                "saga": h.saga_id,
-                "kind": h.entry.kind,
-                "step": h.entry.step,
-                "detail": h.entry.detail,
-            })
-        })
-        .collect();
-    json(&rows)
+/// The values of [`Sql::insert_sagas`]' rows; `states` are the sagas' states as JSON.
+fn bind_new_sagas<'q>(
+    mut q: Query<'q>,
+    sagas: &'q [NewSaga],
+    states: &'q [String],
+    now: i64,
+) -> Query<'q> {
+    q = q.bind(now);
+    for (s, state) in sagas.iter().zip(states) {
+        q = q
+            .bind(s.id.as_str())
+            .bind(s.name.as_str())
+            .bind(s.definition_hash.as_str())
+            .bind(s.sequence_key.as_str())
+            .bind(s.state.status.name())
+            .bind(state.as_str())
+            .bind(s.version)
+            .bind(s.idempotency_key.as_deref())
+            .bind(finished(&s.state, now));
+    }
+    q
 }
 
-fn outbox_rows(messages: &[OutboxMessage]) -> String {
-    let rows: Vec<Value> = messages
-        .iter()
-        .map(|m| {
-            json!({
-                "id": m.message_id,
-                "dest": m.destination,
-                "key": m.routing_key,
-                "payload": m.payload,
-                // NULL: handed off (see `OutboxMessage::handed_off`); 0: free to claim now.
-                "lease": if m.handed_off { None } else { Some(0) },
-            })
-        })
-        .collect();
-    json(&rows)
+/// The values of [`Sql::update_sagas`]' rows; `states` are the new states as JSON.
+fn bind_saga_writes<'q>(
+    mut q: Query<'q>,
+    writes: &'q [SagaWrite],
+    states: &'q [String],
+    now: i64,
+) -> Query<'q> {
+    q = q.bind(now);
+    for (w, state) in writes.iter().zip(states) {
+        q = q
+            .bind(w.id.as_str())
+            .bind(w.state.status.name())
+            .bind(state.as_str())
+            .bind(w.expected_version)
+            .bind(w.changes)
+            .bind(finished(&w.state, now));
+    }
+    q
+}
+
+fn bind_history<'q>(mut q: Query<'q>, rows: &'q [HistoryRow], now: i64) -> Query<'q> {
+    q = q.bind(now);
+    for h in rows {
+        q = q
+            .bind(h.saga_id.as_str())
+            .bind(h.entry.kind.as_str())
+            .bind(h.entry.step.as_deref())
+            .bind(h.entry.detail.as_str());
+    }
+    q
+}
+
+fn bind_outbox<'q>(mut q: Query<'q>, messages: &'q [OutboxMessage], now: i64) -> Query<'q> {
+    q = q.bind(now);
+    for m in messages {
+        // NULL: handed off (see `OutboxMessage::handed_off`); 0: free to claim now.
+        let lease: Option<i64> = if m.handed_off { None } else { Some(0) };
+        q = q
+            .bind(m.message_id.as_str())
+            .bind(m.destination.as_str())
+            .bind(m.routing_key.as_str())
+            .bind(m.payload.as_str())
+            .bind(lease);
+    }
+    q
+}
+
+fn bind_all<'q>(mut q: Query<'q>, values: &'q [String]) -> Query<'q> {
+    for v in values {
+        q = q.bind(v.as_str());
+    }
+    q
+}
+
+fn states<'a>(states: impl Iterator<Item = &'a SagaState>) -> Vec<String> {
+    states.map(json).collect()
 }
 
 impl Tx {
-    /// A statement that takes the rows as `$1` (and `now` as `$2` where given).
-    ///
-    /// Not kept prepared: PostgreSQL plans it at each run with the tables' current sizes. A
-    /// prepared statement keeps its generic plan for the life of the connection, and one made
-    /// while the tables were small (a fresh deployment, the first seconds of a run) is a
-    /// sequential scan the tables then outgrow (measured: 8-50 ms per saga update at 50,000
-    /// sagas instead of 0.1 ms). Planning a batch statement costs far less than that.
-    async fn exec(
-        &mut self,
-        sql: &'static str,
-        rows: String,
-        now: Option<i64>,
-    ) -> Result<u64, StoreError> {
+    async fn exec(&mut self, q: Query<'_>) -> Result<u64, StoreError> {
         self.counters.statement();
-        let mut q = sqlx::query(sql).persistent(false).bind(rows);
-        if let Some(now) = now {
-            q = q.bind(now);
-        }
         Ok(q.execute(&mut *self.tx).await?.rows_affected())
     }
 
-    async fn fetch(
-        &mut self,
-        sql: &'static str,
-        rows: String,
-        now: Option<i64>,
-    ) -> Result<Vec<AnyRow>, StoreError> {
+    async fn fetch(&mut self, q: Query<'_>) -> Result<Vec<AnyRow>, StoreError> {
         self.counters.statement();
-        let mut q = sqlx::query(sql).persistent(false).bind(rows);
-        if let Some(now) = now {
-            q = q.bind(now);
-        }
         Ok(q.fetch_all(&mut *self.tx).await?)
+    }
+
+    /// A statement per chunk of `values` (an `IN` list), all rows returned.
+    async fn fetch_in(
+        &mut self,
+        text: fn(&Sql, usize) -> Text,
+        values: &[String],
+    ) -> Result<Vec<AnyRow>, StoreError> {
+        let mut rows = Vec::new();
+        for chunk in values.chunks(rows_per_statement(1)) {
+            let q = bind_all(query(text(self.sql, chunk.len())), chunk);
+            rows.extend(self.fetch(q).await?);
+        }
+        Ok(rows)
+    }
+
+    /// A statement per chunk of `values` (an `IN` list); rows affected in all.
+    async fn exec_in(
+        &mut self,
+        text: fn(&Sql, usize) -> Text,
+        values: &[String],
+    ) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for chunk in values.chunks(rows_per_statement(1)) {
+            let q = bind_all(query(text(self.sql, chunk.len())), chunk);
+            n += self.exec(q).await?;
+        }
+        Ok(n)
     }
 
     /// The raw connection, for the rare per-row paths.
@@ -324,33 +356,28 @@ impl Tx {
 
 impl SagaTable for Tx {
     async fn load_sagas(&mut self, ids: &[String]) -> Result<Vec<SagaRow>, StoreError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rows = self.fetch(self.sql.load_sagas, ids_json(ids), None).await?;
+        let rows = self.fetch_in(Sql::load_sagas, ids).await?;
         rows.iter().map(saga_from_row).collect()
     }
 
     async fn insert_sagas(&mut self, sagas: &[NewSaga], now: i64) -> Result<(), StoreError> {
-        if sagas.is_empty() {
-            return Ok(());
+        let json = states(sagas.iter().map(|s| &s.state));
+        let per = rows_per_statement(sql::NEW_SAGA_COLS);
+        for (rows, json) in sagas.chunks(per).zip(json.chunks(per)) {
+            let q = bind_new_sagas(query(self.sql.insert_sagas(rows.len())), rows, json, now);
+            self.exec(q).await?;
         }
-        self.exec(self.sql.insert_sagas, new_saga_rows(sagas, now), Some(now))
-            .await?;
         Ok(())
     }
 
     async fn update_sagas(&mut self, writes: &[SagaWrite], now: i64) -> Result<(), StoreError> {
-        if writes.is_empty() {
-            return Ok(());
+        let json = states(writes.iter().map(|w| &w.state));
+        let per = rows_per_statement(sql::SAGA_WRITE_COLS);
+        let mut written = 0;
+        for (rows, json) in writes.chunks(per).zip(json.chunks(per)) {
+            let q = bind_saga_writes(query(self.sql.update_sagas(rows.len())), rows, json, now);
+            written += self.exec(q).await?;
         }
-        let written = self
-            .exec(
-                self.sql.update_sagas,
-                saga_write_rows(writes, now),
-                Some(now),
-            )
-            .await?;
         check_written(writes, written)
     }
 
@@ -358,12 +385,7 @@ impl SagaTable for Tx {
         &mut self,
         keys: &[String],
     ) -> Result<HashMap<String, KeyedSaga>, StoreError> {
-        if keys.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let rows = self
-            .fetch(self.sql.sagas_by_idempotency_key, ids_json(keys), None)
-            .await?;
+        let rows = self.fetch_in(Sql::sagas_by_idempotency_key, keys).await?;
         rows.iter()
             .map(|r| {
                 let id: String = r.try_get("id")?;
@@ -384,11 +406,10 @@ impl SagaTable for Tx {
 
 impl HistoryTable for Tx {
     async fn append_history(&mut self, rows: &[HistoryRow], now: i64) -> Result<(), StoreError> {
-        if rows.is_empty() {
-            return Ok(());
+        for chunk in rows.chunks(rows_per_statement(sql::HISTORY_COLS)) {
+            let q = bind_history(query(self.sql.append_history(chunk.len())), chunk, now);
+            self.exec(q).await?;
         }
-        self.exec(self.sql.append_history, history_rows(rows), Some(now))
-            .await?;
         Ok(())
     }
 }
@@ -399,51 +420,39 @@ impl OutboxTable for Tx {
         messages: &[OutboxMessage],
         now: i64,
     ) -> Result<(), StoreError> {
-        if messages.is_empty() {
-            return Ok(());
+        for chunk in messages.chunks(rows_per_statement(sql::OUTBOX_COLS)) {
+            let q = bind_outbox(query(self.sql.enqueue_outbox(chunk.len())), chunk, now);
+            self.exec(q).await?;
         }
-        self.exec(self.sql.enqueue_outbox, outbox_rows(messages), Some(now))
-            .await?;
         Ok(())
     }
 }
 
 impl TimerTable for Tx {
     async fn claim_timers(&mut self, ids: &[String]) -> Result<HashSet<String>, StoreError> {
-        if ids.is_empty() {
-            return Ok(HashSet::new());
-        }
-        let rows = self
-            .fetch(self.sql.claim_timers, ids_json(ids), None)
-            .await?;
+        let rows = self.fetch_in(Sql::claim_timers, ids).await?;
         rows.iter().map(|r| Ok(r.try_get("id")?)).collect()
     }
 
     async fn set_timers(&mut self, rows: &[TimerRow]) -> Result<(), StoreError> {
-        if rows.is_empty() {
-            return Ok(());
+        let events: Vec<String> = rows.iter().map(|t| json(&t.event)).collect();
+        let per = rows_per_statement(sql::TIMER_COLS);
+        for (chunk, events) in rows.chunks(per).zip(events.chunks(per)) {
+            let mut q = query(self.sql.set_timers(chunk.len()));
+            for (t, event) in chunk.iter().zip(events) {
+                q = q
+                    .bind(t.id.as_str())
+                    .bind(t.saga_id.as_str())
+                    .bind(t.due_at)
+                    .bind(event.as_str());
+            }
+            self.exec(q).await?;
         }
-        let rows: Vec<Value> = rows
-            .iter()
-            .map(|t| {
-                json!({
-                    "id": t.id,
-                    "saga": t.saga_id,
-                    "due": t.due_at,
-                    "event": json(&t.event),
-                })
-            })
-            .collect();
-        self.exec(self.sql.set_timers, json(&rows), None).await?;
         Ok(())
     }
 
     async fn cancel_timers(&mut self, ids: &[String]) -> Result<(), StoreError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        self.exec(self.sql.cancel_timers, ids_json(ids), None)
-            .await?;
+        self.exec_in(Sql::cancel_timers, ids).await?;
         Ok(())
     }
 }
@@ -460,16 +469,16 @@ impl SequenceKeyTable for Tx {
         // then wait for each other in one direction only, never in a cycle.
         let mut ordered: Vec<&(String, String)> = requests.iter().collect();
         ordered.sort_by(|a, b| a.0.cmp(&b.0));
-        let rows: Vec<Value> = ordered
-            .iter()
-            .map(|(k, s)| json!({"k": k, "s": s}))
-            .collect();
-        let taken: HashSet<String> = self
-            .fetch(self.sql.acquire_keys, json(&rows), None)
-            .await?
-            .iter()
-            .map(|r| r.try_get::<String, _>("holder"))
-            .collect::<Result<_, _>>()?;
+        let mut taken = HashSet::new();
+        for chunk in ordered.chunks(rows_per_statement(2)) {
+            let mut q = query(self.sql.acquire_keys(chunk.len()));
+            for (k, s) in chunk {
+                q = q.bind(k.as_str()).bind(s.as_str());
+            }
+            for r in self.fetch(q).await? {
+                taken.insert(r.try_get::<String, _>("holder")?);
+            }
+        }
         let mut holds = HashSet::new();
         for (key, saga) in ordered {
             if taken.contains(saga) || self.queue_behind(key, saga).await? {
@@ -490,11 +499,13 @@ impl SequenceKeyTable for Tx {
         if released.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<String> = released.iter().map(|(k, _)| k.clone()).collect();
+        let mut keys: Vec<String> = released.iter().map(|(k, _)| k.clone()).collect();
+        keys.sort_unstable();
+        keys.dedup();
         // Lock first, then read the queue in a later statement: its snapshot then sees every
         // waiter queued by a transaction that held the key's lock before us.
         let holders: HashMap<String, String> = self
-            .fetch(self.sql.lock_keys, ids_json(&keys), None)
+            .fetch_in(Sql::lock_keys, &keys)
             .await?
             .iter()
             .map(|r| Ok((r.try_get("seq_key")?, r.try_get("holder")?)))
@@ -509,14 +520,13 @@ impl SequenceKeyTable for Tx {
             }
         }
         if !waiters.is_empty() {
-            self.exec(self.sql.leave_queue, ids_json(&waiters), None)
-                .await?;
+            self.exec_in(Sql::leave_queue, &waiters).await?;
         }
         if held.is_empty() {
             return Ok(Vec::new());
         }
         let heads: HashMap<String, String> = self
-            .fetch(self.sql.queue_heads, ids_json(&held), None)
+            .fetch_in(Sql::queue_heads, &held)
             .await?
             .iter()
             .map(|r| Ok((r.try_get("seq_key")?, r.try_get("saga_id")?)))
@@ -527,8 +537,7 @@ impl SequenceKeyTable for Tx {
             .cloned()
             .collect();
         if !free.is_empty() {
-            self.exec(self.sql.delete_keys, ids_json(&free), None)
-                .await?;
+            self.exec_in(Sql::delete_keys, &free).await?;
         }
         // Hand-overs are rare (two sagas of one order close together): one row at a time.
         let mut next = Vec::new();
@@ -635,7 +644,12 @@ impl DefinitionTable for Tx {
 
 impl StoreTx for Tx {
     async fn write_changes(&mut self, c: &Changes<'_>, now: i64) -> Result<(), StoreError> {
-        if !self.sql.postgres {
+        let params = 4
+            + c.new_sagas.len() * sql::NEW_SAGA_COLS
+            + c.sagas.len() * sql::SAGA_WRITE_COLS
+            + c.history.len() * sql::HISTORY_COLS
+            + c.outbox.len() * sql::OUTBOX_COLS;
+        if !self.sql.postgres || params > sql::MAX_PARAMS {
             self.insert_sagas(c.new_sagas, now).await?;
             self.update_sagas(c.sagas, now).await?;
             self.append_history(c.history, now).await?;
@@ -648,16 +662,30 @@ impl StoreTx for Tx {
         {
             return Ok(());
         }
+        let new_states = states(c.new_sagas.iter().map(|s| &s.state));
+        let write_states = states(c.sagas.iter().map(|w| &w.state));
+        let text = self.sql.write_changes(
+            c.new_sagas.len(),
+            c.sagas.len(),
+            c.history.len(),
+            c.outbox.len(),
+        );
+        let mut q = query(text);
+        // Each part binds its own `now` first, in the order the parts were written.
+        if !c.new_sagas.is_empty() {
+            q = bind_new_sagas(q, c.new_sagas, &new_states, now);
+        }
+        if !c.sagas.is_empty() {
+            q = bind_saga_writes(q, c.sagas, &write_states, now);
+        }
+        if !c.history.is_empty() {
+            q = bind_history(q, c.history, now);
+        }
+        if !c.outbox.is_empty() {
+            q = bind_outbox(q, c.outbox, now);
+        }
         self.counters.statement();
-        let row = sqlx::query(super::sql::postgres_write_changes())
-            .persistent(false)
-            .bind(new_saga_rows(c.new_sagas, now))
-            .bind(saga_write_rows(c.sagas, now))
-            .bind(history_rows(c.history))
-            .bind(outbox_rows(c.outbox))
-            .bind(now)
-            .fetch_one(&mut *self.tx)
-            .await?;
+        let row = q.fetch_one(&mut *self.tx).await?;
         let written: i64 = row.try_get("updated")?;
         check_written(c.sagas, u64::try_from(written).unwrap_or(0))
     }
