@@ -521,13 +521,18 @@ mod tests {
     use sqlx::AnyPool;
 
     use super::*;
-    use crate::services::testing::{Op, assert_reported, outcome, run, sqlite};
+    use crate::services::testing::{
+        Backend, Migration, Op, TestDb, assert_reported, on_both_backends, outcome, run,
+    };
 
-    const MIGRATION: &str = include_str!("../../../migrations/sqlite/0102_coupon.sql");
+    const MIGRATION: Migration = (
+        include_str!("../../../migrations/sqlite/0102_coupon.sql"),
+        include_str!("../../../migrations/postgres/0102_coupon.sql"),
+    );
 
-    async fn setup() -> AnyPool {
-        let pool = sqlite(&[MIGRATION]).await;
-        let mut conn = pool.acquire().await.unwrap();
+    async fn setup(backend: Backend, test: &str) -> Option<TestDb> {
+        let db = TestDb::new(backend, test, &[MIGRATION]).await?;
+        let mut conn = db.pool.acquire().await.unwrap();
         let coupons = [
             ("c1".to_owned(), "u1".to_owned()),
             ("c2".to_owned(), "u1".to_owned()),
@@ -535,8 +540,17 @@ mod tests {
         ];
         seed(&mut conn, &coupons).await.unwrap();
         seed(&mut conn, &coupons).await.unwrap();
-        pool
+        drop(conn);
+        Some(db)
     }
+
+    on_both_backends!(
+        freeze_then_use_spends_the_coupon_once,
+        freeze_refuses_coupons_it_cannot_take,
+        unfreeze_releases_only_what_this_saga_froze,
+        restore_gives_back_a_coupon_used_by_the_refunded_order_only,
+        check_reports_broken_states,
+    );
 
     async fn state_of(pool: &AnyPool, coupon: &str) -> String {
         let mut conn = pool.acquire().await.unwrap();
@@ -559,32 +573,28 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn freeze_then_use_spends_the_coupon_once() {
-        let pool = setup().await;
+    async fn freeze_then_use_spends_the_coupon_once(pool: &AnyPool) {
         let p = params("c1", "u1", "o-1");
         for _ in 0..2 {
-            run(&pool, Op::Try(&Coupon), "s1", "coupon", &p)
+            run(pool, Op::Try(&Coupon), "s1", "coupon", &p)
                 .await
                 .unwrap();
         }
-        assert_eq!(state_of(&pool, "c1").await, "frozen by saga s1 (order o-1)");
+        assert_eq!(state_of(pool, "c1").await, "frozen by saga s1 (order o-1)");
         for _ in 0..2 {
-            let out = run(&pool, Op::Confirm(&Coupon), "s1", "coupon", &p)
+            let out = run(pool, Op::Confirm(&Coupon), "s1", "coupon", &p)
                 .await
                 .unwrap();
             assert_eq!(out, json!({ "coupon_id": "c1", "state": "used" }));
         }
-        assert_eq!(state_of(&pool, "c1").await, "used by saga s1 (order o-1)");
+        assert_eq!(state_of(pool, "c1").await, "used by saga s1 (order o-1)");
         let outcomes = [outcome("s1", ORDER_PAID, OutcomeState::Completed, p)];
-        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
+        assert_eq!(violations(pool, &outcomes).await, Vec::<String>::new());
     }
 
-    #[tokio::test]
-    async fn freeze_refuses_coupons_it_cannot_take() {
-        let pool = setup().await;
+    async fn freeze_refuses_coupons_it_cannot_take(pool: &AnyPool) {
         run(
-            &pool,
+            pool,
             Op::Try(&Coupon),
             "s1",
             "coupon",
@@ -593,7 +603,7 @@ mod tests {
         .await
         .unwrap();
         run(
-            &pool,
+            pool,
             Op::Try(&Coupon),
             "s2",
             "coupon",
@@ -601,12 +611,12 @@ mod tests {
         )
         .await
         .unwrap();
-        run(&pool, Op::Confirm(&Coupon), "s2", "coupon", &Value::Null)
+        run(pool, Op::Confirm(&Coupon), "s2", "coupon", &Value::Null)
             .await
             .unwrap();
 
         let r = run(
-            &pool,
+            pool,
             Op::Try(&Coupon),
             "s3",
             "coupon",
@@ -615,7 +625,7 @@ mod tests {
         .await;
         assert_eq!(code(r), "coupon_frozen");
         let r = run(
-            &pool,
+            pool,
             Op::Try(&Coupon),
             "s3",
             "coupon",
@@ -624,7 +634,7 @@ mod tests {
         .await;
         assert_eq!(code(r), "coupon_used");
         let r = run(
-            &pool,
+            pool,
             Op::Try(&Coupon),
             "s3",
             "coupon",
@@ -633,7 +643,7 @@ mod tests {
         .await;
         assert_eq!(code(r), "not_owner");
         let r = run(
-            &pool,
+            pool,
             Op::Try(&Coupon),
             "s3",
             "coupon",
@@ -642,7 +652,7 @@ mod tests {
         .await;
         assert_eq!(code(r), "unknown_coupon");
         let r = run(
-            &pool,
+            pool,
             Op::Try(&Coupon),
             "s3",
             "coupon",
@@ -650,52 +660,48 @@ mod tests {
         )
         .await;
         assert_eq!(code(r), "bad_params");
-        let r = run(&pool, Op::Confirm(&Coupon), "s3", "coupon", &Value::Null).await;
+        let r = run(pool, Op::Confirm(&Coupon), "s3", "coupon", &Value::Null).await;
         assert_eq!(code(r), "not_frozen", "confirm without a freeze");
-        assert_eq!(state_of(&pool, "c3").await, "available");
+        assert_eq!(state_of(pool, "c3").await, "available");
     }
 
-    #[tokio::test]
-    async fn unfreeze_releases_only_what_this_saga_froze() {
-        let pool = setup().await;
+    async fn unfreeze_releases_only_what_this_saga_froze(pool: &AnyPool) {
         let p = params("c1", "u1", "o-1");
-        run(&pool, Op::Try(&Coupon), "s1", "coupon", &p)
+        run(pool, Op::Try(&Coupon), "s1", "coupon", &p)
             .await
             .unwrap();
         // A cancel of a saga that froze nothing leaves s1's reservation alone.
-        let out = run(&pool, Op::Cancel(&Coupon), "s2", "coupon", &p)
+        let out = run(pool, Op::Cancel(&Coupon), "s2", "coupon", &p)
             .await
             .unwrap();
         assert_eq!(out, json!({ "unfrozen": false }));
-        assert_eq!(state_of(&pool, "c1").await, "frozen by saga s1 (order o-1)");
+        assert_eq!(state_of(pool, "c1").await, "frozen by saga s1 (order o-1)");
         for _ in 0..2 {
-            let out = run(&pool, Op::Cancel(&Coupon), "s1", "coupon", &p)
+            let out = run(pool, Op::Cancel(&Coupon), "s1", "coupon", &p)
                 .await
                 .unwrap();
             assert_eq!(out, json!({ "coupon_id": "c1", "unfrozen": true }));
         }
-        assert_eq!(state_of(&pool, "c1").await, "available");
+        assert_eq!(state_of(pool, "c1").await, "available");
 
         let outcomes = [
             outcome("s1", ORDER_PAID, OutcomeState::Compensated, p.clone()),
             outcome("s2", ORDER_PAID, OutcomeState::Compensated, p),
         ];
-        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
+        assert_eq!(violations(pool, &outcomes).await, Vec::<String>::new());
     }
 
-    #[tokio::test]
-    async fn restore_gives_back_a_coupon_used_by_the_refunded_order_only() {
-        let pool = setup().await;
+    async fn restore_gives_back_a_coupon_used_by_the_refunded_order_only(pool: &AnyPool) {
         let p = params("c1", "u1", "o-1");
-        run(&pool, Op::Try(&Coupon), "s1", "coupon", &p)
+        run(pool, Op::Try(&Coupon), "s1", "coupon", &p)
             .await
             .unwrap();
-        run(&pool, Op::Confirm(&Coupon), "s1", "coupon", &p)
+        run(pool, Op::Confirm(&Coupon), "s1", "coupon", &p)
             .await
             .unwrap();
 
         let out = run(
-            &pool,
+            pool,
             Op::Action(&Restore),
             "r0",
             "coupon",
@@ -709,7 +715,7 @@ mod tests {
             "used by another order: {out}"
         );
         let out = run(
-            &pool,
+            pool,
             Op::Action(&Restore),
             "r0",
             "coupon",
@@ -723,7 +729,7 @@ mod tests {
             "someone else's coupon: {out}"
         );
         let out = run(
-            &pool,
+            pool,
             Op::Action(&Restore),
             "r0",
             "coupon",
@@ -733,21 +739,21 @@ mod tests {
         .unwrap();
         assert_eq!(out["restored"], json!(false), "no such coupon: {out}");
         for _ in 0..2 {
-            let out = run(&pool, Op::Action(&Restore), "r1", "coupon", &p)
+            let out = run(pool, Op::Action(&Restore), "r1", "coupon", &p)
                 .await
                 .unwrap();
             assert_eq!(out["restored"], json!(true));
         }
-        assert_eq!(state_of(&pool, "c1").await, "available");
-        let r = run(&pool, Op::Compensate(&Restore), "r1", "coupon", &p).await;
+        assert_eq!(state_of(pool, "c1").await, "available");
+        let r = run(pool, Op::Compensate(&Restore), "r1", "coupon", &p).await;
         assert_eq!(code(r), "irreversible");
 
         // Given back, the coupon can serve another order.
         let again = params("c1", "u1", "o-2");
-        run(&pool, Op::Try(&Coupon), "s2", "coupon", &again)
+        run(pool, Op::Try(&Coupon), "s2", "coupon", &again)
             .await
             .unwrap();
-        run(&pool, Op::Confirm(&Coupon), "s2", "coupon", &again)
+        run(pool, Op::Confirm(&Coupon), "s2", "coupon", &again)
             .await
             .unwrap();
         let outcomes = [
@@ -761,34 +767,32 @@ mod tests {
             outcome("r1", ORDER_REFUND, OutcomeState::Completed, p),
             outcome("s2", ORDER_PAID, OutcomeState::Completed, again),
         ];
-        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
+        assert_eq!(violations(pool, &outcomes).await, Vec::<String>::new());
     }
 
-    #[tokio::test]
-    async fn check_reports_broken_states() {
-        let pool = setup().await;
+    async fn check_reports_broken_states(pool: &AnyPool) {
         let first = params("c1", "u1", "o-1");
-        run(&pool, Op::Try(&Coupon), "first", "coupon", &first)
+        run(pool, Op::Try(&Coupon), "first", "coupon", &first)
             .await
             .unwrap();
-        run(&pool, Op::Confirm(&Coupon), "first", "coupon", &first)
+        run(pool, Op::Confirm(&Coupon), "first", "coupon", &first)
             .await
             .unwrap();
         // Someone resets the coupon behind the service's back, and it is spent a second time.
         sqlx::query("UPDATE coupons SET state = 'available', saga_id = NULL, order_id = NULL")
-            .execute(&pool)
+            .execute(pool)
             .await
             .unwrap();
         let second = params("c1", "u1", "o-2");
-        run(&pool, Op::Try(&Coupon), "second", "coupon", &second)
+        run(pool, Op::Try(&Coupon), "second", "coupon", &second)
             .await
             .unwrap();
-        run(&pool, Op::Confirm(&Coupon), "second", "coupon", &second)
+        run(pool, Op::Confirm(&Coupon), "second", "coupon", &second)
             .await
             .unwrap();
         // A reservation whose cancel never ran, and one nobody knows about.
         run(
-            &pool,
+            pool,
             Op::Try(&Coupon),
             "hung",
             "coupon",
@@ -797,7 +801,7 @@ mod tests {
         .await
         .unwrap();
         run(
-            &pool,
+            pool,
             Op::Try(&Coupon),
             "stray",
             "coupon",
@@ -816,7 +820,7 @@ mod tests {
                 params("c2", "u1", "o-3"),
             ),
         ];
-        let v = violations(&pool, &outcomes).await;
+        let v = violations(pool, &outcomes).await;
         assert_reported(
             &v,
             &["coupon `c1` is used by saga second", "2 freeze", "2 use"],

@@ -366,17 +366,28 @@ mod tests {
     use sqlx::AnyPool;
 
     use super::*;
-    use crate::services::testing::{Op, assert_reported, outcome, run, sqlite};
+    use crate::services::testing::{
+        Backend, Migration, Op, TestDb, assert_reported, on_both_backends, outcome, run,
+    };
 
-    const MIGRATION: &str = include_str!("../../../migrations/sqlite/0104_gmv.sql");
+    const MIGRATION: Migration = (
+        include_str!("../../../migrations/sqlite/0104_gmv.sql"),
+        include_str!("../../../migrations/postgres/0104_gmv.sql"),
+    );
 
-    async fn setup() -> AnyPool {
-        let pool = sqlite(&[MIGRATION]).await;
-        let mut conn = pool.acquire().await.unwrap();
+    async fn setup(backend: Backend, test: &str) -> Option<TestDb> {
+        let db = TestDb::new(backend, test, &[MIGRATION]).await?;
+        let mut conn = db.pool.acquire().await.unwrap();
         seed(&mut conn, &["spring".to_owned()]).await.unwrap();
         seed(&mut conn, &["spring".to_owned()]).await.unwrap();
-        pool
+        drop(conn);
+        Some(db)
     }
+
+    on_both_backends!(
+        add_subtract_and_their_compensations_move_gmv_exactly_once,
+        check_reports_broken_states,
+    );
 
     async fn gmv_of(pool: &AnyPool, campaign: &str) -> Option<i64> {
         sqlx::query("SELECT gmv FROM campaign_gmv WHERE campaign_id = $1")
@@ -400,23 +411,21 @@ mod tests {
         json!({ "order_id": order_id, "user_id": "u1", "amount": amount, "campaign_id": campaign })
     }
 
-    #[tokio::test]
-    async fn add_subtract_and_their_compensations_move_gmv_exactly_once() {
-        let pool = setup().await;
+    async fn add_subtract_and_their_compensations_move_gmv_exactly_once(pool: &AnyPool) {
         let p = params("spring", "129.90");
-        run(&pool, Op::Action(&Add), "paid", "gmv", &p)
+        run(pool, Op::Action(&Add), "paid", "gmv", &p)
             .await
             .unwrap();
-        run(&pool, Op::Action(&Add), "paid", "gmv", &p)
+        run(pool, Op::Action(&Add), "paid", "gmv", &p)
             .await
             .unwrap();
         assert_eq!(
-            gmv_of(&pool, "spring").await,
+            gmv_of(pool, "spring").await,
             Some(12_990),
             "a replayed add counts once"
         );
         run(
-            &pool,
+            pool,
             Op::Action(&Add),
             "undone",
             "gmv",
@@ -425,33 +434,33 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(
-            gmv_of(&pool, "autumn").await,
+            gmv_of(pool, "autumn").await,
             Some(1_000),
             "created on demand"
         );
-        let back = run(&pool, Op::Compensate(&Add), "undone", "gmv", &p)
+        let back = run(pool, Op::Compensate(&Add), "undone", "gmv", &p)
             .await
             .unwrap();
         assert_eq!(back, json!({ "delta_cents": -1_000 }));
-        run(&pool, Op::Compensate(&Add), "undone", "gmv", &p)
+        run(pool, Op::Compensate(&Add), "undone", "gmv", &p)
             .await
             .unwrap();
-        assert_eq!(gmv_of(&pool, "autumn").await, Some(0));
-        let none = run(&pool, Op::Compensate(&Add), "never", "gmv", &p)
+        assert_eq!(gmv_of(pool, "autumn").await, Some(0));
+        let none = run(pool, Op::Compensate(&Add), "never", "gmv", &p)
             .await
             .unwrap();
         assert_eq!(none, json!({ "delta_cents": 0 }));
 
-        run(&pool, Op::Action(&Subtract), "refund-undone", "gmv", &p)
+        run(pool, Op::Action(&Subtract), "refund-undone", "gmv", &p)
             .await
             .unwrap();
-        assert_eq!(gmv_of(&pool, "spring").await, Some(0));
-        run(&pool, Op::Compensate(&Subtract), "refund-undone", "gmv", &p)
+        assert_eq!(gmv_of(pool, "spring").await, Some(0));
+        run(pool, Op::Compensate(&Subtract), "refund-undone", "gmv", &p)
             .await
             .unwrap();
-        assert_eq!(gmv_of(&pool, "spring").await, Some(12_990));
+        assert_eq!(gmv_of(pool, "spring").await, Some(12_990));
         run(
-            &pool,
+            pool,
             Op::Action(&Subtract),
             "refund",
             "gmv",
@@ -461,7 +470,7 @@ mod tests {
         .unwrap();
 
         let r = run(
-            &pool,
+            pool,
             Op::Action(&Add),
             "bad",
             "gmv",
@@ -470,7 +479,7 @@ mod tests {
         .await;
         assert!(matches!(&r, Err(StepError::Business { code, .. }) if code == "bad_amount"));
         let r = run(
-            &pool,
+            pool,
             Op::Action(&Add),
             "bad",
             "gmv",
@@ -511,15 +520,13 @@ mod tests {
                 input("o-4", "spring", "100"),
             ),
         ];
-        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
-        assert_eq!(gmv_of(&pool, "spring").await, Some(2_990));
+        assert_eq!(violations(pool, &outcomes).await, Vec::<String>::new());
+        assert_eq!(gmv_of(pool, "spring").await, Some(2_990));
     }
 
-    #[tokio::test]
-    async fn check_reports_broken_states() {
-        let pool = setup().await;
+    async fn check_reports_broken_states(pool: &AnyPool) {
         run(
-            &pool,
+            pool,
             Op::Action(&Add),
             "paid",
             "gmv",
@@ -528,7 +535,7 @@ mod tests {
         .await
         .unwrap();
         run(
-            &pool,
+            pool,
             Op::Action(&Add),
             "kept",
             "gmv",
@@ -537,7 +544,7 @@ mod tests {
         .await
         .unwrap();
         run(
-            &pool,
+            pool,
             Op::Action(&Add),
             "stray",
             "gmv",
@@ -546,7 +553,7 @@ mod tests {
         .await
         .unwrap();
         sqlx::query("UPDATE campaign_gmv SET gmv = gmv + 100 WHERE campaign_id = 'summer'")
-            .execute(&pool)
+            .execute(pool)
             .await
             .unwrap();
 
@@ -564,7 +571,7 @@ mod tests {
                 input("o-2", "spring", "3"),
             ),
         ];
-        let v = violations(&pool, &outcomes).await;
+        let v = violations(pool, &outcomes).await;
         assert_reported(
             &v,
             &[

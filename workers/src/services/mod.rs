@@ -188,9 +188,10 @@ pub(crate) fn irreversible(what: &str) -> StepError {
     StepError::business("irreversible", format!("{what} cannot be undone"))
 }
 
-/// What the unit tests of every service share: an in-memory SQLite behind the `Any` driver,
-/// and running one operation in its own transaction the way the SDK does (commit on success,
-/// roll back on error).
+/// What the unit tests of every service share: a database on either backend (in-memory SQLite
+/// behind the `Any` driver, or a PostgreSQL database of the test's own), running one operation
+/// in its own transaction the way the SDK does (commit on success, roll back on error), and
+/// reading a saga's ledger rows.
 #[cfg(test)]
 pub(crate) mod testing {
     use serde_json::Value;
@@ -200,18 +201,160 @@ pub(crate) mod testing {
     use super::{Outcome, OutcomeState};
     use crate::sdk::{SagaStep, StepContext, StepError, TccStep};
 
-    pub(crate) async fn sqlite(migrations: &[&'static str]) -> AnyPool {
-        sqlx::any::install_default_drivers();
-        let pool = AnyPoolOptions::new()
-            .max_connections(1)
-            .connect("sqlite::memory:")
-            .await
-            .expect("in-memory sqlite");
-        for sql in migrations {
-            sqlx::raw_sql(*sql).execute(&pool).await.expect("migration");
-        }
-        pool
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Backend {
+        Sqlite,
+        Postgres,
     }
+
+    /// A migration of a service's tables, in both dialects: (SQLite, PostgreSQL).
+    pub(crate) type Migration = (&'static str, &'static str);
+
+    /// One test's database. A PostgreSQL one is a database of its own, dropped when this is
+    /// dropped (also when the test panics); it is named like the root tests' databases
+    /// (`sagaflow_t<pid>_…`), so their sweep drops it if the process is killed first.
+    pub(crate) struct TestDb {
+        pub(crate) pool: AnyPool,
+        /// (admin URL, database name) to drop it with.
+        admin: Option<(String, String)>,
+    }
+
+    /// The server the PostgreSQL tests use: `SAGAFLOW_TEST_DATABASE_URL`, else the local one.
+    pub(crate) fn postgres_url() -> String {
+        std::env::var("SAGAFLOW_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+    }
+
+    impl TestDb {
+        /// A fresh database with `migrations` applied; `None` (the test is skipped) when
+        /// PostgreSQL is unreachable, unless `CI=true`, where that fails the test.
+        pub(crate) async fn new(
+            backend: Backend,
+            test: &str,
+            migrations: &[Migration],
+        ) -> Option<TestDb> {
+            sqlx::any::install_default_drivers();
+            let db = match backend {
+                Backend::Sqlite => TestDb {
+                    pool: AnyPoolOptions::new()
+                        .max_connections(1)
+                        .connect("sqlite::memory:")
+                        .await
+                        .expect("in-memory sqlite"),
+                    admin: None,
+                },
+                Backend::Postgres => Self::postgres(test).await?,
+            };
+            for (sqlite, postgres) in migrations {
+                let sql = match backend {
+                    Backend::Sqlite => *sqlite,
+                    Backend::Postgres => *postgres,
+                };
+                sqlx::raw_sql(sql)
+                    .execute(&db.pool)
+                    .await
+                    .expect("migration");
+            }
+            Some(db)
+        }
+
+        async fn postgres(test: &str) -> Option<TestDb> {
+            use sqlx::Connection;
+            let url = postgres_url();
+            let mut admin = match sqlx::AnyConnection::connect(&url).await {
+                Ok(c) => c,
+                Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+                    eprintln!("skipping {test} on PostgreSQL: {url} is unreachable: {e}");
+                    return None;
+                }
+                Err(e) => panic!("PostgreSQL at {url} is unreachable (CI=true): {e}"),
+            };
+            let short: String = test.chars().take(30).collect();
+            let name = format!(
+                "sagaflow_t{}_w{short}_{:08x}",
+                std::process::id(),
+                fastrand::u32(..)
+            );
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&mut admin)
+                .await
+                .expect("create test database");
+            let _ = admin.close().await;
+            let (base, _) = url.split_once('?').unwrap_or((&url, ""));
+            let (server, _) = base
+                .rsplit_once('/')
+                .expect("a database URL names a database");
+            let db_url = format!("{server}/{name}");
+            // Handlers, the checks and a concurrent test's second transaction and observer.
+            let pool = AnyPoolOptions::new()
+                .max_connections(3)
+                .connect(&db_url)
+                .await
+                .expect("connect to the test database");
+            Some(TestDb {
+                pool,
+                admin: Some((url, name)),
+            })
+        }
+    }
+
+    impl Drop for TestDb {
+        fn drop(&mut self) {
+            let Some((admin, name)) = self.admin.take() else {
+                return;
+            };
+            // Drop cannot await: on a thread of its own, which forces the pool's connections out.
+            let _ = std::thread::spawn(move || {
+                use sqlx::Connection;
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(async {
+                    if let Ok(mut c) = sqlx::AnyConnection::connect(&admin).await {
+                        let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+                            .execute(&mut c)
+                            .await
+                        {
+                            eprintln!("could not drop test database {name}: {e}");
+                        }
+                        let _ = c.close().await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+
+    /// Runs each named `async fn test(pool: &AnyPool)` of the calling test module on both
+    /// backends, as `test::sqlite` and `test::postgres`, on a database from that module's
+    /// `async fn setup(backend: Backend, test: &str) -> Option<TestDb>`.
+    macro_rules! on_both_backends {
+        ($($test:ident),* $(,)?) => {$(
+            mod $test {
+                use crate::services::testing::Backend;
+
+                #[tokio::test]
+                async fn sqlite() {
+                    let db = super::setup(Backend::Sqlite, stringify!($test))
+                        .await
+                        .expect("SQLite is always there");
+                    super::$test(&db.pool).await;
+                }
+
+                #[tokio::test]
+                async fn postgres() {
+                    if let Some(db) = super::setup(Backend::Postgres, stringify!($test)).await {
+                        super::$test(&db.pool).await;
+                    }
+                }
+            }
+        )*};
+    }
+    pub(crate) use on_both_backends;
 
     #[derive(Clone, Copy)]
     pub(crate) enum Op<'h> {
@@ -288,23 +431,34 @@ pub(crate) mod testing {
 mod tests {
     use serde_json::json;
     use sqlx::AnyPool;
-    use sqlx::any::AnyPoolOptions;
 
-    use super::testing::{Op, outcome, run, sqlite};
+    use super::testing::{Backend, Migration, Op, TestDb, on_both_backends, outcome, run};
     use super::*;
 
-    const SQLITE: [&str; 4] = [
-        include_str!("../../../migrations/sqlite/0101_payment.sql"),
-        include_str!("../../../migrations/sqlite/0102_coupon.sql"),
-        include_str!("../../../migrations/sqlite/0103_points.sql"),
-        include_str!("../../../migrations/sqlite/0104_gmv.sql"),
+    const SERVICES_MIGRATIONS: [Migration; 4] = [
+        (
+            include_str!("../../../migrations/sqlite/0101_payment.sql"),
+            include_str!("../../../migrations/postgres/0101_payment.sql"),
+        ),
+        (
+            include_str!("../../../migrations/sqlite/0102_coupon.sql"),
+            include_str!("../../../migrations/postgres/0102_coupon.sql"),
+        ),
+        (
+            include_str!("../../../migrations/sqlite/0103_points.sql"),
+            include_str!("../../../migrations/postgres/0103_points.sql"),
+        ),
+        (
+            include_str!("../../../migrations/sqlite/0104_gmv.sql"),
+            include_str!("../../../migrations/postgres/0104_gmv.sql"),
+        ),
     ];
-    const POSTGRES: [&str; 4] = [
-        include_str!("../../../migrations/postgres/0101_payment.sql"),
-        include_str!("../../../migrations/postgres/0102_coupon.sql"),
-        include_str!("../../../migrations/postgres/0103_points.sql"),
-        include_str!("../../../migrations/postgres/0104_gmv.sql"),
-    ];
+
+    async fn setup(backend: Backend, test: &str) -> Option<TestDb> {
+        TestDb::new(backend, test, &SERVICES_MIGRATIONS).await
+    }
+
+    on_both_backends!(order_flows);
 
     /// One order paid and later refunded, one order compensated after its coupon was refused,
     /// one refused for lack of funds — through all four services, then every check: the same
@@ -439,55 +593,6 @@ mod tests {
         let state =
             sqlx::query_scalar::<_, String>("SELECT state FROM coupons WHERE coupon_id = 'c1'");
         assert_eq!(state.fetch_one(&mut *conn).await.unwrap(), "available");
-    }
-
-    #[tokio::test]
-    async fn order_flows_on_sqlite() {
-        order_flows(&sqlite(&SQLITE).await).await;
-    }
-
-    /// Runs the scenario in a fresh PostgreSQL database (`SAGAFLOW_TEST_DATABASE_URL`); skipped
-    /// when PostgreSQL is unreachable, unless `CI=true`.
-    #[tokio::test]
-    async fn order_flows_on_postgres() {
-        sqlx::any::install_default_drivers();
-        let url = std::env::var("SAGAFLOW_TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-        let admin = match AnyPoolOptions::new().max_connections(1).connect(&url).await {
-            Ok(pool) => pool,
-            Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
-                eprintln!("skipping: PostgreSQL at {url} is unreachable: {e}");
-                return;
-            }
-            Err(e) => panic!("PostgreSQL at {url} is unreachable: {e}"),
-        };
-        let name = format!("sagaflow_workers_{:016x}", fastrand::u64(..));
-        let create = format!("CREATE DATABASE {name}");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(create))
-            .execute(&admin)
-            .await
-            .unwrap();
-
-        let (base, _) = url.split_once('?').unwrap_or((&url, ""));
-        let (server, _) = base
-            .rsplit_once('/')
-            .expect("a database URL names a database");
-        let pool = AnyPoolOptions::new()
-            .max_connections(2)
-            .connect(&format!("{server}/{name}"))
-            .await
-            .unwrap();
-        for sql in POSTGRES {
-            sqlx::raw_sql(sql).execute(&pool).await.unwrap();
-        }
-        order_flows(&pool).await;
-
-        pool.close().await;
-        let drop = format!("DROP DATABASE {name}");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
-            .execute(&admin)
-            .await
-            .unwrap();
     }
 
     /// The SDK's migrations on their own make a worker database the barrier runs on, and they

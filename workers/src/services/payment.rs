@@ -485,18 +485,32 @@ mod tests {
     use sqlx::AnyPool;
 
     use super::*;
-    use crate::services::testing::{Op, assert_reported, outcome, run, sqlite};
+    use crate::services::testing::{
+        Backend, Migration, Op, TestDb, assert_reported, on_both_backends, outcome, run,
+    };
 
-    const MIGRATION: &str = include_str!("../../../migrations/sqlite/0101_payment.sql");
+    const MIGRATION: Migration = (
+        include_str!("../../../migrations/sqlite/0101_payment.sql"),
+        include_str!("../../../migrations/postgres/0101_payment.sql"),
+    );
 
-    async fn setup() -> AnyPool {
-        let pool = sqlite(&[MIGRATION]).await;
-        let mut conn = pool.acquire().await.unwrap();
+    async fn setup(backend: Backend, test: &str) -> Option<TestDb> {
+        let db = TestDb::new(backend, test, &[MIGRATION]).await?;
+        let mut conn = db.pool.acquire().await.unwrap();
         let accounts = [("u1".to_owned(), 10_000), ("u2".to_owned(), 500)];
         seed(&mut conn, &accounts).await.unwrap();
         seed(&mut conn, &accounts).await.unwrap(); // idempotent
-        pool
+        drop(conn);
+        Some(db)
     }
+
+    on_both_backends!(
+        charge_then_refund_compensation_is_net_zero_and_idempotent,
+        compensation_without_a_charge_does_nothing,
+        charge_refuses_what_it_cannot_do_and_leaves_nothing_behind,
+        refund_gives_back_at_most_what_the_order_was_charged,
+        check_reports_broken_states,
+    );
 
     async fn balance_of(pool: &AnyPool, account: &str) -> i64 {
         let mut conn = pool.acquire().await.unwrap();
@@ -524,33 +538,31 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn charge_then_refund_compensation_is_net_zero_and_idempotent() {
-        let pool = setup().await;
+    async fn charge_then_refund_compensation_is_net_zero_and_idempotent(pool: &AnyPool) {
         let p = charge_params("o-1", "u1", "30.50");
-        let out = run(&pool, Op::Action(&Charge), "s1", "payment", &p)
+        let out = run(pool, Op::Action(&Charge), "s1", "payment", &p)
             .await
             .unwrap();
         assert_eq!(out, json!({ "txn_id": "s1/payment" }));
-        assert_eq!(balance_of(&pool, "u1").await, 6_950);
-        run(&pool, Op::Action(&Charge), "s1", "payment", &p)
+        assert_eq!(balance_of(pool, "u1").await, 6_950);
+        run(pool, Op::Action(&Charge), "s1", "payment", &p)
             .await
             .unwrap();
         assert_eq!(
-            balance_of(&pool, "u1").await,
+            balance_of(pool, "u1").await,
             6_950,
             "a replayed charge debits once"
         );
 
-        let back = run(&pool, Op::Compensate(&Charge), "s1", "payment", &p)
+        let back = run(pool, Op::Compensate(&Charge), "s1", "payment", &p)
             .await
             .unwrap();
         assert_eq!(back, json!({ "refunded_cents": 3_050 }));
-        run(&pool, Op::Compensate(&Charge), "s1", "payment", &p)
+        run(pool, Op::Compensate(&Charge), "s1", "payment", &p)
             .await
             .unwrap();
         assert_eq!(
-            balance_of(&pool, "u1").await,
+            balance_of(pool, "u1").await,
             10_000,
             "a replayed refund credits once"
         );
@@ -561,32 +573,28 @@ mod tests {
             OutcomeState::Compensated,
             order("o-1", "u1", "30.50"),
         )];
-        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
+        assert_eq!(violations(pool, &outcomes).await, Vec::<String>::new());
     }
 
-    #[tokio::test]
-    async fn compensation_without_a_charge_does_nothing() {
-        let pool = setup().await;
+    async fn compensation_without_a_charge_does_nothing(pool: &AnyPool) {
         let p = charge_params("o-1", "u1", "30.00");
-        let back = run(&pool, Op::Compensate(&Charge), "s1", "payment", &p)
+        let back = run(pool, Op::Compensate(&Charge), "s1", "payment", &p)
             .await
             .unwrap();
         assert_eq!(back, json!({ "refunded_cents": 0 }));
-        assert_eq!(balance_of(&pool, "u1").await, 10_000);
+        assert_eq!(balance_of(pool, "u1").await, 10_000);
         let outcomes = [outcome(
             "s1",
             ORDER_PAID,
             OutcomeState::Compensated,
             order("o-1", "u1", "30.00"),
         )];
-        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
+        assert_eq!(violations(pool, &outcomes).await, Vec::<String>::new());
     }
 
-    #[tokio::test]
-    async fn charge_refuses_what_it_cannot_do_and_leaves_nothing_behind() {
-        let pool = setup().await;
+    async fn charge_refuses_what_it_cannot_do_and_leaves_nothing_behind(pool: &AnyPool) {
         let r = run(
-            &pool,
+            pool,
             Op::Action(&Charge),
             "s1",
             "payment",
@@ -595,7 +603,7 @@ mod tests {
         .await;
         assert_eq!(code(r), "insufficient_funds");
         let r = run(
-            &pool,
+            pool,
             Op::Action(&Charge),
             "s2",
             "payment",
@@ -604,7 +612,7 @@ mod tests {
         .await;
         assert_eq!(code(r), "unknown_account");
         let r = run(
-            &pool,
+            pool,
             Op::Action(&Charge),
             "s3",
             "payment",
@@ -613,7 +621,7 @@ mod tests {
         .await;
         assert_eq!(code(r), "bad_amount");
         let r = run(
-            &pool,
+            pool,
             Op::Action(&Charge),
             "s4",
             "payment",
@@ -621,10 +629,10 @@ mod tests {
         )
         .await;
         assert_eq!(code(r), "bad_params");
-        assert_eq!(balance_of(&pool, "u2").await, 500);
+        assert_eq!(balance_of(pool, "u2").await, 500);
         // The whole balance can be spent, to the cent.
         run(
-            &pool,
+            pool,
             Op::Action(&Charge),
             "s5",
             "payment",
@@ -632,7 +640,7 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!(balance_of(&pool, "u2").await, 0);
+        assert_eq!(balance_of(pool, "u2").await, 0);
 
         let outcomes = [
             outcome(
@@ -648,37 +656,35 @@ mod tests {
                 order("o-5", "u2", "5.00"),
             ),
         ];
-        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
+        assert_eq!(violations(pool, &outcomes).await, Vec::<String>::new());
     }
 
-    #[tokio::test]
-    async fn refund_gives_back_at_most_what_the_order_was_charged() {
-        let pool = setup().await;
+    async fn refund_gives_back_at_most_what_the_order_was_charged(pool: &AnyPool) {
         let p = charge_params("o-1", "u1", "40");
-        run(&pool, Op::Action(&Charge), "paid", "payment", &p)
+        run(pool, Op::Action(&Charge), "paid", "payment", &p)
             .await
             .unwrap();
-        let out = run(&pool, Op::Action(&Refund), "r1", "refund", &p)
+        let out = run(pool, Op::Action(&Refund), "r1", "refund", &p)
             .await
             .unwrap();
         assert_eq!(out["refunded_cents"], json!(4_000));
-        run(&pool, Op::Action(&Refund), "r1", "refund", &p)
+        run(pool, Op::Action(&Refund), "r1", "refund", &p)
             .await
             .unwrap();
         assert_eq!(
-            balance_of(&pool, "u1").await,
+            balance_of(pool, "u1").await,
             10_000,
             "a replayed refund credits once"
         );
 
-        let r = run(&pool, Op::Action(&Refund), "r2", "refund", &p).await;
+        let r = run(pool, Op::Action(&Refund), "r2", "refund", &p).await;
         assert_eq!(
             code(r),
             "refund_exceeds_charge",
             "a second refund of the same order"
         );
         let r = run(
-            &pool,
+            pool,
             Op::Action(&Refund),
             "r3",
             "refund",
@@ -687,7 +693,7 @@ mod tests {
         .await;
         assert_eq!(code(r), "refund_exceeds_charge", "an order never charged");
         let r = run(
-            &pool,
+            pool,
             Op::Action(&Refund),
             "r4",
             "refund",
@@ -695,8 +701,8 @@ mod tests {
         )
         .await;
         assert_eq!(code(r), "unknown_account");
-        assert_eq!(balance_of(&pool, "u1").await, 10_000);
-        let r = run(&pool, Op::Compensate(&Refund), "r1", "refund", &p).await;
+        assert_eq!(balance_of(pool, "u1").await, 10_000);
+        let r = run(pool, Op::Compensate(&Refund), "r1", "refund", &p).await;
         assert_eq!(code(r), "irreversible");
 
         let outcomes = [
@@ -719,14 +725,12 @@ mod tests {
                 order("o-1", "u1", "40"),
             ),
         ];
-        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
+        assert_eq!(violations(pool, &outcomes).await, Vec::<String>::new());
     }
 
-    #[tokio::test]
-    async fn check_reports_broken_states() {
-        let pool = setup().await;
+    async fn check_reports_broken_states(pool: &AnyPool) {
         run(
-            &pool,
+            pool,
             Op::Action(&Charge),
             "kept",
             "payment",
@@ -735,7 +739,7 @@ mod tests {
         .await
         .unwrap();
         run(
-            &pool,
+            pool,
             Op::Action(&Charge),
             "failed",
             "payment",
@@ -744,7 +748,7 @@ mod tests {
         .await
         .unwrap();
         run(
-            &pool,
+            pool,
             Op::Action(&Charge),
             "stray",
             "payment",
@@ -753,7 +757,7 @@ mod tests {
         .await
         .unwrap();
         run(
-            &pool,
+            pool,
             Op::Action(&Charge),
             "twice",
             "payment",
@@ -762,7 +766,7 @@ mod tests {
         .await
         .unwrap();
         run(
-            &pool,
+            pool,
             Op::Action(&Charge),
             "twice",
             "payment-again",
@@ -771,7 +775,7 @@ mod tests {
         .await
         .unwrap();
         sqlx::query("UPDATE payment_accounts SET balance = balance + 7 WHERE account = 'u2'")
-            .execute(&pool)
+            .execute(pool)
             .await
             .unwrap();
 
@@ -801,7 +805,7 @@ mod tests {
                 order("o-4", "u1", "2"),
             ),
         ];
-        let v = violations(&pool, &outcomes).await;
+        let v = violations(pool, &outcomes).await;
         assert_reported(
             &v,
             &[

@@ -377,18 +377,30 @@ mod tests {
     use sqlx::AnyPool;
 
     use super::*;
-    use crate::services::testing::{Op, assert_reported, outcome, run, sqlite};
+    use crate::services::testing::{
+        Backend, Migration, Op, TestDb, assert_reported, on_both_backends, outcome, run,
+    };
 
-    const MIGRATION: &str = include_str!("../../../migrations/sqlite/0103_points.sql");
+    const MIGRATION: Migration = (
+        include_str!("../../../migrations/sqlite/0103_points.sql"),
+        include_str!("../../../migrations/postgres/0103_points.sql"),
+    );
 
-    async fn setup() -> AnyPool {
-        let pool = sqlite(&[MIGRATION]).await;
-        let mut conn = pool.acquire().await.unwrap();
+    async fn setup(backend: Backend, test: &str) -> Option<TestDb> {
+        let db = TestDb::new(backend, test, &[MIGRATION]).await?;
+        let mut conn = db.pool.acquire().await.unwrap();
         let balances = [("u1".to_owned(), 50)];
         seed(&mut conn, &balances).await.unwrap();
         seed(&mut conn, &balances).await.unwrap();
-        pool
+        drop(conn);
+        Some(db)
     }
+
+    on_both_backends!(
+        grant_creates_the_balance_and_its_compensation_takes_it_back_once,
+        revoke_refuses_more_than_the_balance_and_its_compensation_gives_back,
+        check_reports_broken_states,
+    );
 
     async fn points_of(pool: &AnyPool, user: &str) -> Option<i64> {
         sqlx::query("SELECT points FROM points_balances WHERE user_id = $1")
@@ -412,31 +424,29 @@ mod tests {
         json!({ "order_id": order_id, "user_id": user, "amount": "1", "points": points })
     }
 
-    #[tokio::test]
-    async fn grant_creates_the_balance_and_its_compensation_takes_it_back_once() {
-        let pool = setup().await;
+    async fn grant_creates_the_balance_and_its_compensation_takes_it_back_once(pool: &AnyPool) {
         let p = params("new", 30);
-        run(&pool, Op::Action(&Grant), "s1", "points", &p)
+        run(pool, Op::Action(&Grant), "s1", "points", &p)
             .await
             .unwrap();
-        run(&pool, Op::Action(&Grant), "s1", "points", &p)
+        run(pool, Op::Action(&Grant), "s1", "points", &p)
             .await
             .unwrap();
         assert_eq!(
-            points_of(&pool, "new").await,
+            points_of(pool, "new").await,
             Some(30),
             "a replayed grant counts once"
         );
-        let back = run(&pool, Op::Compensate(&Grant), "s1", "points", &p)
+        let back = run(pool, Op::Compensate(&Grant), "s1", "points", &p)
             .await
             .unwrap();
         assert_eq!(back, json!({ "delta": -30 }));
-        run(&pool, Op::Compensate(&Grant), "s1", "points", &p)
+        run(pool, Op::Compensate(&Grant), "s1", "points", &p)
             .await
             .unwrap();
-        assert_eq!(points_of(&pool, "new").await, Some(0));
+        assert_eq!(points_of(pool, "new").await, Some(0));
         // A compensation whose action never ran does nothing.
-        let none = run(&pool, Op::Compensate(&Grant), "s2", "points", &p)
+        let none = run(pool, Op::Compensate(&Grant), "s2", "points", &p)
             .await
             .unwrap();
         assert_eq!(none, json!({ "delta": 0 }));
@@ -455,26 +465,17 @@ mod tests {
                 input("o-2", "new", 30),
             ),
         ];
-        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
+        assert_eq!(violations(pool, &outcomes).await, Vec::<String>::new());
     }
 
-    #[tokio::test]
-    async fn revoke_refuses_more_than_the_balance_and_its_compensation_gives_back() {
-        let pool = setup().await;
-        let r = run(
-            &pool,
-            Op::Action(&Revoke),
-            "r1",
-            "points",
-            &params("u1", 51),
-        )
-        .await;
+    async fn revoke_refuses_more_than_the_balance_and_its_compensation_gives_back(pool: &AnyPool) {
+        let r = run(pool, Op::Action(&Revoke), "r1", "points", &params("u1", 51)).await;
         assert!(
             matches!(&r, Err(StepError::Business { code, .. }) if code == "insufficient_points"),
             "{r:?}"
         );
         let r = run(
-            &pool,
+            pool,
             Op::Action(&Revoke),
             "r2",
             "points",
@@ -484,29 +485,16 @@ mod tests {
         assert!(
             matches!(&r, Err(StepError::Business { code, .. }) if code == "insufficient_points")
         );
-        let r = run(
-            &pool,
-            Op::Action(&Revoke),
-            "r3",
-            "points",
-            &params("u1", -1),
-        )
-        .await;
+        let r = run(pool, Op::Action(&Revoke), "r3", "points", &params("u1", -1)).await;
         assert!(matches!(&r, Err(StepError::Business { code, .. }) if code == "bad_params"));
-        assert_eq!(points_of(&pool, "u1").await, Some(50));
+        assert_eq!(points_of(pool, "u1").await, Some(50));
 
+        run(pool, Op::Action(&Revoke), "r4", "points", &params("u1", 50))
+            .await
+            .unwrap();
+        assert_eq!(points_of(pool, "u1").await, Some(0));
         run(
-            &pool,
-            Op::Action(&Revoke),
-            "r4",
-            "points",
-            &params("u1", 50),
-        )
-        .await
-        .unwrap();
-        assert_eq!(points_of(&pool, "u1").await, Some(0));
-        run(
-            &pool,
+            pool,
             Op::Compensate(&Revoke),
             "r4",
             "points",
@@ -514,16 +502,10 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!(points_of(&pool, "u1").await, Some(50));
-        run(
-            &pool,
-            Op::Action(&Revoke),
-            "r5",
-            "points",
-            &params("u1", 20),
-        )
-        .await
-        .unwrap();
+        assert_eq!(points_of(pool, "u1").await, Some(50));
+        run(pool, Op::Action(&Revoke), "r5", "points", &params("u1", 20))
+            .await
+            .unwrap();
 
         let outcomes = [
             outcome(
@@ -545,14 +527,12 @@ mod tests {
                 input("o-5", "u1", 20),
             ),
         ];
-        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
+        assert_eq!(violations(pool, &outcomes).await, Vec::<String>::new());
     }
 
-    #[tokio::test]
-    async fn check_reports_broken_states() {
-        let pool = setup().await;
+    async fn check_reports_broken_states(pool: &AnyPool) {
         run(
-            &pool,
+            pool,
             Op::Action(&Grant),
             "short",
             "points",
@@ -560,17 +540,11 @@ mod tests {
         )
         .await
         .unwrap();
+        run(pool, Op::Action(&Grant), "kept", "points", &params("u1", 7))
+            .await
+            .unwrap();
         run(
-            &pool,
-            Op::Action(&Grant),
-            "kept",
-            "points",
-            &params("u1", 7),
-        )
-        .await
-        .unwrap();
-        run(
-            &pool,
+            pool,
             Op::Action(&Grant),
             "failed",
             "points",
@@ -579,7 +553,7 @@ mod tests {
         .await
         .unwrap();
         run(
-            &pool,
+            pool,
             Op::Action(&Grant),
             "stray",
             "points",
@@ -588,7 +562,7 @@ mod tests {
         .await
         .unwrap();
         sqlx::query("UPDATE points_balances SET points = points - 1 WHERE user_id = 'u2'")
-            .execute(&pool)
+            .execute(pool)
             .await
             .unwrap();
 
@@ -612,7 +586,7 @@ mod tests {
                 input("o-3", "u2", 3),
             ),
         ];
-        let v = violations(&pool, &outcomes).await;
+        let v = violations(pool, &outcomes).await;
         assert_reported(
             &v,
             &["saga short (order o-1)", "+6 points once", "net +5 points"],
