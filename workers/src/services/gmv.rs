@@ -16,7 +16,10 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 use sqlx::{AnyConnection, Row};
 
-use super::{Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, money, param_cents};
+use super::{
+    Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, Ran, first_entry, money,
+    nothing_applied, on_postgres, param_cents,
+};
 use crate::sdk::{SagaStep, StepContext, StepError, param_str};
 
 const SERVICE: &str = "gmv";
@@ -63,7 +66,7 @@ async fn apply(
     kind: &str,
     entry: &Entry,
 ) -> Result<(), sqlx::Error> {
-    super::first_entry(record_once(conn, ctx, kind, entry).await?, "gmv", ctx, kind)?;
+    first_entry(record_once(conn, ctx, kind, entry).await?, "gmv", ctx, kind)?;
     add(conn, entry).await
 }
 
@@ -101,9 +104,42 @@ async fn record_once(
     Ok(inserted.rows_affected() == 1)
 }
 
-/// Applies this (saga, step)'s `kind` entry once: a replay returns the recorded delta. The
-/// entry is recorded first (one statement decides "first time or replay"), then the campaign
-/// row is updated.
+// The PostgreSQL statements: one per operation, shaped as the module docs of `services` say
+// (`done`, the effect, the ledger row from its RETURNING, the report). Nothing refuses a GMV
+// change, so their effects are upserts that apply unless it is a replay.
+
+/// `add` / `subtract` (`$3`): adds the delta to the campaign (creating it at 0 first) unless
+/// this (saga, step) recorded its `$3` already, and records it; a replay reports the recorded
+/// delta.
+const ONCE_PG: &str = "WITH done AS (SELECT delta FROM gmv_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = $3), \
+     added AS (INSERT INTO campaign_gmv (campaign_id, gmv) \
+         SELECT $4, $5 WHERE NOT EXISTS (SELECT 1 FROM done) \
+         ON CONFLICT (campaign_id) DO UPDATE SET gmv = campaign_gmv.gmv + excluded.gmv \
+         RETURNING 1), \
+     written AS (INSERT INTO gmv_ledger (saga_id, step, kind, campaign_id, delta) \
+         SELECT $1, $2, $3, $4, $5 FROM added \
+         ON CONFLICT (saga_id, step, kind) DO NOTHING RETURNING 1) \
+     SELECT (SELECT delta FROM done) AS replayed, (SELECT count(*) FROM added) AS applied, \
+         (SELECT count(*) FROM written) AS recorded";
+
+/// Undoes this (saga, step)'s `$3` entry as a `$4` entry: adds its negated delta to its
+/// campaign (creating it at 0 first) unless it was undone already. `original` is NULL when
+/// there is nothing to undo.
+const REVERSE_PG: &str = "WITH original AS (SELECT campaign_id, delta FROM gmv_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = $3), \
+     done AS (SELECT delta FROM gmv_ledger WHERE saga_id = $1 AND step = $2 AND kind = $4), \
+     added AS (INSERT INTO campaign_gmv (campaign_id, gmv) \
+         SELECT campaign_id, -delta FROM original WHERE NOT EXISTS (SELECT 1 FROM done) \
+         ON CONFLICT (campaign_id) DO UPDATE SET gmv = campaign_gmv.gmv + excluded.gmv \
+         RETURNING 1), \
+     written AS (INSERT INTO gmv_ledger (saga_id, step, kind, campaign_id, delta) \
+         SELECT $1, $2, $4, campaign_id, -delta FROM original WHERE EXISTS (SELECT 1 FROM added) \
+         ON CONFLICT (saga_id, step, kind) DO NOTHING RETURNING 1) \
+     SELECT (SELECT delta FROM done) AS replayed, (SELECT delta FROM original) AS original, \
+         (SELECT count(*) FROM added) AS applied, (SELECT count(*) FROM written) AS recorded";
+
+/// Applies this (saga, step)'s `kind` entry once: a replay returns the recorded delta.
 async fn once(
     conn: &mut AnyConnection,
     ctx: &StepContext,
@@ -115,6 +151,23 @@ async fn once(
         campaign_id: param_str(params, "campaign_id")?.to_owned(),
         delta: sign * param_cents(params, "amount")?,
     };
+    if on_postgres(conn) {
+        let row = sqlx::query(ONCE_PG)
+            .bind(&ctx.saga_id)
+            .bind(&ctx.step)
+            .bind(kind)
+            .bind(&wanted.campaign_id)
+            .bind(wanted.delta)
+            .fetch_one(&mut *conn)
+            .await?;
+        return match Ran::<i64>::read(&row, row.try_get("replayed")?, "gmv", ctx, kind)? {
+            Ran::Applied => Ok(json!({ "delta_cents": wanted.delta })),
+            Ran::Replay(delta) => Ok(json!({ "delta_cents": delta })),
+            Ran::Refused => Err(nothing_applied("gmv", ctx, kind).into()),
+        };
+    }
+    // SQLite: the entry first (one statement decides "first time or replay"), then the
+    // campaign row.
     if !record_once(conn, ctx, kind, &wanted).await? {
         let done = entry(conn, ctx, kind).await?.ok_or_else(|| {
             StepError::retryable(format!("gmv ledger entry ({}, {kind}) vanished", ctx.step))
@@ -132,6 +185,25 @@ async fn reverse(
     kind: &str,
     reversal: &str,
 ) -> Result<Value, StepError> {
+    if on_postgres(conn) {
+        let row = sqlx::query(REVERSE_PG)
+            .bind(&ctx.saga_id)
+            .bind(&ctx.step)
+            .bind(kind)
+            .bind(reversal)
+            .fetch_one(&mut *conn)
+            .await?;
+        if let Some(delta) = row.try_get::<Option<i64>, _>("replayed")? {
+            return Ok(json!({ "delta_cents": delta }));
+        }
+        let Some(original) = row.try_get::<Option<i64>, _>("original")? else {
+            return Ok(json!({ "delta_cents": 0 }));
+        };
+        return match Ran::read(&row, None, "gmv", ctx, reversal)? {
+            Ran::Applied | Ran::Replay(()) => Ok(json!({ "delta_cents": -original })),
+            Ran::Refused => Err(nothing_applied("gmv", ctx, reversal).into()),
+        };
+    }
     if let Some(done) = entry(conn, ctx, reversal).await? {
         return Ok(json!({ "delta_cents": done.delta }));
     }

@@ -14,12 +14,39 @@
 //! never ran) and what `check` reads to prove the services' invariants after a run: each module
 //! has a `seed` that creates demo data and a `check` that lists invariant violations against the
 //! [`Outcome`]s of the finished sagas (an empty list means all is well).
+//!
+//! # One statement per operation on PostgreSQL
+//!
+//! A handler runs inside the worker's batch transaction, and on PostgreSQL each of its statements
+//! is a round trip, so the common path of every operation is ONE statement: a data-modifying
+//! CTE that
+//!
+//! 1. reads this (saga, step)'s ledger row of the operation's kind (`done`),
+//! 2. applies the effect — an `UPDATE` or upsert guarded by `NOT EXISTS (SELECT 1 FROM done)`
+//!    and by the business condition (enough money, coupon available, …),
+//! 3. inserts the ledger row from the effect's `RETURNING` (`ON CONFLICT DO NOTHING`), and
+//! 4. reports what happened: the recorded values a replay answers with, and how many rows the
+//!    effect (`applied`) and the ledger insert (`recorded`) wrote (`Ran::read`).
+//!
+//! So a replay changes nothing, a refused effect writes nothing (no ledger row to roll back),
+//! and only a refusal takes a second statement, to read what its message says (and an
+//! order-refund whose account another transaction changed meanwhile, see `payment`). The parts of
+//! one statement share one snapshot: a duplicate that commits after it is not seen by `done`,
+//! but its ledger row makes our insert do nothing, and an effect applied without its row is an
+//! error (`first_entry`) that rolls the effect back; the retry is then a replay.
+//!
+//! SQLite has no data-modifying CTEs. There the ledger row is written first (`INSERT … ON
+//! CONFLICT DO NOTHING`: one statement tells a first run from a replay) and the effect second;
+//! a refusal's error rolls the row back with the rest.
 
 use std::collections::HashMap;
 
 use serde_json::Value;
 
-use crate::sdk::{StepError, cents, param_i64};
+use sqlx::{AnyConnection, Row, any::AnyRow};
+
+use crate::barrier::Dialect;
+use crate::sdk::{StepContext, StepError, cents, param_i64};
 
 pub mod coupon;
 pub mod gmv;
@@ -165,14 +192,53 @@ pub(crate) fn param_count(params: &Value, name: &str) -> Result<i64, StepError> 
     Ok(n)
 }
 
-/// The handler's answer to a compensation the definition says never happens (`compensation:
-/// none`): if the engine ever sends one, the saga must stop for an operator, not pretend.
-/// What a ledger's `record_once` returned, where a replay was already ruled out: an entry that
-/// is there already is an error (transient: the retry sees it as the replay it is).
+/// Whether the service statements take their PostgreSQL form (one statement per operation,
+/// see the module docs) or their SQLite form.
+pub(crate) fn on_postgres(conn: &AnyConnection) -> bool {
+    Dialect::of(conn) == Dialect::Postgres
+}
+
+/// What an operation did to its effect and its ledger row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ran<T = ()> {
+    /// Applied now, and recorded.
+    Applied,
+    /// This (saga, step) had recorded it already: nothing was done. What the ledger says.
+    Replay(T),
+    /// The effect's condition did not hold. On PostgreSQL nothing was written; on SQLite the
+    /// ledger row was, and the handler's error rolls it back.
+    Refused,
+}
+
+impl<T> Ran<T> {
+    /// Reads a one-statement operation's report (see the module docs): `replay` is the value
+    /// its `done` part found, if any; otherwise the `applied` and `recorded` counts say whether
+    /// it applied the effect with its ledger row, or refused.
+    pub(crate) fn read(
+        row: &AnyRow,
+        replay: Option<T>,
+        ledger: &str,
+        ctx: &StepContext,
+        kind: &str,
+    ) -> Result<Ran<T>, sqlx::Error> {
+        if let Some(recorded) = replay {
+            return Ok(Ran::Replay(recorded));
+        }
+        if row.try_get::<i64, _>("applied")? == 0 {
+            return Ok(Ran::Refused);
+        }
+        first_entry(row.try_get::<i64, _>("recorded")? == 1, ledger, ctx, kind)?;
+        Ok(Ran::Applied)
+    }
+}
+
+/// Whether a ledger row was written, where a replay was already ruled out: an entry that is
+/// there already (a concurrent duplicate committed it first) is an error, transient, so the
+/// effect is rolled back and the retry sees the replay it is.
 pub(crate) fn first_entry(
     inserted: bool,
     ledger: &str,
-    ctx: &crate::sdk::StepContext,
+    ctx: &StepContext,
     kind: &str,
 ) -> Result<(), sqlx::Error> {
     if inserted {
@@ -184,6 +250,17 @@ pub(crate) fn first_entry(
     )))
 }
 
+/// An effect that cannot be refused (an upsert) that applied nothing: the statement and the
+/// code disagree, which no retry mends either — but it is reported, not hidden.
+pub(crate) fn nothing_applied(ledger: &str, ctx: &StepContext, kind: &str) -> sqlx::Error {
+    sqlx::Error::Protocol(format!(
+        "{ledger} ledger: ({}, {}, {kind}) applied nothing",
+        ctx.saga_id, ctx.step
+    ))
+}
+
+/// The handler's answer to a compensation the definition says never happens (`compensation:
+/// none`): if the engine ever sends one, the saga must stop for an operator, not pretend.
 pub(crate) fn irreversible(what: &str) -> StepError {
     StepError::business("irreversible", format!("{what} cannot be undone"))
 }

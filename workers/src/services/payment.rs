@@ -15,7 +15,8 @@ use serde_json::{Value, json};
 use sqlx::{AnyConnection, Row};
 
 use super::{
-    Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, irreversible, money, param_cents,
+    Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, Ran, first_entry, irreversible,
+    money, on_postgres, param_cents,
 };
 use crate::sdk::{SagaStep, StepContext, StepError, param_str};
 
@@ -66,7 +67,7 @@ async fn record(
     kind: &str,
     entry: &Entry,
 ) -> Result<(), sqlx::Error> {
-    super::first_entry(
+    first_entry(
         record_once(conn, ctx, kind, entry).await?,
         "payment",
         ctx,
@@ -74,9 +75,9 @@ async fn record(
     )
 }
 
-/// Records the entry unless this (saga, step, kind) already has one; false for a replay. Done
-/// first, before the effect: a replay then costs this one statement, and when the effect is
-/// refused the handler's error rolls the entry back with everything else.
+/// Records the entry unless this (saga, step, kind) already has one; false for a replay. On
+/// SQLite it is done first, before the effect: a replay then costs this one statement, and when
+/// the effect is refused the handler's error rolls the entry back with everything else.
 async fn record_once(
     conn: &mut AnyConnection,
     ctx: &StepContext,
@@ -117,6 +118,264 @@ async fn credit(conn: &mut AnyConnection, account: &str, amount: i64) -> Result<
     Ok(done.rows_affected() == 1)
 }
 
+// The PostgreSQL statements: one per operation, shaped as the module docs of `services` say
+// (`done`, the guarded effect, the ledger row from its RETURNING, the report).
+
+/// `charge`: debits the account if it holds the amount and this (saga, step) charged nothing
+/// yet, and records the charge only if the debit happened (so a refusal writes nothing).
+const CHARGE_PG: &str = "WITH done AS (SELECT 1 FROM payment_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = 'charge'), \
+     debit AS (UPDATE payment_accounts SET balance = balance - $5 \
+         WHERE account = $3 AND balance >= $5 AND NOT EXISTS (SELECT 1 FROM done) \
+         RETURNING account), \
+     written AS (INSERT INTO payment_ledger (saga_id, step, kind, account, order_id, amount) \
+         SELECT $1, $2, 'charge', $3, $4, $5 FROM debit \
+         ON CONFLICT (saga_id, step, kind) DO NOTHING RETURNING 1) \
+     SELECT EXISTS (SELECT 1 FROM done) AS replayed, (SELECT count(*) FROM debit) AS applied, \
+         (SELECT count(*) FROM written) AS recorded";
+
+/// `charge_reversal`: credits back what this (saga, step)'s `charge` row says, unless it was
+/// reversed already; `charged` is NULL when there was no charge (nothing to undo), and an
+/// account that is gone credits nothing (`applied` 0).
+const CHARGE_REVERSAL_PG: &str = "WITH charge AS (SELECT account, order_id, amount \
+         FROM payment_ledger WHERE saga_id = $1 AND step = $2 AND kind = 'charge'), \
+     done AS (SELECT amount FROM payment_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = 'charge_reversal'), \
+     credit AS (UPDATE payment_accounts a SET balance = a.balance + c.amount FROM charge c \
+         WHERE a.account = c.account AND NOT EXISTS (SELECT 1 FROM done) RETURNING a.account), \
+     written AS (INSERT INTO payment_ledger (saga_id, step, kind, account, order_id, amount) \
+         SELECT $1, $2, 'charge_reversal', account, order_id, amount FROM charge \
+         WHERE EXISTS (SELECT 1 FROM credit) \
+         ON CONFLICT (saga_id, step, kind) DO NOTHING RETURNING 1) \
+     SELECT (SELECT amount FROM done) AS reversed, (SELECT account FROM charge) AS account, \
+         (SELECT amount FROM charge) AS charged, (SELECT count(*) FROM credit) AS applied, \
+         (SELECT count(*) FROM written) AS recorded";
+
+/// `refund`: credits the account if the order has that much left to refund to it, and records
+/// the refund. What is left is read from the statement's snapshot, so the credit also requires
+/// the account row to be the version that snapshot saw (`xmin`): every ledger write of an
+/// account updates its row in the same transaction, so a refund, reversal or charge committed
+/// after the snapshot (which the sum missed) makes the credit apply to nothing, and the caller
+/// locks the row and runs the statement again on a fresh snapshot.
+const REFUND_PG: &str = "WITH done AS (SELECT amount FROM payment_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = 'refund'), \
+     account AS (SELECT xmin AS version FROM payment_accounts WHERE account = $3), \
+     refundable AS (SELECT coalesce(sum(CASE kind WHEN 'charge' THEN amount ELSE -amount END), \
+         0)::bigint AS cents FROM payment_ledger WHERE order_id = $4 AND account = $3), \
+     credit AS (UPDATE payment_accounts SET balance = balance + $5 \
+         WHERE account = $3 AND xmin = (SELECT version FROM account) \
+         AND NOT EXISTS (SELECT 1 FROM done) AND $5 <= (SELECT cents FROM refundable) \
+         RETURNING account), \
+     written AS (INSERT INTO payment_ledger (saga_id, step, kind, account, order_id, amount) \
+         SELECT $1, $2, 'refund', $3, $4, $5 FROM credit \
+         ON CONFLICT (saga_id, step, kind) DO NOTHING RETURNING 1) \
+     SELECT (SELECT amount FROM done) AS refunded, EXISTS (SELECT 1 FROM account) AS known, \
+         (SELECT cents FROM refundable) AS refundable, (SELECT count(*) FROM credit) AS applied, \
+         (SELECT count(*) FROM written) AS recorded";
+
+/// Debits `charge` once for this (saga, step): `Refused` when the account does not exist or
+/// does not hold the amount.
+async fn debit_once(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    charge: &Entry,
+) -> Result<Ran, sqlx::Error> {
+    if on_postgres(conn) {
+        let row = sqlx::query(CHARGE_PG)
+            .bind(&ctx.saga_id)
+            .bind(&ctx.step)
+            .bind(&charge.account)
+            .bind(&charge.order_id)
+            .bind(charge.amount)
+            .fetch_one(&mut *conn)
+            .await?;
+        let replay = row.try_get::<bool, _>("replayed")?.then_some(());
+        return Ran::read(&row, replay, "payment", ctx, "charge");
+    }
+    // The barrier already filters duplicates; this keeps a replay harmless even without it.
+    if !record_once(conn, ctx, "charge", charge).await? {
+        return Ok(Ran::Replay(()));
+    }
+    // One conditional statement, so two sagas charging one account cannot both pass a check.
+    let debited = sqlx::query(
+        "UPDATE payment_accounts SET balance = balance - $1 \
+         WHERE account = $2 AND balance >= $1",
+    )
+    .bind(charge.amount)
+    .bind(&charge.account)
+    .execute(&mut *conn)
+    .await?;
+    Ok(if debited.rows_affected() == 1 {
+        Ran::Applied
+    } else {
+        Ran::Refused
+    })
+}
+
+/// Why `charge` was refused: the account is unknown, or it holds less than the amount.
+async fn charge_refused(
+    conn: &mut AnyConnection,
+    charge: &Entry,
+) -> Result<StepError, sqlx::Error> {
+    Ok(match balance(conn, &charge.account).await? {
+        None => unknown_account(&charge.account),
+        Some(has) => StepError::business(
+            "insufficient_funds",
+            format!(
+                "account `{}` has {} but order {} needs {}",
+                charge.account,
+                money(has),
+                charge.order_id,
+                money(charge.amount)
+            ),
+        ),
+    })
+}
+
+/// What undoing this (saga, step)'s charge came to.
+enum Reversal {
+    /// This many cents were credited back (now, or by an earlier run).
+    Credited(i64),
+    /// There was no charge: nothing to undo.
+    NothingCharged,
+    /// The charged account no longer exists.
+    AccountGone(String),
+}
+
+/// Credits back what this (saga, step) charged, once.
+async fn reverse_charge(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+) -> Result<Reversal, sqlx::Error> {
+    if on_postgres(conn) {
+        let row = sqlx::query(CHARGE_REVERSAL_PG)
+            .bind(&ctx.saga_id)
+            .bind(&ctx.step)
+            .fetch_one(&mut *conn)
+            .await?;
+        if let Some(cents) = row.try_get::<Option<i64>, _>("reversed")? {
+            return Ok(Reversal::Credited(cents));
+        }
+        let (Some(account), Some(charged)) = (
+            row.try_get::<Option<String>, _>("account")?,
+            row.try_get::<Option<i64>, _>("charged")?,
+        ) else {
+            return Ok(Reversal::NothingCharged);
+        };
+        return Ok(
+            match Ran::read(&row, None, "payment", ctx, "charge_reversal")? {
+                Ran::Applied | Ran::Replay(()) => Reversal::Credited(charged),
+                Ran::Refused => Reversal::AccountGone(account),
+            },
+        );
+    }
+    if let Some(done) = entry(conn, ctx, "charge_reversal").await? {
+        return Ok(Reversal::Credited(done.amount));
+    }
+    let Some(charge) = entry(conn, ctx, "charge").await? else {
+        return Ok(Reversal::NothingCharged);
+    };
+    if !credit(conn, &charge.account, charge.amount).await? {
+        return Ok(Reversal::AccountGone(charge.account));
+    }
+    record(conn, ctx, "charge_reversal", &charge).await?;
+    Ok(Reversal::Credited(charge.amount))
+}
+
+/// What an order-refund's credit came to.
+enum Refunded {
+    /// This (saga, step) refunded this many cents (now, or by an earlier run).
+    Credited(i64),
+    UnknownAccount,
+    /// The order has only this much left to refund to the account.
+    TooMuch {
+        refundable: i64,
+    },
+}
+
+/// Credits `refund` once, if its order has that much charged and not yet given back.
+async fn refund_once(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    refund: &Entry,
+) -> Result<Refunded, sqlx::Error> {
+    if on_postgres(conn) {
+        return refund_once_postgres(conn, ctx, refund).await;
+    }
+    if let Some(done) = entry(conn, ctx, "refund").await? {
+        return Ok(Refunded::Credited(done.amount));
+    }
+    // Credit first, so the ledger read below sees every refund committed before ours (on
+    // SQLite one writer at a time). A refusal after it is fine: the SDK rolls the whole
+    // transaction back.
+    if !credit(conn, &refund.account, refund.amount).await? {
+        return Ok(Refunded::UnknownAccount);
+    }
+    let rows =
+        sqlx::query("SELECT kind, amount FROM payment_ledger WHERE order_id = $1 AND account = $2")
+            .bind(&refund.order_id)
+            .bind(&refund.account)
+            .fetch_all(&mut *conn)
+            .await?;
+    let mut refundable = 0i64;
+    for row in rows {
+        let amount: i64 = row.try_get("amount")?;
+        match row.try_get::<String, _>("kind")?.as_str() {
+            "charge" => refundable += amount,
+            _ => refundable -= amount,
+        }
+    }
+    if refund.amount > refundable {
+        return Ok(Refunded::TooMuch { refundable });
+    }
+    record(conn, ctx, "refund", refund).await?;
+    Ok(Refunded::Credited(refund.amount))
+}
+
+/// [`REFUND_PG`], and when the account changed under its snapshot (another transaction
+/// touched it), once more with the account row locked first: then nothing can change it
+/// between the new statement's snapshot and its credit.
+async fn refund_once_postgres(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    refund: &Entry,
+) -> Result<Refunded, sqlx::Error> {
+    for locked in [false, true] {
+        if locked {
+            sqlx::query("SELECT 1 FROM payment_accounts WHERE account = $1 FOR UPDATE")
+                .bind(&refund.account)
+                .fetch_optional(&mut *conn)
+                .await?;
+        }
+        let row = sqlx::query(REFUND_PG)
+            .bind(&ctx.saga_id)
+            .bind(&ctx.step)
+            .bind(&refund.account)
+            .bind(&refund.order_id)
+            .bind(refund.amount)
+            .fetch_one(&mut *conn)
+            .await?;
+        if let Some(cents) = row.try_get::<Option<i64>, _>("refunded")? {
+            return Ok(Refunded::Credited(cents));
+        }
+        if !row.try_get::<bool, _>("known")? {
+            return Ok(Refunded::UnknownAccount);
+        }
+        let refundable: i64 = row.try_get("refundable")?;
+        if refund.amount > refundable {
+            return Ok(Refunded::TooMuch { refundable });
+        }
+        if Ran::<()>::read(&row, None, "payment", ctx, "refund")? != Ran::Refused {
+            return Ok(Refunded::Credited(refund.amount));
+        }
+        // Not applied, though nothing refused it: the account changed under the snapshot.
+    }
+    Err(sqlx::Error::Protocol(format!(
+        "payment: account `{}` changed under a refund that holds its lock",
+        refund.account
+    )))
+}
+
 fn unknown_account(account: &str) -> StepError {
     StepError::business(
         "unknown_account",
@@ -142,35 +401,10 @@ impl SagaStep for Charge {
             order_id: param_str(params, "order_id")?.to_owned(),
             amount: param_cents(params, "amount")?,
         };
-        // The barrier already filters duplicates; this keeps a replay harmless even without it.
-        if !record_once(conn, ctx, "charge", &charge).await? {
-            return Ok(json!({ "txn_id": txn_id(ctx) }));
+        match debit_once(conn, ctx, &charge).await? {
+            Ran::Applied | Ran::Replay(()) => Ok(json!({ "txn_id": txn_id(ctx) })),
+            Ran::Refused => Err(charge_refused(conn, &charge).await?),
         }
-        // One conditional statement, so two sagas charging one account cannot both pass a check.
-        let debited = sqlx::query(
-            "UPDATE payment_accounts SET balance = balance - $1 \
-             WHERE account = $2 AND balance >= $1",
-        )
-        .bind(charge.amount)
-        .bind(&charge.account)
-        .execute(&mut *conn)
-        .await?;
-        if debited.rows_affected() == 0 {
-            return Err(match balance(conn, &charge.account).await? {
-                None => unknown_account(&charge.account),
-                Some(has) => StepError::business(
-                    "insufficient_funds",
-                    format!(
-                        "account `{}` has {} but order {} needs {}",
-                        charge.account,
-                        money(has),
-                        charge.order_id,
-                        money(charge.amount)
-                    ),
-                ),
-            });
-        }
-        Ok(json!({ "txn_id": txn_id(ctx) }))
     }
 
     /// `refund`: gives back what this (saga, step) charged, or nothing if it charged nothing.
@@ -180,19 +414,13 @@ impl SagaStep for Charge {
         ctx: &StepContext,
         _params: &Value,
     ) -> Result<Value, StepError> {
-        if let Some(done) = entry(conn, ctx, "charge_reversal").await? {
-            return Ok(json!({ "refunded_cents": done.amount }));
-        }
-        let Some(charge) = entry(conn, ctx, "charge").await? else {
-            return Ok(json!({ "refunded_cents": 0 }));
-        };
-        if !credit(conn, &charge.account, charge.amount).await? {
+        match reverse_charge(conn, ctx).await? {
+            Reversal::Credited(cents) => Ok(json!({ "refunded_cents": cents })),
+            Reversal::NothingCharged => Ok(json!({ "refunded_cents": 0 })),
             // The account was deleted after the charge: only an operator can decide where the
             // money goes.
-            return Err(unknown_account(&charge.account));
+            Reversal::AccountGone(account) => Err(unknown_account(&account)),
         }
-        record(conn, ctx, "charge_reversal", &charge).await?;
-        Ok(json!({ "refunded_cents": charge.amount }))
     }
 }
 
@@ -210,32 +438,12 @@ impl SagaStep for Refund {
             order_id: param_str(params, "order_id")?.to_owned(),
             amount: param_cents(params, "amount")?,
         };
-        if let Some(done) = entry(conn, ctx, "refund").await? {
-            return Ok(json!({ "refund_id": txn_id(ctx), "refunded_cents": done.amount }));
-        }
-        // Credit first: on PostgreSQL the row lock it takes serialises refunds of one account, so
-        // the ledger read below sees every refund committed before ours. A business error after
-        // it is fine: the SDK rolls the whole transaction back.
-        if !credit(conn, &refund.account, refund.amount).await? {
-            return Err(unknown_account(&refund.account));
-        }
-        let rows = sqlx::query(
-            "SELECT kind, amount FROM payment_ledger WHERE order_id = $1 AND account = $2",
-        )
-        .bind(&refund.order_id)
-        .bind(&refund.account)
-        .fetch_all(&mut *conn)
-        .await?;
-        let mut refundable = 0i64;
-        for row in rows {
-            let amount: i64 = row.try_get("amount")?;
-            match row.try_get::<String, _>("kind")?.as_str() {
-                "charge" => refundable += amount,
-                _ => refundable -= amount,
+        match refund_once(conn, ctx, &refund).await? {
+            Refunded::Credited(cents) => {
+                Ok(json!({ "refund_id": txn_id(ctx), "refunded_cents": cents }))
             }
-        }
-        if refund.amount > refundable {
-            return Err(StepError::business(
+            Refunded::UnknownAccount => Err(unknown_account(&refund.account)),
+            Refunded::TooMuch { refundable } => Err(StepError::business(
                 "refund_exceeds_charge",
                 format!(
                     "order {} has {} left to refund to `{}`, asked for {}",
@@ -244,10 +452,8 @@ impl SagaStep for Refund {
                     refund.account,
                     money(refund.amount)
                 ),
-            ));
+            )),
         }
-        record(conn, ctx, "refund", &refund).await?;
-        Ok(json!({ "refund_id": txn_id(ctx), "refunded_cents": refund.amount }))
     }
 
     async fn compensate(

@@ -16,7 +16,10 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 use sqlx::{AnyConnection, Row};
 
-use super::{Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, param_count};
+use super::{
+    Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, Ran, first_entry, nothing_applied,
+    on_postgres, param_count,
+};
 use crate::sdk::{SagaStep, StepContext, StepError, param_str};
 
 const SERVICE: &str = "points";
@@ -89,7 +92,7 @@ async fn record(
     kind: &str,
     entry: &Entry,
 ) -> Result<(), sqlx::Error> {
-    super::first_entry(
+    first_entry(
         record_once(conn, ctx, kind, entry).await?,
         "points",
         ctx,
@@ -119,6 +122,129 @@ async fn record_once(
     Ok(inserted.rows_affected() == 1)
 }
 
+// The PostgreSQL statements: one per operation, shaped as the module docs of `services` say
+// (`done`, the guarded effect, the ledger row from its RETURNING, the report).
+
+/// `grant`: adds the points (creating the balance at 0 first) unless this (saga, step) granted
+/// already, and records the grant; a replay reports the recorded delta.
+const GRANT_PG: &str = "WITH done AS (SELECT delta FROM points_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = 'grant'), \
+     added AS (INSERT INTO points_balances (user_id, points, initial) \
+         SELECT $3, $4, 0 WHERE NOT EXISTS (SELECT 1 FROM done) \
+         ON CONFLICT (user_id) DO UPDATE SET points = points_balances.points + excluded.points \
+         RETURNING 1), \
+     written AS (INSERT INTO points_ledger (saga_id, step, kind, user_id, delta, reason) \
+         SELECT $1, $2, 'grant', $3, $4, $5 FROM added \
+         ON CONFLICT (saga_id, step, kind) DO NOTHING RETURNING 1) \
+     SELECT (SELECT delta FROM done) AS replayed, (SELECT count(*) FROM added) AS applied, \
+         (SELECT count(*) FROM written) AS recorded";
+
+/// `revoke`: takes the points ($4 is negative) if the user has them, unless this (saga, step)
+/// revoked already, and records the revoke only if they were taken. Zero points are taken from
+/// anyone, even a user without a balance (`applied`), as on SQLite.
+const REVOKE_PG: &str = "WITH done AS (SELECT delta FROM points_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = 'revoke'), \
+     taken AS (UPDATE points_balances SET points = points + $4 \
+         WHERE user_id = $3 AND points + $4 >= 0 AND NOT EXISTS (SELECT 1 FROM done) \
+         RETURNING 1), \
+     applied AS (SELECT 1 FROM taken \
+         UNION SELECT 1 WHERE $4 = 0 AND NOT EXISTS (SELECT 1 FROM done)), \
+     written AS (INSERT INTO points_ledger (saga_id, step, kind, user_id, delta, reason) \
+         SELECT $1, $2, 'revoke', $3, $4, $5 FROM applied \
+         ON CONFLICT (saga_id, step, kind) DO NOTHING RETURNING 1) \
+     SELECT (SELECT delta FROM done) AS replayed, (SELECT count(*) FROM applied) AS applied, \
+         (SELECT count(*) FROM written) AS recorded";
+
+/// Undoes this (saga, step)'s `$3` entry as a `$4` entry: adds its negated delta to its user
+/// (creating the balance at 0 first) unless it was undone already. `original` is NULL when
+/// there is nothing to undo.
+const REVERSE_PG: &str = "WITH original AS (SELECT user_id, delta, reason FROM points_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = $3), \
+     done AS (SELECT delta FROM points_ledger WHERE saga_id = $1 AND step = $2 AND kind = $4), \
+     added AS (INSERT INTO points_balances (user_id, points, initial) \
+         SELECT user_id, -delta, 0 FROM original WHERE NOT EXISTS (SELECT 1 FROM done) \
+         ON CONFLICT (user_id) DO UPDATE SET points = points_balances.points + excluded.points \
+         RETURNING 1), \
+     written AS (INSERT INTO points_ledger (saga_id, step, kind, user_id, delta, reason) \
+         SELECT $1, $2, $4, user_id, -delta, reason FROM original \
+         WHERE EXISTS (SELECT 1 FROM added) \
+         ON CONFLICT (saga_id, step, kind) DO NOTHING RETURNING 1) \
+     SELECT (SELECT delta FROM done) AS replayed, (SELECT delta FROM original) AS original, \
+         (SELECT count(*) FROM added) AS applied, (SELECT count(*) FROM written) AS recorded";
+
+/// Runs a statement shaped like [`GRANT_PG`] or [`REVOKE_PG`] for `entry`.
+async fn once_postgres(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    sql: &'static str,
+    kind: &str,
+    entry: &Entry,
+) -> Result<Ran<i64>, sqlx::Error> {
+    let row = sqlx::query(sql)
+        .bind(&ctx.saga_id)
+        .bind(&ctx.step)
+        .bind(&entry.user_id)
+        .bind(entry.delta)
+        .bind(entry.reason.clone())
+        .fetch_one(&mut *conn)
+        .await?;
+    Ran::read(&row, row.try_get("replayed")?, "points", ctx, kind)
+}
+
+/// Grants `grant` once; a replay answers the recorded delta.
+async fn grant_once(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    grant: &Entry,
+) -> Result<i64, StepError> {
+    if on_postgres(conn) {
+        return match once_postgres(conn, ctx, GRANT_PG, "grant", grant).await? {
+            Ran::Applied => Ok(grant.delta),
+            Ran::Replay(delta) => Ok(delta),
+            Ran::Refused => Err(nothing_applied("points", ctx, "grant").into()),
+        };
+    }
+    // Recorded first: one statement tells a first run from a replay.
+    if !record_once(conn, ctx, "grant", grant).await? {
+        let done = entry(conn, ctx, "grant").await?.ok_or_else(|| {
+            StepError::retryable(format!(
+                "points ledger entry ({}, grant) vanished",
+                ctx.step
+            ))
+        })?;
+        return Ok(done.delta);
+    }
+    add(conn, grant).await?;
+    Ok(grant.delta)
+}
+
+/// Revokes `revoke` once (`revoke.delta` ≤ 0): `Refused` when the user has fewer points left.
+async fn revoke_once(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    revoke: &Entry,
+) -> Result<Ran<i64>, sqlx::Error> {
+    if on_postgres(conn) {
+        return once_postgres(conn, ctx, REVOKE_PG, "revoke", revoke).await;
+    }
+    if let Some(done) = entry(conn, ctx, "revoke").await? {
+        return Ok(Ran::Replay(done.delta));
+    }
+    let taken = sqlx::query(
+        "UPDATE points_balances SET points = points + $1 \
+         WHERE user_id = $2 AND points + $1 >= 0",
+    )
+    .bind(revoke.delta)
+    .bind(&revoke.user_id)
+    .execute(&mut *conn)
+    .await?;
+    if taken.rows_affected() == 0 && revoke.delta != 0 {
+        return Ok(Ran::Refused);
+    }
+    record(conn, ctx, "revoke", revoke).await?;
+    Ok(Ran::Applied)
+}
+
 /// Undoes this (saga, step)'s `kind` entry, once; nothing if it never happened.
 async fn reverse(
     conn: &mut AnyConnection,
@@ -126,6 +252,25 @@ async fn reverse(
     kind: &str,
     reversal: &str,
 ) -> Result<Value, StepError> {
+    if on_postgres(conn) {
+        let row = sqlx::query(REVERSE_PG)
+            .bind(&ctx.saga_id)
+            .bind(&ctx.step)
+            .bind(kind)
+            .bind(reversal)
+            .fetch_one(&mut *conn)
+            .await?;
+        if let Some(delta) = row.try_get::<Option<i64>, _>("replayed")? {
+            return Ok(json!({ "delta": delta }));
+        }
+        let Some(original) = row.try_get::<Option<i64>, _>("original")? else {
+            return Ok(json!({ "delta": 0 }));
+        };
+        return match Ran::read(&row, None, "points", ctx, reversal)? {
+            Ran::Applied | Ran::Replay(()) => Ok(json!({ "delta": -original })),
+            Ran::Refused => Err(nothing_applied("points", ctx, reversal).into()),
+        };
+    }
     if let Some(done) = entry(conn, ctx, reversal).await? {
         return Ok(json!({ "delta": done.delta }));
     }
@@ -161,18 +306,7 @@ impl SagaStep for Grant {
         params: &Value,
     ) -> Result<Value, StepError> {
         let grant = requested(params, 1)?;
-        // Recorded first: one statement tells a first run from a replay.
-        if !record_once(conn, ctx, "grant", &grant).await? {
-            let done = entry(conn, ctx, "grant").await?.ok_or_else(|| {
-                StepError::retryable(format!(
-                    "points ledger entry ({}, grant) vanished",
-                    ctx.step
-                ))
-            })?;
-            return Ok(json!({ "delta": done.delta }));
-        }
-        add(conn, &grant).await?;
-        Ok(json!({ "delta": grant.delta }))
+        Ok(json!({ "delta": grant_once(conn, ctx, &grant).await? }))
     }
 
     /// `revoke`: takes back what this (saga, step) granted, even below zero.
@@ -197,37 +331,28 @@ impl SagaStep for Revoke {
         params: &Value,
     ) -> Result<Value, StepError> {
         let revoke = requested(params, -1)?;
-        if let Some(done) = entry(conn, ctx, "revoke").await? {
-            return Ok(json!({ "delta": done.delta }));
+        match revoke_once(conn, ctx, &revoke).await? {
+            Ran::Applied => Ok(json!({ "delta": revoke.delta })),
+            Ran::Replay(delta) => Ok(json!({ "delta": delta })),
+            Ran::Refused => {
+                let has: Option<i64> =
+                    sqlx::query("SELECT points FROM points_balances WHERE user_id = $1")
+                        .bind(&revoke.user_id)
+                        .fetch_optional(&mut *conn)
+                        .await?
+                        .map(|r| r.try_get("points"))
+                        .transpose()?;
+                Err(StepError::business(
+                    "insufficient_points",
+                    format!(
+                        "user `{}` has {} points, {} cannot be revoked",
+                        revoke.user_id,
+                        has.unwrap_or(0),
+                        -revoke.delta
+                    ),
+                ))
+            }
         }
-        let taken = sqlx::query(
-            "UPDATE points_balances SET points = points + $1 \
-             WHERE user_id = $2 AND points + $1 >= 0",
-        )
-        .bind(revoke.delta)
-        .bind(&revoke.user_id)
-        .execute(&mut *conn)
-        .await?;
-        if taken.rows_affected() == 0 && revoke.delta != 0 {
-            let has: Option<i64> =
-                sqlx::query("SELECT points FROM points_balances WHERE user_id = $1")
-                    .bind(&revoke.user_id)
-                    .fetch_optional(&mut *conn)
-                    .await?
-                    .map(|r| r.try_get("points"))
-                    .transpose()?;
-            return Err(StepError::business(
-                "insufficient_points",
-                format!(
-                    "user `{}` has {} points, {} cannot be revoked",
-                    revoke.user_id,
-                    has.unwrap_or(0),
-                    -revoke.delta
-                ),
-            ));
-        }
-        record(conn, ctx, "revoke", &revoke).await?;
-        Ok(json!({ "delta": revoke.delta }))
     }
 
     /// `grant`: gives back what this (saga, step) revoked.
