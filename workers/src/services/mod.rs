@@ -292,6 +292,8 @@ pub(crate) mod testing {
     /// (`sagaflow_t<pid>_…`), so their sweep drops it if the process is killed first.
     pub(crate) struct TestDb {
         pub(crate) pool: AnyPool,
+        /// The database's URL, to connect to it otherwise.
+        pub(crate) url: String,
         /// (admin URL, database name) to drop it with.
         admin: Option<(String, String)>,
     }
@@ -318,6 +320,7 @@ pub(crate) mod testing {
                         .connect("sqlite::memory:")
                         .await
                         .expect("in-memory sqlite"),
+                    url: "sqlite::memory:".to_owned(),
                     admin: None,
                 },
                 Backend::Postgres => Self::postgres(test).await?,
@@ -370,6 +373,7 @@ pub(crate) mod testing {
                 .expect("connect to the test database");
             Some(TestDb {
                 pool,
+                url: db_url,
                 admin: Some((url, name)),
             })
         }
@@ -450,6 +454,19 @@ pub(crate) mod testing {
         step: &str,
         params: &Value,
     ) -> Result<Value, StepError> {
+        run_counted(pool, op, saga_id, step, params, None).await.0
+    }
+
+    /// [`run`], and how many round trips `relay` saw the handler make (0 without one): the
+    /// transaction's `BEGIN` and `COMMIT` are not counted.
+    pub(crate) async fn run_counted(
+        pool: &AnyPool,
+        op: Op<'_>,
+        saga_id: &str,
+        step: &str,
+        params: &Value,
+        relay: Option<&RoundTrips>,
+    ) -> (Result<Value, StepError>, u64) {
         let operation = match op {
             Op::Action(_) => "action",
             Op::Compensate(_) => "compensate",
@@ -469,6 +486,7 @@ pub(crate) mod testing {
                 .to_owned(),
         };
         let mut tx = pool.begin().await.expect("begin");
+        let before = relay.map_or(0, RoundTrips::count);
         let result = match op {
             Op::Action(h) => h.action(&mut tx, &ctx, params).await,
             Op::Compensate(h) => h.compensate(&mut tx, &ctx, params).await,
@@ -476,12 +494,123 @@ pub(crate) mod testing {
             Op::Confirm(h) => h.confirm(&mut tx, &ctx, params).await,
             Op::Cancel(h) => h.cancel(&mut tx, &ctx, params).await,
         };
+        let trips = relay.map_or(0, RoundTrips::count) - before;
         if result.is_ok() {
             tx.commit().await.expect("commit");
         } else {
             tx.rollback().await.expect("rollback");
         }
-        result
+        (result, trips)
+    }
+
+    /// A TCP relay between a test and PostgreSQL that counts the client's round trips: the
+    /// messages that make the server answer with `ReadyForQuery` — `Sync`, which ends an
+    /// extended-protocol exchange (a prepared statement's bind and execute, or its first
+    /// parse and describe), and `Query`, a simple-protocol one. A message is counted before it
+    /// is passed on, so its count is in by the time the client has its answer.
+    pub(crate) struct RoundTrips {
+        /// `url` with the relay in place of the server, and without TLS (which it could not
+        /// read).
+        pub(crate) url: String,
+        count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        accept: tokio::task::JoinHandle<()>,
+    }
+
+    impl RoundTrips {
+        pub(crate) async fn relay(url: &str) -> RoundTrips {
+            use std::sync::Arc;
+            use std::sync::atomic::AtomicU64;
+            // postgres://[user[:password]@]host[:port]/database[?options]
+            let (scheme, rest) = url.split_once("://").expect("a URL");
+            let (authority, path) = rest.split_once('/').expect("a URL with a database");
+            let (userinfo, server) = match authority.rsplit_once('@') {
+                Some((user, server)) => (format!("{user}@"), server.to_owned()),
+                None => (String::new(), authority.to_owned()),
+            };
+            let server = if server.contains(':') {
+                server
+            } else {
+                format!("{server}:5432")
+            };
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("listen");
+            let port = listener.local_addr().expect("local address").port();
+            let separator = if path.contains('?') { '&' } else { '?' };
+            let count = Arc::new(AtomicU64::new(0));
+            let counted = count.clone();
+            let accept = tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(upstream) = tokio::net::TcpStream::connect(&server).await else {
+                        continue;
+                    };
+                    // Each message is passed on at once (no Nagle delay on a round trip).
+                    let _ = (client.set_nodelay(true), upstream.set_nodelay(true));
+                    let (from_client, mut to_client) = client.into_split();
+                    let (mut from_server, to_server) = upstream.into_split();
+                    tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+                    });
+                    tokio::spawn(Self::pump(from_client, to_server, counted.clone()));
+                }
+            });
+            RoundTrips {
+                url: format!(
+                    "{scheme}://{userinfo}127.0.0.1:{port}/{path}{separator}sslmode=disable"
+                ),
+                count,
+                accept,
+            }
+        }
+
+        /// Passes the client's messages on, one by one, counting the round trips.
+        async fn pump(
+            mut from: tokio::net::tcp::OwnedReadHalf,
+            mut to: tokio::net::tcp::OwnedWriteHalf,
+            count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        ) -> std::io::Result<()> {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            // The startup messages have no type byte: an SSL or GSS encryption request (which
+            // the server declines, as the URL asks for none) and the startup message itself.
+            let mut startup = true;
+            loop {
+                let mut message = Vec::new();
+                let kind = if startup {
+                    None
+                } else {
+                    let kind = from.read_u8().await?;
+                    message.push(kind);
+                    Some(kind)
+                };
+                let len = from.read_u32().await?;
+                message.extend_from_slice(&len.to_be_bytes());
+                let mut body = vec![0; (len as usize).saturating_sub(4)];
+                from.read_exact(&mut body).await?;
+                message.extend_from_slice(&body);
+                match kind {
+                    None => {
+                        let code = body.get(..4).map(|c| [c[0], c[1], c[2], c[3]]);
+                        let code = code.map(u32::from_be_bytes);
+                        startup = matches!(code, Some(80_877_103 | 80_877_104));
+                    }
+                    Some(b'S' | b'Q') => {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Some(_) => {}
+                }
+                to.write_all(&message).await?;
+            }
+        }
+
+        pub(crate) fn count(&self) -> u64 {
+            self.count.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    impl Drop for RoundTrips {
+        fn drop(&mut self) {
+            self.accept.abort();
+        }
     }
 
     pub(crate) fn outcome(saga_id: &str, saga: &str, state: OutcomeState, input: Value) -> Outcome {
@@ -670,6 +799,137 @@ mod tests {
         let state =
             sqlx::query_scalar::<_, String>("SELECT state FROM coupons WHERE coupon_id = 'c1'");
         assert_eq!(state.fetch_one(&mut *conn).await.unwrap(), "available");
+    }
+
+    /// Every operation's common path — a first run, a replay, an undo, an undo of nothing,
+    /// an undo replayed — is ONE round trip on PostgreSQL, and a refusal at most two (the
+    /// statement, then what the message needs); counted on the wire by a relay, so a second
+    /// statement, or a statement that is not kept prepared (two round trips), fails it.
+    #[tokio::test]
+    async fn every_operation_is_one_round_trip_on_postgres() {
+        use super::testing::{RoundTrips, run_counted};
+        let Some(db) = setup(Backend::Postgres, "round_trips").await else {
+            return;
+        };
+        let relay = RoundTrips::relay(&db.url).await;
+        // One connection, so the warm-up prepares the statements the count then uses.
+        let pool = sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(&relay.url)
+            .await
+            .expect("connect through the relay");
+
+        // Each (label, round trips, succeeds, operation, saga, step, params), run twice: for
+        // sagas and rows named `warm-…` first (preparing each statement on the connection),
+        // then for `count-…`, counted.
+        let mut got = Vec::new();
+        for p in ["warm", "count"] {
+            let mut conn = db.pool.acquire().await.unwrap();
+            payment::seed(
+                &mut conn,
+                &[(format!("{p}-u1"), 100_000), (format!("{p}-u2"), 100)],
+            )
+            .await
+            .unwrap();
+            let coupons: Vec<(String, String)> = (1..=3)
+                .map(|i| (format!("{p}-c{i}"), format!("{p}-u1")))
+                .collect();
+            coupon::seed(&mut conn, &coupons).await.unwrap();
+            points::seed(&mut conn, &[(format!("{p}-u1"), 100)])
+                .await
+                .unwrap();
+            drop(conn);
+
+            let pay = |account: &str, amount: &str| {
+                json!({ "account": format!("{p}-{account}"), "amount": amount,
+                        "order_id": format!("{p}-o1") })
+            };
+            let coupon = |coupon: &str| {
+                json!({ "coupon_id": format!("{p}-{coupon}"), "user_id": format!("{p}-u1"),
+                        "order_id": format!("{p}-o1") })
+            };
+            let pts = |n: i64| json!({ "user_id": format!("{p}-u1"), "points": n, "reason": "t" });
+            let gmv = json!({ "campaign_id": format!("{p}-spring"), "amount": "10" });
+            let none = json!({});
+            #[rustfmt::skip]
+            let steps: Vec<(&str, u64, bool, Op<'_>, &str, Value)> = vec![
+                ("charge", 1, true, Op::Action(&payment::Charge), "A", pay("u1", "10")),
+                ("charge, replayed", 1, true, Op::Action(&payment::Charge), "A", pay("u1", "10")),
+                ("charge refused (insufficient funds)", 2, false, Op::Action(&payment::Charge), "B", pay("u2", "5")),
+                ("refund", 1, true, Op::Action(&payment::Refund), "R", pay("u1", "4")),
+                ("refund, replayed", 1, true, Op::Action(&payment::Refund), "R", pay("u1", "4")),
+                ("refund refused (more than charged)", 1, false, Op::Action(&payment::Refund), "R2", pay("u1", "7")),
+                ("refund refused (unknown account)", 1, false, Op::Action(&payment::Refund), "R3", pay("u9", "1")),
+                ("charge of another saga", 1, true, Op::Action(&payment::Charge), "C", pay("u1", "3")),
+                ("charge reversal", 1, true, Op::Compensate(&payment::Charge), "C", none.clone()),
+                ("charge reversal, replayed", 1, true, Op::Compensate(&payment::Charge), "C", none.clone()),
+                ("charge reversal, nothing charged", 1, true, Op::Compensate(&payment::Charge), "N", none.clone()),
+                ("freeze", 1, true, Op::Try(&coupon::Coupon), "A", coupon("c1")),
+                ("freeze, replayed", 1, true, Op::Try(&coupon::Coupon), "A", coupon("c1")),
+                ("freeze refused (frozen by another saga)", 2, false, Op::Try(&coupon::Coupon), "B", coupon("c1")),
+                ("use", 1, true, Op::Confirm(&coupon::Coupon), "A", none.clone()),
+                ("use, replayed", 1, true, Op::Confirm(&coupon::Coupon), "A", none.clone()),
+                ("use refused (nothing frozen)", 1, false, Op::Confirm(&coupon::Coupon), "N", none.clone()),
+                ("freeze of another saga", 1, true, Op::Try(&coupon::Coupon), "C", coupon("c2")),
+                ("unfreeze", 1, true, Op::Cancel(&coupon::Coupon), "C", none.clone()),
+                ("unfreeze, replayed", 1, true, Op::Cancel(&coupon::Coupon), "C", none.clone()),
+                ("unfreeze, nothing frozen", 1, true, Op::Cancel(&coupon::Coupon), "N", none.clone()),
+                ("restore", 1, true, Op::Action(&coupon::Restore), "R", coupon("c1")),
+                ("restore, replayed", 1, true, Op::Action(&coupon::Restore), "R", coupon("c1")),
+                ("restore refused (not used by the order)", 2, true, Op::Action(&coupon::Restore), "R2", coupon("c3")),
+                ("grant", 1, true, Op::Action(&points::Grant), "A", pts(10)),
+                ("grant, replayed", 1, true, Op::Action(&points::Grant), "A", pts(10)),
+                ("grant reversal", 1, true, Op::Compensate(&points::Grant), "A", none.clone()),
+                ("grant reversal, replayed", 1, true, Op::Compensate(&points::Grant), "A", none.clone()),
+                ("grant reversal, nothing granted", 1, true, Op::Compensate(&points::Grant), "N", none.clone()),
+                ("revoke", 1, true, Op::Action(&points::Revoke), "R", pts(5)),
+                ("revoke, replayed", 1, true, Op::Action(&points::Revoke), "R", pts(5)),
+                ("revoke refused (insufficient points)", 2, false, Op::Action(&points::Revoke), "R2", pts(1_000)),
+                ("revoke reversal", 1, true, Op::Compensate(&points::Revoke), "R", none.clone()),
+                ("revoke reversal, replayed", 1, true, Op::Compensate(&points::Revoke), "R", none.clone()),
+                ("revoke reversal, nothing revoked", 1, true, Op::Compensate(&points::Revoke), "N", none.clone()),
+                ("add", 1, true, Op::Action(&gmv::Add), "A", gmv.clone()),
+                ("add, replayed", 1, true, Op::Action(&gmv::Add), "A", gmv.clone()),
+                ("add reversal", 1, true, Op::Compensate(&gmv::Add), "A", none.clone()),
+                ("add reversal, replayed", 1, true, Op::Compensate(&gmv::Add), "A", none.clone()),
+                ("add reversal, nothing added", 1, true, Op::Compensate(&gmv::Add), "N", none.clone()),
+                ("subtract", 1, true, Op::Action(&gmv::Subtract), "R", gmv.clone()),
+                ("subtract, replayed", 1, true, Op::Action(&gmv::Subtract), "R", gmv.clone()),
+                ("subtract reversal", 1, true, Op::Compensate(&gmv::Subtract), "R", none.clone()),
+                ("subtract reversal, replayed", 1, true, Op::Compensate(&gmv::Subtract), "R", none.clone()),
+                ("subtract reversal, nothing subtracted", 1, true, Op::Compensate(&gmv::Subtract), "N", none.clone()),
+            ];
+            for (label, want, succeeds, op, saga, params) in steps {
+                let saga = format!("{p}-{saga}");
+                let (result, trips) =
+                    run_counted(&pool, op, &saga, "s", &params, Some(&relay)).await;
+                assert_eq!(result.is_ok(), succeeds, "{label}: {result:?}");
+                if p == "count" {
+                    got.push((label, trips, want));
+                }
+            }
+        }
+        let table: Vec<String> = got
+            .iter()
+            .map(|(label, trips, want)| format!("{trips} (want {want}): {label}"))
+            .collect();
+        assert!(
+            got.iter().all(|(_, trips, want)| trips == want),
+            "round trips per operation:\n{}",
+            table.join("\n")
+        );
+        // The control: the relay counts a prepared statement once, two statements twice.
+        let mut conn = pool.acquire().await.unwrap();
+        let one = || sqlx::query("SELECT 1");
+        one().execute(&mut *conn).await.unwrap();
+        let before = relay.count();
+        one().execute(&mut *conn).await.unwrap();
+        assert_eq!(relay.count() - before, 1, "one statement");
+        one().execute(&mut *conn).await.unwrap();
+        one().execute(&mut *conn).await.unwrap();
+        assert_eq!(relay.count() - before, 3, "two statements more");
+        drop(conn);
+        pool.close().await;
     }
 
     /// The SDK's migrations on their own make a worker database the barrier runs on, and they
