@@ -725,7 +725,8 @@ mod tests {
 
     use super::*;
     use crate::services::testing::{
-        Backend, Migration, Op, TestDb, assert_reported, on_both_backends, outcome, run,
+        Backend, Migration, Op, TestDb, assert_reported, kinds, on_both_backends, outcome, refusal,
+        run,
     };
 
     const MIGRATION: Migration = (
@@ -753,6 +754,7 @@ mod tests {
         unfreeze_releases_only_what_this_saga_froze,
         restore_gives_back_a_coupon_used_by_the_refunded_order_only,
         check_reports_broken_states,
+        every_transition_applies_once_and_a_refused_one_writes_nothing,
     );
 
     async fn state_of(pool: &AnyPool, coupon: &str) -> String {
@@ -1056,5 +1058,129 @@ mod tests {
             ],
         );
         assert_eq!(v.len(), 5, "{v:#?}");
+    }
+
+    /// Every path of `freeze`, `use`, `unfreeze` and `restore`: first runs, replays (the same
+    /// answer, one transition), refusals (no ledger row, the coupon untouched), the cancel of a
+    /// freeze, of nothing and of a used coupon.
+    async fn every_transition_applies_once_and_a_refused_one_writes_nothing(pool: &AnyPool) {
+        let p = params("c1", "u1", "o-1");
+        let first = run(pool, Op::Try(&Coupon), "s1", "coupon", &p).await;
+        assert_eq!(first, Ok(json!({ "coupon_id": "c1", "state": "frozen" })));
+        assert_eq!(run(pool, Op::Try(&Coupon), "s1", "coupon", &p).await, first);
+        assert_eq!(state_of(pool, "c1").await, "frozen by saga s1 (order o-1)");
+        assert_eq!(kinds(pool, "coupon_ledger", "s1").await, ["freeze"]);
+
+        let r = run(
+            pool,
+            Op::Try(&Coupon),
+            "s2",
+            "coupon",
+            &params("c1", "u1", "o-2"),
+        )
+        .await;
+        assert_eq!(
+            refusal(r),
+            (
+                "coupon_frozen".to_owned(),
+                "coupon `c1` is frozen by saga s1 (order o-1)".to_owned()
+            )
+        );
+        assert!(kinds(pool, "coupon_ledger", "s2").await.is_empty());
+        assert_eq!(state_of(pool, "c1").await, "frozen by saga s1 (order o-1)");
+
+        let used = run(pool, Op::Confirm(&Coupon), "s1", "coupon", &Value::Null).await;
+        assert_eq!(used, Ok(json!({ "coupon_id": "c1", "state": "used" })));
+        assert_eq!(
+            run(pool, Op::Confirm(&Coupon), "s1", "coupon", &Value::Null).await,
+            used
+        );
+        assert_eq!(state_of(pool, "c1").await, "used by saga s1 (order o-1)");
+        assert_eq!(kinds(pool, "coupon_ledger", "s1").await, ["freeze", "use"]);
+
+        // A confirm without a freeze, and one whose coupon was taken from it.
+        let r = run(pool, Op::Confirm(&Coupon), "s3", "coupon", &Value::Null).await;
+        assert_eq!(
+            refusal(r),
+            (
+                "not_frozen".to_owned(),
+                "saga s3 froze no coupon in step `coupon`".to_owned()
+            )
+        );
+        assert!(kinds(pool, "coupon_ledger", "s3").await.is_empty());
+        run(
+            pool,
+            Op::Try(&Coupon),
+            "s4",
+            "coupon",
+            &params("c2", "u1", "o-4"),
+        )
+        .await
+        .unwrap();
+        sqlx::query(
+            "UPDATE coupons SET state = 'available', saga_id = NULL, order_id = NULL \
+             WHERE coupon_id = 'c2'",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+        let r = run(pool, Op::Confirm(&Coupon), "s4", "coupon", &Value::Null).await;
+        assert_eq!(
+            refusal(r),
+            (
+                "not_frozen".to_owned(),
+                "coupon `c2` is no longer frozen by saga s4: it is available".to_owned()
+            )
+        );
+        assert_eq!(kinds(pool, "coupon_ledger", "s4").await, ["freeze"]);
+        assert_eq!(state_of(pool, "c2").await, "available");
+
+        // Cancels: of a freeze (once), of nothing, of a coupon already used.
+        run(
+            pool,
+            Op::Try(&Coupon),
+            "s5",
+            "coupon",
+            &params("c3", "u2", "o-5"),
+        )
+        .await
+        .unwrap();
+        let undone = run(pool, Op::Cancel(&Coupon), "s5", "coupon", &Value::Null).await;
+        assert_eq!(undone, Ok(json!({ "coupon_id": "c3", "unfrozen": true })));
+        assert_eq!(
+            run(pool, Op::Cancel(&Coupon), "s5", "coupon", &Value::Null).await,
+            undone
+        );
+        assert_eq!(state_of(pool, "c3").await, "available");
+        assert_eq!(
+            kinds(pool, "coupon_ledger", "s5").await,
+            ["freeze", "unfreeze"]
+        );
+        for _ in 0..2 {
+            let none = run(pool, Op::Cancel(&Coupon), "s6", "coupon", &Value::Null).await;
+            assert_eq!(none, Ok(json!({ "unfrozen": false })));
+        }
+        assert!(kinds(pool, "coupon_ledger", "s6").await.is_empty());
+        let late = run(pool, Op::Cancel(&Coupon), "s1", "coupon", &Value::Null).await;
+        assert_eq!(late, Ok(json!({ "coupon_id": "c1", "unfrozen": false })));
+        assert_eq!(kinds(pool, "coupon_ledger", "s1").await, ["freeze", "use"]);
+        assert_eq!(state_of(pool, "c1").await, "used by saga s1 (order o-1)");
+
+        // Restore: once; then the coupon is not used by that order any more.
+        let restored = run(pool, Op::Action(&Restore), "r1", "coupon", &p).await;
+        assert_eq!(restored, Ok(json!({ "coupon_id": "c1", "restored": true })));
+        assert_eq!(
+            run(pool, Op::Action(&Restore), "r1", "coupon", &p).await,
+            restored
+        );
+        assert_eq!(state_of(pool, "c1").await, "available");
+        assert_eq!(kinds(pool, "coupon_ledger", "r1").await, ["restore"]);
+        let not = run(pool, Op::Action(&Restore), "r2", "coupon", &p).await;
+        assert_eq!(
+            not,
+            Ok(json!({ "coupon_id": "c1", "restored": false,
+                       "reason": "it is available, not used by order o-1" }))
+        );
+        assert!(kinds(pool, "coupon_ledger", "r2").await.is_empty());
     }
 }

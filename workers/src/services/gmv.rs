@@ -439,7 +439,7 @@ mod tests {
 
     use super::*;
     use crate::services::testing::{
-        Backend, Migration, Op, TestDb, assert_reported, on_both_backends, outcome, run,
+        Backend, Migration, Op, TestDb, assert_reported, kinds, on_both_backends, outcome, run,
     };
 
     const MIGRATION: Migration = (
@@ -459,6 +459,7 @@ mod tests {
     on_both_backends!(
         add_subtract_and_their_compensations_move_gmv_exactly_once,
         check_reports_broken_states,
+        add_subtract_and_their_undos_apply_once,
     );
 
     async fn gmv_of(pool: &AnyPool, campaign: &str) -> Option<i64> {
@@ -665,5 +666,44 @@ mod tests {
         );
         assert_reported(&v, &["total GMV is 28.00", "come to 25.00"]);
         assert_eq!(v.len(), 7, "{v:#?}");
+    }
+
+    /// Every path of `add`, `subtract` and their compensations: first runs, replays (the same
+    /// answer, one change), undos, their replays, and undos of nothing. Nothing refuses a GMV
+    /// change.
+    async fn add_subtract_and_their_undos_apply_once(pool: &AnyPool) {
+        let p = params("spring", "10");
+        for (action, undo, saga, kind, delta) in [
+            (Op::Action(&Add), Op::Compensate(&Add), "a1", "add", 1_000),
+            (
+                Op::Action(&Subtract),
+                Op::Compensate(&Subtract),
+                "s1",
+                "subtract",
+                -1_000,
+            ),
+        ] {
+            let first = run(pool, action, saga, "gmv", &p).await;
+            assert_eq!(first, Ok(json!({ "delta_cents": delta })));
+            // A replay answers what was recorded, whatever it is asked.
+            let other = params("spring", "99");
+            assert_eq!(run(pool, action, saga, "gmv", &other).await, first);
+            assert_eq!(gmv_of(pool, "spring").await, Some(delta), "{kind} once");
+            assert_eq!(kinds(pool, "gmv_ledger", saga).await, [kind]);
+            for _ in 0..2 {
+                let back = run(pool, undo, saga, "gmv", &Value::Null).await;
+                assert_eq!(back, Ok(json!({ "delta_cents": -delta })));
+            }
+            assert_eq!(gmv_of(pool, "spring").await, Some(0), "{kind} undone once");
+            assert_eq!(
+                kinds(pool, "gmv_ledger", saga).await,
+                [kind.to_owned(), format!("{kind}_reversal")]
+            );
+            for _ in 0..2 {
+                let none = run(pool, undo, "never", "gmv", &Value::Null).await;
+                assert_eq!(none, Ok(json!({ "delta_cents": 0 })));
+            }
+            assert!(kinds(pool, "gmv_ledger", "never").await.is_empty());
+        }
     }
 }

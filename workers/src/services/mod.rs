@@ -437,6 +437,24 @@ pub(crate) mod testing {
     }
     pub(crate) use on_both_backends;
 
+    /// The kinds of the ledger rows `saga_id` has in `ledger` (a table name), sorted.
+    pub(crate) async fn kinds(pool: &AnyPool, ledger: &str, saga_id: &str) -> Vec<String> {
+        let sql = format!("SELECT kind FROM {ledger} WHERE saga_id = $1 ORDER BY kind");
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(saga_id)
+            .fetch_all(pool)
+            .await
+            .expect("ledger rows")
+    }
+
+    /// A business failure's (code, message); panics on anything else.
+    pub(crate) fn refusal(r: Result<Value, StepError>) -> (String, String) {
+        match r {
+            Err(StepError::Business { code, message }) => (code, message),
+            other => panic!("expected a business failure, got {other:?}"),
+        }
+    }
+
     #[derive(Clone, Copy)]
     pub(crate) enum Op<'h> {
         Action(&'h dyn SagaStep),

@@ -692,7 +692,8 @@ mod tests {
 
     use super::*;
     use crate::services::testing::{
-        Backend, Migration, Op, TestDb, assert_reported, on_both_backends, outcome, run,
+        Backend, Migration, Op, TestDb, assert_reported, kinds, on_both_backends, outcome, refusal,
+        run,
     };
 
     const MIGRATION: Migration = (
@@ -716,6 +717,8 @@ mod tests {
         charge_refuses_what_it_cannot_do_and_leaves_nothing_behind,
         refund_gives_back_at_most_what_the_order_was_charged,
         check_reports_broken_states,
+        a_charge_and_its_reversal_apply_once_and_a_refused_charge_writes_nothing,
+        a_refund_applies_once_and_a_refused_refund_writes_nothing,
     );
 
     async fn balance_of(pool: &AnyPool, account: &str) -> i64 {
@@ -1054,5 +1057,165 @@ mod tests {
             &["money is not conserved", "= 105.07", "started with 105.00"],
         );
         assert_eq!(v.len(), 7, "{v:#?}");
+    }
+
+    /// Every path of `charge` and its compensation: a first run, a replay (the same answer, one
+    /// debit), a refusal (no ledger row, no debit), the undo, its replay, and the undo of a
+    /// charge that never happened (or was refused).
+    async fn a_charge_and_its_reversal_apply_once_and_a_refused_charge_writes_nothing(
+        pool: &AnyPool,
+    ) {
+        let p = charge_params("o-1", "u1", "30.50");
+        let first = run(pool, Op::Action(&Charge), "s1", "payment", &p).await;
+        let again = run(pool, Op::Action(&Charge), "s1", "payment", &p).await;
+        assert_eq!(first, Ok(json!({ "txn_id": "s1/payment" })));
+        assert_eq!(again, first, "a replay answers as the first run did");
+        assert_eq!(balance_of(pool, "u1").await, 6_950, "and debits once");
+        assert_eq!(kinds(pool, "payment_ledger", "s1").await, ["charge"]);
+
+        let r = run(
+            pool,
+            Op::Action(&Charge),
+            "s2",
+            "payment",
+            &charge_params("o-2", "u2", "5.01"),
+        )
+        .await;
+        assert_eq!(
+            refusal(r),
+            (
+                "insufficient_funds".to_owned(),
+                "account `u2` has 5.00 but order o-2 needs 5.01".to_owned()
+            )
+        );
+        let r = run(
+            pool,
+            Op::Action(&Charge),
+            "s3",
+            "payment",
+            &charge_params("o-3", "ghost", "1"),
+        )
+        .await;
+        assert_eq!(
+            refusal(r),
+            (
+                "unknown_account".to_owned(),
+                "there is no account `ghost`".to_owned()
+            )
+        );
+        for saga in ["s2", "s3"] {
+            assert!(
+                kinds(pool, "payment_ledger", saga).await.is_empty(),
+                "{saga}"
+            );
+        }
+        assert_eq!(balance_of(pool, "u2").await, 500);
+
+        let undo = run(pool, Op::Compensate(&Charge), "s1", "payment", &p).await;
+        let again = run(pool, Op::Compensate(&Charge), "s1", "payment", &p).await;
+        assert_eq!(undo, Ok(json!({ "refunded_cents": 3_050 })));
+        assert_eq!(again, undo);
+        assert_eq!(balance_of(pool, "u1").await, 10_000, "credited once");
+        assert_eq!(
+            kinds(pool, "payment_ledger", "s1").await,
+            ["charge", "charge_reversal"]
+        );
+
+        // Nothing charged (never run, or refused): nothing to give back, now or on a replay.
+        for saga in ["s2", "never", "never"] {
+            let undo = run(pool, Op::Compensate(&Charge), saga, "payment", &p).await;
+            assert_eq!(undo, Ok(json!({ "refunded_cents": 0 })), "{saga}");
+            assert!(
+                kinds(pool, "payment_ledger", saga).await.is_empty(),
+                "{saga}"
+            );
+        }
+        assert_eq!(balance_of(pool, "u2").await, 500);
+
+        // The charged account is gone: the undo is refused, and writes nothing.
+        let p = charge_params("o-4", "u2", "1");
+        run(pool, Op::Action(&Charge), "s4", "payment", &p)
+            .await
+            .unwrap();
+        sqlx::query("DELETE FROM payment_accounts WHERE account = 'u2'")
+            .execute(pool)
+            .await
+            .unwrap();
+        let r = run(pool, Op::Compensate(&Charge), "s4", "payment", &p).await;
+        assert_eq!(refusal(r).0, "unknown_account");
+        assert_eq!(kinds(pool, "payment_ledger", "s4").await, ["charge"]);
+    }
+
+    /// Every path of an order-refund's `refund`: a first run, a replay (the same answer, one
+    /// credit), refusals (no ledger row, no credit); it has no compensation.
+    async fn a_refund_applies_once_and_a_refused_refund_writes_nothing(pool: &AnyPool) {
+        run(
+            pool,
+            Op::Action(&Charge),
+            "paid",
+            "payment",
+            &charge_params("o-1", "u1", "40"),
+        )
+        .await
+        .unwrap();
+        let p = charge_params("o-1", "u1", "15");
+        let first = run(pool, Op::Action(&Refund), "r1", "refund", &p).await;
+        assert_eq!(
+            first,
+            Ok(json!({ "refund_id": "r1/refund", "refunded_cents": 1_500 }))
+        );
+        // A replay answers what was recorded, whatever it is asked.
+        let other = charge_params("o-1", "u1", "16");
+        assert_eq!(
+            run(pool, Op::Action(&Refund), "r1", "refund", &other).await,
+            first
+        );
+        assert_eq!(balance_of(pool, "u1").await, 7_500, "credited once");
+        assert_eq!(kinds(pool, "payment_ledger", "r1").await, ["refund"]);
+
+        let r = run(
+            pool,
+            Op::Action(&Refund),
+            "r2",
+            "refund",
+            &charge_params("o-1", "u1", "25.01"),
+        )
+        .await;
+        assert_eq!(
+            refusal(r),
+            (
+                "refund_exceeds_charge".to_owned(),
+                "order o-1 has 25.00 left to refund to `u1`, asked for 25.01".to_owned()
+            )
+        );
+        let r = run(
+            pool,
+            Op::Action(&Refund),
+            "r3",
+            "refund",
+            &charge_params("o-1", "ghost", "1"),
+        )
+        .await;
+        assert_eq!(refusal(r).0, "unknown_account");
+        for saga in ["r2", "r3"] {
+            assert!(
+                kinds(pool, "payment_ledger", saga).await.is_empty(),
+                "{saga}"
+            );
+        }
+        assert_eq!(balance_of(pool, "u1").await, 7_500);
+        // What is left can be refunded, to the cent.
+        run(
+            pool,
+            Op::Action(&Refund),
+            "r4",
+            "refund",
+            &charge_params("o-1", "u1", "25"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(balance_of(pool, "u1").await, 10_000);
+        let r = run(pool, Op::Compensate(&Refund), "r4", "refund", &p).await;
+        assert_eq!(refusal(r).0, "irreversible");
     }
 }

@@ -503,7 +503,8 @@ mod tests {
 
     use super::*;
     use crate::services::testing::{
-        Backend, Migration, Op, TestDb, assert_reported, on_both_backends, outcome, run,
+        Backend, Migration, Op, TestDb, assert_reported, kinds, on_both_backends, outcome, refusal,
+        run,
     };
 
     const MIGRATION: Migration = (
@@ -525,6 +526,7 @@ mod tests {
         grant_creates_the_balance_and_its_compensation_takes_it_back_once,
         revoke_refuses_more_than_the_balance_and_its_compensation_gives_back,
         check_reports_broken_states,
+        grant_and_revoke_apply_once_and_a_refused_revoke_writes_nothing,
     );
 
     async fn points_of(pool: &AnyPool, user: &str) -> Option<i64> {
@@ -734,5 +736,84 @@ mod tests {
         );
         assert_reported(&v, &["user `u2` has 6 points", "say 7"]);
         assert_eq!(v.len(), 5, "{v:#?}");
+    }
+
+    /// Every path of `grant`, `revoke` and their compensations: first runs, replays (the same
+    /// answer, one change), a refusal (no ledger row, no change), undos, their replays, and
+    /// undos of nothing.
+    async fn grant_and_revoke_apply_once_and_a_refused_revoke_writes_nothing(pool: &AnyPool) {
+        let granted = run(pool, Op::Action(&Grant), "g1", "points", &params("u1", 10)).await;
+        assert_eq!(granted, Ok(json!({ "delta": 10 })));
+        // A replay answers what was recorded, whatever it is asked.
+        let again = run(pool, Op::Action(&Grant), "g1", "points", &params("u1", 99)).await;
+        assert_eq!(again, granted);
+        assert_eq!(points_of(pool, "u1").await, Some(60));
+        assert_eq!(kinds(pool, "points_ledger", "g1").await, ["grant"]);
+        for _ in 0..2 {
+            let undo = run(pool, Op::Compensate(&Grant), "g1", "points", &Value::Null).await;
+            assert_eq!(undo, Ok(json!({ "delta": -10 })));
+        }
+        assert_eq!(points_of(pool, "u1").await, Some(50));
+        assert_eq!(
+            kinds(pool, "points_ledger", "g1").await,
+            ["grant", "grant_reversal"]
+        );
+
+        let revoked = run(pool, Op::Action(&Revoke), "r1", "points", &params("u1", 20)).await;
+        assert_eq!(revoked, Ok(json!({ "delta": -20 })));
+        assert_eq!(
+            run(pool, Op::Action(&Revoke), "r1", "points", &params("u1", 20)).await,
+            revoked
+        );
+        assert_eq!(points_of(pool, "u1").await, Some(30));
+        assert_eq!(kinds(pool, "points_ledger", "r1").await, ["revoke"]);
+
+        let r = run(pool, Op::Action(&Revoke), "r2", "points", &params("u1", 31)).await;
+        assert_eq!(
+            refusal(r),
+            (
+                "insufficient_points".to_owned(),
+                "user `u1` has 30 points, 31 cannot be revoked".to_owned()
+            )
+        );
+        assert!(kinds(pool, "points_ledger", "r2").await.is_empty());
+        assert_eq!(points_of(pool, "u1").await, Some(30));
+        // Zero points can be revoked from anyone: recorded, nothing else.
+        let zero = run(
+            pool,
+            Op::Action(&Revoke),
+            "r3",
+            "points",
+            &params("ghost", 0),
+        )
+        .await;
+        assert_eq!(zero, Ok(json!({ "delta": 0 })));
+        assert_eq!(kinds(pool, "points_ledger", "r3").await, ["revoke"]);
+        assert_eq!(points_of(pool, "ghost").await, None);
+
+        for _ in 0..2 {
+            let undo = run(pool, Op::Compensate(&Revoke), "r1", "points", &Value::Null).await;
+            assert_eq!(undo, Ok(json!({ "delta": 20 })));
+        }
+        assert_eq!(points_of(pool, "u1").await, Some(50));
+        assert_eq!(
+            kinds(pool, "points_ledger", "r1").await,
+            ["revoke", "revoke_reversal"]
+        );
+
+        // Undos of what never happened (or was refused): nothing, now or on a replay.
+        for (op, saga) in [
+            (Op::Compensate(&Grant), "never"),
+            (Op::Compensate(&Revoke), "r2"),
+            (Op::Compensate(&Revoke), "r2"),
+        ] {
+            let none = run(pool, op, saga, "points", &Value::Null).await;
+            assert_eq!(none, Ok(json!({ "delta": 0 })), "{saga}");
+            assert!(
+                kinds(pool, "points_ledger", saga).await.is_empty(),
+                "{saga}"
+            );
+        }
+        assert_eq!(points_of(pool, "u1").await, Some(50));
     }
 }
