@@ -485,6 +485,26 @@ pub(crate) mod testing {
         params: &Value,
         relay: Option<&RoundTrips>,
     ) -> (Result<Value, StepError>, u64) {
+        let mut tx = pool.begin().await.expect("begin");
+        let before = relay.map_or(0, RoundTrips::count);
+        let result = call(&mut tx, op, saga_id, step, params).await;
+        let trips = relay.map_or(0, RoundTrips::count) - before;
+        if result.is_ok() {
+            tx.commit().await.expect("commit");
+        } else {
+            tx.rollback().await.expect("rollback");
+        }
+        (result, trips)
+    }
+
+    /// Runs `op` for (saga, step) on `conn`, in whatever transaction it is in.
+    pub(crate) async fn call(
+        conn: &mut sqlx::AnyConnection,
+        op: Op<'_>,
+        saga_id: &str,
+        step: &str,
+        params: &Value,
+    ) -> Result<Value, StepError> {
         let operation = match op {
             Op::Action(_) => "action",
             Op::Compensate(_) => "compensate",
@@ -503,22 +523,13 @@ pub(crate) mod testing {
                 .unwrap_or("")
                 .to_owned(),
         };
-        let mut tx = pool.begin().await.expect("begin");
-        let before = relay.map_or(0, RoundTrips::count);
-        let result = match op {
-            Op::Action(h) => h.action(&mut tx, &ctx, params).await,
-            Op::Compensate(h) => h.compensate(&mut tx, &ctx, params).await,
-            Op::Try(h) => h.try_(&mut tx, &ctx, params).await,
-            Op::Confirm(h) => h.confirm(&mut tx, &ctx, params).await,
-            Op::Cancel(h) => h.cancel(&mut tx, &ctx, params).await,
-        };
-        let trips = relay.map_or(0, RoundTrips::count) - before;
-        if result.is_ok() {
-            tx.commit().await.expect("commit");
-        } else {
-            tx.rollback().await.expect("rollback");
+        match op {
+            Op::Action(h) => h.action(conn, &ctx, params).await,
+            Op::Compensate(h) => h.compensate(conn, &ctx, params).await,
+            Op::Try(h) => h.try_(conn, &ctx, params).await,
+            Op::Confirm(h) => h.confirm(conn, &ctx, params).await,
+            Op::Cancel(h) => h.cancel(conn, &ctx, params).await,
         }
-        (result, trips)
     }
 
     /// A TCP relay between a test and PostgreSQL that counts the client's round trips: the
@@ -658,6 +669,7 @@ mod tests {
 
     use super::testing::{Backend, Migration, Op, TestDb, on_both_backends, outcome, run};
     use super::*;
+    use crate::sdk::StepError;
 
     const SERVICES_MIGRATIONS: [Migration; 4] = [
         (
@@ -948,6 +960,205 @@ mod tests {
         assert_eq!(relay.count() - before, 3, "two statements more");
         drop(conn);
         pool.close().await;
+    }
+
+    /// One operation: (operation, saga, step, params).
+    type Call<'h> = (Op<'h>, &'h str, &'h str, Value);
+
+    /// Runs `first` in a transaction and keeps it open; runs `second` in another, which waits
+    /// for `first`'s locks; commits `first` once `second` waits (PostgreSQL says so), and
+    /// returns `second`'s answer, its transaction committed if it succeeded, rolled back if not.
+    async fn behind(pool: &AnyPool, first: Call<'_>, second: Call<'_>) -> Result<Value, StepError> {
+        use super::testing::call;
+        let mut a = pool.begin().await.unwrap();
+        let (op, saga, step, params) = &first;
+        call(&mut a, *op, saga, step, params)
+            .await
+            .expect("the first one succeeds");
+        let mut b = pool.begin().await.unwrap();
+        let (op, saga, step, params) = &second;
+        let waiting = async {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let waiters: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(pool)
+                .await
+                .unwrap();
+                if waiters > 0 {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the second one never waited"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            a.commit().await.unwrap();
+        };
+        let (result, ()) = tokio::join!(call(&mut b, *op, saga, step, params), waiting);
+        if result.is_ok() {
+            b.commit().await.unwrap();
+        } else {
+            b.rollback().await.unwrap();
+        }
+        result
+    }
+
+    async fn one(pool: &AnyPool, sql: &'static str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+    }
+
+    /// Two runs of one operation at once, without the barrier that normally keeps them apart:
+    /// the second's statement started before the first committed, so it did not see its ledger
+    /// row, applied its effect, and found the row there when it came to write it — a transient
+    /// error that takes its effect back. So the effect happens once, and the retry is a replay.
+    #[tokio::test]
+    async fn a_concurrent_duplicate_applies_its_effect_once_on_postgres() {
+        let Some(db) = setup(Backend::Postgres, "concurrent_duplicate").await else {
+            return;
+        };
+        let pool = &db.pool;
+        let mut conn = pool.acquire().await.unwrap();
+        payment::seed(&mut conn, &[("u1".into(), 10_000)])
+            .await
+            .unwrap();
+        drop(conn);
+
+        let pay = json!({ "account": "u1", "amount": "10", "order_id": "o-1" });
+        let charge = || (Op::Action(&payment::Charge), "s1", "payment", pay.clone());
+        let second = behind(pool, charge(), charge()).await;
+        assert!(
+            matches!(&second, Err(StepError::Retryable(m)) if m.contains("already recorded")),
+            "{second:?}"
+        );
+        let balance = "SELECT balance FROM payment_accounts WHERE account = 'u1'";
+        assert_eq!(one(pool, balance).await, 9_000, "debited once");
+        let (op, saga, step, params) = charge();
+        let retried = run(pool, op, saga, step, &params).await;
+        assert_eq!(retried, Ok(json!({ "txn_id": "s1/payment" })));
+        assert_eq!(one(pool, balance).await, 9_000);
+
+        let spring = json!({ "campaign_id": "spring", "amount": "10" });
+        let add = || (Op::Action(&gmv::Add), "s1", "gmv", spring.clone());
+        let second = behind(pool, add(), add()).await;
+        assert!(matches!(second, Err(StepError::Retryable(_))), "{second:?}");
+        let gmv = "SELECT gmv FROM campaign_gmv WHERE campaign_id = 'spring'";
+        assert_eq!(one(pool, gmv).await, 1_000, "added once");
+    }
+
+    /// Two order-refunds of one order at once: the second read what was left to refund before
+    /// the first committed, so its credit must not apply on that stale sum (the account row
+    /// changed under it): it locks the row, reads again, and refuses what is no longer there —
+    /// or refunds it, when enough is left.
+    #[tokio::test]
+    async fn concurrent_refunds_of_one_order_refund_at_most_its_charge_on_postgres() {
+        let Some(db) = setup(Backend::Postgres, "concurrent_refunds").await else {
+            return;
+        };
+        let pool = &db.pool;
+        let mut conn = pool.acquire().await.unwrap();
+        payment::seed(&mut conn, &[("u1".into(), 10_000)])
+            .await
+            .unwrap();
+        drop(conn);
+        let pay = |order: &str, amount: &str| json!({ "account": "u1", "amount": amount, "order_id": order });
+        let balance = "SELECT balance FROM payment_accounts WHERE account = 'u1'";
+
+        run(
+            pool,
+            Op::Action(&payment::Charge),
+            "paid-1",
+            "payment",
+            &pay("o-1", "40"),
+        )
+        .await
+        .unwrap();
+        let refund = |saga| {
+            (
+                Op::Action(&payment::Refund),
+                saga,
+                "refund",
+                pay("o-1", "30"),
+            )
+        };
+        let second = behind(pool, refund("r1"), refund("r2")).await;
+        assert_eq!(
+            second,
+            Err(StepError::business(
+                "refund_exceeds_charge",
+                "order o-1 has 10.00 left to refund to `u1`, asked for 30.00"
+            ))
+        );
+        assert_eq!(one(pool, balance).await, 9_000, "refunded 30 of 40, once");
+
+        run(
+            pool,
+            Op::Action(&payment::Charge),
+            "paid-2",
+            "payment",
+            &pay("o-2", "80"),
+        )
+        .await
+        .unwrap();
+        let refund = |saga| {
+            (
+                Op::Action(&payment::Refund),
+                saga,
+                "refund",
+                pay("o-2", "30"),
+            )
+        };
+        let second = behind(pool, refund("r3"), refund("r4")).await;
+        assert_eq!(
+            second,
+            Ok(json!({ "refund_id": "r4/refund", "refunded_cents": 3_000 }))
+        );
+        assert_eq!(one(pool, balance).await, 7_000, "refunded 60 of 80");
+
+        let outcomes = [
+            outcome(
+                "paid-1",
+                ORDER_PAID,
+                OutcomeState::Completed,
+                pay("o-1", "40"),
+            ),
+            outcome(
+                "r1",
+                ORDER_REFUND,
+                OutcomeState::Completed,
+                pay("o-1", "30"),
+            ),
+            outcome(
+                "r2",
+                ORDER_REFUND,
+                OutcomeState::Compensated,
+                pay("o-1", "30"),
+            ),
+            outcome(
+                "paid-2",
+                ORDER_PAID,
+                OutcomeState::Completed,
+                pay("o-2", "80"),
+            ),
+            outcome(
+                "r3",
+                ORDER_REFUND,
+                OutcomeState::Completed,
+                pay("o-2", "30"),
+            ),
+            outcome(
+                "r4",
+                ORDER_REFUND,
+                OutcomeState::Completed,
+                pay("o-2", "30"),
+            ),
+        ];
+        let mut conn = pool.acquire().await.unwrap();
+        let violations = payment::check(&mut conn, &outcomes).await.unwrap();
+        assert_eq!(violations, Vec::<String>::new());
     }
 
     /// The SDK's migrations on their own make a worker database the barrier runs on, and they
