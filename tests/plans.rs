@@ -190,3 +190,76 @@ async fn barrier_lookups_read_by_index_after_the_table_grew() {
     );
     store.pool().close().await;
 }
+
+/// The demo services' one-statement operations read their ledger by primary key on every run
+/// (is this (saga, step) done? what did the action record?), and they are kept prepared (a
+/// second round trip each otherwise): on a fresh deployment, where the ledger was never
+/// analyzed, PostgreSQL plans that read as an index scan, and the plan stays good as the ledger
+/// grows. (A ledger analyzed while nearly empty would be planned as a sequential scan until the
+/// next analyze, as any prepared statement's; with autovacuum that comes as the table grows.)
+#[tokio::test]
+async fn service_operations_read_the_ledger_by_index_after_it_grew() {
+    let Some((store, _db)) = postgres_store("plan_ledger").await else {
+        return;
+    };
+    let mut conn = store.pool().acquire().await.expect("connection");
+    services::payment::seed(&mut conn, &[("u1".into(), 1_000_000_000)])
+        .await
+        .expect("seed");
+    drop(conn);
+    let charge = Handler::Saga(std::sync::Arc::new(services::payment::Charge));
+    let params = json!({ "account": "u1", "amount": "1", "order_id": "o" });
+    let run = |saga: String, op: Op| {
+        let (store, charge, params) = (&store, &charge, &params);
+        async move {
+            let ctx = StepContext {
+                saga_id: saga,
+                step: "payment".into(),
+                operation: "charge".into(),
+                attempt: 1,
+                key: "k".into(),
+            };
+            let job = Job {
+                handler: charge,
+                op,
+                ctx: &ctx,
+                params,
+                barrier: true,
+            };
+            let run = barrier::execute_batch(store.pool(), &[job]).await;
+            assert_eq!(run.commits, 1, "{run:?}");
+            let done = run.results[0].as_ref().expect("ran");
+            assert!(
+                matches!(done.outcome, sagaflow_engine::machine::Outcome::Ok { .. }),
+                "{done:?}"
+            );
+        }
+    };
+    // Seven charges and their reversals on each of the store's connections (two at once).
+    for i in 0..7 {
+        futures::join!(
+            run(format!("empty-a{i}"), Op::Action),
+            run(format!("empty-b{i}"), Op::Action)
+        );
+        futures::join!(
+            run(format!("empty-a{i}"), Op::Compensate),
+            run(format!("empty-b{i}"), Op::Compensate)
+        );
+    }
+    fill(
+        &store,
+        "INSERT INTO payment_ledger (saga_id, step, kind, account, order_id, amount) \
+         SELECT 'saga-' || g, 'payment', 'charge', 'u1', 'o', 1 FROM generate_series(1, 20000) g",
+    )
+    .await;
+    let before = seq_scans(&store, "payment_ledger").await;
+    run("new-saga".into(), Op::Action).await;
+    run("new-saga".into(), Op::Compensate).await;
+    run("saga-7".into(), Op::Compensate).await;
+    assert_eq!(
+        seq_scans(&store, "payment_ledger").await,
+        before,
+        "the operations read the ledger by index"
+    );
+    store.pool().close().await;
+}

@@ -268,15 +268,16 @@ fn key_of(ctx: &StepContext, op: Op) -> Key {
     (ctx.saga_id.clone(), ctx.step.clone(), op)
 }
 
+/// Which SQL a connection speaks (the demo services branch on it too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dialect {
+pub(crate) enum Dialect {
     Sqlite,
     Postgres,
 }
 
 impl Dialect {
     /// Told from the connection itself, so a pool opened by anyone (not only `Store`) works.
-    fn of(conn: &AnyConnection) -> Dialect {
+    pub(crate) fn of(conn: &AnyConnection) -> Dialect {
         if conn.backend_name().eq_ignore_ascii_case("postgresql") {
             Dialect::Postgres
         } else {

@@ -15,7 +15,10 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 use sqlx::{AnyConnection, Row};
 
-use super::{Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, irreversible};
+use super::{
+    Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, Ran, first_entry, irreversible,
+    on_postgres,
+};
 use crate::sdk::{SagaStep, StepContext, StepError, TccStep, param_str};
 
 const SERVICE: &str = "coupon";
@@ -89,7 +92,7 @@ async fn record(
     coupon_id: &str,
     order_id: &str,
 ) -> Result<(), sqlx::Error> {
-    super::first_entry(
+    first_entry(
         record_once(conn, ctx, kind, coupon_id, order_id).await?,
         "coupon",
         ctx,
@@ -98,8 +101,8 @@ async fn record(
 }
 
 /// Records the transition unless this (saga, step, kind) already has one; false for a replay.
-/// Done first, before the effect: a replay costs this one statement, and a refused effect's
-/// error rolls the entry back with the rest.
+/// On SQLite it is done first, before the effect: a replay costs this one statement, and a
+/// refused effect's error rolls the entry back with the rest.
 async fn record_once(
     conn: &mut AnyConnection,
     ctx: &StepContext,
@@ -138,6 +141,284 @@ async fn frozen_for(
     .transpose()
 }
 
+// The PostgreSQL statements: one per operation, shaped as the module docs of `services` say
+// (`done`, the guarded transition, the ledger row from its RETURNING, the report).
+
+/// `freeze`: the buyer's `available` coupon → `frozen` by this saga, unless this (saga, step)
+/// froze already; the ledger row only if the coupon moved (so a refusal writes nothing).
+const FREEZE_PG: &str = "WITH done AS (SELECT 1 FROM coupon_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = 'freeze'), \
+     moved AS (UPDATE coupons SET state = 'frozen', saga_id = $1, order_id = $5 \
+         WHERE coupon_id = $3 AND owner = $4 AND state = 'available' \
+         AND NOT EXISTS (SELECT 1 FROM done) RETURNING coupon_id), \
+     written AS (INSERT INTO coupon_ledger (saga_id, step, kind, coupon_id, order_id) \
+         SELECT $1, $2, 'freeze', $3, $5 FROM moved \
+         ON CONFLICT (saga_id, step, kind) DO NOTHING RETURNING 1) \
+     SELECT EXISTS (SELECT 1 FROM done) AS replayed, (SELECT count(*) FROM moved) AS applied, \
+         (SELECT count(*) FROM written) AS recorded";
+
+/// The statement that settles this (saga, step)'s reservation as `$kind`: the coupon its
+/// `freeze` row names gets `SET $set` if this saga still holds it frozen, unless it was settled
+/// so already. `coupon_id` is NULL when the saga froze nothing.
+macro_rules! settle_pg {
+    ($kind:literal, $set:literal) => {
+        concat!(
+            "WITH held AS (SELECT coupon_id, order_id FROM coupon_ledger \
+                 WHERE saga_id = $1 AND step = $2 AND kind = 'freeze'), \
+             done AS (SELECT 1 FROM coupon_ledger \
+                 WHERE saga_id = $1 AND step = $2 AND kind = '",
+            $kind,
+            "'), \
+             moved AS (UPDATE coupons c SET ",
+            $set,
+            " FROM held h WHERE c.coupon_id = h.coupon_id AND c.state = 'frozen' \
+                 AND c.saga_id = $1 AND NOT EXISTS (SELECT 1 FROM done) RETURNING c.coupon_id), \
+             written AS (INSERT INTO coupon_ledger (saga_id, step, kind, coupon_id, order_id) \
+                 SELECT $1, $2, '",
+            $kind,
+            "', coupon_id, order_id FROM held WHERE EXISTS (SELECT 1 FROM moved) \
+                 ON CONFLICT (saga_id, step, kind) DO NOTHING RETURNING 1) \
+             SELECT (SELECT coupon_id FROM held) AS coupon_id, \
+                 EXISTS (SELECT 1 FROM done) AS replayed, (SELECT count(*) FROM moved) AS applied, \
+                 (SELECT count(*) FROM written) AS recorded"
+        )
+    };
+}
+
+/// `use`: the reservation spent (the coupon keeps naming its saga and order).
+const USE_PG: &str = settle_pg!("use", "state = 'used'");
+/// `unfreeze`: the reservation released.
+const UNFREEZE_PG: &str = settle_pg!(
+    "unfreeze",
+    "state = 'available', saga_id = NULL, order_id = NULL"
+);
+
+/// `restore`: the coupon `used` by the refunded order → `available`, unless this (saga, step)
+/// restored it already; the ledger row only if it moved.
+const RESTORE_PG: &str = "WITH done AS (SELECT 1 FROM coupon_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = 'restore'), \
+     moved AS (UPDATE coupons SET state = 'available', saga_id = NULL, order_id = NULL \
+         WHERE coupon_id = $3 AND owner = $4 AND state = 'used' AND order_id = $5 \
+         AND NOT EXISTS (SELECT 1 FROM done) RETURNING coupon_id), \
+     written AS (INSERT INTO coupon_ledger (saga_id, step, kind, coupon_id, order_id) \
+         SELECT $1, $2, 'restore', $3, $5 FROM moved \
+         ON CONFLICT (saga_id, step, kind) DO NOTHING RETURNING 1) \
+     SELECT EXISTS (SELECT 1 FROM done) AS replayed, (SELECT count(*) FROM moved) AS applied, \
+         (SELECT count(*) FROM written) AS recorded";
+
+/// The coupon an operation names, as its params give it.
+struct Request<'a> {
+    coupon_id: &'a str,
+    user_id: &'a str,
+    order_id: &'a str,
+}
+
+impl<'a> Request<'a> {
+    fn of(params: &'a Value) -> Result<Self, StepError> {
+        Ok(Request {
+            coupon_id: param_str(params, "coupon_id")?,
+            user_id: param_str(params, "user_id")?,
+            order_id: param_str(params, "order_id")?,
+        })
+    }
+}
+
+/// Runs a statement shaped like [`FREEZE_PG`] or [`RESTORE_PG`] for `req`.
+async fn transition_postgres(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    sql: &'static str,
+    kind: &str,
+    req: &Request<'_>,
+) -> Result<Ran, sqlx::Error> {
+    let row = sqlx::query(sql)
+        .bind(&ctx.saga_id)
+        .bind(&ctx.step)
+        .bind(req.coupon_id)
+        .bind(req.user_id)
+        .bind(req.order_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    let replay = row.try_get::<bool, _>("replayed")?.then_some(());
+    Ran::read(&row, replay, "coupon", ctx, kind)
+}
+
+/// Freezes the buyer's coupon for this saga once: `Refused` when it is not theirs or not
+/// available.
+async fn freeze_once(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    req: &Request<'_>,
+) -> Result<Ran, sqlx::Error> {
+    if on_postgres(conn) {
+        return transition_postgres(conn, ctx, FREEZE_PG, "freeze", req).await;
+    }
+    if !record_once(conn, ctx, "freeze", req.coupon_id, req.order_id).await? {
+        return Ok(Ran::Replay(()));
+    }
+    // One conditional statement: of two sagas freezing one coupon, exactly one wins.
+    let won = sqlx::query(
+        "UPDATE coupons SET state = 'frozen', saga_id = $1, order_id = $2 \
+         WHERE coupon_id = $3 AND owner = $4 AND state = 'available'",
+    )
+    .bind(&ctx.saga_id)
+    .bind(req.order_id)
+    .bind(req.coupon_id)
+    .bind(req.user_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(if won.rows_affected() == 1 {
+        Ran::Applied
+    } else {
+        Ran::Refused
+    })
+}
+
+/// Why the freeze of `req` was refused.
+async fn freeze_refused(
+    conn: &mut AnyConnection,
+    req: &Request<'_>,
+) -> Result<StepError, sqlx::Error> {
+    let coupon_id = req.coupon_id;
+    let Some(coupon) = load(conn, coupon_id).await? else {
+        return Ok(StepError::business(
+            "unknown_coupon",
+            format!("there is no coupon `{coupon_id}`"),
+        ));
+    };
+    let (code, why) = if coupon.owner != req.user_id {
+        (
+            "not_owner",
+            format!("belongs to `{}`, not `{}`", coupon.owner, req.user_id),
+        )
+    } else if coupon.state == "used" {
+        ("coupon_used", format!("is already {}", coupon.describe()))
+    } else if coupon.state == "frozen" {
+        ("coupon_frozen", format!("is {}", coupon.describe()))
+    } else {
+        // Available and ours, yet the update missed it: it changed under us, try again.
+        return Ok(StepError::retryable(format!(
+            "coupon `{coupon_id}` changed while being frozen"
+        )));
+    };
+    Ok(StepError::business(
+        code,
+        format!("coupon `{coupon_id}` {why}"),
+    ))
+}
+
+/// How a reservation is settled.
+#[derive(Debug, Clone, Copy)]
+enum Settle {
+    /// Confirm: `frozen` → `used`.
+    Use,
+    /// Cancel: `frozen` → `available`.
+    Unfreeze,
+}
+
+/// Settles this (saga, step)'s reservation once: the coupon its freeze named and what became of
+/// it (`Refused`: this saga no longer holds it frozen), or None if the saga froze nothing.
+async fn settle(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    how: Settle,
+) -> Result<Option<(String, Ran)>, sqlx::Error> {
+    if on_postgres(conn) {
+        let (sql, kind) = match how {
+            Settle::Use => (USE_PG, "use"),
+            Settle::Unfreeze => (UNFREEZE_PG, "unfreeze"),
+        };
+        let row = sqlx::query(sql)
+            .bind(&ctx.saga_id)
+            .bind(&ctx.step)
+            .fetch_one(&mut *conn)
+            .await?;
+        let Some(coupon_id) = row.try_get::<Option<String>, _>("coupon_id")? else {
+            return Ok(None);
+        };
+        let replay = row.try_get::<bool, _>("replayed")?.then_some(());
+        return Ok(Some((
+            coupon_id,
+            Ran::read(&row, replay, "coupon", ctx, kind)?,
+        )));
+    }
+    match how {
+        Settle::Use => {
+            let Some((coupon_id, order_id)) = frozen_for(conn, ctx).await? else {
+                return Ok(None);
+            };
+            if !record_once(conn, ctx, "use", &coupon_id, &order_id).await? {
+                return Ok(Some((coupon_id, Ran::Replay(()))));
+            }
+            let used = sqlx::query(
+                "UPDATE coupons SET state = 'used' \
+                 WHERE coupon_id = $1 AND state = 'frozen' AND saga_id = $2",
+            )
+            .bind(&coupon_id)
+            .bind(&ctx.saga_id)
+            .execute(&mut *conn)
+            .await?;
+            // Refused: the confirm's error rolls the entry back.
+            let ran = if used.rows_affected() == 1 {
+                Ran::Applied
+            } else {
+                Ran::Refused
+            };
+            Ok(Some((coupon_id, ran)))
+        }
+        Settle::Unfreeze => {
+            if let Some(coupon_id) = entry(conn, ctx, "unfreeze").await? {
+                return Ok(Some((coupon_id, Ran::Replay(()))));
+            }
+            let Some((coupon_id, order_id)) = frozen_for(conn, ctx).await? else {
+                return Ok(None);
+            };
+            let released = sqlx::query(
+                "UPDATE coupons SET state = 'available', saga_id = NULL, order_id = NULL \
+                 WHERE coupon_id = $1 AND state = 'frozen' AND saga_id = $2",
+            )
+            .bind(&coupon_id)
+            .bind(&ctx.saga_id)
+            .execute(&mut *conn)
+            .await?;
+            if released.rows_affected() == 0 {
+                return Ok(Some((coupon_id, Ran::Refused)));
+            }
+            record(conn, ctx, "unfreeze", &coupon_id, &order_id).await?;
+            Ok(Some((coupon_id, Ran::Applied)))
+        }
+    }
+}
+
+/// Makes the coupon `used` by the refunded order available again, once: `Refused` when it is
+/// not (the answer is then a success that says why).
+async fn restore_once(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    req: &Request<'_>,
+) -> Result<Ran, sqlx::Error> {
+    if on_postgres(conn) {
+        return transition_postgres(conn, ctx, RESTORE_PG, "restore", req).await;
+    }
+    if entry(conn, ctx, "restore").await?.is_some() {
+        return Ok(Ran::Replay(()));
+    }
+    let restored = sqlx::query(
+        "UPDATE coupons SET state = 'available', saga_id = NULL, order_id = NULL \
+         WHERE coupon_id = $1 AND owner = $2 AND state = 'used' AND order_id = $3",
+    )
+    .bind(req.coupon_id)
+    .bind(req.user_id)
+    .bind(req.order_id)
+    .execute(&mut *conn)
+    .await?;
+    if restored.rows_affected() == 0 {
+        return Ok(Ran::Refused);
+    }
+    record(conn, ctx, "restore", req.coupon_id, req.order_id).await?;
+    Ok(Ran::Applied)
+}
+
 #[async_trait]
 impl TccStep for Coupon {
     /// `freeze {coupon_id, user_id, order_id}`: `available` → `frozen` by this saga. Refuses with
@@ -148,53 +429,13 @@ impl TccStep for Coupon {
         ctx: &StepContext,
         params: &Value,
     ) -> Result<Value, StepError> {
-        let coupon_id = param_str(params, "coupon_id")?;
-        let user_id = param_str(params, "user_id")?;
-        let order_id = param_str(params, "order_id")?;
-        let frozen = json!({ "coupon_id": coupon_id, "state": "frozen" });
-        if !record_once(conn, ctx, "freeze", coupon_id, order_id).await? {
-            return Ok(frozen);
+        let req = Request::of(params)?;
+        match freeze_once(conn, ctx, &req).await? {
+            Ran::Applied | Ran::Replay(()) => {
+                Ok(json!({ "coupon_id": req.coupon_id, "state": "frozen" }))
+            }
+            Ran::Refused => Err(freeze_refused(conn, &req).await?),
         }
-        // One conditional statement: of two sagas freezing one coupon, exactly one wins.
-        let won = sqlx::query(
-            "UPDATE coupons SET state = 'frozen', saga_id = $1, order_id = $2 \
-             WHERE coupon_id = $3 AND owner = $4 AND state = 'available'",
-        )
-        .bind(&ctx.saga_id)
-        .bind(order_id)
-        .bind(coupon_id)
-        .bind(user_id)
-        .execute(&mut *conn)
-        .await?;
-        if won.rows_affected() == 1 {
-            return Ok(frozen);
-        }
-        // Refused below: the error rolls the ledger entry back.
-        let Some(coupon) = load(conn, coupon_id).await? else {
-            return Err(StepError::business(
-                "unknown_coupon",
-                format!("there is no coupon `{coupon_id}`"),
-            ));
-        };
-        let (code, why) = if coupon.owner != user_id {
-            (
-                "not_owner",
-                format!("belongs to `{}`, not `{user_id}`", coupon.owner),
-            )
-        } else if coupon.state == "used" {
-            ("coupon_used", format!("is already {}", coupon.describe()))
-        } else if coupon.state == "frozen" {
-            ("coupon_frozen", format!("is {}", coupon.describe()))
-        } else {
-            // Available and ours, yet the update missed it: it changed under us, try again.
-            return Err(StepError::retryable(format!(
-                "coupon `{coupon_id}` changed while being frozen"
-            )));
-        };
-        Err(StepError::business(
-            code,
-            format!("coupon `{coupon_id}` {why}"),
-        ))
     }
 
     /// `use`: the coupon this saga froze → `used`. Refuses with `not_frozen` if this saga holds
@@ -205,7 +446,7 @@ impl TccStep for Coupon {
         ctx: &StepContext,
         _params: &Value,
     ) -> Result<Value, StepError> {
-        let Some((coupon_id, order_id)) = frozen_for(conn, ctx).await? else {
+        let Some((coupon_id, ran)) = settle(conn, ctx, Settle::Use).await? else {
             return Err(StepError::business(
                 "not_frozen",
                 format!(
@@ -214,18 +455,7 @@ impl TccStep for Coupon {
                 ),
             ));
         };
-        if !record_once(conn, ctx, "use", &coupon_id, &order_id).await? {
-            return Ok(json!({ "coupon_id": coupon_id, "state": "used" }));
-        }
-        let used = sqlx::query(
-            "UPDATE coupons SET state = 'used' \
-             WHERE coupon_id = $1 AND state = 'frozen' AND saga_id = $2",
-        )
-        .bind(&coupon_id)
-        .bind(&ctx.saga_id)
-        .execute(&mut *conn)
-        .await?;
-        if used.rows_affected() == 0 {
+        if ran == Ran::Refused {
             let now = load(conn, &coupon_id).await?.map(|c| c.describe());
             return Err(StepError::business(
                 "not_frozen",
@@ -246,25 +476,12 @@ impl TccStep for Coupon {
         ctx: &StepContext,
         _params: &Value,
     ) -> Result<Value, StepError> {
-        if let Some(coupon_id) = entry(conn, ctx, "unfreeze").await? {
-            return Ok(json!({ "coupon_id": coupon_id, "unfrozen": true }));
-        }
-        let Some((coupon_id, order_id)) = frozen_for(conn, ctx).await? else {
-            return Ok(json!({ "unfrozen": false }));
-        };
-        let released = sqlx::query(
-            "UPDATE coupons SET state = 'available', saga_id = NULL, order_id = NULL \
-             WHERE coupon_id = $1 AND state = 'frozen' AND saga_id = $2",
-        )
-        .bind(&coupon_id)
-        .bind(&ctx.saga_id)
-        .execute(&mut *conn)
-        .await?;
-        if released.rows_affected() == 0 {
-            return Ok(json!({ "coupon_id": coupon_id, "unfrozen": false }));
-        }
-        record(conn, ctx, "unfreeze", &coupon_id, &order_id).await?;
-        Ok(json!({ "coupon_id": coupon_id, "unfrozen": true }))
+        Ok(match settle(conn, ctx, Settle::Unfreeze).await? {
+            None => json!({ "unfrozen": false }),
+            Some((coupon_id, ran)) => {
+                json!({ "coupon_id": coupon_id, "unfrozen": ran != Ran::Refused })
+            }
+        })
     }
 }
 
@@ -279,29 +496,15 @@ impl SagaStep for Restore {
         ctx: &StepContext,
         params: &Value,
     ) -> Result<Value, StepError> {
-        let coupon_id = param_str(params, "coupon_id")?;
-        let user_id = param_str(params, "user_id")?;
-        let order_id = param_str(params, "order_id")?;
-        if entry(conn, ctx, "restore").await?.is_some() {
-            return Ok(json!({ "coupon_id": coupon_id, "restored": true }));
-        }
-        let restored = sqlx::query(
-            "UPDATE coupons SET state = 'available', saga_id = NULL, order_id = NULL \
-             WHERE coupon_id = $1 AND owner = $2 AND state = 'used' AND order_id = $3",
-        )
-        .bind(coupon_id)
-        .bind(user_id)
-        .bind(order_id)
-        .execute(&mut *conn)
-        .await?;
-        if restored.rows_affected() == 1 {
-            record(conn, ctx, "restore", coupon_id, order_id).await?;
+        let req = Request::of(params)?;
+        let coupon_id = req.coupon_id;
+        if restore_once(conn, ctx, &req).await? != Ran::Refused {
             return Ok(json!({ "coupon_id": coupon_id, "restored": true }));
         }
         let reason = match load(conn, coupon_id).await? {
             None => "no such coupon".to_owned(),
-            Some(c) if c.owner != user_id => format!("it belongs to `{}`", c.owner),
-            Some(c) => format!("it is {}, not used by order {order_id}", c.describe()),
+            Some(c) if c.owner != req.user_id => format!("it belongs to `{}`", c.owner),
+            Some(c) => format!("it is {}, not used by order {}", c.describe(), req.order_id),
         };
         Ok(json!({ "coupon_id": coupon_id, "restored": false, "reason": reason }))
     }
@@ -521,13 +724,19 @@ mod tests {
     use sqlx::AnyPool;
 
     use super::*;
-    use crate::services::testing::{Op, assert_reported, outcome, run, sqlite};
+    use crate::services::testing::{
+        Backend, Migration, Op, TestDb, assert_reported, kinds, on_both_backends, outcome, refusal,
+        run,
+    };
 
-    const MIGRATION: &str = include_str!("../../../migrations/sqlite/0102_coupon.sql");
+    const MIGRATION: Migration = (
+        include_str!("../../../migrations/sqlite/0102_coupon.sql"),
+        include_str!("../../../migrations/postgres/0102_coupon.sql"),
+    );
 
-    async fn setup() -> AnyPool {
-        let pool = sqlite(&[MIGRATION]).await;
-        let mut conn = pool.acquire().await.unwrap();
+    async fn setup(backend: Backend, test: &str) -> Option<TestDb> {
+        let db = TestDb::new(backend, test, &[MIGRATION]).await?;
+        let mut conn = db.pool.acquire().await.unwrap();
         let coupons = [
             ("c1".to_owned(), "u1".to_owned()),
             ("c2".to_owned(), "u1".to_owned()),
@@ -535,8 +744,18 @@ mod tests {
         ];
         seed(&mut conn, &coupons).await.unwrap();
         seed(&mut conn, &coupons).await.unwrap();
-        pool
+        drop(conn);
+        Some(db)
     }
+
+    on_both_backends!(
+        freeze_then_use_spends_the_coupon_once,
+        freeze_refuses_coupons_it_cannot_take,
+        unfreeze_releases_only_what_this_saga_froze,
+        restore_gives_back_a_coupon_used_by_the_refunded_order_only,
+        check_reports_broken_states,
+        every_transition_applies_once_and_a_refused_one_writes_nothing,
+    );
 
     async fn state_of(pool: &AnyPool, coupon: &str) -> String {
         let mut conn = pool.acquire().await.unwrap();
@@ -559,32 +778,28 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn freeze_then_use_spends_the_coupon_once() {
-        let pool = setup().await;
+    async fn freeze_then_use_spends_the_coupon_once(pool: &AnyPool) {
         let p = params("c1", "u1", "o-1");
         for _ in 0..2 {
-            run(&pool, Op::Try(&Coupon), "s1", "coupon", &p)
+            run(pool, Op::Try(&Coupon), "s1", "coupon", &p)
                 .await
                 .unwrap();
         }
-        assert_eq!(state_of(&pool, "c1").await, "frozen by saga s1 (order o-1)");
+        assert_eq!(state_of(pool, "c1").await, "frozen by saga s1 (order o-1)");
         for _ in 0..2 {
-            let out = run(&pool, Op::Confirm(&Coupon), "s1", "coupon", &p)
+            let out = run(pool, Op::Confirm(&Coupon), "s1", "coupon", &p)
                 .await
                 .unwrap();
             assert_eq!(out, json!({ "coupon_id": "c1", "state": "used" }));
         }
-        assert_eq!(state_of(&pool, "c1").await, "used by saga s1 (order o-1)");
+        assert_eq!(state_of(pool, "c1").await, "used by saga s1 (order o-1)");
         let outcomes = [outcome("s1", ORDER_PAID, OutcomeState::Completed, p)];
-        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
+        assert_eq!(violations(pool, &outcomes).await, Vec::<String>::new());
     }
 
-    #[tokio::test]
-    async fn freeze_refuses_coupons_it_cannot_take() {
-        let pool = setup().await;
+    async fn freeze_refuses_coupons_it_cannot_take(pool: &AnyPool) {
         run(
-            &pool,
+            pool,
             Op::Try(&Coupon),
             "s1",
             "coupon",
@@ -593,7 +808,7 @@ mod tests {
         .await
         .unwrap();
         run(
-            &pool,
+            pool,
             Op::Try(&Coupon),
             "s2",
             "coupon",
@@ -601,12 +816,12 @@ mod tests {
         )
         .await
         .unwrap();
-        run(&pool, Op::Confirm(&Coupon), "s2", "coupon", &Value::Null)
+        run(pool, Op::Confirm(&Coupon), "s2", "coupon", &Value::Null)
             .await
             .unwrap();
 
         let r = run(
-            &pool,
+            pool,
             Op::Try(&Coupon),
             "s3",
             "coupon",
@@ -615,7 +830,7 @@ mod tests {
         .await;
         assert_eq!(code(r), "coupon_frozen");
         let r = run(
-            &pool,
+            pool,
             Op::Try(&Coupon),
             "s3",
             "coupon",
@@ -624,7 +839,7 @@ mod tests {
         .await;
         assert_eq!(code(r), "coupon_used");
         let r = run(
-            &pool,
+            pool,
             Op::Try(&Coupon),
             "s3",
             "coupon",
@@ -633,7 +848,7 @@ mod tests {
         .await;
         assert_eq!(code(r), "not_owner");
         let r = run(
-            &pool,
+            pool,
             Op::Try(&Coupon),
             "s3",
             "coupon",
@@ -642,7 +857,7 @@ mod tests {
         .await;
         assert_eq!(code(r), "unknown_coupon");
         let r = run(
-            &pool,
+            pool,
             Op::Try(&Coupon),
             "s3",
             "coupon",
@@ -650,52 +865,48 @@ mod tests {
         )
         .await;
         assert_eq!(code(r), "bad_params");
-        let r = run(&pool, Op::Confirm(&Coupon), "s3", "coupon", &Value::Null).await;
+        let r = run(pool, Op::Confirm(&Coupon), "s3", "coupon", &Value::Null).await;
         assert_eq!(code(r), "not_frozen", "confirm without a freeze");
-        assert_eq!(state_of(&pool, "c3").await, "available");
+        assert_eq!(state_of(pool, "c3").await, "available");
     }
 
-    #[tokio::test]
-    async fn unfreeze_releases_only_what_this_saga_froze() {
-        let pool = setup().await;
+    async fn unfreeze_releases_only_what_this_saga_froze(pool: &AnyPool) {
         let p = params("c1", "u1", "o-1");
-        run(&pool, Op::Try(&Coupon), "s1", "coupon", &p)
+        run(pool, Op::Try(&Coupon), "s1", "coupon", &p)
             .await
             .unwrap();
         // A cancel of a saga that froze nothing leaves s1's reservation alone.
-        let out = run(&pool, Op::Cancel(&Coupon), "s2", "coupon", &p)
+        let out = run(pool, Op::Cancel(&Coupon), "s2", "coupon", &p)
             .await
             .unwrap();
         assert_eq!(out, json!({ "unfrozen": false }));
-        assert_eq!(state_of(&pool, "c1").await, "frozen by saga s1 (order o-1)");
+        assert_eq!(state_of(pool, "c1").await, "frozen by saga s1 (order o-1)");
         for _ in 0..2 {
-            let out = run(&pool, Op::Cancel(&Coupon), "s1", "coupon", &p)
+            let out = run(pool, Op::Cancel(&Coupon), "s1", "coupon", &p)
                 .await
                 .unwrap();
             assert_eq!(out, json!({ "coupon_id": "c1", "unfrozen": true }));
         }
-        assert_eq!(state_of(&pool, "c1").await, "available");
+        assert_eq!(state_of(pool, "c1").await, "available");
 
         let outcomes = [
             outcome("s1", ORDER_PAID, OutcomeState::Compensated, p.clone()),
             outcome("s2", ORDER_PAID, OutcomeState::Compensated, p),
         ];
-        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
+        assert_eq!(violations(pool, &outcomes).await, Vec::<String>::new());
     }
 
-    #[tokio::test]
-    async fn restore_gives_back_a_coupon_used_by_the_refunded_order_only() {
-        let pool = setup().await;
+    async fn restore_gives_back_a_coupon_used_by_the_refunded_order_only(pool: &AnyPool) {
         let p = params("c1", "u1", "o-1");
-        run(&pool, Op::Try(&Coupon), "s1", "coupon", &p)
+        run(pool, Op::Try(&Coupon), "s1", "coupon", &p)
             .await
             .unwrap();
-        run(&pool, Op::Confirm(&Coupon), "s1", "coupon", &p)
+        run(pool, Op::Confirm(&Coupon), "s1", "coupon", &p)
             .await
             .unwrap();
 
         let out = run(
-            &pool,
+            pool,
             Op::Action(&Restore),
             "r0",
             "coupon",
@@ -709,7 +920,7 @@ mod tests {
             "used by another order: {out}"
         );
         let out = run(
-            &pool,
+            pool,
             Op::Action(&Restore),
             "r0",
             "coupon",
@@ -723,7 +934,7 @@ mod tests {
             "someone else's coupon: {out}"
         );
         let out = run(
-            &pool,
+            pool,
             Op::Action(&Restore),
             "r0",
             "coupon",
@@ -733,21 +944,21 @@ mod tests {
         .unwrap();
         assert_eq!(out["restored"], json!(false), "no such coupon: {out}");
         for _ in 0..2 {
-            let out = run(&pool, Op::Action(&Restore), "r1", "coupon", &p)
+            let out = run(pool, Op::Action(&Restore), "r1", "coupon", &p)
                 .await
                 .unwrap();
             assert_eq!(out["restored"], json!(true));
         }
-        assert_eq!(state_of(&pool, "c1").await, "available");
-        let r = run(&pool, Op::Compensate(&Restore), "r1", "coupon", &p).await;
+        assert_eq!(state_of(pool, "c1").await, "available");
+        let r = run(pool, Op::Compensate(&Restore), "r1", "coupon", &p).await;
         assert_eq!(code(r), "irreversible");
 
         // Given back, the coupon can serve another order.
         let again = params("c1", "u1", "o-2");
-        run(&pool, Op::Try(&Coupon), "s2", "coupon", &again)
+        run(pool, Op::Try(&Coupon), "s2", "coupon", &again)
             .await
             .unwrap();
-        run(&pool, Op::Confirm(&Coupon), "s2", "coupon", &again)
+        run(pool, Op::Confirm(&Coupon), "s2", "coupon", &again)
             .await
             .unwrap();
         let outcomes = [
@@ -761,34 +972,32 @@ mod tests {
             outcome("r1", ORDER_REFUND, OutcomeState::Completed, p),
             outcome("s2", ORDER_PAID, OutcomeState::Completed, again),
         ];
-        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
+        assert_eq!(violations(pool, &outcomes).await, Vec::<String>::new());
     }
 
-    #[tokio::test]
-    async fn check_reports_broken_states() {
-        let pool = setup().await;
+    async fn check_reports_broken_states(pool: &AnyPool) {
         let first = params("c1", "u1", "o-1");
-        run(&pool, Op::Try(&Coupon), "first", "coupon", &first)
+        run(pool, Op::Try(&Coupon), "first", "coupon", &first)
             .await
             .unwrap();
-        run(&pool, Op::Confirm(&Coupon), "first", "coupon", &first)
+        run(pool, Op::Confirm(&Coupon), "first", "coupon", &first)
             .await
             .unwrap();
         // Someone resets the coupon behind the service's back, and it is spent a second time.
         sqlx::query("UPDATE coupons SET state = 'available', saga_id = NULL, order_id = NULL")
-            .execute(&pool)
+            .execute(pool)
             .await
             .unwrap();
         let second = params("c1", "u1", "o-2");
-        run(&pool, Op::Try(&Coupon), "second", "coupon", &second)
+        run(pool, Op::Try(&Coupon), "second", "coupon", &second)
             .await
             .unwrap();
-        run(&pool, Op::Confirm(&Coupon), "second", "coupon", &second)
+        run(pool, Op::Confirm(&Coupon), "second", "coupon", &second)
             .await
             .unwrap();
         // A reservation whose cancel never ran, and one nobody knows about.
         run(
-            &pool,
+            pool,
             Op::Try(&Coupon),
             "hung",
             "coupon",
@@ -797,7 +1006,7 @@ mod tests {
         .await
         .unwrap();
         run(
-            &pool,
+            pool,
             Op::Try(&Coupon),
             "stray",
             "coupon",
@@ -816,7 +1025,7 @@ mod tests {
                 params("c2", "u1", "o-3"),
             ),
         ];
-        let v = violations(&pool, &outcomes).await;
+        let v = violations(pool, &outcomes).await;
         assert_reported(
             &v,
             &["coupon `c1` is used by saga second", "2 freeze", "2 use"],
@@ -849,5 +1058,129 @@ mod tests {
             ],
         );
         assert_eq!(v.len(), 5, "{v:#?}");
+    }
+
+    /// Every path of `freeze`, `use`, `unfreeze` and `restore`: first runs, replays (the same
+    /// answer, one transition), refusals (no ledger row, the coupon untouched), the cancel of a
+    /// freeze, of nothing and of a used coupon.
+    async fn every_transition_applies_once_and_a_refused_one_writes_nothing(pool: &AnyPool) {
+        let p = params("c1", "u1", "o-1");
+        let first = run(pool, Op::Try(&Coupon), "s1", "coupon", &p).await;
+        assert_eq!(first, Ok(json!({ "coupon_id": "c1", "state": "frozen" })));
+        assert_eq!(run(pool, Op::Try(&Coupon), "s1", "coupon", &p).await, first);
+        assert_eq!(state_of(pool, "c1").await, "frozen by saga s1 (order o-1)");
+        assert_eq!(kinds(pool, "coupon_ledger", "s1").await, ["freeze"]);
+
+        let r = run(
+            pool,
+            Op::Try(&Coupon),
+            "s2",
+            "coupon",
+            &params("c1", "u1", "o-2"),
+        )
+        .await;
+        assert_eq!(
+            refusal(r),
+            (
+                "coupon_frozen".to_owned(),
+                "coupon `c1` is frozen by saga s1 (order o-1)".to_owned()
+            )
+        );
+        assert!(kinds(pool, "coupon_ledger", "s2").await.is_empty());
+        assert_eq!(state_of(pool, "c1").await, "frozen by saga s1 (order o-1)");
+
+        let used = run(pool, Op::Confirm(&Coupon), "s1", "coupon", &Value::Null).await;
+        assert_eq!(used, Ok(json!({ "coupon_id": "c1", "state": "used" })));
+        assert_eq!(
+            run(pool, Op::Confirm(&Coupon), "s1", "coupon", &Value::Null).await,
+            used
+        );
+        assert_eq!(state_of(pool, "c1").await, "used by saga s1 (order o-1)");
+        assert_eq!(kinds(pool, "coupon_ledger", "s1").await, ["freeze", "use"]);
+
+        // A confirm without a freeze, and one whose coupon was taken from it.
+        let r = run(pool, Op::Confirm(&Coupon), "s3", "coupon", &Value::Null).await;
+        assert_eq!(
+            refusal(r),
+            (
+                "not_frozen".to_owned(),
+                "saga s3 froze no coupon in step `coupon`".to_owned()
+            )
+        );
+        assert!(kinds(pool, "coupon_ledger", "s3").await.is_empty());
+        run(
+            pool,
+            Op::Try(&Coupon),
+            "s4",
+            "coupon",
+            &params("c2", "u1", "o-4"),
+        )
+        .await
+        .unwrap();
+        sqlx::query(
+            "UPDATE coupons SET state = 'available', saga_id = NULL, order_id = NULL \
+             WHERE coupon_id = 'c2'",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+        let r = run(pool, Op::Confirm(&Coupon), "s4", "coupon", &Value::Null).await;
+        assert_eq!(
+            refusal(r),
+            (
+                "not_frozen".to_owned(),
+                "coupon `c2` is no longer frozen by saga s4: it is available".to_owned()
+            )
+        );
+        assert_eq!(kinds(pool, "coupon_ledger", "s4").await, ["freeze"]);
+        assert_eq!(state_of(pool, "c2").await, "available");
+
+        // Cancels: of a freeze (once), of nothing, of a coupon already used.
+        run(
+            pool,
+            Op::Try(&Coupon),
+            "s5",
+            "coupon",
+            &params("c3", "u2", "o-5"),
+        )
+        .await
+        .unwrap();
+        let undone = run(pool, Op::Cancel(&Coupon), "s5", "coupon", &Value::Null).await;
+        assert_eq!(undone, Ok(json!({ "coupon_id": "c3", "unfrozen": true })));
+        assert_eq!(
+            run(pool, Op::Cancel(&Coupon), "s5", "coupon", &Value::Null).await,
+            undone
+        );
+        assert_eq!(state_of(pool, "c3").await, "available");
+        assert_eq!(
+            kinds(pool, "coupon_ledger", "s5").await,
+            ["freeze", "unfreeze"]
+        );
+        for _ in 0..2 {
+            let none = run(pool, Op::Cancel(&Coupon), "s6", "coupon", &Value::Null).await;
+            assert_eq!(none, Ok(json!({ "unfrozen": false })));
+        }
+        assert!(kinds(pool, "coupon_ledger", "s6").await.is_empty());
+        let late = run(pool, Op::Cancel(&Coupon), "s1", "coupon", &Value::Null).await;
+        assert_eq!(late, Ok(json!({ "coupon_id": "c1", "unfrozen": false })));
+        assert_eq!(kinds(pool, "coupon_ledger", "s1").await, ["freeze", "use"]);
+        assert_eq!(state_of(pool, "c1").await, "used by saga s1 (order o-1)");
+
+        // Restore: once; then the coupon is not used by that order any more.
+        let restored = run(pool, Op::Action(&Restore), "r1", "coupon", &p).await;
+        assert_eq!(restored, Ok(json!({ "coupon_id": "c1", "restored": true })));
+        assert_eq!(
+            run(pool, Op::Action(&Restore), "r1", "coupon", &p).await,
+            restored
+        );
+        assert_eq!(state_of(pool, "c1").await, "available");
+        assert_eq!(kinds(pool, "coupon_ledger", "r1").await, ["restore"]);
+        let not = run(pool, Op::Action(&Restore), "r2", "coupon", &p).await;
+        assert_eq!(
+            not,
+            Ok(json!({ "coupon_id": "c1", "restored": false,
+                       "reason": "it is available, not used by order o-1" }))
+        );
+        assert!(kinds(pool, "coupon_ledger", "r2").await.is_empty());
     }
 }

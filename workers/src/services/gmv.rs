@@ -16,7 +16,10 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 use sqlx::{AnyConnection, Row};
 
-use super::{Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, money, param_cents};
+use super::{
+    Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, Ran, first_entry, money,
+    nothing_applied, on_postgres, param_cents,
+};
 use crate::sdk::{SagaStep, StepContext, StepError, param_str};
 
 const SERVICE: &str = "gmv";
@@ -63,7 +66,7 @@ async fn apply(
     kind: &str,
     entry: &Entry,
 ) -> Result<(), sqlx::Error> {
-    super::first_entry(record_once(conn, ctx, kind, entry).await?, "gmv", ctx, kind)?;
+    first_entry(record_once(conn, ctx, kind, entry).await?, "gmv", ctx, kind)?;
     add(conn, entry).await
 }
 
@@ -101,9 +104,42 @@ async fn record_once(
     Ok(inserted.rows_affected() == 1)
 }
 
-/// Applies this (saga, step)'s `kind` entry once: a replay returns the recorded delta. The
-/// entry is recorded first (one statement decides "first time or replay"), then the campaign
-/// row is updated.
+// The PostgreSQL statements: one per operation, shaped as the module docs of `services` say
+// (`done`, the effect, the ledger row from its RETURNING, the report). Nothing refuses a GMV
+// change, so their effects are upserts that apply unless it is a replay.
+
+/// `add` / `subtract` (`$3`): adds the delta to the campaign (creating it at 0 first) unless
+/// this (saga, step) recorded its `$3` already, and records it; a replay reports the recorded
+/// delta.
+const ONCE_PG: &str = "WITH done AS (SELECT delta FROM gmv_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = $3), \
+     added AS (INSERT INTO campaign_gmv (campaign_id, gmv) \
+         SELECT $4, $5 WHERE NOT EXISTS (SELECT 1 FROM done) \
+         ON CONFLICT (campaign_id) DO UPDATE SET gmv = campaign_gmv.gmv + excluded.gmv \
+         RETURNING 1), \
+     written AS (INSERT INTO gmv_ledger (saga_id, step, kind, campaign_id, delta) \
+         SELECT $1, $2, $3, $4, $5 FROM added \
+         ON CONFLICT (saga_id, step, kind) DO NOTHING RETURNING 1) \
+     SELECT (SELECT delta FROM done) AS replayed, (SELECT count(*) FROM added) AS applied, \
+         (SELECT count(*) FROM written) AS recorded";
+
+/// Undoes this (saga, step)'s `$3` entry as a `$4` entry: adds its negated delta to its
+/// campaign (creating it at 0 first) unless it was undone already. `original` is NULL when
+/// there is nothing to undo.
+const REVERSE_PG: &str = "WITH original AS (SELECT campaign_id, delta FROM gmv_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = $3), \
+     done AS (SELECT delta FROM gmv_ledger WHERE saga_id = $1 AND step = $2 AND kind = $4), \
+     added AS (INSERT INTO campaign_gmv (campaign_id, gmv) \
+         SELECT campaign_id, -delta FROM original WHERE NOT EXISTS (SELECT 1 FROM done) \
+         ON CONFLICT (campaign_id) DO UPDATE SET gmv = campaign_gmv.gmv + excluded.gmv \
+         RETURNING 1), \
+     written AS (INSERT INTO gmv_ledger (saga_id, step, kind, campaign_id, delta) \
+         SELECT $1, $2, $4, campaign_id, -delta FROM original WHERE EXISTS (SELECT 1 FROM added) \
+         ON CONFLICT (saga_id, step, kind) DO NOTHING RETURNING 1) \
+     SELECT (SELECT delta FROM done) AS replayed, (SELECT delta FROM original) AS original, \
+         (SELECT count(*) FROM added) AS applied, (SELECT count(*) FROM written) AS recorded";
+
+/// Applies this (saga, step)'s `kind` entry once: a replay returns the recorded delta.
 async fn once(
     conn: &mut AnyConnection,
     ctx: &StepContext,
@@ -115,6 +151,23 @@ async fn once(
         campaign_id: param_str(params, "campaign_id")?.to_owned(),
         delta: sign * param_cents(params, "amount")?,
     };
+    if on_postgres(conn) {
+        let row = sqlx::query(ONCE_PG)
+            .bind(&ctx.saga_id)
+            .bind(&ctx.step)
+            .bind(kind)
+            .bind(&wanted.campaign_id)
+            .bind(wanted.delta)
+            .fetch_one(&mut *conn)
+            .await?;
+        return match Ran::<i64>::read(&row, row.try_get("replayed")?, "gmv", ctx, kind)? {
+            Ran::Applied => Ok(json!({ "delta_cents": wanted.delta })),
+            Ran::Replay(delta) => Ok(json!({ "delta_cents": delta })),
+            Ran::Refused => Err(nothing_applied("gmv", ctx, kind).into()),
+        };
+    }
+    // SQLite: the entry first (one statement decides "first time or replay"), then the
+    // campaign row.
     if !record_once(conn, ctx, kind, &wanted).await? {
         let done = entry(conn, ctx, kind).await?.ok_or_else(|| {
             StepError::retryable(format!("gmv ledger entry ({}, {kind}) vanished", ctx.step))
@@ -132,6 +185,25 @@ async fn reverse(
     kind: &str,
     reversal: &str,
 ) -> Result<Value, StepError> {
+    if on_postgres(conn) {
+        let row = sqlx::query(REVERSE_PG)
+            .bind(&ctx.saga_id)
+            .bind(&ctx.step)
+            .bind(kind)
+            .bind(reversal)
+            .fetch_one(&mut *conn)
+            .await?;
+        if let Some(delta) = row.try_get::<Option<i64>, _>("replayed")? {
+            return Ok(json!({ "delta_cents": delta }));
+        }
+        let Some(original) = row.try_get::<Option<i64>, _>("original")? else {
+            return Ok(json!({ "delta_cents": 0 }));
+        };
+        return match Ran::read(&row, None, "gmv", ctx, reversal)? {
+            Ran::Applied | Ran::Replay(()) => Ok(json!({ "delta_cents": -original })),
+            Ran::Refused => Err(nothing_applied("gmv", ctx, reversal).into()),
+        };
+    }
     if let Some(done) = entry(conn, ctx, reversal).await? {
         return Ok(json!({ "delta_cents": done.delta }));
     }
@@ -366,17 +438,29 @@ mod tests {
     use sqlx::AnyPool;
 
     use super::*;
-    use crate::services::testing::{Op, assert_reported, outcome, run, sqlite};
+    use crate::services::testing::{
+        Backend, Migration, Op, TestDb, assert_reported, kinds, on_both_backends, outcome, run,
+    };
 
-    const MIGRATION: &str = include_str!("../../../migrations/sqlite/0104_gmv.sql");
+    const MIGRATION: Migration = (
+        include_str!("../../../migrations/sqlite/0104_gmv.sql"),
+        include_str!("../../../migrations/postgres/0104_gmv.sql"),
+    );
 
-    async fn setup() -> AnyPool {
-        let pool = sqlite(&[MIGRATION]).await;
-        let mut conn = pool.acquire().await.unwrap();
+    async fn setup(backend: Backend, test: &str) -> Option<TestDb> {
+        let db = TestDb::new(backend, test, &[MIGRATION]).await?;
+        let mut conn = db.pool.acquire().await.unwrap();
         seed(&mut conn, &["spring".to_owned()]).await.unwrap();
         seed(&mut conn, &["spring".to_owned()]).await.unwrap();
-        pool
+        drop(conn);
+        Some(db)
     }
+
+    on_both_backends!(
+        add_subtract_and_their_compensations_move_gmv_exactly_once,
+        check_reports_broken_states,
+        add_subtract_and_their_undos_apply_once,
+    );
 
     async fn gmv_of(pool: &AnyPool, campaign: &str) -> Option<i64> {
         sqlx::query("SELECT gmv FROM campaign_gmv WHERE campaign_id = $1")
@@ -400,23 +484,21 @@ mod tests {
         json!({ "order_id": order_id, "user_id": "u1", "amount": amount, "campaign_id": campaign })
     }
 
-    #[tokio::test]
-    async fn add_subtract_and_their_compensations_move_gmv_exactly_once() {
-        let pool = setup().await;
+    async fn add_subtract_and_their_compensations_move_gmv_exactly_once(pool: &AnyPool) {
         let p = params("spring", "129.90");
-        run(&pool, Op::Action(&Add), "paid", "gmv", &p)
+        run(pool, Op::Action(&Add), "paid", "gmv", &p)
             .await
             .unwrap();
-        run(&pool, Op::Action(&Add), "paid", "gmv", &p)
+        run(pool, Op::Action(&Add), "paid", "gmv", &p)
             .await
             .unwrap();
         assert_eq!(
-            gmv_of(&pool, "spring").await,
+            gmv_of(pool, "spring").await,
             Some(12_990),
             "a replayed add counts once"
         );
         run(
-            &pool,
+            pool,
             Op::Action(&Add),
             "undone",
             "gmv",
@@ -425,33 +507,33 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(
-            gmv_of(&pool, "autumn").await,
+            gmv_of(pool, "autumn").await,
             Some(1_000),
             "created on demand"
         );
-        let back = run(&pool, Op::Compensate(&Add), "undone", "gmv", &p)
+        let back = run(pool, Op::Compensate(&Add), "undone", "gmv", &p)
             .await
             .unwrap();
         assert_eq!(back, json!({ "delta_cents": -1_000 }));
-        run(&pool, Op::Compensate(&Add), "undone", "gmv", &p)
+        run(pool, Op::Compensate(&Add), "undone", "gmv", &p)
             .await
             .unwrap();
-        assert_eq!(gmv_of(&pool, "autumn").await, Some(0));
-        let none = run(&pool, Op::Compensate(&Add), "never", "gmv", &p)
+        assert_eq!(gmv_of(pool, "autumn").await, Some(0));
+        let none = run(pool, Op::Compensate(&Add), "never", "gmv", &p)
             .await
             .unwrap();
         assert_eq!(none, json!({ "delta_cents": 0 }));
 
-        run(&pool, Op::Action(&Subtract), "refund-undone", "gmv", &p)
+        run(pool, Op::Action(&Subtract), "refund-undone", "gmv", &p)
             .await
             .unwrap();
-        assert_eq!(gmv_of(&pool, "spring").await, Some(0));
-        run(&pool, Op::Compensate(&Subtract), "refund-undone", "gmv", &p)
+        assert_eq!(gmv_of(pool, "spring").await, Some(0));
+        run(pool, Op::Compensate(&Subtract), "refund-undone", "gmv", &p)
             .await
             .unwrap();
-        assert_eq!(gmv_of(&pool, "spring").await, Some(12_990));
+        assert_eq!(gmv_of(pool, "spring").await, Some(12_990));
         run(
-            &pool,
+            pool,
             Op::Action(&Subtract),
             "refund",
             "gmv",
@@ -461,7 +543,7 @@ mod tests {
         .unwrap();
 
         let r = run(
-            &pool,
+            pool,
             Op::Action(&Add),
             "bad",
             "gmv",
@@ -470,7 +552,7 @@ mod tests {
         .await;
         assert!(matches!(&r, Err(StepError::Business { code, .. }) if code == "bad_amount"));
         let r = run(
-            &pool,
+            pool,
             Op::Action(&Add),
             "bad",
             "gmv",
@@ -511,15 +593,13 @@ mod tests {
                 input("o-4", "spring", "100"),
             ),
         ];
-        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
-        assert_eq!(gmv_of(&pool, "spring").await, Some(2_990));
+        assert_eq!(violations(pool, &outcomes).await, Vec::<String>::new());
+        assert_eq!(gmv_of(pool, "spring").await, Some(2_990));
     }
 
-    #[tokio::test]
-    async fn check_reports_broken_states() {
-        let pool = setup().await;
+    async fn check_reports_broken_states(pool: &AnyPool) {
         run(
-            &pool,
+            pool,
             Op::Action(&Add),
             "paid",
             "gmv",
@@ -528,7 +608,7 @@ mod tests {
         .await
         .unwrap();
         run(
-            &pool,
+            pool,
             Op::Action(&Add),
             "kept",
             "gmv",
@@ -537,7 +617,7 @@ mod tests {
         .await
         .unwrap();
         run(
-            &pool,
+            pool,
             Op::Action(&Add),
             "stray",
             "gmv",
@@ -546,7 +626,7 @@ mod tests {
         .await
         .unwrap();
         sqlx::query("UPDATE campaign_gmv SET gmv = gmv + 100 WHERE campaign_id = 'summer'")
-            .execute(&pool)
+            .execute(pool)
             .await
             .unwrap();
 
@@ -564,7 +644,7 @@ mod tests {
                 input("o-2", "spring", "3"),
             ),
         ];
-        let v = violations(&pool, &outcomes).await;
+        let v = violations(pool, &outcomes).await;
         assert_reported(
             &v,
             &[
@@ -586,5 +666,44 @@ mod tests {
         );
         assert_reported(&v, &["total GMV is 28.00", "come to 25.00"]);
         assert_eq!(v.len(), 7, "{v:#?}");
+    }
+
+    /// Every path of `add`, `subtract` and their compensations: first runs, replays (the same
+    /// answer, one change), undos, their replays, and undos of nothing. Nothing refuses a GMV
+    /// change.
+    async fn add_subtract_and_their_undos_apply_once(pool: &AnyPool) {
+        let p = params("spring", "10");
+        for (action, undo, saga, kind, delta) in [
+            (Op::Action(&Add), Op::Compensate(&Add), "a1", "add", 1_000),
+            (
+                Op::Action(&Subtract),
+                Op::Compensate(&Subtract),
+                "s1",
+                "subtract",
+                -1_000,
+            ),
+        ] {
+            let first = run(pool, action, saga, "gmv", &p).await;
+            assert_eq!(first, Ok(json!({ "delta_cents": delta })));
+            // A replay answers what was recorded, whatever it is asked.
+            let other = params("spring", "99");
+            assert_eq!(run(pool, action, saga, "gmv", &other).await, first);
+            assert_eq!(gmv_of(pool, "spring").await, Some(delta), "{kind} once");
+            assert_eq!(kinds(pool, "gmv_ledger", saga).await, [kind]);
+            for _ in 0..2 {
+                let back = run(pool, undo, saga, "gmv", &Value::Null).await;
+                assert_eq!(back, Ok(json!({ "delta_cents": -delta })));
+            }
+            assert_eq!(gmv_of(pool, "spring").await, Some(0), "{kind} undone once");
+            assert_eq!(
+                kinds(pool, "gmv_ledger", saga).await,
+                [kind.to_owned(), format!("{kind}_reversal")]
+            );
+            for _ in 0..2 {
+                let none = run(pool, undo, "never", "gmv", &Value::Null).await;
+                assert_eq!(none, Ok(json!({ "delta_cents": 0 })));
+            }
+            assert!(kinds(pool, "gmv_ledger", "never").await.is_empty());
+        }
     }
 }

@@ -14,12 +14,39 @@
 //! never ran) and what `check` reads to prove the services' invariants after a run: each module
 //! has a `seed` that creates demo data and a `check` that lists invariant violations against the
 //! [`Outcome`]s of the finished sagas (an empty list means all is well).
+//!
+//! # One statement per operation on PostgreSQL
+//!
+//! A handler runs inside the worker's batch transaction, and on PostgreSQL each of its statements
+//! is a round trip, so the common path of every operation is ONE statement: a data-modifying
+//! CTE that
+//!
+//! 1. reads this (saga, step)'s ledger row of the operation's kind (`done`),
+//! 2. applies the effect — an `UPDATE` or upsert guarded by `NOT EXISTS (SELECT 1 FROM done)`
+//!    and by the business condition (enough money, coupon available, …),
+//! 3. inserts the ledger row from the effect's `RETURNING` (`ON CONFLICT DO NOTHING`), and
+//! 4. reports what happened: the recorded values a replay answers with, and how many rows the
+//!    effect (`applied`) and the ledger insert (`recorded`) wrote (`Ran::read`).
+//!
+//! So a replay changes nothing, a refused effect writes nothing (no ledger row to roll back),
+//! and only a refusal takes a second statement, to read what its message says (and an
+//! order-refund whose account another transaction changed meanwhile, see `payment`). The parts of
+//! one statement share one snapshot: a duplicate that commits after it is not seen by `done`,
+//! but its ledger row makes our insert do nothing, and an effect applied without its row is an
+//! error (`first_entry`) that rolls the effect back; the retry is then a replay.
+//!
+//! SQLite has no data-modifying CTEs. There the ledger row is written first (`INSERT … ON
+//! CONFLICT DO NOTHING`: one statement tells a first run from a replay) and the effect second;
+//! a refusal's error rolls the row back with the rest.
 
 use std::collections::HashMap;
 
 use serde_json::Value;
 
-use crate::sdk::{StepError, cents, param_i64};
+use sqlx::{AnyConnection, Row, any::AnyRow};
+
+use crate::barrier::Dialect;
+use crate::sdk::{StepContext, StepError, cents, param_i64};
 
 pub mod coupon;
 pub mod gmv;
@@ -165,14 +192,53 @@ pub(crate) fn param_count(params: &Value, name: &str) -> Result<i64, StepError> 
     Ok(n)
 }
 
-/// The handler's answer to a compensation the definition says never happens (`compensation:
-/// none`): if the engine ever sends one, the saga must stop for an operator, not pretend.
-/// What a ledger's `record_once` returned, where a replay was already ruled out: an entry that
-/// is there already is an error (transient: the retry sees it as the replay it is).
+/// Whether the service statements take their PostgreSQL form (one statement per operation,
+/// see the module docs) or their SQLite form.
+pub(crate) fn on_postgres(conn: &AnyConnection) -> bool {
+    Dialect::of(conn) == Dialect::Postgres
+}
+
+/// What an operation did to its effect and its ledger row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ran<T = ()> {
+    /// Applied now, and recorded.
+    Applied,
+    /// This (saga, step) had recorded it already: nothing was done. What the ledger says.
+    Replay(T),
+    /// The effect's condition did not hold. On PostgreSQL nothing was written; on SQLite the
+    /// ledger row was, and the handler's error rolls it back.
+    Refused,
+}
+
+impl<T> Ran<T> {
+    /// Reads a one-statement operation's report (see the module docs): `replay` is the value
+    /// its `done` part found, if any; otherwise the `applied` and `recorded` counts say whether
+    /// it applied the effect with its ledger row, or refused.
+    pub(crate) fn read(
+        row: &AnyRow,
+        replay: Option<T>,
+        ledger: &str,
+        ctx: &StepContext,
+        kind: &str,
+    ) -> Result<Ran<T>, sqlx::Error> {
+        if let Some(recorded) = replay {
+            return Ok(Ran::Replay(recorded));
+        }
+        if row.try_get::<i64, _>("applied")? == 0 {
+            return Ok(Ran::Refused);
+        }
+        first_entry(row.try_get::<i64, _>("recorded")? == 1, ledger, ctx, kind)?;
+        Ok(Ran::Applied)
+    }
+}
+
+/// Whether a ledger row was written, where a replay was already ruled out: an entry that is
+/// there already (a concurrent duplicate committed it first) is an error, transient, so the
+/// effect is rolled back and the retry sees the replay it is.
 pub(crate) fn first_entry(
     inserted: bool,
     ledger: &str,
-    ctx: &crate::sdk::StepContext,
+    ctx: &StepContext,
     kind: &str,
 ) -> Result<(), sqlx::Error> {
     if inserted {
@@ -184,13 +250,25 @@ pub(crate) fn first_entry(
     )))
 }
 
+/// An effect that cannot be refused (an upsert) that applied nothing: the statement and the
+/// code disagree, which no retry mends either — but it is reported, not hidden.
+pub(crate) fn nothing_applied(ledger: &str, ctx: &StepContext, kind: &str) -> sqlx::Error {
+    sqlx::Error::Protocol(format!(
+        "{ledger} ledger: ({}, {}, {kind}) applied nothing",
+        ctx.saga_id, ctx.step
+    ))
+}
+
+/// The handler's answer to a compensation the definition says never happens (`compensation:
+/// none`): if the engine ever sends one, the saga must stop for an operator, not pretend.
 pub(crate) fn irreversible(what: &str) -> StepError {
     StepError::business("irreversible", format!("{what} cannot be undone"))
 }
 
-/// What the unit tests of every service share: an in-memory SQLite behind the `Any` driver,
-/// and running one operation in its own transaction the way the SDK does (commit on success,
-/// roll back on error).
+/// What the unit tests of every service share: a database on either backend (in-memory SQLite
+/// behind the `Any` driver, or a PostgreSQL database of the test's own), running one operation
+/// in its own transaction the way the SDK does (commit on success, roll back on error), and
+/// reading a saga's ledger rows.
 #[cfg(test)]
 pub(crate) mod testing {
     use serde_json::Value;
@@ -200,17 +278,181 @@ pub(crate) mod testing {
     use super::{Outcome, OutcomeState};
     use crate::sdk::{SagaStep, StepContext, StepError, TccStep};
 
-    pub(crate) async fn sqlite(migrations: &[&'static str]) -> AnyPool {
-        sqlx::any::install_default_drivers();
-        let pool = AnyPoolOptions::new()
-            .max_connections(1)
-            .connect("sqlite::memory:")
-            .await
-            .expect("in-memory sqlite");
-        for sql in migrations {
-            sqlx::raw_sql(*sql).execute(&pool).await.expect("migration");
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Backend {
+        Sqlite,
+        Postgres,
+    }
+
+    /// A migration of a service's tables, in both dialects: (SQLite, PostgreSQL).
+    pub(crate) type Migration = (&'static str, &'static str);
+
+    /// One test's database. A PostgreSQL one is a database of its own, dropped when this is
+    /// dropped (also when the test panics); it is named like the root tests' databases
+    /// (`sagaflow_t<pid>_…`), so their sweep drops it if the process is killed first.
+    pub(crate) struct TestDb {
+        pub(crate) pool: AnyPool,
+        /// The database's URL, to connect to it otherwise.
+        pub(crate) url: String,
+        /// (admin URL, database name) to drop it with.
+        admin: Option<(String, String)>,
+    }
+
+    /// The server the PostgreSQL tests use: `SAGAFLOW_TEST_DATABASE_URL`, else the local one.
+    pub(crate) fn postgres_url() -> String {
+        std::env::var("SAGAFLOW_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+    }
+
+    impl TestDb {
+        /// A fresh database with `migrations` applied; `None` (the test is skipped) when
+        /// PostgreSQL is unreachable, unless `CI=true`, where that fails the test.
+        pub(crate) async fn new(
+            backend: Backend,
+            test: &str,
+            migrations: &[Migration],
+        ) -> Option<TestDb> {
+            sqlx::any::install_default_drivers();
+            let db = match backend {
+                Backend::Sqlite => TestDb {
+                    pool: AnyPoolOptions::new()
+                        .max_connections(1)
+                        .connect("sqlite::memory:")
+                        .await
+                        .expect("in-memory sqlite"),
+                    url: "sqlite::memory:".to_owned(),
+                    admin: None,
+                },
+                Backend::Postgres => Self::postgres(test).await?,
+            };
+            for (sqlite, postgres) in migrations {
+                let sql = match backend {
+                    Backend::Sqlite => *sqlite,
+                    Backend::Postgres => *postgres,
+                };
+                sqlx::raw_sql(sql)
+                    .execute(&db.pool)
+                    .await
+                    .expect("migration");
+            }
+            Some(db)
         }
-        pool
+
+        async fn postgres(test: &str) -> Option<TestDb> {
+            use sqlx::Connection;
+            let url = postgres_url();
+            let mut admin = match sqlx::AnyConnection::connect(&url).await {
+                Ok(c) => c,
+                Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+                    eprintln!("skipping {test} on PostgreSQL: {url} is unreachable: {e}");
+                    return None;
+                }
+                Err(e) => panic!("PostgreSQL at {url} is unreachable (CI=true): {e}"),
+            };
+            let short: String = test.chars().take(30).collect();
+            let name = format!(
+                "sagaflow_t{}_w{short}_{:08x}",
+                std::process::id(),
+                fastrand::u32(..)
+            );
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&mut admin)
+                .await
+                .expect("create test database");
+            let _ = admin.close().await;
+            let (base, _) = url.split_once('?').unwrap_or((&url, ""));
+            let (server, _) = base
+                .rsplit_once('/')
+                .expect("a database URL names a database");
+            let db_url = format!("{server}/{name}");
+            // Handlers, the checks and a concurrent test's second transaction and observer.
+            let pool = AnyPoolOptions::new()
+                .max_connections(3)
+                .connect(&db_url)
+                .await
+                .expect("connect to the test database");
+            Some(TestDb {
+                pool,
+                url: db_url,
+                admin: Some((url, name)),
+            })
+        }
+    }
+
+    impl Drop for TestDb {
+        fn drop(&mut self) {
+            let Some((admin, name)) = self.admin.take() else {
+                return;
+            };
+            // Drop cannot await: on a thread of its own, which forces the pool's connections out.
+            let _ = std::thread::spawn(move || {
+                use sqlx::Connection;
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(async {
+                    if let Ok(mut c) = sqlx::AnyConnection::connect(&admin).await {
+                        let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+                            .execute(&mut c)
+                            .await
+                        {
+                            eprintln!("could not drop test database {name}: {e}");
+                        }
+                        let _ = c.close().await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+
+    /// Runs each named `async fn test(pool: &AnyPool)` of the calling test module on both
+    /// backends, as `test::sqlite` and `test::postgres`, on a database from that module's
+    /// `async fn setup(backend: Backend, test: &str) -> Option<TestDb>`.
+    macro_rules! on_both_backends {
+        ($($test:ident),* $(,)?) => {$(
+            mod $test {
+                use crate::services::testing::Backend;
+
+                #[tokio::test]
+                async fn sqlite() {
+                    let db = super::setup(Backend::Sqlite, stringify!($test))
+                        .await
+                        .expect("SQLite is always there");
+                    super::$test(&db.pool).await;
+                }
+
+                #[tokio::test]
+                async fn postgres() {
+                    if let Some(db) = super::setup(Backend::Postgres, stringify!($test)).await {
+                        super::$test(&db.pool).await;
+                    }
+                }
+            }
+        )*};
+    }
+    pub(crate) use on_both_backends;
+
+    /// The kinds of the ledger rows `saga_id` has in `ledger` (a table name), sorted.
+    pub(crate) async fn kinds(pool: &AnyPool, ledger: &str, saga_id: &str) -> Vec<String> {
+        let sql = format!("SELECT kind FROM {ledger} WHERE saga_id = $1 ORDER BY kind");
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(saga_id)
+            .fetch_all(pool)
+            .await
+            .expect("ledger rows")
+    }
+
+    /// A business failure's (code, message); panics on anything else.
+    pub(crate) fn refusal(r: Result<Value, StepError>) -> (String, String) {
+        match r {
+            Err(StepError::Business { code, message }) => (code, message),
+            other => panic!("expected a business failure, got {other:?}"),
+        }
     }
 
     #[derive(Clone, Copy)]
@@ -225,6 +467,39 @@ pub(crate) mod testing {
     /// Runs `op` for (saga, step) in one transaction.
     pub(crate) async fn run(
         pool: &AnyPool,
+        op: Op<'_>,
+        saga_id: &str,
+        step: &str,
+        params: &Value,
+    ) -> Result<Value, StepError> {
+        run_counted(pool, op, saga_id, step, params, None).await.0
+    }
+
+    /// [`run`], and how many round trips `relay` saw the handler make (0 without one): the
+    /// transaction's `BEGIN` and `COMMIT` are not counted.
+    pub(crate) async fn run_counted(
+        pool: &AnyPool,
+        op: Op<'_>,
+        saga_id: &str,
+        step: &str,
+        params: &Value,
+        relay: Option<&RoundTrips>,
+    ) -> (Result<Value, StepError>, u64) {
+        let mut tx = pool.begin().await.expect("begin");
+        let before = relay.map_or(0, RoundTrips::count);
+        let result = call(&mut tx, op, saga_id, step, params).await;
+        let trips = relay.map_or(0, RoundTrips::count) - before;
+        if result.is_ok() {
+            tx.commit().await.expect("commit");
+        } else {
+            tx.rollback().await.expect("rollback");
+        }
+        (result, trips)
+    }
+
+    /// Runs `op` for (saga, step) on `conn`, in whatever transaction it is in.
+    pub(crate) async fn call(
+        conn: &mut sqlx::AnyConnection,
         op: Op<'_>,
         saga_id: &str,
         step: &str,
@@ -248,20 +523,123 @@ pub(crate) mod testing {
                 .unwrap_or("")
                 .to_owned(),
         };
-        let mut tx = pool.begin().await.expect("begin");
-        let result = match op {
-            Op::Action(h) => h.action(&mut tx, &ctx, params).await,
-            Op::Compensate(h) => h.compensate(&mut tx, &ctx, params).await,
-            Op::Try(h) => h.try_(&mut tx, &ctx, params).await,
-            Op::Confirm(h) => h.confirm(&mut tx, &ctx, params).await,
-            Op::Cancel(h) => h.cancel(&mut tx, &ctx, params).await,
-        };
-        if result.is_ok() {
-            tx.commit().await.expect("commit");
-        } else {
-            tx.rollback().await.expect("rollback");
+        match op {
+            Op::Action(h) => h.action(conn, &ctx, params).await,
+            Op::Compensate(h) => h.compensate(conn, &ctx, params).await,
+            Op::Try(h) => h.try_(conn, &ctx, params).await,
+            Op::Confirm(h) => h.confirm(conn, &ctx, params).await,
+            Op::Cancel(h) => h.cancel(conn, &ctx, params).await,
         }
-        result
+    }
+
+    /// A TCP relay between a test and PostgreSQL that counts the client's round trips: the
+    /// messages that make the server answer with `ReadyForQuery` — `Sync`, which ends an
+    /// extended-protocol exchange (a prepared statement's bind and execute, or its first
+    /// parse and describe), and `Query`, a simple-protocol one. A message is counted before it
+    /// is passed on, so its count is in by the time the client has its answer.
+    pub(crate) struct RoundTrips {
+        /// `url` with the relay in place of the server, and without TLS (which it could not
+        /// read).
+        pub(crate) url: String,
+        count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        accept: tokio::task::JoinHandle<()>,
+    }
+
+    impl RoundTrips {
+        pub(crate) async fn relay(url: &str) -> RoundTrips {
+            use std::sync::Arc;
+            use std::sync::atomic::AtomicU64;
+            // postgres://[user[:password]@]host[:port]/database[?options]
+            let (scheme, rest) = url.split_once("://").expect("a URL");
+            let (authority, path) = rest.split_once('/').expect("a URL with a database");
+            let (userinfo, server) = match authority.rsplit_once('@') {
+                Some((user, server)) => (format!("{user}@"), server.to_owned()),
+                None => (String::new(), authority.to_owned()),
+            };
+            let server = if server.contains(':') {
+                server
+            } else {
+                format!("{server}:5432")
+            };
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("listen");
+            let port = listener.local_addr().expect("local address").port();
+            let separator = if path.contains('?') { '&' } else { '?' };
+            let count = Arc::new(AtomicU64::new(0));
+            let counted = count.clone();
+            let accept = tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(upstream) = tokio::net::TcpStream::connect(&server).await else {
+                        continue;
+                    };
+                    // Each message is passed on at once (no Nagle delay on a round trip).
+                    let _ = (client.set_nodelay(true), upstream.set_nodelay(true));
+                    let (from_client, mut to_client) = client.into_split();
+                    let (mut from_server, to_server) = upstream.into_split();
+                    tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+                    });
+                    tokio::spawn(Self::pump(from_client, to_server, counted.clone()));
+                }
+            });
+            RoundTrips {
+                url: format!(
+                    "{scheme}://{userinfo}127.0.0.1:{port}/{path}{separator}sslmode=disable"
+                ),
+                count,
+                accept,
+            }
+        }
+
+        /// Passes the client's messages on, one by one, counting the round trips.
+        async fn pump(
+            mut from: tokio::net::tcp::OwnedReadHalf,
+            mut to: tokio::net::tcp::OwnedWriteHalf,
+            count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        ) -> std::io::Result<()> {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            // The startup messages have no type byte: an SSL or GSS encryption request (which
+            // the server declines, as the URL asks for none) and the startup message itself.
+            let mut startup = true;
+            loop {
+                let mut message = Vec::new();
+                let kind = if startup {
+                    None
+                } else {
+                    let kind = from.read_u8().await?;
+                    message.push(kind);
+                    Some(kind)
+                };
+                let len = from.read_u32().await?;
+                message.extend_from_slice(&len.to_be_bytes());
+                let mut body = vec![0; (len as usize).saturating_sub(4)];
+                from.read_exact(&mut body).await?;
+                message.extend_from_slice(&body);
+                match kind {
+                    None => {
+                        let code = body.get(..4).map(|c| [c[0], c[1], c[2], c[3]]);
+                        let code = code.map(u32::from_be_bytes);
+                        startup = matches!(code, Some(80_877_103 | 80_877_104));
+                    }
+                    Some(b'S' | b'Q') => {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Some(_) => {}
+                }
+                to.write_all(&message).await?;
+            }
+        }
+
+        pub(crate) fn count(&self) -> u64 {
+            self.count.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    impl Drop for RoundTrips {
+        fn drop(&mut self) {
+            self.accept.abort();
+        }
     }
 
     pub(crate) fn outcome(saga_id: &str, saga: &str, state: OutcomeState, input: Value) -> Outcome {
@@ -288,23 +666,35 @@ pub(crate) mod testing {
 mod tests {
     use serde_json::json;
     use sqlx::AnyPool;
-    use sqlx::any::AnyPoolOptions;
 
-    use super::testing::{Op, outcome, run, sqlite};
+    use super::testing::{Backend, Migration, Op, TestDb, on_both_backends, outcome, run};
     use super::*;
+    use crate::sdk::StepError;
 
-    const SQLITE: [&str; 4] = [
-        include_str!("../../../migrations/sqlite/0101_payment.sql"),
-        include_str!("../../../migrations/sqlite/0102_coupon.sql"),
-        include_str!("../../../migrations/sqlite/0103_points.sql"),
-        include_str!("../../../migrations/sqlite/0104_gmv.sql"),
+    const SERVICES_MIGRATIONS: [Migration; 4] = [
+        (
+            include_str!("../../../migrations/sqlite/0101_payment.sql"),
+            include_str!("../../../migrations/postgres/0101_payment.sql"),
+        ),
+        (
+            include_str!("../../../migrations/sqlite/0102_coupon.sql"),
+            include_str!("../../../migrations/postgres/0102_coupon.sql"),
+        ),
+        (
+            include_str!("../../../migrations/sqlite/0103_points.sql"),
+            include_str!("../../../migrations/postgres/0103_points.sql"),
+        ),
+        (
+            include_str!("../../../migrations/sqlite/0104_gmv.sql"),
+            include_str!("../../../migrations/postgres/0104_gmv.sql"),
+        ),
     ];
-    const POSTGRES: [&str; 4] = [
-        include_str!("../../../migrations/postgres/0101_payment.sql"),
-        include_str!("../../../migrations/postgres/0102_coupon.sql"),
-        include_str!("../../../migrations/postgres/0103_points.sql"),
-        include_str!("../../../migrations/postgres/0104_gmv.sql"),
-    ];
+
+    async fn setup(backend: Backend, test: &str) -> Option<TestDb> {
+        TestDb::new(backend, test, &SERVICES_MIGRATIONS).await
+    }
+
+    on_both_backends!(order_flows);
 
     /// One order paid and later refunded, one order compensated after its coupon was refused,
     /// one refused for lack of funds — through all four services, then every check: the same
@@ -441,53 +831,334 @@ mod tests {
         assert_eq!(state.fetch_one(&mut *conn).await.unwrap(), "available");
     }
 
+    /// Every operation's common path — a first run, a replay, an undo, an undo of nothing,
+    /// an undo replayed — is ONE round trip on PostgreSQL, and a refusal at most two (the
+    /// statement, then what the message needs); counted on the wire by a relay, so a second
+    /// statement, or a statement that is not kept prepared (two round trips), fails it.
     #[tokio::test]
-    async fn order_flows_on_sqlite() {
-        order_flows(&sqlite(&SQLITE).await).await;
+    async fn every_operation_is_one_round_trip_on_postgres() {
+        use super::testing::{RoundTrips, run_counted};
+        let Some(db) = setup(Backend::Postgres, "round_trips").await else {
+            return;
+        };
+        let relay = RoundTrips::relay(&db.url).await;
+        // One connection, so the warm-up prepares the statements the count then uses.
+        let pool = sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(&relay.url)
+            .await
+            .expect("connect through the relay");
+
+        // Each (label, round trips, succeeds, operation, saga, step, params), run twice: for
+        // sagas and rows named `warm-…` first (preparing each statement on the connection),
+        // then for `count-…`, counted.
+        let mut got = Vec::new();
+        for p in ["warm", "count"] {
+            let mut conn = db.pool.acquire().await.unwrap();
+            payment::seed(
+                &mut conn,
+                &[(format!("{p}-u1"), 100_000), (format!("{p}-u2"), 100)],
+            )
+            .await
+            .unwrap();
+            let coupons: Vec<(String, String)> = (1..=3)
+                .map(|i| (format!("{p}-c{i}"), format!("{p}-u1")))
+                .collect();
+            coupon::seed(&mut conn, &coupons).await.unwrap();
+            points::seed(&mut conn, &[(format!("{p}-u1"), 100)])
+                .await
+                .unwrap();
+            drop(conn);
+
+            let pay = |account: &str, amount: &str| {
+                json!({ "account": format!("{p}-{account}"), "amount": amount,
+                        "order_id": format!("{p}-o1") })
+            };
+            let coupon = |coupon: &str| {
+                json!({ "coupon_id": format!("{p}-{coupon}"), "user_id": format!("{p}-u1"),
+                        "order_id": format!("{p}-o1") })
+            };
+            let pts = |n: i64| json!({ "user_id": format!("{p}-u1"), "points": n, "reason": "t" });
+            let gmv = json!({ "campaign_id": format!("{p}-spring"), "amount": "10" });
+            let none = json!({});
+            #[rustfmt::skip]
+            let steps: Vec<(&str, u64, bool, Op<'_>, &str, Value)> = vec![
+                ("charge", 1, true, Op::Action(&payment::Charge), "A", pay("u1", "10")),
+                ("charge, replayed", 1, true, Op::Action(&payment::Charge), "A", pay("u1", "10")),
+                ("charge refused (insufficient funds)", 2, false, Op::Action(&payment::Charge), "B", pay("u2", "5")),
+                ("refund", 1, true, Op::Action(&payment::Refund), "R", pay("u1", "4")),
+                ("refund, replayed", 1, true, Op::Action(&payment::Refund), "R", pay("u1", "4")),
+                ("refund refused (more than charged)", 1, false, Op::Action(&payment::Refund), "R2", pay("u1", "7")),
+                ("refund refused (unknown account)", 1, false, Op::Action(&payment::Refund), "R3", pay("u9", "1")),
+                ("charge of another saga", 1, true, Op::Action(&payment::Charge), "C", pay("u1", "3")),
+                ("charge reversal", 1, true, Op::Compensate(&payment::Charge), "C", none.clone()),
+                ("charge reversal, replayed", 1, true, Op::Compensate(&payment::Charge), "C", none.clone()),
+                ("charge reversal, nothing charged", 1, true, Op::Compensate(&payment::Charge), "N", none.clone()),
+                ("freeze", 1, true, Op::Try(&coupon::Coupon), "A", coupon("c1")),
+                ("freeze, replayed", 1, true, Op::Try(&coupon::Coupon), "A", coupon("c1")),
+                ("freeze refused (frozen by another saga)", 2, false, Op::Try(&coupon::Coupon), "B", coupon("c1")),
+                ("use", 1, true, Op::Confirm(&coupon::Coupon), "A", none.clone()),
+                ("use, replayed", 1, true, Op::Confirm(&coupon::Coupon), "A", none.clone()),
+                ("use refused (nothing frozen)", 1, false, Op::Confirm(&coupon::Coupon), "N", none.clone()),
+                ("freeze of another saga", 1, true, Op::Try(&coupon::Coupon), "C", coupon("c2")),
+                ("unfreeze", 1, true, Op::Cancel(&coupon::Coupon), "C", none.clone()),
+                ("unfreeze, replayed", 1, true, Op::Cancel(&coupon::Coupon), "C", none.clone()),
+                ("unfreeze, nothing frozen", 1, true, Op::Cancel(&coupon::Coupon), "N", none.clone()),
+                ("restore", 1, true, Op::Action(&coupon::Restore), "R", coupon("c1")),
+                ("restore, replayed", 1, true, Op::Action(&coupon::Restore), "R", coupon("c1")),
+                ("restore refused (not used by the order)", 2, true, Op::Action(&coupon::Restore), "R2", coupon("c3")),
+                ("grant", 1, true, Op::Action(&points::Grant), "A", pts(10)),
+                ("grant, replayed", 1, true, Op::Action(&points::Grant), "A", pts(10)),
+                ("grant reversal", 1, true, Op::Compensate(&points::Grant), "A", none.clone()),
+                ("grant reversal, replayed", 1, true, Op::Compensate(&points::Grant), "A", none.clone()),
+                ("grant reversal, nothing granted", 1, true, Op::Compensate(&points::Grant), "N", none.clone()),
+                ("revoke", 1, true, Op::Action(&points::Revoke), "R", pts(5)),
+                ("revoke, replayed", 1, true, Op::Action(&points::Revoke), "R", pts(5)),
+                ("revoke refused (insufficient points)", 2, false, Op::Action(&points::Revoke), "R2", pts(1_000)),
+                ("revoke reversal", 1, true, Op::Compensate(&points::Revoke), "R", none.clone()),
+                ("revoke reversal, replayed", 1, true, Op::Compensate(&points::Revoke), "R", none.clone()),
+                ("revoke reversal, nothing revoked", 1, true, Op::Compensate(&points::Revoke), "N", none.clone()),
+                ("add", 1, true, Op::Action(&gmv::Add), "A", gmv.clone()),
+                ("add, replayed", 1, true, Op::Action(&gmv::Add), "A", gmv.clone()),
+                ("add reversal", 1, true, Op::Compensate(&gmv::Add), "A", none.clone()),
+                ("add reversal, replayed", 1, true, Op::Compensate(&gmv::Add), "A", none.clone()),
+                ("add reversal, nothing added", 1, true, Op::Compensate(&gmv::Add), "N", none.clone()),
+                ("subtract", 1, true, Op::Action(&gmv::Subtract), "R", gmv.clone()),
+                ("subtract, replayed", 1, true, Op::Action(&gmv::Subtract), "R", gmv.clone()),
+                ("subtract reversal", 1, true, Op::Compensate(&gmv::Subtract), "R", none.clone()),
+                ("subtract reversal, replayed", 1, true, Op::Compensate(&gmv::Subtract), "R", none.clone()),
+                ("subtract reversal, nothing subtracted", 1, true, Op::Compensate(&gmv::Subtract), "N", none.clone()),
+            ];
+            for (label, want, succeeds, op, saga, params) in steps {
+                let saga = format!("{p}-{saga}");
+                let (result, trips) =
+                    run_counted(&pool, op, &saga, "s", &params, Some(&relay)).await;
+                assert_eq!(result.is_ok(), succeeds, "{label}: {result:?}");
+                if p == "count" {
+                    got.push((label, trips, want));
+                }
+            }
+        }
+        let table: Vec<String> = got
+            .iter()
+            .map(|(label, trips, want)| format!("{trips} (want {want}): {label}"))
+            .collect();
+        assert!(
+            got.iter().all(|(_, trips, want)| trips == want),
+            "round trips per operation:\n{}",
+            table.join("\n")
+        );
+        // The control: the relay counts a prepared statement once, two statements twice.
+        let mut conn = pool.acquire().await.unwrap();
+        let one = || sqlx::query("SELECT 1");
+        one().execute(&mut *conn).await.unwrap();
+        let before = relay.count();
+        one().execute(&mut *conn).await.unwrap();
+        assert_eq!(relay.count() - before, 1, "one statement");
+        one().execute(&mut *conn).await.unwrap();
+        one().execute(&mut *conn).await.unwrap();
+        assert_eq!(relay.count() - before, 3, "two statements more");
+        drop(conn);
+        pool.close().await;
     }
 
-    /// Runs the scenario in a fresh PostgreSQL database (`SAGAFLOW_TEST_DATABASE_URL`); skipped
-    /// when PostgreSQL is unreachable, unless `CI=true`.
-    #[tokio::test]
-    async fn order_flows_on_postgres() {
-        sqlx::any::install_default_drivers();
-        let url = std::env::var("SAGAFLOW_TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-        let admin = match AnyPoolOptions::new().max_connections(1).connect(&url).await {
-            Ok(pool) => pool,
-            Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
-                eprintln!("skipping: PostgreSQL at {url} is unreachable: {e}");
-                return;
+    /// One operation: (operation, saga, step, params).
+    type Call<'h> = (Op<'h>, &'h str, &'h str, Value);
+
+    /// Runs `first` in a transaction and keeps it open; runs `second` in another, which waits
+    /// for `first`'s locks; commits `first` once `second` waits (PostgreSQL says so), and
+    /// returns `second`'s answer, its transaction committed if it succeeded, rolled back if not.
+    async fn behind(pool: &AnyPool, first: Call<'_>, second: Call<'_>) -> Result<Value, StepError> {
+        use super::testing::call;
+        let mut a = pool.begin().await.unwrap();
+        let (op, saga, step, params) = &first;
+        call(&mut a, *op, saga, step, params)
+            .await
+            .expect("the first one succeeds");
+        let mut b = pool.begin().await.unwrap();
+        let (op, saga, step, params) = &second;
+        let waiting = async {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let waiters: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(pool)
+                .await
+                .unwrap();
+                if waiters > 0 {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the second one never waited"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
-            Err(e) => panic!("PostgreSQL at {url} is unreachable: {e}"),
+            a.commit().await.unwrap();
         };
-        let name = format!("sagaflow_workers_{:016x}", fastrand::u64(..));
-        let create = format!("CREATE DATABASE {name}");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(create))
-            .execute(&admin)
-            .await
-            .unwrap();
-
-        let (base, _) = url.split_once('?').unwrap_or((&url, ""));
-        let (server, _) = base
-            .rsplit_once('/')
-            .expect("a database URL names a database");
-        let pool = AnyPoolOptions::new()
-            .max_connections(2)
-            .connect(&format!("{server}/{name}"))
-            .await
-            .unwrap();
-        for sql in POSTGRES {
-            sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+        let (result, ()) = tokio::join!(call(&mut b, *op, saga, step, params), waiting);
+        if result.is_ok() {
+            b.commit().await.unwrap();
+        } else {
+            b.rollback().await.unwrap();
         }
-        order_flows(&pool).await;
+        result
+    }
 
-        pool.close().await;
-        let drop = format!("DROP DATABASE {name}");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
-            .execute(&admin)
+    async fn one(pool: &AnyPool, sql: &'static str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+    }
+
+    /// Two runs of one operation at once, without the barrier that normally keeps them apart:
+    /// the second's statement started before the first committed, so it did not see its ledger
+    /// row, applied its effect, and found the row there when it came to write it — a transient
+    /// error that takes its effect back. So the effect happens once, and the retry is a replay.
+    #[tokio::test]
+    async fn a_concurrent_duplicate_applies_its_effect_once_on_postgres() {
+        let Some(db) = setup(Backend::Postgres, "concurrent_duplicate").await else {
+            return;
+        };
+        let pool = &db.pool;
+        let mut conn = pool.acquire().await.unwrap();
+        payment::seed(&mut conn, &[("u1".into(), 10_000)])
             .await
             .unwrap();
+        drop(conn);
+
+        let pay = json!({ "account": "u1", "amount": "10", "order_id": "o-1" });
+        let charge = || (Op::Action(&payment::Charge), "s1", "payment", pay.clone());
+        let second = behind(pool, charge(), charge()).await;
+        assert!(
+            matches!(&second, Err(StepError::Retryable(m)) if m.contains("already recorded")),
+            "{second:?}"
+        );
+        let balance = "SELECT balance FROM payment_accounts WHERE account = 'u1'";
+        assert_eq!(one(pool, balance).await, 9_000, "debited once");
+        let (op, saga, step, params) = charge();
+        let retried = run(pool, op, saga, step, &params).await;
+        assert_eq!(retried, Ok(json!({ "txn_id": "s1/payment" })));
+        assert_eq!(one(pool, balance).await, 9_000);
+
+        let spring = json!({ "campaign_id": "spring", "amount": "10" });
+        let add = || (Op::Action(&gmv::Add), "s1", "gmv", spring.clone());
+        let second = behind(pool, add(), add()).await;
+        assert!(matches!(second, Err(StepError::Retryable(_))), "{second:?}");
+        let gmv = "SELECT gmv FROM campaign_gmv WHERE campaign_id = 'spring'";
+        assert_eq!(one(pool, gmv).await, 1_000, "added once");
+    }
+
+    /// Two order-refunds of one order at once: the second read what was left to refund before
+    /// the first committed, so its credit must not apply on that stale sum (the account row
+    /// changed under it): it locks the row, reads again, and refuses what is no longer there —
+    /// or refunds it, when enough is left.
+    #[tokio::test]
+    async fn concurrent_refunds_of_one_order_refund_at_most_its_charge_on_postgres() {
+        let Some(db) = setup(Backend::Postgres, "concurrent_refunds").await else {
+            return;
+        };
+        let pool = &db.pool;
+        let mut conn = pool.acquire().await.unwrap();
+        payment::seed(&mut conn, &[("u1".into(), 10_000)])
+            .await
+            .unwrap();
+        drop(conn);
+        let pay = |order: &str, amount: &str| json!({ "account": "u1", "amount": amount, "order_id": order });
+        let balance = "SELECT balance FROM payment_accounts WHERE account = 'u1'";
+
+        run(
+            pool,
+            Op::Action(&payment::Charge),
+            "paid-1",
+            "payment",
+            &pay("o-1", "40"),
+        )
+        .await
+        .unwrap();
+        let refund = |saga| {
+            (
+                Op::Action(&payment::Refund),
+                saga,
+                "refund",
+                pay("o-1", "30"),
+            )
+        };
+        let second = behind(pool, refund("r1"), refund("r2")).await;
+        assert_eq!(
+            second,
+            Err(StepError::business(
+                "refund_exceeds_charge",
+                "order o-1 has 10.00 left to refund to `u1`, asked for 30.00"
+            ))
+        );
+        assert_eq!(one(pool, balance).await, 9_000, "refunded 30 of 40, once");
+
+        run(
+            pool,
+            Op::Action(&payment::Charge),
+            "paid-2",
+            "payment",
+            &pay("o-2", "80"),
+        )
+        .await
+        .unwrap();
+        let refund = |saga| {
+            (
+                Op::Action(&payment::Refund),
+                saga,
+                "refund",
+                pay("o-2", "30"),
+            )
+        };
+        let second = behind(pool, refund("r3"), refund("r4")).await;
+        assert_eq!(
+            second,
+            Ok(json!({ "refund_id": "r4/refund", "refunded_cents": 3_000 }))
+        );
+        assert_eq!(one(pool, balance).await, 7_000, "refunded 60 of 80");
+
+        let outcomes = [
+            outcome(
+                "paid-1",
+                ORDER_PAID,
+                OutcomeState::Completed,
+                pay("o-1", "40"),
+            ),
+            outcome(
+                "r1",
+                ORDER_REFUND,
+                OutcomeState::Completed,
+                pay("o-1", "30"),
+            ),
+            outcome(
+                "r2",
+                ORDER_REFUND,
+                OutcomeState::Compensated,
+                pay("o-1", "30"),
+            ),
+            outcome(
+                "paid-2",
+                ORDER_PAID,
+                OutcomeState::Completed,
+                pay("o-2", "80"),
+            ),
+            outcome(
+                "r3",
+                ORDER_REFUND,
+                OutcomeState::Completed,
+                pay("o-2", "30"),
+            ),
+            outcome(
+                "r4",
+                ORDER_REFUND,
+                OutcomeState::Completed,
+                pay("o-2", "30"),
+            ),
+        ];
+        let mut conn = pool.acquire().await.unwrap();
+        let violations = payment::check(&mut conn, &outcomes).await.unwrap();
+        assert_eq!(violations, Vec::<String>::new());
     }
 
     /// The SDK's migrations on their own make a worker database the barrier runs on, and they

@@ -15,7 +15,8 @@ use serde_json::{Value, json};
 use sqlx::{AnyConnection, Row};
 
 use super::{
-    Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, irreversible, money, param_cents,
+    Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, Ran, first_entry, irreversible,
+    money, on_postgres, param_cents,
 };
 use crate::sdk::{SagaStep, StepContext, StepError, param_str};
 
@@ -66,7 +67,7 @@ async fn record(
     kind: &str,
     entry: &Entry,
 ) -> Result<(), sqlx::Error> {
-    super::first_entry(
+    first_entry(
         record_once(conn, ctx, kind, entry).await?,
         "payment",
         ctx,
@@ -74,9 +75,9 @@ async fn record(
     )
 }
 
-/// Records the entry unless this (saga, step, kind) already has one; false for a replay. Done
-/// first, before the effect: a replay then costs this one statement, and when the effect is
-/// refused the handler's error rolls the entry back with everything else.
+/// Records the entry unless this (saga, step, kind) already has one; false for a replay. On
+/// SQLite it is done first, before the effect: a replay then costs this one statement, and when
+/// the effect is refused the handler's error rolls the entry back with everything else.
 async fn record_once(
     conn: &mut AnyConnection,
     ctx: &StepContext,
@@ -117,6 +118,264 @@ async fn credit(conn: &mut AnyConnection, account: &str, amount: i64) -> Result<
     Ok(done.rows_affected() == 1)
 }
 
+// The PostgreSQL statements: one per operation, shaped as the module docs of `services` say
+// (`done`, the guarded effect, the ledger row from its RETURNING, the report).
+
+/// `charge`: debits the account if it holds the amount and this (saga, step) charged nothing
+/// yet, and records the charge only if the debit happened (so a refusal writes nothing).
+const CHARGE_PG: &str = "WITH done AS (SELECT 1 FROM payment_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = 'charge'), \
+     debit AS (UPDATE payment_accounts SET balance = balance - $5 \
+         WHERE account = $3 AND balance >= $5 AND NOT EXISTS (SELECT 1 FROM done) \
+         RETURNING account), \
+     written AS (INSERT INTO payment_ledger (saga_id, step, kind, account, order_id, amount) \
+         SELECT $1, $2, 'charge', $3, $4, $5 FROM debit \
+         ON CONFLICT (saga_id, step, kind) DO NOTHING RETURNING 1) \
+     SELECT EXISTS (SELECT 1 FROM done) AS replayed, (SELECT count(*) FROM debit) AS applied, \
+         (SELECT count(*) FROM written) AS recorded";
+
+/// `charge_reversal`: credits back what this (saga, step)'s `charge` row says, unless it was
+/// reversed already; `charged` is NULL when there was no charge (nothing to undo), and an
+/// account that is gone credits nothing (`applied` 0).
+const CHARGE_REVERSAL_PG: &str = "WITH charge AS (SELECT account, order_id, amount \
+         FROM payment_ledger WHERE saga_id = $1 AND step = $2 AND kind = 'charge'), \
+     done AS (SELECT amount FROM payment_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = 'charge_reversal'), \
+     credit AS (UPDATE payment_accounts a SET balance = a.balance + c.amount FROM charge c \
+         WHERE a.account = c.account AND NOT EXISTS (SELECT 1 FROM done) RETURNING a.account), \
+     written AS (INSERT INTO payment_ledger (saga_id, step, kind, account, order_id, amount) \
+         SELECT $1, $2, 'charge_reversal', account, order_id, amount FROM charge \
+         WHERE EXISTS (SELECT 1 FROM credit) \
+         ON CONFLICT (saga_id, step, kind) DO NOTHING RETURNING 1) \
+     SELECT (SELECT amount FROM done) AS reversed, (SELECT account FROM charge) AS account, \
+         (SELECT amount FROM charge) AS charged, (SELECT count(*) FROM credit) AS applied, \
+         (SELECT count(*) FROM written) AS recorded";
+
+/// `refund`: credits the account if the order has that much left to refund to it, and records
+/// the refund. What is left is read from the statement's snapshot, so the credit also requires
+/// the account row to be the version that snapshot saw (`xmin`): every ledger write of an
+/// account updates its row in the same transaction, so a refund, reversal or charge committed
+/// after the snapshot (which the sum missed) makes the credit apply to nothing, and the caller
+/// locks the row and runs the statement again on a fresh snapshot.
+const REFUND_PG: &str = "WITH done AS (SELECT amount FROM payment_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = 'refund'), \
+     account AS (SELECT xmin AS version FROM payment_accounts WHERE account = $3), \
+     refundable AS (SELECT coalesce(sum(CASE kind WHEN 'charge' THEN amount ELSE -amount END), \
+         0)::bigint AS cents FROM payment_ledger WHERE order_id = $4 AND account = $3), \
+     credit AS (UPDATE payment_accounts SET balance = balance + $5 \
+         WHERE account = $3 AND xmin = (SELECT version FROM account) \
+         AND NOT EXISTS (SELECT 1 FROM done) AND $5 <= (SELECT cents FROM refundable) \
+         RETURNING account), \
+     written AS (INSERT INTO payment_ledger (saga_id, step, kind, account, order_id, amount) \
+         SELECT $1, $2, 'refund', $3, $4, $5 FROM credit \
+         ON CONFLICT (saga_id, step, kind) DO NOTHING RETURNING 1) \
+     SELECT (SELECT amount FROM done) AS refunded, EXISTS (SELECT 1 FROM account) AS known, \
+         (SELECT cents FROM refundable) AS refundable, (SELECT count(*) FROM credit) AS applied, \
+         (SELECT count(*) FROM written) AS recorded";
+
+/// Debits `charge` once for this (saga, step): `Refused` when the account does not exist or
+/// does not hold the amount.
+async fn debit_once(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    charge: &Entry,
+) -> Result<Ran, sqlx::Error> {
+    if on_postgres(conn) {
+        let row = sqlx::query(CHARGE_PG)
+            .bind(&ctx.saga_id)
+            .bind(&ctx.step)
+            .bind(&charge.account)
+            .bind(&charge.order_id)
+            .bind(charge.amount)
+            .fetch_one(&mut *conn)
+            .await?;
+        let replay = row.try_get::<bool, _>("replayed")?.then_some(());
+        return Ran::read(&row, replay, "payment", ctx, "charge");
+    }
+    // The barrier already filters duplicates; this keeps a replay harmless even without it.
+    if !record_once(conn, ctx, "charge", charge).await? {
+        return Ok(Ran::Replay(()));
+    }
+    // One conditional statement, so two sagas charging one account cannot both pass a check.
+    let debited = sqlx::query(
+        "UPDATE payment_accounts SET balance = balance - $1 \
+         WHERE account = $2 AND balance >= $1",
+    )
+    .bind(charge.amount)
+    .bind(&charge.account)
+    .execute(&mut *conn)
+    .await?;
+    Ok(if debited.rows_affected() == 1 {
+        Ran::Applied
+    } else {
+        Ran::Refused
+    })
+}
+
+/// Why `charge` was refused: the account is unknown, or it holds less than the amount.
+async fn charge_refused(
+    conn: &mut AnyConnection,
+    charge: &Entry,
+) -> Result<StepError, sqlx::Error> {
+    Ok(match balance(conn, &charge.account).await? {
+        None => unknown_account(&charge.account),
+        Some(has) => StepError::business(
+            "insufficient_funds",
+            format!(
+                "account `{}` has {} but order {} needs {}",
+                charge.account,
+                money(has),
+                charge.order_id,
+                money(charge.amount)
+            ),
+        ),
+    })
+}
+
+/// What undoing this (saga, step)'s charge came to.
+enum Reversal {
+    /// This many cents were credited back (now, or by an earlier run).
+    Credited(i64),
+    /// There was no charge: nothing to undo.
+    NothingCharged,
+    /// The charged account no longer exists.
+    AccountGone(String),
+}
+
+/// Credits back what this (saga, step) charged, once.
+async fn reverse_charge(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+) -> Result<Reversal, sqlx::Error> {
+    if on_postgres(conn) {
+        let row = sqlx::query(CHARGE_REVERSAL_PG)
+            .bind(&ctx.saga_id)
+            .bind(&ctx.step)
+            .fetch_one(&mut *conn)
+            .await?;
+        if let Some(cents) = row.try_get::<Option<i64>, _>("reversed")? {
+            return Ok(Reversal::Credited(cents));
+        }
+        let (Some(account), Some(charged)) = (
+            row.try_get::<Option<String>, _>("account")?,
+            row.try_get::<Option<i64>, _>("charged")?,
+        ) else {
+            return Ok(Reversal::NothingCharged);
+        };
+        return Ok(
+            match Ran::read(&row, None, "payment", ctx, "charge_reversal")? {
+                Ran::Applied | Ran::Replay(()) => Reversal::Credited(charged),
+                Ran::Refused => Reversal::AccountGone(account),
+            },
+        );
+    }
+    if let Some(done) = entry(conn, ctx, "charge_reversal").await? {
+        return Ok(Reversal::Credited(done.amount));
+    }
+    let Some(charge) = entry(conn, ctx, "charge").await? else {
+        return Ok(Reversal::NothingCharged);
+    };
+    if !credit(conn, &charge.account, charge.amount).await? {
+        return Ok(Reversal::AccountGone(charge.account));
+    }
+    record(conn, ctx, "charge_reversal", &charge).await?;
+    Ok(Reversal::Credited(charge.amount))
+}
+
+/// What an order-refund's credit came to.
+enum Refunded {
+    /// This (saga, step) refunded this many cents (now, or by an earlier run).
+    Credited(i64),
+    UnknownAccount,
+    /// The order has only this much left to refund to the account.
+    TooMuch {
+        refundable: i64,
+    },
+}
+
+/// Credits `refund` once, if its order has that much charged and not yet given back.
+async fn refund_once(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    refund: &Entry,
+) -> Result<Refunded, sqlx::Error> {
+    if on_postgres(conn) {
+        return refund_once_postgres(conn, ctx, refund).await;
+    }
+    if let Some(done) = entry(conn, ctx, "refund").await? {
+        return Ok(Refunded::Credited(done.amount));
+    }
+    // Credit first, so the ledger read below sees every refund committed before ours (on
+    // SQLite one writer at a time). A refusal after it is fine: the SDK rolls the whole
+    // transaction back.
+    if !credit(conn, &refund.account, refund.amount).await? {
+        return Ok(Refunded::UnknownAccount);
+    }
+    let rows =
+        sqlx::query("SELECT kind, amount FROM payment_ledger WHERE order_id = $1 AND account = $2")
+            .bind(&refund.order_id)
+            .bind(&refund.account)
+            .fetch_all(&mut *conn)
+            .await?;
+    let mut refundable = 0i64;
+    for row in rows {
+        let amount: i64 = row.try_get("amount")?;
+        match row.try_get::<String, _>("kind")?.as_str() {
+            "charge" => refundable += amount,
+            _ => refundable -= amount,
+        }
+    }
+    if refund.amount > refundable {
+        return Ok(Refunded::TooMuch { refundable });
+    }
+    record(conn, ctx, "refund", refund).await?;
+    Ok(Refunded::Credited(refund.amount))
+}
+
+/// [`REFUND_PG`], and when the account changed under its snapshot (another transaction
+/// touched it), once more with the account row locked first: then nothing can change it
+/// between the new statement's snapshot and its credit.
+async fn refund_once_postgres(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    refund: &Entry,
+) -> Result<Refunded, sqlx::Error> {
+    for locked in [false, true] {
+        if locked {
+            sqlx::query("SELECT 1 FROM payment_accounts WHERE account = $1 FOR UPDATE")
+                .bind(&refund.account)
+                .fetch_optional(&mut *conn)
+                .await?;
+        }
+        let row = sqlx::query(REFUND_PG)
+            .bind(&ctx.saga_id)
+            .bind(&ctx.step)
+            .bind(&refund.account)
+            .bind(&refund.order_id)
+            .bind(refund.amount)
+            .fetch_one(&mut *conn)
+            .await?;
+        if let Some(cents) = row.try_get::<Option<i64>, _>("refunded")? {
+            return Ok(Refunded::Credited(cents));
+        }
+        if !row.try_get::<bool, _>("known")? {
+            return Ok(Refunded::UnknownAccount);
+        }
+        let refundable: i64 = row.try_get("refundable")?;
+        if refund.amount > refundable {
+            return Ok(Refunded::TooMuch { refundable });
+        }
+        if Ran::<()>::read(&row, None, "payment", ctx, "refund")? != Ran::Refused {
+            return Ok(Refunded::Credited(refund.amount));
+        }
+        // Not applied, though nothing refused it: the account changed under the snapshot.
+    }
+    Err(sqlx::Error::Protocol(format!(
+        "payment: account `{}` changed under a refund that holds its lock",
+        refund.account
+    )))
+}
+
 fn unknown_account(account: &str) -> StepError {
     StepError::business(
         "unknown_account",
@@ -142,35 +401,10 @@ impl SagaStep for Charge {
             order_id: param_str(params, "order_id")?.to_owned(),
             amount: param_cents(params, "amount")?,
         };
-        // The barrier already filters duplicates; this keeps a replay harmless even without it.
-        if !record_once(conn, ctx, "charge", &charge).await? {
-            return Ok(json!({ "txn_id": txn_id(ctx) }));
+        match debit_once(conn, ctx, &charge).await? {
+            Ran::Applied | Ran::Replay(()) => Ok(json!({ "txn_id": txn_id(ctx) })),
+            Ran::Refused => Err(charge_refused(conn, &charge).await?),
         }
-        // One conditional statement, so two sagas charging one account cannot both pass a check.
-        let debited = sqlx::query(
-            "UPDATE payment_accounts SET balance = balance - $1 \
-             WHERE account = $2 AND balance >= $1",
-        )
-        .bind(charge.amount)
-        .bind(&charge.account)
-        .execute(&mut *conn)
-        .await?;
-        if debited.rows_affected() == 0 {
-            return Err(match balance(conn, &charge.account).await? {
-                None => unknown_account(&charge.account),
-                Some(has) => StepError::business(
-                    "insufficient_funds",
-                    format!(
-                        "account `{}` has {} but order {} needs {}",
-                        charge.account,
-                        money(has),
-                        charge.order_id,
-                        money(charge.amount)
-                    ),
-                ),
-            });
-        }
-        Ok(json!({ "txn_id": txn_id(ctx) }))
     }
 
     /// `refund`: gives back what this (saga, step) charged, or nothing if it charged nothing.
@@ -180,19 +414,13 @@ impl SagaStep for Charge {
         ctx: &StepContext,
         _params: &Value,
     ) -> Result<Value, StepError> {
-        if let Some(done) = entry(conn, ctx, "charge_reversal").await? {
-            return Ok(json!({ "refunded_cents": done.amount }));
-        }
-        let Some(charge) = entry(conn, ctx, "charge").await? else {
-            return Ok(json!({ "refunded_cents": 0 }));
-        };
-        if !credit(conn, &charge.account, charge.amount).await? {
+        match reverse_charge(conn, ctx).await? {
+            Reversal::Credited(cents) => Ok(json!({ "refunded_cents": cents })),
+            Reversal::NothingCharged => Ok(json!({ "refunded_cents": 0 })),
             // The account was deleted after the charge: only an operator can decide where the
             // money goes.
-            return Err(unknown_account(&charge.account));
+            Reversal::AccountGone(account) => Err(unknown_account(&account)),
         }
-        record(conn, ctx, "charge_reversal", &charge).await?;
-        Ok(json!({ "refunded_cents": charge.amount }))
     }
 }
 
@@ -210,32 +438,12 @@ impl SagaStep for Refund {
             order_id: param_str(params, "order_id")?.to_owned(),
             amount: param_cents(params, "amount")?,
         };
-        if let Some(done) = entry(conn, ctx, "refund").await? {
-            return Ok(json!({ "refund_id": txn_id(ctx), "refunded_cents": done.amount }));
-        }
-        // Credit first: on PostgreSQL the row lock it takes serialises refunds of one account, so
-        // the ledger read below sees every refund committed before ours. A business error after
-        // it is fine: the SDK rolls the whole transaction back.
-        if !credit(conn, &refund.account, refund.amount).await? {
-            return Err(unknown_account(&refund.account));
-        }
-        let rows = sqlx::query(
-            "SELECT kind, amount FROM payment_ledger WHERE order_id = $1 AND account = $2",
-        )
-        .bind(&refund.order_id)
-        .bind(&refund.account)
-        .fetch_all(&mut *conn)
-        .await?;
-        let mut refundable = 0i64;
-        for row in rows {
-            let amount: i64 = row.try_get("amount")?;
-            match row.try_get::<String, _>("kind")?.as_str() {
-                "charge" => refundable += amount,
-                _ => refundable -= amount,
+        match refund_once(conn, ctx, &refund).await? {
+            Refunded::Credited(cents) => {
+                Ok(json!({ "refund_id": txn_id(ctx), "refunded_cents": cents }))
             }
-        }
-        if refund.amount > refundable {
-            return Err(StepError::business(
+            Refunded::UnknownAccount => Err(unknown_account(&refund.account)),
+            Refunded::TooMuch { refundable } => Err(StepError::business(
                 "refund_exceeds_charge",
                 format!(
                     "order {} has {} left to refund to `{}`, asked for {}",
@@ -244,10 +452,8 @@ impl SagaStep for Refund {
                     refund.account,
                     money(refund.amount)
                 ),
-            ));
+            )),
         }
-        record(conn, ctx, "refund", &refund).await?;
-        Ok(json!({ "refund_id": txn_id(ctx), "refunded_cents": refund.amount }))
     }
 
     async fn compensate(
@@ -485,18 +691,35 @@ mod tests {
     use sqlx::AnyPool;
 
     use super::*;
-    use crate::services::testing::{Op, assert_reported, outcome, run, sqlite};
+    use crate::services::testing::{
+        Backend, Migration, Op, TestDb, assert_reported, kinds, on_both_backends, outcome, refusal,
+        run,
+    };
 
-    const MIGRATION: &str = include_str!("../../../migrations/sqlite/0101_payment.sql");
+    const MIGRATION: Migration = (
+        include_str!("../../../migrations/sqlite/0101_payment.sql"),
+        include_str!("../../../migrations/postgres/0101_payment.sql"),
+    );
 
-    async fn setup() -> AnyPool {
-        let pool = sqlite(&[MIGRATION]).await;
-        let mut conn = pool.acquire().await.unwrap();
+    async fn setup(backend: Backend, test: &str) -> Option<TestDb> {
+        let db = TestDb::new(backend, test, &[MIGRATION]).await?;
+        let mut conn = db.pool.acquire().await.unwrap();
         let accounts = [("u1".to_owned(), 10_000), ("u2".to_owned(), 500)];
         seed(&mut conn, &accounts).await.unwrap();
         seed(&mut conn, &accounts).await.unwrap(); // idempotent
-        pool
+        drop(conn);
+        Some(db)
     }
+
+    on_both_backends!(
+        charge_then_refund_compensation_is_net_zero_and_idempotent,
+        compensation_without_a_charge_does_nothing,
+        charge_refuses_what_it_cannot_do_and_leaves_nothing_behind,
+        refund_gives_back_at_most_what_the_order_was_charged,
+        check_reports_broken_states,
+        a_charge_and_its_reversal_apply_once_and_a_refused_charge_writes_nothing,
+        a_refund_applies_once_and_a_refused_refund_writes_nothing,
+    );
 
     async fn balance_of(pool: &AnyPool, account: &str) -> i64 {
         let mut conn = pool.acquire().await.unwrap();
@@ -524,33 +747,31 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn charge_then_refund_compensation_is_net_zero_and_idempotent() {
-        let pool = setup().await;
+    async fn charge_then_refund_compensation_is_net_zero_and_idempotent(pool: &AnyPool) {
         let p = charge_params("o-1", "u1", "30.50");
-        let out = run(&pool, Op::Action(&Charge), "s1", "payment", &p)
+        let out = run(pool, Op::Action(&Charge), "s1", "payment", &p)
             .await
             .unwrap();
         assert_eq!(out, json!({ "txn_id": "s1/payment" }));
-        assert_eq!(balance_of(&pool, "u1").await, 6_950);
-        run(&pool, Op::Action(&Charge), "s1", "payment", &p)
+        assert_eq!(balance_of(pool, "u1").await, 6_950);
+        run(pool, Op::Action(&Charge), "s1", "payment", &p)
             .await
             .unwrap();
         assert_eq!(
-            balance_of(&pool, "u1").await,
+            balance_of(pool, "u1").await,
             6_950,
             "a replayed charge debits once"
         );
 
-        let back = run(&pool, Op::Compensate(&Charge), "s1", "payment", &p)
+        let back = run(pool, Op::Compensate(&Charge), "s1", "payment", &p)
             .await
             .unwrap();
         assert_eq!(back, json!({ "refunded_cents": 3_050 }));
-        run(&pool, Op::Compensate(&Charge), "s1", "payment", &p)
+        run(pool, Op::Compensate(&Charge), "s1", "payment", &p)
             .await
             .unwrap();
         assert_eq!(
-            balance_of(&pool, "u1").await,
+            balance_of(pool, "u1").await,
             10_000,
             "a replayed refund credits once"
         );
@@ -561,32 +782,28 @@ mod tests {
             OutcomeState::Compensated,
             order("o-1", "u1", "30.50"),
         )];
-        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
+        assert_eq!(violations(pool, &outcomes).await, Vec::<String>::new());
     }
 
-    #[tokio::test]
-    async fn compensation_without_a_charge_does_nothing() {
-        let pool = setup().await;
+    async fn compensation_without_a_charge_does_nothing(pool: &AnyPool) {
         let p = charge_params("o-1", "u1", "30.00");
-        let back = run(&pool, Op::Compensate(&Charge), "s1", "payment", &p)
+        let back = run(pool, Op::Compensate(&Charge), "s1", "payment", &p)
             .await
             .unwrap();
         assert_eq!(back, json!({ "refunded_cents": 0 }));
-        assert_eq!(balance_of(&pool, "u1").await, 10_000);
+        assert_eq!(balance_of(pool, "u1").await, 10_000);
         let outcomes = [outcome(
             "s1",
             ORDER_PAID,
             OutcomeState::Compensated,
             order("o-1", "u1", "30.00"),
         )];
-        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
+        assert_eq!(violations(pool, &outcomes).await, Vec::<String>::new());
     }
 
-    #[tokio::test]
-    async fn charge_refuses_what_it_cannot_do_and_leaves_nothing_behind() {
-        let pool = setup().await;
+    async fn charge_refuses_what_it_cannot_do_and_leaves_nothing_behind(pool: &AnyPool) {
         let r = run(
-            &pool,
+            pool,
             Op::Action(&Charge),
             "s1",
             "payment",
@@ -595,7 +812,7 @@ mod tests {
         .await;
         assert_eq!(code(r), "insufficient_funds");
         let r = run(
-            &pool,
+            pool,
             Op::Action(&Charge),
             "s2",
             "payment",
@@ -604,7 +821,7 @@ mod tests {
         .await;
         assert_eq!(code(r), "unknown_account");
         let r = run(
-            &pool,
+            pool,
             Op::Action(&Charge),
             "s3",
             "payment",
@@ -613,7 +830,7 @@ mod tests {
         .await;
         assert_eq!(code(r), "bad_amount");
         let r = run(
-            &pool,
+            pool,
             Op::Action(&Charge),
             "s4",
             "payment",
@@ -621,10 +838,10 @@ mod tests {
         )
         .await;
         assert_eq!(code(r), "bad_params");
-        assert_eq!(balance_of(&pool, "u2").await, 500);
+        assert_eq!(balance_of(pool, "u2").await, 500);
         // The whole balance can be spent, to the cent.
         run(
-            &pool,
+            pool,
             Op::Action(&Charge),
             "s5",
             "payment",
@@ -632,7 +849,7 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!(balance_of(&pool, "u2").await, 0);
+        assert_eq!(balance_of(pool, "u2").await, 0);
 
         let outcomes = [
             outcome(
@@ -648,37 +865,35 @@ mod tests {
                 order("o-5", "u2", "5.00"),
             ),
         ];
-        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
+        assert_eq!(violations(pool, &outcomes).await, Vec::<String>::new());
     }
 
-    #[tokio::test]
-    async fn refund_gives_back_at_most_what_the_order_was_charged() {
-        let pool = setup().await;
+    async fn refund_gives_back_at_most_what_the_order_was_charged(pool: &AnyPool) {
         let p = charge_params("o-1", "u1", "40");
-        run(&pool, Op::Action(&Charge), "paid", "payment", &p)
+        run(pool, Op::Action(&Charge), "paid", "payment", &p)
             .await
             .unwrap();
-        let out = run(&pool, Op::Action(&Refund), "r1", "refund", &p)
+        let out = run(pool, Op::Action(&Refund), "r1", "refund", &p)
             .await
             .unwrap();
         assert_eq!(out["refunded_cents"], json!(4_000));
-        run(&pool, Op::Action(&Refund), "r1", "refund", &p)
+        run(pool, Op::Action(&Refund), "r1", "refund", &p)
             .await
             .unwrap();
         assert_eq!(
-            balance_of(&pool, "u1").await,
+            balance_of(pool, "u1").await,
             10_000,
             "a replayed refund credits once"
         );
 
-        let r = run(&pool, Op::Action(&Refund), "r2", "refund", &p).await;
+        let r = run(pool, Op::Action(&Refund), "r2", "refund", &p).await;
         assert_eq!(
             code(r),
             "refund_exceeds_charge",
             "a second refund of the same order"
         );
         let r = run(
-            &pool,
+            pool,
             Op::Action(&Refund),
             "r3",
             "refund",
@@ -687,7 +902,7 @@ mod tests {
         .await;
         assert_eq!(code(r), "refund_exceeds_charge", "an order never charged");
         let r = run(
-            &pool,
+            pool,
             Op::Action(&Refund),
             "r4",
             "refund",
@@ -695,8 +910,8 @@ mod tests {
         )
         .await;
         assert_eq!(code(r), "unknown_account");
-        assert_eq!(balance_of(&pool, "u1").await, 10_000);
-        let r = run(&pool, Op::Compensate(&Refund), "r1", "refund", &p).await;
+        assert_eq!(balance_of(pool, "u1").await, 10_000);
+        let r = run(pool, Op::Compensate(&Refund), "r1", "refund", &p).await;
         assert_eq!(code(r), "irreversible");
 
         let outcomes = [
@@ -719,14 +934,12 @@ mod tests {
                 order("o-1", "u1", "40"),
             ),
         ];
-        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
+        assert_eq!(violations(pool, &outcomes).await, Vec::<String>::new());
     }
 
-    #[tokio::test]
-    async fn check_reports_broken_states() {
-        let pool = setup().await;
+    async fn check_reports_broken_states(pool: &AnyPool) {
         run(
-            &pool,
+            pool,
             Op::Action(&Charge),
             "kept",
             "payment",
@@ -735,7 +948,7 @@ mod tests {
         .await
         .unwrap();
         run(
-            &pool,
+            pool,
             Op::Action(&Charge),
             "failed",
             "payment",
@@ -744,7 +957,7 @@ mod tests {
         .await
         .unwrap();
         run(
-            &pool,
+            pool,
             Op::Action(&Charge),
             "stray",
             "payment",
@@ -753,7 +966,7 @@ mod tests {
         .await
         .unwrap();
         run(
-            &pool,
+            pool,
             Op::Action(&Charge),
             "twice",
             "payment",
@@ -762,7 +975,7 @@ mod tests {
         .await
         .unwrap();
         run(
-            &pool,
+            pool,
             Op::Action(&Charge),
             "twice",
             "payment-again",
@@ -771,7 +984,7 @@ mod tests {
         .await
         .unwrap();
         sqlx::query("UPDATE payment_accounts SET balance = balance + 7 WHERE account = 'u2'")
-            .execute(&pool)
+            .execute(pool)
             .await
             .unwrap();
 
@@ -801,7 +1014,7 @@ mod tests {
                 order("o-4", "u1", "2"),
             ),
         ];
-        let v = violations(&pool, &outcomes).await;
+        let v = violations(pool, &outcomes).await;
         assert_reported(
             &v,
             &[
@@ -844,5 +1057,165 @@ mod tests {
             &["money is not conserved", "= 105.07", "started with 105.00"],
         );
         assert_eq!(v.len(), 7, "{v:#?}");
+    }
+
+    /// Every path of `charge` and its compensation: a first run, a replay (the same answer, one
+    /// debit), a refusal (no ledger row, no debit), the undo, its replay, and the undo of a
+    /// charge that never happened (or was refused).
+    async fn a_charge_and_its_reversal_apply_once_and_a_refused_charge_writes_nothing(
+        pool: &AnyPool,
+    ) {
+        let p = charge_params("o-1", "u1", "30.50");
+        let first = run(pool, Op::Action(&Charge), "s1", "payment", &p).await;
+        let again = run(pool, Op::Action(&Charge), "s1", "payment", &p).await;
+        assert_eq!(first, Ok(json!({ "txn_id": "s1/payment" })));
+        assert_eq!(again, first, "a replay answers as the first run did");
+        assert_eq!(balance_of(pool, "u1").await, 6_950, "and debits once");
+        assert_eq!(kinds(pool, "payment_ledger", "s1").await, ["charge"]);
+
+        let r = run(
+            pool,
+            Op::Action(&Charge),
+            "s2",
+            "payment",
+            &charge_params("o-2", "u2", "5.01"),
+        )
+        .await;
+        assert_eq!(
+            refusal(r),
+            (
+                "insufficient_funds".to_owned(),
+                "account `u2` has 5.00 but order o-2 needs 5.01".to_owned()
+            )
+        );
+        let r = run(
+            pool,
+            Op::Action(&Charge),
+            "s3",
+            "payment",
+            &charge_params("o-3", "ghost", "1"),
+        )
+        .await;
+        assert_eq!(
+            refusal(r),
+            (
+                "unknown_account".to_owned(),
+                "there is no account `ghost`".to_owned()
+            )
+        );
+        for saga in ["s2", "s3"] {
+            assert!(
+                kinds(pool, "payment_ledger", saga).await.is_empty(),
+                "{saga}"
+            );
+        }
+        assert_eq!(balance_of(pool, "u2").await, 500);
+
+        let undo = run(pool, Op::Compensate(&Charge), "s1", "payment", &p).await;
+        let again = run(pool, Op::Compensate(&Charge), "s1", "payment", &p).await;
+        assert_eq!(undo, Ok(json!({ "refunded_cents": 3_050 })));
+        assert_eq!(again, undo);
+        assert_eq!(balance_of(pool, "u1").await, 10_000, "credited once");
+        assert_eq!(
+            kinds(pool, "payment_ledger", "s1").await,
+            ["charge", "charge_reversal"]
+        );
+
+        // Nothing charged (never run, or refused): nothing to give back, now or on a replay.
+        for saga in ["s2", "never", "never"] {
+            let undo = run(pool, Op::Compensate(&Charge), saga, "payment", &p).await;
+            assert_eq!(undo, Ok(json!({ "refunded_cents": 0 })), "{saga}");
+            assert!(
+                kinds(pool, "payment_ledger", saga).await.is_empty(),
+                "{saga}"
+            );
+        }
+        assert_eq!(balance_of(pool, "u2").await, 500);
+
+        // The charged account is gone: the undo is refused, and writes nothing.
+        let p = charge_params("o-4", "u2", "1");
+        run(pool, Op::Action(&Charge), "s4", "payment", &p)
+            .await
+            .unwrap();
+        sqlx::query("DELETE FROM payment_accounts WHERE account = 'u2'")
+            .execute(pool)
+            .await
+            .unwrap();
+        let r = run(pool, Op::Compensate(&Charge), "s4", "payment", &p).await;
+        assert_eq!(refusal(r).0, "unknown_account");
+        assert_eq!(kinds(pool, "payment_ledger", "s4").await, ["charge"]);
+    }
+
+    /// Every path of an order-refund's `refund`: a first run, a replay (the same answer, one
+    /// credit), refusals (no ledger row, no credit); it has no compensation.
+    async fn a_refund_applies_once_and_a_refused_refund_writes_nothing(pool: &AnyPool) {
+        run(
+            pool,
+            Op::Action(&Charge),
+            "paid",
+            "payment",
+            &charge_params("o-1", "u1", "40"),
+        )
+        .await
+        .unwrap();
+        let p = charge_params("o-1", "u1", "15");
+        let first = run(pool, Op::Action(&Refund), "r1", "refund", &p).await;
+        assert_eq!(
+            first,
+            Ok(json!({ "refund_id": "r1/refund", "refunded_cents": 1_500 }))
+        );
+        // A replay answers what was recorded, whatever it is asked.
+        let other = charge_params("o-1", "u1", "16");
+        assert_eq!(
+            run(pool, Op::Action(&Refund), "r1", "refund", &other).await,
+            first
+        );
+        assert_eq!(balance_of(pool, "u1").await, 7_500, "credited once");
+        assert_eq!(kinds(pool, "payment_ledger", "r1").await, ["refund"]);
+
+        let r = run(
+            pool,
+            Op::Action(&Refund),
+            "r2",
+            "refund",
+            &charge_params("o-1", "u1", "25.01"),
+        )
+        .await;
+        assert_eq!(
+            refusal(r),
+            (
+                "refund_exceeds_charge".to_owned(),
+                "order o-1 has 25.00 left to refund to `u1`, asked for 25.01".to_owned()
+            )
+        );
+        let r = run(
+            pool,
+            Op::Action(&Refund),
+            "r3",
+            "refund",
+            &charge_params("o-1", "ghost", "1"),
+        )
+        .await;
+        assert_eq!(refusal(r).0, "unknown_account");
+        for saga in ["r2", "r3"] {
+            assert!(
+                kinds(pool, "payment_ledger", saga).await.is_empty(),
+                "{saga}"
+            );
+        }
+        assert_eq!(balance_of(pool, "u1").await, 7_500);
+        // What is left can be refunded, to the cent.
+        run(
+            pool,
+            Op::Action(&Refund),
+            "r4",
+            "refund",
+            &charge_params("o-1", "u1", "25"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(balance_of(pool, "u1").await, 10_000);
+        let r = run(pool, Op::Compensate(&Refund), "r4", "refund", &p).await;
+        assert_eq!(refusal(r).0, "irreversible");
     }
 }

@@ -16,7 +16,10 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 use sqlx::{AnyConnection, Row};
 
-use super::{Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, param_count};
+use super::{
+    Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, Ran, first_entry, nothing_applied,
+    on_postgres, param_count,
+};
 use crate::sdk::{SagaStep, StepContext, StepError, param_str};
 
 const SERVICE: &str = "points";
@@ -89,7 +92,7 @@ async fn record(
     kind: &str,
     entry: &Entry,
 ) -> Result<(), sqlx::Error> {
-    super::first_entry(
+    first_entry(
         record_once(conn, ctx, kind, entry).await?,
         "points",
         ctx,
@@ -119,6 +122,129 @@ async fn record_once(
     Ok(inserted.rows_affected() == 1)
 }
 
+// The PostgreSQL statements: one per operation, shaped as the module docs of `services` say
+// (`done`, the guarded effect, the ledger row from its RETURNING, the report).
+
+/// `grant`: adds the points (creating the balance at 0 first) unless this (saga, step) granted
+/// already, and records the grant; a replay reports the recorded delta.
+const GRANT_PG: &str = "WITH done AS (SELECT delta FROM points_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = 'grant'), \
+     added AS (INSERT INTO points_balances (user_id, points, initial) \
+         SELECT $3, $4, 0 WHERE NOT EXISTS (SELECT 1 FROM done) \
+         ON CONFLICT (user_id) DO UPDATE SET points = points_balances.points + excluded.points \
+         RETURNING 1), \
+     written AS (INSERT INTO points_ledger (saga_id, step, kind, user_id, delta, reason) \
+         SELECT $1, $2, 'grant', $3, $4, $5 FROM added \
+         ON CONFLICT (saga_id, step, kind) DO NOTHING RETURNING 1) \
+     SELECT (SELECT delta FROM done) AS replayed, (SELECT count(*) FROM added) AS applied, \
+         (SELECT count(*) FROM written) AS recorded";
+
+/// `revoke`: takes the points ($4 is negative) if the user has them, unless this (saga, step)
+/// revoked already, and records the revoke only if they were taken. Zero points are taken from
+/// anyone, even a user without a balance (`applied`), as on SQLite.
+const REVOKE_PG: &str = "WITH done AS (SELECT delta FROM points_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = 'revoke'), \
+     taken AS (UPDATE points_balances SET points = points + $4 \
+         WHERE user_id = $3 AND points + $4 >= 0 AND NOT EXISTS (SELECT 1 FROM done) \
+         RETURNING 1), \
+     applied AS (SELECT 1 FROM taken \
+         UNION SELECT 1 WHERE $4 = 0 AND NOT EXISTS (SELECT 1 FROM done)), \
+     written AS (INSERT INTO points_ledger (saga_id, step, kind, user_id, delta, reason) \
+         SELECT $1, $2, 'revoke', $3, $4, $5 FROM applied \
+         ON CONFLICT (saga_id, step, kind) DO NOTHING RETURNING 1) \
+     SELECT (SELECT delta FROM done) AS replayed, (SELECT count(*) FROM applied) AS applied, \
+         (SELECT count(*) FROM written) AS recorded";
+
+/// Undoes this (saga, step)'s `$3` entry as a `$4` entry: adds its negated delta to its user
+/// (creating the balance at 0 first) unless it was undone already. `original` is NULL when
+/// there is nothing to undo.
+const REVERSE_PG: &str = "WITH original AS (SELECT user_id, delta, reason FROM points_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = $3), \
+     done AS (SELECT delta FROM points_ledger WHERE saga_id = $1 AND step = $2 AND kind = $4), \
+     added AS (INSERT INTO points_balances (user_id, points, initial) \
+         SELECT user_id, -delta, 0 FROM original WHERE NOT EXISTS (SELECT 1 FROM done) \
+         ON CONFLICT (user_id) DO UPDATE SET points = points_balances.points + excluded.points \
+         RETURNING 1), \
+     written AS (INSERT INTO points_ledger (saga_id, step, kind, user_id, delta, reason) \
+         SELECT $1, $2, $4, user_id, -delta, reason FROM original \
+         WHERE EXISTS (SELECT 1 FROM added) \
+         ON CONFLICT (saga_id, step, kind) DO NOTHING RETURNING 1) \
+     SELECT (SELECT delta FROM done) AS replayed, (SELECT delta FROM original) AS original, \
+         (SELECT count(*) FROM added) AS applied, (SELECT count(*) FROM written) AS recorded";
+
+/// Runs a statement shaped like [`GRANT_PG`] or [`REVOKE_PG`] for `entry`.
+async fn once_postgres(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    sql: &'static str,
+    kind: &str,
+    entry: &Entry,
+) -> Result<Ran<i64>, sqlx::Error> {
+    let row = sqlx::query(sql)
+        .bind(&ctx.saga_id)
+        .bind(&ctx.step)
+        .bind(&entry.user_id)
+        .bind(entry.delta)
+        .bind(entry.reason.clone())
+        .fetch_one(&mut *conn)
+        .await?;
+    Ran::read(&row, row.try_get("replayed")?, "points", ctx, kind)
+}
+
+/// Grants `grant` once; a replay answers the recorded delta.
+async fn grant_once(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    grant: &Entry,
+) -> Result<i64, StepError> {
+    if on_postgres(conn) {
+        return match once_postgres(conn, ctx, GRANT_PG, "grant", grant).await? {
+            Ran::Applied => Ok(grant.delta),
+            Ran::Replay(delta) => Ok(delta),
+            Ran::Refused => Err(nothing_applied("points", ctx, "grant").into()),
+        };
+    }
+    // Recorded first: one statement tells a first run from a replay.
+    if !record_once(conn, ctx, "grant", grant).await? {
+        let done = entry(conn, ctx, "grant").await?.ok_or_else(|| {
+            StepError::retryable(format!(
+                "points ledger entry ({}, grant) vanished",
+                ctx.step
+            ))
+        })?;
+        return Ok(done.delta);
+    }
+    add(conn, grant).await?;
+    Ok(grant.delta)
+}
+
+/// Revokes `revoke` once (`revoke.delta` ≤ 0): `Refused` when the user has fewer points left.
+async fn revoke_once(
+    conn: &mut AnyConnection,
+    ctx: &StepContext,
+    revoke: &Entry,
+) -> Result<Ran<i64>, sqlx::Error> {
+    if on_postgres(conn) {
+        return once_postgres(conn, ctx, REVOKE_PG, "revoke", revoke).await;
+    }
+    if let Some(done) = entry(conn, ctx, "revoke").await? {
+        return Ok(Ran::Replay(done.delta));
+    }
+    let taken = sqlx::query(
+        "UPDATE points_balances SET points = points + $1 \
+         WHERE user_id = $2 AND points + $1 >= 0",
+    )
+    .bind(revoke.delta)
+    .bind(&revoke.user_id)
+    .execute(&mut *conn)
+    .await?;
+    if taken.rows_affected() == 0 && revoke.delta != 0 {
+        return Ok(Ran::Refused);
+    }
+    record(conn, ctx, "revoke", revoke).await?;
+    Ok(Ran::Applied)
+}
+
 /// Undoes this (saga, step)'s `kind` entry, once; nothing if it never happened.
 async fn reverse(
     conn: &mut AnyConnection,
@@ -126,6 +252,25 @@ async fn reverse(
     kind: &str,
     reversal: &str,
 ) -> Result<Value, StepError> {
+    if on_postgres(conn) {
+        let row = sqlx::query(REVERSE_PG)
+            .bind(&ctx.saga_id)
+            .bind(&ctx.step)
+            .bind(kind)
+            .bind(reversal)
+            .fetch_one(&mut *conn)
+            .await?;
+        if let Some(delta) = row.try_get::<Option<i64>, _>("replayed")? {
+            return Ok(json!({ "delta": delta }));
+        }
+        let Some(original) = row.try_get::<Option<i64>, _>("original")? else {
+            return Ok(json!({ "delta": 0 }));
+        };
+        return match Ran::read(&row, None, "points", ctx, reversal)? {
+            Ran::Applied | Ran::Replay(()) => Ok(json!({ "delta": -original })),
+            Ran::Refused => Err(nothing_applied("points", ctx, reversal).into()),
+        };
+    }
     if let Some(done) = entry(conn, ctx, reversal).await? {
         return Ok(json!({ "delta": done.delta }));
     }
@@ -161,18 +306,7 @@ impl SagaStep for Grant {
         params: &Value,
     ) -> Result<Value, StepError> {
         let grant = requested(params, 1)?;
-        // Recorded first: one statement tells a first run from a replay.
-        if !record_once(conn, ctx, "grant", &grant).await? {
-            let done = entry(conn, ctx, "grant").await?.ok_or_else(|| {
-                StepError::retryable(format!(
-                    "points ledger entry ({}, grant) vanished",
-                    ctx.step
-                ))
-            })?;
-            return Ok(json!({ "delta": done.delta }));
-        }
-        add(conn, &grant).await?;
-        Ok(json!({ "delta": grant.delta }))
+        Ok(json!({ "delta": grant_once(conn, ctx, &grant).await? }))
     }
 
     /// `revoke`: takes back what this (saga, step) granted, even below zero.
@@ -197,37 +331,28 @@ impl SagaStep for Revoke {
         params: &Value,
     ) -> Result<Value, StepError> {
         let revoke = requested(params, -1)?;
-        if let Some(done) = entry(conn, ctx, "revoke").await? {
-            return Ok(json!({ "delta": done.delta }));
+        match revoke_once(conn, ctx, &revoke).await? {
+            Ran::Applied => Ok(json!({ "delta": revoke.delta })),
+            Ran::Replay(delta) => Ok(json!({ "delta": delta })),
+            Ran::Refused => {
+                let has: Option<i64> =
+                    sqlx::query("SELECT points FROM points_balances WHERE user_id = $1")
+                        .bind(&revoke.user_id)
+                        .fetch_optional(&mut *conn)
+                        .await?
+                        .map(|r| r.try_get("points"))
+                        .transpose()?;
+                Err(StepError::business(
+                    "insufficient_points",
+                    format!(
+                        "user `{}` has {} points, {} cannot be revoked",
+                        revoke.user_id,
+                        has.unwrap_or(0),
+                        -revoke.delta
+                    ),
+                ))
+            }
         }
-        let taken = sqlx::query(
-            "UPDATE points_balances SET points = points + $1 \
-             WHERE user_id = $2 AND points + $1 >= 0",
-        )
-        .bind(revoke.delta)
-        .bind(&revoke.user_id)
-        .execute(&mut *conn)
-        .await?;
-        if taken.rows_affected() == 0 && revoke.delta != 0 {
-            let has: Option<i64> =
-                sqlx::query("SELECT points FROM points_balances WHERE user_id = $1")
-                    .bind(&revoke.user_id)
-                    .fetch_optional(&mut *conn)
-                    .await?
-                    .map(|r| r.try_get("points"))
-                    .transpose()?;
-            return Err(StepError::business(
-                "insufficient_points",
-                format!(
-                    "user `{}` has {} points, {} cannot be revoked",
-                    revoke.user_id,
-                    has.unwrap_or(0),
-                    -revoke.delta
-                ),
-            ));
-        }
-        record(conn, ctx, "revoke", &revoke).await?;
-        Ok(json!({ "delta": revoke.delta }))
     }
 
     /// `grant`: gives back what this (saga, step) revoked.
@@ -377,18 +502,32 @@ mod tests {
     use sqlx::AnyPool;
 
     use super::*;
-    use crate::services::testing::{Op, assert_reported, outcome, run, sqlite};
+    use crate::services::testing::{
+        Backend, Migration, Op, TestDb, assert_reported, kinds, on_both_backends, outcome, refusal,
+        run,
+    };
 
-    const MIGRATION: &str = include_str!("../../../migrations/sqlite/0103_points.sql");
+    const MIGRATION: Migration = (
+        include_str!("../../../migrations/sqlite/0103_points.sql"),
+        include_str!("../../../migrations/postgres/0103_points.sql"),
+    );
 
-    async fn setup() -> AnyPool {
-        let pool = sqlite(&[MIGRATION]).await;
-        let mut conn = pool.acquire().await.unwrap();
+    async fn setup(backend: Backend, test: &str) -> Option<TestDb> {
+        let db = TestDb::new(backend, test, &[MIGRATION]).await?;
+        let mut conn = db.pool.acquire().await.unwrap();
         let balances = [("u1".to_owned(), 50)];
         seed(&mut conn, &balances).await.unwrap();
         seed(&mut conn, &balances).await.unwrap();
-        pool
+        drop(conn);
+        Some(db)
     }
+
+    on_both_backends!(
+        grant_creates_the_balance_and_its_compensation_takes_it_back_once,
+        revoke_refuses_more_than_the_balance_and_its_compensation_gives_back,
+        check_reports_broken_states,
+        grant_and_revoke_apply_once_and_a_refused_revoke_writes_nothing,
+    );
 
     async fn points_of(pool: &AnyPool, user: &str) -> Option<i64> {
         sqlx::query("SELECT points FROM points_balances WHERE user_id = $1")
@@ -412,31 +551,29 @@ mod tests {
         json!({ "order_id": order_id, "user_id": user, "amount": "1", "points": points })
     }
 
-    #[tokio::test]
-    async fn grant_creates_the_balance_and_its_compensation_takes_it_back_once() {
-        let pool = setup().await;
+    async fn grant_creates_the_balance_and_its_compensation_takes_it_back_once(pool: &AnyPool) {
         let p = params("new", 30);
-        run(&pool, Op::Action(&Grant), "s1", "points", &p)
+        run(pool, Op::Action(&Grant), "s1", "points", &p)
             .await
             .unwrap();
-        run(&pool, Op::Action(&Grant), "s1", "points", &p)
+        run(pool, Op::Action(&Grant), "s1", "points", &p)
             .await
             .unwrap();
         assert_eq!(
-            points_of(&pool, "new").await,
+            points_of(pool, "new").await,
             Some(30),
             "a replayed grant counts once"
         );
-        let back = run(&pool, Op::Compensate(&Grant), "s1", "points", &p)
+        let back = run(pool, Op::Compensate(&Grant), "s1", "points", &p)
             .await
             .unwrap();
         assert_eq!(back, json!({ "delta": -30 }));
-        run(&pool, Op::Compensate(&Grant), "s1", "points", &p)
+        run(pool, Op::Compensate(&Grant), "s1", "points", &p)
             .await
             .unwrap();
-        assert_eq!(points_of(&pool, "new").await, Some(0));
+        assert_eq!(points_of(pool, "new").await, Some(0));
         // A compensation whose action never ran does nothing.
-        let none = run(&pool, Op::Compensate(&Grant), "s2", "points", &p)
+        let none = run(pool, Op::Compensate(&Grant), "s2", "points", &p)
             .await
             .unwrap();
         assert_eq!(none, json!({ "delta": 0 }));
@@ -455,26 +592,17 @@ mod tests {
                 input("o-2", "new", 30),
             ),
         ];
-        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
+        assert_eq!(violations(pool, &outcomes).await, Vec::<String>::new());
     }
 
-    #[tokio::test]
-    async fn revoke_refuses_more_than_the_balance_and_its_compensation_gives_back() {
-        let pool = setup().await;
-        let r = run(
-            &pool,
-            Op::Action(&Revoke),
-            "r1",
-            "points",
-            &params("u1", 51),
-        )
-        .await;
+    async fn revoke_refuses_more_than_the_balance_and_its_compensation_gives_back(pool: &AnyPool) {
+        let r = run(pool, Op::Action(&Revoke), "r1", "points", &params("u1", 51)).await;
         assert!(
             matches!(&r, Err(StepError::Business { code, .. }) if code == "insufficient_points"),
             "{r:?}"
         );
         let r = run(
-            &pool,
+            pool,
             Op::Action(&Revoke),
             "r2",
             "points",
@@ -484,29 +612,16 @@ mod tests {
         assert!(
             matches!(&r, Err(StepError::Business { code, .. }) if code == "insufficient_points")
         );
-        let r = run(
-            &pool,
-            Op::Action(&Revoke),
-            "r3",
-            "points",
-            &params("u1", -1),
-        )
-        .await;
+        let r = run(pool, Op::Action(&Revoke), "r3", "points", &params("u1", -1)).await;
         assert!(matches!(&r, Err(StepError::Business { code, .. }) if code == "bad_params"));
-        assert_eq!(points_of(&pool, "u1").await, Some(50));
+        assert_eq!(points_of(pool, "u1").await, Some(50));
 
+        run(pool, Op::Action(&Revoke), "r4", "points", &params("u1", 50))
+            .await
+            .unwrap();
+        assert_eq!(points_of(pool, "u1").await, Some(0));
         run(
-            &pool,
-            Op::Action(&Revoke),
-            "r4",
-            "points",
-            &params("u1", 50),
-        )
-        .await
-        .unwrap();
-        assert_eq!(points_of(&pool, "u1").await, Some(0));
-        run(
-            &pool,
+            pool,
             Op::Compensate(&Revoke),
             "r4",
             "points",
@@ -514,16 +629,10 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!(points_of(&pool, "u1").await, Some(50));
-        run(
-            &pool,
-            Op::Action(&Revoke),
-            "r5",
-            "points",
-            &params("u1", 20),
-        )
-        .await
-        .unwrap();
+        assert_eq!(points_of(pool, "u1").await, Some(50));
+        run(pool, Op::Action(&Revoke), "r5", "points", &params("u1", 20))
+            .await
+            .unwrap();
 
         let outcomes = [
             outcome(
@@ -545,14 +654,12 @@ mod tests {
                 input("o-5", "u1", 20),
             ),
         ];
-        assert_eq!(violations(&pool, &outcomes).await, Vec::<String>::new());
+        assert_eq!(violations(pool, &outcomes).await, Vec::<String>::new());
     }
 
-    #[tokio::test]
-    async fn check_reports_broken_states() {
-        let pool = setup().await;
+    async fn check_reports_broken_states(pool: &AnyPool) {
         run(
-            &pool,
+            pool,
             Op::Action(&Grant),
             "short",
             "points",
@@ -560,17 +667,11 @@ mod tests {
         )
         .await
         .unwrap();
+        run(pool, Op::Action(&Grant), "kept", "points", &params("u1", 7))
+            .await
+            .unwrap();
         run(
-            &pool,
-            Op::Action(&Grant),
-            "kept",
-            "points",
-            &params("u1", 7),
-        )
-        .await
-        .unwrap();
-        run(
-            &pool,
+            pool,
             Op::Action(&Grant),
             "failed",
             "points",
@@ -579,7 +680,7 @@ mod tests {
         .await
         .unwrap();
         run(
-            &pool,
+            pool,
             Op::Action(&Grant),
             "stray",
             "points",
@@ -588,7 +689,7 @@ mod tests {
         .await
         .unwrap();
         sqlx::query("UPDATE points_balances SET points = points - 1 WHERE user_id = 'u2'")
-            .execute(&pool)
+            .execute(pool)
             .await
             .unwrap();
 
@@ -612,7 +713,7 @@ mod tests {
                 input("o-3", "u2", 3),
             ),
         ];
-        let v = violations(&pool, &outcomes).await;
+        let v = violations(pool, &outcomes).await;
         assert_reported(
             &v,
             &["saga short (order o-1)", "+6 points once", "net +5 points"],
@@ -635,5 +736,84 @@ mod tests {
         );
         assert_reported(&v, &["user `u2` has 6 points", "say 7"]);
         assert_eq!(v.len(), 5, "{v:#?}");
+    }
+
+    /// Every path of `grant`, `revoke` and their compensations: first runs, replays (the same
+    /// answer, one change), a refusal (no ledger row, no change), undos, their replays, and
+    /// undos of nothing.
+    async fn grant_and_revoke_apply_once_and_a_refused_revoke_writes_nothing(pool: &AnyPool) {
+        let granted = run(pool, Op::Action(&Grant), "g1", "points", &params("u1", 10)).await;
+        assert_eq!(granted, Ok(json!({ "delta": 10 })));
+        // A replay answers what was recorded, whatever it is asked.
+        let again = run(pool, Op::Action(&Grant), "g1", "points", &params("u1", 99)).await;
+        assert_eq!(again, granted);
+        assert_eq!(points_of(pool, "u1").await, Some(60));
+        assert_eq!(kinds(pool, "points_ledger", "g1").await, ["grant"]);
+        for _ in 0..2 {
+            let undo = run(pool, Op::Compensate(&Grant), "g1", "points", &Value::Null).await;
+            assert_eq!(undo, Ok(json!({ "delta": -10 })));
+        }
+        assert_eq!(points_of(pool, "u1").await, Some(50));
+        assert_eq!(
+            kinds(pool, "points_ledger", "g1").await,
+            ["grant", "grant_reversal"]
+        );
+
+        let revoked = run(pool, Op::Action(&Revoke), "r1", "points", &params("u1", 20)).await;
+        assert_eq!(revoked, Ok(json!({ "delta": -20 })));
+        assert_eq!(
+            run(pool, Op::Action(&Revoke), "r1", "points", &params("u1", 20)).await,
+            revoked
+        );
+        assert_eq!(points_of(pool, "u1").await, Some(30));
+        assert_eq!(kinds(pool, "points_ledger", "r1").await, ["revoke"]);
+
+        let r = run(pool, Op::Action(&Revoke), "r2", "points", &params("u1", 31)).await;
+        assert_eq!(
+            refusal(r),
+            (
+                "insufficient_points".to_owned(),
+                "user `u1` has 30 points, 31 cannot be revoked".to_owned()
+            )
+        );
+        assert!(kinds(pool, "points_ledger", "r2").await.is_empty());
+        assert_eq!(points_of(pool, "u1").await, Some(30));
+        // Zero points can be revoked from anyone: recorded, nothing else.
+        let zero = run(
+            pool,
+            Op::Action(&Revoke),
+            "r3",
+            "points",
+            &params("ghost", 0),
+        )
+        .await;
+        assert_eq!(zero, Ok(json!({ "delta": 0 })));
+        assert_eq!(kinds(pool, "points_ledger", "r3").await, ["revoke"]);
+        assert_eq!(points_of(pool, "ghost").await, None);
+
+        for _ in 0..2 {
+            let undo = run(pool, Op::Compensate(&Revoke), "r1", "points", &Value::Null).await;
+            assert_eq!(undo, Ok(json!({ "delta": 20 })));
+        }
+        assert_eq!(points_of(pool, "u1").await, Some(50));
+        assert_eq!(
+            kinds(pool, "points_ledger", "r1").await,
+            ["revoke", "revoke_reversal"]
+        );
+
+        // Undos of what never happened (or was refused): nothing, now or on a replay.
+        for (op, saga) in [
+            (Op::Compensate(&Grant), "never"),
+            (Op::Compensate(&Revoke), "r2"),
+            (Op::Compensate(&Revoke), "r2"),
+        ] {
+            let none = run(pool, op, saga, "points", &Value::Null).await;
+            assert_eq!(none, Ok(json!({ "delta": 0 })), "{saga}");
+            assert!(
+                kinds(pool, "points_ledger", saga).await.is_empty(),
+                "{saga}"
+            );
+        }
+        assert_eq!(points_of(pool, "u1").await, Some(50));
     }
 }
