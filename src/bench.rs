@@ -518,7 +518,7 @@ async fn bench(
             let mut v: Vec<String> = cmd.iter().map(|s| (*s).to_owned()).collect();
             v.extend([
                 "--partitions".into(),
-                args.amqp.partitions.to_string(),
+                transport.config().partitions.to_string(),
                 "--queue-type".into(),
                 args.amqp.queue_type.as_str().into(),
                 "--prefix".into(),
@@ -722,6 +722,7 @@ async fn bench(
             eprintln!("warning: could not remove the bench's queues: {e}");
         }
     }
+    let partitions = transport.config().partitions;
     transport.close().await;
     // Backends publish their counters when their connection closes (or at most once a second
     // while busy): close ours, let the launched processes' go, then read.
@@ -779,7 +780,7 @@ async fn bench(
     println!(
         "sagaflow bench: {} orders over RabbitMQ ({} partitions, {}) and PostgreSQL",
         args.orders,
-        args.amqp.partitions,
+        partitions,
         args.amqp.queue_type.as_str()
     );
     if args.external {

@@ -123,6 +123,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             store.bind_prefix(&args.amqp_prefix).await?;
             let mut config = AmqpConfig::new(url);
             config.prefix = args.amqp_prefix.clone();
+            config.join_declared_partitions = true;
             config.connection_name = format!("sagaflow dev (pid {})", std::process::id());
             Net::Amqp(AmqpTransport::connect(config).await?)
         }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::Context;
 use sagaflow_engine::store::ENGINE_MIGRATIONS;
 use sagaflow_engine::transport::Transport;
-use sagaflow_engine::transport::amqp::{AmqpConfig, AmqpTransport, QueueType};
+use sagaflow_engine::transport::amqp::{AmqpConfig, AmqpTransport, DEFAULT_PARTITIONS, QueueType};
 use sagaflow_engine::{Engine, startup};
 use sagaflow_workers::runtime::Faults;
 use sagaflow_workers::services;
@@ -52,9 +52,12 @@ pub struct AmqpArgs {
         value_name = "URL"
     )]
     pub amqp_url: String,
-    /// Partitions per queue: each order key maps to one (per-order FIFO).
-    #[arg(long, env = "SAGAFLOW_PARTITIONS", default_value_t = 8)]
-    pub partitions: u16,
+    /// Partitions per queue: each order key maps to one (per-order FIFO), and up to this many
+    /// processes of a service consume at once. Without it, a process joins the deployment with
+    /// the count it was declared with, and a new deployment gets 1 (see
+    /// `docs/architecture.md`, "Measured choices").
+    #[arg(long, env = "SAGAFLOW_PARTITIONS")]
+    pub partitions: Option<u16>,
     /// `classic` for one RabbitMQ node, `quorum` (replicated) for a cluster.
     #[arg(long, env = "SAGAFLOW_QUEUE_TYPE", default_value = "classic")]
     pub queue_type: QueueType,
@@ -83,7 +86,8 @@ impl AmqpArgs {
 
     fn config(&self, role: &str) -> AmqpConfig {
         let mut config = AmqpConfig::new(&self.amqp_url);
-        config.partitions = self.partitions;
+        config.partitions = self.partitions.unwrap_or(DEFAULT_PARTITIONS);
+        config.join_declared_partitions = self.partitions.is_none();
         config.queue_type = self.queue_type;
         config.prefix = self.prefix.clone();
         config.prefetch = self.prefetch;
@@ -312,7 +316,7 @@ pub async fn engine(args: EngineArgs) -> anyhow::Result<ExitCode> {
     eprintln!(
         "sagaflow engine: sagas {}; RabbitMQ {} partitions ({}, prefix `{}`); HTTP on http://{address}",
         names.join(", "),
-        args.amqp.partitions,
+        transport.config().partitions,
         args.amqp.queue_type.as_str(),
         args.amqp.prefix,
     );
@@ -404,7 +408,10 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     });
     eprintln!(
         "sagaflow worker {}: consuming {} partitions of {}.cmd.{}",
-        args.service, args.amqp.partitions, args.amqp.prefix, args.service
+        args.service,
+        transport.config().partitions,
+        args.amqp.prefix,
+        args.service
     );
     let retention = tokio::spawn(sagaflow_workers::barrier::retention_loop(
         store.pool().clone(),

@@ -211,6 +211,36 @@ async fn a_different_partition_count_is_refused_at_start() {
 }
 
 #[tokio::test]
+async fn a_process_without_a_count_of_its_own_joins_the_deployments() {
+    let _shared = BROKER.read().await;
+    let Some(t) = connect(config(4)).await else {
+        return;
+    };
+    // The default count (1), but only as a default: the deployment's 4 is taken.
+    let mut joiner = t.config().clone();
+    joiner.partitions = sagaflow_engine::transport::amqp::DEFAULT_PARTITIONS;
+    joiner.join_declared_partitions = true;
+    let joined = AmqpTransport::connect(joiner).await.expect("joined");
+    assert_eq!(joined.config().partitions, 4);
+    assert_eq!(
+        joined.partition_queues("cmd.svc"),
+        t.partition_queues("cmd.svc")
+    );
+    // A message it routes lands where the deployment's consumers read it.
+    let mut c = t.consume("cmd.svc").await.expect("consume");
+    joined
+        .publish("cmd.svc", msg("m-1", "order-7"))
+        .await
+        .expect("published");
+    let d = next(&mut c).await;
+    assert_eq!(d.message.id, "m-1");
+    d.ack().await.expect("ack");
+    drop(c);
+    joined.close().await;
+    cleanup(&t, &["cmd.svc"]).await;
+}
+
+#[tokio::test]
 async fn an_unreachable_broker_is_a_clear_error() {
     let mut c = config(1);
     c.url = "amqp://guest:secret@127.0.0.1:1/%2f".into();

@@ -19,7 +19,7 @@
 //! | `SAGAFLOW_DATABASE_URL` | `<name>.db` | the service's database: `postgres://…` or a SQLite file |
 //! | `SAGAFLOW_AMQP_URL` | unset: embedded | set: the worker alone, over RabbitMQ, beside a `sagaflow engine` that knows the sagas |
 //! | `SAGAFLOW_PREFIX` | `sagaflow` | the deployment's queue prefix (the database is bound to it) |
-//! | `SAGAFLOW_PARTITIONS` | `8` | partitions per queue, 1–65535, as every process of the deployment has |
+//! | `SAGAFLOW_PARTITIONS` | the deployment's, or 1 for a new one | partitions per queue, 1–65535, as every process of the deployment has |
 //! | `SAGAFLOW_QUEUE_TYPE` | `classic` | `classic`, or `quorum` on a cluster |
 //! | `SAGAFLOW_PREFETCH` | `64` | unacknowledged messages per partition consumer |
 //! | `SAGAFLOW_BUNDLE` | `128` | messages per bundle on the wire (1: none) |
@@ -215,6 +215,8 @@ impl Config {
             amqp.connection_name = format!("{service} worker (pid {})", std::process::id());
             amqp.prefix = prefix.unwrap_or(amqp.prefix);
             amqp.partitions = partitions.unwrap_or(amqp.partitions);
+            // Unset: join the deployment with the count it was declared with.
+            amqp.join_declared_partitions = partitions.is_none();
             amqp.queue_type = queue_type.unwrap_or(amqp.queue_type);
             amqp.prefetch = prefetch.unwrap_or(amqp.prefetch);
             amqp.bundle = bundle.unwrap_or(amqp.bundle);
@@ -423,6 +425,10 @@ mod tests {
             )
         );
         assert!(amqp.connection_name.starts_with("notes worker"));
+        assert!(
+            amqp.join_declared_partitions,
+            "no count asked for: the deployment's"
+        );
         let c = config(&[
             ("SAGAFLOW_AMQP_URL", url),
             ("SAGAFLOW_DATABASE_URL", "postgres://app:hunter2@db/notes"),
@@ -438,6 +444,10 @@ mod tests {
         assert_eq!(
             (amqp.prefix.as_str(), amqp.partitions, amqp.queue_type),
             ("prod", 16, QueueType::Quorum)
+        );
+        assert!(
+            !amqp.join_declared_partitions,
+            "16 asked for: 16 or refused"
         );
         assert_eq!(
             (amqp.prefetch, amqp.bundle, amqp.delivery_limit),

@@ -163,6 +163,11 @@ pub const ENGINE_MIGRATIONS: Migrations = &[
         include_str!("../../../migrations/sqlite/0008_state_is_the_record.sql"),
         include_str!("../../../migrations/postgres/0008_state_is_the_record.sql"),
     ),
+    (
+        "0009_fewer_indexes",
+        include_str!("../../../migrations/sqlite/0009_fewer_indexes.sql"),
+        include_str!("../../../migrations/postgres/0009_fewer_indexes.sql"),
+    ),
 ];
 
 #[derive(Debug, Clone)]
