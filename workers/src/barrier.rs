@@ -297,17 +297,21 @@ impl Dialect {
 /// the primary key's first column (see `Text::any_of` for why not a plain `IN` list on
 /// PostgreSQL; a row-value `IN` of the wanted keys is exact but took 2 ms to plan).
 fn lookup_sql(postgres: bool, sagas: usize) -> String {
-    let mut t = Text::new("SELECT saga_id, step, op, outcome FROM barrier WHERE ");
-    t.any_of(postgres, "saga_id", sagas);
+    let mut t = Text::new(
+        postgres,
+        "SELECT saga_id, step, op, outcome FROM barrier WHERE ",
+    );
+    t.any_of("saga_id", sagas);
     t.sql
 }
 
 /// `rows` new rows, those that already exist left as they are; returns the inserted ones.
-fn insert_sql(rows: usize) -> String {
-    let mut t = Text::new("");
-    let now = t.reserve();
-    t.push("INSERT INTO barrier (saga_id, step, op, outcome, created_at) VALUES ");
-    t.rows(rows, &format!("(?,?,?,?,${now})"));
+fn insert_sql(postgres: bool, rows: usize) -> String {
+    let mut t = Text::new(
+        postgres,
+        "INSERT INTO barrier (saga_id, step, op, outcome, created_at) VALUES ",
+    );
+    t.rows(rows, "(?,?,?,?,?)");
     t.push(" ON CONFLICT (saga_id, step, op) DO NOTHING RETURNING saga_id");
     t.sql
 }
@@ -393,18 +397,19 @@ async fn insert(
             recorded.to_string()
         })
         .collect();
-    let per = rows_per_statement(4);
+    let postgres = Dialect::of(conn) == Dialect::Postgres;
+    let per = rows_per_statement(5);
     let mut inserted = 0;
     for (chunk, recorded) in rows.chunks(per).zip(recorded.chunks(per)) {
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(insert_sql(chunk.len())))
-            .persistent(false)
-            .bind(now);
+        let mut q =
+            sqlx::query(sqlx::AssertSqlSafe(insert_sql(postgres, chunk.len()))).persistent(false);
         for (((saga_id, step, op), _), outcome) in chunk.iter().zip(recorded) {
             q = q
                 .bind(saga_id.as_str())
                 .bind(step.as_str())
                 .bind(op.as_str())
-                .bind(outcome.as_str());
+                .bind(outcome.as_str())
+                .bind(now);
         }
         inserted += q.fetch_all(&mut *conn).await?.len();
     }

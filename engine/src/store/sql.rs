@@ -20,17 +20,28 @@ use std::fmt::Write as _;
 pub const MAX_PARAMS: usize = 30_000;
 
 /// The text of a statement being built, and how many placeholders it has so far.
+///
+/// Placeholders are numbered in text order and each is used once, so values are bound in the
+/// order the text names them: `$1, $2, …` on PostgreSQL, plain `?` on SQLite. (sqlx binds a
+/// SQLite statement's named placeholders by looking each name up, which walks the statement's
+/// list of names: quadratic in the placeholders, a quarter of the embedded mode's database
+/// thread on a batch of a few thousand values.)
 #[derive(Debug, Default)]
 pub struct Text {
     pub sql: String,
     params: usize,
+    postgres: bool,
 }
 
 impl Text {
-    pub fn new(head: &str) -> Text {
+    pub fn new(postgres: bool, head: &str) -> Text {
         let mut sql = String::with_capacity(head.len() + 512);
         sql.push_str(head);
-        Text { sql, params: 0 }
+        Text {
+            sql,
+            params: 0,
+            postgres,
+        }
     }
 
     pub fn push(&mut self, s: &str) -> &mut Text {
@@ -38,22 +49,18 @@ impl Text {
         self
     }
 
-    /// One fresh placeholder (`$n`) written here; returns its number.
-    pub fn param(&mut self) -> usize {
-        let n = self.reserve();
-        let _ = write!(self.sql, "${n}");
-        n
-    }
-
-    /// One fresh placeholder number, not written yet (for a value several rows share, written
-    /// into their groups as `$n`).
-    pub fn reserve(&mut self) -> usize {
+    /// One fresh placeholder, written here.
+    pub fn param(&mut self) -> &mut Text {
         self.params += 1;
-        self.params
+        if self.postgres {
+            let _ = write!(self.sql, "${}", self.params);
+        } else {
+            self.sql.push('?');
+        }
+        self
     }
 
-    /// `rows` copies of `group`, comma-separated, each `?` in it a fresh placeholder (other
-    /// text, such as `$1` for a value all rows share, is copied as it is).
+    /// `rows` copies of `group`, comma-separated, each `?` in it a fresh placeholder.
     pub fn rows(&mut self, rows: usize, group: &str) -> &mut Text {
         for r in 0..rows {
             if r > 0 {
@@ -82,9 +89,9 @@ impl Text {
     /// sequential scan (measured: 2.6 ms a barrier lookup at 100,000 rows). An array built
     /// by a subquery has a length the planner does not see, so it stays an index scan.
     /// SQLite always uses the index for `IN`.
-    pub fn any_of(&mut self, postgres: bool, column: &str, n: usize) -> &mut Text {
+    pub fn any_of(&mut self, column: &str, n: usize) -> &mut Text {
         self.push(column);
-        if postgres {
+        if self.postgres {
             self.push(" = ANY(ARRAY(SELECT v FROM (VALUES ")
                 .rows(n, "(?)")
                 .push(") AS l(v)))")
@@ -125,14 +132,14 @@ pub struct Sql {
 const SAGA_COLUMNS: &str =
     "id, name, definition_hash, sequence_key, state, version, created_at, finished_at";
 
-/// Columns of the rows [`Sql::insert_sagas`] takes, in bind order.
-pub const NEW_SAGA_COLS: usize = 9;
-/// Columns of the rows [`Sql::update_sagas`] takes, in bind order.
+/// Values per row [`Sql::insert_sagas`] takes.
+pub const NEW_SAGA_COLS: usize = 11;
+/// Values per row [`Sql::update_sagas`] takes (after the one they share).
 pub const SAGA_WRITE_COLS: usize = 6;
-/// Columns of the rows [`Sql::append_history`] takes, in bind order.
-pub const HISTORY_COLS: usize = 4;
-/// Columns of the rows [`Sql::enqueue_outbox`] takes, in bind order.
-pub const OUTBOX_COLS: usize = 5;
+/// Values per row [`Sql::append_history`] takes.
+pub const HISTORY_COLS: usize = 5;
+/// Values per row [`Sql::enqueue_outbox`] takes.
+pub const OUTBOX_COLS: usize = 6;
 /// Columns of the rows [`Sql::set_timers`] takes, in bind order.
 pub const TIMER_COLS: usize = 4;
 
@@ -157,44 +164,49 @@ impl Sql {
 
     /// The sagas of `n` ids (binds: the ids).
     pub fn load_sagas(&self, n: usize) -> Text {
-        let mut t = Text::new(&format!("SELECT {SAGA_COLUMNS} FROM sagas WHERE id IN ("));
+        let mut t = Text::new(
+            self.postgres,
+            &format!("SELECT {SAGA_COLUMNS} FROM sagas WHERE id IN ("),
+        );
         t.list(n).push(")");
         t
     }
 
-    /// Binds: now, then per saga id, name, definition hash, sequence key, status, state,
-    /// version, idempotency key, finished (now or NULL).
+    /// Binds per saga: id, name, definition hash, sequence key, status, state, version,
+    /// idempotency key, created at, updated at (now, twice), finished (now or NULL).
     pub fn insert_sagas(&self, rows: usize) -> Text {
-        let mut t = Text::new("");
+        let mut t = Text::new(self.postgres, "");
         self.insert_sagas_into(&mut t, rows);
         t
     }
 
     fn insert_sagas_into(&self, t: &mut Text, rows: usize) {
-        let now = t.reserve();
         t.push(
             "INSERT INTO sagas (id, name, definition_hash, sequence_key, status, state, version, \
              idempotency_key, created_at, updated_at, finished_at) VALUES ",
         );
-        t.rows(rows, &format!("(?,?,?,?,?,?,?,?,${now},${now},?)"));
+        t.rows(rows, "(?,?,?,?,?,?,?,?,?,?,?)");
     }
 
     /// The version-checked update. Binds: now, then per saga id, status, state, expected
     /// version, changes, finished (now or NULL). A state that is no longer final clears
     /// `finished_at`; one that is final keeps the first time it became so.
     pub fn update_sagas(&self, rows: usize) -> Text {
-        let mut t = Text::new("");
+        let mut t = Text::new(self.postgres, "");
         self.update_sagas_into(&mut t, rows);
         t
     }
 
     fn update_sagas_into(&self, t: &mut Text, rows: usize) {
-        let now = t.reserve();
-        t.push(&format!(
+        t.push(
             "UPDATE sagas SET status = x.status, state = x.state, version = x.version + x.n, \
-             updated_at = ${now}, finished_at = CASE WHEN x.finished IS NULL THEN NULL \
-             ELSE COALESCE(sagas.finished_at, x.finished) END FROM "
-        ));
+             updated_at = ",
+        );
+        t.param();
+        t.push(
+            ", finished_at = CASE WHEN x.finished IS NULL THEN NULL \
+             ELSE COALESCE(sagas.finished_at, x.finished) END FROM ",
+        );
         self.values_as(
             t,
             rows,
@@ -207,40 +219,39 @@ impl Sql {
     /// Binds: the idempotency keys.
     pub fn sagas_by_idempotency_key(&self, n: usize) -> Text {
         let mut t = Text::new(
+            self.postgres,
             "SELECT idempotency_key, id, name, state FROM sagas WHERE idempotency_key IN (",
         );
         t.list(n).push(")");
         t
     }
 
-    /// Appended in row order. Binds: now, then per row saga id, kind, step, detail.
+    /// Appended in row order. Binds per row: saga id, now, kind, step, detail.
     pub fn append_history(&self, rows: usize) -> Text {
-        let mut t = Text::new("");
+        let mut t = Text::new(self.postgres, "");
         self.append_history_into(&mut t, rows);
         t
     }
 
     fn append_history_into(&self, t: &mut Text, rows: usize) {
-        let now = t.reserve();
         t.push("INSERT INTO saga_history (saga_id, at, kind, step, detail) VALUES ");
-        t.rows(rows, &format!("(?,${now},?,?,?)"));
+        t.rows(rows, "(?,?,?,?,?)");
     }
 
-    /// Queued in row order; a message id already queued keeps its first row. Binds: now, then
-    /// per row message id, destination, routing key, payload, lease (NULL: handed off).
+    /// Queued in row order; a message id already queued keeps its first row. Binds per row:
+    /// message id, destination, routing key, payload, now, lease (NULL: handed off).
     pub fn enqueue_outbox(&self, rows: usize) -> Text {
-        let mut t = Text::new("");
+        let mut t = Text::new(self.postgres, "");
         self.enqueue_outbox_into(&mut t, rows);
         t
     }
 
     fn enqueue_outbox_into(&self, t: &mut Text, rows: usize) {
-        let now = t.reserve();
         t.push(
             "INSERT INTO outbox (message_id, destination, routing_key, payload, created_at, \
              lease_until) VALUES ",
         );
-        t.rows(rows, &format!("(?,?,?,?,${now},?)"));
+        t.rows(rows, "(?,?,?,?,?,?)");
         t.push(" ON CONFLICT (message_id) DO NOTHING");
     }
 
@@ -255,7 +266,7 @@ impl Sql {
         history: usize,
         outbox: usize,
     ) -> Text {
-        let mut t = Text::new("WITH ");
+        let mut t = Text::new(self.postgres, "WITH ");
         let mut first = true;
         let mut part = |t: &mut Text, name: &str, rows: usize, f: &dyn Fn(&mut Text)| {
             if rows == 0 {
@@ -292,14 +303,17 @@ impl Sql {
 
     /// Claims timers by deleting them. Binds: the ids.
     pub fn claim_timers(&self, n: usize) -> Text {
-        let mut t = Text::new("DELETE FROM timers WHERE id IN (");
+        let mut t = Text::new(self.postgres, "DELETE FROM timers WHERE id IN (");
         t.list(n).push(") RETURNING id");
         t
     }
 
     /// Binds per row: id, saga id, due at, event.
     pub fn set_timers(&self, rows: usize) -> Text {
-        let mut t = Text::new("INSERT INTO timers (id, saga_id, due_at, event) VALUES ");
+        let mut t = Text::new(
+            self.postgres,
+            "INSERT INTO timers (id, saga_id, due_at, event) VALUES ",
+        );
         t.rows(rows, "(?,?,?,?)");
         t.push(" ON CONFLICT (id) DO UPDATE SET due_at = excluded.due_at, event = excluded.event");
         t
@@ -307,14 +321,17 @@ impl Sql {
 
     /// Binds: the ids.
     pub fn cancel_timers(&self, n: usize) -> Text {
-        let mut t = Text::new("DELETE FROM timers WHERE id IN (");
+        let mut t = Text::new(self.postgres, "DELETE FROM timers WHERE id IN (");
         t.list(n).push(")");
         t
     }
 
     /// Takes the free keys. Binds per row: key, saga.
     pub fn acquire_keys(&self, rows: usize) -> Text {
-        let mut t = Text::new("INSERT INTO sequence_keys (seq_key, holder) VALUES ");
+        let mut t = Text::new(
+            self.postgres,
+            "INSERT INTO sequence_keys (seq_key, holder) VALUES ",
+        );
         t.rows(rows, "(?,?)");
         t.push(" ON CONFLICT (seq_key) DO NOTHING RETURNING seq_key, holder");
         t
@@ -323,7 +340,10 @@ impl Sql {
     /// The keys' holders, locked, in key order (so two engines releasing overlapping keys
     /// cannot deadlock; SQLite has one writer: the write transaction is the lock). Binds: keys.
     pub fn lock_keys(&self, n: usize) -> Text {
-        let mut t = Text::new("SELECT seq_key, holder FROM sequence_keys WHERE seq_key IN (");
+        let mut t = Text::new(
+            self.postgres,
+            "SELECT seq_key, holder FROM sequence_keys WHERE seq_key IN (",
+        );
         t.list(n);
         t.push(if self.postgres {
             ") ORDER BY seq_key FOR UPDATE"
@@ -335,13 +355,16 @@ impl Sql {
 
     /// The first waiter of each key. Binds: the keys.
     pub fn queue_heads(&self, n: usize) -> Text {
-        let mut t = Text::new(if self.postgres {
-            "SELECT DISTINCT ON (seq_key) seq_key, saga_id FROM sequence_queue WHERE "
-        } else {
-            // SQLite returns the bare columns of the row that holds the MIN().
-            "SELECT seq_key, saga_id, MIN(position) AS position FROM sequence_queue WHERE "
-        });
-        t.any_of(self.postgres, "seq_key", n);
+        let mut t = Text::new(
+            self.postgres,
+            if self.postgres {
+                "SELECT DISTINCT ON (seq_key) seq_key, saga_id FROM sequence_queue WHERE "
+            } else {
+                // SQLite returns the bare columns of the row that holds the MIN().
+                "SELECT seq_key, saga_id, MIN(position) AS position FROM sequence_queue WHERE "
+            },
+        );
+        t.any_of("seq_key", n);
         t.push(if self.postgres {
             " ORDER BY seq_key, position"
         } else {
@@ -352,28 +375,37 @@ impl Sql {
 
     /// Binds: the keys.
     pub fn delete_keys(&self, n: usize) -> Text {
-        let mut t = Text::new("DELETE FROM sequence_keys WHERE seq_key IN (");
+        let mut t = Text::new(
+            self.postgres,
+            "DELETE FROM sequence_keys WHERE seq_key IN (",
+        );
         t.list(n).push(")");
         t
     }
 
     /// Binds: the sagas.
     pub fn leave_queue(&self, n: usize) -> Text {
-        let mut t = Text::new("DELETE FROM sequence_queue WHERE saga_id IN (");
+        let mut t = Text::new(
+            self.postgres,
+            "DELETE FROM sequence_queue WHERE saga_id IN (",
+        );
         t.list(n).push(")");
         t
     }
 
     /// Confirmed rows leave the queue. Binds: message ids.
     pub fn delete_sent(&self, n: usize) -> Text {
-        let mut t = Text::new("DELETE FROM outbox WHERE message_id IN (");
+        let mut t = Text::new(self.postgres, "DELETE FROM outbox WHERE message_id IN (");
         t.list(n).push(")");
         t
     }
 
     /// Rows given back, claimable at once. Binds: message ids.
     pub fn release_lease(&self, n: usize) -> Text {
-        let mut t = Text::new("UPDATE outbox SET lease_until = 0 WHERE message_id IN (");
+        let mut t = Text::new(
+            self.postgres,
+            "UPDATE outbox SET lease_until = 0 WHERE message_id IN (",
+        );
         t.list(n).push(")");
         t
     }
@@ -431,14 +463,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn placeholders_number_in_order_and_shared_values_repeat() {
+    fn placeholders_number_in_text_order_each_used_once() {
         let t = POSTGRES.append_history(2);
         assert_eq!(
             t.sql,
             "INSERT INTO saga_history (saga_id, at, kind, step, detail) VALUES \
-             ($2,$1,$3,$4,$5),($6,$1,$7,$8,$9)"
+             ($1,$2,$3,$4,$5),($6,$7,$8,$9,$10)"
         );
-        assert_eq!(t.params(), 1 + 2 * HISTORY_COLS);
+        assert_eq!(t.params(), 2 * HISTORY_COLS);
+        assert_eq!(
+            SQLITE.append_history(2).sql,
+            "INSERT INTO saga_history (saga_id, at, kind, step, detail) VALUES \
+             (?,?,?,?,?),(?,?,?,?,?)"
+        );
         assert_eq!(POSTGRES.load_sagas(3).params(), 3);
     }
 
@@ -453,7 +490,7 @@ mod tests {
             "{pg}"
         );
         assert!(
-            lite.contains("(SELECT column1 AS id, column2 AS status, column3 AS state, column4 AS version, column5 AS n, column6 AS finished FROM (VALUES ($2,$3,$4,$5,$6,$7))) AS x"),
+            lite.contains("(SELECT column1 AS id, column2 AS status, column3 AS state, column4 AS version, column5 AS n, column6 AS finished FROM (VALUES (?,?,?,?,?,?))) AS x"),
             "{lite}"
         );
     }
@@ -472,15 +509,15 @@ mod tests {
             t.sql
                 .ends_with("SELECT (SELECT COUNT(*) FROM u) AS updated")
         );
-        assert_eq!(t.params(), (1 + SAGA_WRITE_COLS) + (1 + 2 * HISTORY_COLS));
+        assert_eq!(t.params(), (1 + SAGA_WRITE_COLS) + 2 * HISTORY_COLS);
         let none_updated = POSTGRES.write_changes(1, 0, 0, 0);
         assert!(none_updated.sql.ends_with("SELECT 0 AS updated"));
-        assert_eq!(none_updated.params(), 1 + NEW_SAGA_COLS);
+        assert_eq!(none_updated.params(), NEW_SAGA_COLS);
     }
 
     #[test]
     fn batches_split_to_stay_under_the_placeholder_limit() {
-        assert_eq!(rows_per_statement(HISTORY_COLS), MAX_PARAMS / 4);
+        assert_eq!(rows_per_statement(HISTORY_COLS), MAX_PARAMS / HISTORY_COLS);
         assert_eq!(rows_per_statement(0), MAX_PARAMS);
     }
 }

@@ -231,7 +231,6 @@ fn bind_new_sagas<'q>(
     states: &'q [String],
     now: i64,
 ) -> Query<'q> {
-    q = q.bind(now);
     for (s, state) in sagas.iter().zip(states) {
         q = q
             .bind(s.id.as_str())
@@ -242,6 +241,8 @@ fn bind_new_sagas<'q>(
             .bind(state.as_str())
             .bind(s.version)
             .bind(s.idempotency_key.as_deref())
+            .bind(now)
+            .bind(now)
             .bind(finished(&s.state, now));
     }
     q
@@ -268,10 +269,10 @@ fn bind_saga_writes<'q>(
 }
 
 fn bind_history<'q>(mut q: Query<'q>, rows: &'q [HistoryRow], now: i64) -> Query<'q> {
-    q = q.bind(now);
     for h in rows {
         q = q
             .bind(h.saga_id.as_str())
+            .bind(now)
             .bind(h.entry.kind.as_str())
             .bind(h.entry.step.as_deref())
             .bind(h.entry.detail.as_str());
@@ -280,7 +281,6 @@ fn bind_history<'q>(mut q: Query<'q>, rows: &'q [HistoryRow], now: i64) -> Query
 }
 
 fn bind_outbox<'q>(mut q: Query<'q>, messages: &'q [OutboxMessage], now: i64) -> Query<'q> {
-    q = q.bind(now);
     for m in messages {
         // NULL: handed off (see `OutboxMessage::handed_off`); 0: free to claim now.
         let lease: Option<i64> = if m.handed_off { None } else { Some(0) };
@@ -289,6 +289,7 @@ fn bind_outbox<'q>(mut q: Query<'q>, messages: &'q [OutboxMessage], now: i64) ->
             .bind(m.destination.as_str())
             .bind(m.routing_key.as_str())
             .bind(m.payload.as_str())
+            .bind(now)
             .bind(lease);
     }
     q
@@ -644,7 +645,7 @@ impl DefinitionTable for Tx {
 
 impl StoreTx for Tx {
     async fn write_changes(&mut self, c: &Changes<'_>, now: i64) -> Result<(), StoreError> {
-        let params = 4
+        let params = 1
             + c.new_sagas.len() * sql::NEW_SAGA_COLS
             + c.sagas.len() * sql::SAGA_WRITE_COLS
             + c.history.len() * sql::HISTORY_COLS
@@ -671,7 +672,7 @@ impl StoreTx for Tx {
             c.outbox.len(),
         );
         let mut q = query(text);
-        // Each part binds its own `now` first, in the order the parts were written.
+        // The parts' values in the order the parts were written.
         if !c.new_sagas.is_empty() {
             q = bind_new_sagas(q, c.new_sagas, &new_states, now);
         }
