@@ -719,23 +719,23 @@ impl Plan {
                 });
             }
         }
-        // Timers before sagas: a timer batch locks the timer row (its claim) and then the saga,
-        // so a reply batch cancelling that timer must take them in the same order, or the two
-        // deadlock.
+        // Timers before sagas (`write_changes` deletes the cancelled ones first): a timer batch
+        // locks the timer row (its claim) and then the saga, so a reply batch cancelling that
+        // timer must take them in the same order, or the two deadlock.
         let cancelled: Vec<String> = self.cancelled.iter().cloned().collect();
-        tx.cancel_timers(&cancelled).await?;
+        let timers: Vec<TimerRow> = self.timers.values().cloned().collect();
         tx.write_changes(
             &Changes {
+                cancelled_timers: &cancelled,
                 new_sagas: &inserts,
                 sagas: &writes,
                 history: &self.history,
                 outbox: &self.outbox,
+                timers: &timers,
             },
             now,
         )
         .await?;
-        let timers: Vec<TimerRow> = self.timers.values().cloned().collect();
-        tx.set_timers(&timers).await?;
         Ok(())
     }
 }

@@ -174,6 +174,7 @@ conformance!(
     one_stale_saga_fails_the_whole_update,
     idempotency_keys_find_and_stay_unique,
     history_keeps_slice_order,
+    history_is_one_row_per_saga_per_batch,
     outbox_keeps_order_and_first_copy,
     outbox_claim_leases_rows,
     outbox_sent_rows_are_never_claimed,
@@ -625,6 +626,71 @@ async fn idempotency_keys_find_and_stay_unique(store: Store) {
     let rows = tx.load_sagas(&ids(&["s4", "s5", "s6"])).await.unwrap();
     tx.rollback().await.unwrap();
     assert!(rows.is_empty(), "a failed insert left rows");
+}
+
+/// A batch's lines are one `saga_timeline` row per saga; `saga_history` reads them one line a
+/// row, in order, as before.
+async fn history_is_one_row_per_saga_per_batch(store: Store) {
+    let line = |saga: &str, kind: &str, step: Option<&str>| HistoryRow {
+        saga_id: saga.into(),
+        entry: HistoryEntry {
+            kind: kind.into(),
+            step: step.map(str::to_owned),
+            detail: format!("{kind} of {saga}: «quote \" and \\»"),
+        },
+    };
+    let mut tx = store.begin().await.unwrap();
+    tx.append_history(
+        &[
+            line("a", "begin", None),
+            line("b", "begin", None),
+            line("a", "dispatch", Some("pay")),
+            line("b", "dispatch", Some("pay")),
+            line("a", "dispatch", Some("ship")),
+        ],
+        NOW,
+    )
+    .await
+    .unwrap();
+    tx.append_history(&[line("a", "succeeded", Some("pay"))], NOW + 5)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM saga_timeline")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, 3, "a twice (two batches), b once");
+    let t = store.timeline("a", 100).await.unwrap();
+    assert_eq!(t.total, 4);
+    let got: Vec<(i64, &str, Option<&str>)> = t
+        .rows
+        .iter()
+        .map(|r| (r.at, r.kind.as_str(), r.step.as_deref()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (NOW, "begin", None),
+            (NOW, "dispatch", Some("pay")),
+            (NOW, "dispatch", Some("ship")),
+            (NOW + 5, "succeeded", Some("pay")),
+        ]
+    );
+    assert_eq!(t.rows[0].detail, "begin of a: «quote \" and \\»");
+    // The newest 2 of 4 cut through a batch's row.
+    let newest = store.timeline("a", 2).await.unwrap();
+    assert_eq!((newest.total, newest.rows.len()), (4, 2));
+    assert_eq!(newest.rows[0].step.as_deref(), Some("ship"));
+    assert_eq!(
+        store
+            .last_history("a", "dispatch")
+            .await
+            .unwrap()
+            .map(|r| r.step),
+        Some(Some("ship".to_owned()))
+    );
+    assert_eq!(store.timeline("b", 100).await.unwrap().total, 2);
 }
 
 async fn history_keeps_slice_order(store: Store) {
@@ -1664,16 +1730,12 @@ async fn read_definition_names_migrations_and_ping(store: Store) {
 /// (2 more are sent, which takes them out), 1 timer.
 async fn with_rows(store: &Store, id: &str) {
     let mut tx = store.begin().await.unwrap();
-    tx.append_history(
-        &[
-            history(id, "dispatch", "1"),
-            history(id, "reply", "2"),
-            history(id, "final", "3"),
-        ],
-        NOW,
-    )
-    .await
-    .unwrap();
+    // Three lines written by three batches: three timeline rows.
+    for (kind, detail) in [("dispatch", "1"), ("reply", "2"), ("final", "3")] {
+        tx.append_history(&[history(id, kind, detail)], NOW)
+            .await
+            .unwrap();
+    }
     tx.enqueue_outbox(
         &[
             message(&format!("{id}/0/action/1"), "sent"),
@@ -1894,11 +1956,31 @@ async fn kinds(store: &Store, saga: &str) -> Vec<String> {
         .collect()
 }
 
-/// The apply path's one write (one statement on PostgreSQL): what the four table methods
+/// The ids of the timers there are, in id order.
+async fn timer_ids(store: &Store) -> Vec<String> {
+    sqlx::query("SELECT id FROM timers ORDER BY id")
+        .fetch_all(store.pool())
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get("id").unwrap())
+        .collect()
+}
+
+/// The apply path's one write (one statement on PostgreSQL): what the six table methods
 /// write, in the same order.
 async fn write_changes_writes_every_table_in_order(store: Store) {
     with_definition(&store).await;
     insert(&store, &[saga("s1", "k1", None), saga("s2", "k2", None)]).await;
+    let mut tx = store.begin().await.unwrap();
+    tx.set_timers(&[
+        timer("t-old", NOW),
+        timer("t-keep", NOW + 1),
+        timer("t-moved", NOW),
+    ])
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
     let writes = [
         write("s1", 0, 2, state(SagaStatus::Running, 1)),
         write("s2", 0, 1, state(SagaStatus::Completed, 3)),
@@ -1922,19 +2004,28 @@ async fn write_changes_writes_every_table_in_order(store: Store) {
         history_row("s1", "a-second"),
     ];
     let outbox = [message("m-9", "p9"), message("m-1", "p1")];
+    let timers = [timer("t-new", NOW + 100), timer("t-moved", NOW + 200)];
     let mut tx = store.begin().await.unwrap();
     tx.write_changes(
         &Changes {
+            cancelled_timers: &ids(&["t-old", "t-never-was"]),
             new_sagas: &new_sagas,
             sagas: &writes,
             history: &history,
             outbox: &outbox,
+            timers: &timers,
         },
         NOW + 7,
     )
     .await
     .unwrap();
     tx.commit().await.unwrap();
+    assert_eq!(timer_ids(&store).await, ["t-keep", "t-moved", "t-new"]);
+    let due: i64 = sqlx::query_scalar("SELECT due_at FROM timers WHERE id = 't-moved'")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(due, NOW + 200, "a timer set again moves");
 
     let s1 = load(&store, "s1").await;
     assert_eq!((s1.version, s1.finished_at), (2, None));
@@ -1997,6 +2088,9 @@ async fn write_changes_with_a_stale_saga_writes_nothing(store: Store) {
     )
     .await;
     update(&store, "stale", 0, 2, state(SagaStatus::Running, 1)).await;
+    let mut tx = store.begin().await.unwrap();
+    tx.set_timers(&[timer("t-cancel", NOW)]).await.unwrap();
+    tx.commit().await.unwrap();
     let writes = [
         write("fresh", 0, 1, state(SagaStatus::Running, 50)),
         write("stale", 0, 1, state(SagaStatus::Running, 51)),
@@ -2007,10 +2101,12 @@ async fn write_changes_with_a_stale_saga_writes_nothing(store: Store) {
     let err = tx
         .write_changes(
             &Changes {
+                cancelled_timers: &ids(&["t-cancel"]),
                 new_sagas: &[saga("newborn", "k9", None)],
                 sagas: &writes,
                 history: &history,
                 outbox: &outbox,
+                timers: &[timer("t-set", NOW + 9)],
             },
             NOW + 5,
         )
@@ -2022,6 +2118,7 @@ async fn write_changes_with_a_stale_saga_writes_nothing(store: Store) {
     assert_eq!(load(&store, "stale").await.version, 2);
     assert!(kinds(&store, "fresh").await.is_empty());
     assert!(outbox_ids(&store).await.is_empty());
+    assert_eq!(timer_ids(&store).await, ["t-cancel"], "timers as they were");
     let mut tx = store.begin().await.unwrap();
     assert!(tx.load_sagas(&ids(&["newborn"])).await.unwrap().is_empty());
     tx.rollback().await.unwrap();

@@ -168,6 +168,11 @@ pub const ENGINE_MIGRATIONS: Migrations = &[
         include_str!("../../../migrations/sqlite/0009_fewer_indexes.sql"),
         include_str!("../../../migrations/postgres/0009_fewer_indexes.sql"),
     ),
+    (
+        "0010_timeline_by_batch",
+        include_str!("../../../migrations/sqlite/0010_timeline_by_batch.sql"),
+        include_str!("../../../migrations/postgres/0010_timeline_by_batch.sql"),
+    ),
 ];
 
 #[derive(Debug, Clone)]

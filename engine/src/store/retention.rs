@@ -40,9 +40,9 @@ impl PurgeReport {
 impl Store {
     /// Purges one batch, in one transaction: takes up to `sagas` of the oldest sagas not purged
     /// yet that are Completed or Compensated and finished before `cutoff`, deletes up to `rows`
-    /// of their rows from each of `saga_history` and `timers`, and marks them purged at `now`
+    /// of their rows from each of `saga_timeline` and `timers`, and marks them purged at `now`
     /// once nothing of theirs is left (every table gave fewer than `rows`; otherwise the next
-    /// batch takes the same sagas again). The `sagas` row stays. Running, compensating, queued
+    /// batch takes the same sagas again). The report counts timeline lines, not rows. The `sagas` row stays. Running, compensating, queued
     /// and Failed sagas are never touched.
     pub async fn purge_finished(
         &self,
@@ -71,19 +71,24 @@ impl Store {
         }
         let ids = json(&ids);
 
-        let mut counts = [0u64; 2];
-        let deletes = [sql.purge_history, sql.purge_timers];
-        for (statement, count) in deletes.into_iter().zip(counts.iter_mut()) {
-            *count = sqlx::query(statement)
-                .bind(limit)
-                .bind(ids.as_str())
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+        // The timeline's rows are a batch's lines each: the report counts lines, the limit rows.
+        let timeline = sqlx::query(sql.purge_history)
+            .bind(limit)
+            .bind(ids.as_str())
+            .fetch_all(&mut *tx)
+            .await?;
+        for row in &timeline {
+            let lines: i64 = row.try_get("n")?;
+            report.history += u64::try_from(lines).unwrap_or(0);
         }
-        [report.history, report.timers] = counts;
+        report.timers = sqlx::query(sql.purge_timers)
+            .bind(limit)
+            .bind(ids.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
 
-        if counts.iter().all(|&n| n < rows as u64) {
+        if timeline.len() < rows && report.timers < rows as u64 {
             report.sagas = sqlx::query(sql.mark_purged)
                 .bind(now)
                 .bind(cutoff)

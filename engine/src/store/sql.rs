@@ -121,7 +121,8 @@ pub struct Sql {
     pub next_timers: &'static str,
     /// Retention ([`super::retention`]): the oldest sagas to purge (`$1` cutoff, `$2` limit).
     pub purge_candidates: &'static str,
-    /// A batch of a saga set's rows (`$1` row limit, `$2` saga ids as a JSON array).
+    /// A batch of a saga set's rows (`$1` row limit, `$2` saga ids as a JSON array); the
+    /// timeline's returns each deleted row's number of lines (`n`).
     pub purge_history: &'static str,
     pub purge_timers: &'static str,
     /// `$1` now, `$2` cutoff, `$3` saga ids: checked again, so a saga that moved is left.
@@ -132,12 +133,40 @@ pub struct Sql {
 const SAGA_COLUMNS: &str =
     "id, name, definition_hash, sequence_key, state, version, created_at, finished_at";
 
+/// How many rows each part of [`Sql::write_changes`] has.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counts {
+    pub cancelled: usize,
+    pub new_sagas: usize,
+    pub sagas: usize,
+    pub history: usize,
+    pub outbox: usize,
+    pub timers: usize,
+}
+
+impl Counts {
+    /// The values the statement binds.
+    pub fn params(&self) -> usize {
+        self.cancelled
+            + self.new_sagas * NEW_SAGA_COLS
+            + usize::from(self.sagas > 0)
+            + self.sagas * SAGA_WRITE_COLS
+            + self.history * HISTORY_COLS
+            + self.outbox * OUTBOX_COLS
+            + self.timers * TIMER_COLS
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.params() == 0
+    }
+}
+
 /// Values per row [`Sql::insert_sagas`] takes.
 pub const NEW_SAGA_COLS: usize = 11;
 /// Values per row [`Sql::update_sagas`] takes (after the one they share).
 pub const SAGA_WRITE_COLS: usize = 6;
-/// Values per row [`Sql::append_history`] takes.
-pub const HISTORY_COLS: usize = 5;
+/// Values per row [`Sql::append_history`] takes (a row: one saga's lines of a batch).
+pub const HISTORY_COLS: usize = 3;
 /// Values per row [`Sql::enqueue_outbox`] takes.
 pub const OUTBOX_COLS: usize = 6;
 /// Columns of the rows [`Sql::set_timers`] takes, in bind order.
@@ -226,7 +255,8 @@ impl Sql {
         t
     }
 
-    /// Appended in row order. Binds per row: saga id, now, kind, step, detail.
+    /// One row per saga: its lines of this batch, as a JSON array, oldest first (read one
+    /// line a row through the `saga_history` view). Binds per row: saga id, now, lines.
     pub fn append_history(&self, rows: usize) -> Text {
         let mut t = Text::new(self.postgres, "");
         self.append_history_into(&mut t, rows);
@@ -234,8 +264,8 @@ impl Sql {
     }
 
     fn append_history_into(&self, t: &mut Text, rows: usize) {
-        t.push("INSERT INTO saga_history (saga_id, at, kind, step, detail) VALUES ");
-        t.rows(rows, "(?,?,?,?,?)");
+        t.push("INSERT INTO saga_timeline (saga_id, at, entries) VALUES ");
+        t.rows(rows, "(?,?,?)");
     }
 
     /// Queued in row order; a message id already queued keeps its first row. Binds per row:
@@ -255,17 +285,18 @@ impl Sql {
         t.push(" ON CONFLICT (message_id) DO NOTHING");
     }
 
-    /// PostgreSQL: the four writes of a batch as ONE statement (data-modifying CTEs; every
-    /// part runs in one snapshot, the two on `sagas` on different rows), so they cost one
-    /// round trip instead of four; it returns how many sagas the version-checked update wrote
-    /// (`updated`). A part without rows is left out. Binds: each part's, in this order.
-    pub fn write_changes(
-        &self,
-        new_sagas: usize,
-        sagas: usize,
-        history: usize,
-        outbox: usize,
-    ) -> Text {
+    /// PostgreSQL: every write of a batch as ONE statement (data-modifying CTEs; every part
+    /// runs in one snapshot, the two on `sagas` on different rows, the two on `timers` on
+    /// different ids), so they cost one round trip instead of six. A part without rows is left
+    /// out. Binds: each part's, in the order of [`Counts`]' fields.
+    ///
+    /// It returns how many timers it cancelled (`cancelled`) and how many sagas the
+    /// version-checked update wrote (`updated`), asked for in that order: PostgreSQL runs a
+    /// data-modifying CTE when the query first reads it (the others after the query, in the
+    /// order they are written), so the timers are locked before the sagas, as every batch takes
+    /// them (see `apply.rs`): a timer batch holds a claimed timer and then writes its saga, and
+    /// a reply batch that cancelled that timer after writing the saga would deadlock with it.
+    pub fn write_changes(&self, n: &Counts) -> Text {
         let mut t = Text::new(self.postgres, "WITH ");
         let mut first = true;
         let mut part = |t: &mut Text, name: &str, rows: usize, f: &dyn Fn(&mut Text)| {
@@ -280,24 +311,37 @@ impl Sql {
             f(t);
             t.push(")");
         };
-        part(&mut t, "i", new_sagas, &|t| {
-            self.insert_sagas_into(t, new_sagas)
+        part(&mut t, "c", n.cancelled, &|t| {
+            t.push("DELETE FROM timers WHERE id IN (")
+                .list(n.cancelled)
+                .push(") RETURNING 1");
         });
-        part(&mut t, "u", sagas, &|t| {
-            self.update_sagas_into(t, sagas);
+        part(&mut t, "i", n.new_sagas, &|t| {
+            self.insert_sagas_into(t, n.new_sagas)
+        });
+        part(&mut t, "u", n.sagas, &|t| {
+            self.update_sagas_into(t, n.sagas);
             t.push(" RETURNING 1");
         });
-        part(&mut t, "h", history, &|t| {
-            self.append_history_into(t, history)
+        part(&mut t, "h", n.history, &|t| {
+            self.append_history_into(t, n.history)
         });
-        part(&mut t, "o", outbox, &|t| {
-            self.enqueue_outbox_into(t, outbox)
+        part(&mut t, "o", n.outbox, &|t| {
+            self.enqueue_outbox_into(t, n.outbox)
         });
-        if sagas > 0 {
-            t.push(" SELECT (SELECT COUNT(*) FROM u) AS updated");
+        part(&mut t, "t", n.timers, &|t| {
+            self.set_timers_into(t, n.timers)
+        });
+        t.push(if n.cancelled > 0 {
+            " SELECT (SELECT COUNT(*) FROM c) AS cancelled"
         } else {
-            t.push(" SELECT 0 AS updated");
-        }
+            " SELECT 0 AS cancelled"
+        });
+        t.push(if n.sagas > 0 {
+            ", (SELECT COUNT(*) FROM u) AS updated"
+        } else {
+            ", 0 AS updated"
+        });
         t
     }
 
@@ -310,13 +354,15 @@ impl Sql {
 
     /// Binds per row: id, saga id, due at, event.
     pub fn set_timers(&self, rows: usize) -> Text {
-        let mut t = Text::new(
-            self.postgres,
-            "INSERT INTO timers (id, saga_id, due_at, event) VALUES ",
-        );
+        let mut t = Text::new(self.postgres, "");
+        self.set_timers_into(&mut t, rows);
+        t
+    }
+
+    fn set_timers_into(&self, t: &mut Text, rows: usize) {
+        t.push("INSERT INTO timers (id, saga_id, due_at, event) VALUES ");
         t.rows(rows, "(?,?,?,?)");
         t.push(" ON CONFLICT (id) DO UPDATE SET due_at = excluded.due_at, event = excluded.event");
-        t
     }
 
     /// Binds: the ids.
@@ -423,9 +469,9 @@ pub const POSTGRES: Sql = Sql {
         AND status IN ('completed', 'compensated') AND finished_at < $1 \
         ORDER BY finished_at, id LIMIT $2",
     // By the primary key (saga_id, id): there is no index on id alone.
-    purge_history: "DELETE FROM saga_history WHERE (saga_id, id) IN (SELECT saga_id, id \
-        FROM saga_history WHERE saga_id = ANY(ARRAY(SELECT json_array_elements_text($2::json))) \
-        LIMIT $1)",
+    purge_history: "DELETE FROM saga_timeline WHERE (saga_id, id) IN (SELECT saga_id, id \
+        FROM saga_timeline WHERE saga_id = ANY(ARRAY(SELECT json_array_elements_text($2::json))) \
+        LIMIT $1) RETURNING json_array_length(entries::json) AS n",
     purge_timers: "DELETE FROM timers WHERE id IN (SELECT id FROM timers \
         WHERE saga_id = ANY(ARRAY(SELECT json_array_elements_text($2::json))) LIMIT $1)",
     mark_purged: "UPDATE sagas SET purged_at = $1 \
@@ -447,8 +493,9 @@ pub const SQLITE: Sql = Sql {
     purge_candidates: "SELECT id FROM sagas INDEXED BY sagas_to_purge WHERE purged_at IS NULL \
         AND status IN ('completed', 'compensated') AND finished_at < $1 \
         ORDER BY finished_at, id LIMIT $2",
-    purge_history: "DELETE FROM saga_history WHERE id IN (SELECT id FROM saga_history \
-        WHERE saga_id IN (SELECT value FROM json_each($2)) LIMIT $1)",
+    purge_history: "DELETE FROM saga_timeline WHERE id IN (SELECT id FROM saga_timeline \
+        WHERE saga_id IN (SELECT value FROM json_each($2)) LIMIT $1) \
+        RETURNING json_array_length(entries) AS n",
     purge_timers: "DELETE FROM timers WHERE id IN (SELECT id FROM timers \
         WHERE saga_id IN (SELECT value FROM json_each($2)) LIMIT $1)",
     // `+status`: SQLite would otherwise walk `sagas_by_status` (every completed saga) rather
@@ -467,14 +514,12 @@ mod tests {
         let t = POSTGRES.append_history(2);
         assert_eq!(
             t.sql,
-            "INSERT INTO saga_history (saga_id, at, kind, step, detail) VALUES \
-             ($1,$2,$3,$4,$5),($6,$7,$8,$9,$10)"
+            "INSERT INTO saga_timeline (saga_id, at, entries) VALUES ($1,$2,$3),($4,$5,$6)"
         );
         assert_eq!(t.params(), 2 * HISTORY_COLS);
         assert_eq!(
             SQLITE.append_history(2).sql,
-            "INSERT INTO saga_history (saga_id, at, kind, step, detail) VALUES \
-             (?,?,?,?,?),(?,?,?,?,?)"
+            "INSERT INTO saga_timeline (saga_id, at, entries) VALUES (?,?,?),(?,?,?)"
         );
         assert_eq!(POSTGRES.load_sagas(3).params(), 3);
     }
@@ -497,22 +542,44 @@ mod tests {
 
     #[test]
     fn write_changes_leaves_out_empty_parts_and_counts_params_across_them() {
-        let t = POSTGRES.write_changes(0, 1, 2, 0);
+        let n = Counts {
+            sagas: 1,
+            history: 2,
+            ..Counts::default()
+        };
+        let t = POSTGRES.write_changes(&n);
         assert!(t.sql.starts_with("WITH u AS (UPDATE sagas"), "{}", t.sql);
         assert!(
-            t.sql.contains("), h AS (INSERT INTO saga_history"),
+            t.sql.contains("), h AS (INSERT INTO saga_timeline"),
             "{}",
             t.sql
         );
         assert!(!t.sql.contains("o AS"), "{}", t.sql);
         assert!(
             t.sql
-                .ends_with("SELECT (SELECT COUNT(*) FROM u) AS updated")
+                .ends_with("SELECT 0 AS cancelled, (SELECT COUNT(*) FROM u) AS updated")
         );
         assert_eq!(t.params(), (1 + SAGA_WRITE_COLS) + 2 * HISTORY_COLS);
-        let none_updated = POSTGRES.write_changes(1, 0, 0, 0);
-        assert!(none_updated.sql.ends_with("SELECT 0 AS updated"));
-        assert_eq!(none_updated.params(), NEW_SAGA_COLS);
+        assert_eq!(t.params(), n.params());
+        let n = Counts {
+            cancelled: 2,
+            new_sagas: 1,
+            timers: 3,
+            ..Counts::default()
+        };
+        let t = POSTGRES.write_changes(&n);
+        // The timers' deletes first, and read first, so they are locked before any saga.
+        assert!(
+            t.sql.starts_with("WITH c AS (DELETE FROM timers"),
+            "{}",
+            t.sql
+        );
+        assert!(
+            t.sql
+                .ends_with("SELECT (SELECT COUNT(*) FROM c) AS cancelled, 0 AS updated")
+        );
+        assert_eq!(t.params(), n.params());
+        assert!(Counts::default().is_empty());
     }
 
     #[test]

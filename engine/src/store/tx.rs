@@ -164,10 +164,12 @@ pub trait DefinitionTable {
 pub trait StoreTx:
     SagaTable + HistoryTable + OutboxTable + TimerTable + SequenceKeyTable + DefinitionTable
 {
-    /// Writes a batch's changes: the new sagas (as [`SagaTable::insert_sagas`]), the changed
-    /// ones (version-checked, as [`SagaTable::update_sagas`]), their history and outbox
-    /// messages. One statement on PostgreSQL ([`super::sql::postgres_write_changes`]), one per
-    /// table on SQLite; the same rows and the same errors either way.
+    /// Writes a batch's changes: the cancelled timers (as [`TimerTable::cancel_timers`]), the
+    /// new sagas (as [`SagaTable::insert_sagas`]), the changed ones (version-checked, as
+    /// [`SagaTable::update_sagas`]), their history and outbox messages, and the timers set (as
+    /// [`TimerTable::set_timers`]), in that order. One statement on PostgreSQL
+    /// ([`Sql::write_changes`]), one per table on SQLite; the same rows and the same errors
+    /// either way.
     async fn write_changes(&mut self, changes: &Changes<'_>, now: i64) -> Result<(), StoreError>;
 
     async fn commit(self) -> Result<(), StoreError>;
@@ -176,10 +178,27 @@ pub trait StoreTx:
 /// What [`StoreTx::write_changes`] writes.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Changes<'a> {
+    /// Timer ids, deleted first: a batch locks timers before sagas.
+    pub cancelled_timers: &'a [String],
     pub new_sagas: &'a [NewSaga],
     pub sagas: &'a [SagaWrite],
     pub history: &'a [HistoryRow],
     pub outbox: &'a [OutboxMessage],
+    /// Rows must be unique by id, and none of `cancelled_timers`.
+    pub timers: &'a [TimerRow],
+}
+
+impl Changes<'_> {
+    fn counts(&self) -> sql::Counts {
+        sql::Counts {
+            cancelled: self.cancelled_timers.len(),
+            new_sagas: self.new_sagas.len(),
+            sagas: self.sagas.len(),
+            history: self.history.len(),
+            outbox: self.outbox.len(),
+            timers: self.timers.len(),
+        }
+    }
 }
 
 /// A transaction on the engine's database.
@@ -268,14 +287,27 @@ fn bind_saga_writes<'q>(
     q
 }
 
-fn bind_history<'q>(mut q: Query<'q>, rows: &'q [HistoryRow], now: i64) -> Query<'q> {
+/// A batch's timeline lines as one row per saga (its lines in slice order, as a JSON array),
+/// the sagas in the order they first appear.
+fn timeline_rows(rows: &[HistoryRow]) -> Vec<(&str, String)> {
+    let mut at: HashMap<&str, usize> = HashMap::new();
+    let mut grouped: Vec<(&str, Vec<&HistoryEntry>)> = Vec::new();
     for h in rows {
-        q = q
-            .bind(h.saga_id.as_str())
-            .bind(now)
-            .bind(h.entry.kind.as_str())
-            .bind(h.entry.step.as_deref())
-            .bind(h.entry.detail.as_str());
+        let i = *at.entry(h.saga_id.as_str()).or_insert_with(|| {
+            grouped.push((h.saga_id.as_str(), Vec::new()));
+            grouped.len() - 1
+        });
+        grouped[i].1.push(&h.entry);
+    }
+    grouped
+        .into_iter()
+        .map(|(saga, lines)| (saga, json(&lines)))
+        .collect()
+}
+
+fn bind_history<'q>(mut q: Query<'q>, rows: &'q [(&'q str, String)], now: i64) -> Query<'q> {
+    for (saga, lines) in rows {
+        q = q.bind(*saga).bind(now).bind(lines.as_str());
     }
     q
 }
@@ -291,6 +323,22 @@ fn bind_outbox<'q>(mut q: Query<'q>, messages: &'q [OutboxMessage], now: i64) ->
             .bind(m.payload.as_str())
             .bind(now)
             .bind(lease);
+    }
+    q
+}
+
+fn timer_events(rows: &[TimerRow]) -> Vec<String> {
+    rows.iter().map(|t| json(&t.event)).collect()
+}
+
+/// The values of [`Sql::set_timers`]' rows; `events` are the timers' events as JSON.
+fn bind_timers<'q>(mut q: Query<'q>, rows: &'q [TimerRow], events: &'q [String]) -> Query<'q> {
+    for (t, event) in rows.iter().zip(events) {
+        q = q
+            .bind(t.id.as_str())
+            .bind(t.saga_id.as_str())
+            .bind(t.due_at)
+            .bind(event.as_str());
     }
     q
 }
@@ -407,6 +455,7 @@ impl SagaTable for Tx {
 
 impl HistoryTable for Tx {
     async fn append_history(&mut self, rows: &[HistoryRow], now: i64) -> Result<(), StoreError> {
+        let rows = timeline_rows(rows);
         for chunk in rows.chunks(rows_per_statement(sql::HISTORY_COLS)) {
             let q = bind_history(query(self.sql.append_history(chunk.len())), chunk, now);
             self.exec(q).await?;
@@ -436,17 +485,10 @@ impl TimerTable for Tx {
     }
 
     async fn set_timers(&mut self, rows: &[TimerRow]) -> Result<(), StoreError> {
-        let events: Vec<String> = rows.iter().map(|t| json(&t.event)).collect();
+        let events = timer_events(rows);
         let per = rows_per_statement(sql::TIMER_COLS);
         for (chunk, events) in rows.chunks(per).zip(events.chunks(per)) {
-            let mut q = query(self.sql.set_timers(chunk.len()));
-            for (t, event) in chunk.iter().zip(events) {
-                q = q
-                    .bind(t.id.as_str())
-                    .bind(t.saga_id.as_str())
-                    .bind(t.due_at)
-                    .bind(event.as_str());
-            }
+            let q = bind_timers(query(self.sql.set_timers(chunk.len())), chunk, events);
             self.exec(q).await?;
         }
         Ok(())
@@ -645,46 +687,37 @@ impl DefinitionTable for Tx {
 
 impl StoreTx for Tx {
     async fn write_changes(&mut self, c: &Changes<'_>, now: i64) -> Result<(), StoreError> {
-        let params = 1
-            + c.new_sagas.len() * sql::NEW_SAGA_COLS
-            + c.sagas.len() * sql::SAGA_WRITE_COLS
-            + c.history.len() * sql::HISTORY_COLS
-            + c.outbox.len() * sql::OUTBOX_COLS;
-        if !self.sql.postgres || params > sql::MAX_PARAMS {
+        let timeline = timeline_rows(c.history);
+        let n = sql::Counts {
+            history: timeline.len(),
+            ..c.counts()
+        };
+        if !self.sql.postgres || n.params() > sql::MAX_PARAMS {
+            self.cancel_timers(c.cancelled_timers).await?;
             self.insert_sagas(c.new_sagas, now).await?;
             self.update_sagas(c.sagas, now).await?;
             self.append_history(c.history, now).await?;
-            return self.enqueue_outbox(c.outbox, now).await;
+            self.enqueue_outbox(c.outbox, now).await?;
+            return self.set_timers(c.timers).await;
         }
-        if c.new_sagas.is_empty()
-            && c.sagas.is_empty()
-            && c.history.is_empty()
-            && c.outbox.is_empty()
-        {
+        if n.is_empty() {
             return Ok(());
         }
         let new_states = states(c.new_sagas.iter().map(|s| &s.state));
         let write_states = states(c.sagas.iter().map(|w| &w.state));
-        let text = self.sql.write_changes(
-            c.new_sagas.len(),
-            c.sagas.len(),
-            c.history.len(),
-            c.outbox.len(),
-        );
-        let mut q = query(text);
+        let events = timer_events(c.timers);
+        let mut q = query(self.sql.write_changes(&n));
         // The parts' values in the order the parts were written.
+        q = bind_all(q, c.cancelled_timers);
         if !c.new_sagas.is_empty() {
             q = bind_new_sagas(q, c.new_sagas, &new_states, now);
         }
         if !c.sagas.is_empty() {
             q = bind_saga_writes(q, c.sagas, &write_states, now);
         }
-        if !c.history.is_empty() {
-            q = bind_history(q, c.history, now);
-        }
-        if !c.outbox.is_empty() {
-            q = bind_outbox(q, c.outbox, now);
-        }
+        q = bind_history(q, &timeline, now);
+        q = bind_outbox(q, c.outbox, now);
+        q = bind_timers(q, c.timers, &events);
         self.counters.statement();
         let row = q.fetch_one(&mut *self.tx).await?;
         let written: i64 = row.try_get("updated")?;
