@@ -35,15 +35,39 @@
 //! but its ledger row makes our insert do nothing, and an effect applied without its row is an
 //! error (`first_entry`) that rolls the effect back; the retry is then a replay.
 //!
-//! SQLite has no data-modifying CTEs. There the ledger row is written first (`INSERT … ON
-//! CONFLICT DO NOTHING`: one statement tells a first run from a replay) and the effect second;
-//! a refusal's error rolls the row back with the rest.
+//! # One call per operation on SQLite
+//!
+//! On SQLite a statement is no round trip, but every sqlx call is a hand-off to the driver's
+//! worker thread and back, and in the embedded mode (`sagaflow dev`: the engine and the four
+//! services on one connection) that thread, busy mostly with hand-offs, is what a saga waits
+//! for. So there too the common path of every operation is ONE call. SQLite has no
+//! data-modifying CTEs, but sqlx's SQLite driver runs every statement of a query string in one
+//! command on its worker thread, binding the same arguments to `$N` in each; so an operation is
+//! three statements in one string (see [`report_sqlite`]):
+//!
+//! 1. the effect, guarded as on PostgreSQL by the absence of this (saga, step)'s ledger row of
+//!    the operation's kind and by the business condition;
+//! 2. the ledger row, `INSERT … SELECT … WHERE changes() = 1`: written only if the effect
+//!    changed a row (`changes()` is the count of the last INSERT, UPDATE or DELETE that
+//!    completed — while this statement runs, the effect's);
+//! 3. the report, a `SELECT`: `changes()` again, now the ledger insert's (`applied`: 1 when
+//!    this call applied the effect and recorded it), and what the ledger row says after the
+//!    call (`entry`): the answer of a replay, which applied nothing (`Ran::sqlite`).
+//!
+//! So, as on PostgreSQL, a replay and a refusal write nothing, and only a refusal takes a
+//! second call, to read what its message says. There is no snapshot to reason about: SQLite
+//! has one writer per database, and the effect, a write even when it changes no row, takes the
+//! write lock for the rest of the transaction (or fails, with a transient error), so the three
+//! statements see each other's rows and no one else's. A batch that is redone runs the
+//! operation again only after the first try was rolled back (`barrier`, "Batches").
 
 use std::collections::HashMap;
 
 use serde_json::Value;
 
-use sqlx::{AnyConnection, Row, any::AnyRow};
+use sqlx::any::{AnyArguments, AnyRow};
+use sqlx::query::Query;
+use sqlx::{Any, AnyConnection, Row};
 
 use crate::barrier::Dialect;
 use crate::sdk::{StepContext, StepError, cents, param_i64};
@@ -193,7 +217,7 @@ pub(crate) fn param_count(params: &Value, name: &str) -> Result<i64, StepError> 
 }
 
 /// Whether the service statements take their PostgreSQL form (one statement per operation,
-/// see the module docs) or their SQLite form.
+/// see the module docs) or their SQLite form (one call of several statements).
 pub(crate) fn on_postgres(conn: &AnyConnection) -> bool {
     Dialect::of(conn) == Dialect::Postgres
 }
@@ -205,8 +229,7 @@ pub(crate) enum Ran<T = ()> {
     Applied,
     /// This (saga, step) had recorded it already: nothing was done. What the ledger says.
     Replay(T),
-    /// The effect's condition did not hold. On PostgreSQL nothing was written; on SQLite the
-    /// ledger row was, and the handler's error rolls it back.
+    /// The effect's condition did not hold: nothing was written.
     Refused,
 }
 
@@ -232,6 +255,40 @@ impl<T> Ran<T> {
     }
 }
 
+impl<T> Ran<T> {
+    /// Reads a SQLite operation's report (see the module docs): `applied` says whether this
+    /// call applied the effect and recorded it; if not, `entry`, what the ledger row says, is
+    /// there for a replay and absent for a refusal.
+    pub(crate) fn sqlite(row: &AnyRow, entry: Option<T>) -> Result<Ran<T>, sqlx::Error> {
+        Ok(match (row.try_get::<i64, _>("applied")?, entry) {
+            (1, _) => Ran::Applied,
+            (_, Some(recorded)) => Ran::Replay(recorded),
+            (_, None) => Ran::Refused,
+        })
+    }
+}
+
+/// Runs a SQLite operation — its statements in one query string, which sqlx's SQLite driver
+/// runs as ONE command on its worker thread (see the module docs) — and returns its report, the
+/// one row its last statement returns.
+///
+/// Read with `fetch_all`, never `fetch_one` or `fetch_optional`: those ask the worker for the
+/// first row only, so it stops running statements there, and the `Any` driver's take the first
+/// result of the first statement — the effect's row count, not a row — for "no row" and stop
+/// listening, whether or not the worker ran the rest.
+pub(crate) async fn report_sqlite(
+    conn: &mut AnyConnection,
+    operation: Query<'_, Any, AnyArguments>,
+) -> Result<AnyRow, sqlx::Error> {
+    let mut rows = operation.fetch_all(&mut *conn).await?;
+    match rows.len() {
+        1 => Ok(rows.remove(0)),
+        n => Err(sqlx::Error::Protocol(format!(
+            "an operation's statements returned {n} rows, not its one report"
+        ))),
+    }
+}
+
 /// Whether a ledger row was written, where a replay was already ruled out: an entry that is
 /// there already (a concurrent duplicate committed it first) is an error, transient, so the
 /// effect is rolled back and the retry sees the replay it is.
@@ -250,8 +307,9 @@ pub(crate) fn first_entry(
     )))
 }
 
-/// An effect that cannot be refused (an upsert) that applied nothing: the statement and the
-/// code disagree, which no retry mends either — but it is reported, not hidden.
+/// An effect that nothing refused (an upsert, or an order-refund on SQLite whose account and
+/// sum allowed it) that applied nothing: the statement and the code disagree, which no retry
+/// mends either — but it is reported, not hidden.
 pub(crate) fn nothing_applied(ledger: &str, ctx: &StepContext, kind: &str) -> sqlx::Error {
     sqlx::Error::Protocol(format!(
         "{ledger} ledger: ({}, {}, {kind}) applied nothing",
