@@ -157,7 +157,8 @@ macro_rules! settle_sqlite {
             $set,
             " WHERE coupon_id = (SELECT coupon_id FROM coupon_ledger \
                  WHERE saga_id = $1 AND step = $2 AND kind = 'freeze') \
-                 AND state = 'frozen' AND saga_id = $1 AND NOT EXISTS (SELECT 1 FROM coupon_ledger \
+                 AND state = 'frozen' AND saga_id = $1 \
+                 AND NOT EXISTS (SELECT 1 FROM coupon_ledger \
                      WHERE saga_id = $1 AND step = $2 AND kind = '",
             $kind,
             "'); \

@@ -49,10 +49,12 @@
 //!    the operation's kind and by the business condition;
 //! 2. the ledger row, `INSERT … SELECT … WHERE changes() = 1`: written only if the effect
 //!    changed a row (`changes()` is the count of the last INSERT, UPDATE or DELETE that
-//!    completed — while this statement runs, the effect's);
+//!    completed — while this statement runs, the effect's); an undo's is the original row
+//!    copied (negated, where it holds a delta);
 //! 3. the report, a `SELECT`: `changes()` again, now the ledger insert's (`applied`: 1 when
 //!    this call applied the effect and recorded it), and what the ledger row says after the
-//!    call (`entry`): the answer of a replay, which applied nothing (`Ran::sqlite`).
+//!    call (`entry`): the answer of a replay, which applied nothing (`Ran::sqlite`). An undo
+//!    reports its own row only: there (undone now or before) or not (nothing to undo).
 //!
 //! So, as on PostgreSQL, a replay and a refusal write nothing, and only a refusal takes a
 //! second call, to read what its message says. There is no snapshot to reason about: SQLite
