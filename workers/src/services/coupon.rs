@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 use sqlx::{AnyConnection, Row};
 
 use super::{
-    Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, Ran, first_entry, irreversible,
-    on_postgres,
+    Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, Ran, irreversible, on_postgres,
+    report_sqlite,
 };
 use crate::sdk::{SagaStep, StepContext, StepError, TccStep, param_str};
 
@@ -65,80 +65,6 @@ async fn load(conn: &mut AnyConnection, coupon_id: &str) -> Result<Option<State>
             })
         })
         .transpose()
-}
-
-/// The coupon this (saga, step) recorded a `kind` transition of, if it did.
-async fn entry(
-    conn: &mut AnyConnection,
-    ctx: &StepContext,
-    kind: &str,
-) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query(
-        "SELECT coupon_id FROM coupon_ledger WHERE saga_id = $1 AND step = $2 AND kind = $3",
-    )
-    .bind(&ctx.saga_id)
-    .bind(&ctx.step)
-    .bind(kind)
-    .fetch_optional(&mut *conn)
-    .await?
-    .map(|r| r.try_get("coupon_id"))
-    .transpose()
-}
-
-async fn record(
-    conn: &mut AnyConnection,
-    ctx: &StepContext,
-    kind: &str,
-    coupon_id: &str,
-    order_id: &str,
-) -> Result<(), sqlx::Error> {
-    first_entry(
-        record_once(conn, ctx, kind, coupon_id, order_id).await?,
-        "coupon",
-        ctx,
-        kind,
-    )
-}
-
-/// Records the transition unless this (saga, step, kind) already has one; false for a replay.
-/// On SQLite it is done first, before the effect: a replay costs this one statement, and a
-/// refused effect's error rolls the entry back with the rest.
-async fn record_once(
-    conn: &mut AnyConnection,
-    ctx: &StepContext,
-    kind: &str,
-    coupon_id: &str,
-    order_id: &str,
-) -> Result<bool, sqlx::Error> {
-    let inserted = sqlx::query(
-        "INSERT INTO coupon_ledger (saga_id, step, kind, coupon_id, order_id) \
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (saga_id, step, kind) DO NOTHING",
-    )
-    .bind(&ctx.saga_id)
-    .bind(&ctx.step)
-    .bind(kind)
-    .bind(coupon_id)
-    .bind(order_id)
-    .execute(&mut *conn)
-    .await?;
-    Ok(inserted.rows_affected() == 1)
-}
-
-/// The order this saga froze the coupon for (as the freeze recorded it).
-async fn frozen_for(
-    conn: &mut AnyConnection,
-    ctx: &StepContext,
-) -> Result<Option<(String, String)>, sqlx::Error> {
-    sqlx::query(
-        "SELECT coupon_id, order_id FROM coupon_ledger \
-         WHERE saga_id = $1 AND step = $2 AND kind = 'freeze'",
-    )
-    .bind(&ctx.saga_id)
-    .bind(&ctx.step)
-    .fetch_optional(&mut *conn)
-    .await?
-    .map(|r| Ok((r.try_get("coupon_id")?, r.try_get("order_id")?)))
-    .transpose()
 }
 
 // The PostgreSQL statements: one per operation, shaped as the module docs of `services` say
@@ -206,6 +132,68 @@ const RESTORE_PG: &str = "WITH done AS (SELECT 1 FROM coupon_ledger \
      SELECT EXISTS (SELECT 1 FROM done) AS replayed, (SELECT count(*) FROM moved) AS applied, \
          (SELECT count(*) FROM written) AS recorded";
 
+// The SQLite statements: one call per operation, shaped as the module docs of `services` say
+// (the guarded transition; the ledger row if it moved the coupon; the report).
+
+/// `freeze`: the transition [`FREEZE_PG`] makes, recorded only if the coupon moved; the report
+/// says whether this (saga, step) has its freeze now.
+const FREEZE_SQLITE: &str = "UPDATE coupons SET state = 'frozen', saga_id = $1, order_id = $5 \
+         WHERE coupon_id = $3 AND owner = $4 AND state = 'available' \
+         AND NOT EXISTS (SELECT 1 FROM coupon_ledger \
+             WHERE saga_id = $1 AND step = $2 AND kind = 'freeze'); \
+     INSERT INTO coupon_ledger (saga_id, step, kind, coupon_id, order_id) \
+         SELECT $1, $2, 'freeze', $3, $5 WHERE changes() = 1; \
+     SELECT changes() AS applied, EXISTS (SELECT 1 FROM coupon_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = 'freeze') AS entry";
+
+/// [`settle_pg!`] on SQLite: the coupon this (saga, step)'s `freeze` row names gets `SET $set`
+/// if this saga still holds it frozen, unless it was settled so already; the `freeze` row is
+/// copied as the `$kind` row only if the coupon moved. `coupon_id` is NULL when the saga froze
+/// nothing.
+macro_rules! settle_sqlite {
+    ($kind:literal, $set:literal) => {
+        concat!(
+            "UPDATE coupons SET ",
+            $set,
+            " WHERE coupon_id = (SELECT coupon_id FROM coupon_ledger \
+                 WHERE saga_id = $1 AND step = $2 AND kind = 'freeze') \
+                 AND state = 'frozen' AND saga_id = $1 \
+                 AND NOT EXISTS (SELECT 1 FROM coupon_ledger \
+                     WHERE saga_id = $1 AND step = $2 AND kind = '",
+            $kind,
+            "'); \
+             INSERT INTO coupon_ledger (saga_id, step, kind, coupon_id, order_id) \
+                 SELECT saga_id, step, '",
+            $kind,
+            "', coupon_id, order_id FROM coupon_ledger \
+                 WHERE saga_id = $1 AND step = $2 AND kind = 'freeze' AND changes() = 1; \
+             SELECT (SELECT coupon_id FROM coupon_ledger \
+                     WHERE saga_id = $1 AND step = $2 AND kind = 'freeze') AS coupon_id, \
+                 changes() AS applied, EXISTS (SELECT 1 FROM coupon_ledger \
+                     WHERE saga_id = $1 AND step = $2 AND kind = '",
+            $kind,
+            "') AS entry"
+        )
+    };
+}
+
+const USE_SQLITE: &str = settle_sqlite!("use", "state = 'used'");
+const UNFREEZE_SQLITE: &str = settle_sqlite!(
+    "unfreeze",
+    "state = 'available', saga_id = NULL, order_id = NULL"
+);
+
+/// `restore`: the transition [`RESTORE_PG`] makes, recorded only if the coupon moved.
+const RESTORE_SQLITE: &str = "UPDATE coupons SET state = 'available', saga_id = NULL, \
+         order_id = NULL \
+         WHERE coupon_id = $3 AND owner = $4 AND state = 'used' AND order_id = $5 \
+         AND NOT EXISTS (SELECT 1 FROM coupon_ledger \
+             WHERE saga_id = $1 AND step = $2 AND kind = 'restore'); \
+     INSERT INTO coupon_ledger (saga_id, step, kind, coupon_id, order_id) \
+         SELECT $1, $2, 'restore', $3, $5 WHERE changes() = 1; \
+     SELECT changes() AS applied, EXISTS (SELECT 1 FROM coupon_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = 'restore') AS entry";
+
 /// The coupon an operation names, as its params give it.
 struct Request<'a> {
     coupon_id: &'a str,
@@ -223,24 +211,30 @@ impl<'a> Request<'a> {
     }
 }
 
-/// Runs a statement shaped like [`FREEZE_PG`] or [`RESTORE_PG`] for `req`.
-async fn transition_postgres(
+/// Runs a transition shaped like [`FREEZE_PG`] or [`RESTORE_PG`] on PostgreSQL, like
+/// [`FREEZE_SQLITE`] or [`RESTORE_SQLITE`] on SQLite, for `req`.
+async fn transition(
     conn: &mut AnyConnection,
     ctx: &StepContext,
-    sql: &'static str,
+    (postgres, sqlite): (&'static str, &'static str),
     kind: &str,
     req: &Request<'_>,
 ) -> Result<Ran, sqlx::Error> {
-    let row = sqlx::query(sql)
+    let on_postgres = on_postgres(conn);
+    let operation = sqlx::query(if on_postgres { postgres } else { sqlite })
         .bind(&ctx.saga_id)
         .bind(&ctx.step)
         .bind(req.coupon_id)
         .bind(req.user_id)
-        .bind(req.order_id)
-        .fetch_one(&mut *conn)
-        .await?;
-    let replay = row.try_get::<bool, _>("replayed")?.then_some(());
-    Ran::read(&row, replay, "coupon", ctx, kind)
+        .bind(req.order_id);
+    if on_postgres {
+        let row = operation.fetch_one(&mut *conn).await?;
+        let replay = row.try_get::<bool, _>("replayed")?.then_some(());
+        return Ran::read(&row, replay, "coupon", ctx, kind);
+    }
+    let row = report_sqlite(conn, operation).await?;
+    let recorded = (row.try_get::<i64, _>("entry")? == 1).then_some(());
+    Ran::sqlite(&row, recorded)
 }
 
 /// Freezes the buyer's coupon for this saga once: `Refused` when it is not theirs or not
@@ -250,28 +244,7 @@ async fn freeze_once(
     ctx: &StepContext,
     req: &Request<'_>,
 ) -> Result<Ran, sqlx::Error> {
-    if on_postgres(conn) {
-        return transition_postgres(conn, ctx, FREEZE_PG, "freeze", req).await;
-    }
-    if !record_once(conn, ctx, "freeze", req.coupon_id, req.order_id).await? {
-        return Ok(Ran::Replay(()));
-    }
-    // One conditional statement: of two sagas freezing one coupon, exactly one wins.
-    let won = sqlx::query(
-        "UPDATE coupons SET state = 'frozen', saga_id = $1, order_id = $2 \
-         WHERE coupon_id = $3 AND owner = $4 AND state = 'available'",
-    )
-    .bind(&ctx.saga_id)
-    .bind(req.order_id)
-    .bind(req.coupon_id)
-    .bind(req.user_id)
-    .execute(&mut *conn)
-    .await?;
-    Ok(if won.rows_affected() == 1 {
-        Ran::Applied
-    } else {
-        Ran::Refused
-    })
+    transition(conn, ctx, (FREEZE_PG, FREEZE_SQLITE), "freeze", req).await
 }
 
 /// Why the freeze of `req` was refused.
@@ -323,12 +296,12 @@ async fn settle(
     ctx: &StepContext,
     how: Settle,
 ) -> Result<Option<(String, Ran)>, sqlx::Error> {
+    let (postgres, sqlite, kind) = match how {
+        Settle::Use => (USE_PG, USE_SQLITE, "use"),
+        Settle::Unfreeze => (UNFREEZE_PG, UNFREEZE_SQLITE, "unfreeze"),
+    };
     if on_postgres(conn) {
-        let (sql, kind) = match how {
-            Settle::Use => (USE_PG, "use"),
-            Settle::Unfreeze => (UNFREEZE_PG, "unfreeze"),
-        };
-        let row = sqlx::query(sql)
+        let row = sqlx::query(postgres)
             .bind(&ctx.saga_id)
             .bind(&ctx.step)
             .fetch_one(&mut *conn)
@@ -342,52 +315,13 @@ async fn settle(
             Ran::read(&row, replay, "coupon", ctx, kind)?,
         )));
     }
-    match how {
-        Settle::Use => {
-            let Some((coupon_id, order_id)) = frozen_for(conn, ctx).await? else {
-                return Ok(None);
-            };
-            if !record_once(conn, ctx, "use", &coupon_id, &order_id).await? {
-                return Ok(Some((coupon_id, Ran::Replay(()))));
-            }
-            let used = sqlx::query(
-                "UPDATE coupons SET state = 'used' \
-                 WHERE coupon_id = $1 AND state = 'frozen' AND saga_id = $2",
-            )
-            .bind(&coupon_id)
-            .bind(&ctx.saga_id)
-            .execute(&mut *conn)
-            .await?;
-            // Refused: the confirm's error rolls the entry back.
-            let ran = if used.rows_affected() == 1 {
-                Ran::Applied
-            } else {
-                Ran::Refused
-            };
-            Ok(Some((coupon_id, ran)))
-        }
-        Settle::Unfreeze => {
-            if let Some(coupon_id) = entry(conn, ctx, "unfreeze").await? {
-                return Ok(Some((coupon_id, Ran::Replay(()))));
-            }
-            let Some((coupon_id, order_id)) = frozen_for(conn, ctx).await? else {
-                return Ok(None);
-            };
-            let released = sqlx::query(
-                "UPDATE coupons SET state = 'available', saga_id = NULL, order_id = NULL \
-                 WHERE coupon_id = $1 AND state = 'frozen' AND saga_id = $2",
-            )
-            .bind(&coupon_id)
-            .bind(&ctx.saga_id)
-            .execute(&mut *conn)
-            .await?;
-            if released.rows_affected() == 0 {
-                return Ok(Some((coupon_id, Ran::Refused)));
-            }
-            record(conn, ctx, "unfreeze", &coupon_id, &order_id).await?;
-            Ok(Some((coupon_id, Ran::Applied)))
-        }
-    }
+    let operation = sqlx::query(sqlite).bind(&ctx.saga_id).bind(&ctx.step);
+    let row = report_sqlite(conn, operation).await?;
+    let Some(coupon_id) = row.try_get::<Option<String>, _>("coupon_id")? else {
+        return Ok(None);
+    };
+    let recorded = (row.try_get::<i64, _>("entry")? == 1).then_some(());
+    Ok(Some((coupon_id, Ran::sqlite(&row, recorded)?)))
 }
 
 /// Makes the coupon `used` by the refunded order available again, once: `Refused` when it is
@@ -397,26 +331,7 @@ async fn restore_once(
     ctx: &StepContext,
     req: &Request<'_>,
 ) -> Result<Ran, sqlx::Error> {
-    if on_postgres(conn) {
-        return transition_postgres(conn, ctx, RESTORE_PG, "restore", req).await;
-    }
-    if entry(conn, ctx, "restore").await?.is_some() {
-        return Ok(Ran::Replay(()));
-    }
-    let restored = sqlx::query(
-        "UPDATE coupons SET state = 'available', saga_id = NULL, order_id = NULL \
-         WHERE coupon_id = $1 AND owner = $2 AND state = 'used' AND order_id = $3",
-    )
-    .bind(req.coupon_id)
-    .bind(req.user_id)
-    .bind(req.order_id)
-    .execute(&mut *conn)
-    .await?;
-    if restored.rows_affected() == 0 {
-        return Ok(Ran::Refused);
-    }
-    record(conn, ctx, "restore", req.coupon_id, req.order_id).await?;
-    Ok(Ran::Applied)
+    transition(conn, ctx, (RESTORE_PG, RESTORE_SQLITE), "restore", req).await
 }
 
 #[async_trait]

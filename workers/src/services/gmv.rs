@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use sqlx::{AnyConnection, Row};
 
 use super::{
-    Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, Ran, first_entry, money,
-    nothing_applied, on_postgres, param_cents,
+    Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, Ran, money, nothing_applied,
+    on_postgres, param_cents, report_sqlite,
 };
 use crate::sdk::{SagaStep, StepContext, StepError, param_str};
 
@@ -35,73 +35,6 @@ pub struct Subtract;
 struct Entry {
     campaign_id: String,
     delta: i64,
-}
-
-async fn entry(
-    conn: &mut AnyConnection,
-    ctx: &StepContext,
-    kind: &str,
-) -> Result<Option<Entry>, sqlx::Error> {
-    sqlx::query(
-        "SELECT campaign_id, delta FROM gmv_ledger WHERE saga_id = $1 AND step = $2 AND kind = $3",
-    )
-    .bind(&ctx.saga_id)
-    .bind(&ctx.step)
-    .bind(kind)
-    .fetch_optional(&mut *conn)
-    .await?
-    .map(|r| {
-        Ok(Entry {
-            campaign_id: r.try_get("campaign_id")?,
-            delta: r.try_get("delta")?,
-        })
-    })
-    .transpose()
-}
-
-/// Adds `entry.delta` to the campaign (creating it at 0 first) and records the entry.
-async fn apply(
-    conn: &mut AnyConnection,
-    ctx: &StepContext,
-    kind: &str,
-    entry: &Entry,
-) -> Result<(), sqlx::Error> {
-    first_entry(record_once(conn, ctx, kind, entry).await?, "gmv", ctx, kind)?;
-    add(conn, entry).await
-}
-
-/// Adds `entry.delta` to the campaign, creating it at 0 first.
-async fn add(conn: &mut AnyConnection, entry: &Entry) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO campaign_gmv (campaign_id, gmv) VALUES ($1, $2) \
-         ON CONFLICT (campaign_id) DO UPDATE SET gmv = campaign_gmv.gmv + excluded.gmv",
-    )
-    .bind(&entry.campaign_id)
-    .bind(entry.delta)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-/// Records the entry unless this (saga, step, kind) already has one; false for a replay.
-async fn record_once(
-    conn: &mut AnyConnection,
-    ctx: &StepContext,
-    kind: &str,
-    entry: &Entry,
-) -> Result<bool, sqlx::Error> {
-    let inserted = sqlx::query(
-        "INSERT INTO gmv_ledger (saga_id, step, kind, campaign_id, delta) \
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (saga_id, step, kind) DO NOTHING",
-    )
-    .bind(&ctx.saga_id)
-    .bind(&ctx.step)
-    .bind(kind)
-    .bind(&entry.campaign_id)
-    .bind(entry.delta)
-    .execute(&mut *conn)
-    .await?;
-    Ok(inserted.rows_affected() == 1)
 }
 
 // The PostgreSQL statements: one per operation, shaped as the module docs of `services` say
@@ -139,6 +72,35 @@ const REVERSE_PG: &str = "WITH original AS (SELECT campaign_id, delta FROM gmv_l
      SELECT (SELECT delta FROM done) AS replayed, (SELECT delta FROM original) AS original, \
          (SELECT count(*) FROM added) AS applied, (SELECT count(*) FROM written) AS recorded";
 
+// The SQLite statements: one call per operation, shaped as the module docs of `services` say
+// (the effect; the ledger row if it ran; the report of the ledger row).
+
+/// `add` / `subtract` (`$3`): the upsert [`ONCE_PG`] makes, recorded only if it ran (it always
+/// changes a row when it runs).
+const ONCE_SQLITE: &str = "INSERT INTO campaign_gmv (campaign_id, gmv) \
+         SELECT $4, $5 WHERE NOT EXISTS (SELECT 1 FROM gmv_ledger \
+             WHERE saga_id = $1 AND step = $2 AND kind = $3) \
+         ON CONFLICT (campaign_id) DO UPDATE SET gmv = campaign_gmv.gmv + excluded.gmv; \
+     INSERT INTO gmv_ledger (saga_id, step, kind, campaign_id, delta) \
+         SELECT $1, $2, $3, $4, $5 WHERE changes() = 1; \
+     SELECT changes() AS applied, (SELECT delta FROM gmv_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = $3) AS entry";
+
+/// Undoes this (saga, step)'s `$3` entry as a `$4` entry: adds its negated delta to its
+/// campaign (creating it at 0 first) unless it was undone already, and copies the entry
+/// negated only if that ran. The report: the `$4` entry's delta (now or before), NULL when
+/// there was nothing to undo.
+const REVERSE_SQLITE: &str = "INSERT INTO campaign_gmv (campaign_id, gmv) \
+         SELECT campaign_id, -delta FROM gmv_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = $3 AND NOT EXISTS (SELECT 1 \
+             FROM gmv_ledger WHERE saga_id = $1 AND step = $2 AND kind = $4) \
+         ON CONFLICT (campaign_id) DO UPDATE SET gmv = campaign_gmv.gmv + excluded.gmv; \
+     INSERT INTO gmv_ledger (saga_id, step, kind, campaign_id, delta) \
+         SELECT saga_id, step, $4, campaign_id, -delta FROM gmv_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = $3 AND changes() = 1; \
+     SELECT (SELECT delta FROM gmv_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = $4) AS reversal";
+
 /// Applies this (saga, step)'s `kind` entry once: a replay returns the recorded delta.
 async fn once(
     conn: &mut AnyConnection,
@@ -151,31 +113,25 @@ async fn once(
         campaign_id: param_str(params, "campaign_id")?.to_owned(),
         delta: sign * param_cents(params, "amount")?,
     };
-    if on_postgres(conn) {
-        let row = sqlx::query(ONCE_PG)
-            .bind(&ctx.saga_id)
-            .bind(&ctx.step)
-            .bind(kind)
-            .bind(&wanted.campaign_id)
-            .bind(wanted.delta)
-            .fetch_one(&mut *conn)
-            .await?;
-        return match Ran::<i64>::read(&row, row.try_get("replayed")?, "gmv", ctx, kind)? {
-            Ran::Applied => Ok(json!({ "delta_cents": wanted.delta })),
-            Ran::Replay(delta) => Ok(json!({ "delta_cents": delta })),
-            Ran::Refused => Err(nothing_applied("gmv", ctx, kind).into()),
-        };
+    let postgres = on_postgres(conn);
+    let operation = sqlx::query(if postgres { ONCE_PG } else { ONCE_SQLITE })
+        .bind(&ctx.saga_id)
+        .bind(&ctx.step)
+        .bind(kind)
+        .bind(&wanted.campaign_id)
+        .bind(wanted.delta);
+    let ran = if postgres {
+        let row = operation.fetch_one(&mut *conn).await?;
+        Ran::<i64>::read(&row, row.try_get("replayed")?, "gmv", ctx, kind)?
+    } else {
+        let row = report_sqlite(conn, operation).await?;
+        Ran::sqlite(&row, row.try_get("entry")?)?
+    };
+    match ran {
+        Ran::Applied => Ok(json!({ "delta_cents": wanted.delta })),
+        Ran::Replay(delta) => Ok(json!({ "delta_cents": delta })),
+        Ran::Refused => Err(nothing_applied("gmv", ctx, kind).into()),
     }
-    // SQLite: the entry first (one statement decides "first time or replay"), then the
-    // campaign row.
-    if !record_once(conn, ctx, kind, &wanted).await? {
-        let done = entry(conn, ctx, kind).await?.ok_or_else(|| {
-            StepError::retryable(format!("gmv ledger entry ({}, {kind}) vanished", ctx.step))
-        })?;
-        return Ok(json!({ "delta_cents": done.delta }));
-    }
-    add(conn, &wanted).await?;
-    Ok(json!({ "delta_cents": wanted.delta }))
 }
 
 /// Undoes this (saga, step)'s `kind` entry, once; nothing if it never happened.
@@ -185,14 +141,14 @@ async fn reverse(
     kind: &str,
     reversal: &str,
 ) -> Result<Value, StepError> {
-    if on_postgres(conn) {
-        let row = sqlx::query(REVERSE_PG)
-            .bind(&ctx.saga_id)
-            .bind(&ctx.step)
-            .bind(kind)
-            .bind(reversal)
-            .fetch_one(&mut *conn)
-            .await?;
+    let postgres = on_postgres(conn);
+    let operation = sqlx::query(if postgres { REVERSE_PG } else { REVERSE_SQLITE })
+        .bind(&ctx.saga_id)
+        .bind(&ctx.step)
+        .bind(kind)
+        .bind(reversal);
+    if postgres {
+        let row = operation.fetch_one(&mut *conn).await?;
         if let Some(delta) = row.try_get::<Option<i64>, _>("replayed")? {
             return Ok(json!({ "delta_cents": delta }));
         }
@@ -204,18 +160,11 @@ async fn reverse(
             Ran::Refused => Err(nothing_applied("gmv", ctx, reversal).into()),
         };
     }
-    if let Some(done) = entry(conn, ctx, reversal).await? {
-        return Ok(json!({ "delta_cents": done.delta }));
-    }
-    let Some(original) = entry(conn, ctx, kind).await? else {
-        return Ok(json!({ "delta_cents": 0 }));
-    };
-    let undo = Entry {
-        delta: -original.delta,
-        ..original
-    };
-    apply(conn, ctx, reversal, &undo).await?;
-    Ok(json!({ "delta_cents": undo.delta }))
+    // Undone now or before, the reversal entry says by how much; without one there was
+    // nothing to undo (an entry to undo always is).
+    let row = report_sqlite(conn, operation).await?;
+    let delta = row.try_get::<Option<i64>, _>("reversal")?;
+    Ok(json!({ "delta_cents": delta.unwrap_or(0) }))
 }
 
 #[async_trait]

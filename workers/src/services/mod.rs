@@ -35,15 +35,41 @@
 //! but its ledger row makes our insert do nothing, and an effect applied without its row is an
 //! error (`first_entry`) that rolls the effect back; the retry is then a replay.
 //!
-//! SQLite has no data-modifying CTEs. There the ledger row is written first (`INSERT … ON
-//! CONFLICT DO NOTHING`: one statement tells a first run from a replay) and the effect second;
-//! a refusal's error rolls the row back with the rest.
+//! # One call per operation on SQLite
+//!
+//! On SQLite a statement is no round trip, but every sqlx call is a hand-off to the driver's
+//! worker thread and back, and in the embedded mode (`sagaflow dev`: the engine and the four
+//! services on one connection) that thread, busy mostly with hand-offs, is what a saga waits
+//! for. So there too the common path of every operation is ONE call. SQLite has no
+//! data-modifying CTEs, but sqlx's SQLite driver runs every statement of a query string in one
+//! command on its worker thread, binding the same arguments to `$N` in each; so an operation is
+//! three statements in one string (see [`report_sqlite`]):
+//!
+//! 1. the effect, guarded as on PostgreSQL by the absence of this (saga, step)'s ledger row of
+//!    the operation's kind and by the business condition;
+//! 2. the ledger row, `INSERT … SELECT … WHERE changes() = 1`: written only if the effect
+//!    changed a row (`changes()` is the count of the last INSERT, UPDATE or DELETE that
+//!    completed — while this statement runs, the effect's); an undo's is the original row
+//!    copied (negated, where it holds a delta);
+//! 3. the report, a `SELECT`: `changes()` again, now the ledger insert's (`applied`: 1 when
+//!    this call applied the effect and recorded it), and what the ledger row says after the
+//!    call (`entry`): the answer of a replay, which applied nothing (`Ran::sqlite`). An undo
+//!    reports its own row only: there (undone now or before) or not (nothing to undo).
+//!
+//! So, as on PostgreSQL, a replay and a refusal write nothing, and only a refusal takes a
+//! second call, to read what its message says. There is no snapshot to reason about: SQLite
+//! has one writer per database, and the effect, a write even when it changes no row, takes the
+//! write lock for the rest of the transaction (or fails, with a transient error), so the three
+//! statements see each other's rows and no one else's. A batch that is redone runs the
+//! operation again only after the first try was rolled back (`barrier`, "Batches").
 
 use std::collections::HashMap;
 
 use serde_json::Value;
 
-use sqlx::{AnyConnection, Row, any::AnyRow};
+use sqlx::any::{AnyArguments, AnyRow};
+use sqlx::query::Query;
+use sqlx::{Any, AnyConnection, Row};
 
 use crate::barrier::Dialect;
 use crate::sdk::{StepContext, StepError, cents, param_i64};
@@ -193,7 +219,7 @@ pub(crate) fn param_count(params: &Value, name: &str) -> Result<i64, StepError> 
 }
 
 /// Whether the service statements take their PostgreSQL form (one statement per operation,
-/// see the module docs) or their SQLite form.
+/// see the module docs) or their SQLite form (one call of several statements).
 pub(crate) fn on_postgres(conn: &AnyConnection) -> bool {
     Dialect::of(conn) == Dialect::Postgres
 }
@@ -205,8 +231,7 @@ pub(crate) enum Ran<T = ()> {
     Applied,
     /// This (saga, step) had recorded it already: nothing was done. What the ledger says.
     Replay(T),
-    /// The effect's condition did not hold. On PostgreSQL nothing was written; on SQLite the
-    /// ledger row was, and the handler's error rolls it back.
+    /// The effect's condition did not hold: nothing was written.
     Refused,
 }
 
@@ -232,6 +257,40 @@ impl<T> Ran<T> {
     }
 }
 
+impl<T> Ran<T> {
+    /// Reads a SQLite operation's report (see the module docs): `applied` says whether this
+    /// call applied the effect and recorded it; if not, `entry`, what the ledger row says, is
+    /// there for a replay and absent for a refusal.
+    pub(crate) fn sqlite(row: &AnyRow, entry: Option<T>) -> Result<Ran<T>, sqlx::Error> {
+        Ok(match (row.try_get::<i64, _>("applied")?, entry) {
+            (1, _) => Ran::Applied,
+            (_, Some(recorded)) => Ran::Replay(recorded),
+            (_, None) => Ran::Refused,
+        })
+    }
+}
+
+/// Runs a SQLite operation — its statements in one query string, which sqlx's SQLite driver
+/// runs as ONE command on its worker thread (see the module docs) — and returns its report, the
+/// one row its last statement returns.
+///
+/// Read with `fetch_all`, never `fetch_one` or `fetch_optional`: those ask the worker for the
+/// first row only, so it stops running statements there, and the `Any` driver's take the first
+/// result of the first statement — the effect's row count, not a row — for "no row" and stop
+/// listening, whether or not the worker ran the rest.
+pub(crate) async fn report_sqlite(
+    conn: &mut AnyConnection,
+    operation: Query<'_, Any, AnyArguments>,
+) -> Result<AnyRow, sqlx::Error> {
+    let mut rows = operation.fetch_all(&mut *conn).await?;
+    match rows.len() {
+        1 => Ok(rows.remove(0)),
+        n => Err(sqlx::Error::Protocol(format!(
+            "an operation's statements returned {n} rows, not its one report"
+        ))),
+    }
+}
+
 /// Whether a ledger row was written, where a replay was already ruled out: an entry that is
 /// there already (a concurrent duplicate committed it first) is an error, transient, so the
 /// effect is rolled back and the retry sees the replay it is.
@@ -250,8 +309,9 @@ pub(crate) fn first_entry(
     )))
 }
 
-/// An effect that cannot be refused (an upsert) that applied nothing: the statement and the
-/// code disagree, which no retry mends either — but it is reported, not hidden.
+/// An effect that nothing refused (an upsert, or an order-refund on SQLite whose account and
+/// sum allowed it) that applied nothing: the statement and the code disagree, which no retry
+/// mends either — but it is reported, not hidden.
 pub(crate) fn nothing_applied(ledger: &str, ctx: &StepContext, kind: &str) -> sqlx::Error {
     sqlx::Error::Protocol(format!(
         "{ledger} ledger: ({}, {}, {kind}) applied nothing",
@@ -475,26 +535,39 @@ pub(crate) mod testing {
         run_counted(pool, op, saga_id, step, params, None).await.0
     }
 
-    /// [`run`], and how many round trips `relay` saw the handler make (0 without one): the
-    /// transaction's `BEGIN` and `COMMIT` are not counted.
+    /// Counts what a backend is sent, for the tests that pin how many calls an operation costs:
+    /// [`RoundTrips`] on PostgreSQL's wire, [`SqliteCalls`] at sqlx's SQLite worker.
+    pub(crate) trait Calls {
+        /// The calls counted so far.
+        fn count(&self) -> u64;
+        /// Whether a transaction's `COMMIT` or `ROLLBACK` is counted as a call. When it is not,
+        /// a count is read after it, when every call made in the transaction is in.
+        fn counts_transaction_end(&self) -> bool;
+    }
+
+    /// [`run`], and how many calls `calls` counted the handler making (0 without a counter):
+    /// the transaction's `BEGIN` and `COMMIT` (or `ROLLBACK`) are not counted.
     pub(crate) async fn run_counted(
         pool: &AnyPool,
         op: Op<'_>,
         saga_id: &str,
         step: &str,
         params: &Value,
-        relay: Option<&RoundTrips>,
+        calls: Option<&dyn Calls>,
     ) -> (Result<Value, StepError>, u64) {
+        let count = || calls.map_or(0, |c| c.count());
+        let ends_counted = calls.is_some_and(|c| c.counts_transaction_end());
         let mut tx = pool.begin().await.expect("begin");
-        let before = relay.map_or(0, RoundTrips::count);
+        let before = count();
         let result = call(&mut tx, op, saga_id, step, params).await;
-        let trips = relay.map_or(0, RoundTrips::count) - before;
+        let in_handler = count();
         if result.is_ok() {
             tx.commit().await.expect("commit");
         } else {
             tx.rollback().await.expect("rollback");
         }
-        (result, trips)
+        let made = if ends_counted { in_handler } else { count() } - before;
+        (result, made)
     }
 
     /// Runs `op` for (saga, step) on `conn`, in whatever transaction it is in.
@@ -639,6 +712,163 @@ pub(crate) mod testing {
     impl Drop for RoundTrips {
         fn drop(&mut self) {
             self.accept.abort();
+        }
+    }
+
+    impl Calls for RoundTrips {
+        fn count(&self) -> u64 {
+            RoundTrips::count(self)
+        }
+
+        /// `COMMIT` is a round trip of its own.
+        fn counts_transaction_end(&self) -> bool {
+            true
+        }
+    }
+
+    /// Counts the calls that reach the worker thread of one SQLite connection of sqlx's: the
+    /// driver logs each query it runs (tracing target `sqlx::query`) once, on that thread, when
+    /// it is done — one event per call, however many statements its text holds, so an
+    /// operation's statements sent as two calls count two. A process-wide subscriber
+    /// ([`sqlite_calls`]) counts the events per thread (every connection has a thread of its
+    /// own, so tests running beside this one do not add to its count), and a marker query run
+    /// on the connection tells which thread is its. `BEGIN`, `COMMIT` and `ROLLBACK` are not
+    /// queries to the driver (not logged); the thread runs a connection's commands in order,
+    /// so a count read after the transaction's end has every call of the transaction in.
+    pub(crate) struct SqliteCalls {
+        thread: std::thread::ThreadId,
+    }
+
+    impl SqliteCalls {
+        /// The counter of the connection `pool` (of one connection) hands out.
+        pub(crate) async fn of(pool: &AnyPool) -> SqliteCalls {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static MARKERS: AtomicU32 = AtomicU32::new(0);
+            sqlite_calls::install();
+            let marker = format!(
+                "{}{}",
+                sqlite_calls::MARKER,
+                MARKERS.fetch_add(1, Ordering::Relaxed)
+            );
+            let mut conn = pool.acquire().await.expect("the connection");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SELECT '{marker}'")))
+                .execute(&mut *conn)
+                .await
+                .expect("the marker query");
+            let thread = sqlite_calls::thread_of(&marker)
+                .expect("sqlx logged the marker query on the connection's worker thread");
+            SqliteCalls { thread }
+        }
+    }
+
+    impl Calls for SqliteCalls {
+        fn count(&self) -> u64 {
+            sqlite_calls::count(self.thread)
+        }
+
+        fn counts_transaction_end(&self) -> bool {
+            false
+        }
+    }
+
+    /// The process-wide tracing subscriber behind [`SqliteCalls`]: it takes sqlx's query
+    /// events and nothing else, and counts them per thread.
+    pub(crate) mod sqlite_calls {
+        use std::collections::HashMap;
+        use std::sync::{LazyLock, Mutex, Once};
+        use std::thread::ThreadId;
+
+        use tracing::field::{Field, Visit};
+        use tracing::level_filters::LevelFilter;
+        use tracing::subscriber::Interest;
+        use tracing::{Event, Metadata, Subscriber, span};
+
+        /// How a marker query's text starts.
+        pub(crate) const MARKER: &str = "sagaflow-sqlite-calls-marker-";
+
+        #[derive(Default)]
+        struct Counts {
+            per_thread: HashMap<ThreadId, u64>,
+            /// The thread each marker query was logged on.
+            markers: HashMap<String, ThreadId>,
+        }
+
+        static COUNTS: LazyLock<Mutex<Counts>> = LazyLock::new(Mutex::default);
+
+        /// Sets the subscriber as the process's default, once (nothing else in this test
+        /// binary sets one).
+        pub(crate) fn install() {
+            static ONCE: Once = Once::new();
+            ONCE.call_once(|| {
+                tracing::subscriber::set_global_default(QueryEvents)
+                    .expect("no other global tracing subscriber in the workers' tests");
+            });
+        }
+
+        pub(crate) fn count(thread: ThreadId) -> u64 {
+            let counts = COUNTS.lock().expect("counts");
+            counts.per_thread.get(&thread).copied().unwrap_or(0)
+        }
+
+        pub(crate) fn thread_of(marker: &str) -> Option<ThreadId> {
+            COUNTS.lock().expect("counts").markers.get(marker).copied()
+        }
+
+        struct QueryEvents;
+
+        /// An event's fields as text, to find a marker in.
+        struct Text(String);
+
+        impl Visit for Text {
+            fn record_debug(&mut self, _: &Field, value: &dyn std::fmt::Debug) {
+                self.0.push_str(&format!("{value:?} "));
+            }
+        }
+
+        impl Subscriber for QueryEvents {
+            fn register_callsite(&self, metadata: &'static Metadata<'static>) -> Interest {
+                if self.enabled(metadata) {
+                    Interest::always()
+                } else {
+                    Interest::never()
+                }
+            }
+
+            fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+                // Not only events: `tracing::enabled!`, which sqlx asks first, is a hint.
+                metadata.target() == "sqlx::query"
+            }
+
+            fn max_level_hint(&self) -> Option<LevelFilter> {
+                Some(LevelFilter::TRACE)
+            }
+
+            fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
+                span::Id::from_u64(1)
+            }
+
+            fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+
+            fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+
+            fn event(&self, event: &Event<'_>) {
+                let thread = std::thread::current().id();
+                let mut text = Text(String::new());
+                event.record(&mut text);
+                let mut counts = COUNTS.lock().expect("counts");
+                *counts.per_thread.entry(thread).or_default() += 1;
+                if let Some(at) = text.0.find(MARKER) {
+                    let marker: String = text.0[at..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                        .collect();
+                    counts.markers.insert(marker, thread);
+                }
+            }
+
+            fn enter(&self, _: &span::Id) {}
+
+            fn exit(&self, _: &span::Id) {}
         }
     }
 
@@ -831,13 +1061,122 @@ mod tests {
         assert_eq!(state.fetch_one(&mut *conn).await.unwrap(), "available");
     }
 
-    /// Every operation's common path — a first run, a replay, an undo, an undo of nothing,
-    /// an undo replayed — is ONE round trip on PostgreSQL, and a refusal at most two (the
-    /// statement, then what the message needs); counted on the wire by a relay, so a second
-    /// statement, or a statement that is not kept prepared (two round trips), fails it.
+    /// Runs every path of every operation once, for sagas and rows named `p-…` (seeded on
+    /// `seed`, run on `pool`, counted by `calls`): (label, calls counted, calls wanted) each.
+    /// Every common path — a first run, a replay, an undo, an undo of nothing, an undo
+    /// replayed — is wanted as ONE call, and a refusal at most two (the operation, then what
+    /// its message needs).
+    async fn count_operations(
+        seed: &AnyPool,
+        pool: &AnyPool,
+        p: &str,
+        calls: &dyn super::testing::Calls,
+    ) -> Vec<(&'static str, u64, u64)> {
+        let mut conn = seed.acquire().await.unwrap();
+        payment::seed(
+            &mut conn,
+            &[(format!("{p}-u1"), 100_000), (format!("{p}-u2"), 100)],
+        )
+        .await
+        .unwrap();
+        let coupons: Vec<(String, String)> = (1..=3)
+            .map(|i| (format!("{p}-c{i}"), format!("{p}-u1")))
+            .collect();
+        coupon::seed(&mut conn, &coupons).await.unwrap();
+        points::seed(&mut conn, &[(format!("{p}-u1"), 100)])
+            .await
+            .unwrap();
+        drop(conn);
+
+        let pay = |account: &str, amount: &str| {
+            json!({ "account": format!("{p}-{account}"), "amount": amount,
+                    "order_id": format!("{p}-o1") })
+        };
+        let coupon = |coupon: &str| {
+            json!({ "coupon_id": format!("{p}-{coupon}"), "user_id": format!("{p}-u1"),
+                    "order_id": format!("{p}-o1") })
+        };
+        let pts = |n: i64| json!({ "user_id": format!("{p}-u1"), "points": n, "reason": "t" });
+        let gmv = json!({ "campaign_id": format!("{p}-spring"), "amount": "10" });
+        let none = json!({});
+        #[rustfmt::skip]
+        let steps: Vec<(&'static str, u64, bool, Op<'static>, &str, Value)> = vec![
+            ("charge", 1, true, Op::Action(&payment::Charge), "A", pay("u1", "10")),
+            ("charge, replayed", 1, true, Op::Action(&payment::Charge), "A", pay("u1", "10")),
+            ("charge refused (insufficient funds)", 2, false, Op::Action(&payment::Charge), "B", pay("u2", "5")),
+            ("refund", 1, true, Op::Action(&payment::Refund), "R", pay("u1", "4")),
+            ("refund, replayed", 1, true, Op::Action(&payment::Refund), "R", pay("u1", "4")),
+            ("refund refused (more than charged)", 1, false, Op::Action(&payment::Refund), "R2", pay("u1", "7")),
+            ("refund refused (unknown account)", 1, false, Op::Action(&payment::Refund), "R3", pay("u9", "1")),
+            ("charge of another saga", 1, true, Op::Action(&payment::Charge), "C", pay("u1", "3")),
+            ("charge reversal", 1, true, Op::Compensate(&payment::Charge), "C", none.clone()),
+            ("charge reversal, replayed", 1, true, Op::Compensate(&payment::Charge), "C", none.clone()),
+            ("charge reversal, nothing charged", 1, true, Op::Compensate(&payment::Charge), "N", none.clone()),
+            ("freeze", 1, true, Op::Try(&coupon::Coupon), "A", coupon("c1")),
+            ("freeze, replayed", 1, true, Op::Try(&coupon::Coupon), "A", coupon("c1")),
+            ("freeze refused (frozen by another saga)", 2, false, Op::Try(&coupon::Coupon), "B", coupon("c1")),
+            ("use", 1, true, Op::Confirm(&coupon::Coupon), "A", none.clone()),
+            ("use, replayed", 1, true, Op::Confirm(&coupon::Coupon), "A", none.clone()),
+            ("use refused (nothing frozen)", 1, false, Op::Confirm(&coupon::Coupon), "N", none.clone()),
+            ("freeze of another saga", 1, true, Op::Try(&coupon::Coupon), "C", coupon("c2")),
+            ("unfreeze", 1, true, Op::Cancel(&coupon::Coupon), "C", none.clone()),
+            ("unfreeze, replayed", 1, true, Op::Cancel(&coupon::Coupon), "C", none.clone()),
+            ("unfreeze, nothing frozen", 1, true, Op::Cancel(&coupon::Coupon), "N", none.clone()),
+            ("restore", 1, true, Op::Action(&coupon::Restore), "R", coupon("c1")),
+            ("restore, replayed", 1, true, Op::Action(&coupon::Restore), "R", coupon("c1")),
+            ("restore refused (not used by the order)", 2, true, Op::Action(&coupon::Restore), "R2", coupon("c3")),
+            ("grant", 1, true, Op::Action(&points::Grant), "A", pts(10)),
+            ("grant, replayed", 1, true, Op::Action(&points::Grant), "A", pts(10)),
+            ("grant reversal", 1, true, Op::Compensate(&points::Grant), "A", none.clone()),
+            ("grant reversal, replayed", 1, true, Op::Compensate(&points::Grant), "A", none.clone()),
+            ("grant reversal, nothing granted", 1, true, Op::Compensate(&points::Grant), "N", none.clone()),
+            ("revoke", 1, true, Op::Action(&points::Revoke), "R", pts(5)),
+            ("revoke, replayed", 1, true, Op::Action(&points::Revoke), "R", pts(5)),
+            ("revoke refused (insufficient points)", 2, false, Op::Action(&points::Revoke), "R2", pts(1_000)),
+            ("revoke reversal", 1, true, Op::Compensate(&points::Revoke), "R", none.clone()),
+            ("revoke reversal, replayed", 1, true, Op::Compensate(&points::Revoke), "R", none.clone()),
+            ("revoke reversal, nothing revoked", 1, true, Op::Compensate(&points::Revoke), "N", none.clone()),
+            ("add", 1, true, Op::Action(&gmv::Add), "A", gmv.clone()),
+            ("add, replayed", 1, true, Op::Action(&gmv::Add), "A", gmv.clone()),
+            ("add reversal", 1, true, Op::Compensate(&gmv::Add), "A", none.clone()),
+            ("add reversal, replayed", 1, true, Op::Compensate(&gmv::Add), "A", none.clone()),
+            ("add reversal, nothing added", 1, true, Op::Compensate(&gmv::Add), "N", none.clone()),
+            ("subtract", 1, true, Op::Action(&gmv::Subtract), "R", gmv.clone()),
+            ("subtract, replayed", 1, true, Op::Action(&gmv::Subtract), "R", gmv.clone()),
+            ("subtract reversal", 1, true, Op::Compensate(&gmv::Subtract), "R", none.clone()),
+            ("subtract reversal, replayed", 1, true, Op::Compensate(&gmv::Subtract), "R", none.clone()),
+            ("subtract reversal, nothing subtracted", 1, true, Op::Compensate(&gmv::Subtract), "N", none.clone()),
+        ];
+        let mut got = Vec::new();
+        for (label, want, succeeds, op, saga, params) in steps {
+            let saga = format!("{p}-{saga}");
+            let (result, made) =
+                super::testing::run_counted(pool, op, &saga, "s", &params, Some(calls)).await;
+            assert_eq!(result.is_ok(), succeeds, "{label}: {result:?}");
+            got.push((label, made, want));
+        }
+        got
+    }
+
+    /// Fails with the whole table unless every operation made the calls it is wanted to.
+    fn assert_counts(what: &str, got: &[(&str, u64, u64)]) {
+        let table: Vec<String> = got
+            .iter()
+            .map(|(label, made, want)| format!("{made} (want {want}): {label}"))
+            .collect();
+        assert!(
+            got.iter().all(|(_, made, want)| made == want),
+            "{what} per operation:\n{}",
+            table.join("\n")
+        );
+    }
+
+    /// Every operation's common path is ONE round trip on PostgreSQL, and a refusal at most
+    /// two ([`count_operations`]); counted on the wire by a relay, so a second statement, or a
+    /// statement that is not kept prepared (two round trips), fails it.
     #[tokio::test]
     async fn every_operation_is_one_round_trip_on_postgres() {
-        use super::testing::{RoundTrips, run_counted};
+        use super::testing::RoundTrips;
         let Some(db) = setup(Backend::Postgres, "round_trips").await else {
             return;
         };
@@ -849,105 +1188,11 @@ mod tests {
             .await
             .expect("connect through the relay");
 
-        // Each (label, round trips, succeeds, operation, saga, step, params), run twice: for
-        // sagas and rows named `warm-…` first (preparing each statement on the connection),
-        // then for `count-…`, counted.
-        let mut got = Vec::new();
-        for p in ["warm", "count"] {
-            let mut conn = db.pool.acquire().await.unwrap();
-            payment::seed(
-                &mut conn,
-                &[(format!("{p}-u1"), 100_000), (format!("{p}-u2"), 100)],
-            )
-            .await
-            .unwrap();
-            let coupons: Vec<(String, String)> = (1..=3)
-                .map(|i| (format!("{p}-c{i}"), format!("{p}-u1")))
-                .collect();
-            coupon::seed(&mut conn, &coupons).await.unwrap();
-            points::seed(&mut conn, &[(format!("{p}-u1"), 100)])
-                .await
-                .unwrap();
-            drop(conn);
-
-            let pay = |account: &str, amount: &str| {
-                json!({ "account": format!("{p}-{account}"), "amount": amount,
-                        "order_id": format!("{p}-o1") })
-            };
-            let coupon = |coupon: &str| {
-                json!({ "coupon_id": format!("{p}-{coupon}"), "user_id": format!("{p}-u1"),
-                        "order_id": format!("{p}-o1") })
-            };
-            let pts = |n: i64| json!({ "user_id": format!("{p}-u1"), "points": n, "reason": "t" });
-            let gmv = json!({ "campaign_id": format!("{p}-spring"), "amount": "10" });
-            let none = json!({});
-            #[rustfmt::skip]
-            let steps: Vec<(&str, u64, bool, Op<'_>, &str, Value)> = vec![
-                ("charge", 1, true, Op::Action(&payment::Charge), "A", pay("u1", "10")),
-                ("charge, replayed", 1, true, Op::Action(&payment::Charge), "A", pay("u1", "10")),
-                ("charge refused (insufficient funds)", 2, false, Op::Action(&payment::Charge), "B", pay("u2", "5")),
-                ("refund", 1, true, Op::Action(&payment::Refund), "R", pay("u1", "4")),
-                ("refund, replayed", 1, true, Op::Action(&payment::Refund), "R", pay("u1", "4")),
-                ("refund refused (more than charged)", 1, false, Op::Action(&payment::Refund), "R2", pay("u1", "7")),
-                ("refund refused (unknown account)", 1, false, Op::Action(&payment::Refund), "R3", pay("u9", "1")),
-                ("charge of another saga", 1, true, Op::Action(&payment::Charge), "C", pay("u1", "3")),
-                ("charge reversal", 1, true, Op::Compensate(&payment::Charge), "C", none.clone()),
-                ("charge reversal, replayed", 1, true, Op::Compensate(&payment::Charge), "C", none.clone()),
-                ("charge reversal, nothing charged", 1, true, Op::Compensate(&payment::Charge), "N", none.clone()),
-                ("freeze", 1, true, Op::Try(&coupon::Coupon), "A", coupon("c1")),
-                ("freeze, replayed", 1, true, Op::Try(&coupon::Coupon), "A", coupon("c1")),
-                ("freeze refused (frozen by another saga)", 2, false, Op::Try(&coupon::Coupon), "B", coupon("c1")),
-                ("use", 1, true, Op::Confirm(&coupon::Coupon), "A", none.clone()),
-                ("use, replayed", 1, true, Op::Confirm(&coupon::Coupon), "A", none.clone()),
-                ("use refused (nothing frozen)", 1, false, Op::Confirm(&coupon::Coupon), "N", none.clone()),
-                ("freeze of another saga", 1, true, Op::Try(&coupon::Coupon), "C", coupon("c2")),
-                ("unfreeze", 1, true, Op::Cancel(&coupon::Coupon), "C", none.clone()),
-                ("unfreeze, replayed", 1, true, Op::Cancel(&coupon::Coupon), "C", none.clone()),
-                ("unfreeze, nothing frozen", 1, true, Op::Cancel(&coupon::Coupon), "N", none.clone()),
-                ("restore", 1, true, Op::Action(&coupon::Restore), "R", coupon("c1")),
-                ("restore, replayed", 1, true, Op::Action(&coupon::Restore), "R", coupon("c1")),
-                ("restore refused (not used by the order)", 2, true, Op::Action(&coupon::Restore), "R2", coupon("c3")),
-                ("grant", 1, true, Op::Action(&points::Grant), "A", pts(10)),
-                ("grant, replayed", 1, true, Op::Action(&points::Grant), "A", pts(10)),
-                ("grant reversal", 1, true, Op::Compensate(&points::Grant), "A", none.clone()),
-                ("grant reversal, replayed", 1, true, Op::Compensate(&points::Grant), "A", none.clone()),
-                ("grant reversal, nothing granted", 1, true, Op::Compensate(&points::Grant), "N", none.clone()),
-                ("revoke", 1, true, Op::Action(&points::Revoke), "R", pts(5)),
-                ("revoke, replayed", 1, true, Op::Action(&points::Revoke), "R", pts(5)),
-                ("revoke refused (insufficient points)", 2, false, Op::Action(&points::Revoke), "R2", pts(1_000)),
-                ("revoke reversal", 1, true, Op::Compensate(&points::Revoke), "R", none.clone()),
-                ("revoke reversal, replayed", 1, true, Op::Compensate(&points::Revoke), "R", none.clone()),
-                ("revoke reversal, nothing revoked", 1, true, Op::Compensate(&points::Revoke), "N", none.clone()),
-                ("add", 1, true, Op::Action(&gmv::Add), "A", gmv.clone()),
-                ("add, replayed", 1, true, Op::Action(&gmv::Add), "A", gmv.clone()),
-                ("add reversal", 1, true, Op::Compensate(&gmv::Add), "A", none.clone()),
-                ("add reversal, replayed", 1, true, Op::Compensate(&gmv::Add), "A", none.clone()),
-                ("add reversal, nothing added", 1, true, Op::Compensate(&gmv::Add), "N", none.clone()),
-                ("subtract", 1, true, Op::Action(&gmv::Subtract), "R", gmv.clone()),
-                ("subtract, replayed", 1, true, Op::Action(&gmv::Subtract), "R", gmv.clone()),
-                ("subtract reversal", 1, true, Op::Compensate(&gmv::Subtract), "R", none.clone()),
-                ("subtract reversal, replayed", 1, true, Op::Compensate(&gmv::Subtract), "R", none.clone()),
-                ("subtract reversal, nothing subtracted", 1, true, Op::Compensate(&gmv::Subtract), "N", none.clone()),
-            ];
-            for (label, want, succeeds, op, saga, params) in steps {
-                let saga = format!("{p}-{saga}");
-                let (result, trips) =
-                    run_counted(&pool, op, &saga, "s", &params, Some(&relay)).await;
-                assert_eq!(result.is_ok(), succeeds, "{label}: {result:?}");
-                if p == "count" {
-                    got.push((label, trips, want));
-                }
-            }
-        }
-        let table: Vec<String> = got
-            .iter()
-            .map(|(label, trips, want)| format!("{trips} (want {want}): {label}"))
-            .collect();
-        assert!(
-            got.iter().all(|(_, trips, want)| trips == want),
-            "round trips per operation:\n{}",
-            table.join("\n")
-        );
+        // Run twice: for sagas and rows named `warm-…` first (preparing each statement on the
+        // connection), then for `count-…`, counted.
+        count_operations(&db.pool, &pool, "warm", &relay).await;
+        let got = count_operations(&db.pool, &pool, "count", &relay).await;
+        assert_counts("round trips", &got);
         // The control: the relay counts a prepared statement once, two statements twice.
         let mut conn = pool.acquire().await.unwrap();
         let one = || sqlx::query("SELECT 1");
@@ -960,6 +1205,33 @@ mod tests {
         assert_eq!(relay.count() - before, 3, "two statements more");
         drop(conn);
         pool.close().await;
+    }
+
+    /// Every operation's common path is ONE call to sqlx's SQLite worker thread, and a refusal
+    /// at most two ([`count_operations`]): what the embedded mode's one connection spends its
+    /// thread on is the hand-off per call, not the statements. Counted by the driver's own
+    /// query log ([`super::testing::SqliteCalls`]), so an operation sent as two calls fails it.
+    #[tokio::test]
+    async fn every_operation_is_one_call_on_sqlite() {
+        use super::testing::{Calls, SqliteCalls};
+        let db = setup(Backend::Sqlite, "calls")
+            .await
+            .expect("SQLite is always there");
+        let calls = SqliteCalls::of(&db.pool).await;
+        let got = count_operations(&db.pool, &db.pool, "count", &calls).await;
+        assert_counts("calls", &got);
+        // The control: two statements in one call count once, two calls twice.
+        let mut conn = db.pool.acquire().await.unwrap();
+        let before = calls.count();
+        sqlx::query("SELECT 1; SELECT 2")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(calls.count() - before, 1, "two statements, one call");
+        for _ in 0..2 {
+            sqlx::query("SELECT 1").fetch_all(&mut *conn).await.unwrap();
+        }
+        assert_eq!(calls.count() - before, 3, "two calls more");
     }
 
     /// One operation: (operation, saga, step, params).

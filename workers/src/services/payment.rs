@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 use sqlx::{AnyConnection, Row};
 
 use super::{
-    Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, Ran, first_entry, irreversible,
-    money, on_postgres, param_cents,
+    Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, Ran, irreversible, money,
+    nothing_applied, on_postgres, param_cents, report_sqlite,
 };
 use crate::sdk::{SagaStep, StepContext, StepError, param_str};
 
@@ -30,73 +30,11 @@ pub struct Charge;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Refund;
 
-/// One ledger row of a (saga, step).
+/// One ledger row of a (saga, step), as an operation asks for it.
 struct Entry {
     account: String,
     order_id: String,
     amount: i64,
-}
-
-async fn entry(
-    conn: &mut AnyConnection,
-    ctx: &StepContext,
-    kind: &str,
-) -> Result<Option<Entry>, sqlx::Error> {
-    let row = sqlx::query(
-        "SELECT account, order_id, amount FROM payment_ledger \
-         WHERE saga_id = $1 AND step = $2 AND kind = $3",
-    )
-    .bind(&ctx.saga_id)
-    .bind(&ctx.step)
-    .bind(kind)
-    .fetch_optional(&mut *conn)
-    .await?;
-    row.map(|r| {
-        Ok(Entry {
-            account: r.try_get("account")?,
-            order_id: r.try_get("order_id")?,
-            amount: r.try_get("amount")?,
-        })
-    })
-    .transpose()
-}
-
-async fn record(
-    conn: &mut AnyConnection,
-    ctx: &StepContext,
-    kind: &str,
-    entry: &Entry,
-) -> Result<(), sqlx::Error> {
-    first_entry(
-        record_once(conn, ctx, kind, entry).await?,
-        "payment",
-        ctx,
-        kind,
-    )
-}
-
-/// Records the entry unless this (saga, step, kind) already has one; false for a replay. On
-/// SQLite it is done first, before the effect: a replay then costs this one statement, and when
-/// the effect is refused the handler's error rolls the entry back with everything else.
-async fn record_once(
-    conn: &mut AnyConnection,
-    ctx: &StepContext,
-    kind: &str,
-    entry: &Entry,
-) -> Result<bool, sqlx::Error> {
-    let inserted = sqlx::query(
-        "INSERT INTO payment_ledger (saga_id, step, kind, account, order_id, amount) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (saga_id, step, kind) DO NOTHING",
-    )
-    .bind(&ctx.saga_id)
-    .bind(&ctx.step)
-    .bind(kind)
-    .bind(&entry.account)
-    .bind(&entry.order_id)
-    .bind(entry.amount)
-    .execute(&mut *conn)
-    .await?;
-    Ok(inserted.rows_affected() == 1)
 }
 
 async fn balance(conn: &mut AnyConnection, account: &str) -> Result<Option<i64>, sqlx::Error> {
@@ -106,16 +44,6 @@ async fn balance(conn: &mut AnyConnection, account: &str) -> Result<Option<i64>,
         .await?
         .map(|r| r.try_get("balance"))
         .transpose()
-}
-
-/// Credits an account; `false` if it does not exist.
-async fn credit(conn: &mut AnyConnection, account: &str, amount: i64) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query("UPDATE payment_accounts SET balance = balance + $1 WHERE account = $2")
-        .bind(amount)
-        .bind(account)
-        .execute(&mut *conn)
-        .await?;
-    Ok(done.rows_affected() == 1)
 }
 
 // The PostgreSQL statements: one per operation, shaped as the module docs of `services` say
@@ -173,6 +101,52 @@ const REFUND_PG: &str = "WITH done AS (SELECT amount FROM payment_ledger \
          (SELECT cents FROM refundable) AS refundable, (SELECT count(*) FROM credit) AS applied, \
          (SELECT count(*) FROM written) AS recorded";
 
+// The SQLite statements: one call per operation, shaped as the module docs of `services` say
+// (the guarded effect; the ledger row if it changed a row; the report).
+
+/// `charge`: the debit as [`CHARGE_PG`]'s, the charge recorded only if it happened; the report
+/// says whether this (saga, step) has its charge now.
+const CHARGE_SQLITE: &str = "UPDATE payment_accounts SET balance = balance - $5 \
+         WHERE account = $3 AND balance >= $5 AND NOT EXISTS (SELECT 1 FROM payment_ledger \
+             WHERE saga_id = $1 AND step = $2 AND kind = 'charge'); \
+     INSERT INTO payment_ledger (saga_id, step, kind, account, order_id, amount) \
+         SELECT $1, $2, 'charge', $3, $4, $5 WHERE changes() = 1; \
+     SELECT changes() AS applied, EXISTS (SELECT 1 FROM payment_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = 'charge') AS entry";
+
+/// `charge_reversal`: credits back what this (saga, step)'s `charge` row says, unless it was
+/// reversed already, and copies that row as the reversal only if the credit happened. The
+/// report: what was reversed (now or before), else the charged account (NULL: nothing was
+/// charged; else the account is gone).
+const CHARGE_REVERSAL_SQLITE: &str = "UPDATE payment_accounts SET balance = balance + c.amount \
+         FROM payment_ledger c WHERE c.saga_id = $1 AND c.step = $2 AND c.kind = 'charge' \
+         AND payment_accounts.account = c.account AND NOT EXISTS (SELECT 1 FROM payment_ledger \
+             WHERE saga_id = $1 AND step = $2 AND kind = 'charge_reversal'); \
+     INSERT INTO payment_ledger (saga_id, step, kind, account, order_id, amount) \
+         SELECT saga_id, step, 'charge_reversal', account, order_id, amount FROM payment_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = 'charge' AND changes() = 1; \
+     SELECT (SELECT amount FROM payment_ledger \
+             WHERE saga_id = $1 AND step = $2 AND kind = 'charge_reversal') AS reversed, \
+         (SELECT account FROM payment_ledger \
+             WHERE saga_id = $1 AND step = $2 AND kind = 'charge') AS account";
+
+/// `refund`: credits the account if the order has that much left to refund to it, unless this
+/// (saga, step) refunded already, and records the refund only if the credit happened. One
+/// writer at a time, so what is left is read under the lock the credit holds. The report says
+/// what the message of a refusal needs too, so a refusal takes no second call.
+const REFUND_SQLITE: &str = "UPDATE payment_accounts SET balance = balance + $5 \
+         WHERE account = $3 AND NOT EXISTS (SELECT 1 FROM payment_ledger \
+             WHERE saga_id = $1 AND step = $2 AND kind = 'refund') \
+         AND $5 <= (SELECT coalesce(sum(CASE kind WHEN 'charge' THEN amount ELSE -amount END), \
+             0) FROM payment_ledger WHERE order_id = $4 AND account = $3); \
+     INSERT INTO payment_ledger (saga_id, step, kind, account, order_id, amount) \
+         SELECT $1, $2, 'refund', $3, $4, $5 WHERE changes() = 1; \
+     SELECT (SELECT amount FROM payment_ledger \
+             WHERE saga_id = $1 AND step = $2 AND kind = 'refund') AS refunded, \
+         EXISTS (SELECT 1 FROM payment_accounts WHERE account = $3) AS known, \
+         (SELECT coalesce(sum(CASE kind WHEN 'charge' THEN amount ELSE -amount END), 0) \
+             FROM payment_ledger WHERE order_id = $4 AND account = $3) AS refundable";
+
 /// Debits `charge` once for this (saga, step): `Refused` when the account does not exist or
 /// does not hold the amount.
 async fn debit_once(
@@ -180,36 +154,21 @@ async fn debit_once(
     ctx: &StepContext,
     charge: &Entry,
 ) -> Result<Ran, sqlx::Error> {
-    if on_postgres(conn) {
-        let row = sqlx::query(CHARGE_PG)
-            .bind(&ctx.saga_id)
-            .bind(&ctx.step)
-            .bind(&charge.account)
-            .bind(&charge.order_id)
-            .bind(charge.amount)
-            .fetch_one(&mut *conn)
-            .await?;
+    let postgres = on_postgres(conn);
+    let operation = sqlx::query(if postgres { CHARGE_PG } else { CHARGE_SQLITE })
+        .bind(&ctx.saga_id)
+        .bind(&ctx.step)
+        .bind(&charge.account)
+        .bind(&charge.order_id)
+        .bind(charge.amount);
+    if postgres {
+        let row = operation.fetch_one(&mut *conn).await?;
         let replay = row.try_get::<bool, _>("replayed")?.then_some(());
         return Ran::read(&row, replay, "payment", ctx, "charge");
     }
-    // The barrier already filters duplicates; this keeps a replay harmless even without it.
-    if !record_once(conn, ctx, "charge", charge).await? {
-        return Ok(Ran::Replay(()));
-    }
-    // One conditional statement, so two sagas charging one account cannot both pass a check.
-    let debited = sqlx::query(
-        "UPDATE payment_accounts SET balance = balance - $1 \
-         WHERE account = $2 AND balance >= $1",
-    )
-    .bind(charge.amount)
-    .bind(&charge.account)
-    .execute(&mut *conn)
-    .await?;
-    Ok(if debited.rows_affected() == 1 {
-        Ran::Applied
-    } else {
-        Ran::Refused
-    })
+    let row = report_sqlite(conn, operation).await?;
+    let recorded = (row.try_get::<i64, _>("entry")? == 1).then_some(());
+    Ran::sqlite(&row, recorded)
 }
 
 /// Why `charge` was refused: the account is unknown, or it holds less than the amount.
@@ -269,17 +228,20 @@ async fn reverse_charge(
             },
         );
     }
-    if let Some(done) = entry(conn, ctx, "charge_reversal").await? {
-        return Ok(Reversal::Credited(done.amount));
-    }
-    let Some(charge) = entry(conn, ctx, "charge").await? else {
-        return Ok(Reversal::NothingCharged);
-    };
-    if !credit(conn, &charge.account, charge.amount).await? {
-        return Ok(Reversal::AccountGone(charge.account));
-    }
-    record(conn, ctx, "charge_reversal", &charge).await?;
-    Ok(Reversal::Credited(charge.amount))
+    let operation = sqlx::query(CHARGE_REVERSAL_SQLITE)
+        .bind(&ctx.saga_id)
+        .bind(&ctx.step);
+    let row = report_sqlite(conn, operation).await?;
+    Ok(
+        match (
+            row.try_get::<Option<i64>, _>("reversed")?,
+            row.try_get::<Option<String>, _>("account")?,
+        ) {
+            (Some(cents), _) => Reversal::Credited(cents),
+            (None, None) => Reversal::NothingCharged,
+            (None, Some(account)) => Reversal::AccountGone(account),
+        },
+    )
 }
 
 /// What an order-refund's credit came to.
@@ -302,34 +264,25 @@ async fn refund_once(
     if on_postgres(conn) {
         return refund_once_postgres(conn, ctx, refund).await;
     }
-    if let Some(done) = entry(conn, ctx, "refund").await? {
-        return Ok(Refunded::Credited(done.amount));
+    let operation = sqlx::query(REFUND_SQLITE)
+        .bind(&ctx.saga_id)
+        .bind(&ctx.step)
+        .bind(&refund.account)
+        .bind(&refund.order_id)
+        .bind(refund.amount);
+    let row = report_sqlite(conn, operation).await?;
+    // Refunded now or before: either way its ledger row is there.
+    if let Some(cents) = row.try_get::<Option<i64>, _>("refunded")? {
+        return Ok(Refunded::Credited(cents));
     }
-    // Credit first, so the ledger read below sees every refund committed before ours (on
-    // SQLite one writer at a time). A refusal after it is fine: the SDK rolls the whole
-    // transaction back.
-    if !credit(conn, &refund.account, refund.amount).await? {
+    if row.try_get::<i64, _>("known")? == 0 {
         return Ok(Refunded::UnknownAccount);
     }
-    let rows =
-        sqlx::query("SELECT kind, amount FROM payment_ledger WHERE order_id = $1 AND account = $2")
-            .bind(&refund.order_id)
-            .bind(&refund.account)
-            .fetch_all(&mut *conn)
-            .await?;
-    let mut refundable = 0i64;
-    for row in rows {
-        let amount: i64 = row.try_get("amount")?;
-        match row.try_get::<String, _>("kind")?.as_str() {
-            "charge" => refundable += amount,
-            _ => refundable -= amount,
-        }
-    }
+    let refundable: i64 = row.try_get("refundable")?;
     if refund.amount > refundable {
         return Ok(Refunded::TooMuch { refundable });
     }
-    record(conn, ctx, "refund", refund).await?;
-    Ok(Refunded::Credited(refund.amount))
+    Err(nothing_applied("payment", ctx, "refund"))
 }
 
 /// [`REFUND_PG`], and when the account changed under its snapshot (another transaction

@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use sqlx::{AnyConnection, Row};
 
 use super::{
-    Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, Ran, first_entry, nothing_applied,
-    on_postgres, param_count,
+    Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, Ran, nothing_applied, on_postgres,
+    param_count, report_sqlite,
 };
 use crate::sdk::{SagaStep, StepContext, StepError, param_str};
 
@@ -36,90 +36,6 @@ struct Entry {
     user_id: String,
     delta: i64,
     reason: Option<String>,
-}
-
-async fn entry(
-    conn: &mut AnyConnection,
-    ctx: &StepContext,
-    kind: &str,
-) -> Result<Option<Entry>, sqlx::Error> {
-    sqlx::query(
-        "SELECT user_id, delta, reason FROM points_ledger \
-         WHERE saga_id = $1 AND step = $2 AND kind = $3",
-    )
-    .bind(&ctx.saga_id)
-    .bind(&ctx.step)
-    .bind(kind)
-    .fetch_optional(&mut *conn)
-    .await?
-    .map(|r| {
-        Ok(Entry {
-            user_id: r.try_get("user_id")?,
-            delta: r.try_get("delta")?,
-            reason: r.try_get("reason")?,
-        })
-    })
-    .transpose()
-}
-
-/// Adds `entry.delta` to the user's balance (creating it at 0 first) and records the entry.
-async fn apply(
-    conn: &mut AnyConnection,
-    ctx: &StepContext,
-    kind: &str,
-    entry: &Entry,
-) -> Result<(), sqlx::Error> {
-    add(conn, entry).await?;
-    record(conn, ctx, kind, entry).await
-}
-
-/// Adds `entry.delta` to the user's balance, creating it at 0 first.
-async fn add(conn: &mut AnyConnection, entry: &Entry) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO points_balances (user_id, points, initial) VALUES ($1, $2, 0) \
-         ON CONFLICT (user_id) DO UPDATE SET points = points_balances.points + excluded.points",
-    )
-    .bind(&entry.user_id)
-    .bind(entry.delta)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-async fn record(
-    conn: &mut AnyConnection,
-    ctx: &StepContext,
-    kind: &str,
-    entry: &Entry,
-) -> Result<(), sqlx::Error> {
-    first_entry(
-        record_once(conn, ctx, kind, entry).await?,
-        "points",
-        ctx,
-        kind,
-    )
-}
-
-/// Records the entry unless this (saga, step, kind) already has one; false for a replay.
-async fn record_once(
-    conn: &mut AnyConnection,
-    ctx: &StepContext,
-    kind: &str,
-    entry: &Entry,
-) -> Result<bool, sqlx::Error> {
-    let inserted = sqlx::query(
-        "INSERT INTO points_ledger (saga_id, step, kind, user_id, delta, reason) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (saga_id, step, kind) DO NOTHING",
-    )
-    .bind(&ctx.saga_id)
-    .bind(&ctx.step)
-    .bind(kind)
-    .bind(&entry.user_id)
-    .bind(entry.delta)
-    .bind(entry.reason.clone())
-    .execute(&mut *conn)
-    .await?;
-    Ok(inserted.rows_affected() == 1)
 }
 
 // The PostgreSQL statements: one per operation, shaped as the module docs of `services` say
@@ -172,23 +88,72 @@ const REVERSE_PG: &str = "WITH original AS (SELECT user_id, delta, reason FROM p
      SELECT (SELECT delta FROM done) AS replayed, (SELECT delta FROM original) AS original, \
          (SELECT count(*) FROM added) AS applied, (SELECT count(*) FROM written) AS recorded";
 
-/// Runs a statement shaped like [`GRANT_PG`] or [`REVOKE_PG`] for `entry`.
-async fn once_postgres(
+// The SQLite statements: one call per operation, shaped as the module docs of `services` say
+// (the guarded effect; the ledger row if it changed a row; the report of the ledger row).
+
+/// `grant`: the upsert [`GRANT_PG`] makes, recorded only if it ran (it always changes a row
+/// when it runs).
+const GRANT_SQLITE: &str = "INSERT INTO points_balances (user_id, points, initial) \
+         SELECT $3, $4, 0 WHERE NOT EXISTS (SELECT 1 FROM points_ledger \
+             WHERE saga_id = $1 AND step = $2 AND kind = 'grant') \
+         ON CONFLICT (user_id) DO UPDATE SET points = points_balances.points + excluded.points; \
+     INSERT INTO points_ledger (saga_id, step, kind, user_id, delta, reason) \
+         SELECT $1, $2, 'grant', $3, $4, $5 WHERE changes() = 1; \
+     SELECT changes() AS applied, (SELECT delta FROM points_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = 'grant') AS entry";
+
+/// `revoke`: takes the points ($4 is negative) if the user has them, unless this (saga, step)
+/// revoked already, and records the revoke only if they were taken — or if they are zero,
+/// taken from anyone, even a user without a balance (which the update does not change), as
+/// [`REVOKE_PG`] does; the ledger's own check is then what keeps a replay from recording twice.
+const REVOKE_SQLITE: &str = "UPDATE points_balances SET points = points + $4 \
+         WHERE user_id = $3 AND points + $4 >= 0 AND NOT EXISTS (SELECT 1 FROM points_ledger \
+             WHERE saga_id = $1 AND step = $2 AND kind = 'revoke'); \
+     INSERT INTO points_ledger (saga_id, step, kind, user_id, delta, reason) \
+         SELECT $1, $2, 'revoke', $3, $4, $5 WHERE (changes() = 1 OR $4 = 0) \
+         AND NOT EXISTS (SELECT 1 FROM points_ledger \
+             WHERE saga_id = $1 AND step = $2 AND kind = 'revoke'); \
+     SELECT changes() AS applied, (SELECT delta FROM points_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = 'revoke') AS entry";
+
+/// Undoes this (saga, step)'s `$3` entry as a `$4` entry: adds its negated delta to its user
+/// (creating the balance at 0 first) unless it was undone already, and copies the entry negated
+/// only if that ran. The report: the `$4` entry's delta (now or before), NULL when there was
+/// nothing to undo.
+const REVERSE_SQLITE: &str = "INSERT INTO points_balances (user_id, points, initial) \
+         SELECT user_id, -delta, 0 FROM points_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = $3 AND NOT EXISTS (SELECT 1 \
+             FROM points_ledger WHERE saga_id = $1 AND step = $2 AND kind = $4) \
+         ON CONFLICT (user_id) DO UPDATE SET points = points_balances.points + excluded.points; \
+     INSERT INTO points_ledger (saga_id, step, kind, user_id, delta, reason) \
+         SELECT saga_id, step, $4, user_id, -delta, reason FROM points_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = $3 AND changes() = 1; \
+     SELECT (SELECT delta FROM points_ledger \
+         WHERE saga_id = $1 AND step = $2 AND kind = $4) AS reversal";
+
+/// Runs an operation shaped like [`GRANT_PG`] or [`REVOKE_PG`] on PostgreSQL, like
+/// [`GRANT_SQLITE`] or [`REVOKE_SQLITE`] on SQLite, for `entry`; a replay answers the recorded
+/// delta.
+async fn once(
     conn: &mut AnyConnection,
     ctx: &StepContext,
-    sql: &'static str,
+    (postgres, sqlite): (&'static str, &'static str),
     kind: &str,
     entry: &Entry,
 ) -> Result<Ran<i64>, sqlx::Error> {
-    let row = sqlx::query(sql)
+    let on_postgres = on_postgres(conn);
+    let operation = sqlx::query(if on_postgres { postgres } else { sqlite })
         .bind(&ctx.saga_id)
         .bind(&ctx.step)
         .bind(&entry.user_id)
         .bind(entry.delta)
-        .bind(entry.reason.clone())
-        .fetch_one(&mut *conn)
-        .await?;
-    Ran::read(&row, row.try_get("replayed")?, "points", ctx, kind)
+        .bind(entry.reason.clone());
+    if on_postgres {
+        let row = operation.fetch_one(&mut *conn).await?;
+        return Ran::read(&row, row.try_get("replayed")?, "points", ctx, kind);
+    }
+    let row = report_sqlite(conn, operation).await?;
+    Ran::sqlite(&row, row.try_get("entry")?)
 }
 
 /// Grants `grant` once; a replay answers the recorded delta.
@@ -197,25 +162,11 @@ async fn grant_once(
     ctx: &StepContext,
     grant: &Entry,
 ) -> Result<i64, StepError> {
-    if on_postgres(conn) {
-        return match once_postgres(conn, ctx, GRANT_PG, "grant", grant).await? {
-            Ran::Applied => Ok(grant.delta),
-            Ran::Replay(delta) => Ok(delta),
-            Ran::Refused => Err(nothing_applied("points", ctx, "grant").into()),
-        };
+    match once(conn, ctx, (GRANT_PG, GRANT_SQLITE), "grant", grant).await? {
+        Ran::Applied => Ok(grant.delta),
+        Ran::Replay(delta) => Ok(delta),
+        Ran::Refused => Err(nothing_applied("points", ctx, "grant").into()),
     }
-    // Recorded first: one statement tells a first run from a replay.
-    if !record_once(conn, ctx, "grant", grant).await? {
-        let done = entry(conn, ctx, "grant").await?.ok_or_else(|| {
-            StepError::retryable(format!(
-                "points ledger entry ({}, grant) vanished",
-                ctx.step
-            ))
-        })?;
-        return Ok(done.delta);
-    }
-    add(conn, grant).await?;
-    Ok(grant.delta)
 }
 
 /// Revokes `revoke` once (`revoke.delta` ≤ 0): `Refused` when the user has fewer points left.
@@ -224,25 +175,7 @@ async fn revoke_once(
     ctx: &StepContext,
     revoke: &Entry,
 ) -> Result<Ran<i64>, sqlx::Error> {
-    if on_postgres(conn) {
-        return once_postgres(conn, ctx, REVOKE_PG, "revoke", revoke).await;
-    }
-    if let Some(done) = entry(conn, ctx, "revoke").await? {
-        return Ok(Ran::Replay(done.delta));
-    }
-    let taken = sqlx::query(
-        "UPDATE points_balances SET points = points + $1 \
-         WHERE user_id = $2 AND points + $1 >= 0",
-    )
-    .bind(revoke.delta)
-    .bind(&revoke.user_id)
-    .execute(&mut *conn)
-    .await?;
-    if taken.rows_affected() == 0 && revoke.delta != 0 {
-        return Ok(Ran::Refused);
-    }
-    record(conn, ctx, "revoke", revoke).await?;
-    Ok(Ran::Applied)
+    once(conn, ctx, (REVOKE_PG, REVOKE_SQLITE), "revoke", revoke).await
 }
 
 /// Undoes this (saga, step)'s `kind` entry, once; nothing if it never happened.
@@ -252,14 +185,14 @@ async fn reverse(
     kind: &str,
     reversal: &str,
 ) -> Result<Value, StepError> {
-    if on_postgres(conn) {
-        let row = sqlx::query(REVERSE_PG)
-            .bind(&ctx.saga_id)
-            .bind(&ctx.step)
-            .bind(kind)
-            .bind(reversal)
-            .fetch_one(&mut *conn)
-            .await?;
+    let postgres = on_postgres(conn);
+    let operation = sqlx::query(if postgres { REVERSE_PG } else { REVERSE_SQLITE })
+        .bind(&ctx.saga_id)
+        .bind(&ctx.step)
+        .bind(kind)
+        .bind(reversal);
+    if postgres {
+        let row = operation.fetch_one(&mut *conn).await?;
         if let Some(delta) = row.try_get::<Option<i64>, _>("replayed")? {
             return Ok(json!({ "delta": delta }));
         }
@@ -271,18 +204,11 @@ async fn reverse(
             Ran::Refused => Err(nothing_applied("points", ctx, reversal).into()),
         };
     }
-    if let Some(done) = entry(conn, ctx, reversal).await? {
-        return Ok(json!({ "delta": done.delta }));
-    }
-    let Some(original) = entry(conn, ctx, kind).await? else {
-        return Ok(json!({ "delta": 0 }));
-    };
-    let undo = Entry {
-        delta: -original.delta,
-        ..original
-    };
-    apply(conn, ctx, reversal, &undo).await?;
-    Ok(json!({ "delta": undo.delta }))
+    // Undone now or before, the reversal entry says by how much; without one there was
+    // nothing to undo (an entry to undo always is).
+    let row = report_sqlite(conn, operation).await?;
+    let delta = row.try_get::<Option<i64>, _>("reversal")?;
+    Ok(json!({ "delta": delta.unwrap_or(0) }))
 }
 
 fn requested(params: &Value, sign: i64) -> Result<Entry, StepError> {
@@ -778,18 +704,20 @@ mod tests {
         );
         assert!(kinds(pool, "points_ledger", "r2").await.is_empty());
         assert_eq!(points_of(pool, "u1").await, Some(30));
-        // Zero points can be revoked from anyone: recorded, nothing else.
-        let zero = run(
-            pool,
-            Op::Action(&Revoke),
-            "r3",
-            "points",
-            &params("ghost", 0),
-        )
-        .await;
-        assert_eq!(zero, Ok(json!({ "delta": 0 })));
-        assert_eq!(kinds(pool, "points_ledger", "r3").await, ["revoke"]);
-        assert_eq!(points_of(pool, "ghost").await, None);
+        // Zero points can be revoked from anyone: recorded, nothing else; replayed alike.
+        for _ in 0..2 {
+            let zero = run(
+                pool,
+                Op::Action(&Revoke),
+                "r3",
+                "points",
+                &params("ghost", 0),
+            )
+            .await;
+            assert_eq!(zero, Ok(json!({ "delta": 0 })));
+            assert_eq!(kinds(pool, "points_ledger", "r3").await, ["revoke"]);
+            assert_eq!(points_of(pool, "ghost").await, None);
+        }
 
         for _ in 0..2 {
             let undo = run(pool, Op::Compensate(&Revoke), "r1", "points", &Value::Null).await;
