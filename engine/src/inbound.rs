@@ -45,6 +45,22 @@ fn is_permanent(e: &EngineError) -> bool {
     }
 }
 
+/// Batches applied and waiting for their deliveries to be settled, per lane.
+const SETTLING: usize = 8;
+
+/// An applied batch's deliveries, each with its work and what applying it did.
+type Settlement = Vec<((Delivery, Inbound), Result<Done, EngineError>)>;
+
+/// Whether a delivery goes back to its queue (and the loop backs off): what `settle` nacks.
+fn comes_again(inbound: &Inbound, result: &Result<Done, EngineError>) -> bool {
+    match result {
+        Ok(_) => false,
+        Err(e) if is_permanent(e) => false,
+        Err(EngineError::Store(_)) => true,
+        Err(_) => matches!(inbound, Inbound::Event(_)),
+    }
+}
+
 /// Which queue an inbound loop consumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Queue {
@@ -92,6 +108,18 @@ impl Engine {
             lanes.push(tx);
             let engine = self.clone();
             let mut shutdown = shutdown.clone();
+            // A batch's deliveries are settled (acknowledged, given back, dead-lettered) by a
+            // task of their own, in batch order, while the lane applies the next batch: the
+            // acknowledgements are not on the path of the next batch's messages.
+            let (settle, mut to_settle) = tokio::sync::mpsc::channel::<Settlement>(SETTLING);
+            let settler = {
+                let engine = self.clone();
+                tokio::spawn(async move {
+                    while let Some(batch) = to_settle.recv().await {
+                        engine.settle(queue, batch).await;
+                    }
+                })
+            };
             tasks.push(tokio::spawn(async move {
                 let mut failures = 0u32;
                 while let Some(first) = rx.recv().await {
@@ -102,7 +130,13 @@ impl Engine {
                             Err(_) => break,
                         }
                     }
-                    if engine.handle_batch(queue, deliveries).await {
+                    let (ok, settlement) = engine.handle_batch(queue, deliveries).await;
+                    if let Err(tokio::sync::mpsc::error::SendError(settlement)) =
+                        settle.send(settlement).await
+                    {
+                        engine.settle(queue, settlement).await;
+                    }
+                    if ok {
                         failures = 0;
                     } else {
                         failures += 1;
@@ -112,6 +146,9 @@ impl Engine {
                         }
                     }
                 }
+                // What was applied is settled before the loop ends.
+                drop(settle);
+                let _ = settler.await;
             }));
         }
         loop {
@@ -132,8 +169,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Decodes, applies and settles one batch of deliveries; false if some must come again.
-    async fn handle_batch(&self, queue: Queue, deliveries: Vec<Delivery>) -> bool {
+    /// Decodes and applies one batch of deliveries; returns false if some must come again (the
+    /// loop backs off), and what to do with each delivery once the batch committed.
+    async fn handle_batch(&self, queue: Queue, deliveries: Vec<Delivery>) -> (bool, Settlement) {
         let mut work = Vec::with_capacity(deliveries.len());
         let mut held = Vec::with_capacity(deliveries.len());
         // The replies' `apply` spans (when traces are on), open while their batch is applied.
@@ -157,11 +195,23 @@ impl Engine {
             }
         }
         if work.is_empty() {
-            return ok;
+            return (ok, Vec::new());
         }
         let results = self.apply_inbound(&work).await;
         drop(spans);
-        for ((d, inbound), result) in held.into_iter().zip(&work).zip(results) {
+        ok &= !results
+            .iter()
+            .zip(&work)
+            .any(|(result, inbound)| comes_again(inbound, result));
+        let settlement = held.into_iter().zip(work).zip(results).collect();
+        (ok, settlement)
+    }
+
+    /// Acknowledges, gives back or dead-letters each delivery of an applied batch, by what
+    /// applying it did.
+    async fn settle(&self, queue: Queue, settlement: Settlement) {
+        for ((d, inbound), result) in settlement {
+            let inbound = &inbound;
             match result {
                 Ok(Done::Applied(Applied::UnknownSaga)) => {
                     let saga = match inbound {
@@ -194,7 +244,6 @@ impl Engine {
                 }
                 Err(EngineError::Store(e)) => {
                     warn!(message = %d.message.id, error = %e, "applying a message failed; it will be redelivered");
-                    ok = false;
                     let _ = d.nack().await;
                 }
                 Err(e) => match inbound {
@@ -208,13 +257,11 @@ impl Engine {
                     }
                     Inbound::Event(_) => {
                         warn!(message = %d.message.id, error = %e, "applying a reply failed; it will be redelivered");
-                        ok = false;
                         let _ = d.nack().await;
                     }
                 },
             }
         }
-        ok
     }
 
     /// The work in a delivery, and for a reply its `apply` span when traces are on.

@@ -342,6 +342,7 @@ impl Store {
             tx: self.pool.begin().await?,
             sql: self.sql(),
             counters: self.counters.clone(),
+            freed_keys: Vec::new(),
         })
     }
 

@@ -98,7 +98,8 @@ impl Store {
         self.by_message_ids(Sql::release_lease, ids).await
     }
 
-    /// One autocommitted statement per [`rows_per_statement`] ids (none for none).
+    /// One autocommitted statement per [`rows_per_statement`] ids (none for none), padded and
+    /// kept prepared as the transactions' look-ups are.
     async fn by_message_ids(
         &self,
         text: fn(&Sql, usize) -> super::sql::Text,
@@ -107,12 +108,9 @@ impl Store {
         for chunk in ids.chunks(rows_per_statement(1)) {
             self.counters.statement();
             self.counters.commit();
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(text(self.sql(), chunk.len()).sql))
-                .persistent(false);
-            for id in chunk {
-                q = q.bind(id.as_str());
-            }
-            q.execute(&self.relay_pool).await?;
+            super::tx::in_list(self.sql(), text, chunk)
+                .execute(&self.relay_pool)
+                .await?;
         }
         Ok(())
     }

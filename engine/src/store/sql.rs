@@ -105,6 +105,26 @@ impl Text {
     }
 }
 
+/// `IN` lists up to this long are padded (see [`padded`]) and their statements kept prepared.
+pub const PADDED_MAX: usize = 1024;
+
+/// The length an `IN` list of `n` values is written with: the next power of two (the last
+/// value repeated, which changes no result), up to [`PADDED_MAX`]. So a look-up has one text per
+/// power of two, few enough to keep prepared: one round trip a run instead of two (sqlx
+/// describes an unprepared statement first). PostgreSQL may then run a look-up with the
+/// generic plan it made on the first runs, and for these shapes (an `IN` list on a unique
+/// column, the queue heads' array) that plan is an index scan even when the table was empty
+/// (`tests/plans.rs` fills the tables after the first runs and counts sequential scans); the
+/// batch writes, whose text varies with every part's size, stay unprepared and planned at each
+/// run.
+pub fn padded(n: usize) -> usize {
+    if n <= PADDED_MAX {
+        n.next_power_of_two()
+    } else {
+        n
+    }
+}
+
 /// How many rows of `cols` values fit in one statement.
 pub fn rows_per_statement(cols: usize) -> usize {
     (MAX_PARAMS / cols.max(1)).max(1)
@@ -142,6 +162,7 @@ pub struct Counts {
     pub history: usize,
     pub outbox: usize,
     pub timers: usize,
+    pub freed_keys: usize,
 }
 
 impl Counts {
@@ -154,6 +175,7 @@ impl Counts {
             + self.history * HISTORY_COLS
             + self.outbox * OUTBOX_COLS
             + self.timers * TIMER_COLS
+            + self.freed_keys
     }
 
     pub fn is_empty(&self) -> bool {
@@ -331,6 +353,11 @@ impl Sql {
         });
         part(&mut t, "t", n.timers, &|t| {
             self.set_timers_into(t, n.timers)
+        });
+        part(&mut t, "k", n.freed_keys, &|t| {
+            t.push("DELETE FROM sequence_keys WHERE seq_key IN (")
+                .list(n.freed_keys)
+                .push(")");
         });
         t.push(if n.cancelled > 0 {
             " SELECT (SELECT COUNT(*) FROM c) AS cancelled"
@@ -580,6 +607,14 @@ mod tests {
         );
         assert_eq!(t.params(), n.params());
         assert!(Counts::default().is_empty());
+    }
+
+    #[test]
+    fn look_ups_are_padded_to_powers_of_two() {
+        assert_eq!(
+            [1, 2, 3, 5, 64, 65, 1024, 1025].map(padded),
+            [1, 2, 4, 8, 64, 128, 1024, 1025]
+        );
     }
 
     #[test]

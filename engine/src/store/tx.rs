@@ -197,6 +197,7 @@ impl Changes<'_> {
             history: self.history.len(),
             outbox: self.outbox.len(),
             timers: self.timers.len(),
+            freed_keys: 0,
         }
     }
 }
@@ -207,6 +208,9 @@ pub struct Tx {
     pub(super) tx: sqlx::Transaction<'static, sqlx::Any>,
     pub(super) sql: &'static Sql,
     pub(super) counters: std::sync::Arc<Counters>,
+    /// Keys [`SequenceKeyTable::release_keys`] found without a waiter (their rows are locked):
+    /// deleted by the next [`StoreTx::write_changes`], or at the commit.
+    pub(super) freed_keys: Vec<String>,
 }
 
 /// A statement with its values bound one by one.
@@ -343,6 +347,26 @@ fn bind_timers<'q>(mut q: Query<'q>, rows: &'q [TimerRow], events: &'q [String])
     q
 }
 
+/// An `IN`-list statement for `values`, written at the [`sql::padded`] length (the last value
+/// repeated) and then kept prepared: one text per power of two.
+pub(super) fn in_list<'q>(
+    sql: &Sql,
+    text: fn(&Sql, usize) -> Text,
+    values: &'q [String],
+) -> Query<'q> {
+    let n = sql::padded(values.len());
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(text(sql, n).sql)).persistent(n <= sql::PADDED_MAX);
+    for v in values {
+        q = q.bind(v.as_str());
+    }
+    if let Some(last) = values.last() {
+        for _ in values.len()..n {
+            q = q.bind(last.as_str());
+        }
+    }
+    q
+}
+
 fn bind_all<'q>(mut q: Query<'q>, values: &'q [String]) -> Query<'q> {
     for v in values {
         q = q.bind(v.as_str());
@@ -373,7 +397,7 @@ impl Tx {
     ) -> Result<Vec<AnyRow>, StoreError> {
         let mut rows = Vec::new();
         for chunk in values.chunks(rows_per_statement(1)) {
-            let q = bind_all(query(text(self.sql, chunk.len())), chunk);
+            let q = in_list(self.sql, text, chunk);
             rows.extend(self.fetch(q).await?);
         }
         Ok(rows)
@@ -387,7 +411,7 @@ impl Tx {
     ) -> Result<u64, StoreError> {
         let mut n = 0;
         for chunk in values.chunks(rows_per_statement(1)) {
-            let q = bind_all(query(text(self.sql, chunk.len())), chunk);
+            let q = in_list(self.sql, text, chunk);
             n += self.exec(q).await?;
         }
         Ok(n)
@@ -579,9 +603,8 @@ impl SequenceKeyTable for Tx {
             .filter(|k| !heads.contains_key(*k))
             .cloned()
             .collect();
-        if !free.is_empty() {
-            self.exec_in(Sql::delete_keys, &free).await?;
-        }
+        // Deleted with the batch's other writes (they are locked meanwhile).
+        self.freed_keys.extend(free);
         // Hand-overs are rare (two sagas of one order close together): one row at a time.
         let mut next = Vec::new();
         for key in &held {
@@ -688,11 +711,14 @@ impl DefinitionTable for Tx {
 impl StoreTx for Tx {
     async fn write_changes(&mut self, c: &Changes<'_>, now: i64) -> Result<(), StoreError> {
         let timeline = timeline_rows(c.history);
+        let freed = std::mem::take(&mut self.freed_keys);
         let n = sql::Counts {
             history: timeline.len(),
+            freed_keys: freed.len(),
             ..c.counts()
         };
         if !self.sql.postgres || n.params() > sql::MAX_PARAMS {
+            self.exec_in(Sql::delete_keys, &freed).await?;
             self.cancel_timers(c.cancelled_timers).await?;
             self.insert_sagas(c.new_sagas, now).await?;
             self.update_sagas(c.sagas, now).await?;
@@ -718,13 +744,16 @@ impl StoreTx for Tx {
         q = bind_history(q, &timeline, now);
         q = bind_outbox(q, c.outbox, now);
         q = bind_timers(q, c.timers, &events);
+        q = bind_all(q, &freed);
         self.counters.statement();
         let row = q.fetch_one(&mut *self.tx).await?;
         let written: i64 = row.try_get("updated")?;
         check_written(c.sagas, u64::try_from(written).unwrap_or(0))
     }
 
-    async fn commit(self) -> Result<(), StoreError> {
+    async fn commit(mut self) -> Result<(), StoreError> {
+        let freed = std::mem::take(&mut self.freed_keys);
+        self.exec_in(Sql::delete_keys, &freed).await?;
         self.counters.commit();
         Ok(self.tx.commit().await?)
     }
