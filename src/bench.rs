@@ -559,7 +559,7 @@ async fn bench(
         }
     }
 
-    let store = Store::connect(&dbs.engine_url, BENCH_POOL).await?;
+    let store = Store::connect_engine(&dbs.engine_url, BENCH_POOL).await?;
     let engine = Engine::new(store.clone(), transport.clone() as Arc<dyn Transport>);
     let graph = engine.definition_by_name("order-paid").await?;
 

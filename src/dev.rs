@@ -105,7 +105,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         Some(u) => u.clone(),
         None => args.db.display().to_string(),
     };
-    let store = Store::connect(&url, 16).await?;
+    // The engine runs on this store (the services too: one database).
+    let store = Store::connect_engine(&url, 16).await?;
     store
         .migrate(&[ENGINE_MIGRATIONS, services::MIGRATIONS])
         .await?;

@@ -287,7 +287,7 @@ fn stopped_while_waiting(who: &str) -> anyhow::Result<ExitCode> {
 pub async fn engine(args: EngineArgs) -> anyhow::Result<ExitCode> {
     let who = "sagaflow engine";
     let mut shutdown = startup::shutdown_on_signal("sagaflow");
-    let Some(store) = startup::connect_store(
+    let Some(store) = startup::connect_engine_store(
         who,
         &args.database_url,
         args.pool,

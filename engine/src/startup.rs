@@ -108,8 +108,34 @@ pub async fn connect_store(
     migrations: &[Migrations],
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Option<Store>, StoreError> {
+    connect_store_as(who, url, pool, migrations, false, shutdown).await
+}
+
+/// [`connect_store`] for a process that runs the engine ([`Store::connect_engine`]).
+pub async fn connect_engine_store(
+    who: &str,
+    url: &str,
+    pool: u32,
+    migrations: &[Migrations],
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<Store>, StoreError> {
+    connect_store_as(who, url, pool, migrations, true, shutdown).await
+}
+
+async fn connect_store_as(
+    who: &str,
+    url: &str,
+    pool: u32,
+    migrations: &[Migrations],
+    engine: bool,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<Store>, StoreError> {
     let attempt = || async {
-        let store = Store::connect(url, pool).await?;
+        let store = if engine {
+            Store::connect_engine(url, pool).await?
+        } else {
+            Store::connect(url, pool).await?
+        };
         store.migrate(migrations).await?;
         Ok::<_, StoreError>(store)
     };

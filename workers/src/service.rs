@@ -248,14 +248,13 @@ pub async fn run(
             service.migrations,
         ],
     };
-    let opened = startup::connect_store(
-        service.name,
-        &config.database_url,
-        POOL,
-        migrations,
-        &mut waiting,
-    )
-    .await
+    // Embedded, the engine runs on this store too (see `Store::connect_engine`).
+    let (name, url) = (service.name, &config.database_url);
+    let opened = if config.amqp.is_some() {
+        startup::connect_store(name, url, POOL, migrations, &mut waiting).await
+    } else {
+        startup::connect_engine_store(name, url, POOL, migrations, &mut waiting).await
+    }
     .map_err(store_err(format!("opening and migrating {db}")))?;
     let Some(store) = opened else {
         return Ok(());

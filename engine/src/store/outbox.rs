@@ -108,7 +108,7 @@ impl Store {
         for chunk in ids.chunks(rows_per_statement(1)) {
             self.counters.statement();
             self.counters.commit();
-            super::tx::in_list(self.sql(), text, chunk)
+            super::tx::in_list(self.sql(), self.keep_lookups, text, chunk)
                 .execute(&self.relay_pool)
                 .await?;
         }

@@ -211,6 +211,8 @@ pub struct Tx {
     /// Keys [`SequenceKeyTable::release_keys`] found without a waiter (their rows are locked):
     /// deleted by the next [`StoreTx::write_changes`], or at the commit.
     pub(super) freed_keys: Vec<String>,
+    /// Look-ups may be kept prepared (see [`super::Store::connect_engine`]).
+    pub(super) keep_lookups: bool,
 }
 
 /// A statement with its values bound one by one.
@@ -348,14 +350,17 @@ fn bind_timers<'q>(mut q: Query<'q>, rows: &'q [TimerRow], events: &'q [String])
 }
 
 /// An `IN`-list statement for `values`, written at the [`sql::padded`] length (the last value
-/// repeated) and then kept prepared: one text per power of two.
+/// repeated): one text per power of two, kept prepared when `keep` (see
+/// [`super::Store::connect_engine`]).
 pub(super) fn in_list<'q>(
     sql: &Sql,
+    keep: bool,
     text: fn(&Sql, usize) -> Text,
     values: &'q [String],
 ) -> Query<'q> {
     let n = sql::padded(values.len());
-    let mut q = sqlx::query(sqlx::AssertSqlSafe(text(sql, n).sql)).persistent(n <= sql::PADDED_MAX);
+    let mut q =
+        sqlx::query(sqlx::AssertSqlSafe(text(sql, n).sql)).persistent(keep && n <= sql::PADDED_MAX);
     for v in values {
         q = q.bind(v.as_str());
     }
@@ -397,7 +402,7 @@ impl Tx {
     ) -> Result<Vec<AnyRow>, StoreError> {
         let mut rows = Vec::new();
         for chunk in values.chunks(rows_per_statement(1)) {
-            let q = in_list(self.sql, text, chunk);
+            let q = in_list(self.sql, self.keep_lookups, text, chunk);
             rows.extend(self.fetch(q).await?);
         }
         Ok(rows)
@@ -411,7 +416,7 @@ impl Tx {
     ) -> Result<u64, StoreError> {
         let mut n = 0;
         for chunk in values.chunks(rows_per_statement(1)) {
-            let q = in_list(self.sql, text, chunk);
+            let q = in_list(self.sql, self.keep_lookups, text, chunk);
             n += self.exec(q).await?;
         }
         Ok(n)
