@@ -287,11 +287,12 @@ fn stopped_while_waiting(who: &str) -> anyhow::Result<ExitCode> {
 pub async fn engine(args: EngineArgs) -> anyhow::Result<ExitCode> {
     let who = "sagaflow engine";
     let mut shutdown = startup::shutdown_on_signal("sagaflow");
-    let Some(store) = startup::connect_engine_store(
+    let Some(store) = startup::connect_store(
         who,
         &args.database_url,
         args.pool,
         &[ENGINE_MIGRATIONS],
+        true,
         &mut shutdown,
     )
     .await?
@@ -376,6 +377,7 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         &args.database_url,
         args.pool,
         &[services::MIGRATIONS],
+        false,
         &mut shutdown,
     )
     .await?

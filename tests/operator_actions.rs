@@ -6,53 +6,12 @@
 
 mod support;
 
-use std::sync::Arc;
-
 use sagaflow_engine::machine::{Event, Op, Outcome, Resolution, SagaStatus, TimerKind};
 use sagaflow_engine::status;
-use sagaflow_engine::store::{ENGINE_MIGRATIONS, Store};
-use sagaflow_engine::transport::memory::MemoryTransport;
 use sagaflow_engine::{Applied, Engine, Incoming};
-use sagaflow_workers::services;
 use serde_json::json;
 
-/// One step that retries until it succeeds: a business failure makes the saga Failed.
-const HOLD: &str = r#"
-name: hold
-version: 1
-sequence_key: ${input.order_id}
-input:
-  order_id: string
-steps:
-  - id: charge
-    service: payment
-    action: charge
-    compensation: refund
-    on_failure: retry
-    params: { order_id: "${input.order_id}" }
-"#;
-
-async fn engine(url: &str) -> Arc<Engine> {
-    let store = Store::connect(url, 2).await.expect("connect");
-    store
-        .migrate(&[ENGINE_MIGRATIONS, services::MIGRATIONS])
-        .await
-        .expect("migrate");
-    Engine::new(store, Arc::new(MemoryTransport::default()))
-}
-
-fn reply(saga: &str, op: Op, attempt: u32, outcome: Outcome) -> Incoming {
-    Incoming {
-        saga_id: saga.to_owned(),
-        event: Event::Reply {
-            step: 0,
-            op,
-            attempt,
-            outcome,
-        },
-        timer_id: None,
-    }
-}
+use support::{ONE_STEP as HOLD, engine_alone as engine, reply};
 
 fn declined() -> Outcome {
     Outcome::Business {

@@ -7,48 +7,16 @@
 
 mod support;
 
-use std::sync::Arc;
-
-use sagaflow_engine::machine::{Event, Op, Outcome};
+use sagaflow_engine::machine::{Op, Outcome};
 use sagaflow_engine::status;
-use sagaflow_engine::store::{ENGINE_MIGRATIONS, SagaQueries, Store};
-use sagaflow_engine::transport::memory::MemoryTransport;
-use sagaflow_engine::{Applied, Engine, Incoming};
+use sagaflow_engine::store::SagaQueries;
+use sagaflow_engine::{Applied, Engine};
 use serde_json::json;
 
-/// One step that retries until it succeeds.
-const ONE_STEP: &str = r#"
-name: one-step
-version: 1
-sequence_key: ${input.order_id}
-input:
-  order_id: string
-steps:
-  - id: charge
-    service: payment
-    action: charge
-    compensation: refund
-    on_failure: retry
-    params: { order_id: "${input.order_id}" }
-"#;
+use support::{ONE_STEP, engine_alone as engine};
 
-async fn engine(url: &str) -> Arc<Engine> {
-    let store = Store::connect(url, 2).await.expect("connect");
-    store.migrate(&[ENGINE_MIGRATIONS]).await.expect("migrate");
-    Engine::new(store, Arc::new(MemoryTransport::default()))
-}
-
-fn reply(saga: &str, attempt: u32, outcome: Outcome) -> Incoming {
-    Incoming {
-        saga_id: saga.to_owned(),
-        event: Event::Reply {
-            step: 0,
-            op: Op::Action,
-            attempt,
-            outcome,
-        },
-        timer_id: None,
-    }
+fn reply(saga: &str, attempt: u32, outcome: Outcome) -> sagaflow_engine::Incoming {
+    support::reply(saga, Op::Action, attempt, outcome)
 }
 
 fn ok() -> Outcome {

@@ -100,29 +100,9 @@ pub fn amqp_transient(e: &TransportError) -> bool {
 }
 
 /// Opens and migrates the database, waiting while it is unreachable (or starting, or full);
-/// `None` when `shutdown` turns true first. `who` names the process in the lines it prints.
+/// `None` when `shutdown` turns true first. `who` names the process in the lines it prints;
+/// `engine`: the process runs the engine on this store ([`Store::connect_engine`]).
 pub async fn connect_store(
-    who: &str,
-    url: &str,
-    pool: u32,
-    migrations: &[Migrations],
-    shutdown: &mut watch::Receiver<bool>,
-) -> Result<Option<Store>, StoreError> {
-    connect_store_as(who, url, pool, migrations, false, shutdown).await
-}
-
-/// [`connect_store`] for a process that runs the engine ([`Store::connect_engine`]).
-pub async fn connect_engine_store(
-    who: &str,
-    url: &str,
-    pool: u32,
-    migrations: &[Migrations],
-    shutdown: &mut watch::Receiver<bool>,
-) -> Result<Option<Store>, StoreError> {
-    connect_store_as(who, url, pool, migrations, true, shutdown).await
-}
-
-async fn connect_store_as(
     who: &str,
     url: &str,
     pool: u32,

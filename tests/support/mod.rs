@@ -22,6 +22,52 @@ use sqlx::Row;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+/// One step that retries until it succeeds: a business failure makes the saga Failed.
+pub const ONE_STEP: &str = r#"
+name: hold
+version: 1
+sequence_key: ${input.order_id}
+input:
+  order_id: string
+steps:
+  - id: charge
+    service: payment
+    action: charge
+    compensation: refund
+    on_failure: retry
+    params: { order_id: "${input.order_id}" }
+"#;
+
+/// An engine on `url` (migrated, the services' tables too) whose loops do not run: the test
+/// plays the workers' replies and the due timers itself.
+pub async fn engine_alone(url: &str) -> Arc<Engine> {
+    let store = Store::connect(url, 2).await.expect("connect");
+    store
+        .migrate(&[ENGINE_MIGRATIONS, services::MIGRATIONS])
+        .await
+        .expect("migrate");
+    Engine::new(store, Arc::new(MemoryTransport::default()))
+}
+
+/// A reply to step 0's `op`, attempt `attempt`.
+pub fn reply(
+    saga: &str,
+    op: sagaflow_engine::machine::Op,
+    attempt: u32,
+    outcome: sagaflow_engine::machine::Outcome,
+) -> sagaflow_engine::Incoming {
+    sagaflow_engine::Incoming {
+        saga_id: saga.to_owned(),
+        event: sagaflow_engine::machine::Event::Reply {
+            step: 0,
+            op,
+            attempt,
+            outcome,
+        },
+        timer_id: None,
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,

@@ -249,12 +249,16 @@ pub async fn run(
         ],
     };
     // Embedded, the engine runs on this store too (see `Store::connect_engine`).
-    let (name, url) = (service.name, &config.database_url);
-    let opened = if config.amqp.is_some() {
-        startup::connect_store(name, url, POOL, migrations, &mut waiting).await
-    } else {
-        startup::connect_engine_store(name, url, POOL, migrations, &mut waiting).await
-    }
+    let engine = config.amqp.is_none();
+    let opened = startup::connect_store(
+        service.name,
+        &config.database_url,
+        POOL,
+        migrations,
+        engine,
+        &mut waiting,
+    )
+    .await
     .map_err(store_err(format!("opening and migrating {db}")))?;
     let Some(store) = opened else {
         return Ok(());
