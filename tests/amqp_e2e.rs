@@ -557,6 +557,47 @@ async fn force_closed_broker_connections_are_survived() {
     d.finish().await;
 }
 
+/// Every database connection of the deployment cut at once (what a PostgreSQL restart or a
+/// proxy's idle cut does to the engine's and the workers' pools): the loops that find their
+/// connection dead fail that round, the connection is dropped, and they go on with new ones.
+/// The pools ping only connections that sat idle (`ping_if_idle`), so the busy ones are found
+/// dead by the loops themselves, which is what this proves harmless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_database_connections_are_survived() {
+    let _one = SERIAL.lock().await;
+    let Some(mut d) = Deployment::new("cut_db_conns", 4).await else {
+        return;
+    };
+    d.engine_process();
+    d.all_workers();
+    let orders = d.orders("cutdb", 60).await;
+    for o in &orders[..30] {
+        d.start(o.clone()).await;
+    }
+    d.wait_final_at_least(3, FINAL).await;
+    let cut = {
+        let mut conn = d.store.pool().acquire().await.expect("conn");
+        sqlx::query(
+            "SELECT COUNT(*) AS n FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()) AS t",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .expect("terminate")
+        .try_get::<i64, _>("n")
+        .expect("n")
+    };
+    // The engine's pool, its relay's, and four workers' at least.
+    assert!(cut >= 6, "connections cut: {cut}");
+    // The test's own pool pings what sat idle this long before handing it out again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for o in &orders[30..] {
+        d.start(o.clone()).await;
+    }
+    all_completed_once(&d, 60).await;
+    d.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_messages_are_dead_lettered_and_their_partition_keeps_flowing() {
     let _one = SERIAL.lock().await;

@@ -291,6 +291,38 @@ on_both_backends!(
 );
 
 on_both_backends!(
+    a_lone_command_refused_is_rolled_back_and_recorded,
+    |url: String| async move {
+        let store = store(&url).await;
+        let bump = Bump::default();
+        let h = Handler::Saga(Arc::new(bump.clone()));
+        let run = batch(
+            &store,
+            &h,
+            &[cmd(
+                "s-1",
+                Op::Action,
+                json!({"id": "a", "fail": "business"}),
+            )],
+        )
+        .await;
+        assert_eq!(run.commits, 1);
+        let got = outcomes(&run);
+        assert_eq!(business_code(&got[0]), "no");
+        // Tried without a savepoint first; the refusal gave that try up and the command ran
+        // again inside one, so its write is gone and its refusal is durable.
+        assert_eq!(run.abandoned, 1);
+        assert_eq!(bump.calls("s-1"), 2);
+        assert_eq!(counter(&store, "a").await, 0, "its write was rolled back");
+        assert_eq!(
+            recorded(&store, "s-1", Op::Action).await,
+            Some(got[0].clone())
+        );
+        assert_eq!(barrier_rows(&store).await, 1);
+    }
+);
+
+on_both_backends!(
     a_failing_handler_rolls_back_only_itself_and_records_nothing,
     |url: String| async move {
         let store = store(&url).await;

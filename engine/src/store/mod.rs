@@ -187,6 +187,24 @@ pub struct Store {
     keep_lookups: bool,
 }
 
+/// A pooled connection that sat idle longer than this is pinged before it is handed out.
+const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// sqlx pings every connection it hands out (and again when it takes one back): one round trip
+/// more per transaction, on every hot loop's critical path. A connection that was in use a
+/// moment ago is alive, or its last user saw the error and the ping on its return closed it;
+/// so only one that sat idle (and may have been cut by a server restart meanwhile) is pinged.
+/// One that slipped through fails its transaction, which every loop retries.
+async fn ping_if_idle(
+    conn: &mut AnyConnection,
+    meta: sqlx::pool::PoolConnectionMetadata,
+) -> Result<bool, sqlx::Error> {
+    if meta.idle_for >= PING_AFTER_IDLE {
+        sqlx::Connection::ping(conn).await?;
+    }
+    Ok(true)
+}
+
 /// An engine's PostgreSQL connection plans every statement afresh (see [`Store::connect_engine`]).
 async fn plans(conn: &mut AnyConnection, engine: bool) -> Result<(), sqlx::Error> {
     if engine {
@@ -283,6 +301,8 @@ impl Store {
         let pool = match backend {
             Backend::Sqlite => AnyPoolOptions::new()
                 .max_connections(1)
+                .test_before_acquire(false)
+                .before_acquire(|conn, meta| Box::pin(ping_if_idle(conn, meta)))
                 .acquire_timeout(Duration::from_secs(60))
                 .after_connect(|conn, _| {
                     Box::pin(async move {
@@ -311,6 +331,9 @@ impl Store {
                 // it for half a minute.
                 AnyPoolOptions::new()
                     .max_connections(max_connections.max(2))
+                    .test_before_acquire(false)
+                    .before_acquire(|conn, meta| Box::pin(ping_if_idle(conn, meta)))
+                .before_acquire(|conn, meta| Box::pin(ping_if_idle(conn, meta)))
                     .acquire_timeout(Duration::from_secs(5))
                     .after_connect(move |conn, _| Box::pin(plans(conn, engine)))
                     .connect_with(options.clone())
@@ -326,6 +349,8 @@ impl Store {
             Backend::Sqlite => pool.clone(),
             Backend::Postgres => AnyPoolOptions::new()
                 .max_connections(1)
+                .test_before_acquire(false)
+                .before_acquire(|conn, meta| Box::pin(ping_if_idle(conn, meta)))
                 .acquire_timeout(Duration::from_secs(5))
                 .after_connect(move |conn, _| {
                     Box::pin(async move {
