@@ -137,6 +137,27 @@ fn cpu_ticks(pid: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// The machine's CPU time so far in clock ticks, all cores and processes: (busy, busy + idle),
+/// from the `cpu` line of `/proc/stat` (user, nice, system, idle, iowait, irq, softirq, steal).
+fn machine_ticks() -> Option<(u64, u64)> {
+    parse_machine_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn parse_machine_ticks(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    let [user, nice, system, idle, iowait, irq, softirq, steal] = f[..] else {
+        return None;
+    };
+    let busy = user + nice + system + irq + softirq + steal;
+    Some((busy, busy + idle + iowait))
+}
+
 /// A `kB` line of `/proc/<pid>/status`, e.g. `VmRSS` (resident now) or `VmHWM` (peak).
 fn status_kb(pid: &str, key: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -512,6 +533,7 @@ async fn bench(
         None
     };
     let bench_ticks_before = cpu_ticks("self").unwrap_or(0);
+    let machine_before = machine_ticks();
 
     if !args.external {
         let common = |cmd: &[&str], url: &str| {
@@ -697,6 +719,9 @@ async fn bench(
     }
 
     // CPU and memory just before the stop; the bench's own CPU counts from the launch on.
+    let machine = machine_before
+        .zip(machine_ticks())
+        .map(|((b0, t0), (b1, t1))| (b1.saturating_sub(b0), t1.saturating_sub(t0)));
     let mut usage = deployment.usage();
     usage.insert(
         "bench".to_owned(),
@@ -927,6 +952,20 @@ async fn bench(
             }
             println!("{line}");
         }
+        if let Some((busy, all)) = machine.filter(|&(_, all)| all > 0) {
+            // Everything the machine did meanwhile: PostgreSQL and RabbitMQ, whose share is
+            // what the lines above leave, but also anything else that ran.
+            let secs = busy as f64 / CLOCK_TICKS_PER_SECOND;
+            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+            println!(
+                "    {:<15}{:>7.2} s  {:>6.2} ms/saga  busy {:.0} % of {cores} cores (all processes: \
+                 the database and the broker too, and anything else that ran)",
+                "machine:",
+                secs,
+                secs * 1000.0 / n,
+                busy as f64 * 100.0 / all as f64
+            );
+        }
     }
     Ok(report_invariants(outcomes.len(), &violations))
 }
@@ -1088,6 +1127,12 @@ mod tests {
     fn proc_readings() {
         assert!(cpu_ticks("self").is_some());
         assert!(status_kb("self", "VmRSS").is_some_and(|kb| kb > 0));
+        assert!(machine_ticks().is_some_and(|(busy, all)| busy <= all && all > 0));
+        assert_eq!(
+            parse_machine_ticks("cpu  10 1 5 80 4 0 2 3 0 0\ncpu0 5 0 2 40 2 0 1 1 0 0\n"),
+            Some((21, 105))
+        );
+        assert_eq!(parse_machine_ticks("cpu  10 1\n"), None);
         assert_eq!(kind_of("engine-1"), "engine");
         assert_eq!(kind_of("worker-payment"), "worker payment");
     }
