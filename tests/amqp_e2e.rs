@@ -30,6 +30,29 @@ async fn all_completed_once(d: &Deployment, n: i64) {
     d.assert_no_double_transitions().await;
 }
 
+/// A deployment (an engine process and the four workers) in the middle of a run: the first 30
+/// of 60 orders started, at least 3 of them final. What a disruption test strikes.
+async fn mid_run(test: &str, prefix: &str) -> Option<(Deployment, Vec<serde_json::Value>)> {
+    let mut d = Deployment::new(test, 4).await?;
+    d.engine_process();
+    d.all_workers();
+    let orders = d.orders(prefix, 60).await;
+    for o in &orders[..30] {
+        d.start(o.clone()).await;
+    }
+    d.wait_final_at_least(3, FINAL).await;
+    Some((d, orders))
+}
+
+/// After the disruption: the other 30 orders started, and all 60 complete once.
+async fn the_rest_completes(d: Deployment, orders: &[serde_json::Value]) {
+    for o in &orders[30..] {
+        d.start(o.clone()).await;
+    }
+    all_completed_once(&d, 60).await;
+    d.finish().await;
+}
+
 async fn rows(d: &Deployment, sql: &'static str, saga: &str) -> Vec<(String, i64)> {
     let mut conn = d.store.pool().acquire().await.expect("conn");
     sqlx::query(sql)
@@ -530,16 +553,9 @@ async fn an_engine_killed_mid_run_and_restarted_finishes_every_saga() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn force_closed_broker_connections_are_survived() {
     let _one = SERIAL.lock().await;
-    let Some(mut d) = Deployment::new("close_conns", 4).await else {
+    let Some((d, orders)) = mid_run("close_conns", "closec").await else {
         return;
     };
-    d.engine_process();
-    d.all_workers();
-    let orders = d.orders("closec", 60).await;
-    for o in &orders[..30] {
-        d.start(o.clone()).await;
-    }
-    d.wait_final_at_least(3, FINAL).await;
     // Only this deployment's connections (the engine's, the workers', the test's own).
     let closed = sagaflow_engine::transport::amqp::close_connections(
         &d.prefix,
@@ -550,11 +566,7 @@ async fn force_closed_broker_connections_are_survived() {
         closed >= 6,
         "engine, four workers and the test's own: {closed}"
     );
-    for o in &orders[30..] {
-        d.start(o.clone()).await;
-    }
-    all_completed_once(&d, 60).await;
-    d.finish().await;
+    the_rest_completes(d, &orders).await;
 }
 
 /// Every database connection of the deployment cut at once (what a PostgreSQL restart or a
@@ -565,16 +577,9 @@ async fn force_closed_broker_connections_are_survived() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_database_connections_are_survived() {
     let _one = SERIAL.lock().await;
-    let Some(mut d) = Deployment::new("cut_db_conns", 4).await else {
+    let Some((d, orders)) = mid_run("cut_db_conns", "cutdb").await else {
         return;
     };
-    d.engine_process();
-    d.all_workers();
-    let orders = d.orders("cutdb", 60).await;
-    for o in &orders[..30] {
-        d.start(o.clone()).await;
-    }
-    d.wait_final_at_least(3, FINAL).await;
     let cut = {
         let mut conn = d.store.pool().acquire().await.expect("conn");
         sqlx::query(
@@ -591,11 +596,7 @@ async fn cut_database_connections_are_survived() {
     assert!(cut >= 6, "connections cut: {cut}");
     // The test's own pool pings what sat idle this long before handing it out again.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    for o in &orders[30..] {
-        d.start(o.clone()).await;
-    }
-    all_completed_once(&d, 60).await;
-    d.finish().await;
+    the_rest_completes(d, &orders).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
