@@ -24,10 +24,11 @@
 //!    batch is answered from the first one's outcome without running the handler, and an undo
 //!    sees the forward operation before it;
 //! 3. each handler runs in a savepoint of its own: a business or transient failure, or a
-//!    database error, rolls back that command's writes only. A batch (even of one command) is
+//!    database error, rolls back that command's writes only. A batch of several commands is
 //!    first tried without savepoints ([`Optimism`]): if a handler fails, that try is rolled
-//!    back whole and the batch runs again with them, so the outcome is the same, only the
-//!    handlers before the failure ran twice;
+//!    back whole and the batch runs again with them: the handlers up to the failed one run
+//!    twice, and the failed one's answer is that of its second run (the same for a handler
+//!    that decides from the database alone; `--savepoints always` when it may not be);
 //! 4. one statement inserts the batch's new rows (`ON CONFLICT DO NOTHING`). If one already
 //!    existed, a concurrent duplicate (another worker, during a consumer takeover) committed it
 //!    after our read: the whole batch is rolled back and redone, and the redo answers that
@@ -207,7 +208,7 @@ pub struct BatchRun {
 /// Whether a batch first runs its handlers without savepoints.
 ///
 /// Savepoints cost one round trip per handler, and most batches do not need them: every
-/// handler succeeds. So a batch, even of one command, is first tried without: if every handler
+/// handler succeeds. So a batch of several commands is first tried without: if every handler
 /// succeeds it commits as it is; if one fails, its writes cannot be taken back alone, so the
 /// whole try is rolled back and the batch is run again with a savepoint per handler, with the
 /// same outcomes as if it had been run that way at once (handlers may run twice, which the
@@ -625,9 +626,11 @@ async fn transaction(
     optimism: &Optimism,
     abandoned: &mut u64,
 ) -> Result<Vec<Executed>, sqlx::Error> {
-    // A batch of one too: its savepoint costs two round trips (open, release) when the
-    // handler succeeds, and a failure only redoes that one command with it.
-    let mut optimistic = optimism.try_now();
+    // A batch of one runs in its savepoint at once: tried without, a failed handler would be
+    // run a second time in the redo, and could answer differently from its first run (a
+    // transient failure gone, a refusal that depended on the moment): its attempt would not
+    // get the answer of the run it made.
+    let mut optimistic = jobs.len() > 1 && optimism.try_now();
     let mut redos = 0;
     loop {
         let mut tx = pool.begin().await?;
