@@ -309,15 +309,34 @@ on_both_backends!(
         assert_eq!(run.commits, 1);
         let got = outcomes(&run);
         assert_eq!(business_code(&got[0]), "no");
-        // A lone command runs in its savepoint at once: its handler ran once, and the answer
-        // is that run's.
-        assert_eq!(run.abandoned, 0);
+        // Tried without a savepoint; the refusal gave that try up, and the redo answered and
+        // recorded the refusal without running the handler again: one run, its answer.
+        assert_eq!(run.abandoned, 1);
         assert_eq!(bump.calls("s-1"), 1);
         assert_eq!(counter(&store, "a").await, 0, "its write was rolled back");
         assert_eq!(
             recorded(&store, "s-1", Op::Action).await,
             Some(got[0].clone())
         );
+        assert_eq!(barrier_rows(&store).await, 1);
+        // A lone transient failure: rolled back, answered from its one run, not recorded.
+        let run = batch(
+            &store,
+            &h,
+            &[cmd(
+                "s-2",
+                Op::Action,
+                json!({"id": "b", "fail": "retryable"}),
+            )],
+        )
+        .await;
+        assert!(
+            matches!(outcomes(&run)[..], [Outcome::Retryable { .. }]),
+            "{run:?}"
+        );
+        assert_eq!(bump.calls("s-2"), 1);
+        assert_eq!(counter(&store, "b").await, 0, "its write was rolled back");
+        assert_eq!(recorded(&store, "s-2", Op::Action).await, None);
         assert_eq!(barrier_rows(&store).await, 1);
     }
 );

@@ -161,6 +161,9 @@ async fn check(backend: support::Backend) {
     // The rest grows by what each handler does (one insert), and with savepoints by one
     // round trip more per handler (`RELEASE SAVEPOINT sf; SAVEPOINT sf` in one message).
     assert_eq!(twenty.0 - two.0, 18, "optimistic: {two:?} {twenty:?}");
+    // A lone command (a quiet lane's batch) is tried without its savepoint too: one handler
+    // statement less than a batch of two, not two savepoint round trips more.
+    assert_eq!(two.0 - one.0, 1, "one {one:?}, two {two:?}");
 
     assert_eq!(
         twenty_sp.0 - two_sp.0,

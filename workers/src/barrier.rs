@@ -24,11 +24,12 @@
 //!    batch is answered from the first one's outcome without running the handler, and an undo
 //!    sees the forward operation before it;
 //! 3. each handler runs in a savepoint of its own: a business or transient failure, or a
-//!    database error, rolls back that command's writes only. A batch of several commands is
-//!    first tried without savepoints ([`Optimism`]): if a handler fails, that try is rolled
-//!    back whole and the batch runs again with them: the handlers up to the failed one run
-//!    twice, and the failed one's answer is that of its second run (the same for a handler
-//!    that decides from the database alone; `--savepoints always` when it may not be);
+//!    database error, rolls back that command's writes only. A batch is first tried without
+//!    savepoints ([`Optimism`]). If a handler fails, that try is rolled back whole; a batch of
+//!    several commands then runs again with them (the handlers up to the failed one run twice,
+//!    and the failed one's answer is that of its second run: the same for a handler that
+//!    decides from the database alone, `--savepoints always` when it may not be), and a lone
+//!    command runs again without its handler, answering and recording its one run's failure;
 //! 4. one statement inserts the batch's new rows (`ON CONFLICT DO NOTHING`). If one already
 //!    existed, a concurrent duplicate (another worker, during a consumer takeover) committed it
 //!    after our read: the whole batch is rolled back and redone, and the redo answers that
@@ -208,13 +209,14 @@ pub struct BatchRun {
 /// Whether a batch first runs its handlers without savepoints.
 ///
 /// Savepoints cost one round trip per handler, and most batches do not need them: every
-/// handler succeeds. So a batch of several commands is first tried without: if every handler
-/// succeeds it commits as it is; if one fails, its writes cannot be taken back alone, so the
-/// whole try is rolled back and the batch is run again with a savepoint per handler, with the
-/// same outcomes as if it had been run that way at once (handlers may run twice, which the
-/// module docs already ask them to allow). After a try is given up, the next
-/// [`CAUTIOUS_BATCHES`] batches go straight to savepoints, so a run of business failures
-/// costs little.
+/// handler succeeds. So a batch is first tried without: if every handler succeeds it commits
+/// as it is; if one fails, its writes cannot be taken back alone, so the whole try is rolled
+/// back and the batch is run again with a savepoint per handler (handlers may run twice, which
+/// the module docs already ask them to allow). After such a try is given up, the next
+/// [`CAUTIOUS_BATCHES`] batches of several commands go straight to savepoints, so a run of
+/// business failures costs little. A lone command is always tried without (unless
+/// [`Optimism::never`]): its redo answers its handler's failure without running it again,
+/// which costs no more than its savepoint would have.
 #[derive(Debug)]
 pub struct Optimism {
     enabled: bool,
@@ -426,18 +428,20 @@ async fn insert(
 ///
 /// In the optimistic first try of a batch (see [`Optimism`]) there are no savepoints at all: a
 /// handler that fails makes the whole try [`Handled::Abandon`]ed, and the batch is run again
-/// with savepoints.
+/// with savepoints — except a lone command's, which is run again with its handler's failure
+/// (`answer`) instead of its handler: what was answered is what that one run did.
 struct Savepoints {
     open: bool,
     optimistic: bool,
+    answer: Option<StepError>,
 }
 
 /// A handler's answer inside a batch.
 enum Handled {
     Done(Result<serde_json::Value, StepError>),
-    /// Optimistic try: a handler failed, and without its savepoint its writes cannot be taken
-    /// back alone.
-    Abandon,
+    /// Optimistic try: a handler failed (with this), and without its savepoint its writes
+    /// cannot be taken back alone.
+    Abandon(StepError),
 }
 
 impl Savepoints {
@@ -448,11 +452,16 @@ impl Savepoints {
         tx: &mut Transaction<'_, Any>,
         job: &Job<'_>,
     ) -> Result<Handled, sqlx::Error> {
+        if let Some(failure) = self.answer.take() {
+            // The redo of a lone command whose handler failed in the optimistic try: its
+            // writes went with that try, its failure is the answer.
+            return Ok(Handled::Done(Err(failure)));
+        }
         if self.optimistic {
             return Ok(
                 match run_handler(job.handler, job.op, &mut *tx, job.ctx, job.params).await {
                     Ok(output) => Handled::Done(Ok(output)),
-                    Err(_) => Handled::Abandon,
+                    Err(e) => Handled::Abandon(e),
                 },
             );
         }
@@ -493,8 +502,8 @@ enum Try {
     Done(Vec<Executed>),
     /// A concurrent duplicate won a barrier row: roll back and redo.
     Raced,
-    /// Optimistic try: a handler failed: roll back and redo with savepoints.
-    Abandoned,
+    /// Optimistic try: a handler failed (with this): roll back and redo.
+    Abandoned(StepError),
 }
 
 /// One try of a batch in `tx`.
@@ -502,6 +511,7 @@ async fn run_in(
     tx: &mut Transaction<'_, Any>,
     jobs: &[Job<'_>],
     optimistic: bool,
+    answer: Option<StepError>,
 ) -> Result<Try, sqlx::Error> {
     // Every row the batch's checks read: each command's own, and its forward or undo.
     let mut wanted = BTreeSet::new();
@@ -525,11 +535,13 @@ async fn run_in(
     let mut savepoints = Savepoints {
         open: false,
         optimistic,
+        answer,
     };
     for job in jobs {
         if !job.barrier {
-            let Handled::Done(handled) = savepoints.run(tx, job).await? else {
-                return Ok(Try::Abandoned);
+            let handled = match savepoints.run(tx, job).await? {
+                Handled::Done(handled) => handled,
+                Handled::Abandon(failure) => return Ok(Try::Abandoned(failure)),
             };
             let outcome = match handled {
                 Ok(output) => Outcome::Ok { output },
@@ -588,7 +600,7 @@ async fn run_in(
         let outcome = match decided {
             Some(outcome) => outcome,
             None => match savepoints.run(tx, job).await? {
-                Handled::Abandon => return Ok(Try::Abandoned),
+                Handled::Abandon(failure) => return Ok(Try::Abandoned(failure)),
                 Handled::Done(Ok(output)) => Outcome::Ok { output },
                 // Its writes are gone with the savepoint; the decision is kept.
                 Handled::Done(Err(StepError::Business { code, message })) => {
@@ -626,26 +638,38 @@ async fn transaction(
     optimism: &Optimism,
     abandoned: &mut u64,
 ) -> Result<Vec<Executed>, sqlx::Error> {
-    // A batch of one runs in its savepoint at once: tried without, a failed handler would be
-    // run a second time in the redo, and could answer differently from its first run (a
-    // transient failure gone, a refusal that depended on the moment): its attempt would not
-    // get the answer of the run it made.
-    let mut optimistic = jobs.len() > 1 && optimism.try_now();
+    // A lone command (a quiet lane's) is always tried without its savepoint, which saves two
+    // round trips when its handler succeeds. When it fails, the redo does not run the handler
+    // again (a second run could answer otherwise: a transient failure gone, a refusal that
+    // depended on the moment): it answers, and records, the failure of the one run, whose
+    // writes went with the first try. That costs no more than the savepoint would have, so a
+    // lone failure does not make the next batches cautious.
+    let lone = jobs.len() == 1;
+    let mut optimistic = if lone {
+        optimism.enabled
+    } else {
+        optimism.try_now()
+    };
+    let mut answer: Option<StepError> = None;
     let mut redos = 0;
     loop {
         let mut tx = pool.begin().await?;
-        match run_in(&mut tx, jobs, optimistic).await {
+        match run_in(&mut tx, jobs, optimistic, answer.clone()).await {
             Ok(Try::Done(done)) => {
                 tx.commit().await?;
                 return Ok(done);
             }
-            Ok(Try::Abandoned) => {
+            Ok(Try::Abandoned(failure)) => {
                 debug!(
                     commands = jobs.len(),
-                    "a handler failed in the optimistic try; redoing the batch with savepoints"
+                    "a handler failed in the optimistic try; redoing the batch"
                 );
                 tx.rollback().await?;
-                optimism.abandoned();
+                if lone {
+                    answer = Some(failure);
+                } else {
+                    optimism.abandoned();
+                }
                 *abandoned += 1;
                 optimistic = false;
             }
