@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use sqlx::{AnyConnection, Row};
 
 use super::{
-    Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, Ran, money, nothing_applied,
-    on_postgres, param_cents, report_sqlite,
+    Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, Ran, Reversal, money,
+    nothing_applied, on_postgres, param_cents, report_sqlite,
 };
 use crate::sdk::{SagaStep, StepContext, StepError, param_str};
 
@@ -135,37 +135,11 @@ async fn once(
 }
 
 /// Undoes this (saga, step)'s `kind` entry, once; nothing if it never happened.
-async fn reverse(
-    conn: &mut AnyConnection,
-    ctx: &StepContext,
-    kind: &str,
-    reversal: &str,
-) -> Result<Value, StepError> {
-    let postgres = on_postgres(conn);
-    let operation = sqlx::query(if postgres { REVERSE_PG } else { REVERSE_SQLITE })
-        .bind(&ctx.saga_id)
-        .bind(&ctx.step)
-        .bind(kind)
-        .bind(reversal);
-    if postgres {
-        let row = operation.fetch_one(&mut *conn).await?;
-        if let Some(delta) = row.try_get::<Option<i64>, _>("replayed")? {
-            return Ok(json!({ "delta_cents": delta }));
-        }
-        let Some(original) = row.try_get::<Option<i64>, _>("original")? else {
-            return Ok(json!({ "delta_cents": 0 }));
-        };
-        return match Ran::read(&row, None, "gmv", ctx, reversal)? {
-            Ran::Applied | Ran::Replay(()) => Ok(json!({ "delta_cents": -original })),
-            Ran::Refused => Err(nothing_applied("gmv", ctx, reversal).into()),
-        };
-    }
-    // Undone now or before, the reversal entry says by how much; without one there was
-    // nothing to undo (an entry to undo always is).
-    let row = report_sqlite(conn, operation).await?;
-    let delta = row.try_get::<Option<i64>, _>("reversal")?;
-    Ok(json!({ "delta_cents": delta.unwrap_or(0) }))
-}
+const REVERSAL: Reversal = Reversal {
+    ledger: "gmv",
+    postgres: REVERSE_PG,
+    sqlite: REVERSE_SQLITE,
+};
 
 #[async_trait]
 impl SagaStep for Add {
@@ -186,7 +160,7 @@ impl SagaStep for Add {
         ctx: &StepContext,
         _params: &Value,
     ) -> Result<Value, StepError> {
-        reverse(conn, ctx, "add", "add_reversal").await
+        Ok(json!({ "delta_cents": REVERSAL.undo(conn, ctx, "add", "add_reversal").await? }))
     }
 }
 
@@ -209,7 +183,9 @@ impl SagaStep for Subtract {
         ctx: &StepContext,
         _params: &Value,
     ) -> Result<Value, StepError> {
-        reverse(conn, ctx, "subtract", "subtract_reversal").await
+        Ok(
+            json!({ "delta_cents": REVERSAL.undo(conn, ctx, "subtract", "subtract_reversal").await? }),
+        )
     }
 }
 

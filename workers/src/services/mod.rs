@@ -319,6 +319,53 @@ pub(crate) fn nothing_applied(ledger: &str, ctx: &StepContext, kind: &str) -> sq
     ))
 }
 
+/// The statements that undo a ledger entry once, in their two forms (see the module docs):
+/// PostgreSQL's one statement reports `replayed` (the reversal's delta, when it was recorded
+/// before), `original` (the entry's delta, absent when there was none) and the `applied` /
+/// `recorded` counts; SQLite's call reports `reversal`, the reversal entry's delta.
+pub(crate) struct Reversal {
+    pub ledger: &'static str,
+    pub postgres: &'static str,
+    pub sqlite: &'static str,
+}
+
+impl Reversal {
+    /// Undoes this (saga, step)'s `kind` entry with its `reversal` entry, once; nothing if the
+    /// entry never happened. Returns by how much the total changed (0 when nothing was undone,
+    /// and on a replay what the first undo changed).
+    pub(crate) async fn undo(
+        &self,
+        conn: &mut AnyConnection,
+        ctx: &StepContext,
+        kind: &str,
+        reversal: &str,
+    ) -> Result<i64, StepError> {
+        let postgres = on_postgres(conn);
+        let operation = sqlx::query(if postgres { self.postgres } else { self.sqlite })
+            .bind(&ctx.saga_id)
+            .bind(&ctx.step)
+            .bind(kind)
+            .bind(reversal);
+        if postgres {
+            let row = operation.fetch_one(&mut *conn).await?;
+            if let Some(delta) = row.try_get::<Option<i64>, _>("replayed")? {
+                return Ok(delta);
+            }
+            let Some(original) = row.try_get::<Option<i64>, _>("original")? else {
+                return Ok(0);
+            };
+            return match Ran::read(&row, None, self.ledger, ctx, reversal)? {
+                Ran::Applied | Ran::Replay(()) => Ok(-original),
+                Ran::Refused => Err(nothing_applied(self.ledger, ctx, reversal).into()),
+            };
+        }
+        // Undone now or before, the reversal entry says by how much; without one there was
+        // nothing to undo (an entry to undo always is).
+        let row = report_sqlite(conn, operation).await?;
+        Ok(row.try_get::<Option<i64>, _>("reversal")?.unwrap_or(0))
+    }
+}
+
 /// The handler's answer to a compensation the definition says never happens (`compensation:
 /// none`): if the engine ever sends one, the saga must stop for an operator, not pretend.
 pub(crate) fn irreversible(what: &str) -> StepError {

@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use sqlx::{AnyConnection, Row};
 
 use super::{
-    Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, Ran, nothing_applied, on_postgres,
-    param_count, report_sqlite,
+    Finished, ORDER_PAID, ORDER_REFUND, Outcome, OutcomeState, Ran, Reversal, nothing_applied,
+    on_postgres, param_count, report_sqlite,
 };
 use crate::sdk::{SagaStep, StepContext, StepError, param_str};
 
@@ -179,37 +179,11 @@ async fn revoke_once(
 }
 
 /// Undoes this (saga, step)'s `kind` entry, once; nothing if it never happened.
-async fn reverse(
-    conn: &mut AnyConnection,
-    ctx: &StepContext,
-    kind: &str,
-    reversal: &str,
-) -> Result<Value, StepError> {
-    let postgres = on_postgres(conn);
-    let operation = sqlx::query(if postgres { REVERSE_PG } else { REVERSE_SQLITE })
-        .bind(&ctx.saga_id)
-        .bind(&ctx.step)
-        .bind(kind)
-        .bind(reversal);
-    if postgres {
-        let row = operation.fetch_one(&mut *conn).await?;
-        if let Some(delta) = row.try_get::<Option<i64>, _>("replayed")? {
-            return Ok(json!({ "delta": delta }));
-        }
-        let Some(original) = row.try_get::<Option<i64>, _>("original")? else {
-            return Ok(json!({ "delta": 0 }));
-        };
-        return match Ran::read(&row, None, "points", ctx, reversal)? {
-            Ran::Applied | Ran::Replay(()) => Ok(json!({ "delta": -original })),
-            Ran::Refused => Err(nothing_applied("points", ctx, reversal).into()),
-        };
-    }
-    // Undone now or before, the reversal entry says by how much; without one there was
-    // nothing to undo (an entry to undo always is).
-    let row = report_sqlite(conn, operation).await?;
-    let delta = row.try_get::<Option<i64>, _>("reversal")?;
-    Ok(json!({ "delta": delta.unwrap_or(0) }))
-}
+const REVERSAL: Reversal = Reversal {
+    ledger: "points",
+    postgres: REVERSE_PG,
+    sqlite: REVERSE_SQLITE,
+};
 
 fn requested(params: &Value, sign: i64) -> Result<Entry, StepError> {
     Ok(Entry {
@@ -242,7 +216,7 @@ impl SagaStep for Grant {
         ctx: &StepContext,
         _params: &Value,
     ) -> Result<Value, StepError> {
-        reverse(conn, ctx, "grant", "grant_reversal").await
+        Ok(json!({ "delta": REVERSAL.undo(conn, ctx, "grant", "grant_reversal").await? }))
     }
 }
 
@@ -288,7 +262,7 @@ impl SagaStep for Revoke {
         ctx: &StepContext,
         _params: &Value,
     ) -> Result<Value, StepError> {
-        reverse(conn, ctx, "revoke", "revoke_reversal").await
+        Ok(json!({ "delta": REVERSAL.undo(conn, ctx, "revoke", "revoke_reversal").await? }))
     }
 }
 
