@@ -333,7 +333,6 @@ impl Store {
                     .max_connections(max_connections.max(2))
                     .test_before_acquire(false)
                     .before_acquire(|conn, meta| Box::pin(ping_if_idle(conn, meta)))
-                .before_acquire(|conn, meta| Box::pin(ping_if_idle(conn, meta)))
                     .acquire_timeout(Duration::from_secs(5))
                     .after_connect(move |conn, _| Box::pin(plans(conn, engine)))
                     .connect_with(options.clone())

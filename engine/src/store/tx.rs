@@ -188,20 +188,6 @@ pub struct Changes<'a> {
     pub timers: &'a [TimerRow],
 }
 
-impl Changes<'_> {
-    fn counts(&self) -> sql::Counts {
-        sql::Counts {
-            cancelled: self.cancelled_timers.len(),
-            new_sagas: self.new_sagas.len(),
-            sagas: self.sagas.len(),
-            history: self.history.len(),
-            outbox: self.outbox.len(),
-            timers: self.timers.len(),
-            freed_keys: 0,
-        }
-    }
-}
-
 /// A transaction on the engine's database.
 #[derive(Debug)]
 pub struct Tx {
@@ -384,6 +370,19 @@ fn states<'a>(states: impl Iterator<Item = &'a SagaState>) -> Vec<String> {
 }
 
 impl Tx {
+    /// A batch's timeline rows ([`timeline_rows`]), as many statements as their values need.
+    async fn append_timeline(
+        &mut self,
+        rows: &[(&str, String)],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        for chunk in rows.chunks(rows_per_statement(sql::HISTORY_COLS)) {
+            let q = bind_history(query(self.sql.append_history(chunk.len())), chunk, now);
+            self.exec(q).await?;
+        }
+        Ok(())
+    }
+
     async fn exec(&mut self, q: Query<'_>) -> Result<u64, StoreError> {
         self.counters.statement();
         Ok(q.execute(&mut *self.tx).await?.rows_affected())
@@ -484,12 +483,7 @@ impl SagaTable for Tx {
 
 impl HistoryTable for Tx {
     async fn append_history(&mut self, rows: &[HistoryRow], now: i64) -> Result<(), StoreError> {
-        let rows = timeline_rows(rows);
-        for chunk in rows.chunks(rows_per_statement(sql::HISTORY_COLS)) {
-            let q = bind_history(query(self.sql.append_history(chunk.len())), chunk, now);
-            self.exec(q).await?;
-        }
-        Ok(())
+        self.append_timeline(&timeline_rows(rows), now).await
     }
 }
 
@@ -718,16 +712,20 @@ impl StoreTx for Tx {
         let timeline = timeline_rows(c.history);
         let freed = std::mem::take(&mut self.freed_keys);
         let n = sql::Counts {
+            cancelled: c.cancelled_timers.len(),
+            new_sagas: c.new_sagas.len(),
+            sagas: c.sagas.len(),
             history: timeline.len(),
+            outbox: c.outbox.len(),
+            timers: c.timers.len(),
             freed_keys: freed.len(),
-            ..c.counts()
         };
         if !self.sql.postgres || n.params() > sql::MAX_PARAMS {
             self.exec_in(Sql::delete_keys, &freed).await?;
             self.cancel_timers(c.cancelled_timers).await?;
             self.insert_sagas(c.new_sagas, now).await?;
             self.update_sagas(c.sagas, now).await?;
-            self.append_history(c.history, now).await?;
+            self.append_timeline(&timeline, now).await?;
             self.enqueue_outbox(c.outbox, now).await?;
             return self.set_timers(c.timers).await;
         }

@@ -147,7 +147,7 @@ async fn once(
         .bind(&ctx.step)
         .bind(&entry.user_id)
         .bind(entry.delta)
-        .bind(entry.reason.clone());
+        .bind(entry.reason.as_deref());
     if on_postgres {
         let row = operation.fetch_one(&mut *conn).await?;
         return Ran::read(&row, row.try_get("replayed")?, "points", ctx, kind);
