@@ -25,11 +25,9 @@
 //!    sees the forward operation before it;
 //! 3. each handler runs in a savepoint of its own: a business or transient failure, or a
 //!    database error, rolls back that command's writes only. A batch is first tried without
-//!    savepoints ([`Optimism`]). If a handler fails, that try is rolled back whole; a batch of
-//!    several commands then runs again with them (the handlers up to the failed one run twice,
-//!    and the failed one's answer is that of its second run: the same for a handler that
-//!    decides from the database alone, `--savepoints always` when it may not be), and a lone
-//!    command runs again without its handler, answering and recording its one run's failure;
+//!    savepoints ([`Optimism`]). If a handler fails, that try is rolled back whole and the
+//!    batch runs again with them, the failed command without its handler: it answers, and
+//!    records, the failure of its one run (the handlers before it run twice);
 //! 4. one statement inserts the batch's new rows (`ON CONFLICT DO NOTHING`). If one already
 //!    existed, a concurrent duplicate (another worker, during a consumer takeover) committed it
 //!    after our read: the whole batch is rolled back and redone, and the redo answers that
@@ -211,12 +209,13 @@ pub struct BatchRun {
 /// Savepoints cost one round trip per handler, and most batches do not need them: every
 /// handler succeeds. So a batch is first tried without: if every handler succeeds it commits
 /// as it is; if one fails, its writes cannot be taken back alone, so the whole try is rolled
-/// back and the batch is run again with a savepoint per handler (handlers may run twice, which
-/// the module docs already ask them to allow). After such a try is given up, the next
+/// back and the batch is run again with a savepoint per handler, the failed one answered from
+/// its one run (the handlers before it run twice, which the module docs already ask them to
+/// allow). After such a try is given up, the next
 /// [`CAUTIOUS_BATCHES`] batches of several commands go straight to savepoints, so a run of
 /// business failures costs little. A lone command is always tried without (unless
-/// [`Optimism::never`]): its redo answers its handler's failure without running it again,
-/// which costs no more than its savepoint would have.
+/// [`Optimism::never`]): its redo runs no handler, which costs no more than its savepoint
+/// would have.
 #[derive(Debug)]
 pub struct Optimism {
     enabled: bool,
@@ -428,12 +427,13 @@ async fn insert(
 ///
 /// In the optimistic first try of a batch (see [`Optimism`]) there are no savepoints at all: a
 /// handler that fails makes the whole try [`Handled::Abandon`]ed, and the batch is run again
-/// with savepoints — except a lone command's, which is run again with its handler's failure
-/// (`answer`) instead of its handler: what was answered is what that one run did.
+/// with savepoints; in that redo the failed command gets its handler's failure (`answer`)
+/// instead of a second run: what is answered is what its one run did.
 struct Savepoints {
     open: bool,
     optimistic: bool,
-    answer: Option<StepError>,
+    /// The job (by index in the batch) whose handler failed in the optimistic try, and how.
+    answer: Option<(usize, StepError)>,
 }
 
 /// A handler's answer inside a batch.
@@ -450,11 +450,14 @@ impl Savepoints {
     async fn run(
         &mut self,
         tx: &mut Transaction<'_, Any>,
+        index: usize,
         job: &Job<'_>,
     ) -> Result<Handled, sqlx::Error> {
-        if let Some(failure) = self.answer.take() {
-            // The redo of a lone command whose handler failed in the optimistic try: its
-            // writes went with that try, its failure is the answer.
+        if self.answer.as_ref().is_some_and(|(i, _)| *i == index)
+            && let Some((_, failure)) = self.answer.take()
+        {
+            // The redo of the command whose handler failed in the optimistic try: its writes
+            // went with that try, its failure is the answer.
             return Ok(Handled::Done(Err(failure)));
         }
         if self.optimistic {
@@ -503,7 +506,7 @@ enum Try {
     /// A concurrent duplicate won a barrier row: roll back and redo.
     Raced,
     /// Optimistic try: a handler failed (with this): roll back and redo.
-    Abandoned(StepError),
+    Abandoned(usize, StepError),
 }
 
 /// One try of a batch in `tx`.
@@ -511,7 +514,7 @@ async fn run_in(
     tx: &mut Transaction<'_, Any>,
     jobs: &[Job<'_>],
     optimistic: bool,
-    answer: Option<StepError>,
+    answer: Option<(usize, StepError)>,
 ) -> Result<Try, sqlx::Error> {
     // Every row the batch's checks read: each command's own, and its forward or undo.
     let mut wanted = BTreeSet::new();
@@ -537,11 +540,11 @@ async fn run_in(
         optimistic,
         answer,
     };
-    for job in jobs {
+    for (index, job) in jobs.iter().enumerate() {
         if !job.barrier {
-            let handled = match savepoints.run(tx, job).await? {
+            let handled = match savepoints.run(tx, index, job).await? {
                 Handled::Done(handled) => handled,
-                Handled::Abandon(failure) => return Ok(Try::Abandoned(failure)),
+                Handled::Abandon(failure) => return Ok(Try::Abandoned(index, failure)),
             };
             let outcome = match handled {
                 Ok(output) => Outcome::Ok { output },
@@ -599,8 +602,8 @@ async fn run_in(
         };
         let outcome = match decided {
             Some(outcome) => outcome,
-            None => match savepoints.run(tx, job).await? {
-                Handled::Abandon(failure) => return Ok(Try::Abandoned(failure)),
+            None => match savepoints.run(tx, index, job).await? {
+                Handled::Abandon(failure) => return Ok(Try::Abandoned(index, failure)),
                 Handled::Done(Ok(output)) => Outcome::Ok { output },
                 // Its writes are gone with the savepoint; the decision is kept.
                 Handled::Done(Err(StepError::Business { code, message })) => {
@@ -638,19 +641,20 @@ async fn transaction(
     optimism: &Optimism,
     abandoned: &mut u64,
 ) -> Result<Vec<Executed>, sqlx::Error> {
-    // A lone command (a quiet lane's) is always tried without its savepoint, which saves two
-    // round trips when its handler succeeds. When it fails, the redo does not run the handler
-    // again (a second run could answer otherwise: a transient failure gone, a refusal that
-    // depended on the moment): it answers, and records, the failure of the one run, whose
-    // writes went with the first try. That costs no more than the savepoint would have, so a
-    // lone failure does not make the next batches cautious.
+    // When a handler fails in the optimistic try, the redo does not run it again (a second
+    // run could answer otherwise: a transient failure gone, a refusal that depended on the
+    // moment): it answers, and records, the failure of the one run, whose writes went with
+    // the first try. Only the handlers before it run twice. A lone command (a quiet lane's)
+    // is therefore always tried without its savepoint, which saves two round trips when its
+    // handler succeeds and costs no more than the savepoint when it fails, so a lone failure
+    // does not make the next batches cautious.
     let lone = jobs.len() == 1;
     let mut optimistic = if lone {
         optimism.enabled
     } else {
         optimism.try_now()
     };
-    let mut answer: Option<StepError> = None;
+    let mut answer: Option<(usize, StepError)> = None;
     let mut redos = 0;
     loop {
         let mut tx = pool.begin().await?;
@@ -659,17 +663,16 @@ async fn transaction(
                 tx.commit().await?;
                 return Ok(done);
             }
-            Ok(Try::Abandoned(failure)) => {
+            Ok(Try::Abandoned(index, failure)) => {
                 debug!(
                     commands = jobs.len(),
                     "a handler failed in the optimistic try; redoing the batch"
                 );
                 tx.rollback().await?;
-                if lone {
-                    answer = Some(failure);
-                } else {
+                if !lone {
                     optimism.abandoned();
                 }
+                answer = Some((index, failure));
                 *abandoned += 1;
                 optimistic = false;
             }
