@@ -2123,3 +2123,36 @@ async fn write_changes_with_a_stale_saga_writes_nothing(store: Store) {
     assert!(tx.load_sagas(&ids(&["newborn"])).await.unwrap().is_empty());
     tx.rollback().await.unwrap();
 }
+
+/// Two processes opening one fresh SQLite file at once (`sagaflow dev` and a `sagaflow list`
+/// beside it) both migrate it: they take turns, and neither applies a migration the other
+/// applied (seen: `duplicate column name: purged_at` from migration 0002).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_migrating_one_fresh_sqlite_file_take_turns() {
+    for round in 0..12 {
+        let dir = std::env::temp_dir().join(format!(
+            "sagaflow-conf-migrate-race-{}-{round}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let guard = Guard::Dir(dir.clone());
+        let url = format!("sqlite://{}?mode=rwc", dir.join("test.db").display());
+        let a = Store::connect(&url, 1).await.expect("open SQLite");
+        let b = Store::connect(&url, 1).await.expect("open SQLite again");
+        let (ra, rb) = tokio::join!(
+            a.migrate(&[ENGINE_MIGRATIONS]),
+            b.migrate(&[ENGINE_MIGRATIONS])
+        );
+        ra.expect("the first store migrates");
+        rb.expect("the second store migrates");
+        let mut all: Vec<String> = ENGINE_MIGRATIONS
+            .iter()
+            .map(|(name, ..)| (*name).to_owned())
+            .collect();
+        all.sort();
+        assert_eq!(a.applied_migrations().await.expect("applied"), all);
+        a.pool().close().await;
+        b.pool().close().await;
+        drop(guard);
+    }
+}

@@ -444,23 +444,28 @@ impl Store {
             .await?;
         for set in sets {
             for (name, sqlite, postgres) in set.iter() {
-                let applied = sqlx::query("SELECT 1 FROM schema_migrations WHERE name = $1")
-                    .bind(*name)
-                    .fetch_optional(&mut *conn)
-                    .await?
-                    .is_some();
-                if applied {
-                    continue;
-                }
-                let sql = match self.backend {
-                    Backend::Sqlite => *sqlite,
-                    Backend::Postgres => *postgres,
+                let (sql, begin) = match self.backend {
+                    // IMMEDIATE: the write lock before the look-up, so that two processes
+                    // opening a fresh file at once (`sagaflow dev` and a `sagaflow list`
+                    // beside it) take turns instead of both applying an ALTER TABLE.
+                    Backend::Sqlite => (*sqlite, "BEGIN IMMEDIATE"),
+                    // The advisory lock (`migrate`) already makes them take turns.
+                    Backend::Postgres => (*postgres, "BEGIN"),
                 };
                 let failed = |error| StoreError::Migration {
                     name: (*name).to_owned(),
                     error,
                 };
-                let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
+                let mut tx = sqlx::Connection::begin_with(&mut *conn, begin).await?;
+                let applied = sqlx::query("SELECT 1 FROM schema_migrations WHERE name = $1")
+                    .bind(*name)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .is_some();
+                if applied {
+                    tx.rollback().await?;
+                    continue;
+                }
                 sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(failed)?;
                 // ON CONFLICT: another process may have applied it concurrently (same SQL,
                 // idempotent thanks to IF NOT EXISTS).
