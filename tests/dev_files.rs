@@ -1,0 +1,251 @@
+//! `sagaflow dev`'s two SQLite files: the engine's (`--db`) and the services' beside it. They
+//! are resumed together, a run never starts with one missing while the other holds a run's
+//! data, a file of earlier versions (both in one) is kept as it is, and a run killed with
+//! SIGKILL is finished by the next with every invariant holding.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A directory of its own, removed at the end even when the test fails.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(test: &str) -> Dir {
+        let dir =
+            std::env::temp_dir().join(format!("sagaflow-dev-files-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Dir(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// The file names in the directory, sorted.
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.0)
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn sagaflow(dir: &Dir, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sagaflow"))
+        .args(args)
+        .current_dir(&dir.0)
+        .output()
+        .expect("run sagaflow")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn ok(dir: &Dir, args: &[&str]) -> String {
+    let out = sagaflow(dir, args);
+    assert!(
+        out.status.success(),
+        "sagaflow {args:?} failed:\n{}",
+        text(&out)
+    );
+    let t = text(&out);
+    assert!(t.contains("invariants:      OK"), "{t}");
+    t
+}
+
+/// A SQLite file with its WAL and shared-memory companions.
+fn remove_db(path: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::remove_file(PathBuf::from(p));
+    }
+}
+
+#[test]
+fn the_two_files_are_made_and_resumed_together() {
+    let dir = Dir::new("resume");
+    let first = ok(&dir, &["dev", "--orders", "20"]);
+    assert!(
+        first.contains("sagaflow dev: order-paid (sagaflow.db; services in sagaflow.services.db)"),
+        "{first}"
+    );
+    let names = dir.names();
+    assert!(names.contains(&"sagaflow.db".to_owned()), "{names:?}");
+    assert!(
+        names.contains(&"sagaflow.services.db".to_owned()),
+        "{names:?}"
+    );
+
+    let second = ok(&dir, &["dev", "--orders", "10"]);
+    assert!(
+        second.contains("all sagas in db: 30 (30 completed)"),
+        "{second}"
+    );
+    assert!(second.contains("(30 sagas checked)"), "{second}");
+
+    // Named files of one's own.
+    let named = ok(
+        &dir,
+        &[
+            "dev",
+            "--db",
+            "e.db",
+            "--services-db",
+            "s.db",
+            "--orders",
+            "5",
+        ],
+    );
+    assert!(named.contains("(e.db; services in s.db)"), "{named}");
+    assert!(dir.path("s.db").is_file());
+}
+
+#[test]
+fn a_run_does_not_start_with_one_file_missing() {
+    let dir = Dir::new("missing");
+    ok(&dir, &["dev", "--orders", "5"]);
+
+    // The engine's file gone: refused, and not made anew (the next run would refuse the same).
+    remove_db(&dir.path("sagaflow.db"));
+    let out = sagaflow(&dir, &["dev", "--orders", "5"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(
+            "sagaflow.services.db holds the services' tables of an earlier run, but their engine database sagaflow.db is missing"
+        ),
+        "{}",
+        text(&out)
+    );
+    assert!(!dir.path("sagaflow.db").exists(), "{:?}", dir.names());
+
+    // The services' file gone while the engine's holds sagas: refused, naming both.
+    remove_db(&dir.path("sagaflow.services.db"));
+    ok(&dir, &["dev", "--orders", "5"]);
+    remove_db(&dir.path("sagaflow.services.db"));
+    let out = sagaflow(&dir, &["dev", "--orders", "5"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(
+            "sagaflow.db holds 5 sagas, but the services' database sagaflow.services.db is missing"
+        ),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        !dir.path("sagaflow.services.db").exists(),
+        "{:?}",
+        dir.names()
+    );
+}
+
+#[test]
+fn a_file_with_the_services_inside_is_kept_as_one() {
+    let dir = Dir::new("one-file");
+    // One database for both, as `--database-url` has it (and as runs before the split wrote).
+    let url = format!("sqlite://{}?mode=rwc", dir.path("old.db").display());
+    ok(&dir, &["dev", "--database-url", &url, "--orders", "10"]);
+
+    let t = ok(&dir, &["dev", "--db", "old.db", "--orders", "5"]);
+    assert!(t.contains("sagaflow dev: order-paid (old.db)\n"), "{t}");
+    assert!(t.contains("all sagas in db: 15 (15 completed)"), "{t}");
+    assert!(
+        !dir.path("old.services.db").exists(),
+        "no second file: {:?}",
+        dir.names()
+    );
+}
+
+#[test]
+fn a_run_killed_between_the_two_files_is_finished_by_the_next() {
+    let dir = Dir::new("kill");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sagaflow"))
+        .args(["dev", "--orders", "2000"])
+        .current_dir(&dir.0)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path("killed.err")).expect("stderr file"))
+        .spawn()
+        .expect("spawn sagaflow dev");
+    // Kill it mid-run: once some sagas are final and others not.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline && child.try_wait().expect("try_wait").is_none() {
+        let listed = sagaflow(
+            &dir,
+            &[
+                "list",
+                "--state",
+                "completed",
+                "--limit",
+                "1",
+                "--format",
+                "json",
+            ],
+        );
+        let page: serde_json::Value =
+            serde_json::from_slice(&listed.stdout).unwrap_or(serde_json::Value::Null);
+        if page["sagas"].as_array().is_some_and(|s| !s.is_empty()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ended = child.try_wait().expect("try_wait");
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+    assert!(
+        ended.is_none(),
+        "sagaflow dev ended ({ended:?}) before it was killed: {}",
+        std::fs::read_to_string(dir.path("killed.err")).unwrap_or_default()
+    );
+
+    let t = ok(&dir, &["dev", "--orders", "0"]);
+    let resumed = number_after(&t, "resuming ");
+    assert!(
+        resumed > 0,
+        "killed mid-run, so some sagas were unfinished: {t}"
+    );
+    // Every saga of the database final, and every one checked against the services' tables.
+    let all = number_after(&t, "all sagas in db: ");
+    let line = t
+        .lines()
+        .find(|l| l.contains("all sagas in db: "))
+        .expect("the line");
+    let finals: u64 = line
+        .split(['(', ')', ','])
+        .filter_map(|part| {
+            let (n, status) = part.trim().split_once(' ')?;
+            ["completed", "compensated"]
+                .contains(&status)
+                .then(|| n.parse::<u64>().ok())?
+        })
+        .sum();
+    assert_eq!(finals, all, "{t}");
+    assert!(t.contains(&format!("({all} sagas checked)")), "{t}");
+}
+
+/// The number that follows `label` in `text`.
+fn number_after(text: &str, label: &str) -> u64 {
+    let at = text
+        .find(label)
+        .unwrap_or_else(|| panic!("no `{label}` in {text}"))
+        + label.len();
+    text[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after `{label}` in {text}"))
+}
