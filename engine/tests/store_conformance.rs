@@ -2006,6 +2006,7 @@ async fn write_changes_writes_every_table_in_order(store: Store) {
     let outbox = [message("m-9", "p9"), message("m-1", "p1")];
     let timers = [timer("t-new", NOW + 100), timer("t-moved", NOW + 200)];
     let mut tx = store.begin().await.unwrap();
+    let before = store.counters().statements();
     tx.write_changes(
         &Changes {
             cancelled_timers: &ids(&["t-old", "t-never-was"]),
@@ -2019,6 +2020,11 @@ async fn write_changes_writes_every_table_in_order(store: Store) {
     )
     .await
     .unwrap();
+    assert_eq!(
+        store.counters().statements(),
+        before + 1,
+        "every part in one statement (PostgreSQL) or one call (SQLite)"
+    );
     tx.commit().await.unwrap();
     assert_eq!(timer_ids(&store).await, ["t-keep", "t-moved", "t-new"]);
     let due: i64 = sqlx::query_scalar("SELECT due_at FROM timers WHERE id = 't-moved'")

@@ -167,9 +167,9 @@ pub trait StoreTx:
     /// Writes a batch's changes: the cancelled timers (as [`TimerTable::cancel_timers`]), the
     /// new sagas (as [`SagaTable::insert_sagas`]), the changed ones (version-checked, as
     /// [`SagaTable::update_sagas`]), their history and outbox messages, and the timers set (as
-    /// [`TimerTable::set_timers`]), in that order. One statement on PostgreSQL
-    /// ([`Sql::write_changes`]), one per table on SQLite; the same rows and the same errors
-    /// either way.
+    /// [`TimerTable::set_timers`]), in that order. One statement on PostgreSQL, one call of
+    /// several statements on SQLite ([`Sql::write_changes`]); one per table when the batch has
+    /// more values than one statement takes; the same rows and the same errors every way.
     async fn write_changes(&mut self, changes: &Changes<'_>, now: i64) -> Result<(), StoreError>;
 
     async fn commit(self) -> Result<(), StoreError>;
@@ -720,7 +720,7 @@ impl StoreTx for Tx {
             timers: c.timers.len(),
             freed_keys: freed.len(),
         };
-        if !self.sql.postgres || n.params() > sql::MAX_PARAMS {
+        if n.params() > sql::MAX_PARAMS {
             self.exec_in(Sql::delete_keys, &freed).await?;
             self.cancel_timers(c.cancelled_timers).await?;
             self.insert_sagas(c.new_sagas, now).await?;
@@ -749,7 +749,11 @@ impl StoreTx for Tx {
         q = bind_timers(q, c.timers, &events);
         q = bind_all(q, &freed);
         self.counters.statement();
-        let row = q.fetch_one(&mut *self.tx).await?;
+        // `fetch_all`: on SQLite the text is several statements, and every one must run.
+        let rows = q.fetch_all(&mut *self.tx).await?;
+        let row = rows
+            .first()
+            .ok_or(StoreError::Db(sqlx::Error::RowNotFound))?;
         let written: i64 = row.try_get("updated")?;
         check_written(c.sagas, u64::try_from(written).unwrap_or(0))
     }
