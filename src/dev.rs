@@ -26,11 +26,11 @@ const ORDER_SAGA: &str = include_str!("../sagas/order.yaml");
 
 #[derive(Debug, clap::Args)]
 pub struct DevArgs {
-    /// The SQLite file (created if missing; an existing one is resumed first).
+    /// The engine's SQLite file (created if missing; an existing one is resumed first).
     #[arg(long, default_value = "sagaflow.db", value_name = "FILE")]
     pub db: PathBuf,
     /// The services' SQLite file (default: beside `--db`, `sagaflow.db` → `sagaflow.services.db`).
-    #[arg(long, value_name = "FILE", conflicts_with = "database_url")]
+    #[arg(long, value_name = "FILE")]
     pub services_db: Option<PathBuf>,
     /// Use this database instead of the SQLite files (e.g. postgres://…), for the engine and
     /// the services alike.
@@ -110,16 +110,21 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         None => args.db.display().to_string(),
     };
     let files = match &args.database_url {
+        Some(_) if args.services_db.is_some() => bail!(
+            "--services-db names a SQLite file beside --db; with --database-url (or SAGAFLOW_DATABASE_URL) the services' tables are in that one database"
+        ),
         Some(_) => None,
         None => Some(Files::of(&args.db, args.services_db.as_deref())?),
     };
     let store = Store::connect_engine(&url, 16).await?;
     store.migrate(&[ENGINE_MIGRATIONS]).await?;
     let (svc, svc_shown) = match &files {
-        None => (store.clone(), None),
+        None => {
+            store.migrate(&[services::MIGRATIONS]).await?;
+            (store.clone(), None)
+        }
         Some(files) => files.open_services(&store).await?,
     };
-    svc.migrate(&[services::MIGRATIONS]).await?;
     let net = match &args.amqp_url {
         None => Net::Memory(Arc::new(MemoryTransport::new(NetFaults {
             duplicate: args.duplicate,
@@ -132,6 +137,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
                 );
             }
             store.bind_prefix(&args.amqp_prefix).await?;
+            if svc_shown.is_some() {
+                svc.bind_prefix(&args.amqp_prefix).await?;
+            }
             let mut config = AmqpConfig::new(url);
             config.prefix = args.amqp_prefix.clone();
             config.join_declared_partitions = true;
@@ -362,9 +370,18 @@ pub(crate) fn report_invariants(checked: usize, violations: &[String]) -> ExitCo
 /// as they have their own database in production: SQLite has one writer per file, and with one
 /// file the engine's batches and the workers' waited for each other (measured: 1,000 against
 /// 1,300–1,600 sagas/s with two).
+///
+/// The two belong together: the first run writes one random mark into both (`pair_mark`), and
+/// a run starts only on a pair, never with one file missing or from another run — a services'
+/// file without the effects of the engine's sagas (or with another run's) would have the
+/// sagas charge, or not charge, against the wrong accounts. A file without a mark whose
+/// services' tables hold rows is from before the split (or `--database-url`'s one database):
+/// it keeps them inside.
 struct Files {
     engine: PathBuf,
     services: PathBuf,
+    /// Given with `--services-db` (not derived from `--db`).
+    named: bool,
     /// Whether the services' file was there before this run opened it.
     services_existed: bool,
 }
@@ -373,41 +390,96 @@ impl Files {
     /// Before either is opened (and so created): a services' file without its engine's is
     /// refused.
     fn of(db: &Path, services: Option<&Path>) -> anyhow::Result<Files> {
-        let services = services.map_or_else(|| services_path(db), Path::to_path_buf);
         let files = Files {
-            services_existed: plain_path(&services).is_file(),
             engine: db.to_path_buf(),
-            services,
+            services: services.map_or_else(|| services_path(db), Path::to_path_buf),
+            named: services.is_some(),
+            services_existed: false,
         };
+        let files = Files {
+            services_existed: plain_path(&files.services).is_file(),
+            ..files
+        };
+        if plain_path(&files.services) == plain_path(db) {
+            bail!(
+                "--services-db names the engine's own file {}: give the services a file of their own",
+                files.engine.display()
+            );
+        }
         if files.services_existed && !plain_path(db).is_file() {
             bail!(
-                "{} holds the services' tables of an earlier run, but their engine database {} is missing: restore it, or delete {0} to start afresh",
+                "{} holds the services' tables of an earlier run, but their engine database {} is missing: restore it, or delete {} to start afresh",
                 files.services.display(),
-                files.engine.display()
+                files.engine.display(),
+                files.with_companions(&files.services)
             );
         }
         Ok(files)
     }
 
-    /// Opens the services' store, and says which file it is. An engine file that already holds
-    /// the services' tables (one file, as runs before the split wrote) keeps them there; a
-    /// run never starts with one of the two files missing while the other holds a run's data.
+    /// `x.db` and the WAL files SQLite keeps beside it.
+    fn with_companions(&self, path: &Path) -> String {
+        let p = path.display();
+        format!("{p} (and {p}-wal, {p}-shm)")
+    }
+
+    /// Opens the services' store, and says which file it is (None: inside the engine's).
     async fn open_services(&self, store: &Store) -> anyhow::Result<(Store, Option<String>)> {
         let (engine, services) = (self.engine.display(), self.services.display());
-        let sagas: u64 = store.status_counts(None).await?.values().sum();
-        if !self.services_existed && sagas > 0 {
-            let applied = store.applied_migrations().await?;
-            let (first, ..) = services::MIGRATIONS[0];
-            if applied.iter().any(|m| m == first) {
+        let afresh = || {
+            format!(
+                "delete {} and {} to start afresh",
+                self.with_companions(&self.engine),
+                self.with_companions(&self.services)
+            )
+        };
+        let mark = store.pair_mark().await?;
+        if !self.services_existed {
+            if mark.is_some() {
+                bail!(
+                    "{engine} was run with the services' database {services}, which is missing: restore it (or give its path with --services-db), or {}",
+                    afresh()
+                );
+            }
+            if services_inside(store).await? {
+                if self.named {
+                    bail!(
+                        "{engine} keeps the services' tables inside (written before they had a file of their own, or with --database-url): run it without --services-db"
+                    );
+                }
+                store.migrate(&[services::MIGRATIONS]).await?;
                 return Ok((store.clone(), None));
             }
-            bail!(
-                "{engine} holds {sagas} sagas, but the services' database {services} is missing: restore it (or give it with --services-db), or delete {engine} to start afresh"
-            );
         }
-        let svc = Store::connect(&self.services.display().to_string(), 1).await?;
+        let svc = Store::connect(&services.to_string(), 1).await?;
+        svc.migrate(&[services::MIGRATIONS]).await?;
+        let svc_mark = svc.pair_mark().await?;
+        match (&mark, &svc_mark) {
+            (Some(a), Some(b)) if a == b => {}
+            // A new pair, or one whose first run stopped between the two marks: only while the
+            // services' file holds nothing yet.
+            (None, _) if !services_inside(&svc).await? => {
+                let new = uuid::Uuid::now_v7().simple().to_string();
+                svc.set_pair_mark(&new).await?;
+                store.set_pair_mark(&new).await?;
+            }
+            _ => bail!(
+                "{engine} and {services} are not a pair (their marks differ: written by different runs): give the services' database of {engine} with --services-db, or {}",
+                afresh()
+            ),
+        }
         Ok((svc, Some(services.to_string())))
     }
+}
+
+/// Whether the services' tables of this database exist and hold rows.
+async fn services_inside(store: &Store) -> anyhow::Result<bool> {
+    let (first, ..) = services::MIGRATIONS[0];
+    if !store.applied_migrations().await?.iter().any(|m| m == first) {
+        return Ok(false);
+    }
+    let mut conn = store.pool().acquire().await?;
+    Ok(services::hold_rows(&mut conn).await?)
 }
 
 /// The file a `--db` value names (`sqlite://x.db?mode=rwc` → `x.db`).

@@ -134,15 +134,18 @@ fn a_run_does_not_start_with_one_file_missing() {
     );
     assert!(!dir.path("sagaflow.db").exists(), "{:?}", dir.names());
 
-    // The services' file gone while the engine's holds sagas: refused, naming both.
+    // The services' file gone after a run: refused, naming both — even when an operator
+    // command (which migrates the services' tables into the engine's file, empty) ran between.
     remove_db(&dir.path("sagaflow.services.db"));
     ok(&dir, &["dev", "--orders", "5"]);
+    let listed = sagaflow(&dir, &["list"]);
+    assert!(listed.status.success(), "{}", text(&listed));
     remove_db(&dir.path("sagaflow.services.db"));
     let out = sagaflow(&dir, &["dev", "--orders", "5"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
         text(&out).contains(
-            "sagaflow.db holds 5 sagas, but the services' database sagaflow.services.db is missing"
+            "sagaflow.db was run with the services' database sagaflow.services.db, which is missing"
         ),
         "{}",
         text(&out)
@@ -151,6 +154,58 @@ fn a_run_does_not_start_with_one_file_missing() {
         !dir.path("sagaflow.services.db").exists(),
         "{:?}",
         dir.names()
+    );
+}
+
+#[test]
+fn files_of_two_runs_are_not_taken_for_a_pair() {
+    let dir = Dir::new("pairs");
+    ok(&dir, &["dev", "--db", "a.db", "--orders", "5"]);
+    ok(&dir, &["dev", "--db", "b.db", "--orders", "5"]);
+    // a's engine with b's services: refused before anything runs.
+    let out = sagaflow(
+        &dir,
+        &[
+            "dev",
+            "--db",
+            "a.db",
+            "--services-db",
+            "b.services.db",
+            "--orders",
+            "5",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("a.db and b.services.db are not a pair"),
+        "{}",
+        text(&out)
+    );
+    // Each with its own still runs, and the refused run changed nothing.
+    let t = ok(&dir, &["dev", "--db", "a.db", "--orders", "1"]);
+    assert!(t.contains("all sagas in db: 6 (6 completed)"), "{t}");
+
+    // The engine's own file as the services': refused.
+    let out = sagaflow(&dir, &["dev", "--db", "a.db", "--services-db", "a.db"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("--services-db names the engine's own file a.db"),
+        "{}",
+        text(&out)
+    );
+    // With one database for everything there is no services' file to name.
+    let url = format!("sqlite://{}?mode=rwc", dir.path("one.db").display());
+    let out = Command::new(env!("CARGO_BIN_EXE_sagaflow"))
+        .args(["dev", "--services-db", "s.db", "--orders", "1"])
+        .env("SAGAFLOW_DATABASE_URL", &url)
+        .current_dir(&dir.0)
+        .output()
+        .expect("run sagaflow");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("--services-db names a SQLite file beside --db"),
+        "{}",
+        text(&out)
     );
 }
 
@@ -169,10 +224,29 @@ fn a_file_with_the_services_inside_is_kept_as_one() {
         "no second file: {:?}",
         dir.names()
     );
+    // Its services are inside: a services' file of its own is refused.
+    let out = sagaflow(
+        &dir,
+        &[
+            "dev",
+            "--db",
+            "old.db",
+            "--services-db",
+            "s.db",
+            "--orders",
+            "1",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("old.db keeps the services' tables inside"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
-fn a_run_killed_between_the_two_files_is_finished_by_the_next() {
+fn a_run_killed_mid_run_is_finished_by_the_next_on_both_files() {
     let dir = Dir::new("kill");
     let mut child = Command::new(env!("CARGO_BIN_EXE_sagaflow"))
         .args(["dev", "--orders", "2000"])

@@ -192,6 +192,7 @@ conformance!(
     definitions_are_idempotent_and_latest_is_highest,
     write_changes_writes_every_table_in_order,
     write_changes_with_a_stale_saga_writes_nothing,
+    write_changes_larger_than_one_statement_goes_table_by_table,
     read_unknown_saga_is_none_everywhere,
     read_saga_record_header_status_and_timeline,
     read_corrupt_state_is_an_error_naming_the_saga,
@@ -2127,6 +2128,57 @@ async fn write_changes_with_a_stale_saga_writes_nothing(store: Store) {
     assert_eq!(timer_ids(&store).await, ["t-cancel"], "timers as they were");
     let mut tx = store.begin().await.unwrap();
     assert!(tx.load_sagas(&ids(&["newborn"])).await.unwrap().is_empty());
+    tx.rollback().await.unwrap();
+}
+
+/// A batch with more values than one statement takes is written a table at a time, with the
+/// same rows and the same version check.
+async fn write_changes_larger_than_one_statement_goes_table_by_table(store: Store) {
+    with_definition(&store).await;
+    insert(&store, &[saga("s1", "k1", None)]).await;
+    // 4 values a timer: 7,501 timers are more than MAX_PARAMS (30,000).
+    let timers: Vec<TimerRow> = (0..7_501)
+        .map(|i| timer(&format!("t-{i:05}"), NOW + i))
+        .collect();
+    let writes = [write("s1", 0, 1, state(SagaStatus::Running, 9))];
+    let history = [history_row("s1", "moved")];
+    let mut tx = store.begin().await.unwrap();
+    let before = store.counters().statements();
+    tx.write_changes(
+        &Changes {
+            sagas: &writes,
+            history: &history,
+            timers: &timers,
+            ..Changes::default()
+        },
+        NOW + 1,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        store.counters().statements() - before,
+        4,
+        "sagas and timeline one statement each, the timers two of at most MAX_PARAMS values"
+    );
+    tx.commit().await.unwrap();
+    assert_eq!(timer_ids(&store).await.len(), 7_501);
+    assert_eq!(load(&store, "s1").await.version, 1);
+    assert_eq!(kinds(&store, "s1").await, ["moved"]);
+
+    // The version check holds there too: s1 is at 1 now, not 0.
+    let mut tx = store.begin().await.unwrap();
+    let err = tx
+        .write_changes(
+            &Changes {
+                sagas: &writes,
+                timers: &timers,
+                ..Changes::default()
+            },
+            NOW + 2,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "got {err:?}");
     tx.rollback().await.unwrap();
 }
 

@@ -4,6 +4,9 @@
 //! outbox rows and sent commands to queues nobody consumed, and a `sagaflow bench` beside a
 //! running deployment disturbed it.
 //!
+//! The same table keeps the mark of a pair of databases (`pair_mark`): `sagaflow dev`'s engine
+//! file and services' file.
+//!
 //! The table (`sagaflow_deployment`) comes from the engine's migration 0006 and the workers'
 //! 0106: a workers' database may be a database of its own. Migrate first.
 
@@ -41,5 +44,27 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.map(|r| r.try_get("value")).transpose()?)
+    }
+
+    /// The mark of the pair of databases this one belongs to, if it has one (`sagaflow dev`
+    /// writes the same random mark into its engine's file and its services' file, so that it
+    /// can tell a pair from two files of different runs).
+    pub async fn pair_mark(&self) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT value FROM sagaflow_deployment WHERE key = 'pair'")
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get("value")).transpose()?)
+    }
+
+    /// Records `mark` as this database's pair mark, replacing any other.
+    pub async fn set_pair_mark(&self, mark: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sagaflow_deployment (key, value) VALUES ('pair', $1) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(mark)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 }

@@ -434,6 +434,16 @@ impl Store {
         rows.iter().map(|r| Ok(r.try_get("name")?)).collect()
     }
 
+    async fn applied(conn: &mut AnyConnection, name: &str) -> Result<bool, StoreError> {
+        Ok(
+            sqlx::query("SELECT 1 FROM schema_migrations WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&mut *conn)
+                .await?
+                .is_some(),
+        )
+    }
+
     async fn migrate_on(
         &self,
         conn: &mut AnyConnection,
@@ -456,13 +466,13 @@ impl Store {
                     name: (*name).to_owned(),
                     error,
                 };
+                // Looked up first without a transaction (a process that finds everything applied
+                // takes no write lock), then again inside it.
+                if Self::applied(&mut *conn, name).await? {
+                    continue;
+                }
                 let mut tx = sqlx::Connection::begin_with(&mut *conn, begin).await?;
-                let applied = sqlx::query("SELECT 1 FROM schema_migrations WHERE name = $1")
-                    .bind(*name)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .is_some();
-                if applied {
+                if Self::applied(&mut tx, name).await? {
                     tx.rollback().await?;
                     continue;
                 }

@@ -183,6 +183,55 @@ impl Counts {
     }
 }
 
+/// The parts of [`Sql::write_changes`], in the order they are written and bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WritePart {
+    Cancelled,
+    NewSagas,
+    Sagas,
+    History,
+    Outbox,
+    Timers,
+    FreedKeys,
+}
+
+const WRITE_PARTS: [WritePart; 7] = [
+    WritePart::Cancelled,
+    WritePart::NewSagas,
+    WritePart::Sagas,
+    WritePart::History,
+    WritePart::Outbox,
+    WritePart::Timers,
+    WritePart::FreedKeys,
+];
+
+impl WritePart {
+    fn rows(self, n: &Counts) -> usize {
+        match self {
+            WritePart::Cancelled => n.cancelled,
+            WritePart::NewSagas => n.new_sagas,
+            WritePart::Sagas => n.sagas,
+            WritePart::History => n.history,
+            WritePart::Outbox => n.outbox,
+            WritePart::Timers => n.timers,
+            WritePart::FreedKeys => n.freed_keys,
+        }
+    }
+
+    /// Its name as a PostgreSQL CTE.
+    fn name(self) -> &'static str {
+        match self {
+            WritePart::Cancelled => "c",
+            WritePart::NewSagas => "i",
+            WritePart::Sagas => "u",
+            WritePart::History => "h",
+            WritePart::Outbox => "o",
+            WritePart::Timers => "t",
+            WritePart::FreedKeys => "k",
+        }
+    }
+}
+
 /// Values per row [`Sql::insert_sagas`] takes.
 pub const NEW_SAGA_COLS: usize = 11;
 /// Values per row [`Sql::update_sagas`] takes (after the one they share).
@@ -307,120 +356,96 @@ impl Sql {
         t.push(" ON CONFLICT (message_id) DO NOTHING");
     }
 
-    /// PostgreSQL: every write of a batch as ONE statement (data-modifying CTEs; every part
-    /// runs in one snapshot, the two on `sagas` on different rows, the two on `timers` on
-    /// different ids), so they cost one round trip instead of six. A part without rows is left
-    /// out. Binds: each part's, in the order of [`Counts`]' fields.
+    /// Every write of a batch in one go. A part without rows is left out. Binds: each part's,
+    /// in the order of [`Counts`]' fields ([`WRITE_PARTS`]).
     ///
-    /// It returns how many timers it cancelled (`cancelled`) and how many sagas the
-    /// version-checked update wrote (`updated`), asked for in that order: PostgreSQL runs a
-    /// data-modifying CTE when the query first reads it (the others after the query, in the
-    /// order they are written), so the timers are locked before the sagas, as every batch takes
-    /// them (see `apply.rs`): a timer batch holds a claimed timer and then writes its saga, and
-    /// a reply batch that cancelled that timer after writing the saga would deadlock with it.
+    /// **PostgreSQL: ONE statement** (data-modifying CTEs; every part runs in one snapshot, the
+    /// two on `sagas` on different rows, the two on `timers` on different ids), so they cost
+    /// one round trip instead of seven. It returns how many timers it cancelled (`cancelled`)
+    /// and how many sagas the version-checked update wrote (`updated`), asked for in that
+    /// order: PostgreSQL runs a data-modifying CTE when the query first reads it (the others
+    /// after the query, in the order they are written), so the timers are locked before the
+    /// sagas, as every batch takes them (see `apply.rs`): a timer batch holds a claimed timer
+    /// and then writes its saga, and a reply batch that cancelled that timer after writing the
+    /// saga would deadlock with it.
+    ///
+    /// **SQLite: one call of several statements**, the parts in the same order (sqlx runs the
+    /// statements of one text in one command on its connection thread, plain `?` placeholders
+    /// numbered on across them), so they cost one hand-off to that thread instead of up to
+    /// seven. SQLite has one writer, so no lock order matters. The version-checked update is
+    /// followed at once by `SELECT changes() AS updated` (`SELECT 0 AS updated` in its place
+    /// without one): the call's one row. Read it with `fetch_all`, which runs every statement;
+    /// a `fetch_one` may stop at the first row.
     pub fn write_changes(&self, n: &Counts) -> Text {
-        if !self.postgres {
-            return self.write_changes_sqlite(n);
-        }
-        let mut t = Text::new(self.postgres, "WITH ");
+        let mut t = Text::new(self.postgres, if self.postgres { "WITH " } else { "" });
         let mut first = true;
-        let mut part = |t: &mut Text, name: &str, rows: usize, f: &dyn Fn(&mut Text)| {
+        for part in WRITE_PARTS {
+            let rows = part.rows(n);
+            if !self.postgres && part == WritePart::Sagas && rows == 0 {
+                if !first {
+                    t.push("; ");
+                }
+                first = false;
+                t.push("SELECT 0 AS updated");
+            }
             if rows == 0 {
-                return;
+                continue;
             }
             if !first {
-                t.push(", ");
+                t.push(if self.postgres { ", " } else { "; " });
             }
             first = false;
-            t.push(name).push(" AS (");
-            f(t);
-            t.push(")");
-        };
-        part(&mut t, "c", n.cancelled, &|t| {
-            t.push("DELETE FROM timers WHERE id IN (")
-                .list(n.cancelled)
-                .push(") RETURNING 1");
-        });
-        part(&mut t, "i", n.new_sagas, &|t| {
-            self.insert_sagas_into(t, n.new_sagas)
-        });
-        part(&mut t, "u", n.sagas, &|t| {
-            self.update_sagas_into(t, n.sagas);
-            t.push(" RETURNING 1");
-        });
-        part(&mut t, "h", n.history, &|t| {
-            self.append_history_into(t, n.history)
-        });
-        part(&mut t, "o", n.outbox, &|t| {
-            self.enqueue_outbox_into(t, n.outbox)
-        });
-        part(&mut t, "t", n.timers, &|t| {
-            self.set_timers_into(t, n.timers)
-        });
-        part(&mut t, "k", n.freed_keys, &|t| {
-            t.push("DELETE FROM sequence_keys WHERE seq_key IN (")
-                .list(n.freed_keys)
-                .push(")");
-        });
-        t.push(if n.cancelled > 0 {
-            " SELECT (SELECT COUNT(*) FROM c) AS cancelled"
-        } else {
-            " SELECT 0 AS cancelled"
-        });
-        t.push(if n.sagas > 0 {
-            ", (SELECT COUNT(*) FROM u) AS updated"
-        } else {
-            ", 0 AS updated"
-        });
+            if self.postgres {
+                t.push(part.name()).push(" AS (");
+            }
+            self.write_part_into(&mut t, part, rows);
+            match (self.postgres, part) {
+                (true, WritePart::Cancelled | WritePart::Sagas) => {
+                    t.push(" RETURNING 1");
+                }
+                (false, WritePart::Sagas) => {
+                    t.push("; SELECT changes() AS updated");
+                }
+                _ => {}
+            }
+            if self.postgres {
+                t.push(")");
+            }
+        }
+        if self.postgres {
+            t.push(if n.cancelled > 0 {
+                " SELECT (SELECT COUNT(*) FROM c) AS cancelled"
+            } else {
+                " SELECT 0 AS cancelled"
+            });
+            t.push(if n.sagas > 0 {
+                ", (SELECT COUNT(*) FROM u) AS updated"
+            } else {
+                ", 0 AS updated"
+            });
+        }
         t
     }
 
-    /// SQLite: every write of a batch as one call of several statements, in the parts' order
-    /// (sqlx runs the statements of one text in one command on its connection thread, the
-    /// placeholders numbered on across them), so they cost one hand-off to that thread instead
-    /// of up to seven. SQLite has one writer, so no lock order matters. The version-checked
-    /// update is followed at once by `SELECT changes() AS updated` (`0 AS updated` without
-    /// one): the call's one row. Read it with `fetch_all`, which runs every statement; a
-    /// `fetch_one` may stop at the first row.
-    fn write_changes_sqlite(&self, n: &Counts) -> Text {
-        let mut t = Text::new(false, "");
-        let part = |t: &mut Text, rows: usize, f: &dyn Fn(&mut Text)| {
-            if rows == 0 {
-                return;
+    /// One part of [`Sql::write_changes`], as a plain statement.
+    fn write_part_into(&self, t: &mut Text, part: WritePart, rows: usize) {
+        match part {
+            WritePart::Cancelled => {
+                t.push("DELETE FROM timers WHERE id IN (")
+                    .list(rows)
+                    .push(")");
             }
-            if !t.sql.is_empty() {
-                t.push("; ");
+            WritePart::NewSagas => self.insert_sagas_into(t, rows),
+            WritePart::Sagas => self.update_sagas_into(t, rows),
+            WritePart::History => self.append_history_into(t, rows),
+            WritePart::Outbox => self.enqueue_outbox_into(t, rows),
+            WritePart::Timers => self.set_timers_into(t, rows),
+            WritePart::FreedKeys => {
+                t.push("DELETE FROM sequence_keys WHERE seq_key IN (")
+                    .list(rows)
+                    .push(")");
             }
-            f(t);
-        };
-        part(&mut t, n.cancelled, &|t| {
-            t.push("DELETE FROM timers WHERE id IN (")
-                .list(n.cancelled)
-                .push(")");
-        });
-        part(&mut t, n.new_sagas, &|t| {
-            self.insert_sagas_into(t, n.new_sagas)
-        });
-        part(&mut t, n.sagas, &|t| {
-            self.update_sagas_into(t, n.sagas);
-            t.push("; SELECT changes() AS updated");
-        });
-        if n.sagas == 0 {
-            part(&mut t, 1, &|t| {
-                t.push("SELECT 0 AS updated");
-            });
         }
-        part(&mut t, n.history, &|t| {
-            self.append_history_into(t, n.history)
-        });
-        part(&mut t, n.outbox, &|t| self.enqueue_outbox_into(t, n.outbox));
-        part(&mut t, n.timers, &|t| self.set_timers_into(t, n.timers));
-        part(&mut t, n.freed_keys, &|t| {
-            t.push("DELETE FROM sequence_keys WHERE seq_key IN (")
-                .list(n.freed_keys)
-                .push(")");
-        });
-        t
     }
 
     /// Claims timers by deleting them. Binds: the ids.
@@ -445,8 +470,8 @@ impl Sql {
 
     /// Binds: the ids.
     pub fn cancel_timers(&self, n: usize) -> Text {
-        let mut t = Text::new(self.postgres, "DELETE FROM timers WHERE id IN (");
-        t.list(n).push(")");
+        let mut t = Text::new(self.postgres, "");
+        self.write_part_into(&mut t, WritePart::Cancelled, n);
         t
     }
 
@@ -499,11 +524,8 @@ impl Sql {
 
     /// Binds: the keys.
     pub fn delete_keys(&self, n: usize) -> Text {
-        let mut t = Text::new(
-            self.postgres,
-            "DELETE FROM sequence_keys WHERE seq_key IN (",
-        );
-        t.list(n).push(")");
+        let mut t = Text::new(self.postgres, "");
+        self.write_part_into(&mut t, WritePart::FreedKeys, n);
         t
     }
 

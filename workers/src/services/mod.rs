@@ -1614,6 +1614,18 @@ pub async fn check_all(
     Ok(violations)
 }
 
+/// Whether the services' tables in this database hold any row: a run's barrier records, or the
+/// accounts `sagaflow dev` seeds before its first saga. (Migrate first.)
+pub async fn hold_rows(conn: &mut sqlx::AnyConnection) -> Result<bool, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT 1 AS held WHERE EXISTS (SELECT 1 FROM barrier) \
+         OR EXISTS (SELECT 1 FROM payment_accounts)",
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.is_some())
+}
+
 /// Every finished saga in the engine's `sagas` table, as the checks need them.
 pub async fn outcomes(conn: &mut sqlx::AnyConnection) -> Result<Vec<Outcome>, sqlx::Error> {
     use sqlx::Row;
