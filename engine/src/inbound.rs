@@ -51,13 +51,41 @@ const SETTLING: usize = 8;
 /// An applied batch's deliveries, each with its work and what applying it did.
 type Settlement = Vec<((Delivery, Inbound), Result<Done, EngineError>)>;
 
-/// Whether a delivery goes back to its queue (and the loop backs off): what `settle` nacks.
-fn comes_again(inbound: &Inbound, result: &Result<Done, EngineError>) -> bool {
+/// What becomes of a delivery once its batch was applied: the one decision both the loop (which
+/// backs off when something comes again) and [`Engine::settle`] act on.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Applied, ignored or a duplicate.
+    Ack,
+    /// Kept for an operator with this reason, never blocking the queue.
+    DeadLetter(String),
+    /// Given back to be redelivered (a database error, or a reply that failed otherwise).
+    Again,
+}
+
+fn verdict(inbound: &Inbound, result: &Result<Done, EngineError>) -> Verdict {
+    let saga = || match inbound {
+        Inbound::Event(e) => e.saga_id.as_str(),
+        Inbound::Start(_) => "?",
+    };
     match result {
-        Ok(_) => false,
-        Err(e) if is_permanent(e) => false,
-        Err(EngineError::Store(_)) => true,
-        Err(_) => matches!(inbound, Inbound::Event(_)),
+        Ok(Done::Applied(Applied::UnknownSaga)) => {
+            Verdict::DeadLetter(format!("reply for unknown saga {}", saga()))
+        }
+        Ok(Done::Applied(Applied::UnknownStep(step))) => {
+            Verdict::DeadLetter(format!("reply for unknown step #{step} of saga {}", saga()))
+        }
+        Ok(_) => Verdict::Ack,
+        Err(e) if is_permanent(e) => Verdict::DeadLetter(format!("cannot be applied: {e}")),
+        Err(EngineError::Store(_)) => Verdict::Again,
+        Err(e) => match inbound {
+            Inbound::Start(s) => Verdict::DeadLetter(format!(
+                "cannot start saga `{}` (idempotency key `{}`): {e}",
+                s.graph.name(),
+                s.idempotency_key.as_deref().unwrap_or("")
+            )),
+            Inbound::Event(_) => Verdict::Again,
+        },
     }
 }
 
@@ -202,7 +230,7 @@ impl Engine {
         ok &= !results
             .iter()
             .zip(&work)
-            .any(|(result, inbound)| comes_again(inbound, result));
+            .any(|(result, inbound)| verdict(inbound, result) == Verdict::Again);
         let settlement = held.into_iter().zip(work).zip(results).collect();
         (ok, settlement)
     }
@@ -211,26 +239,9 @@ impl Engine {
     /// applying it did.
     async fn settle(&self, queue: Queue, settlement: Settlement) {
         for ((d, inbound), result) in settlement {
-            let inbound = &inbound;
-            match result {
-                Ok(Done::Applied(Applied::UnknownSaga)) => {
-                    let saga = match inbound {
-                        Inbound::Event(e) => e.saga_id.as_str(),
-                        Inbound::Start(_) => "?",
-                    };
-                    let reason = format!("reply for unknown saga {saga}");
-                    self.dead_letter(d, queue.name(), &reason).await;
-                }
-                Ok(Done::Applied(Applied::UnknownStep(step))) => {
-                    let saga = match inbound {
-                        Inbound::Event(e) => e.saga_id.as_str(),
-                        Inbound::Start(_) => "?",
-                    };
-                    let reason = format!("reply for unknown step #{step} of saga {saga}");
-                    self.dead_letter(d, queue.name(), &reason).await;
-                }
-                Ok(done) => {
-                    if let Done::Started(s) = &done {
+            match verdict(&inbound, &result) {
+                Verdict::Ack => {
+                    if let Ok(Done::Started(s)) = &result {
                         debug!(message = %d.message.id, saga.id = %s.id, existing = s.existing, "start request handled");
                     }
                     if let Err(e) = d.ack().await {
@@ -238,28 +249,13 @@ impl Engine {
                         warn!(error = %e, "acknowledging a message failed");
                     }
                 }
-                Err(e) if is_permanent(&e) => {
-                    let reason = format!("cannot be applied: {e}");
-                    self.dead_letter(d, queue.name(), &reason).await;
-                }
-                Err(EngineError::Store(e)) => {
-                    warn!(message = %d.message.id, error = %e, "applying a message failed; it will be redelivered");
+                Verdict::DeadLetter(reason) => self.dead_letter(d, queue.name(), &reason).await,
+                Verdict::Again => {
+                    if let Err(e) = &result {
+                        warn!(message = %d.message.id, error = %e, "applying a message failed; it will be redelivered");
+                    }
                     let _ = d.nack().await;
                 }
-                Err(e) => match inbound {
-                    Inbound::Start(s) => {
-                        let reason = format!(
-                            "cannot start saga `{}` (idempotency key `{}`): {e}",
-                            s.graph.name(),
-                            s.idempotency_key.as_deref().unwrap_or("")
-                        );
-                        self.dead_letter(d, queue.name(), &reason).await;
-                    }
-                    Inbound::Event(_) => {
-                        warn!(message = %d.message.id, error = %e, "applying a reply failed; it will be redelivered");
-                        let _ = d.nack().await;
-                    }
-                },
             }
         }
     }
@@ -334,5 +330,52 @@ impl Engine {
                 warn!(error = %e, "dead-lettering failed; the message goes back to its queue")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    #[test]
+    fn each_result_has_one_verdict_for_a_reply() {
+        let reply = Inbound::Event(Incoming {
+            saga_id: "s-1".into(),
+            event: Event::Begin,
+            timer_id: None,
+        });
+        let v = |r: Result<Done, EngineError>| verdict(&reply, &r);
+        assert_eq!(v(Ok(Done::Applied(Applied::Changed))), Verdict::Ack);
+        assert_eq!(v(Ok(Done::Applied(Applied::Ignored))), Verdict::Ack);
+        assert_eq!(v(Ok(Done::Applied(Applied::Duplicate))), Verdict::Ack);
+        assert_eq!(
+            v(Ok(Done::Applied(Applied::UnknownSaga))),
+            Verdict::DeadLetter("reply for unknown saga s-1".into())
+        );
+        assert_eq!(
+            v(Ok(Done::Applied(Applied::UnknownStep(7)))),
+            Verdict::DeadLetter("reply for unknown step #7 of saga s-1".into())
+        );
+        // A database error comes again; a definition that is gone never will be applied.
+        assert_eq!(
+            v(Err(EngineError::Store(StoreError::Conflict("s-1".into())))),
+            Verdict::Again
+        );
+        assert_eq!(
+            v(Err(EngineError::UnknownDefinition("order".into()))),
+            Verdict::DeadLetter(
+                "cannot be applied: no saga definition named `order` (register it by starting it from its YAML file)".into()
+            )
+        );
+        assert_eq!(
+            v(Err(EngineError::Store(StoreError::Corrupt {
+                table: "sagas",
+                detail: "bad state".into()
+            }))),
+            Verdict::DeadLetter("cannot be applied: corrupt row in sagas: bad state".into())
+        );
+        // Any other failure of a reply: redelivered (the saga may accept it later).
+        assert_eq!(v(Err(EngineError::Refused("busy".into()))), Verdict::Again);
     }
 }
