@@ -202,6 +202,17 @@ async fn a_different_partition_count_is_refused_at_start() {
     let text = err.to_string();
     assert!(text.contains("partition count mismatch"), "{text}");
     assert!(text.contains("8 partitions"), "{text}");
+    assert!(
+        matches!(
+            &err,
+            sagaflow_engine::transport::TransportError::PartitionMismatch {
+                configured: 8,
+                declared: Some(4),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     // The same count is fine.
     let same = AmqpTransport::connect(t.config().clone())
         .await

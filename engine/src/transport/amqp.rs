@@ -228,9 +228,9 @@ pub fn stable_hash(key: &str) -> u64 {
 
 /// The partition count a deployment was declared with, from the broker's refusal of another
 /// one (`… inequivalent arg 'x-max-length' for queue '<prefix>.topology' …: received '1' but
-/// current is '8'`, as the partition count mismatch error quotes it).
+/// current is '8'`).
 fn declared_partitions(refusal: &str) -> Option<u16> {
-    if !refusal.contains("partition count mismatch") || !refusal.contains("x-max-length") {
+    if !refusal.contains("x-max-length") {
         return None;
     }
     let (_, current) = refusal.rsplit_once("current is '")?;
@@ -319,21 +319,21 @@ impl AmqpTransport {
         let join = config.join_declared_partitions;
         let wanted = config.partitions;
         match Self::connect_as(config.clone()).await {
-            Err(TransportError::Other(text)) if join => match declared_partitions(&text) {
-                Some(declared) if declared != wanted => {
-                    tracing::info!(
-                        prefix = %config.prefix,
-                        partitions = declared,
-                        "joining the deployment with the partition count it was declared with"
-                    );
-                    Self::connect_as(AmqpConfig {
-                        partitions: declared,
-                        ..config
-                    })
-                    .await
-                }
-                _ => Err(TransportError::Other(text)),
-            },
+            Err(TransportError::PartitionMismatch {
+                declared: Some(declared),
+                ..
+            }) if join && declared != wanted => {
+                tracing::info!(
+                    prefix = %config.prefix,
+                    partitions = declared,
+                    "joining the deployment with the partition count it was declared with"
+                );
+                Self::connect_as(AmqpConfig {
+                    partitions: declared,
+                    ..config
+                })
+                .await
+            }
             other => other,
         }
     }
@@ -556,13 +556,12 @@ impl AmqpTransport {
         if let Err(e) = declared {
             let text = e.to_string();
             if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent") {
-                return Err(TransportError::Other(format!(
-                    "partition count mismatch: this process is configured with {} partitions, \
-                     but the deployment `{}` on this broker was declared with a different count \
-                     (the broker said: {text}). Every engine and worker must use the same \
-                     --partitions; to change it, drain and delete the `{}.*` queues first",
-                    config.partitions, config.prefix, config.prefix
-                )));
+                return Err(TransportError::PartitionMismatch {
+                    configured: config.partitions,
+                    declared: declared_partitions(&text),
+                    prefix: config.prefix.clone(),
+                    broker: text,
+                });
             }
             return Err(amqp_err("declaring the topology marker", e));
         }
@@ -1639,11 +1638,10 @@ mod tests {
 
     #[test]
     fn the_declared_partition_count_is_read_from_the_refusal() {
-        let refusal = "partition count mismatch: this process is configured with 1 partitions, \
-            but the deployment `shop` on this broker was declared with a different count (the \
-            broker said: protocol error: AMQP soft error: PRECONDITION-FAILED: \
+        // The broker's refusal, as lapin words it.
+        let refusal = "protocol error: AMQP soft error: PRECONDITION-FAILED: \
             PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'shop.topology' in \
-            vhost '/': received '1' but current is '8'). Every engine and worker must use …";
+            vhost '/': received '1' but current is '8'";
         assert_eq!(declared_partitions(refusal), Some(8));
         assert_eq!(declared_partitions("connection refused"), None);
         assert_eq!(

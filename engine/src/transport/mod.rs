@@ -38,6 +38,17 @@ pub enum TransportError {
     NotConfirmed { queue: String, reason: String },
     #[error("transport: {0}")]
     Other(String),
+    /// The deployment on this broker was declared with another partition count.
+    #[error(
+        "transport: partition count mismatch: this process is configured with {configured} partitions, but the deployment `{prefix}` on this broker was declared with a different count (the broker said: {broker}). Every engine and worker must use the same --partitions; to change it, drain and delete the `{prefix}.*` queues first"
+    )]
+    PartitionMismatch {
+        configured: u16,
+        /// The count it was declared with, as the broker's refusal quotes it.
+        declared: Option<u16>,
+        prefix: String,
+        broker: String,
+    },
 }
 
 /// A stable lane for a key: FNV-1a, the same in every process and release (the AMQP
