@@ -366,3 +366,104 @@ on_both_backends!(
         sys.stop().await;
     }
 );
+
+on_both_backends!(
+    callers_applying_at_once_share_a_transaction_and_get_their_own_answers,
+    |url: String| async move {
+        let engine = support::engine_alone(&url).await;
+        let graph = engine.register(&support::order_saga()).await.expect("saga");
+        let orders = support::seed_orders(engine.store(), "group", 64).await;
+        // Every connection of the engine's pool held: the first caller's transaction waits
+        // for one, and the other callers queue behind it meanwhile.
+        let pool = engine.store().pool().clone();
+        let mut held = Vec::new();
+        for _ in 0..pool.options().get_max_connections() {
+            held.push(pool.acquire().await.expect("connection"));
+        }
+        let commits = engine.store().counters().commits();
+        let mut callers = Vec::new();
+        for (caller, chunk) in orders.chunks(4).enumerate() {
+            let (engine, graph) = (engine.clone(), graph.clone());
+            let batch: Vec<(serde_json::Value, Option<String>)> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, o)| (o.clone(), Some(format!("caller-{caller}-{i}"))))
+                .collect();
+            callers.push(tokio::spawn(async move {
+                let ids: Vec<String> = engine
+                    .start_many(&graph, batch.clone())
+                    .await
+                    .into_iter()
+                    .map(|s| s.expect("started").id)
+                    .collect();
+                (batch, ids)
+            }));
+        }
+        // A wait for the callers to queue, not a timing assertion: had some not queued yet,
+        // they would go in a transaction of their own and the count below would say so.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(held);
+        let mut answered = Vec::new();
+        for c in callers {
+            answered.push(c.await.expect("caller"));
+        }
+        let used = engine.store().counters().commits() - commits;
+        assert!(
+            (1..=2).contains(&used),
+            "16 callers at once took {used} transactions (the first one's, then the rest together)"
+        );
+        // Each caller got its own sagas, in its order: starting the same again answers with the
+        // saga it was given.
+        let mut all = std::collections::BTreeSet::new();
+        for (batch, ids) in answered {
+            assert_eq!(ids.len(), batch.len());
+            let again = engine.start_many(&graph, batch).await;
+            for (id, again) in ids.iter().zip(again) {
+                let again = again.expect("started again");
+                assert!(again.existing, "the same start again finds its saga");
+                assert_eq!(&again.id, id, "a caller was answered with another's saga");
+                all.insert(id.clone());
+            }
+        }
+        assert_eq!(all.len(), 64, "64 starts, 64 sagas");
+    }
+);
+
+on_both_backends!(
+    sent_rows_are_deleted_by_the_relay_when_no_transaction_follows,
+    |url: String| async move {
+        let engine = support::engine_alone(&url).await;
+        let graph = engine.register(&support::order_saga()).await.expect("saga");
+        let orders = support::seed_orders(engine.store(), "sent", 3).await;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let run = tokio::spawn(engine.clone().run(stopped));
+        for _ in 0..2_000 {
+            if engine.relay_running() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(engine.relay_running(), "the relay did not start");
+        // No worker runs, so no reply (and no transaction) follows the starts: the commands'
+        // rows, once sent, wait for the relay to delete them itself.
+        for o in orders {
+            engine.start(&graph, o, None).await.expect("start");
+        }
+        let deadline = std::time::Instant::now() + LIMIT;
+        let sent = loop {
+            let (published, _) = engine.metrics().outbox_rows();
+            let pending = engine.store().outbox_stats().await.expect("stats").pending;
+            if published == 3 && pending == 0 {
+                break published;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{published} published, {pending} still in the outbox"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(sent, 3);
+        let _ = stop.send(true);
+        run.await.expect("engine").expect("engine stopped cleanly");
+    }
+);

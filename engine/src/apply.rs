@@ -8,7 +8,8 @@
 //!                                                                     │
 //!  release keys of sagas that became final (and begin who was next) ◀─┘
 //!        │
-//!  write: new sagas · sagas (version-checked) · history · outbox · timers ─ commit
+//!  write: new sagas · sagas (version-checked) · history · outbox · timers
+//!         · the outbox rows the relay sent meanwhile (crate::handoff) ─ commit
 //! ```
 //!
 //! What a batch guarantees is what one event alone does: a reply seen before (also twice in
@@ -160,7 +161,7 @@ impl Engine {
                 Err(e) => results.push(Some(Err(e))),
             }
         }
-        for (slot, done) in slots.into_iter().zip(self.apply_inbound(&batch).await) {
+        for (slot, done) in slots.into_iter().zip(self.apply_grouped(batch).await.1) {
             results[slot] = Some(done.and_then(|d| match d {
                 Done::Started(s) => Ok(s),
                 Done::Refused(why) => Err(EngineError::Refused(why)),
@@ -178,8 +179,9 @@ impl Engine {
     /// Applies events (one transaction for all when it can); the first error if any failed.
     pub async fn apply(&self, batch: &[Incoming]) -> Result<Vec<Applied>, EngineError> {
         let inbound: Vec<Inbound> = batch.iter().cloned().map(Inbound::Event).collect();
-        self.apply_inbound(&inbound)
+        self.apply_grouped(inbound)
             .await
+            .1
             .into_iter()
             .map(applied)
             .collect()
@@ -279,12 +281,18 @@ impl Engine {
                 return Err(e);
             }
         };
-        if let Err(e) = plan.write(&mut tx, now).await {
+        // Outbox rows the relay sent meanwhile go with this write (see `crate::handoff`).
+        let sent = self.handoff().take_sent();
+        if let Err(e) = plan.write(&mut tx, now, &sent).await {
             let _ = tx.rollback().await;
+            self.handoff().sent_again(sent);
             return Err(e.into());
         }
         let planned = started.elapsed();
-        tx.commit().await?;
+        if let Err(e) = tx.commit().await {
+            self.handoff().sent_again(sent);
+            return Err(e.into());
+        }
         tracing::debug!(
             items = batch.len(),
             sagas = plan.sagas.len(),
@@ -696,7 +704,12 @@ struct Plan {
 }
 
 impl Plan {
-    async fn write(&self, tx: &mut impl StoreTx, now: i64) -> Result<(), StoreError> {
+    async fn write(
+        &self,
+        tx: &mut impl StoreTx,
+        now: i64,
+        sent: &[String],
+    ) -> Result<(), StoreError> {
         let mut inserts = Vec::new();
         let mut writes = Vec::new();
         for (id, w) in &self.sagas {
@@ -732,6 +745,7 @@ impl Plan {
                 history: &self.history,
                 outbox: &self.outbox,
                 timers: &timers,
+                sent,
             },
             now,
         )

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use sagaflow_dsl::SagaGraph;
@@ -42,6 +42,9 @@ pub enum EngineError {
     InvalidInput { saga: String, detail: String },
     #[error("{0}")]
     Refused(String),
+    /// The work was not applied to a decision (the engine stopped meanwhile): try it again.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
 }
 
 impl From<sqlx::Error> for EngineError {
@@ -96,11 +99,15 @@ pub struct Engine {
     timers_changed: Notify,
     /// When the timer loop plans to look next (ms); a timer due earlier wakes it.
     next_timer_check: AtomicI64,
+    /// The group commit every apply goes through ([`crate::group`]).
+    group: crate::group::Group,
+    /// This engine, for the group commit's task (which must not keep it alive).
+    me: Weak<Engine>,
 }
 
 impl Engine {
     pub fn new(store: Store, transport: Arc<dyn Transport>) -> Arc<Engine> {
-        Arc::new(Engine {
+        Arc::new_cyclic(|me| Engine {
             store,
             transport,
             graphs: RwLock::default(),
@@ -109,7 +116,17 @@ impl Engine {
             metrics: Metrics::new(),
             timers_changed: Notify::new(),
             next_timer_check: AtomicI64::new(0),
+            group: crate::group::Group::default(),
+            me: me.clone(),
         })
+    }
+
+    pub(crate) fn group(&self) -> &crate::group::Group {
+        &self.group
+    }
+
+    pub(crate) fn weak(&self) -> Weak<Engine> {
+        self.me.clone()
     }
 
     pub fn store(&self) -> &Store {

@@ -1,11 +1,21 @@
 //! The outbox hand-off: the rows an engine's own transactions committed, passed to its relay in
 //! memory and in commit order, so that the usual path needs no claim statement and no poll (see
 //! [`crate::relay`] and [`crate::store::outbox`]).
+//!
+//! And the way back: the rows the relay sent (the broker confirmed them), by message id, are
+//! deleted by the engine's next apply transaction, as one more part of its one write
+//! ([`crate::store::Changes::sent`]), instead of by a statement and a commit of their own. A
+//! relay whose rows found no transaction within [`SENT_WAIT`] deletes them itself. Until then
+//! they are still in the outbox, handed off (no claim takes them before
+//! [`crate::store::outbox::HANDOFF_GRACE_MS`]) or leased; an engine that dies meanwhile leaves
+//! them to be sent once more, which every receiver deduplicates, as it does a row sent and not
+//! yet deleted today.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tracing::debug;
@@ -16,6 +26,13 @@ use crate::store::outbox::Claimed;
 /// claim (after their grace), so a stalled broker cannot grow the engine's memory.
 const HANDOFF_CAPACITY: usize = 50_000;
 
+/// How long sent rows wait for an apply transaction to delete them before the relay does. Far
+/// below [`crate::store::outbox::HANDOFF_GRACE_MS`], so no claim sends them again meanwhile.
+pub(crate) const SENT_WAIT: Duration = Duration::from_millis(100);
+
+/// Sent rows one apply transaction deletes at most (the rest wait for the next).
+const SENT_PER_WRITE: usize = 4_096;
+
 /// Outbox rows committed by this engine, waiting for its relay, in commit order.
 #[derive(Debug, Default)]
 pub(crate) struct Handoff {
@@ -23,6 +40,8 @@ pub(crate) struct Handoff {
     pub(crate) ready: Notify,
     /// This engine's relay loop runs: its transactions may hand rows off.
     active: AtomicBool,
+    /// Rows sent, by message id, not yet deleted; and since when the oldest waits.
+    sent: Mutex<(Vec<String>, Option<Instant>)>,
 }
 
 impl Handoff {
@@ -61,6 +80,54 @@ impl Handoff {
 
     pub(crate) fn drain(&self) -> Vec<Claimed> {
         self.take(usize::MAX)
+    }
+
+    /// Rows the broker confirmed: to be deleted (see the module docs).
+    pub(crate) fn sent(&self, ids: Vec<String>) {
+        if ids.is_empty() {
+            return;
+        }
+        let first = {
+            let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+            sent.0.extend(ids);
+            let first = sent.1.is_none();
+            sent.1.get_or_insert_with(Instant::now);
+            first
+        };
+        if first {
+            // An idle relay learns when to delete them if no transaction does.
+            self.ready.notify_one();
+        }
+    }
+
+    /// Sent rows for a transaction to delete (up to [`SENT_PER_WRITE`], oldest first). If it
+    /// does not commit, they are given back with [`Handoff::sent_again`].
+    pub(crate) fn take_sent(&self) -> Vec<String> {
+        let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+        let n = sent.0.len().min(SENT_PER_WRITE);
+        let taken: Vec<String> = sent.0.drain(..n).collect();
+        if sent.0.is_empty() {
+            sent.1 = None;
+        }
+        taken
+    }
+
+    /// Sent rows taken by a transaction that did not commit: still to be deleted.
+    pub(crate) fn sent_again(&self, ids: Vec<String>) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+        sent.0.splice(0..0, ids);
+        sent.1.get_or_insert_with(Instant::now);
+    }
+
+    /// How long until the oldest sent row has waited [`SENT_WAIT`] (zero: it has); None when
+    /// none waits.
+    pub(crate) fn sent_due_in(&self) -> Option<Duration> {
+        let sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+        sent.1
+            .map(|since| SENT_WAIT.saturating_sub(since.elapsed()))
     }
 }
 

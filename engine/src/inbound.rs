@@ -77,7 +77,7 @@ fn verdict(inbound: &Inbound, result: &Result<Done, EngineError>) -> Verdict {
         }
         Ok(_) => Verdict::Ack,
         Err(e) if is_permanent(e) => Verdict::DeadLetter(format!("cannot be applied: {e}")),
-        Err(EngineError::Store(_)) => Verdict::Again,
+        Err(EngineError::Store(_) | EngineError::Interrupted(_)) => Verdict::Again,
         Err(e) => match inbound {
             Inbound::Start(s) => Verdict::DeadLetter(format!(
                 "cannot start saga `{}` (idempotency key `{}`): {e}",
@@ -225,8 +225,15 @@ impl Engine {
         if work.is_empty() {
             return (ok, Vec::new());
         }
-        let results = self.apply_inbound(&work).await;
+        let (work, results) = self.apply_grouped(work).await;
         drop(spans);
+        if work.len() != held.len() {
+            // Interrupted before an answer (the engine is stopping): all of it comes again.
+            for d in held {
+                let _ = d.nack().await;
+            }
+            return (false, Vec::new());
+        }
         ok &= !results
             .iter()
             .zip(&work)

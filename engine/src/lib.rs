@@ -7,6 +7,7 @@
 //! | [`definitions`] | the definitions registry: compiled graphs by content hash, latest by name |
 //! | [`input`] | input checks: a start's input against its definition, and its sequence key |
 //! | [`apply`] | the apply path: a batch of replies, timers, operator events and starts in one set-based transaction |
+//! | [`group`] | group commit: every batch to apply (replies, starts, due timers) queued, and what waits together applied in one transaction |
 //! | [`inbound`] | the one inbound loop, for the reply queue and the start queue: batch, apply, then ack or dead-letter |
 //! | [`relay`] | the outbox relay: claim with a lease, publish pipelined with confirms, mark sent |
 //! | [`timers`] | the timer loop: fire due retry and timeout timers |
@@ -23,6 +24,7 @@ pub mod apply;
 pub mod dead_letters;
 pub mod definitions;
 pub mod engine;
+pub mod group;
 pub mod handoff;
 #[cfg(feature = "http")]
 pub mod http;

@@ -2,8 +2,10 @@
 //! confirmed them.
 //!
 //! A round never holds a database transaction open while the broker works: take a batch,
-//! publish it pipelined in order — every message sent, then every confirm awaited — and delete
-//! the confirmed rows (one statement). The next round is taken once this one is on the wire,
+//! publish it pipelined in order — every message sent, then every confirm awaited — and hand
+//! the confirmed rows to the engine's next apply transaction to delete ([`crate::handoff`]; the
+//! relay deletes them itself, in one statement, when none came within
+//! [`crate::handoff::SENT_WAIT`]). The next round is taken once this one is on the wire,
 //! not once it is confirmed. What was not confirmed is given back at once and sent again later;
 //! receivers deduplicate.
 //!
@@ -80,6 +82,9 @@ impl Engine {
         let failures = Arc::new(AtomicU32::new(0));
         let mut last_claim: Option<Instant> = None;
         while !*shutdown.borrow() {
+            if handoff.sent_due_in() == Some(Duration::ZERO) {
+                self.delete_sent_now().await;
+            }
             let failed = failures.load(Ordering::Relaxed);
             if failed > 0 {
                 tokio::select! {
@@ -116,6 +121,7 @@ impl Engine {
                 drop(permit);
                 let wait =
                     CLAIM_EVERY.saturating_sub(last_claim.map_or(Duration::ZERO, |t| t.elapsed()));
+                let wait = handoff.sent_due_in().map_or(wait, |due| due.min(wait));
                 tokio::select! {
                     () = handoff.ready.notified() => {}
                     () = tokio::time::sleep(wait) => {}
@@ -126,7 +132,7 @@ impl Engine {
             let (engine, failures) = (self.clone(), failures.clone());
             let (sent, on_the_wire) = tokio::sync::oneshot::channel();
             tokio::spawn(async move {
-                match engine.send_claimed(batch, sent).await {
+                match engine.send_claimed(batch, sent, Deleted::ByNextWrite).await {
                     Ok(_) => failures.store(0, Ordering::Relaxed),
                     Err(e) => {
                         failures.fetch_add(1, Ordering::Relaxed);
@@ -143,6 +149,7 @@ impl Engine {
         // What is in flight finishes (or its lease runs out if we are killed first); what was
         // handed off and not sent yet is given back for the next relay to claim at once.
         let _ = rounds.acquire_many(ROUNDS as u32).await;
+        self.delete_sent_now().await;
         let left: Vec<String> = handoff.drain().into_iter().map(|c| c.message.id).collect();
         if let Err(e) = self.store().release_lease(&left).await {
             warn!(error = %e, rows = left.len(), "could not give unsent outbox rows back; they are claimed after their grace");
@@ -159,7 +166,20 @@ impl Engine {
         }
         self.metrics().claimed(claimed.len());
         let (sent, _) = tokio::sync::oneshot::channel();
-        self.send_claimed(claimed, sent).await
+        self.send_claimed(claimed, sent, Deleted::Now).await
+    }
+
+    /// Deletes the sent rows no apply transaction took (see [`crate::handoff`]); on failure
+    /// they wait for the next transaction or round.
+    async fn delete_sent_now(&self) {
+        let sent = self.handoff().take_sent();
+        if sent.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store().delete_sent(&sent).await {
+            warn!(error = %e, rows = sent.len(), "could not delete sent outbox rows; trying again");
+            self.handoff().sent_again(sent);
+        }
     }
 
     /// Publishes rows in order, then deletes the confirmed ones and gives the others back.
@@ -167,6 +187,7 @@ impl Engine {
         &self,
         claimed: Vec<Claimed>,
         sent: tokio::sync::oneshot::Sender<()>,
+        deleted: Deleted,
     ) -> Result<usize, EngineError> {
         let total = claimed.len();
         let ids: Vec<String> = claimed.iter().map(|c| c.message.id.clone()).collect();
@@ -186,18 +207,32 @@ impl Engine {
                 }
             }
         }
-        self.store().delete_sent(&sent).await?;
+        let confirmed = sent.len();
+        match deleted {
+            Deleted::Now => self.store().delete_sent(&sent).await?,
+            Deleted::ByNextWrite => self.handoff().sent(sent),
+        }
         if let Err(e) = self.store().release_lease(&back).await {
             // Their lease (or grace) runs out on its own.
             warn!(error = %e, "could not give unconfirmed outbox rows back");
         }
-        self.metrics().published(sent.len());
-        if sent.is_empty() {
+        self.metrics().published(confirmed);
+        if confirmed == 0 {
             // Nothing went out (broker down?): an error, so the relay loop backs off.
             return Err(EngineError::Refused(format!(
                 "none of {total} outbox messages was confirmed by the broker"
             )));
         }
-        Ok(sent.len())
+        Ok(confirmed)
     }
+}
+
+/// Who deletes the rows a round sent.
+#[derive(Debug, Clone, Copy)]
+enum Deleted {
+    /// The round, at once (a relay without an engine's transactions beside it).
+    Now,
+    /// The engine's next apply transaction, or the relay loop after
+    /// [`crate::handoff::SENT_WAIT`].
+    ByNextWrite,
 }

@@ -92,7 +92,7 @@ impl Engine {
         // One timer that cannot be applied must not hold the others back: they are applied
         // (and deleted) all the same; the failed one stays and is tried again next round.
         let batch: Vec<Inbound> = batch.into_iter().map(Inbound::Event).collect();
-        let results = self.apply_inbound(&batch).await;
+        let (_, results) = self.apply_grouped(batch).await;
         let failed: Vec<EngineError> = results.into_iter().filter_map(Result::err).collect();
         let all_failed = failed.len() == n;
         if let Some(e) = failed.into_iter().next() {

@@ -1981,6 +1981,17 @@ async fn write_changes_writes_every_table_in_order(store: Store) {
     ])
     .await
     .unwrap();
+    // Rows already sent (the relay hands their ids to the next write) and one not yet.
+    tx.enqueue_outbox(
+        &[
+            message("m-sent-1", "p"),
+            message("m-unsent", "p"),
+            message("m-sent-2", "p"),
+        ],
+        NOW,
+    )
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
     let writes = [
         write("s1", 0, 2, state(SagaStatus::Running, 1)),
@@ -2016,6 +2027,7 @@ async fn write_changes_writes_every_table_in_order(store: Store) {
             history: &history,
             outbox: &outbox,
             timers: &timers,
+            sent: &ids(&["m-sent-1", "m-sent-2", "m-gone-already"]),
         },
         NOW + 7,
     )
@@ -2075,7 +2087,11 @@ async fn write_changes_writes_every_table_in_order(store: Store) {
         .into_iter()
         .map(|(_, m, _)| m)
         .collect();
-    assert_eq!(queued, ["m-9", "m-1"], "outbox ids in slice order");
+    assert_eq!(
+        queued,
+        ["m-unsent", "m-9", "m-1"],
+        "the sent rows deleted, the new ones queued in slice order"
+    );
 
     // Nothing to write is no statement at all.
     let before = store.counters().statements();
@@ -2097,6 +2113,9 @@ async fn write_changes_with_a_stale_saga_writes_nothing(store: Store) {
     update(&store, "stale", 0, 2, state(SagaStatus::Running, 1)).await;
     let mut tx = store.begin().await.unwrap();
     tx.set_timers(&[timer("t-cancel", NOW)]).await.unwrap();
+    tx.enqueue_outbox(&[message("m-sent", "p")], NOW)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     let writes = [
         write("fresh", 0, 1, state(SagaStatus::Running, 50)),
@@ -2114,6 +2133,7 @@ async fn write_changes_with_a_stale_saga_writes_nothing(store: Store) {
                 history: &history,
                 outbox: &outbox,
                 timers: &[timer("t-set", NOW + 9)],
+                sent: &ids(&["m-sent"]),
             },
             NOW + 5,
         )
@@ -2124,7 +2144,16 @@ async fn write_changes_with_a_stale_saga_writes_nothing(store: Store) {
     assert_eq!(load(&store, "fresh").await.version, 0);
     assert_eq!(load(&store, "stale").await.version, 2);
     assert!(kinds(&store, "fresh").await.is_empty());
-    assert!(outbox_ids(&store).await.is_empty());
+    let queued: Vec<String> = outbox_ids(&store)
+        .await
+        .into_iter()
+        .map(|(_, m, _)| m)
+        .collect();
+    assert_eq!(
+        queued,
+        ["m-sent"],
+        "nothing queued, the sent row not deleted"
+    );
     assert_eq!(timer_ids(&store).await, ["t-cancel"], "timers as they were");
     let mut tx = store.begin().await.unwrap();
     assert!(tx.load_sagas(&ids(&["newborn"])).await.unwrap().is_empty());

@@ -163,6 +163,7 @@ pub struct Counts {
     pub outbox: usize,
     pub timers: usize,
     pub freed_keys: usize,
+    pub sent: usize,
 }
 
 impl Counts {
@@ -176,6 +177,7 @@ impl Counts {
             + self.outbox * OUTBOX_COLS
             + self.timers * TIMER_COLS
             + self.freed_keys
+            + self.sent
     }
 
     pub fn is_empty(&self) -> bool {
@@ -193,9 +195,10 @@ enum WritePart {
     Outbox,
     Timers,
     FreedKeys,
+    Sent,
 }
 
-const WRITE_PARTS: [WritePart; 7] = [
+const WRITE_PARTS: [WritePart; 8] = [
     WritePart::Cancelled,
     WritePart::NewSagas,
     WritePart::Sagas,
@@ -203,6 +206,7 @@ const WRITE_PARTS: [WritePart; 7] = [
     WritePart::Outbox,
     WritePart::Timers,
     WritePart::FreedKeys,
+    WritePart::Sent,
 ];
 
 impl WritePart {
@@ -215,6 +219,7 @@ impl WritePart {
             WritePart::Outbox => n.outbox,
             WritePart::Timers => n.timers,
             WritePart::FreedKeys => n.freed_keys,
+            WritePart::Sent => n.sent,
         }
     }
 
@@ -228,6 +233,7 @@ impl WritePart {
             WritePart::Outbox => "o",
             WritePart::Timers => "t",
             WritePart::FreedKeys => "k",
+            WritePart::Sent => "s",
         }
     }
 }
@@ -445,6 +451,7 @@ impl Sql {
                     .list(rows)
                     .push(")");
             }
+            WritePart::Sent => self.delete_sent_into(t, rows),
         }
     }
 
@@ -541,9 +548,15 @@ impl Sql {
 
     /// Confirmed rows leave the queue. Binds: message ids.
     pub fn delete_sent(&self, n: usize) -> Text {
-        let mut t = Text::new(self.postgres, "DELETE FROM outbox WHERE message_id IN (");
-        t.list(n).push(")");
+        let mut t = Text::new(self.postgres, "");
+        self.delete_sent_into(&mut t, n);
         t
+    }
+
+    fn delete_sent_into(&self, t: &mut Text, n: usize) {
+        t.push("DELETE FROM outbox WHERE message_id IN (")
+            .list(n)
+            .push(")");
     }
 
     /// Rows given back, claimable at once. Binds: message ids.
@@ -689,6 +702,7 @@ mod tests {
             sagas: 1,
             history: 2,
             timers: 1,
+            sent: 2,
             ..Counts::default()
         };
         let t = SQLITE.write_changes(&n);
@@ -705,6 +719,7 @@ mod tests {
                 "SELECT changes() AS",
                 "INSERT INTO saga_timeline",
                 "INSERT INTO timers",
+                "DELETE FROM outbox",
             ],
             "{}",
             t.sql

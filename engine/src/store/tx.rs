@@ -167,7 +167,8 @@ pub trait StoreTx:
     /// Writes a batch's changes: the cancelled timers (as [`TimerTable::cancel_timers`]), the
     /// new sagas (as [`SagaTable::insert_sagas`]), the changed ones (version-checked, as
     /// [`SagaTable::update_sagas`]), their history and outbox messages, and the timers set (as
-    /// [`TimerTable::set_timers`]), in that order. One statement on PostgreSQL, one call of
+    /// [`TimerTable::set_timers`]), and last the outbox rows the broker confirmed (as
+    /// [`super::Store::delete_sent`]), in that order. One statement on PostgreSQL, one call of
     /// several statements on SQLite ([`Sql::write_changes`]); one per table when the batch has
     /// more values than one statement takes; the same rows and the same errors every way.
     async fn write_changes(&mut self, changes: &Changes<'_>, now: i64) -> Result<(), StoreError>;
@@ -186,6 +187,9 @@ pub struct Changes<'a> {
     pub outbox: &'a [OutboxMessage],
     /// Rows must be unique by id, and none of `cancelled_timers`.
     pub timers: &'a [TimerRow],
+    /// Outbox rows (by message id) the broker confirmed: deleted, as
+    /// [`super::Store::delete_sent`] does (see [`crate::handoff`]).
+    pub sent: &'a [String],
 }
 
 /// A transaction on the engine's database.
@@ -719,6 +723,7 @@ impl StoreTx for Tx {
             outbox: c.outbox.len(),
             timers: c.timers.len(),
             freed_keys: freed.len(),
+            sent: c.sent.len(),
         };
         if n.params() > sql::MAX_PARAMS {
             self.exec_in(Sql::delete_keys, &freed).await?;
@@ -727,7 +732,9 @@ impl StoreTx for Tx {
             self.update_sagas(c.sagas, now).await?;
             self.append_timeline(&timeline, now).await?;
             self.enqueue_outbox(c.outbox, now).await?;
-            return self.set_timers(c.timers).await;
+            self.set_timers(c.timers).await?;
+            self.exec_in(Sql::delete_sent, c.sent).await?;
+            return Ok(());
         }
         if n.is_empty() {
             return Ok(());
@@ -748,6 +755,7 @@ impl StoreTx for Tx {
         q = bind_outbox(q, c.outbox, now);
         q = bind_timers(q, c.timers, &events);
         q = bind_all(q, &freed);
+        q = bind_all(q, c.sent);
         self.counters.statement();
         // `fetch_all`: on SQLite the text is several statements, and every one must run.
         let rows = q.fetch_all(&mut *self.tx).await?;
