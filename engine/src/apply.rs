@@ -236,6 +236,24 @@ impl Engine {
         results
     }
 
+    /// One try of a batch in one transaction, without [`Engine::apply_inbound`]'s halving and
+    /// retries: one result per item, or the error that failed the whole (the group commit's
+    /// try, see [`crate::group`]).
+    pub(crate) async fn apply_together(
+        &self,
+        batch: &[Inbound],
+    ) -> Result<Vec<Result<Done, EngineError>>, EngineError> {
+        Ok(self
+            .apply_once(batch)
+            .await?
+            .into_iter()
+            .map(|d| match d {
+                Done::Refused(why) => Err(EngineError::Refused(why)),
+                d => Ok(d),
+            })
+            .collect())
+    }
+
     async fn apply_with_retries(&self, batch: &[Inbound]) -> Result<Vec<Done>, EngineError> {
         let mut attempt = 0;
         loop {
@@ -283,7 +301,7 @@ impl Engine {
         };
         // Outbox rows the relay sent meanwhile go with this write (see `crate::handoff`).
         let sent = self.handoff().take_sent();
-        if let Err(e) = plan.write(&mut tx, now, &sent).await {
+        if let Err(e) = plan.write(&mut tx, now, &sent.ids).await {
             let _ = tx.rollback().await;
             self.handoff().sent_again(sent);
             return Err(e.into());

@@ -42,7 +42,8 @@ pub enum EngineError {
     InvalidInput { saga: String, detail: String },
     #[error("{0}")]
     Refused(String),
-    /// The work was not applied to a decision (the engine stopped meanwhile): try it again.
+    /// The group commit's task died while applying the work: whether it committed is unknown
+    /// (a redelivered reply or a start with an idempotency key is safe to apply again).
     #[error("interrupted: {0}")]
     Interrupted(String),
 }

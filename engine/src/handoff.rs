@@ -5,7 +5,8 @@
 //! And the way back: the rows the relay sent (the broker confirmed them), by message id, are
 //! deleted by the engine's next apply transaction, as one more part of its one write
 //! ([`crate::store::Changes::sent`]), instead of by a statement and a commit of their own. A
-//! relay whose rows found no transaction within [`SENT_WAIT`] deletes them itself. Until then
+//! relay whose rows found no transaction within [`SENT_WAIT`] deletes them itself (a task of
+//! its own looks every [`SENT_WAIT`], whatever the relay's rounds wait for). Until then
 //! they are still in the outbox, handed off (no claim takes them before
 //! [`crate::store::outbox::HANDOFF_GRACE_MS`]) or leased; an engine that dies meanwhile leaves
 //! them to be sent once more, which every receiver deduplicates, as it does a row sent and not
@@ -87,39 +88,37 @@ impl Handoff {
         if ids.is_empty() {
             return;
         }
-        let first = {
-            let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
-            sent.0.extend(ids);
-            let first = sent.1.is_none();
-            sent.1.get_or_insert_with(Instant::now);
-            first
-        };
-        if first {
-            // An idle relay learns when to delete them if no transaction does.
-            self.ready.notify_one();
-        }
+        let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+        sent.0.extend(ids);
+        sent.1.get_or_insert_with(Instant::now);
     }
 
-    /// Sent rows for a transaction to delete (up to [`SENT_PER_WRITE`], oldest first). If it
-    /// does not commit, they are given back with [`Handoff::sent_again`].
-    pub(crate) fn take_sent(&self) -> Vec<String> {
+    /// Sent rows for a transaction to delete (up to [`SENT_PER_WRITE`], oldest first), with
+    /// since when they wait. If it does not commit, they are given back with
+    /// [`Handoff::sent_again`].
+    pub(crate) fn take_sent(&self) -> Sent {
         let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
         let n = sent.0.len().min(SENT_PER_WRITE);
-        let taken: Vec<String> = sent.0.drain(..n).collect();
+        let ids: Vec<String> = sent.0.drain(..n).collect();
+        let since = sent.1;
         if sent.0.is_empty() {
             sent.1 = None;
         }
-        taken
+        Sent { ids, since }
     }
 
-    /// Sent rows taken by a transaction that did not commit: still to be deleted.
-    pub(crate) fn sent_again(&self, ids: Vec<String>) {
-        if ids.is_empty() {
+    /// Sent rows taken by a transaction that did not commit: still to be deleted, and waiting
+    /// since they first did (a run of failed transactions does not put the relay's delete off).
+    pub(crate) fn sent_again(&self, taken: Sent) {
+        if taken.ids.is_empty() {
             return;
         }
         let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
-        sent.0.splice(0..0, ids);
-        sent.1.get_or_insert_with(Instant::now);
+        sent.0.splice(0..0, taken.ids);
+        sent.1 = match (sent.1, taken.since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b).or_else(|| Some(Instant::now())),
+        };
     }
 
     /// How long until the oldest sent row has waited [`SENT_WAIT`] (zero: it has); None when
@@ -129,6 +128,13 @@ impl Handoff {
         sent.1
             .map(|since| SENT_WAIT.saturating_sub(since.elapsed()))
     }
+}
+
+/// Sent rows taken by a transaction ([`Handoff::take_sent`]).
+#[derive(Debug, Default)]
+pub(crate) struct Sent {
+    pub(crate) ids: Vec<String>,
+    since: Option<Instant>,
 }
 
 /// Marks the hand-off active from before a relay loop is spawned until it ends (however it
@@ -146,5 +152,84 @@ impl Active {
 impl Drop for Active {
     fn drop(&mut self) {
         self.0.active.store(false, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{ENGINE_MIGRATIONS, OutboxMessage, OutboxTable, Store, StoreTx};
+    use crate::{Applied, Engine, Incoming};
+
+    #[test]
+    fn sent_rows_given_back_keep_their_first_wait_and_their_order() {
+        let h = Handoff::default();
+        assert_eq!(h.sent_due_in(), None, "nothing waits");
+        h.sent(vec!["a".into(), "b".into()]);
+        let first = h.sent.lock().unwrap().1;
+        let taken = h.take_sent();
+        assert_eq!(taken.ids, ["a", "b"]);
+        assert_eq!(h.sent_due_in(), None, "all taken");
+        h.sent(vec!["c".into()]);
+        // The transaction that took a and b failed: they come back first, and the wait counts
+        // from when they were first sent, not from now.
+        h.sent_again(taken);
+        assert_eq!(h.sent.lock().unwrap().1, first);
+        assert_eq!(h.take_sent().ids, ["a", "b", "c"]);
+        h.sent((0..SENT_PER_WRITE + 1).map(|i| i.to_string()).collect());
+        assert_eq!(h.take_sent().ids.len(), SENT_PER_WRITE, "one write's worth");
+        assert_eq!(h.take_sent().ids, [SENT_PER_WRITE.to_string()]);
+    }
+
+    /// The next apply transaction deletes the rows the relay sent, in its one write: no relay
+    /// runs here, so nothing else could have.
+    #[tokio::test]
+    async fn the_next_apply_deletes_the_sent_rows() {
+        let store = Store::connect("sqlite::memory:", 1).await.expect("SQLite");
+        store.migrate(&[ENGINE_MIGRATIONS]).await.expect("migrate");
+        let mut tx = store.begin().await.expect("begin");
+        let row = |id: &str| OutboxMessage {
+            message_id: id.into(),
+            destination: "q".into(),
+            routing_key: "k".into(),
+            payload: "{}".into(),
+            handed_off: true,
+        };
+        tx.enqueue_outbox(&[row("m-1"), row("m-2"), row("m-3")], 1)
+            .await
+            .expect("enqueue");
+        tx.commit().await.expect("commit");
+        let engine = Engine::new(
+            store.clone(),
+            Arc::new(crate::transport::memory::MemoryTransport::default()),
+        );
+        engine.handoff().sent(vec!["m-1".into(), "m-3".into()]);
+        let commits = store.counters().commits();
+        // An event that changes nothing (its saga is unknown): the write is the delete alone.
+        let applied = engine
+            .apply(&[Incoming {
+                saga_id: "unknown".into(),
+                event: crate::machine::Event::Timer {
+                    step: 0,
+                    op: crate::machine::Op::Action,
+                    attempt: 0,
+                    kind: crate::machine::TimerKind::Deadline,
+                },
+                timer_id: None,
+            }])
+            .await
+            .expect("apply");
+        assert_eq!(applied, [Applied::UnknownSaga]);
+        assert_eq!(store.counters().commits() - commits, 1, "one transaction");
+        let left: Vec<String> = sqlx::query_scalar("SELECT message_id FROM outbox ORDER BY id")
+            .fetch_all(store.pool())
+            .await
+            .expect("outbox");
+        assert_eq!(left, ["m-2"]);
+        assert_eq!(
+            engine.handoff().sent_due_in(),
+            None,
+            "nothing left to delete"
+        );
     }
 }

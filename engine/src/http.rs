@@ -292,7 +292,6 @@ impl From<EngineError> for ApiError {
             EngineError::Refused(_) | EngineError::Store(StoreError::Conflict(_)) => {
                 StatusCode::CONFLICT
             }
-            EngineError::Interrupted(_) => StatusCode::SERVICE_UNAVAILABLE,
             // The database failed, or holds what this version cannot read (a corrupt row, a
             // definition that no longer compiles).
             EngineError::Store(_) | EngineError::BrokenDefinition { .. } => {

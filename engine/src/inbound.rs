@@ -127,7 +127,7 @@ impl Engine {
             return Ok(());
         };
         // Lanes by key (one by default, see LANES): one key's messages always go to the same
-        // lane, so this queue's batches applied at once never share a saga, and a key's
+        // lane, and a lane waits for its batch's answer before it sends the next, so a key's
         // messages are applied in queue order.
         let mut lanes = Vec::with_capacity(LANES);
         let mut tasks = Vec::with_capacity(LANES);
@@ -228,7 +228,8 @@ impl Engine {
         let (work, results) = self.apply_grouped(work).await;
         drop(spans);
         if work.len() != held.len() {
-            // Interrupted before an answer (the engine is stopping): all of it comes again.
+            // No answer (the group commit's task died): all of it comes again; the saga's
+            // state and the starts' idempotency keys make a second apply harmless.
             for d in held {
                 let _ = d.nack().await;
             }

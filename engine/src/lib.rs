@@ -9,7 +9,7 @@
 //! | [`apply`] | the apply path: a batch of replies, timers, operator events and starts in one set-based transaction |
 //! | [`group`] | group commit: every batch to apply (replies, starts, due timers) queued, and what waits together applied in one transaction |
 //! | [`inbound`] | the one inbound loop, for the reply queue and the start queue: batch, apply, then ack or dead-letter |
-//! | [`relay`] | the outbox relay: claim with a lease, publish pipelined with confirms, mark sent |
+//! | [`relay`] | the outbox relay: claim with a lease, publish pipelined with confirms, the sent rows deleted by the next apply |
 //! | [`timers`] | the timer loop: fire due retry and timeout timers |
 //! | [`operator`] | operator actions: abort, retry |
 //! | [`store`] | every SQL statement: the table traits, their PostgreSQL and SQLite statements, migrations, the read side |

@@ -31,7 +31,7 @@ use tokio::sync::{Semaphore, watch};
 use tracing::warn;
 
 use crate::engine::{Engine, EngineError, backoff};
-use crate::handoff::Active;
+use crate::handoff::{Active, SENT_WAIT};
 use crate::store::now_ms;
 use crate::store::outbox::Claimed;
 
@@ -81,10 +81,24 @@ impl Engine {
         let rounds = Arc::new(Semaphore::new(ROUNDS));
         let failures = Arc::new(AtomicU32::new(0));
         let mut last_claim: Option<Instant> = None;
+        // Sent rows no apply transaction took are deleted by a task of their own, so a round
+        // waiting for a slow broker or a backoff never keeps them past their wait.
+        let sweeper = {
+            let (engine, mut shutdown) = (self.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                while !*shutdown.borrow() {
+                    let wait = engine.handoff().sent_due_in().unwrap_or(SENT_WAIT);
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    if engine.handoff().sent_due_in() == Some(Duration::ZERO) {
+                        engine.delete_sent_now().await;
+                    }
+                }
+            })
+        };
         while !*shutdown.borrow() {
-            if handoff.sent_due_in() == Some(Duration::ZERO) {
-                self.delete_sent_now().await;
-            }
             let failed = failures.load(Ordering::Relaxed);
             if failed > 0 {
                 tokio::select! {
@@ -121,7 +135,6 @@ impl Engine {
                 drop(permit);
                 let wait =
                     CLAIM_EVERY.saturating_sub(last_claim.map_or(Duration::ZERO, |t| t.elapsed()));
-                let wait = handoff.sent_due_in().map_or(wait, |due| due.min(wait));
                 tokio::select! {
                     () = handoff.ready.notified() => {}
                     () = tokio::time::sleep(wait) => {}
@@ -149,7 +162,13 @@ impl Engine {
         // What is in flight finishes (or its lease runs out if we are killed first); what was
         // handed off and not sent yet is given back for the next relay to claim at once.
         let _ = rounds.acquire_many(ROUNDS as u32).await;
-        self.delete_sent_now().await;
+        let _ = sweeper.await;
+        // Every sent row, not only one write's worth.
+        while self.handoff().sent_due_in().is_some() {
+            if !self.delete_sent_now().await {
+                break;
+            }
+        }
         let left: Vec<String> = handoff.drain().into_iter().map(|c| c.message.id).collect();
         if let Err(e) = self.store().release_lease(&left).await {
             warn!(error = %e, rows = left.len(), "could not give unsent outbox rows back; they are claimed after their grace");
@@ -170,16 +189,18 @@ impl Engine {
     }
 
     /// Deletes the sent rows no apply transaction took (see [`crate::handoff`]); on failure
-    /// they wait for the next transaction or round.
-    async fn delete_sent_now(&self) {
+    /// they wait for the next transaction or look. False if that failed.
+    async fn delete_sent_now(&self) -> bool {
         let sent = self.handoff().take_sent();
-        if sent.is_empty() {
-            return;
+        if sent.ids.is_empty() {
+            return true;
         }
-        if let Err(e) = self.store().delete_sent(&sent).await {
-            warn!(error = %e, rows = sent.len(), "could not delete sent outbox rows; trying again");
+        if let Err(e) = self.store().delete_sent(&sent.ids).await {
+            warn!(error = %e, rows = sent.ids.len(), "could not delete sent outbox rows; trying again");
             self.handoff().sent_again(sent);
+            return false;
         }
+        true
     }
 
     /// Publishes rows in order, then deletes the confirmed ones and gives the others back.
