@@ -384,7 +384,9 @@ on_both_backends!(
         let retry = batch(&store, &h, &[cmd("s-d", Op::Action, json!({"id": "d"}))]).await;
         assert!(matches!(outcomes(&retry)[0], Outcome::Ok { .. }));
         assert_eq!(counter(&store, "d").await, 1);
-        assert_eq!(bump.calls("s-d"), 2);
+        // s-d's handler ran in the redo's chunk, where it failed, then alone (a failure inside
+        // a chunk is run again alone, so that it answers for itself), then in the retry.
+        assert_eq!(bump.calls("s-d"), 3);
     }
 );
 
@@ -835,22 +837,28 @@ on_both_backends!(
             "a repeat gets the same answer"
         );
         // The batch holds failures, so its first try (without savepoints) was given up and
-        // it ran again with them: handlers before the first failure ran twice, their effects
-        // committed once.
+        // it ran again with them: handlers before the failures ran more than once, their
+        // effects committed once.
         assert_eq!(
             stats
                 .redone_with_savepoints
                 .load(std::sync::atomic::Ordering::Relaxed),
             1
         );
-        assert_eq!(bump.calls("w-a"), 2, "once per try, the repeat never");
+        // w-a ran in the optimistic try, in the redo's first chunk, and again when w-e failed
+        // in that chunk (its handlers run again, one savepoint each); the repeat never.
+        assert_eq!(
+            bump.calls("w-a"),
+            3,
+            "once per run of its chunk, the repeat never"
+        );
         assert_eq!(counter(&store, "b").await, 1, "and one effect");
         assert_eq!(business_code(&got[4].outcome), "cancelled_before_run");
         assert_eq!(bump.calls("w-b"), 0, "the late forward did not run");
         assert_eq!(
             bump.calls("w-b/undo"),
-            2,
-            "a weak undo runs its handler (in each try)"
+            3,
+            "a weak undo runs its handler (in each run of its chunk, as w-a)"
         );
         assert!(matches!(got[5].outcome, Outcome::Ok { .. }), "{got:?}");
         assert_eq!(counter(&store, "d").await, 1);
@@ -881,5 +889,128 @@ on_both_backends!(
         assert_eq!(answer("w-e").await, Some(got[7].outcome.clone()));
         // Weak commands write no barrier rows: the blocker's and s-c's only.
         assert_eq!(barrier_rows(&store).await, 2);
+    }
+);
+
+/// Adds one to its row of `batch_counter` (`params.id`), then fails as `params.fail` says:
+/// `business`, `retry`, or (PostgreSQL) `swallow`: a failing statement whose error it ignores,
+/// which leaves the transaction aborted.
+struct CountThenFail;
+
+#[async_trait::async_trait]
+impl SagaStep for CountThenFail {
+    async fn action(
+        &self,
+        conn: &mut AnyConnection,
+        _: &StepContext,
+        params: &Value,
+    ) -> Result<Value, StepError> {
+        sqlx::query("UPDATE batch_counter SET n = n + 1 WHERE id = $1")
+            .bind(params["id"].as_str().unwrap_or_default())
+            .execute(&mut *conn)
+            .await?;
+        match params["fail"].as_str() {
+            Some("business") => Err(StepError::business("no", "refused after writing")),
+            Some("retry") => Err(StepError::Retryable("flaky after writing".into())),
+            Some("swallow") => {
+                let _ = sqlx::query("SELECT 1/0").execute(&mut *conn).await;
+                Ok(Value::Null)
+            }
+            _ => Ok(Value::Null),
+        }
+    }
+    async fn compensate(
+        &self,
+        _: &mut AnyConnection,
+        _: &StepContext,
+        _: &Value,
+    ) -> Result<Value, StepError> {
+        Ok(Value::Null)
+    }
+}
+
+on_both_backends!(
+    a_failure_inside_a_savepoint_chunk_takes_back_only_its_own_writes,
+    |url: String| async move {
+        use sagaflow_workers::barrier::{CAUTIOUS_CHUNK, Optimism, execute_batch_with};
+        let store = store(&url).await;
+        let postgres = url.starts_with("postgres");
+        let handler = Handler::Saga(Arc::new(CountThenFail));
+        // Failures in the middle of chunks (CAUTIOUS_CHUNK is 4): after two, three and one
+        // handlers that succeeded under the same savepoint, and (PostgreSQL) a handler that
+        // leaves the transaction aborted.
+        assert_eq!(
+            CAUTIOUS_CHUNK, 4,
+            "the failures below are placed for chunks of 4"
+        );
+        let fails: HashMap<usize, &str> = if postgres {
+            HashMap::from([
+                (2, "business"),
+                (7, "retry"),
+                (9, "swallow"),
+                (13, "business"),
+            ])
+        } else {
+            HashMap::from([(2, "business"), (7, "retry"), (13, "business")])
+        };
+        for (mode, optimism) in [
+            ("chunked", Optimism::chunked()),
+            ("one savepoint per handler", Optimism::never()),
+            ("optimistic first", Optimism::default()),
+        ] {
+            let n = 16;
+            let mut cmds = Vec::new();
+            for i in 0..n {
+                let id = format!("{mode}-{i}");
+                sqlx::query("INSERT INTO batch_counter (id, n) VALUES ($1, 0)")
+                    .bind(&id)
+                    .execute(store.pool())
+                    .await
+                    .unwrap();
+                let mut params = json!({ "id": id });
+                if let Some(f) = fails.get(&i) {
+                    params["fail"] = json!(f);
+                }
+                cmds.push(cmd(&id, Op::Action, params));
+            }
+            let jobs: Vec<Job> = cmds
+                .iter()
+                .map(|c| Job {
+                    handler: &handler,
+                    op: c.op,
+                    ctx: &c.ctx,
+                    params: &c.params,
+                    barrier: true,
+                })
+                .collect();
+            let run = execute_batch_with(store.pool(), &jobs, &optimism).await;
+            assert_eq!(run.commits, 1, "{mode}: one transaction");
+            let got = outcomes(&run);
+            assert_eq!(got.len(), n);
+            for (i, got) in got.iter().enumerate() {
+                let id = format!("{mode}-{i}");
+                let effect = counter(&store, &id).await;
+                match fails.get(&i) {
+                    Some(&"business") => {
+                        assert_eq!(business_code(got), "no", "{mode} #{i}");
+                        assert_eq!(effect, 0, "{mode} #{i}: its write taken back");
+                        assert!(recorded(&store, &id, Op::Action).await.is_some());
+                    }
+                    Some(_) => {
+                        assert!(
+                            matches!(got, Outcome::Retryable { .. }),
+                            "{mode} #{i}: {got:?}"
+                        );
+                        assert_eq!(effect, 0, "{mode} #{i}: its write taken back");
+                        assert!(recorded(&store, &id, Op::Action).await.is_none());
+                    }
+                    None => {
+                        assert!(matches!(got, Outcome::Ok { .. }), "{mode} #{i}: {got:?}");
+                        assert_eq!(effect, 1, "{mode} #{i}: its effect once, reruns included");
+                    }
+                }
+            }
+        }
+        store.pool().close().await;
     }
 );

@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use sagaflow_engine::machine::{Op, Outcome};
 use sagaflow_engine::store::{ENGINE_MIGRATIONS, Store};
-use sagaflow_workers::barrier::{CAUTIOUS_BATCHES, Handler, Job, Optimism, execute_batch_with};
+use sagaflow_workers::barrier::{
+    CAUTIOUS_BATCHES, CAUTIOUS_CHUNK, Handler, Job, Optimism, execute_batch_with,
+};
 use sagaflow_workers::sdk::{SagaStep, StepContext, StepError};
 use sagaflow_workers::services;
 use serde_json::{Value, json};
@@ -170,8 +172,17 @@ async fn check(backend: support::Backend) {
         18 * 2,
         "savepoints: {two_sp:?} {twenty_sp:?}"
     );
+    // Chunked savepoints (what cautious batches take): one round trip per CAUTIOUS_CHUNK
+    // handlers instead of one per handler.
+    let twenty_chunked = measure(&store, &names("twenty-chunked", 20), &Optimism::chunked()).await;
+    assert_eq!(twenty_chunked.1, 2, "the barrier's two");
+    assert_eq!(
+        twenty_sp.0 - twenty_chunked.0,
+        (20 - 20 / CAUTIOUS_CHUNK) as u64,
+        "per handler {twenty_sp:?}, chunked {twenty_chunked:?}"
+    );
     // A batch whose handler fails gives its optimistic try up, and the next CAUTIOUS_BATCHES
-    // batches go straight to savepoints: they cost what a savepoint batch costs.
+    // batches go straight to chunked savepoints: they cost what a chunked batch costs.
     let refuse = Handler::Refuse {
         code: "no".into(),
         message: "refused".into(),
@@ -208,7 +219,7 @@ async fn check(backend: support::Backend) {
     for i in 0..CAUTIOUS_BATCHES {
         let cautious = measure(&store, &names(&format!("cautious-{i}"), 20), &optimistic).await;
         assert_eq!(
-            cautious, twenty_sp,
+            cautious, twenty_chunked,
             "batch {i} after the failure uses savepoints"
         );
     }
@@ -220,7 +231,7 @@ async fn check(backend: support::Backend) {
         .unwrap();
     assert_eq!(
         effects,
-        1 + 2 + 20 + 2 + 20 + 1 + 20 * (CAUTIOUS_BATCHES as i64 + 1)
+        1 + 2 + 20 + 2 + 20 + 20 + 1 + 20 * (CAUTIOUS_BATCHES as i64 + 1)
     );
     store.pool().close().await;
 }
