@@ -101,8 +101,9 @@ impl AmqpArgs {
 /// When a worker's batch uses savepoints (`--savepoints`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Savepoints {
-    /// Run a batch without savepoints first; only when a handler fails, run it again with one
-    /// per handler.
+    /// Run a batch without savepoints first; only when a handler fails, run it again with
+    /// savepoints, one every 4 handlers (a chunk with a failure runs again with one per
+    /// handler), and so the next 32 batches.
     OnFailure,
     /// A savepoint around every handler from the start.
     Always,
@@ -161,9 +162,9 @@ pub struct WorkerArgs {
     /// Commands a lane takes into one database transaction at most.
     #[arg(long, default_value_t = sagaflow_workers::runtime::DEFAULT_BATCH)]
     pub batch: usize,
-    /// `on-failure`: a batch first runs its handlers without savepoints and is redone with one
-    /// per handler only when a handler fails (one round trip less per command); `always`: a
-    /// savepoint per handler from the start.
+    /// `on-failure`: a batch first runs its handlers without savepoints and is redone with
+    /// them (one every 4 handlers) only when a handler fails (one round trip less per
+    /// command); `always`: a savepoint per handler from the start.
     #[arg(long, env = "SAGAFLOW_SAVEPOINTS", default_value = "on-failure")]
     pub savepoints: Savepoints,
     /// For demos and fault tests: business failures of forward operations (0..1).
