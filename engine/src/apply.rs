@@ -32,6 +32,7 @@ use sagaflow_dsl::SagaGraph;
 use serde_json::Value;
 
 use crate::engine::{Applied, Engine, EngineError, Incoming, Started};
+pub use crate::engine::{Done, Inbound, StartRequest};
 use crate::machine::{self, Context, Decision, Event, HistoryEntry, SagaState, StepStatus};
 use crate::machine::{TimerKind, decide, forward_op, operation_name};
 use crate::store::KeyedSaga;
@@ -42,38 +43,6 @@ use crate::store::{
 };
 use crate::transport::{Message, command_queue};
 use crate::wire::CommandMsg;
-
-/// A saga start, its input already checked (see [`crate::input`]).
-#[derive(Debug, Clone)]
-pub struct StartRequest {
-    pub graph: Arc<SagaGraph>,
-    pub input: Value,
-    pub sequence_key: String,
-    pub idempotency_key: Option<String>,
-    /// The caller's W3C trace context (a `traceparent`), if it sent one: the saga's trace
-    /// continues it (see [`crate::trace`]).
-    pub trace: Option<String>,
-    /// The `tracestate` that came with it, if any: carried on beside it.
-    pub tracestate: Option<String>,
-}
-
-/// One piece of inbound work.
-#[derive(Debug, Clone)]
-pub enum Inbound {
-    Event(Incoming),
-    Start(StartRequest),
-}
-
-/// What applying one piece of inbound work did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Done {
-    Applied(Applied),
-    Started(Started),
-    /// Refused for a reason no retry changes (a reused idempotency key with another input).
-    /// Only inside the apply path: [`Engine::apply_inbound`] hands it out as
-    /// [`EngineError::Refused`].
-    Refused(String),
-}
 
 impl Engine {
     /// Starts a saga: checks the input, writes the saga and (if its sequence key is free) its
@@ -206,6 +175,57 @@ fn same_start(key: &str, saga: &KeyedSaga, s: &StartRequest) -> Done {
         "idempotency key `{key}` already started saga {} with {what}; a key names one start, so a different start needs a new key",
         saga.id
     ))
+}
+
+/// What [`Engine::apply_grouped`] gives back: the items, and one result per item.
+pub type Grouped = (Vec<Inbound>, Vec<Result<Done, EngineError>>);
+
+impl Engine {
+    /// Applies `work` together with whatever else is waiting to be applied (the group commit,
+    /// see [`crate::group`]); gives the items back with one result per item, in order.
+    pub async fn apply_grouped(&self, work: Vec<Inbound>) -> Grouped {
+        let n = work.len();
+        let me = self.weak();
+        // What the group's task applies a group with: one try in one transaction.
+        let applier = move || {
+            move |items: Vec<Inbound>| {
+                let me = me.clone();
+                async move {
+                    let Some(engine) = me.upgrade() else {
+                        return (items, None);
+                    };
+                    match engine.apply_together(&items).await {
+                        Ok(results) => (items, Some(results)),
+                        Err(e) => {
+                            tracing::debug!(error = %e, items = items.len(), "group failed; each job is applied alone");
+                            (items, None)
+                        }
+                    }
+                }
+            }
+        };
+        match self.group().submit(work, applier).await {
+            crate::group::Answer::Applied(work, results) => (work, results),
+            // Its group failed as a whole: applied alone, in halves if need be, outside the
+            // group, so one caller's bad item or a lost version race never holds the others
+            // back.
+            crate::group::Answer::Alone(work) => {
+                let results = self.apply_inbound(&work).await;
+                (work, results)
+            }
+            // The group's task died while applying (a panic): whether it committed is unknown.
+            crate::group::Answer::Lost => (
+                Vec::new(),
+                (0..n)
+                    .map(|_| {
+                        Err(EngineError::Interrupted(
+                            "the group commit failed while applying; the outcome is unknown".into(),
+                        ))
+                    })
+                    .collect(),
+            ),
+        }
+    }
 }
 
 /// Retries of a single event that lost an optimistic-lock race to another engine.
@@ -814,5 +834,63 @@ pub(crate) fn applied(done: Result<Done, EngineError>) -> Result<Applied, Engine
         Done::Applied(a) => Ok(a),
         Done::Started(_) => Ok(Applied::Changed),
         Done::Refused(why) => Err(EngineError::Refused(why)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{ENGINE_MIGRATIONS, OutboxTable, Store};
+
+    /// The next apply transaction deletes the rows the relay sent, in its one write: no relay
+    /// runs here, so nothing else could have.
+    #[tokio::test]
+    async fn the_next_apply_deletes_the_sent_rows() {
+        let store = Store::connect("sqlite::memory:", 1).await.expect("SQLite");
+        store.migrate(&[ENGINE_MIGRATIONS]).await.expect("migrate");
+        let mut tx = store.begin().await.expect("begin");
+        let row = |id: &str| OutboxMessage {
+            message_id: id.into(),
+            destination: "q".into(),
+            routing_key: "k".into(),
+            payload: "{}".into(),
+            handed_off: true,
+        };
+        tx.enqueue_outbox(&[row("m-1"), row("m-2"), row("m-3")], 1)
+            .await
+            .expect("enqueue");
+        tx.commit().await.expect("commit");
+        let engine = Engine::new(
+            store.clone(),
+            Arc::new(crate::transport::memory::MemoryTransport::default()),
+        );
+        engine.handoff().sent(vec!["m-1".into(), "m-3".into()]);
+        let commits = store.counters().commits();
+        // An event that changes nothing (its saga is unknown): the write is the delete alone.
+        let applied = engine
+            .apply(&[Incoming {
+                saga_id: "unknown".into(),
+                event: crate::machine::Event::Timer {
+                    step: 0,
+                    op: crate::machine::Op::Action,
+                    attempt: 0,
+                    kind: crate::machine::TimerKind::Deadline,
+                },
+                timer_id: None,
+            }])
+            .await
+            .expect("apply");
+        assert_eq!(applied, [Applied::UnknownSaga]);
+        assert_eq!(store.counters().commits() - commits, 1, "one transaction");
+        let left: Vec<String> = sqlx::query_scalar("SELECT message_id FROM outbox ORDER BY id")
+            .fetch_all(store.pool())
+            .await
+            .expect("outbox");
+        assert_eq!(left, ["m-2"]);
+        assert_eq!(
+            engine.handoff().sent_due_in(),
+            None,
+            "nothing left to delete"
+        );
     }
 }

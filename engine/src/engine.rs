@@ -19,6 +19,7 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use sagaflow_dsl::SagaGraph;
+use serde_json::Value;
 use tokio::sync::{Notify, watch};
 use tracing::warn;
 
@@ -63,6 +64,38 @@ pub struct Incoming {
     pub timer_id: Option<String>,
 }
 
+/// A saga start, its input already checked (see [`crate::input`]).
+#[derive(Debug, Clone)]
+pub struct StartRequest {
+    pub graph: Arc<SagaGraph>,
+    pub input: Value,
+    pub sequence_key: String,
+    pub idempotency_key: Option<String>,
+    /// The caller's W3C trace context (a `traceparent`), if it sent one: the saga's trace
+    /// continues it (see [`crate::trace`]).
+    pub trace: Option<String>,
+    /// The `tracestate` that came with it, if any: carried on beside it.
+    pub tracestate: Option<String>,
+}
+
+/// One piece of inbound work.
+#[derive(Debug, Clone)]
+pub enum Inbound {
+    Event(Incoming),
+    Start(StartRequest),
+}
+
+/// What applying one piece of inbound work did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Done {
+    Applied(Applied),
+    Started(Started),
+    /// Refused for a reason no retry changes (a reused idempotency key with another input).
+    /// Only inside the apply path: [`Engine::apply_inbound`](crate::Engine::apply_inbound) hands it out as
+    /// [`EngineError::Refused`].
+    Refused(String),
+}
+
 /// What applying an event did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
@@ -101,7 +134,7 @@ pub struct Engine {
     /// When the timer loop plans to look next (ms); a timer due earlier wakes it.
     next_timer_check: AtomicI64,
     /// The group commit every apply goes through ([`crate::group`]).
-    group: crate::group::Group,
+    group: crate::group::Group<Inbound, Result<Done, EngineError>>,
     /// This engine, for the group commit's task (which must not keep it alive).
     me: Weak<Engine>,
 }
@@ -122,7 +155,7 @@ impl Engine {
         })
     }
 
-    pub(crate) fn group(&self) -> &crate::group::Group {
+    pub(crate) fn group(&self) -> &crate::group::Group<Inbound, Result<Done, EngineError>> {
         &self.group
     }
 

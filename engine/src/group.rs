@@ -1,6 +1,6 @@
 //! Group commit: the batches an engine applies — replies, starts, due timers, operator events
 //! — all go through one queue, and one task applies everything queued at that moment in one
-//! transaction ([`crate::apply`]).
+//! transaction ([`crate::apply`]; `Engine::apply_grouped` is the engine's side).
 //!
 //! Before, each inbound loop and the timer loop applied its own batches, each in its own
 //! transaction. Under load they arrive at once: a reply batch, a chunk of starts, two retries
@@ -11,58 +11,78 @@
 //!
 //! What a caller gets is what applying its items alone would give: one result per item, in
 //! order. Items of one caller stay in order and consecutive in the group (jobs are taken
-//! whole, in arrival order), and [`Engine::apply_inbound`] keeps a batch's order, also when
-//! it splits a failed batch. A group is tried once, in one transaction; if that fails, each
-//! job goes back to its caller and is applied alone there ([`Engine::apply_inbound`]: halves
-//! down to single items, retries after a lost version race), so one caller's bad item never
-//! holds the others' back, nor the next groups. A caller that stops waiting (a dropped HTTP
-//! request) leaves its items to be applied all the same; nothing another caller queued depends
-//! on it.
+//! whole, in arrival order). A group is tried once, in one transaction; if that fails, each
+//! job goes back to its caller ([`Answer::Alone`]), to be applied alone there (halves down to
+//! single items, retries after a lost version race), so one caller's bad item never holds the
+//! others' back, nor the next groups. A caller that stops waiting (a dropped HTTP request)
+//! leaves its items to be applied all the same; nothing another caller queued depends on it.
+//!
+//! This file knows nothing of sagas: the queue and its task, generic over the items and their
+//! results, and the function that applies a group, given by the engine.
+
+use std::future::Future;
+use std::sync::Mutex;
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, warn};
-
-use crate::apply::{Done, Inbound};
-use crate::engine::{Engine, EngineError};
+use tracing::warn;
 
 /// Items a group takes at most. A job is never split, so a larger one goes alone; below this,
 /// whatever waits joins (a reply batch and a start chunk are 256 each at most).
 pub const MAX_ITEMS: usize = 512;
 
-/// What applying a job gave: its items, given back, and one result per item.
-pub type Applied = (Vec<Inbound>, Vec<Result<Done, EngineError>>);
-
-/// One caller's items and where their results go: applied, or handed back to apply alone.
-struct Job {
-    work: Vec<Inbound>,
-    done: oneshot::Sender<Result<Applied, Vec<Inbound>>>,
+/// What became of a caller's items.
+#[derive(Debug)]
+pub(crate) enum Answer<I, R> {
+    /// Applied with their group: the items given back, one result each.
+    Applied(Vec<I>, Vec<R>),
+    /// The group failed as a whole: the caller applies them alone.
+    Alone(Vec<I>),
+    /// The task died while applying them (a panic): whether they committed is unknown.
+    Lost,
 }
 
-/// The queue of one engine's group commit (its task is started with the first job, and again
-/// if it ever died).
-#[derive(Debug, Default)]
-pub(crate) struct Group {
-    queue: std::sync::Mutex<Option<mpsc::UnboundedSender<Job>>>,
+/// One caller's items and where their answer goes.
+struct Job<I, R> {
+    work: Vec<I>,
+    done: oneshot::Sender<Answer<I, R>>,
 }
 
-impl std::fmt::Debug for Job {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Job({} items)", self.work.len())
+/// The queue of one engine's group commit; its task is started with the first job, and again
+/// if it ever died.
+pub(crate) struct Group<I, R> {
+    queue: Mutex<Option<mpsc::UnboundedSender<Job<I, R>>>>,
+}
+
+impl<I, R> Default for Group<I, R> {
+    fn default() -> Self {
+        Group {
+            queue: Mutex::new(None),
+        }
     }
 }
 
-impl Engine {
-    /// Applies `work` together with whatever else is waiting to be applied (see the module
-    /// docs); gives the items back with one result per item, in order.
-    pub async fn apply_grouped(&self, work: Vec<Inbound>) -> Applied {
+impl<I, R> std::fmt::Debug for Group<I, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Group")
+    }
+}
+
+impl<I: Send + 'static, R: Send + 'static> Group<I, R> {
+    /// Queues `work` to be applied with whatever else waits. `applier` makes the function a
+    /// new task applies groups with: it gets a group's items and gives them back, with one
+    /// result per item, or without when the group failed as a whole.
+    pub(crate) async fn submit<A, F, Fut>(&self, work: Vec<I>, applier: A) -> Answer<I, R>
+    where
+        A: FnOnce() -> F,
+        F: FnMut(Vec<I>) -> Fut + Send + 'static,
+        Fut: Future<Output = (Vec<I>, Option<Vec<R>>)> + Send + 'static,
+    {
         if work.is_empty() {
-            return (work, Vec::new());
+            return Answer::Applied(work, Vec::new());
         }
-        let n = work.len();
         let (done, answer) = oneshot::channel();
-        let job = Job { work, done };
         let refused = {
-            let mut queue = self.group().queue.lock().unwrap_or_else(|e| e.into_inner());
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             let sender = match queue.as_ref() {
                 Some(sender) if !sender.is_closed() => sender,
                 dead => {
@@ -70,43 +90,26 @@ impl Engine {
                         warn!("the group commit's task died; starting another");
                     }
                     let (tx, rx) = mpsc::unbounded_channel();
-                    tokio::spawn(group_task(self.weak(), rx));
+                    tokio::spawn(group_task(applier(), rx));
                     queue.insert(tx)
                 }
             };
-            sender.send(job).err()
+            sender.send(Job { work, done }).err()
         };
-        if let Some(mpsc::error::SendError(job)) = refused {
+        match refused {
             // Cannot happen (the receiver was alive a moment ago), but never lose work.
-            let results = self.apply_inbound(&job.work).await;
-            return (job.work, results);
-        }
-        match answer.await {
-            Ok(Ok(applied)) => applied,
-            // Its group failed as a whole: applied alone, in halves if need be (as
-            // `apply_inbound` does), outside the group, so one caller's bad item or a lost
-            // version race never holds the others back.
-            Ok(Err(work)) => {
-                let results = self.apply_inbound(&work).await;
-                (work, results)
-            }
-            // The task died while applying (a panic): whether the group committed is unknown.
-            Err(_) => (
-                Vec::new(),
-                (0..n)
-                    .map(|_| {
-                        Err(EngineError::Interrupted(
-                            "the group commit failed while applying; the outcome is unknown".into(),
-                        ))
-                    })
-                    .collect(),
-            ),
+            Some(mpsc::error::SendError(job)) => Answer::Alone(job.work),
+            None => answer.await.unwrap_or(Answer::Lost),
         }
     }
 }
 
-/// Applies what is queued, a group at a time, until the engine is dropped.
-async fn group_task(engine: std::sync::Weak<Engine>, mut queue: mpsc::UnboundedReceiver<Job>) {
+/// Applies what is queued, a group at a time, until the queue's owner is dropped.
+async fn group_task<I, R, F, Fut>(mut apply: F, mut queue: mpsc::UnboundedReceiver<Job<I, R>>)
+where
+    F: FnMut(Vec<I>) -> Fut,
+    Fut: Future<Output = (Vec<I>, Option<Vec<R>>)>,
+{
     while let Some(first) = queue.recv().await {
         let mut jobs = vec![first];
         let mut items = jobs[0].work.len();
@@ -118,24 +121,23 @@ async fn group_task(engine: std::sync::Weak<Engine>, mut queue: mpsc::UnboundedR
                 }
                 Ok(job) => {
                     // Too large to join: it goes first in the next group.
-                    apply_group(&engine, jobs).await;
+                    apply_group(&mut apply, jobs).await;
                     jobs = vec![job];
                     items = jobs[0].work.len();
                 }
                 Err(_) => break,
             }
         }
-        apply_group(&engine, jobs).await;
+        apply_group(&mut apply, jobs).await;
     }
 }
 
-/// One try of a group in one transaction. If it fails as a whole, each job goes back to its
-/// caller to be applied alone (the slow paths — halving, retries after a lost version race —
-/// run there, beside the next groups).
-async fn apply_group(engine: &std::sync::Weak<Engine>, jobs: Vec<Job>) {
-    let Some(engine) = engine.upgrade() else {
-        return;
-    };
+/// One try of a group; each job's answer to its caller.
+async fn apply_group<I, R, F, Fut>(apply: &mut F, jobs: Vec<Job<I, R>>)
+where
+    F: FnMut(Vec<I>) -> Fut,
+    Fut: Future<Output = (Vec<I>, Option<Vec<R>>)>,
+{
     let sizes: Vec<usize> = jobs.iter().map(|j| j.work.len()).collect();
     let mut senders = Vec::with_capacity(jobs.len());
     let mut all = Vec::with_capacity(sizes.iter().sum());
@@ -143,23 +145,57 @@ async fn apply_group(engine: &std::sync::Weak<Engine>, jobs: Vec<Job>) {
         all.extend(job.work);
         senders.push(job.done);
     }
-    let outcome = engine.apply_together(&all).await;
+    let (all, results) = apply(all).await;
     let mut all = all.into_iter();
-    match outcome {
-        Ok(results) => {
-            let mut results = results.into_iter();
-            for (size, done) in sizes.into_iter().zip(senders) {
-                let work: Vec<Inbound> = all.by_ref().take(size).collect();
-                let mine: Vec<Result<Done, EngineError>> = results.by_ref().take(size).collect();
-                // A caller that stopped waiting: its items are applied all the same.
-                let _ = done.send(Ok((work, mine)));
+    let mut results = results.map(Vec::into_iter);
+    for (size, done) in sizes.into_iter().zip(senders) {
+        let work: Vec<I> = all.by_ref().take(size).collect();
+        let answer = match results.as_mut() {
+            Some(results) => Answer::Applied(work, results.by_ref().take(size).collect()),
+            None => Answer::Alone(work),
+        };
+        // A caller that stopped waiting: its items are applied all the same.
+        let _ = done.send(answer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Callers queued together are answered with their own items' results, in order; a group
+    /// that fails sends each job back whole.
+    #[tokio::test]
+    async fn each_caller_gets_its_own_items_back() {
+        let group: std::sync::Arc<Group<u32, u32>> = std::sync::Arc::default();
+        let applier = || {
+            |items: Vec<u32>| async move {
+                // A group holding a 0 fails as a whole.
+                let results = (!items.contains(&0)).then(|| items.iter().map(|i| i * 10).collect());
+                (items, results)
+            }
+        };
+        let mut callers = Vec::new();
+        for c in 1..=8u32 {
+            let group = group.clone();
+            callers.push(tokio::spawn(async move {
+                let work = vec![c * 100 + 1, c * 100 + 2, c * 100 + 3];
+                (c, group.submit(work, applier).await)
+            }));
+        }
+        for caller in callers {
+            let (c, answer) = caller.await.expect("caller");
+            match answer {
+                Answer::Applied(work, results) => {
+                    assert_eq!(work, [c * 100 + 1, c * 100 + 2, c * 100 + 3]);
+                    assert_eq!(results, [c * 1000 + 10, c * 1000 + 20, c * 1000 + 30]);
+                }
+                other => panic!("caller {c}: {other:?}"),
             }
         }
-        Err(e) => {
-            debug!(error = %e, jobs = sizes.len(), "group failed; each job is applied alone");
-            for (size, done) in sizes.into_iter().zip(senders) {
-                let _ = done.send(Err(all.by_ref().take(size).collect()));
-            }
+        match group.submit(vec![7, 0], applier).await {
+            Answer::Alone(work) => assert_eq!(work, [7, 0], "given back whole"),
+            other => panic!("{other:?}"),
         }
     }
 }

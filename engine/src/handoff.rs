@@ -158,8 +158,6 @@ impl Drop for Active {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{ENGINE_MIGRATIONS, OutboxMessage, OutboxTable, Store, StoreTx};
-    use crate::{Applied, Engine, Incoming};
 
     #[test]
     fn sent_rows_given_back_keep_their_first_wait_and_their_order() {
@@ -179,57 +177,5 @@ mod tests {
         h.sent((0..SENT_PER_WRITE + 1).map(|i| i.to_string()).collect());
         assert_eq!(h.take_sent().ids.len(), SENT_PER_WRITE, "one write's worth");
         assert_eq!(h.take_sent().ids, [SENT_PER_WRITE.to_string()]);
-    }
-
-    /// The next apply transaction deletes the rows the relay sent, in its one write: no relay
-    /// runs here, so nothing else could have.
-    #[tokio::test]
-    async fn the_next_apply_deletes_the_sent_rows() {
-        let store = Store::connect("sqlite::memory:", 1).await.expect("SQLite");
-        store.migrate(&[ENGINE_MIGRATIONS]).await.expect("migrate");
-        let mut tx = store.begin().await.expect("begin");
-        let row = |id: &str| OutboxMessage {
-            message_id: id.into(),
-            destination: "q".into(),
-            routing_key: "k".into(),
-            payload: "{}".into(),
-            handed_off: true,
-        };
-        tx.enqueue_outbox(&[row("m-1"), row("m-2"), row("m-3")], 1)
-            .await
-            .expect("enqueue");
-        tx.commit().await.expect("commit");
-        let engine = Engine::new(
-            store.clone(),
-            Arc::new(crate::transport::memory::MemoryTransport::default()),
-        );
-        engine.handoff().sent(vec!["m-1".into(), "m-3".into()]);
-        let commits = store.counters().commits();
-        // An event that changes nothing (its saga is unknown): the write is the delete alone.
-        let applied = engine
-            .apply(&[Incoming {
-                saga_id: "unknown".into(),
-                event: crate::machine::Event::Timer {
-                    step: 0,
-                    op: crate::machine::Op::Action,
-                    attempt: 0,
-                    kind: crate::machine::TimerKind::Deadline,
-                },
-                timer_id: None,
-            }])
-            .await
-            .expect("apply");
-        assert_eq!(applied, [Applied::UnknownSaga]);
-        assert_eq!(store.counters().commits() - commits, 1, "one transaction");
-        let left: Vec<String> = sqlx::query_scalar("SELECT message_id FROM outbox ORDER BY id")
-            .fetch_all(store.pool())
-            .await
-            .expect("outbox");
-        assert_eq!(left, ["m-2"]);
-        assert_eq!(
-            engine.handoff().sent_due_in(),
-            None,
-            "nothing left to delete"
-        );
     }
 }
