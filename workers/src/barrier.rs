@@ -667,6 +667,19 @@ async fn run_in(
     let mut index = 0;
     while index < jobs.len() {
         let job = &jobs[index];
+        // The job's handler, in the savepoints (a rewind's mark taken first).
+        macro_rules! run {
+            () => {
+                run_marked(
+                    &mut savepoints,
+                    &mut checkpoint,
+                    tx,
+                    (index, job),
+                    (&overlay, &new_rows, &superseded, &done),
+                )
+                .await?
+            };
+        }
         macro_rules! rewind {
             () => {{
                 let Some(cp) = checkpoint.take() else {
@@ -683,15 +696,7 @@ async fn run_in(
             }};
         }
         if !job.barrier {
-            let handled = match run_marked(
-                &mut savepoints,
-                &mut checkpoint,
-                tx,
-                (index, job),
-                (&overlay, &new_rows, &superseded, &done),
-            )
-            .await?
-            {
+            let handled = match run!() {
                 Handled::Done(handled) => handled,
                 Handled::Abandon(failure) => return Ok(Try::Abandoned(index, failure)),
                 Handled::Rewind => rewind!(),
@@ -755,15 +760,7 @@ async fn run_in(
         };
         let outcome = match decided {
             Some(outcome) => outcome,
-            None => match run_marked(
-                &mut savepoints,
-                &mut checkpoint,
-                tx,
-                (index, job),
-                (&overlay, &new_rows, &superseded, &done),
-            )
-            .await?
-            {
+            None => match run!() {
                 Handled::Abandon(failure) => return Ok(Try::Abandoned(index, failure)),
                 Handled::Rewind => rewind!(),
                 Handled::Done(Ok(output)) => Outcome::Ok { output },
