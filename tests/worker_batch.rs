@@ -1014,3 +1014,108 @@ on_both_backends!(
         store.pool().close().await;
     }
 );
+
+on_both_backends!(
+    a_rewound_chunk_replays_its_duplicates_and_the_last_chunk_is_checked,
+    |url: String| async move {
+        use sagaflow_workers::barrier::{Optimism, execute_batch_with};
+        let store = store(&url).await;
+        let postgres = url.starts_with("postgres");
+        let handler = Handler::Saga(Arc::new(CountThenFail));
+        let rows = ["r-0", "r-1", "r-2", "w-0", "w-1", "w-2"];
+        for id in rows {
+            sqlx::query("INSERT INTO batch_counter (id, n) VALUES ($1, 0)")
+                .bind(id)
+                .execute(store.pool())
+                .await
+                .unwrap();
+        }
+        // One chunk: a handler, its duplicate (answered from the batch's overlay, no handler
+        // run), a second handler, then a failure: the chunk is rolled back and replayed, the
+        // duplicate with it.
+        let cmds = [
+            cmd("r-0", Op::Action, json!({"id": "r-0"})),
+            cmd("r-0", Op::Action, json!({"id": "r-0"})),
+            cmd("r-1", Op::Action, json!({"id": "r-1"})),
+            cmd("r-2", Op::Action, json!({"id": "r-2", "fail": "business"})),
+        ];
+        let jobs: Vec<Job> = cmds
+            .iter()
+            .map(|c| Job {
+                handler: &handler,
+                op: c.op,
+                ctx: &c.ctx,
+                params: &c.params,
+                barrier: true,
+            })
+            .collect();
+        let run = execute_batch_with(store.pool(), &jobs, &Optimism::chunked()).await;
+        assert_eq!(run.commits, 1);
+        let got = outcomes(&run);
+        assert!(matches!(got[0], Outcome::Ok { .. }), "{got:?}");
+        assert_eq!(got[1], got[0], "the duplicate answers as the first");
+        assert!(run.results[1].as_ref().unwrap().duplicate);
+        assert!(matches!(got[2], Outcome::Ok { .. }), "{got:?}");
+        assert_eq!(business_code(&got[3]), "no");
+        for (id, n) in [("r-0", 1), ("r-1", 1), ("r-2", 0)] {
+            assert_eq!(counter(&store, id).await, n, "{id}");
+        }
+        assert_eq!(barrier_rows(&store).await, 3);
+        if !postgres {
+            return;
+        }
+        // Commands without barrier rows (weak mode's), the last of which leaves the transaction
+        // aborted: no barrier statement follows it, and PostgreSQL answers the COMMIT of an
+        // aborted transaction with a rollback, not an error. Each mode must find it before
+        // the commit: the others' effects committed, the swallower's not.
+        for (mode, optimism) in [
+            ("chunked", Optimism::chunked()),
+            ("per handler", Optimism::never()),
+            ("optimistic", Optimism::default()),
+        ] {
+            for id in ["w-0", "w-1", "w-2"] {
+                sqlx::query("UPDATE batch_counter SET n = 0 WHERE id = $1")
+                    .bind(id)
+                    .execute(store.pool())
+                    .await
+                    .unwrap();
+            }
+            let cmds = [
+                cmd("w-0", Op::Action, json!({"id": "w-0"})),
+                cmd("w-1", Op::Action, json!({"id": "w-1"})),
+                cmd("w-2", Op::Action, json!({"id": "w-2", "fail": "swallow"})),
+            ];
+            let jobs: Vec<Job> = cmds
+                .iter()
+                .map(|c| Job {
+                    handler: &handler,
+                    op: c.op,
+                    ctx: &c.ctx,
+                    params: &c.params,
+                    barrier: false,
+                })
+                .collect();
+            let run = execute_batch_with(store.pool(), &jobs, &optimism).await;
+            for (i, id) in ["w-0", "w-1"].into_iter().enumerate() {
+                assert!(
+                    matches!(
+                        run.results[i].as_ref().map(|e| &e.outcome),
+                        Ok(Outcome::Ok { .. })
+                    ),
+                    "{mode}: {:?}",
+                    run.results
+                );
+                assert_eq!(counter(&store, id).await, 1, "{mode}: {id} committed");
+            }
+            assert!(
+                !matches!(
+                    run.results[2].as_ref().map(|e| &e.outcome),
+                    Ok(Outcome::Ok { .. })
+                ),
+                "{mode}: the swallower is not answered as done: {:?}",
+                run.results
+            );
+            assert_eq!(counter(&store, "w-2").await, 0, "{mode}: w-2 rolled back");
+        }
+    }
+);

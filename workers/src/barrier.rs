@@ -23,8 +23,8 @@
 //!    far, so a batch behaves as if its commands had come one by one: a duplicate inside the
 //!    batch is answered from the first one's outcome without running the handler, and an undo
 //!    sees the forward operation before it;
-//! 3. each handler runs in a savepoint of its own: a business or transient failure, or a
-//!    database error, rolls back that command's writes only. A batch is first tried without
+//! 3. a business or transient failure of a handler, or a database error in it, rolls back that
+//!    command's writes only, by savepoints. A batch is first tried without
 //!    savepoints ([`Optimism`]). If a handler fails, that try is rolled back whole and the
 //!    batch runs again with them, the failed command without its handler: it answers, and
 //!    records, the failure of its one run (the handlers before it run twice). That redo, and
@@ -209,12 +209,11 @@ pub struct BatchRun {
 
 /// Whether a batch first runs its handlers without savepoints.
 ///
-/// Savepoints cost one round trip per handler, and most batches do not need them: every
-/// handler succeeds. So a batch is first tried without: if every handler succeeds it commits
-/// as it is; if one fails, its writes cannot be taken back alone, so the whole try is rolled
-/// back and the batch is run again with a savepoint per handler, the failed one answered from
-/// its one run (the handlers before it run twice, which the module docs already ask them to
-/// allow). After such a try is given up, the next
+/// Savepoints cost round trips, and most batches do not need them: every handler succeeds.
+/// So a batch is first tried without: if every handler succeeds it commits as it is; if one
+/// fails, its writes cannot be taken back alone, so the whole try is rolled back and the batch
+/// is run again with savepoints, the failed one answered from its one run (the handlers
+/// before it run again, which the module docs already ask them to allow). After such a try is given up, the next
 /// [`CAUTIOUS_BATCHES`] batches of several commands go straight to savepoints, so a run of
 /// business failures costs little. A lone command is always tried without (unless
 /// [`Optimism::never`]): its redo runs no handler, which costs no more than its savepoint
@@ -222,8 +221,8 @@ pub struct BatchRun {
 ///
 /// A cautious batch takes a savepoint every [`CAUTIOUS_CHUNK`] handlers, not before each (one
 /// round trip per chunk instead of per handler): when a handler fails inside a chunk, the chunk
-/// is rolled back to its savepoint and its handlers before the failed one run again, one
-/// savepoint each, the failed one answered from its one run (see `Savepoints`).
+/// is rolled back to its savepoint and its handlers run again through the failed one, one
+/// savepoint each, so the failed one answers from a run alone (see `Savepoints`).
 #[derive(Debug)]
 pub struct Optimism {
     enabled: bool,
@@ -471,6 +470,8 @@ struct Savepoints {
     since: usize,
     /// Through this job (by index), one savepoint per handler: the rerun after a rewind.
     careful_until: Option<usize>,
+    /// Whether a handler ran in this try.
+    ran: bool,
     /// The job (by index in the batch) whose handler failed in the optimistic try, and how:
     /// answered so, never run again.
     answer: Option<(usize, StepError)>,
@@ -501,6 +502,7 @@ impl Savepoints {
             // went with that try, its failure is the answer (also when a rewind passes it again).
             return Ok(Handled::Done(Err(failure.clone())));
         }
+        self.ran = true;
         if self.optimistic {
             return Ok(
                 match run_handler(job.handler, job.op, &mut *tx, job.ctx, job.params).await {
@@ -569,6 +571,45 @@ impl Savepoints {
             .await?;
         self.since = 0;
         Ok(())
+    }
+
+    /// At the batch's end, before its last statements and the commit, finds a handler that
+    /// left the transaction aborted (it swallowed a PostgreSQL error; PostgreSQL answers the
+    /// COMMIT of an aborted transaction with a rollback, not an error): with savepoints, by
+    /// releasing the last chunk's, when handlers ran under it since the last release (false:
+    /// it failed, and the chunk was rolled back to run again a savepoint per handler, through
+    /// `last`); in the optimistic try, when no barrier statement follows (a batch of weak
+    /// commands), by a `SELECT 1` (an error: the batch then runs again one command at a time).
+    async fn settle(
+        &mut self,
+        tx: &mut Transaction<'_, Any>,
+        last: usize,
+        inserting: bool,
+    ) -> Result<bool, sqlx::Error> {
+        if self.optimistic {
+            if self.ran && !inserting {
+                sqlx::raw_sql("SELECT 1").execute(&mut **tx).await?;
+            }
+            return Ok(true);
+        }
+        if !self.open || self.since == 0 {
+            return Ok(true);
+        }
+        match sqlx::raw_sql("RELEASE SAVEPOINT sf")
+            .execute(&mut **tx)
+            .await
+        {
+            Ok(_) => {
+                self.open = false;
+                self.since = 0;
+                Ok(true)
+            }
+            Err(_) => {
+                self.rollback(tx).await?;
+                self.careful_until = Some(last);
+                Ok(false)
+            }
+        }
     }
 
     /// Whether no handler ran since the open savepoint (or none is open yet): where a rewind
@@ -661,25 +702,12 @@ async fn run_in(
         chunk: chunk.max(1),
         since: 0,
         careful_until: None,
+        ran: false,
         answer,
     };
     let mut checkpoint: Option<Checkpoint> = None;
     let mut index = 0;
-    while index < jobs.len() {
-        let job = &jobs[index];
-        // The job's handler, in the savepoints (a rewind's mark taken first).
-        macro_rules! run {
-            () => {
-                run_marked(
-                    &mut savepoints,
-                    &mut checkpoint,
-                    tx,
-                    (index, job),
-                    (&overlay, &new_rows, &superseded, &done),
-                )
-                .await?
-            };
-        }
+    loop {
         macro_rules! rewind {
             () => {{
                 let Some(cp) = checkpoint.take() else {
@@ -694,6 +722,30 @@ async fn run_in(
                 index = cp.index;
                 continue;
             }};
+        }
+        if index == jobs.len() {
+            let inserting = !new_rows.is_empty() || !superseded.is_empty();
+            if savepoints
+                .settle(tx, index.saturating_sub(1), inserting)
+                .await?
+            {
+                break;
+            }
+            rewind!();
+        }
+        let job = &jobs[index];
+        // The job's handler, in the savepoints (a rewind's mark taken first).
+        macro_rules! run {
+            () => {
+                run_marked(
+                    &mut savepoints,
+                    &mut checkpoint,
+                    tx,
+                    (index, job),
+                    (&overlay, &new_rows, &superseded, &done),
+                )
+                .await?
+            };
         }
         if !job.barrier {
             let handled = match run!() {
@@ -858,8 +910,8 @@ async fn transaction(
     }
 }
 
-/// Runs a batch of commands behind the barrier in ONE transaction on `pool`, each handler in
-/// a savepoint of its own (see the module docs). If that transaction fails as a whole, each
+/// Runs a batch of commands behind the barrier in ONE transaction on `pool`, a failed
+/// handler's writes taken back alone by savepoints (see the module docs). If that transaction fails as a whole, each
 /// command is run again in a transaction of its own, so one bad command never holds the
 /// others back.
 pub async fn execute_batch(pool: &AnyPool, jobs: &[Job<'_>]) -> BatchRun {
