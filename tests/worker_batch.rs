@@ -75,18 +75,21 @@ fn cmd(saga: &str, op: Op, params: Value) -> Cmd {
     }
 }
 
-async fn batch(store: &Store, handler: &Handler, cmds: &[Cmd]) -> BatchRun {
-    let jobs: Vec<Job> = cmds
-        .iter()
+/// The batch's jobs, behind the barrier (`barrier`) or not (weak mode's).
+fn jobs_of<'a>(handler: &'a Handler, cmds: &'a [Cmd], barrier: bool) -> Vec<Job<'a>> {
+    cmds.iter()
         .map(|c| Job {
             handler,
             op: c.op,
             ctx: &c.ctx,
             params: &c.params,
-            barrier: true,
+            barrier,
         })
-        .collect();
-    execute_batch(store.pool(), &jobs).await
+        .collect()
+}
+
+async fn batch(store: &Store, handler: &Handler, cmds: &[Cmd]) -> BatchRun {
+    execute_batch(store.pool(), &jobs_of(handler, cmds, true)).await
 }
 
 fn outcomes(run: &BatchRun) -> Vec<Outcome> {
@@ -973,16 +976,7 @@ on_both_backends!(
                 }
                 cmds.push(cmd(&id, Op::Action, params));
             }
-            let jobs: Vec<Job> = cmds
-                .iter()
-                .map(|c| Job {
-                    handler: &handler,
-                    op: c.op,
-                    ctx: &c.ctx,
-                    params: &c.params,
-                    barrier: true,
-                })
-                .collect();
+            let jobs = jobs_of(&handler, &cmds, true);
             let run = execute_batch_with(store.pool(), &jobs, &optimism).await;
             assert_eq!(run.commits, 1, "{mode}: one transaction");
             let got = outcomes(&run);
@@ -1039,16 +1033,7 @@ on_both_backends!(
             cmd("r-1", Op::Action, json!({"id": "r-1"})),
             cmd("r-2", Op::Action, json!({"id": "r-2", "fail": "business"})),
         ];
-        let jobs: Vec<Job> = cmds
-            .iter()
-            .map(|c| Job {
-                handler: &handler,
-                op: c.op,
-                ctx: &c.ctx,
-                params: &c.params,
-                barrier: true,
-            })
-            .collect();
+        let jobs = jobs_of(&handler, &cmds, true);
         let run = execute_batch_with(store.pool(), &jobs, &Optimism::chunked()).await;
         assert_eq!(run.commits, 1);
         let got = outcomes(&run);
@@ -1085,16 +1070,7 @@ on_both_backends!(
                 cmd("w-1", Op::Action, json!({"id": "w-1"})),
                 cmd("w-2", Op::Action, json!({"id": "w-2", "fail": "swallow"})),
             ];
-            let jobs: Vec<Job> = cmds
-                .iter()
-                .map(|c| Job {
-                    handler: &handler,
-                    op: c.op,
-                    ctx: &c.ctx,
-                    params: &c.params,
-                    barrier: false,
-                })
-                .collect();
+            let jobs = jobs_of(&handler, &cmds, false);
             let run = execute_batch_with(store.pool(), &jobs, &optimism).await;
             for (i, id) in ["w-0", "w-1"].into_iter().enumerate() {
                 assert!(
