@@ -158,6 +158,44 @@ fn parse_machine_ticks(stat: &str) -> Option<(u64, u64)> {
     Some((busy, busy + idle + iowait))
 }
 
+/// Context switches of a process so far, voluntary (it waited: a lock, a socket, a channel)
+/// and not (preempted), summed over its live threads from `/proc/<pid>/task/*/status`.
+/// Threads that already ended are not counted.
+fn switches(pid: &str) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    Some(
+        tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+            .map(|status| parse_switches(&status))
+            .sum(),
+    )
+}
+
+fn parse_switches(status: &str) -> u64 {
+    status
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+        })
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// The machine's context switches so far, all processes (the `ctxt` line of `/proc/stat`).
+fn machine_switches() -> Option<u64> {
+    parse_machine_switches(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn parse_machine_switches(stat: &str) -> Option<u64> {
+    stat.lines()
+        .find_map(|l| l.strip_prefix("ctxt "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// A `kB` line of `/proc/<pid>/status`, e.g. `VmRSS` (resident now) or `VmHWM` (peak).
 fn status_kb(pid: &str, key: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -174,6 +212,8 @@ struct Usage {
     /// Of processes that were SIGKILLed and restarted (read just before the kill).
     killed: usize,
     cpu_ticks: u64,
+    /// Context switches (see [`switches`]).
+    switches: u64,
     /// Resident memory of the processes alive at the end, summed.
     rss_kb: u64,
     peak_kb: Option<u64>,
@@ -183,8 +223,8 @@ struct Usage {
 struct Deployment {
     children: Vec<(String, Launch, Child)>,
     logs: Option<std::path::PathBuf>,
-    /// CPU of killed processes by kind.
-    retired: BTreeMap<String, (usize, u64)>,
+    /// CPU ticks and context switches of killed processes by kind.
+    retired: BTreeMap<String, (usize, u64, u64)>,
 }
 
 /// `engine-0` → `engine`, `worker-payment` → `worker payment`.
@@ -243,10 +283,12 @@ impl Deployment {
             bail!("no worker to kill");
         };
         let (name, launch, mut child) = self.children.remove(i);
-        let ticks = cpu_ticks(&child.id().to_string()).unwrap_or(0);
+        let pid = child.id().to_string();
+        let (ticks, switched) = (cpu_ticks(&pid).unwrap_or(0), switches(&pid).unwrap_or(0));
         let retired = self.retired.entry(kind_of(&name)).or_default();
         retired.0 += 1;
         retired.1 += ticks;
+        retired.2 += switched;
         child.kill()?;
         child.wait()?;
         self.spawn(&name, launch)?;
@@ -270,12 +312,14 @@ impl Deployment {
             let u = by_kind.entry(kind_of(name)).or_default();
             u.processes += 1;
             u.cpu_ticks += cpu_ticks(&pid).unwrap_or(0);
+            u.switches += switches(&pid).unwrap_or(0);
             u.rss_kb += status_kb(&pid, "VmRSS").unwrap_or(0);
         }
-        for (kind, (n, ticks)) in &self.retired {
+        for (kind, (n, ticks, switched)) in &self.retired {
             let u = by_kind.entry(kind.clone()).or_default();
             u.killed += n;
             u.cpu_ticks += ticks;
+            u.switches += switched;
         }
         by_kind
     }
@@ -534,6 +578,8 @@ async fn bench(
     };
     let bench_ticks_before = cpu_ticks("self").unwrap_or(0);
     let machine_before = machine_ticks();
+    let (bench_switches_before, machine_switches_before) =
+        (switches("self").unwrap_or(0), machine_switches());
 
     if !args.external {
         let common = |cmd: &[&str], url: &str| {
@@ -722,6 +768,9 @@ async fn bench(
     let machine = machine_before
         .zip(machine_ticks())
         .map(|((b0, t0), (b1, t1))| (b1.saturating_sub(b0), t1.saturating_sub(t0)));
+    let machine_switched = machine_switches_before
+        .zip(machine_switches())
+        .map(|(s0, s1)| s1.saturating_sub(s0));
     let mut usage = deployment.usage();
     usage.insert(
         "bench".to_owned(),
@@ -731,6 +780,9 @@ async fn bench(
             cpu_ticks: cpu_ticks("self")
                 .unwrap_or(0)
                 .saturating_sub(bench_ticks_before),
+            switches: switches("self")
+                .unwrap_or(0)
+                .saturating_sub(bench_switches_before),
             rss_kb: status_kb("self", "VmRSS").unwrap_or(0),
             peak_kb: status_kb("self", "VmHWM"),
         },
@@ -925,7 +977,7 @@ async fn bench(
     }
     {
         println!(
-            "  cpu, memory:     user+system CPU until just before the stop; resident memory then{}",
+            "  cpu, memory:     user+system CPU and context switches until just before the stop; resident memory then{}",
             if args.external {
                 " (the bench's only: the deployment is external)"
             } else {
@@ -935,10 +987,11 @@ async fn bench(
         for (kind, u) in &usage {
             let secs = u.cpu_ticks as f64 / CLOCK_TICKS_PER_SECOND;
             let mut line = format!(
-                "    {:<15}{:>7.2} s  {:>6.2} ms/saga  RSS {:>6.1} MB",
+                "    {:<15}{:>7.2} s  {:>6.2} ms/saga  {:>5.0} switches/saga  RSS {:>6.1} MB",
                 format!("{kind}:"),
                 secs,
                 secs * 1000.0 / n,
+                u.switches as f64 / n,
                 u.rss_kb as f64 / 1024.0
             );
             if let Some(peak) = u.peak_kb {
@@ -957,9 +1010,14 @@ async fn bench(
             // what the lines above leave, but also anything else that ran.
             let secs = busy as f64 / CLOCK_TICKS_PER_SECOND;
             let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+            // Context switches are what a low rate costs: a thread that sleeps and is woken
+            // per message instead of per batch, in every process on the path.
+            let switched = machine_switched.map_or(String::new(), |s| {
+                format!("{:>5.0} switches/saga  ", s as f64 / n)
+            });
             println!(
-                "    {:<15}{:>7.2} s  {:>6.2} ms/saga  busy {:.0} % of {cores} cores (all processes: \
-                 the database and the broker too, and anything else that ran)",
+                "    {:<15}{:>7.2} s  {:>6.2} ms/saga  {switched}busy {:.0} % of {cores} cores (all \
+                 processes: the database and the broker too, and anything else that ran)",
                 "machine:",
                 secs,
                 secs * 1000.0 / n,
@@ -1133,6 +1191,19 @@ mod tests {
             Some((21, 105))
         );
         assert_eq!(parse_machine_ticks("cpu  10 1\n"), None);
+        assert_eq!(
+            parse_machine_switches("cpu  10 1 5 80 4 0 2 3 0 0\nintr 7 1\nctxt 123456\nbtime 9\n"),
+            Some(123456)
+        );
+        assert_eq!(parse_machine_switches("cpu  10 1\n"), None);
+        assert_eq!(
+            parse_switches(
+                "Name:\tx\nvoluntary_ctxt_switches:\t40\nnonvoluntary_ctxt_switches:\t2\n"
+            ),
+            42
+        );
+        assert!(machine_switches().is_some_and(|n| n > 0));
+        assert!(switches("self").is_some_and(|n| n > 0));
         assert_eq!(kind_of("engine-1"), "engine");
         assert_eq!(kind_of("worker-payment"), "worker payment");
     }
