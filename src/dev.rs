@@ -29,7 +29,9 @@ pub struct DevArgs {
     /// The engine's SQLite file (created if missing; an existing one is resumed first).
     #[arg(long, default_value = "sagaflow.db", value_name = "FILE")]
     pub db: PathBuf,
-    /// The services' SQLite file (default: beside `--db`, `sagaflow.db` → `sagaflow.services.db`).
+    /// The services' SQLite files: one per service, named from this (default: beside `--db`,
+    /// `sagaflow.db` → `sagaflow.services.db` → `sagaflow.services.payment.db`, …). A file of
+    /// this very name is an earlier version's, with all four services inside: it is kept.
     #[arg(long, value_name = "FILE")]
     pub services_db: Option<PathBuf>,
     /// Use this database instead of the SQLite files (e.g. postgres://…), for the engine and
@@ -121,7 +123,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let (svc, svc_shown) = match &files {
         None => {
             store.migrate(&[services::MIGRATIONS]).await?;
-            (store.clone(), None)
+            (ServiceStores::One(store.clone()), None)
         }
         Some(files) => files.open_services(&store).await?,
     };
@@ -138,7 +140,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             }
             store.bind_prefix(&args.amqp_prefix).await?;
             if svc_shown.is_some() {
-                svc.bind_prefix(&args.amqp_prefix).await?;
+                for (s, _) in svc.groups() {
+                    s.bind_prefix(&args.amqp_prefix).await?;
+                }
             }
             let mut config = AmqpConfig::new(url);
             config.prefix = args.amqp_prefix.clone();
@@ -166,7 +170,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     };
     let mut workers = Vec::new();
     for service in services::SERVICES {
-        let w = services::worker(service, svc.pool().clone(), transport.clone())
+        let w = services::worker(service, svc.of(service).pool().clone(), transport.clone())
             .context("a shipped service has no worker")?
             .with_faults(faults_of(service));
         workers.push(w);
@@ -221,7 +225,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     }
     let run_id = uuid::Uuid::now_v7().simple().to_string()[..12].to_owned();
     let orders = sample_orders(&run_id, args.orders);
-    seed(&svc, &orders).await?;
+    for (s, held) in svc.groups() {
+        seed_services(s, &orders, &held).await?;
+    }
 
     let total = unfinished_before + args.orders;
     let bar = ProgressBar::new(total);
@@ -291,8 +297,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let outcomes = services::outcomes(&mut conn).await?;
     // Given back first: with one SQLite file both stores are its one connection.
     drop(conn);
-    let mut conn = svc.pool().acquire().await?;
-    let violations = services::check_all(&mut conn, &outcomes).await?;
+    let mut violations = Vec::new();
+    for (s, held) in svc.groups() {
+        let mut conn = s.pool().acquire().await?;
+        for service in held {
+            violations.extend(services::check(service, &mut conn, &outcomes).await?);
+        }
+    }
     let this_run = summary.this_run.values().sum::<u64>();
     println!(
         "sagaflow dev: {} ({}{})",
@@ -367,76 +378,120 @@ pub(crate) fn report_invariants(checked: usize, violations: &[String]) -> ExitCo
     }
 }
 
-/// The two SQLite files of a run: the engine's and the services'. The services have their own,
-/// as they have their own database in production: SQLite has one writer per file, and with one
-/// file the engine's batches and the workers' waited for each other (measured, `sagaflow dev
-/// --orders 10000` alternating: 923–1,234 sagas/s with one, 1,349–1,969 with two).
+/// The SQLite files of a run: the engine's, and one per service. The services have their own,
+/// as they have their own databases in production: SQLite has one writer per file, and sqlx
+/// runs a file's statements one at a time on a thread of its own, each a hand-off and back.
+/// With one file the engine's batches and the workers' waited for each other (measured,
+/// `sagaflow dev --orders 10000` alternating: 923–1,234 sagas/s with one, 1,349–1,969 with
+/// two); with one services' file the four workers' transactions did (813–884 sagas/s with one
+/// for the four, 1,124–1,236 with one each, alternating on a slower machine).
 ///
-/// The two belong together: the first run writes one random mark into both (`pair_mark`), and
-/// a run starts only on a pair, never with one file missing or from another run — a services'
+/// They belong together: the first run writes one random mark into every one (`pair_mark`),
+/// and a run starts only on a set, never with a file missing or from another run — a services'
 /// file without the effects of the engine's sagas (or with another run's) would have the
-/// sagas charge, or not charge, against the wrong accounts. A file without a mark whose
-/// services' tables hold rows is from before the split (or `--database-url`'s one database):
-/// it keeps them inside.
+/// sagas charge, or not charge, against the wrong accounts. An engine's file without a mark
+/// whose services' tables hold rows is from before the engine's and the services' files were
+/// apart (or `--database-url`'s one database): it keeps them inside. A services' file of the
+/// services' name itself (`sagaflow.services.db`) is from before each service had its own: it
+/// keeps all four.
 struct Files {
     engine: PathBuf,
+    /// The services' name, each service's file named from it ([`service_path`]).
     services: PathBuf,
     /// Given with `--services-db` (not derived from `--db`).
     named: bool,
-    /// Whether the services' file was there before this run opened it.
-    services_existed: bool,
+    /// The services' one file of an earlier version (`services` itself) is there.
+    one_file: bool,
+    /// Each service's file, and whether it was there before this run opened it.
+    each: Vec<(&'static str, PathBuf, bool)>,
 }
 
 impl Files {
-    /// Before either is opened (and so created): a services' file without its engine's is
+    /// Before any is opened (and so created): a services' file without its engine's is
     /// refused.
     fn of(db: &Path, services: Option<&Path>) -> anyhow::Result<Files> {
         let named = services.is_some();
         let services = services.map_or_else(|| services_path(db), Path::to_path_buf);
+        let each = services::SERVICES
+            .iter()
+            .map(|s| {
+                let path = service_path(&services, s);
+                let existed = plain_path(&path).is_file();
+                (*s, path, existed)
+            })
+            .collect();
         let files = Files {
             engine: db.to_path_buf(),
-            services_existed: plain_path(&services).is_file(),
+            one_file: plain_path(&services).is_file(),
             services,
             named,
+            each,
         };
-        if plain_path(&files.services) == plain_path(db) {
+        let engine = plain_path(db);
+        if plain_path(&files.services) == engine
+            || files.each.iter().any(|(_, p, _)| plain_path(p) == engine)
+        {
             bail!(
                 "--services-db names the engine's own file {}: give the services a file of their own",
                 files.engine.display()
             );
         }
-        if files.services_existed && !plain_path(db).is_file() {
+        let existing = files.existing();
+        if let Some(first) = existing.first()
+            && !engine.is_file()
+        {
             bail!(
                 "{} holds the services' tables of an earlier run, but their engine database {} is missing: restore it, or delete {} to start afresh",
-                files.services.display(),
+                first.display(),
                 files.engine.display(),
-                files.with_companions(&files.services)
+                with_companions(&existing)
             );
         }
         Ok(files)
     }
 
-    /// `x.db` and the WAL files SQLite keeps beside it.
-    fn with_companions(&self, path: &Path) -> String {
-        let p = path.display();
-        format!("{p} (and {p}-wal, {p}-shm)")
+    /// The services' files there before this run.
+    fn existing(&self) -> Vec<&Path> {
+        if self.one_file {
+            return vec![self.services.as_path()];
+        }
+        self.each
+            .iter()
+            .filter(|(_, _, existed)| *existed)
+            .map(|(_, p, _)| p.as_path())
+            .collect()
     }
 
-    /// Opens the services' store, and says which file it is (None: inside the engine's).
-    async fn open_services(&self, store: &Store) -> anyhow::Result<(Store, Option<String>)> {
-        let (engine, services) = (self.engine.display(), self.services.display());
+    /// The services' files as a summary names them.
+    fn shown(&self) -> String {
+        if self.one_file {
+            return self.services.display().to_string();
+        }
+        let names = format!("{{{}}}", services::SERVICES.join(","));
+        service_path(&self.services, &names).display().to_string()
+    }
+
+    /// Opens the services' stores, and says which files they are (None: inside the engine's).
+    async fn open_services(
+        &self,
+        store: &Store,
+    ) -> anyhow::Result<(ServiceStores, Option<String>)> {
+        let (engine, shown) = (self.engine.display(), self.shown());
         let afresh = || {
-            format!(
-                "delete {} and {} to start afresh",
-                self.with_companions(&self.engine),
-                self.with_companions(&self.services)
-            )
+            let mut files = vec![self.engine.as_path()];
+            if self.one_file {
+                files.push(&self.services);
+            } else {
+                files.extend(self.each.iter().map(|(_, p, _)| p.as_path()));
+            }
+            format!("delete {} to start afresh", with_companions(&files))
         };
         let mark = store.pair_mark().await?;
-        if !self.services_existed {
+        if self.existing().is_empty() {
             if mark.is_some() {
                 bail!(
-                    "{engine} was run with the services' database {services}, which is missing: restore it (or give its path with --services-db), or {}",
+                    "{engine} was run with the services' database {shown} (or {}, as earlier versions kept it), which is missing: restore it (or give its path with --services-db), or {}",
+                    self.services.display(),
                     afresh()
                 );
             }
@@ -447,27 +502,107 @@ impl Files {
                     );
                 }
                 store.migrate(&[services::MIGRATIONS]).await?;
-                return Ok((store.clone(), None));
+                return Ok((ServiceStores::One(store.clone()), None));
             }
         }
-        let svc = Store::connect(&services.to_string(), 1).await?;
-        svc.migrate(&[services::MIGRATIONS]).await?;
-        let svc_mark = svc.pair_mark().await?;
-        match (&mark, &svc_mark) {
-            (Some(a), Some(b)) if a == b => {}
-            // A new pair, or one whose first run stopped between the two marks: only while the
-            // services' file holds nothing yet.
-            (None, _) if !services_inside(&svc).await? => {
-                let new = uuid::Uuid::now_v7().simple().to_string();
-                svc.set_pair_mark(&new).await?;
-                store.set_pair_mark(&new).await?;
-            }
-            _ => bail!(
-                "{engine} and {services} are not a pair (their marks differ: written by different runs): give the services' database of {engine} with --services-db, or {}",
+        let missing: Vec<String> = self
+            .each
+            .iter()
+            .filter(|(_, _, existed)| !existed)
+            .map(|(_, p, _)| p.display().to_string())
+            .collect();
+        if mark.is_some() && !self.one_file && !missing.is_empty() {
+            bail!(
+                "{engine} was run with the services' database {shown}, of which {} is missing: restore it, or {}",
+                missing.join(" and "),
                 afresh()
-            ),
+            );
         }
-        Ok((svc, Some(services.to_string())))
+        let paths: Vec<(&'static str, &Path)> = if self.one_file {
+            vec![("", self.services.as_path())]
+        } else {
+            self.each
+                .iter()
+                .map(|(s, p, _)| (*s, p.as_path()))
+                .collect()
+        };
+        let mut opened = Vec::with_capacity(paths.len());
+        for (service, path) in paths {
+            let svc = Store::connect(&path.display().to_string(), 1).await?;
+            svc.migrate(&[services::MIGRATIONS]).await?;
+            opened.push((service, svc));
+        }
+        let mut paired = mark.is_some();
+        let mut empty = true;
+        for (_, svc) in &opened {
+            paired &= svc.pair_mark().await? == mark;
+            empty &= !services_inside(svc).await?;
+        }
+        if !paired {
+            // A new set, or one whose first run stopped between the marks: only while the
+            // services' files hold nothing yet.
+            if mark.is_some() || !empty {
+                bail!(
+                    "{engine} and {shown} are not a pair (their marks differ: written by different runs): give the services' database of {engine} with --services-db, or {}",
+                    afresh()
+                );
+            }
+            let new = uuid::Uuid::now_v7().simple().to_string();
+            for (_, svc) in &opened {
+                svc.set_pair_mark(&new).await?;
+            }
+            store.set_pair_mark(&new).await?;
+        }
+        let stores = if self.one_file {
+            let (_, svc) = opened.remove(0);
+            ServiceStores::One(svc)
+        } else {
+            ServiceStores::Each(opened)
+        };
+        Ok((stores, Some(shown)))
+    }
+}
+
+/// The services' stores: one for all four (the engine's own with `--database-url`, or a file of
+/// an earlier version), or each service's own.
+enum ServiceStores {
+    One(Store),
+    Each(Vec<(&'static str, Store)>),
+}
+
+impl ServiceStores {
+    /// The store `service`'s worker writes to.
+    fn of(&self, service: &str) -> &Store {
+        match self {
+            ServiceStores::One(s) => s,
+            ServiceStores::Each(each) => each
+                .iter()
+                .find(|(name, _)| *name == service)
+                .map_or_else(|| &each[0].1, |(_, s)| s),
+        }
+    }
+
+    /// Each store once, with the services whose tables it holds.
+    fn groups(&self) -> Vec<(&Store, Vec<&'static str>)> {
+        match self {
+            ServiceStores::One(s) => vec![(s, services::SERVICES.to_vec())],
+            ServiceStores::Each(each) => each.iter().map(|(name, s)| (s, vec![*name])).collect(),
+        }
+    }
+}
+
+/// SQLite files and the WAL files SQLite keeps beside each: `x.db (and x.db-wal, x.db-shm)`,
+/// or `x.db, y.db and their -wal and -shm files`.
+fn with_companions(paths: &[&Path]) -> String {
+    match paths {
+        [one] => {
+            let p = one.display();
+            format!("{p} (and {p}-wal, {p}-shm)")
+        }
+        _ => {
+            let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+            format!("{} and their -wal and -shm files", names.join(", "))
+        }
     }
 }
 
@@ -491,7 +626,8 @@ fn plain_path(db: &Path) -> PathBuf {
     PathBuf::from(path.split_once('?').map_or(path, |(p, _)| p))
 }
 
-/// The services' file beside the engine's: `sagaflow.db` → `sagaflow.services.db`, `run` →
+/// The services' name beside the engine's file (each service's file is named from it, see
+/// [`service_path`]): `sagaflow.db` → `sagaflow.services.db`, `run` →
 /// `run.services`.
 fn services_path(db: &Path) -> PathBuf {
     let db = plain_path(db);
@@ -502,6 +638,25 @@ fn services_path(db: &Path) -> PathBuf {
         (None, _) => "sagaflow.services.db".to_owned(),
     };
     db.with_file_name(name)
+}
+
+/// A service's file, named from the services' name: before its SQLite extension
+/// (`sagaflow.services.db` → `sagaflow.services.payment.db`), or after a name without one
+/// (`run.services` → `run.services.payment`).
+fn service_path(services: &Path, service: &str) -> PathBuf {
+    let plain = plain_path(services);
+    let name = plain.file_name().map_or_else(
+        || "sagaflow.services".to_owned(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let sqlite = ["db", "sqlite", "sqlite3", "db3"];
+    let name = match name.rsplit_once('.') {
+        Some((stem, ext)) if sqlite.contains(&ext.to_ascii_lowercase().as_str()) => {
+            format!("{stem}.{service}.{ext}")
+        }
+        _ => format!("{name}.{service}"),
+    };
+    plain.with_file_name(name)
 }
 
 /// The transport a dev run uses.
@@ -566,6 +721,15 @@ pub(crate) fn sample_order(run_id: &str, i: u64) -> serde_json::Value {
 
 /// Accounts with enough money, one coupon per order, the campaigns.
 pub(crate) async fn seed(store: &Store, orders: &[serde_json::Value]) -> anyhow::Result<()> {
+    seed_services(store, orders, services::SERVICES).await
+}
+
+/// [`seed`] for the tables of these services only (those a services' file holds).
+async fn seed_services(
+    store: &Store,
+    orders: &[serde_json::Value],
+    held: &[&str],
+) -> anyhow::Result<()> {
     let mut tx = store.pool().begin().await?;
     let accounts: Vec<(String, i64)> = orders
         .iter()
@@ -585,13 +749,19 @@ pub(crate) async fn seed(store: &Store, orders: &[serde_json::Value]) -> anyhow:
             )
         })
         .collect();
-    services::payment::seed(&mut tx, &accounts).await?;
-    services::coupon::seed(&mut tx, &coupons).await?;
+    if held.contains(&"payment") {
+        services::payment::seed(&mut tx, &accounts).await?;
+    }
+    if held.contains(&"coupon") {
+        services::coupon::seed(&mut tx, &coupons).await?;
+    }
     let campaigns: Vec<String> = ["spring-sale", "summer-sale", "autumn-sale"]
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
-    services::gmv::seed(&mut tx, &campaigns).await?;
+    if held.contains(&"gmv") {
+        services::gmv::seed(&mut tx, &campaigns).await?;
+    }
     tx.commit().await?;
     Ok(())
 }
@@ -666,6 +836,67 @@ pub async fn start_orders(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_service_has_a_file_named_from_the_services_name() {
+        let p = |base: &str, s: &str| service_path(Path::new(base), s);
+        assert_eq!(
+            p("sagaflow.services.db", "payment"),
+            PathBuf::from("sagaflow.services.payment.db")
+        );
+        assert_eq!(p("a/s.SQLITE", "gmv"), PathBuf::from("a/s.gmv.SQLITE"));
+        assert_eq!(
+            p("data/run.services", "coupon"),
+            PathBuf::from("data/run.services.coupon")
+        );
+        assert_eq!(
+            p("sqlite://a/b.services.db?mode=rwc", "points"),
+            PathBuf::from("a/b.services.points.db")
+        );
+    }
+
+    #[test]
+    fn an_earlier_versions_one_services_file_is_kept_and_files_are_not_the_engines() {
+        struct Gone(PathBuf);
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let dir =
+            std::env::temp_dir().join(format!("sagaflow-dev-files-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let _gone = Gone(dir.clone());
+        let engine = dir.join("e.db");
+        let services = dir.join("e.services.db");
+        let fresh = Files::of(&engine, None).expect("a fresh set");
+        assert!(!fresh.one_file);
+        assert_eq!(fresh.each.len(), services::SERVICES.len());
+        assert!(fresh.existing().is_empty());
+        assert_eq!(
+            fresh.shown(),
+            dir.join("e.services.{payment,coupon,points,gmv}.db")
+                .display()
+                .to_string()
+        );
+        // An earlier version's services' file, and its engine's.
+        std::fs::write(&engine, b"").expect("engine file");
+        std::fs::write(&services, b"").expect("services file");
+        let old = Files::of(&engine, None).expect("an earlier version's pair");
+        assert!(old.one_file);
+        assert_eq!(old.existing(), vec![services.as_path()]);
+        assert_eq!(old.shown(), services.display().to_string());
+        // Without its engine's file: refused.
+        std::fs::remove_file(&engine).expect("remove");
+        let err = Files::of(&engine, None).err().expect("refused").to_string();
+        assert!(err.contains("but their engine database"), "{err}");
+        // A service's file that is the engine's own: refused.
+        let err = Files::of(&dir.join("s.payment.db"), Some(&dir.join("s.db")))
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("names the engine's own file"), "{err}");
+    }
 
     #[test]
     fn the_services_file_sits_beside_the_engines() {

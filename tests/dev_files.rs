@@ -1,7 +1,7 @@
-//! `sagaflow dev`'s two SQLite files: the engine's (`--db`) and the services' beside it. They
-//! are resumed together, a run never starts with one missing while the other holds a run's
-//! data, a file of earlier versions (both in one) is kept as it is, and a run killed with
-//! SIGKILL is finished by the next with every invariant holding.
+//! `sagaflow dev`'s SQLite files: the engine's (`--db`) and one per service beside it. They are
+//! resumed together, a run never starts with one missing while the others hold a run's data, a
+//! file of earlier versions (the services inside the engine's) is kept as it is, and a run
+//! killed with SIGKILL is finished by the next with every invariant holding.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -77,18 +77,32 @@ fn remove_db(path: &Path) {
     }
 }
 
+/// The services' files of the services' name `base` (`sagaflow.services` →
+/// `sagaflow.services.payment.db`, …).
+fn service_files(base: &str) -> Vec<String> {
+    ["payment", "coupon", "points", "gmv"]
+        .iter()
+        .map(|s| format!("{base}.{s}.db"))
+        .collect()
+}
+
 #[test]
-fn the_two_files_are_made_and_resumed_together() {
+fn the_files_are_made_and_resumed_together() {
     let dir = Dir::new("resume");
     let first = ok(&dir, &["dev", "--orders", "20"]);
     assert!(
-        first.contains("sagaflow dev: order-paid (sagaflow.db; services in sagaflow.services.db)"),
+        first.contains(
+            "sagaflow dev: order-paid (sagaflow.db; services in sagaflow.services.{payment,coupon,points,gmv}.db)"
+        ),
         "{first}"
     );
     let names = dir.names();
     assert!(names.contains(&"sagaflow.db".to_owned()), "{names:?}");
+    for file in service_files("sagaflow.services") {
+        assert!(names.contains(&file), "{file}: {names:?}");
+    }
     assert!(
-        names.contains(&"sagaflow.services.db".to_owned()),
+        !names.contains(&"sagaflow.services.db".to_owned()),
         "{names:?}"
     );
 
@@ -112,8 +126,12 @@ fn the_two_files_are_made_and_resumed_together() {
             "5",
         ],
     );
-    assert!(named.contains("(e.db; services in s.db)"), "{named}");
-    assert!(dir.path("s.db").is_file());
+    assert!(
+        named.contains("(e.db; services in s.{payment,coupon,points,gmv}.db)"),
+        "{named}"
+    );
+    assert!(dir.path("s.payment.db").is_file());
+    assert!(!dir.path("s.db").exists());
 }
 
 #[test]
@@ -127,31 +145,54 @@ fn a_run_does_not_start_with_one_file_missing() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
         text(&out).contains(
-            "sagaflow.services.db holds the services' tables of an earlier run, but their engine database sagaflow.db is missing"
+            "sagaflow.services.payment.db holds the services' tables of an earlier run, but their engine database sagaflow.db is missing"
         ),
         "{}",
         text(&out)
     );
     assert!(!dir.path("sagaflow.db").exists(), "{:?}", dir.names());
 
-    // The services' file gone after a run: refused, naming both — even when an operator
+    // The services' files gone after a run: refused, naming them — even when an operator
     // command (which migrates the services' tables into the engine's file, empty) ran between.
-    remove_db(&dir.path("sagaflow.services.db"));
+    for file in service_files("sagaflow.services") {
+        remove_db(&dir.path(&file));
+    }
     ok(&dir, &["dev", "--orders", "5"]);
     let listed = sagaflow(&dir, &["list"]);
     assert!(listed.status.success(), "{}", text(&listed));
-    remove_db(&dir.path("sagaflow.services.db"));
+    // One service's file gone: refused, naming it, and not made anew.
+    remove_db(&dir.path("sagaflow.services.coupon.db"));
     let out = sagaflow(&dir, &["dev", "--orders", "5"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
         text(&out).contains(
-            "sagaflow.db was run with the services' database sagaflow.services.db, which is missing"
+            "sagaflow.db was run with the services' database sagaflow.services.{payment,coupon,points,gmv}.db, of which sagaflow.services.coupon.db is missing"
         ),
         "{}",
         text(&out)
     );
     assert!(
-        !dir.path("sagaflow.services.db").exists(),
+        !dir.path("sagaflow.services.coupon.db").exists(),
+        "{:?}",
+        dir.names()
+    );
+    // All of them gone.
+    for file in service_files("sagaflow.services") {
+        remove_db(&dir.path(&file));
+    }
+    let out = sagaflow(&dir, &["dev", "--orders", "5"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(
+            "sagaflow.db was run with the services' database sagaflow.services.{payment,coupon,points,gmv}.db (or sagaflow.services.db, as earlier versions kept it), which is missing"
+        ),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        dir.names()
+            .iter()
+            .all(|n| !n.starts_with("sagaflow.services")),
         "{:?}",
         dir.names()
     );
@@ -177,7 +218,7 @@ fn files_of_two_runs_are_not_taken_for_a_pair() {
     );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
-        text(&out).contains("a.db and b.services.db are not a pair"),
+        text(&out).contains("a.db and b.services.{payment,coupon,points,gmv}.db are not a pair"),
         "{}",
         text(&out)
     );
@@ -220,8 +261,8 @@ fn a_file_with_the_services_inside_is_kept_as_one() {
     assert!(t.contains("sagaflow dev: order-paid (old.db)\n"), "{t}");
     assert!(t.contains("all sagas in db: 15 (15 completed)"), "{t}");
     assert!(
-        !dir.path("old.services.db").exists(),
-        "no second file: {:?}",
+        dir.names().iter().all(|n| !n.starts_with("old.services")),
+        "no services' file: {:?}",
         dir.names()
     );
     // Its services are inside: a services' file of its own is refused.
@@ -246,7 +287,7 @@ fn a_file_with_the_services_inside_is_kept_as_one() {
 }
 
 #[test]
-fn a_run_killed_mid_run_is_finished_by_the_next_on_both_files() {
+fn a_run_killed_mid_run_is_finished_by_the_next_on_every_file() {
     let dir = Dir::new("kill");
     let mut child = Command::new(env!("CARGO_BIN_EXE_sagaflow"))
         .args(["dev", "--orders", "2000"])
