@@ -386,10 +386,11 @@ pub(crate) fn report_invariants(checked: usize, violations: &[String]) -> ExitCo
 /// two); with one services' file the four workers' transactions did (813–884 sagas/s with one
 /// for the four, 1,124–1,236 with one each, alternating on a slower machine).
 ///
-/// They belong together: the first run writes one random mark into every one (`pair_mark`),
-/// and a run starts only on a set, never with a file missing or from another run — a services'
-/// file without the effects of the engine's sagas (or with another run's) would have the
-/// sagas charge, or not charge, against the wrong accounts. An engine's file without a mark
+/// They belong together: the first run writes one random mark into every one (`pair_mark`;
+/// in a service's file with the service's name after it, [`Files::mark_of`]), and a run
+/// starts only on a set, never with a file missing, from another run or taken for another
+/// service's — a services' file without the effects of the engine's sagas (or with another
+/// run's) would have the sagas charge, or not charge, against the wrong accounts. An engine's file without a mark
 /// whose services' tables hold rows is from before the engine's and the services' files were
 /// apart (or `--database-url`'s one database): it keeps them inside. A services' file of the
 /// services' name itself (`sagaflow.services.db`) is from before each service had its own: it
@@ -408,11 +409,17 @@ struct Files {
 
 impl Files {
     /// Before any is opened (and so created): a services' file without its engine's is
-    /// refused.
+    /// refused, and so are names that would make one file play two parts.
     fn of(db: &Path, services: Option<&Path>) -> anyhow::Result<Files> {
         let named = services.is_some();
         let services = services.map_or_else(|| services_path(db), Path::to_path_buf);
-        let each = services::SERVICES
+        if named && let Some(service) = service_named(&services) {
+            bail!(
+                "--services-db {} names the {service} service's file: give the services' name it was made from (e.g. `--services-db sagaflow.services.db` for sagaflow.services.payment.db, sagaflow.services.coupon.db, …)",
+                services.display()
+            );
+        }
+        let each: Vec<(&'static str, PathBuf, bool)> = services::SERVICES
             .iter()
             .map(|s| {
                 let path = service_path(&services, s);
@@ -420,6 +427,20 @@ impl Files {
                 (*s, path, existed)
             })
             .collect();
+        let engine = plain_path(db);
+        if plain_path(&services) == engine {
+            bail!(
+                "--services-db names the engine's own file {}: give the services a file of their own",
+                db.display()
+            );
+        }
+        if let Some((service, path, _)) = each.iter().find(|(_, p, _)| plain_path(p) == engine) {
+            bail!(
+                "the {service} service's file, named from the services' name {} (`--services-db`), would be the engine's own file {}: give the services another name",
+                services.display(),
+                path.display()
+            );
+        }
         let files = Files {
             engine: db.to_path_buf(),
             one_file: plain_path(&services).is_file(),
@@ -427,12 +448,17 @@ impl Files {
             named,
             each,
         };
-        let engine = plain_path(db);
-        if plain_path(&files.services) == engine
-            || files.each.iter().any(|(_, p, _)| plain_path(p) == engine)
-        {
+        let per_service: Vec<&Path> = files
+            .each
+            .iter()
+            .filter(|(_, _, existed)| *existed)
+            .map(|(_, p, _)| p.as_path())
+            .collect();
+        if files.one_file && !per_service.is_empty() {
             bail!(
-                "--services-db names the engine's own file {}: give the services a file of their own",
+                "both {} (the four services in one file, as earlier versions kept them) and {} are there: only one of the two can be the services' database of {}; move the other away",
+                files.services.display(),
+                list_and(&per_service),
                 files.engine.display()
             );
         }
@@ -471,6 +497,17 @@ impl Files {
         service_path(&self.services, &names).display().to_string()
     }
 
+    /// The mark a services' file of `service` carries in a set whose engine's file carries
+    /// `mark`: the service's name after it, so that no file is taken for another service's (a
+    /// file of the four services of an earlier version carries the engine's mark as it is).
+    fn mark_of(&self, mark: &str, service: &str) -> String {
+        if self.one_file {
+            mark.to_owned()
+        } else {
+            format!("{mark}/{service}")
+        }
+    }
+
     /// Opens the services' stores, and says which files they are (None: inside the engine's).
     async fn open_services(
         &self,
@@ -486,16 +523,25 @@ impl Files {
             }
             format!("delete {} to start afresh", with_companions(&files))
         };
+        let by_name = || {
+            format!(
+                "give the services' name it was run with in --services-db (`--services-db {}` names {shown})",
+                self.services.display()
+            )
+        };
         let mark = store.pair_mark().await?;
-        if self.existing().is_empty() {
+        let existing = self.existing();
+        let inside = mark.is_none() && services_inside(store).await?;
+        if existing.is_empty() {
             if mark.is_some() {
                 bail!(
-                    "{engine} was run with the services' database {shown} (or {}, as earlier versions kept it), which is missing: restore it (or give its path with --services-db), or {}",
+                    "{engine} was run with the services' database {shown} (or {}, as earlier versions kept it), which is missing: restore it, {}, or {}",
                     self.services.display(),
+                    by_name(),
                     afresh()
                 );
             }
-            if services_inside(store).await? {
+            if inside {
                 if self.named {
                     bail!(
                         "{engine} keeps the services' tables inside (written before they had a file of their own, or with --database-url): run it without --services-db"
@@ -504,52 +550,90 @@ impl Files {
                 store.migrate(&[services::MIGRATIONS]).await?;
                 return Ok((ServiceStores::One(store.clone()), None));
             }
-        }
-        let missing: Vec<String> = self
-            .each
-            .iter()
-            .filter(|(_, _, existed)| !existed)
-            .map(|(_, p, _)| p.display().to_string())
-            .collect();
-        if mark.is_some() && !self.one_file && !missing.is_empty() {
+        } else if inside {
             bail!(
-                "{engine} was run with the services' database {shown}, of which {} is missing: restore it, or {}",
-                missing.join(" and "),
+                "{engine} keeps the services' tables inside (written before they had a file of their own, or with --database-url), so {} beside it cannot be its: move {} away",
+                list_and(&existing),
+                if existing.len() == 1 { "it" } else { "them" }
+            );
+        }
+        let missing: Vec<&Path> = if self.one_file {
+            Vec::new()
+        } else {
+            self.each
+                .iter()
+                .filter(|(_, _, existed)| !existed)
+                .map(|(_, p, _)| p.as_path())
+                .collect()
+        };
+        if mark.is_some() && !missing.is_empty() {
+            bail!(
+                "{engine} was run with the services' database {shown}, of which {} {} missing: restore {}, or {}",
+                list_and(&missing),
+                if missing.len() == 1 { "is" } else { "are" },
+                if missing.len() == 1 { "it" } else { "them" },
                 afresh()
             );
         }
-        let paths: Vec<(&'static str, &Path)> = if self.one_file {
+        // The files that are there first, so that a set refused makes no file.
+        let there: Vec<(&'static str, &Path)> = if self.one_file {
             vec![("", self.services.as_path())]
         } else {
             self.each
                 .iter()
+                .filter(|(_, _, existed)| *existed)
                 .map(|(s, p, _)| (*s, p.as_path()))
                 .collect()
         };
-        let mut opened = Vec::with_capacity(paths.len());
-        for (service, path) in paths {
+        let mut opened = Vec::with_capacity(self.each.len());
+        let mut odd = Vec::new();
+        let mut holding = false;
+        for (service, path) in there {
+            let svc = Store::connect(&path.display().to_string(), 1).await?;
+            svc.migrate(&[services::MIGRATIONS]).await?;
+            let expected = mark.as_deref().map(|m| self.mark_of(m, service));
+            if svc.pair_mark().await? != expected {
+                odd.push(path);
+            }
+            holding |= services_inside(&svc).await?;
+            opened.push((service, svc));
+        }
+        let paired = mark.is_some() && odd.is_empty();
+        // A new set, or one whose first run stopped between the marks: only while the services'
+        // files hold nothing yet.
+        let fresh = mark.is_none() && !holding;
+        if !paired && !fresh {
+            bail!(
+                "{engine} and {shown} do not belong together: {} {} not carry the mark of {engine}'s run{}: {}, or {}",
+                if odd.is_empty() {
+                    list_and(&self.existing())
+                } else {
+                    list_and(&odd)
+                },
+                if odd.len() == 1 { "does" } else { "do" },
+                if mark.is_none() {
+                    " (it has none: it never ran with services' files)"
+                } else {
+                    " (written by another run, or for another service)"
+                },
+                by_name(),
+                afresh()
+            );
+        }
+        for (service, path) in self
+            .each
+            .iter()
+            .filter(|(_, _, existed)| !existed && !self.one_file)
+            .map(|(s, p, _)| (*s, p))
+        {
             let svc = Store::connect(&path.display().to_string(), 1).await?;
             svc.migrate(&[services::MIGRATIONS]).await?;
             opened.push((service, svc));
         }
-        let mut paired = mark.is_some();
-        let mut empty = true;
-        for (_, svc) in &opened {
-            paired &= svc.pair_mark().await? == mark;
-            empty &= !services_inside(svc).await?;
-        }
         if !paired {
-            // A new set, or one whose first run stopped between the marks: only while the
-            // services' files hold nothing yet.
-            if mark.is_some() || !empty {
-                bail!(
-                    "{engine} and {shown} are not a pair (their marks differ: written by different runs): give the services' database of {engine} with --services-db, or {}",
-                    afresh()
-                );
-            }
             let new = uuid::Uuid::now_v7().simple().to_string();
-            for (_, svc) in &opened {
-                svc.set_pair_mark(&new).await?;
+            for (service, svc) in &opened {
+                svc.set_pair_mark(&self.mark_of(&new, service)).await?;
             }
             store.set_pair_mark(&new).await?;
         }
@@ -589,6 +673,30 @@ impl ServiceStores {
             ServiceStores::Each(each) => each.iter().map(|(name, s)| (s, vec![*name])).collect(),
         }
     }
+}
+
+/// `a`, `a and b`, `a, b and c`.
+fn list_and(paths: &[&Path]) -> String {
+    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    match names.split_last() {
+        None => String::new(),
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+    }
+}
+
+/// The service whose file `services` names, if it is one (`x.services.payment.db`): given as
+/// the services' name, it would be taken for a file of all four.
+fn service_named(services: &Path) -> Option<&'static str> {
+    let plain = plain_path(services);
+    let name = plain.file_name()?.to_string_lossy().into_owned();
+    let sqlite = ["db", "sqlite", "sqlite3", "db3"];
+    let stem = match name.rsplit_once('.') {
+        Some((stem, ext)) if sqlite.contains(&ext.to_ascii_lowercase().as_str()) => stem,
+        _ => name.as_str(),
+    };
+    let (_, last) = stem.rsplit_once('.')?;
+    services::SERVICES.iter().find(|s| **s == last).copied()
 }
 
 /// SQLite files and the WAL files SQLite keeps beside each: `x.db (and x.db-wal, x.db-shm)`,
@@ -895,7 +1003,42 @@ mod tests {
             .err()
             .expect("refused")
             .to_string();
-        assert!(err.contains("names the engine's own file"), "{err}");
+        assert!(err.contains("would be the engine's own file"), "{err}");
+        // A service's file given as the services' name: refused before anything is opened.
+        let err = Files::of(&engine, Some(&dir.join("e.services.points.db")))
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("names the points service's file"), "{err}");
+        // Both layouts beside one engine: refused, naming both.
+        std::fs::write(&engine, b"").expect("engine file");
+        std::fs::write(dir.join("e.services.gmv.db"), b"").expect("a service's file");
+        let err = Files::of(&engine, None).err().expect("refused").to_string();
+        assert!(err.contains("only one of the two"), "{err}");
+        assert!(err.contains("e.services.gmv.db"), "{err}");
+    }
+
+    #[test]
+    fn names_of_services_files_and_lists() {
+        assert_eq!(
+            service_named(Path::new("x.services.payment.db")),
+            Some("payment")
+        );
+        assert_eq!(service_named(Path::new("a/x.gmv")), Some("gmv"));
+        assert_eq!(service_named(Path::new("x.services.db")), None);
+        assert_eq!(service_named(Path::new("payment.db")), None);
+        let p = |s: &'static str| Path::new(s);
+        assert_eq!(list_and(&[p("a")]), "a");
+        assert_eq!(list_and(&[p("a"), p("b")]), "a and b");
+        assert_eq!(list_and(&[p("a"), p("b"), p("c")]), "a, b and c");
+        assert_eq!(
+            with_companions(&[p("a.db")]),
+            "a.db (and a.db-wal, a.db-shm)"
+        );
+        assert_eq!(
+            with_companions(&[p("a.db"), p("b.db")]),
+            "a.db, b.db and their -wal and -shm files"
+        );
     }
 
     #[test]

@@ -68,6 +68,26 @@ fn ok(dir: &Dir, args: &[&str]) -> String {
     t
 }
 
+/// `sagaflow args` exits 1 and says `message`.
+fn refused(dir: &Dir, args: &[&str], message: &str) {
+    let out = sagaflow(dir, args);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains(message), "{}", text(&out));
+}
+
+/// A SQLite file renamed with its WAL and shared-memory companions (a WAL file beside another
+/// database would be read as that one's).
+fn rename_db(from: &Path, to: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let (mut f, mut t) = (from.as_os_str().to_owned(), to.as_os_str().to_owned());
+        f.push(suffix);
+        t.push(suffix);
+        if Path::new(&f).exists() {
+            std::fs::rename(&f, &t).expect("rename");
+        }
+    }
+}
+
 /// A SQLite file with its WAL and shared-memory companions.
 fn remove_db(path: &Path) {
     for suffix in ["", "-wal", "-shm"] {
@@ -141,14 +161,10 @@ fn a_run_does_not_start_with_one_file_missing() {
 
     // The engine's file gone: refused, and not made anew (the next run would refuse the same).
     remove_db(&dir.path("sagaflow.db"));
-    let out = sagaflow(&dir, &["dev", "--orders", "5"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(
-        text(&out).contains(
-            "sagaflow.services.payment.db holds the services' tables of an earlier run, but their engine database sagaflow.db is missing"
-        ),
-        "{}",
-        text(&out)
+    refused(
+        &dir,
+        &["dev", "--orders", "5"],
+        "sagaflow.services.payment.db holds the services' tables of an earlier run, but their engine database sagaflow.db is missing",
     );
     assert!(!dir.path("sagaflow.db").exists(), "{:?}", dir.names());
 
@@ -162,14 +178,10 @@ fn a_run_does_not_start_with_one_file_missing() {
     assert!(listed.status.success(), "{}", text(&listed));
     // One service's file gone: refused, naming it, and not made anew.
     remove_db(&dir.path("sagaflow.services.coupon.db"));
-    let out = sagaflow(&dir, &["dev", "--orders", "5"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(
-        text(&out).contains(
-            "sagaflow.db was run with the services' database sagaflow.services.{payment,coupon,points,gmv}.db, of which sagaflow.services.coupon.db is missing"
-        ),
-        "{}",
-        text(&out)
+    refused(
+        &dir,
+        &["dev", "--orders", "5"],
+        "sagaflow.db was run with the services' database sagaflow.services.{payment,coupon,points,gmv}.db, of which sagaflow.services.coupon.db is missing",
     );
     assert!(
         !dir.path("sagaflow.services.coupon.db").exists(),
@@ -180,14 +192,10 @@ fn a_run_does_not_start_with_one_file_missing() {
     for file in service_files("sagaflow.services") {
         remove_db(&dir.path(&file));
     }
-    let out = sagaflow(&dir, &["dev", "--orders", "5"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(
-        text(&out).contains(
-            "sagaflow.db was run with the services' database sagaflow.services.{payment,coupon,points,gmv}.db (or sagaflow.services.db, as earlier versions kept it), which is missing"
-        ),
-        "{}",
-        text(&out)
+    refused(
+        &dir,
+        &["dev", "--orders", "5"],
+        "sagaflow.db was run with the services' database sagaflow.services.{payment,coupon,points,gmv}.db (or sagaflow.services.db, as earlier versions kept it), which is missing",
     );
     assert!(
         dir.names()
@@ -204,7 +212,7 @@ fn files_of_two_runs_are_not_taken_for_a_pair() {
     ok(&dir, &["dev", "--db", "a.db", "--orders", "5"]);
     ok(&dir, &["dev", "--db", "b.db", "--orders", "5"]);
     // a's engine with b's services: refused before anything runs.
-    let out = sagaflow(
+    refused(
         &dir,
         &[
             "dev",
@@ -215,24 +223,44 @@ fn files_of_two_runs_are_not_taken_for_a_pair() {
             "--orders",
             "5",
         ],
-    );
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(
-        text(&out).contains("a.db and b.services.{payment,coupon,points,gmv}.db are not a pair"),
-        "{}",
-        text(&out)
+        "a.db and b.services.{payment,coupon,points,gmv}.db do not belong together",
     );
     // Each with its own still runs, and the refused run changed nothing.
     let t = ok(&dir, &["dev", "--db", "a.db", "--orders", "1"]);
     assert!(t.contains("all sagas in db: 6 (6 completed)"), "{t}");
 
+    // Two services' files of one set swapped: each carries its service's name in its mark.
+    let (coupon, points) = (
+        dir.path("a.services.coupon.db"),
+        dir.path("a.services.points.db"),
+    );
+    let swap = dir.path("swap.db");
+    rename_db(&coupon, &swap);
+    rename_db(&points, &coupon);
+    rename_db(&swap, &points);
+    refused(
+        &dir,
+        &["dev", "--db", "a.db", "--orders", "1"],
+        "a.services.coupon.db and a.services.points.db do not carry the mark of a.db's run",
+    );
+    // A service's file given as the services' name: refused.
+    refused(
+        &dir,
+        &[
+            "dev",
+            "--db",
+            "b.db",
+            "--services-db",
+            "b.services.payment.db",
+        ],
+        "names the payment service's file",
+    );
+
     // The engine's own file as the services': refused.
-    let out = sagaflow(&dir, &["dev", "--db", "a.db", "--services-db", "a.db"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(
-        text(&out).contains("--services-db names the engine's own file a.db"),
-        "{}",
-        text(&out)
+    refused(
+        &dir,
+        &["dev", "--db", "a.db", "--services-db", "a.db"],
+        "--services-db names the engine's own file a.db",
     );
     // With one database for everything there is no services' file to name.
     let url = format!("sqlite://{}?mode=rwc", dir.path("one.db").display());
@@ -266,7 +294,7 @@ fn a_file_with_the_services_inside_is_kept_as_one() {
         dir.names()
     );
     // Its services are inside: a services' file of its own is refused.
-    let out = sagaflow(
+    refused(
         &dir,
         &[
             "dev",
@@ -277,12 +305,7 @@ fn a_file_with_the_services_inside_is_kept_as_one() {
             "--orders",
             "1",
         ],
-    );
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(
-        text(&out).contains("old.db keeps the services' tables inside"),
-        "{}",
-        text(&out)
+        "old.db keeps the services' tables inside",
     );
 }
 

@@ -4,8 +4,8 @@
 //! outbox rows and sent commands to queues nobody consumed, and a `sagaflow bench` beside a
 //! running deployment disturbed it.
 //!
-//! The same table keeps the mark of a pair of databases (`pair_mark`): `sagaflow dev`'s engine
-//! file and services' file.
+//! The same table keeps the mark of a set of databases that belong together (`pair_mark`):
+//! `sagaflow dev`'s engine file and its services' files.
 //!
 //! The table (`sagaflow_deployment`) comes from the engine's migration 0006 and the workers'
 //! 0106: a workers' database may be a database of its own. Migrate first.
@@ -46,9 +46,10 @@ impl Store {
         Ok(row.map(|r| r.try_get("value")).transpose()?)
     }
 
-    /// The mark of the pair of databases this one belongs to, if it has one (`sagaflow dev`
-    /// writes the same random mark into its engine's file and its services' file, so that it
-    /// can tell a pair from two files of different runs).
+    /// The mark of the set of databases this one belongs to, if it has one (`sagaflow dev`
+    /// writes one random mark into its engine's file, and it with the service's name after it
+    /// into each service's file, so that it can tell a set from files of different runs or a
+    /// file taken for another service's).
     pub async fn pair_mark(&self) -> Result<Option<String>, StoreError> {
         let row = sqlx::query("SELECT value FROM sagaflow_deployment WHERE key = 'pair'")
             .fetch_optional(&self.pool)

@@ -1631,14 +1631,16 @@ pub async fn check(
     }
 }
 
-/// Whether the services' tables in this database hold any row: a run's barrier records, or
-/// what `sagaflow dev` seeds before its first saga (accounts, coupons, campaigns: a file of one
-/// service's holds only that service's). (Migrate first.)
+/// Whether the services' tables in this database hold any row: a run's barrier records, its
+/// effects, or what `sagaflow dev` seeds before its first saga (accounts, coupons, campaigns;
+/// a file of one service's holds only that service's). (Migrate first.)
 pub async fn hold_rows(conn: &mut sqlx::AnyConnection) -> Result<bool, sqlx::Error> {
     let row = sqlx::query(
         "SELECT 1 AS held WHERE EXISTS (SELECT 1 FROM barrier) \
-         OR EXISTS (SELECT 1 FROM payment_accounts) OR EXISTS (SELECT 1 FROM coupons) \
-         OR EXISTS (SELECT 1 FROM campaign_gmv)",
+         OR EXISTS (SELECT 1 FROM payment_accounts) OR EXISTS (SELECT 1 FROM payment_ledger) \
+         OR EXISTS (SELECT 1 FROM coupons) OR EXISTS (SELECT 1 FROM coupon_ledger) \
+         OR EXISTS (SELECT 1 FROM points_balances) OR EXISTS (SELECT 1 FROM points_ledger) \
+         OR EXISTS (SELECT 1 FROM campaign_gmv) OR EXISTS (SELECT 1 FROM gmv_ledger)",
     )
     .fetch_optional(&mut *conn)
     .await?;
