@@ -119,6 +119,20 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         None => Some(Files::of(&args.db, args.services_db.as_deref())?),
     };
     let store = Store::connect_engine(&url, 16).await?;
+    // Before anything is written to it: a file of a `sagaflow dev` set that is not an engine's
+    // to run this way is refused (the table may not exist yet: no mark then).
+    match (store.pair_mark().await.ok().flatten(), &files) {
+        (Some(mark), Some(_)) if mark.contains('/') => bail!(
+            "{} is a service's file of a sagaflow dev set (its mark says `{}`), not an engine's: give the engine's file with --db",
+            args.db.display(),
+            mark.rsplit('/').next().unwrap_or_default()
+        ),
+        (Some(_), None) => bail!(
+            "{} is the engine's file of a sagaflow dev set whose services have files of their own: run it with --db, not --database-url (its sagas would run against empty services' tables)",
+            sagaflow_engine::redact::redact_url(&url)
+        ),
+        _ => {}
+    }
     store.migrate(&[ENGINE_MIGRATIONS]).await?;
     let (svc, svc_shown) = match &files {
         None => {
@@ -428,13 +442,14 @@ impl Files {
             })
             .collect();
         let engine = plain_path(db);
-        if plain_path(&services) == engine {
+        let engine_at = resolved(db);
+        if resolved(&services) == engine_at {
             bail!(
                 "--services-db names the engine's own file {}: give the services a file of their own",
                 db.display()
             );
         }
-        if let Some((service, path, _)) = each.iter().find(|(_, p, _)| plain_path(p) == engine) {
+        if let Some((service, path, _)) = each.iter().find(|(_, p, _)| resolved(p) == engine_at) {
             bail!(
                 "the {service} service's file, named from the services' name {} (`--services-db`), would be the engine's own file {}: give the services another name",
                 services.display(),
@@ -531,7 +546,13 @@ impl Files {
         };
         let mark = store.pair_mark().await?;
         let existing = self.existing();
-        let inside = mark.is_none() && services_inside(store).await?;
+        let inside = services_inside(store).await?;
+        if inside && mark.is_some() {
+            bail!(
+                "{engine} was run with the services' database {shown}, yet it holds services' rows inside (was it run with --database-url?): its sagas' effects are not all in one place, so it cannot be resumed; {}",
+                afresh()
+            );
+        }
         if existing.is_empty() {
             if mark.is_some() {
                 bail!(
@@ -588,34 +609,49 @@ impl Files {
         let mut opened = Vec::with_capacity(self.each.len());
         let mut odd = Vec::new();
         let mut holding = false;
+        // Whether every file there could start a new set: unmarked, or marked for its own service
+        // by a first run that stopped before the engine's mark.
+        let mut unclaimed = true;
         for (service, path) in there {
             let svc = Store::connect(&path.display().to_string(), 1).await?;
+            if is_engines(&svc).await {
+                bail!(
+                    "{} is an engine's database, not a services' file: give the services another name with --services-db",
+                    path.display()
+                );
+            }
             svc.migrate(&[services::MIGRATIONS]).await?;
+            let found = svc.pair_mark().await?;
             let expected = mark.as_deref().map(|m| self.mark_of(m, service));
-            if svc.pair_mark().await? != expected {
+            if found != expected {
                 odd.push(path);
             }
+            unclaimed &= match &found {
+                None => true,
+                Some(m) => self.one_file || m.ends_with(&format!("/{service}")),
+            };
             holding |= services_inside(&svc).await?;
             opened.push((service, svc));
         }
         let paired = mark.is_some() && odd.is_empty();
         // A new set, or one whose first run stopped between the marks: only while the services'
         // files hold nothing yet.
-        let fresh = mark.is_none() && !holding;
+        let fresh = mark.is_none() && !holding && unclaimed;
         if !paired && !fresh {
+            let named = if odd.is_empty() { self.existing() } else { odd };
+            let one = named.len() == 1;
+            if mark.is_none() {
+                bail!(
+                    "{engine} and {shown} do not belong together: {engine} never ran with services' files, and {} {} a run's data or another set's mark: {}",
+                    list_and(&named),
+                    if one { "holds" } else { "hold" },
+                    afresh()
+                );
+            }
             bail!(
-                "{engine} and {shown} do not belong together: {} {} not carry the mark of {engine}'s run{}: {}, or {}",
-                if odd.is_empty() {
-                    list_and(&self.existing())
-                } else {
-                    list_and(&odd)
-                },
-                if odd.len() == 1 { "does" } else { "do" },
-                if mark.is_none() {
-                    " (it has none: it never ran with services' files)"
-                } else {
-                    " (written by another run, or for another service)"
-                },
+                "{engine} and {shown} do not belong together: {} {} not carry the mark of {engine}'s run (written by another run, or for another service): {}, or {}",
+                list_and(&named),
+                if one { "does" } else { "do" },
                 by_name(),
                 afresh()
             );
@@ -673,6 +709,32 @@ impl ServiceStores {
             ServiceStores::Each(each) => each.iter().map(|(name, s)| (s, vec![*name])).collect(),
         }
     }
+}
+
+/// A path as the file system has it (`./x.db`, `sqlite://x.db`, a symlink and `x.db` alike),
+/// to tell whether two names are one file: the file itself when it exists, else its directory.
+fn resolved(path: &Path) -> PathBuf {
+    let plain = plain_path(path);
+    if let Ok(real) = plain.canonicalize() {
+        return real;
+    }
+    let dir = match plain.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    match (dir.canonicalize(), plain.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => plain,
+    }
+}
+
+/// Whether this database has the engine's tables (a services' file never has).
+async fn is_engines(store: &Store) -> bool {
+    let (first, ..) = ENGINE_MIGRATIONS[0];
+    store
+        .applied_migrations()
+        .await
+        .is_ok_and(|applied| applied.iter().any(|m| m == first))
 }
 
 /// `a`, `a and b`, `a, b and c`.

@@ -256,6 +256,46 @@ fn files_of_two_runs_are_not_taken_for_a_pair() {
         "names the payment service's file",
     );
 
+    // The engine's own file, spelled otherwise, as the services': refused.
+    refused(
+        &dir,
+        &["dev", "--db", "a.db", "--services-db", "./a.db"],
+        "--services-db names the engine's own file a.db",
+    );
+    // Another set's engine as an engine's services' file: refused, and that set still runs.
+    ok(&dir, &["dev", "--db", "c.db", "--orders", "1"]);
+    refused(
+        &dir,
+        &[
+            "dev",
+            "--db",
+            "c.db",
+            "--services-db",
+            "b.db",
+            "--orders",
+            "1",
+        ],
+        "b.db is an engine's database, not a services' file",
+    );
+    let t = ok(&dir, &["dev", "--db", "b.db", "--orders", "1"]);
+    assert!(t.contains("all sagas in db: 6 (6 completed)"), "{t}");
+    // A service's file as the engine's: refused before anything is written to it.
+    refused(
+        &dir,
+        &["dev", "--db", "b.services.gmv.db", "--orders", "1"],
+        "b.services.gmv.db is a service's file of a sagaflow dev set (its mark says `gmv`)",
+    );
+    // A set's engine run with --database-url (its services' tables would be the empty ones
+    // inside it): refused.
+    let url = format!("sqlite://{}", dir.path("b.db").display());
+    refused(
+        &dir,
+        &["dev", "--database-url", &url, "--orders", "1"],
+        "is the engine's file of a sagaflow dev set",
+    );
+    let t = ok(&dir, &["dev", "--db", "b.db", "--orders", "1"]);
+    assert!(t.contains("all sagas in db: 7 (7 completed)"), "{t}");
+
     // The engine's own file as the services': refused.
     refused(
         &dir,
