@@ -184,7 +184,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     };
     let mut workers = Vec::new();
     for service in services::SERVICES {
-        let w = services::worker(service, svc.of(service).pool().clone(), transport.clone())
+        let pool = svc
+            .of(service)
+            .with_context(|| format!("no database was opened for the service `{service}`"))?
+            .pool()
+            .clone();
+        let w = services::worker(service, pool, transport.clone())
             .context("a shipped service has no worker")?
             .with_faults(faults_of(service));
         workers.push(w);
@@ -613,14 +618,7 @@ impl Files {
         // by a first run that stopped before the engine's mark.
         let mut unclaimed = true;
         for (service, path) in there {
-            let svc = Store::connect(&path.display().to_string(), 1).await?;
-            if is_engines(&svc).await {
-                bail!(
-                    "{} is an engine's database, not a services' file: give the services another name with --services-db",
-                    path.display()
-                );
-            }
-            svc.migrate(&[services::MIGRATIONS]).await?;
+            let svc = open_services_file(path).await?;
             let found = svc.pair_mark().await?;
             let expected = mark.as_deref().map(|m| self.mark_of(m, service));
             if found != expected {
@@ -662,9 +660,7 @@ impl Files {
             .filter(|(_, _, existed)| !existed && !self.one_file)
             .map(|(s, p, _)| (*s, p))
         {
-            let svc = Store::connect(&path.display().to_string(), 1).await?;
-            svc.migrate(&[services::MIGRATIONS]).await?;
-            opened.push((service, svc));
+            opened.push((service, open_services_file(path).await?));
         }
         if !paired {
             let new = uuid::Uuid::now_v7().simple().to_string();
@@ -692,13 +688,13 @@ enum ServiceStores {
 
 impl ServiceStores {
     /// The store `service`'s worker writes to.
-    fn of(&self, service: &str) -> &Store {
+    fn of(&self, service: &str) -> Option<&Store> {
         match self {
-            ServiceStores::One(s) => s,
+            ServiceStores::One(s) => Some(s),
             ServiceStores::Each(each) => each
                 .iter()
                 .find(|(name, _)| *name == service)
-                .map_or_else(|| &each[0].1, |(_, s)| s),
+                .map(|(_, s)| s),
         }
     }
 
@@ -726,6 +722,20 @@ fn resolved(path: &Path) -> PathBuf {
         (Ok(dir), Some(name)) => dir.join(name),
         _ => plain,
     }
+}
+
+/// A services' file, opened (made if missing) with the services' tables; an engine's database
+/// is refused before anything is written to it.
+async fn open_services_file(path: &Path) -> anyhow::Result<Store> {
+    let svc = Store::connect(&path.display().to_string(), 1).await?;
+    if is_engines(&svc).await {
+        bail!(
+            "{} is an engine's database, not a services' file: give the services another name with --services-db",
+            path.display()
+        );
+    }
+    svc.migrate(&[services::MIGRATIONS]).await?;
+    Ok(svc)
 }
 
 /// Whether this database has the engine's tables (a services' file never has).

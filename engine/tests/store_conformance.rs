@@ -364,6 +364,15 @@ async fn queue(store: &Store, key: &str) -> Vec<String> {
         .collect()
 }
 
+/// The message ids of the outbox's rows, in queue order.
+async fn queued_messages(store: &Store) -> Vec<String> {
+    outbox_ids(store)
+        .await
+        .into_iter()
+        .map(|(_, m, _)| m)
+        .collect()
+}
+
 async fn outbox_ids(store: &Store) -> Vec<(i64, String, String)> {
     sqlx::query("SELECT id, message_id, payload FROM outbox ORDER BY id")
         .fetch_all(store.pool())
@@ -2082,11 +2091,7 @@ async fn write_changes_writes_every_table_in_order(store: Store) {
     );
     assert_eq!(kinds(&store, "s1").await, ["z-first", "a-second"]);
     assert_eq!(kinds(&store, "s2").await, ["only"]);
-    let queued: Vec<String> = outbox_ids(&store)
-        .await
-        .into_iter()
-        .map(|(_, m, _)| m)
-        .collect();
+    let queued = queued_messages(&store).await;
     assert_eq!(
         queued,
         ["m-unsent", "m-9", "m-1"],
@@ -2144,11 +2149,7 @@ async fn write_changes_with_a_stale_saga_writes_nothing(store: Store) {
     assert_eq!(load(&store, "fresh").await.version, 0);
     assert_eq!(load(&store, "stale").await.version, 2);
     assert!(kinds(&store, "fresh").await.is_empty());
-    let queued: Vec<String> = outbox_ids(&store)
-        .await
-        .into_iter()
-        .map(|(_, m, _)| m)
-        .collect();
+    let queued = queued_messages(&store).await;
     assert_eq!(
         queued,
         ["m-sent"],
