@@ -618,8 +618,13 @@ impl Engine {
             return false;
         }
         for c in &commands {
-            plan.outbox
-                .push(outbox_message(&w.graph, &w.row, c, self.handoff().active()));
+            plan.outbox.push(outbox_message(
+                &w.graph,
+                &w.row,
+                &w.state,
+                c,
+                self.handoff().active(),
+            ));
         }
         for t in &timers {
             let id = timer_id(saga_id, t);
@@ -720,14 +725,32 @@ struct Working {
 }
 
 impl Working {
-    fn loaded(row: SagaRow, graph: Arc<SagaGraph>) -> Working {
+    /// The row's state is moved into `state`, not copied: the row keeps the rest.
+    fn loaded(mut row: SagaRow, graph: Arc<SagaGraph>) -> Working {
         Working {
-            state: row.state.clone(),
+            state: std::mem::replace(&mut row.state, vacated()),
             row,
             graph,
             changes: 0,
             new: None,
         }
+    }
+}
+
+/// What is left where a state was moved out: nothing, and nothing allocated.
+fn vacated() -> SagaState {
+    SagaState {
+        status: machine::SagaStatus::Queued,
+        steps: Vec::new(),
+        input: Value::Null,
+        outputs: BTreeMap::new(),
+        attempts: Vec::new(),
+        last_errors: Vec::new(),
+        key_released: false,
+        retry_base: Vec::new(),
+        paused: None,
+        trace: None,
+        tracestate: None,
     }
 }
 
@@ -742,22 +765,24 @@ struct Plan {
 }
 
 impl Plan {
+    /// Writes the batch's changes. The sagas' states are moved into the write, not copied: a
+    /// plan is not decided on after it is written.
     async fn write(
-        &self,
+        &mut self,
         tx: &mut impl StoreTx,
         now: i64,
         sent: &[String],
     ) -> Result<(), StoreError> {
         let mut inserts = Vec::new();
         let mut writes = Vec::new();
-        for (id, w) in &self.sagas {
+        for (id, w) in &mut self.sagas {
             if let Some(idempotency_key) = &w.new {
                 inserts.push(NewSaga {
                     id: id.clone(),
                     name: w.row.name.clone(),
                     definition_hash: w.row.definition_hash.clone(),
                     sequence_key: w.row.sequence_key.clone(),
-                    state: w.state.clone(),
+                    state: std::mem::replace(&mut w.state, vacated()),
                     idempotency_key: idempotency_key.clone(),
                     version: w.changes,
                 });
@@ -766,7 +791,7 @@ impl Plan {
                     id: id.clone(),
                     expected_version: w.row.version,
                     changes: w.changes,
-                    state: w.state.clone(),
+                    state: std::mem::replace(&mut w.state, vacated()),
                 });
             }
         }
@@ -796,6 +821,7 @@ impl Plan {
 fn outbox_message(
     graph: &SagaGraph,
     saga: &SagaRow,
+    state: &SagaState,
     c: &machine::Command,
     handed_off: bool,
 ) -> OutboxMessage {
@@ -815,8 +841,7 @@ fn outbox_message(
         attempt: c.attempt,
         params: c.params.clone(),
     };
-    let (trace, state) = (&saga.state.trace, &saga.state.tracestate);
-    let carried = crate::trace::dispatch(trace.as_deref(), state.as_deref(), &msg);
+    let carried = crate::trace::dispatch(state.trace.as_deref(), state.tracestate.as_deref(), &msg);
     (msg.traceparent, msg.tracestate) = (carried.traceparent, carried.tracestate);
     OutboxMessage {
         message_id: msg.message_id(),

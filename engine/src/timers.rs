@@ -55,15 +55,11 @@ impl Engine {
         let now = now_ms();
         // Until this round has planned its next look, any timer committed meanwhile wakes it.
         self.plan_timer_check(i64::MAX);
-        let rows = self.store().next_timers(BATCH).await?;
+        let timers = self.store().due_timers(now, BATCH).await?;
+        let next_due = timers.next_at;
         let mut batch = Vec::new();
         let mut undecodable = Vec::new();
-        let mut next_due = None;
-        for r in rows {
-            if r.due_at > now {
-                next_due = Some(r.due_at);
-                break;
-            }
+        for r in timers.due {
             match r.event {
                 Some(event) => batch.push(Incoming {
                     saga_id: r.saga_id,

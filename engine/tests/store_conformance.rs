@@ -182,6 +182,7 @@ conformance!(
     outbox_handed_off_rows_wait_their_grace,
     outbox_claims_split_without_overlap,
     timers_claim_once_cancel_and_order,
+    due_timers_are_the_due_ones_and_the_next,
     keys_one_call_first_holds_second_queues,
     keys_held_earlier_queue_the_newcomer,
     keys_release_hands_over_in_arrival_order,
@@ -956,6 +957,58 @@ async fn outbox_claims_split_without_overlap(store: Store) {
     let mut all: Vec<String> = a.into_iter().chain(b).chain(claimed_ids(&rest)).collect();
     all.sort();
     assert_eq!(all, names, "every row claimed exactly once");
+}
+
+/// The timer loop's look: the due timers earliest first, at most the limit, with only their
+/// events read, and when the first one that is not due is due.
+async fn due_timers_are_the_due_ones_and_the_next(store: Store) {
+    let none = store.due_timers(NOW, 10).await.unwrap();
+    assert!(none.due.is_empty() && none.next_at.is_none(), "{none:?}");
+
+    let mut tx = store.begin().await.unwrap();
+    tx.set_timers(&[
+        timer("t-later", NOW + 500),
+        timer("t-due-2", NOW - 10),
+        timer("t-next", NOW + 50),
+        timer("t-due-1", NOW - 20),
+        timer("t-now", NOW),
+    ])
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    let look = store.due_timers(NOW, 10).await.unwrap();
+    let due: Vec<&str> = look.due.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(
+        due,
+        ["t-due-1", "t-due-2", "t-now"],
+        "due at NOW counts as due"
+    );
+    assert_eq!(look.due[0].saga_id, "s1");
+    assert_eq!(look.due[0].due_at, NOW - 20);
+    assert_eq!(look.due[0].event, Some(timer("x", 0).event));
+    assert_eq!(
+        look.next_at,
+        Some(NOW + 50),
+        "the earliest timer not due yet"
+    );
+
+    let limited = store.due_timers(NOW, 2).await.unwrap();
+    let due: Vec<&str> = limited.due.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(
+        due,
+        ["t-due-1", "t-due-2"],
+        "at most the limit, earliest first"
+    );
+    assert_eq!(limited.next_at, Some(NOW + 50));
+
+    let early = store.due_timers(NOW - 100, 10).await.unwrap();
+    assert!(early.due.is_empty(), "{early:?}");
+    assert_eq!(early.next_at, Some(NOW - 20));
+
+    let late = store.due_timers(NOW + 1_000, 10).await.unwrap();
+    assert_eq!(late.due.len(), 5);
+    assert_eq!(late.next_at, None, "nothing left that is not due");
 }
 
 async fn timers_claim_once_cancel_and_order(store: Store) {

@@ -139,6 +139,10 @@ pub struct Sql {
     pub lock_key: &'static str,
     pub claim_outbox: &'static str,
     pub next_timers: &'static str,
+    /// The due timers (`due_at <= $1`, at most `$2`, earliest first), then the earliest timer
+    /// that is not due yet, if any: the timer loop's one look (it fires the first and sleeps
+    /// until the second).
+    pub due_timers: &'static str,
     /// Retention ([`super::retention`]): the oldest sagas to purge (`$1` cutoff, `$2` limit).
     pub purge_candidates: &'static str,
     /// A batch of a saga set's rows (`$1` row limit, `$2` saga ids as a JSON array); the
@@ -570,6 +574,13 @@ impl Sql {
     }
 }
 
+/// [`Sql::due_timers`], one text for both dialects (a subquery each side of the `UNION ALL`:
+/// SQLite takes no `ORDER BY … LIMIT` on a compound's member itself).
+const DUE_TIMERS: &str = "SELECT id, saga_id, due_at, event FROM (SELECT id, saga_id, due_at, \
+    event FROM timers WHERE due_at <= $1 ORDER BY due_at LIMIT $2) AS due UNION ALL \
+    SELECT id, saga_id, due_at, event FROM (SELECT id, saga_id, due_at, event FROM timers \
+    WHERE due_at > $1 ORDER BY due_at LIMIT 1) AS later";
+
 pub const POSTGRES: Sql = Sql {
     postgres: true,
     lock_key: "SELECT holder FROM sequence_keys WHERE seq_key = $1 FOR UPDATE",
@@ -578,6 +589,7 @@ pub const POSTGRES: Sql = Sql {
         ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
         RETURNING id, message_id, destination, routing_key, payload",
     next_timers: "SELECT id, saga_id, due_at, event FROM timers ORDER BY due_at LIMIT $1",
+    due_timers: DUE_TIMERS,
     purge_candidates: "SELECT id FROM sagas WHERE purged_at IS NULL \
         AND status IN ('completed', 'compensated') AND finished_at < $1 \
         ORDER BY finished_at, id LIMIT $2",
@@ -600,6 +612,7 @@ pub const SQLITE: Sql = Sql {
         ORDER BY id LIMIT $3) \
         RETURNING id, message_id, destination, routing_key, payload",
     next_timers: "SELECT id, saga_id, due_at, event FROM timers ORDER BY due_at LIMIT $1",
+    due_timers: DUE_TIMERS,
     // Without statistics SQLite would rather walk `sagas_by_status` (every completed saga ever,
     // purged ones included) and sort: the partial index is named (an error if it no longer fits
     // the query, rather than a slow purge).

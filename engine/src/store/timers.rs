@@ -15,6 +15,15 @@ pub struct DueTimer {
     pub event: Option<Event>,
 }
 
+/// What the timer loop sees in one look: the due timers, and when the next one is due.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DueTimers {
+    /// Due now, earliest first (at most the limit asked for).
+    pub due: Vec<DueTimer>,
+    /// When the earliest timer that is not due yet is due, if there is one.
+    pub next_at: Option<i64>,
+}
+
 impl Store {
     /// The `limit` earliest timers, due or not (one statement: the loop fires the due ones and
     /// sleeps until the first that is not).
@@ -35,5 +44,35 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// The timers due at `now` (at most `limit`, earliest first) and when the next one is due,
+    /// in one statement. Only the due timers' events are decoded: the loop looks often, and
+    /// most of the timers it would otherwise read are step timeouts far ahead.
+    pub async fn due_timers(&self, now: i64, limit: usize) -> Result<DueTimers, StoreError> {
+        self.counters.statement();
+        let rows = sqlx::query(self.sql().due_timers)
+            .bind(now)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut found = DueTimers::default();
+        for r in &rows {
+            let due_at: i64 = r.try_get("due_at")?;
+            if due_at > now {
+                found.next_at = Some(found.next_at.map_or(due_at, |n: i64| n.min(due_at)));
+                continue;
+            }
+            let text: String = r.try_get("event")?;
+            found.due.push(DueTimer {
+                id: r.try_get("id")?,
+                saga_id: r.try_get("saga_id")?,
+                due_at,
+                event: serde_json::from_str(&text).ok(),
+            });
+        }
+        // A UNION ALL promises no order: the due ones are put back in theirs.
+        found.due.sort_by_key(|t| t.due_at);
+        Ok(found)
     }
 }
