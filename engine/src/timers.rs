@@ -76,6 +76,10 @@ impl Engine {
             let mut tx = self.store().begin().await?;
             tx.claim_timers(&undecodable).await?;
             tx.commit().await?;
+            if batch.is_empty() {
+                // More may be due behind them: look again at once rather than sleep.
+                return Ok(None);
+            }
         }
         if batch.is_empty() {
             let wait = next_due.map_or(IDLE_MS, |n| (n - now).clamp(1, IDLE_MS));

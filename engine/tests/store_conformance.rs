@@ -966,12 +966,14 @@ async fn due_timers_are_the_due_ones_and_the_next(store: Store) {
     assert!(none.due.is_empty() && none.next_at.is_none(), "{none:?}");
 
     let mut tx = store.begin().await.unwrap();
+    // The first two due rows inserted are not the two earliest: an order the statement
+    // forgot would show.
     tx.set_timers(&[
+        timer("t-now", NOW),
         timer("t-later", NOW + 500),
         timer("t-due-2", NOW - 10),
         timer("t-next", NOW + 50),
         timer("t-due-1", NOW - 20),
-        timer("t-now", NOW),
     ])
     .await
     .unwrap();
@@ -1009,6 +1011,20 @@ async fn due_timers_are_the_due_ones_and_the_next(store: Store) {
     let late = store.due_timers(NOW + 1_000, 10).await.unwrap();
     assert_eq!(late.due.len(), 5);
     assert_eq!(late.next_at, None, "nothing left that is not due");
+
+    // A due row whose event does not decode comes back without it (the loop deletes it), and
+    // the look does not fail.
+    sqlx::query(
+        "INSERT INTO timers (id, saga_id, due_at, event) VALUES ('t-bad', 's1', $1, 'not json')",
+    )
+    .bind(NOW - 30)
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let bad = store.due_timers(NOW, 10).await.unwrap();
+    assert_eq!(bad.due[0].id, "t-bad");
+    assert_eq!(bad.due[0].event, None);
+    assert_eq!(bad.due[1].event, Some(timer("x", 0).event));
 }
 
 async fn timers_claim_once_cancel_and_order(store: Store) {

@@ -25,8 +25,8 @@ pub struct DueTimers {
 }
 
 impl Store {
-    /// The `limit` earliest timers, due or not (one statement: the loop fires the due ones and
-    /// sleeps until the first that is not).
+    /// The `limit` earliest timers, due or not (for looking at them: the timer loop reads
+    /// [`Store::due_timers`]).
     pub async fn next_timers(&self, limit: usize) -> Result<Vec<DueTimer>, StoreError> {
         self.counters.statement();
         let rows = sqlx::query(self.sql().next_timers)
