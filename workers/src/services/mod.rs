@@ -1539,6 +1539,142 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// `0108_service_checks_without_lists` rebuilds the services' tables on SQLite with their
+    /// CHECKs spelled without `IN` lists: the rows and the index stay, every value the old
+    /// CHECKs admitted is admitted and every other refused, and no list is left.
+    #[tokio::test]
+    async fn services_checks_rebuilt_without_lists_keep_rows_and_refuse_the_same() {
+        use sagaflow_engine::store::Store;
+        let (last, ..) = MIGRATIONS[MIGRATIONS.len() - 1];
+        assert_eq!(last, "0108_service_checks_without_lists");
+        let dir = std::env::temp_dir().join(format!(
+            "sagaflow-service-checks-{}-{:08x}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::connect(&dir.join("services.db").display().to_string(), 1)
+            .await
+            .unwrap();
+        store
+            .migrate(&[&MIGRATIONS[..MIGRATIONS.len() - 1]])
+            .await
+            .unwrap();
+        let run = |sql: &'static str| {
+            let pool = store.pool().clone();
+            async move { sqlx::raw_sql(sql).execute(&pool).await.map(|_| ()) }
+        };
+        run(
+            "INSERT INTO payment_ledger VALUES ('s1', 'payment', 'charge', 'a1', 'o1', 500);
+             INSERT INTO coupons VALUES ('c1', 'u1', 'frozen', 's1', 'o1');
+             INSERT INTO coupons VALUES ('c2', 'u1', 'available', NULL, NULL);
+             INSERT INTO coupon_ledger VALUES ('s1', 'coupon', 'freeze', 'c1', 'o1');
+             INSERT INTO points_ledger VALUES ('s1', 'points', 'grant', 'u1', 5, NULL);
+             INSERT INTO gmv_ledger VALUES ('s1', 'gmv', 'add', 'spring', 500);",
+        )
+        .await
+        .unwrap();
+
+        store.migrate(&[MIGRATIONS]).await.unwrap();
+
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT kind || '/' || account || '/' || order_id, amount FROM payment_ledger \
+             UNION ALL SELECT state || '/' || coalesce(saga_id, '-'), 0 FROM coupons \
+             UNION ALL SELECT kind || '/' || coupon_id, 0 FROM coupon_ledger \
+             UNION ALL SELECT kind || '/' || user_id, delta FROM points_ledger \
+             UNION ALL SELECT kind || '/' || campaign_id, delta FROM gmv_ledger",
+        )
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+        let mut rows: Vec<String> = rows.into_iter().map(|(r, n)| format!("{r}:{n}")).collect();
+        rows.sort();
+        assert_eq!(
+            rows,
+            [
+                "add/spring:500",
+                "available/-:0",
+                "charge/a1/o1:500",
+                "freeze/c1:0",
+                "frozen/s1:0",
+                "grant/u1:5",
+            ],
+            "every row is kept"
+        );
+
+        // Every value the old CHECKs admitted still goes in…
+        for (table, kinds, row) in [
+            (
+                "payment_ledger",
+                &["charge", "charge_reversal", "refund"][..],
+                "'a1', 'o1', 1",
+            ),
+            (
+                "coupon_ledger",
+                &["freeze", "use", "unfreeze", "restore"][..],
+                "'c1', 'o1'",
+            ),
+            (
+                "points_ledger",
+                &["grant", "grant_reversal", "revoke", "revoke_reversal"][..],
+                "'u1', 1, NULL",
+            ),
+            (
+                "gmv_ledger",
+                &["add", "add_reversal", "subtract", "subtract_reversal"][..],
+                "'spring', 1",
+            ),
+        ] {
+            for kind in kinds {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO {table} VALUES ('s2', 'x', '{kind}', {row})"
+                )))
+                .execute(store.pool())
+                .await
+                .unwrap_or_else(|e| panic!("{table} refused {kind}: {e}"));
+            }
+            // … and no other.
+            let refused = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO {table} VALUES ('s3', 'x', 'bogus', {row})"
+            )))
+            .execute(store.pool())
+            .await
+            .expect_err("an unknown kind");
+            assert!(refused.to_string().contains("CHECK"), "{table}: {refused}");
+        }
+        run("INSERT INTO coupons VALUES ('c3', 'u1', 'used', 's2', 'o2')")
+            .await
+            .unwrap();
+        for bad in [
+            "INSERT INTO coupons VALUES ('c4', 'u1', 'lost', 's2', 'o2')",
+            // The table's own CHECK: only an available coupon has no holder.
+            "INSERT INTO coupons VALUES ('c5', 'u1', 'available', 's2', 'o2')",
+            "INSERT INTO payment_ledger VALUES ('s4', 'payment', 'charge', 'a1', 'o1', -1)",
+        ] {
+            let refused = run(bad).await.expect_err(bad);
+            assert!(refused.to_string().contains("CHECK"), "{bad}: {refused}");
+        }
+
+        let index: Option<String> = sqlx::query_scalar(
+            "SELECT tbl_name FROM sqlite_master WHERE type = 'index' AND name = 'payment_ledger_order'",
+        )
+        .fetch_optional(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(index.as_deref(), Some("payment_ledger"));
+        let lists: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND sql LIKE '% IN (%' \
+             AND name IN ('payment_ledger', 'coupons', 'coupon_ledger', 'points_ledger', \
+             'gmv_ledger')",
+        )
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(lists, Vec::<String>::new());
+        store.pool().close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn money_formats_cents() {
         assert_eq!(money(12990), "129.90");
@@ -1575,6 +1711,11 @@ pub const MIGRATIONS: sagaflow_engine::store::Migrations = &[
     ),
     crate::barrier::BARRIER_RETENTION,
     crate::barrier::DEPLOYMENT,
+    (
+        "0108_service_checks_without_lists",
+        include_str!("../../../migrations/sqlite/0108_service_checks_without_lists.sql"),
+        include_str!("../../../migrations/postgres/0108_service_checks_without_lists.sql"),
+    ),
 ];
 
 /// The worker for `service` with all its handlers registered, or None for an unknown service.
