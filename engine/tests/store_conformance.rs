@@ -2313,3 +2313,133 @@ async fn two_stores_migrating_one_fresh_sqlite_file_take_turns() {
         drop(guard);
     }
 }
+
+/// `0011_status_check_without_list` rebuilds `sagas` on SQLite with its status CHECK spelled
+/// without an `IN` list: the rows and every index stay (retention's look-up still names
+/// `sagas_to_purge`), every status is admitted and any other refused, and no list is left.
+#[tokio::test]
+async fn sqlite_sagas_rebuilt_without_a_status_list_keep_rows_and_indexes() {
+    let (last, ..) = ENGINE_MIGRATIONS[ENGINE_MIGRATIONS.len() - 1];
+    assert_eq!(last, "0011_status_check_without_list");
+    let dir = std::env::temp_dir().join(format!(
+        "sagaflow-conf-status-check-{}-{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let guard = Guard::Dir(dir.clone());
+    let url = format!("sqlite://{}?mode=rwc", dir.join("test.db").display());
+    let store = Store::connect(&url, 1).await.expect("open SQLite");
+    store
+        .migrate(&[&ENGINE_MIGRATIONS[..ENGINE_MIGRATIONS.len() - 1]])
+        .await
+        .expect("the migrations before");
+    let run = |sql: String| {
+        let pool = store.pool().clone();
+        async move {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&pool)
+                .await
+                .map(|_| ())
+        }
+    };
+    let saga = |id: &str, status: &str, key: &str, finished: &str| {
+        format!(
+            "INSERT INTO sagas (id, name, definition_hash, sequence_key, status, state, version, \
+             idempotency_key, created_at, updated_at, finished_at, purged_at) VALUES ('{id}', \
+             'order', 'h1', 'o-{id}', '{status}', '{{}}', 3, {key}, 10, 20, {finished}, NULL)"
+        )
+    };
+    run(
+        "INSERT INTO saga_definitions (hash, name, version, source, created_at) \
+         VALUES ('h1', 'order', 1, 'name: order', 1)"
+            .to_owned(),
+    )
+    .await
+    .expect("a definition");
+    run(saga("s1", "running", "'k1'", "NULL"))
+        .await
+        .expect("a running saga");
+    run(saga("s2", "completed", "NULL", "30"))
+        .await
+        .expect("a finished saga");
+
+    store
+        .migrate(&[ENGINE_MIGRATIONS])
+        .await
+        .expect("the rebuild");
+
+    // id, status, version, idempotency key, finished at.
+    type Kept = (String, String, i64, Option<String>, Option<i64>);
+    let rows: Vec<Kept> = sqlx::query_as(
+        "SELECT id, status, version, idempotency_key, finished_at FROM sagas ORDER BY id",
+    )
+    .fetch_all(store.pool())
+    .await
+    .expect("rows");
+    assert_eq!(
+        rows,
+        [
+            ("s1".into(), "running".into(), 3, Some("k1".into()), None),
+            ("s2".into(), "completed".into(), 3, None, Some(30)),
+        ]
+    );
+    let mut indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'sagas'",
+    )
+    .fetch_all(store.pool())
+    .await
+    .expect("indexes");
+    indexes.sort();
+    assert_eq!(
+        indexes,
+        [
+            "sagas_by_key",
+            "sagas_by_status",
+            "sagas_to_purge",
+            "sagas_unfinished",
+            // The primary key's and the idempotency key's.
+            "sqlite_autoindex_sagas_1",
+            "sqlite_autoindex_sagas_2",
+        ]
+    );
+    let purgeable: Vec<String> =
+        sqlx::query_scalar(sagaflow_engine::store::sql::SQLITE.purge_candidates)
+            .bind(100_i64)
+            .bind(10_i64)
+            .fetch_all(store.pool())
+            .await
+            .expect("retention's look-up, by its named index");
+    assert_eq!(purgeable, ["s2"]);
+    for (i, status) in [
+        "queued",
+        "running",
+        "compensating",
+        "completed",
+        "compensated",
+        "failed",
+    ]
+    .iter()
+    .enumerate()
+    {
+        run(saga(&format!("n{i}"), status, "NULL", "NULL"))
+            .await
+            .unwrap_or_else(|e| panic!("{status} refused: {e}"));
+    }
+    let refused = run(saga("bad", "bogus", "NULL", "NULL"))
+        .await
+        .expect_err("an unknown status");
+    assert!(refused.to_string().contains("CHECK"), "{refused}");
+    let duplicate = run(saga("dup", "running", "'k1'", "NULL"))
+        .await
+        .expect_err("an idempotency key twice");
+    assert!(duplicate.to_string().contains("UNIQUE"), "{duplicate}");
+    let table: String =
+        sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'sagas'")
+            .fetch_one(store.pool())
+            .await
+            .expect("the table");
+    assert!(!table.contains(" IN ("), "{table}");
+    store.pool().close().await;
+    drop(guard);
+}

@@ -57,13 +57,16 @@
 //!
 //! [`MIGRATIONS`] (also [`crate::BARRIER_MIGRATIONS`]) is what the SDK needs in a worker's
 //! database and nothing else: `0100_barrier` (the table), `0105_barrier_retention` (the index
-//! [`purge`] reads) and `0106_deployment` (the `sagaflow_deployment` row that
-//! `Store::bind_prefix` keeps: one database, one deployment). Apply it with your own table's
+//! [`purge`] reads), `0106_deployment` (the `sagaflow_deployment` row that
+//! `Store::bind_prefix` keeps: one database, one deployment) and
+//! `0107_barrier_check_without_list` (on SQLite the table rebuilt with its `op` CHECK spelled
+//! with `=` and `OR`: SQLite builds a temporary b-tree for a CHECK's list of three or more
+//! values at every row written; nothing on PostgreSQL). Apply it with your own table's
 //! migrations after it, `store.migrate(&[BARRIER_MIGRATIONS, YOURS])`. The same SQL, one file per
-//! dialect, is in `migrations/{postgres,sqlite}/0100_barrier.sql`, `0105_barrier_retention.sql`
-//! and `0106_deployment.sql` for a migration tool of your own (every statement is `IF NOT
-//! EXISTS`, so a later `Store::migrate` over them changes nothing). The demo services' set
-//! ([`crate::services::MIGRATIONS`]) holds these same three entries under the same names: a
+//! dialect, is in `migrations/{postgres,sqlite}/` under those names for a migration tool of your
+//! own (the first three are `IF NOT EXISTS`, so a later `Store::migrate` over them changes
+//! nothing; the fourth rebuilds the table again if run again). The demo services' set
+//! ([`crate::services::MIGRATIONS`]) holds these same four entries under the same names: a
 //! database migrated with that set takes this one without running anything again, and the
 //! other way round only the demo services' tables are added.
 
@@ -104,10 +107,19 @@ pub(crate) const DEPLOYMENT: Migration = (
     include_str!("../../migrations/postgres/0106_deployment.sql"),
 );
 
+/// The barrier's `op` CHECK without an `IN` list: a table rebuild on SQLite (which builds a
+/// temporary b-tree for such a list at every row written), nothing on PostgreSQL.
+pub(crate) const BARRIER_CHECK: Migration = (
+    "0107_barrier_check_without_list",
+    include_str!("../../migrations/sqlite/0107_barrier_check_without_list.sql"),
+    include_str!("../../migrations/postgres/0107_barrier_check_without_list.sql"),
+);
+
 /// The SDK's tables in a worker's database, without any service's (see the module docs,
-/// "Schema"): the barrier, its retention index, and the deployment binding.
+/// "Schema"): the barrier, its retention index, the deployment binding, and the barrier's
+/// CHECK without a list.
 pub const MIGRATIONS: sagaflow_engine::store::Migrations =
-    &[BARRIER_TABLE, BARRIER_RETENTION, DEPLOYMENT];
+    &[BARRIER_TABLE, BARRIER_RETENTION, DEPLOYMENT, BARRIER_CHECK];
 
 /// The handler for one step kind, as the runtime looks it up.
 #[derive(Clone)]

@@ -173,6 +173,11 @@ pub const ENGINE_MIGRATIONS: Migrations = &[
         include_str!("../../../migrations/sqlite/0010_timeline_by_batch.sql"),
         include_str!("../../../migrations/postgres/0010_timeline_by_batch.sql"),
     ),
+    (
+        "0011_status_check_without_list",
+        include_str!("../../../migrations/sqlite/0011_status_check_without_list.sql"),
+        include_str!("../../../migrations/postgres/0011_status_check_without_list.sql"),
+    ),
 ];
 
 #[derive(Debug, Clone)]

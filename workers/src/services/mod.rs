@@ -1539,11 +1539,12 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// `0108_service_checks_without_lists` rebuilds the services' tables on SQLite with their
-    /// CHECKs spelled without `IN` lists: the rows and the index stay, every value the old
-    /// CHECKs admitted is admitted and every other refused, and no list is left.
+    /// `0107_barrier_check_without_list` and `0108_service_checks_without_lists` rebuild the
+    /// barrier's and the services' tables on SQLite with their CHECKs spelled without `IN`
+    /// lists: the rows and the indexes stay, every value the old CHECKs admitted is admitted
+    /// and every other refused, and no list is left.
     #[tokio::test]
-    async fn services_checks_rebuilt_without_lists_keep_rows_and_refuse_the_same() {
+    async fn checks_rebuilt_without_lists_keep_rows_and_refuse_the_same() {
         use sagaflow_engine::store::Store;
         let (last, ..) = MIGRATIONS[MIGRATIONS.len() - 1];
         assert_eq!(last, "0108_service_checks_without_lists");
@@ -1556,8 +1557,13 @@ mod tests {
         let store = Store::connect(&dir.join("services.db").display().to_string(), 1)
             .await
             .unwrap();
+        let (before, ..) = MIGRATIONS[MIGRATIONS.len() - 3];
+        assert_eq!(
+            before, "0106_deployment",
+            "the last before the two rebuilds"
+        );
         store
-            .migrate(&[&MIGRATIONS[..MIGRATIONS.len() - 1]])
+            .migrate(&[&MIGRATIONS[..MIGRATIONS.len() - 2]])
             .await
             .unwrap();
         let run = |sql: &'static str| {
@@ -1570,7 +1576,8 @@ mod tests {
              INSERT INTO coupons VALUES ('c2', 'u1', 'available', NULL, NULL);
              INSERT INTO coupon_ledger VALUES ('s1', 'coupon', 'freeze', 'c1', 'o1');
              INSERT INTO points_ledger VALUES ('s1', 'points', 'grant', 'u1', 5, NULL);
-             INSERT INTO gmv_ledger VALUES ('s1', 'gmv', 'add', 'spring', 500);",
+             INSERT INTO gmv_ledger VALUES ('s1', 'gmv', 'add', 'spring', 500);
+             INSERT INTO barrier VALUES ('s1', 'payment', 'action', '{}', 7);",
         )
         .await
         .unwrap();
@@ -1582,7 +1589,8 @@ mod tests {
              UNION ALL SELECT state || '/' || coalesce(saga_id, '-'), 0 FROM coupons \
              UNION ALL SELECT kind || '/' || coupon_id, 0 FROM coupon_ledger \
              UNION ALL SELECT kind || '/' || user_id, delta FROM points_ledger \
-             UNION ALL SELECT kind || '/' || campaign_id, delta FROM gmv_ledger",
+             UNION ALL SELECT kind || '/' || campaign_id, delta FROM gmv_ledger \
+             UNION ALL SELECT op || '/' || step || '/' || outcome, created_at FROM barrier",
         )
         .fetch_all(store.pool())
         .await
@@ -1592,6 +1600,7 @@ mod tests {
         assert_eq!(
             rows,
             [
+                "action/payment/{}:7",
                 "add/spring:500",
                 "available/-:0",
                 "charge/a1/o1:500",
@@ -1604,6 +1613,11 @@ mod tests {
 
         // Every value the old CHECKs admitted still goes in…
         for (table, kinds, row) in [
+            (
+                "barrier",
+                &["action", "compensate", "try", "confirm", "cancel"][..],
+                "'{}', 1",
+            ),
             (
                 "payment_ledger",
                 &["charge", "charge_reversal", "refund"][..],
@@ -1655,17 +1669,26 @@ mod tests {
             assert!(refused.to_string().contains("CHECK"), "{bad}: {refused}");
         }
 
-        let index: Option<String> = sqlx::query_scalar(
-            "SELECT tbl_name FROM sqlite_master WHERE type = 'index' AND name = 'payment_ledger_order'",
+        let mut indexes: Vec<(String, String)> = sqlx::query_as(
+            "SELECT name, tbl_name FROM sqlite_master WHERE type = 'index' \
+             AND name IN ('payment_ledger_order', 'barrier_by_age')",
         )
-        .fetch_optional(store.pool())
+        .fetch_all(store.pool())
         .await
         .unwrap();
-        assert_eq!(index.as_deref(), Some("payment_ledger"));
+        indexes.sort();
+        let named = |i: &str, t: &str| (i.to_owned(), t.to_owned());
+        assert_eq!(
+            indexes,
+            [
+                named("barrier_by_age", "barrier"),
+                named("payment_ledger_order", "payment_ledger")
+            ]
+        );
         let lists: Vec<String> = sqlx::query_scalar(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND sql LIKE '% IN (%' \
-             AND name IN ('payment_ledger', 'coupons', 'coupon_ledger', 'points_ledger', \
-             'gmv_ledger')",
+             AND name IN ('barrier', 'payment_ledger', 'coupons', 'coupon_ledger', \
+             'points_ledger', 'gmv_ledger')",
         )
         .fetch_all(store.pool())
         .await
@@ -1711,6 +1734,7 @@ pub const MIGRATIONS: sagaflow_engine::store::Migrations = &[
     ),
     crate::barrier::BARRIER_RETENTION,
     crate::barrier::DEPLOYMENT,
+    crate::barrier::BARRIER_CHECK,
     (
         "0108_service_checks_without_lists",
         include_str!("../../../migrations/sqlite/0108_service_checks_without_lists.sql"),
