@@ -2411,17 +2411,8 @@ async fn sqlite_sagas_rebuilt_without_a_status_list_keep_rows_and_indexes() {
             .await
             .expect("retention's look-up, by its named index");
     assert_eq!(purgeable, ["s2"]);
-    for (i, status) in [
-        "queued",
-        "running",
-        "compensating",
-        "completed",
-        "compensated",
-        "failed",
-    ]
-    .iter()
-    .enumerate()
-    {
+    // Every status the machine names.
+    for (i, status) in SagaStatus::NAMES.iter().enumerate() {
         run(saga(&format!("n{i}"), status, "NULL", "NULL"))
             .await
             .unwrap_or_else(|e| panic!("{status} refused: {e}"));
