@@ -2363,11 +2363,20 @@ async fn sqlite_sagas_rebuilt_without_a_status_list_keep_rows_and_indexes() {
     run(saga("s2", "completed", "NULL", "30"))
         .await
         .expect("a finished saga");
+    let snapshot = || sagaflow_engine::store::sqlite_table_snapshot(store.pool(), "sagas");
+    let before = snapshot().await.expect("the table before");
 
     store
         .migrate(&[ENGINE_MIGRATIONS])
         .await
         .expect("the rebuild");
+
+    // Every column, index, foreign key and row as it was (the CHECK is in the table's SQL).
+    assert_eq!(snapshot().await.expect("the table after"), before);
+    assert!(
+        before.iter().any(|l| l.starts_with("row 's2'")),
+        "{before:?}"
+    );
 
     // id, status, version, idempotency key, finished at.
     type Kept = (String, String, i64, Option<String>, Option<i64>);

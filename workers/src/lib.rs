@@ -23,8 +23,11 @@ pub mod services;
 pub mod weak;
 
 /// The SDK's tables in a worker's database, without the demo services': the barrier
-/// (`0100_barrier`), its retention index (`0105_barrier_retention`) and the deployment binding
-/// (`0106_deployment`). Apply it before your own tables:
+/// (`0100_barrier`), its retention index (`0105_barrier_retention`), the deployment binding
+/// (`0106_deployment`) and, on SQLite, the barrier rebuilt with its CHECK spelled without an
+/// `IN` list (`0107_barrier_check_without_list`; an index or trigger of your own on `barrier`
+/// must be made again after it, and a view of your own over it dropped before it, or the
+/// migration fails naming it). Apply it before your own tables:
 /// `store.migrate(&[sagaflow_workers::BARRIER_MIGRATIONS, MY_MIGRATIONS])`. The SQL is also in
 /// `migrations/{postgres,sqlite}/` under those names, for a migration tool of your own.
 pub use barrier::MIGRATIONS as BARRIER_MIGRATIONS;

@@ -482,8 +482,9 @@ impl Store {
                     continue;
                 }
                 sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(failed)?;
-                // ON CONFLICT: another process may have applied it concurrently (same SQL,
-                // idempotent thanks to IF NOT EXISTS).
+                // ON CONFLICT: belt and braces; the look-up inside the transaction (SQLite's
+                // IMMEDIATE, PostgreSQL's advisory lock) already keeps a second process from
+                // applying it again (which matters: a SQLite table rebuild is not IF NOT EXISTS).
                 sqlx::query("INSERT INTO schema_migrations (name, applied_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
                     .bind(*name)
                     .bind(now_ms())
@@ -572,4 +573,58 @@ pub fn step_status_name(s: &StepStatus) -> String {
         StepStatus::Compensated => "compensated".into(),
         StepStatus::Stuck { op, .. } => format!("{op}: stuck"),
     }
+}
+
+/// What a SQLite table is, as lines to compare: its columns (name, type, NOT NULL, default,
+/// key), its indexes (name, SQL, indexed columns), its foreign keys and all its rows, each
+/// list sorted. For checking that a migration which rebuilds a table kept all of it (the
+/// CHECKs aside: they are in the table's SQL, which a rebuild changes on purpose).
+#[doc(hidden)]
+pub async fn sqlite_table_snapshot(pool: &AnyPool, table: &str) -> Result<Vec<String>, StoreError> {
+    let lines = |sql: String| async move {
+        sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql))
+            .bind(table)
+            .fetch_all(pool)
+            .await
+    };
+    let columns = lines(
+        "SELECT name || ' ' || type || ' notnull=' || \"notnull\" || ' default=' || \
+         coalesce(dflt_value, '-') || ' pk=' || pk FROM pragma_table_xinfo($1) ORDER BY cid"
+            .to_owned(),
+    )
+    .await?;
+    let mut all: Vec<String> = columns.iter().map(|c| format!("column {c}")).collect();
+    for index in lines(
+        "SELECT m.name || ' ' || coalesce(m.sql, '-') || ' on ' || (SELECT group_concat( \
+         coalesce(x.name, '?') || ':' || x.\"desc\" || ':' || x.\"key\", ',') FROM \
+         pragma_index_xinfo(m.name) x) FROM sqlite_master m WHERE m.type = 'index' \
+         AND m.tbl_name = $1 ORDER BY m.name"
+            .to_owned(),
+    )
+    .await?
+    {
+        all.push(format!("index {index}"));
+    }
+    for fk in lines(
+        "SELECT \"from\" || ' -> ' || \"table\" || '(' || coalesce(\"to\", '') || ')' FROM \
+         pragma_foreign_key_list($1) ORDER BY id, seq"
+            .to_owned(),
+    )
+    .await?
+    {
+        all.push(format!("foreign key {fk}"));
+    }
+    let names: Vec<String> = columns
+        .iter()
+        .filter_map(|c| c.split(' ').next())
+        .map(|n| format!("quote(\"{n}\")"))
+        .collect();
+    let mut rows = lines(format!(
+        "SELECT {} AS r FROM \"{table}\" WHERE $1 IS NOT NULL ORDER BY r",
+        names.join(" || '|' || ")
+    ))
+    .await?;
+    rows.iter_mut().for_each(|r| r.insert_str(0, "row "));
+    all.append(&mut rows);
+    Ok(all)
 }

@@ -1581,8 +1581,36 @@ mod tests {
         )
         .await
         .unwrap();
+        let tables = [
+            "barrier",
+            "payment_ledger",
+            "coupons",
+            "coupon_ledger",
+            "points_ledger",
+            "gmv_ledger",
+        ];
+        let snapshot = || async {
+            let mut all = Vec::new();
+            for table in tables {
+                let lines = sagaflow_engine::store::sqlite_table_snapshot(store.pool(), table)
+                    .await
+                    .unwrap();
+                all.extend(lines.into_iter().map(|l| format!("{table}: {l}")));
+            }
+            all
+        };
+        let before = snapshot().await;
 
         store.migrate(&[MIGRATIONS]).await.unwrap();
+
+        // Every column, index, foreign key and row as it was (the CHECKs are in the tables' SQL).
+        assert_eq!(snapshot().await, before);
+        assert!(
+            before
+                .iter()
+                .any(|l| l.starts_with("barrier: index sqlite_autoindex_barrier_1")),
+            "the barrier's key is among what is compared: {before:?}"
+        );
 
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT kind || '/' || account || '/' || order_id, amount FROM payment_ledger \

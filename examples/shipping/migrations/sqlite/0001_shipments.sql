@@ -6,7 +6,10 @@ CREATE TABLE IF NOT EXISTS shipments (
     step     TEXT NOT NULL,
     order_id TEXT NOT NULL,
     detail   TEXT NOT NULL,  -- reserve: how many parcels; book: the tracking number
-    state    TEXT NOT NULL CHECK (state IN ('reserved', 'released', 'booked', 'cancelled')),
+    -- `=` and `OR`, not `IN (…)`: SQLite builds a temporary b-tree for a CHECK's list of three
+    -- or more values at every row written (see the README, "Migrations").
+    state    TEXT NOT NULL CHECK (state = 'reserved' OR state = 'released' OR state = 'booked'
+        OR state = 'cancelled'),
     PRIMARY KEY (saga_id, step)
 );
 CREATE INDEX IF NOT EXISTS shipments_by_order ON shipments (order_id);
