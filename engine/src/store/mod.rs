@@ -619,6 +619,8 @@ pub async fn sqlite_table_snapshot(pool: &AnyPool, table: &str) -> Result<Vec<St
         .filter_map(|c| c.split(' ').next())
         .map(|n| format!("quote(\"{n}\")"))
         .collect();
+    // `lines` binds the table's name to every statement; this one names the table in its text
+    // (a table cannot be a parameter) and takes the bind as a no-op condition.
     let mut rows = lines(format!(
         "SELECT {} AS r FROM \"{table}\" WHERE $1 IS NOT NULL ORDER BY r",
         names.join(" || '|' || ")

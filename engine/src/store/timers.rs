@@ -33,17 +33,7 @@ impl Store {
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                let text: String = r.try_get("event")?;
-                Ok(DueTimer {
-                    id: r.try_get("id")?,
-                    saga_id: r.try_get("saga_id")?,
-                    due_at: r.try_get("due_at")?,
-                    event: serde_json::from_str(&text).ok(),
-                })
-            })
-            .collect()
+        rows.iter().map(timer_from_row).collect()
     }
 
     /// The timers due at `now` (at most `limit`, earliest first) and when the next one is due,
@@ -63,16 +53,21 @@ impl Store {
                 found.next_at = Some(found.next_at.map_or(due_at, |n: i64| n.min(due_at)));
                 continue;
             }
-            let text: String = r.try_get("event")?;
-            found.due.push(DueTimer {
-                id: r.try_get("id")?,
-                saga_id: r.try_get("saga_id")?,
-                due_at,
-                event: serde_json::from_str(&text).ok(),
-            });
+            found.due.push(timer_from_row(r)?);
         }
         // A UNION ALL promises no order: the due ones are put back in theirs.
         found.due.sort_by_key(|t| t.due_at);
         Ok(found)
     }
+}
+
+/// A timer row; its event is None when it does not decode (the loop claims and drops it).
+fn timer_from_row(r: &sqlx::any::AnyRow) -> Result<DueTimer, StoreError> {
+    let text: String = r.try_get("event")?;
+    Ok(DueTimer {
+        id: r.try_get("id")?,
+        saga_id: r.try_get("saga_id")?,
+        due_at: r.try_get("due_at")?,
+        event: serde_json::from_str(&text).ok(),
+    })
 }
