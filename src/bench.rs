@@ -549,9 +549,10 @@ async fn bench(
         };
         let engine = Engine::new(setup.clone(), transport.clone() as Arc<dyn Transport>);
         crate::serve::register_sagas(&engine, &[]).await?;
+        // The run's orders and the warm-up order after them (see `warm_up`).
         let mut first = 0;
-        while first < args.orders {
-            let end = (first + CHUNK).min(args.orders);
+        while first <= args.orders {
+            let end = (first + CHUNK).min(args.orders + 1);
             let chunk: Vec<Value> = (first..end).map(|i| sample_order(run_id, i)).collect();
             seed(&workers, &chunk).await?;
             first = end;
@@ -627,6 +628,7 @@ async fn bench(
         }
     }
 
+    let launched = Instant::now();
     let store = Store::connect_engine(&dbs.engine_url, BENCH_POOL).await?;
     let engine = Engine::new(store.clone(), transport.clone() as Arc<dyn Transport>);
     let graph = engine.definition_by_name("order-paid").await?;
@@ -634,6 +636,18 @@ async fn bench(
     // This process relays the outbox too (its starts' first commands, promptly).
     let (stop, stopped) = watch::channel(false);
     let relay = tokio::spawn(engine.clone().relay(stopped.clone()));
+
+    let warmed = warm_up(
+        &engine,
+        &graph,
+        &store,
+        sample_order(run_id, args.orders),
+        args.stall_timeout,
+        &mut deployment,
+        args.external,
+    )
+    .await;
+    let ready_after = launched.elapsed();
 
     let bar = ProgressBar::new(args.orders);
     bar.set_style(
@@ -651,7 +665,7 @@ async fn bench(
     let run_started_ms = sagaflow_engine::store::now_ms() - 1;
     let started_at = Instant::now();
     let in_flight = InFlight::default();
-    let mut open_loop = args.rate.map(|rate| {
+    let mut open_loop = args.rate.filter(|_| warmed.is_ok()).map(|rate| {
         tokio::spawn(start_at_rate(
             engine.clone(),
             graph.clone(),
@@ -678,78 +692,82 @@ async fn bench(
     });
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_poll: Option<Instant> = None;
-    let outcome = loop {
-        poll.tick().await;
-        if closed_loop {
-            let unfinished = match in_flight.refresh(&store).await {
-                Ok((_, n)) => n,
-                Err(e) => break Err(e),
-            };
-            refills += 1;
-            let room = args.concurrency.saturating_sub(unfinished);
-            let end = (next + room).min(args.orders);
-            let batch: Vec<Value> = (next..end).map(|i| sample_order(run_id, i)).collect();
-            match crate::dev::start_orders(&engine, &graph, &batch).await {
-                Ok(ids) => in_flight.add(ids),
-                Err(e) => break Err(e),
-            }
-            next = end;
-            let all_final = next == args.orders && unfinished == 0;
-            if !all_final && last_poll.is_some_and(|at| at.elapsed() < POLL_EVERY) {
-                continue;
-            }
-        }
-        last_poll = Some(Instant::now());
-        if !args.external
-            && let Err(e) = deployment.all_alive()
-        {
-            break Err(e);
-        }
-        // The open-loop starter stops early only on an error: say it now.
-        if let Some(task) = &mut open_loop
-            && open_loop_result.is_none()
-            && task.is_finished()
-        {
-            match task.await {
-                Ok(Ok(s)) => open_loop_result = Some(s),
-                Ok(Err(e)) => break Err(e),
-                Err(e) => break Err(anyhow::anyhow!("the starter panicked: {e}")),
-            }
-        }
-        let (finished, unfinished) = if closed_loop {
-            in_flight.counts()
-        } else {
-            polls += 1;
-            match in_flight.refresh(&store).await {
-                Ok(c) => c,
-                Err(e) => break Err(e),
-            }
-        };
-        bar.set_position(finished);
-        if finished != last_final {
-            last_final = finished;
-            last_progress = Instant::now();
-        }
-        if finished == args.orders {
-            break Ok(());
-        }
-        if let Some(every) = args.kill_every
-            && last_kill.elapsed() >= every
-        {
-            match deployment.kill_and_restart_a_worker(kills) {
-                Ok(name) => {
-                    kills += 1;
-                    last_kill = Instant::now();
-                    bar.set_message(format!("(killed {name}; {kills} kills)"));
+    let outcome = if let Err(e) = warmed {
+        Err(e)
+    } else {
+        loop {
+            poll.tick().await;
+            if closed_loop {
+                let unfinished = match in_flight.refresh(&store).await {
+                    Ok((_, n)) => n,
+                    Err(e) => break Err(e),
+                };
+                refills += 1;
+                let room = args.concurrency.saturating_sub(unfinished);
+                let end = (next + room).min(args.orders);
+                let batch: Vec<Value> = (next..end).map(|i| sample_order(run_id, i)).collect();
+                match crate::dev::start_orders(&engine, &graph, &batch).await {
+                    Ok(ids) => in_flight.add(ids),
+                    Err(e) => break Err(e),
                 }
-                Err(e) => break Err(e),
+                next = end;
+                let all_final = next == args.orders && unfinished == 0;
+                if !all_final && last_poll.is_some_and(|at| at.elapsed() < POLL_EVERY) {
+                    continue;
+                }
             }
-        }
-        if last_progress.elapsed() > args.stall_timeout {
-            break Err(anyhow::anyhow!(
-                "no saga finished for {}; {unfinished} are unfinished",
-                humantime::format_duration(args.stall_timeout)
-            ));
+            last_poll = Some(Instant::now());
+            if !args.external
+                && let Err(e) = deployment.all_alive()
+            {
+                break Err(e);
+            }
+            // The open-loop starter stops early only on an error: say it now.
+            if let Some(task) = &mut open_loop
+                && open_loop_result.is_none()
+                && task.is_finished()
+            {
+                match task.await {
+                    Ok(Ok(s)) => open_loop_result = Some(s),
+                    Ok(Err(e)) => break Err(e),
+                    Err(e) => break Err(anyhow::anyhow!("the starter panicked: {e}")),
+                }
+            }
+            let (finished, unfinished) = if closed_loop {
+                in_flight.counts()
+            } else {
+                polls += 1;
+                match in_flight.refresh(&store).await {
+                    Ok(c) => c,
+                    Err(e) => break Err(e),
+                }
+            };
+            bar.set_position(finished);
+            if finished != last_final {
+                last_final = finished;
+                last_progress = Instant::now();
+            }
+            if finished == args.orders {
+                break Ok(());
+            }
+            if let Some(every) = args.kill_every
+                && last_kill.elapsed() >= every
+            {
+                match deployment.kill_and_restart_a_worker(kills) {
+                    Ok(name) => {
+                        kills += 1;
+                        last_kill = Instant::now();
+                        bar.set_message(format!("(killed {name}; {kills} kills)"));
+                    }
+                    Err(e) => break Err(e),
+                }
+            }
+            if last_progress.elapsed() > args.stall_timeout {
+                break Err(anyhow::anyhow!(
+                    "no saga finished for {}; {unfinished} are unfinished",
+                    humantime::format_duration(args.stall_timeout)
+                ));
+            }
         }
     };
     let elapsed = started_at.elapsed();
@@ -900,6 +918,15 @@ async fn bench(
             args.concurrency
         ),
     }
+    println!(
+        "  warm-up:         one order through every service before the clock, final {} ms after {}; not counted below (the invariants include it)",
+        ready_after.as_millis(),
+        if args.external {
+            "the bench connected"
+        } else {
+            "the processes were launched"
+        }
+    );
     println!("  sagas:           {}", fmt_counts(&summary.this_run));
     println!(
         "  throughput:      {:.0} sagas/s ({} sagas final in {:.2}s)",
@@ -1026,6 +1053,47 @@ async fn bench(
         }
     }
     Ok(report_invariants(outcomes.len(), &violations))
+}
+
+/// Starts `order` and waits until it is final: the deployment's start-up (the processes
+/// connecting, migrating, declaring their queues and taking their first deliveries) is then
+/// behind the clock instead of in the first sagas' latency (measured: the first 0.3 s of starts
+/// all waited for the workers, 330 ms at the median, which alone set the p99 of a 10,000-saga
+/// run at 500 starts/s).
+async fn warm_up(
+    engine: &Arc<Engine>,
+    graph: &Arc<SagaGraph>,
+    store: &Store,
+    order: Value,
+    stall_timeout: Duration,
+    deployment: &mut Deployment,
+    external: bool,
+) -> anyhow::Result<()> {
+    let began = Instant::now();
+    let ids = crate::dev::start_orders(engine, graph, &[order])
+        .await
+        .context("starting the warm-up order")?;
+    let warm = InFlight::default();
+    warm.add(ids);
+    loop {
+        let (_, left) = warm
+            .refresh(store)
+            .await
+            .context("waiting for the warm-up order")?;
+        if left == 0 {
+            return Ok(());
+        }
+        if !external {
+            deployment.all_alive()?;
+        }
+        if began.elapsed() > stall_timeout {
+            bail!(
+                "the warm-up order was not final after {}: is every worker running? (--logs DIR keeps the processes' logs)",
+                humantime::format_duration(stall_timeout)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Open loop: `rate` starts per second from now on, whatever completes.
