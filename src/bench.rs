@@ -846,6 +846,11 @@ async fn bench(
     let summary = summarize(&check, run_started_ms).await?;
     // Before `conn` is taken: the store reads on a connection of its own.
     let commands = check.dispatched_since(run_started_ms).await.unwrap_or(0);
+    let lines = check
+        .exchange_lines_since(run_started_ms)
+        .await
+        .unwrap_or_default();
+    let barrier;
     let mut conn = check.pool().acquire().await?;
     let mut outcomes = services::outcomes(&mut conn).await?;
     let violations = if dbs.split() {
@@ -857,6 +862,7 @@ async fn bench(
         let workers = Store::connect(&dbs.workers_url, 2).await?;
         let mut wconn = workers.pool().acquire().await?;
         let v = services::check_all(&mut wconn, &outcomes).await?;
+        barrier = barrier_rows_since(&mut wconn, run_started_ms).await;
         drop(wconn);
         workers.pool().close().await;
         v
@@ -865,6 +871,7 @@ async fn bench(
         // were in a database of their own, dropped since.
         let split = format!("o-{SPLIT_MARK}");
         outcomes.retain(|o| !order_id(o).is_some_and(|id| id.starts_with(&split)));
+        barrier = barrier_rows_since(&mut conn, run_started_ms).await;
         services::check_all(&mut conn, &outcomes).await?
     };
     drop(conn);
@@ -940,6 +947,23 @@ async fn bench(
         println!(
             "  latency:         p50 {p50} ms, p90 {p90} ms, p99 {p99} ms, max {max} ms (start to final state)"
         );
+    }
+    let exchanges = match_exchanges(&lines, &barrier);
+    if !exchanges.is_empty() {
+        println!(
+            "  exchanges:       ms, p50 / p99, of each command's first attempt that succeeded: the engine's batch that sent it → the worker's transaction that ran it (its barrier row) → the engine's batch that applied the reply"
+        );
+        for (what, (there, back)) in &exchanges {
+            println!(
+                "    {:<18}{:>5} /{:>5}  →{:>5} /{:>5}   ({} commands)",
+                format!("{what}:"),
+                quantile(there, 0.5),
+                quantile(there, 0.99),
+                quantile(back, 0.5),
+                quantile(back, 0.99),
+                there.len()
+            );
+        }
     }
     if args.orders > 0 && commands > 0 {
         println!(
@@ -1096,6 +1120,91 @@ async fn warm_up(
     }
 }
 
+/// The barrier rows (`saga_id, step, op, created_at`) the workers wrote since `since`; none
+/// when the services keep no barrier (weak idempotency) or it cannot be read.
+async fn barrier_rows_since(
+    conn: &mut AnyConnection,
+    since: i64,
+) -> Vec<(String, String, String, i64)> {
+    let rows =
+        sqlx::query("SELECT saga_id, step, op, created_at FROM barrier WHERE created_at >= $1")
+            .bind(since)
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap_or_default();
+    rows.iter()
+        .filter_map(|r| {
+            Some((
+                r.try_get("saga_id").ok()?,
+                r.try_get("step").ok()?,
+                r.try_get("op").ok()?,
+                r.try_get("created_at").ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// Each exchange's two halves, by step and operation (`payment action`), in ms: from the
+/// engine's batch that sent the command's first attempt (its `dispatch` line) to the worker's
+/// transaction that ran it (its barrier row, stamped just before that transaction commits),
+/// and from there to the engine's batch that applied the reply (its `succeeded` line). Only
+/// first attempts that succeeded, with all three times in that order, count: a retried or
+/// failed one has no single path to time. The three clocks are this machine's one clock.
+fn match_exchanges(
+    lines: &[(String, String, String, i64, String)],
+    barrier: &[(String, String, String, i64)],
+) -> BTreeMap<String, (Vec<i64>, Vec<i64>)> {
+    use std::collections::HashMap;
+    type Key<'a> = (&'a str, &'a str, &'a str);
+    let mut sent: HashMap<Key, i64> = HashMap::new();
+    let mut applied: HashMap<Key, i64> = HashMap::new();
+    for (saga, kind, step, at, detail) in lines {
+        // `action `charge` attempt 1`, `action attempt 1 succeeded` (machine.rs).
+        let mut words = detail.split(' ');
+        let Some(op) = words.next() else { continue };
+        let first = match kind.as_str() {
+            "dispatch" => detail.ends_with(" attempt 1"),
+            "succeeded" => detail == &format!("{op} attempt 1 succeeded"),
+            _ => false,
+        };
+        if !first {
+            continue;
+        }
+        let key = (saga.as_str(), step.as_str(), op);
+        if kind == "dispatch" {
+            sent.insert(key, *at);
+        } else {
+            applied.insert(key, *at);
+        }
+    }
+    let mut out: BTreeMap<String, (Vec<i64>, Vec<i64>)> = BTreeMap::new();
+    for (saga, step, op, ran) in barrier {
+        let key = (saga.as_str(), step.as_str(), op.as_str());
+        let (Some(&sent), Some(&applied)) = (sent.get(&key), applied.get(&key)) else {
+            continue;
+        };
+        if sent <= *ran && *ran <= applied {
+            let e = out.entry(format!("{step} {op}")).or_default();
+            e.0.push(ran - sent);
+            e.1.push(applied - ran);
+        }
+    }
+    for (there, back) in out.values_mut() {
+        there.sort_unstable();
+        back.sort_unstable();
+    }
+    out
+}
+
+/// The `q` quantile of sorted `v` (nearest rank); 0 for none.
+fn quantile(v: &[i64], q: f64) -> i64 {
+    if v.is_empty() {
+        return 0;
+    }
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
 /// Open loop: `rate` starts per second from now on, whatever completes.
 async fn start_at_rate(
     engine: Arc<Engine>,
@@ -1236,6 +1345,96 @@ impl InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exchanges_are_timed_from_first_attempts_that_succeeded() {
+        let line = |saga: &str, kind: &str, step: &str, at: i64, detail: &str| {
+            (
+                saga.to_owned(),
+                kind.to_owned(),
+                step.to_owned(),
+                at,
+                detail.to_owned(),
+            )
+        };
+        let row = |saga: &str, step: &str, op: &str, at: i64| {
+            (saga.to_owned(), step.to_owned(), op.to_owned(), at)
+        };
+        let lines = vec![
+            line(
+                "s1",
+                "dispatch",
+                "payment",
+                100,
+                "action `charge` attempt 1",
+            ),
+            line(
+                "s1",
+                "succeeded",
+                "payment",
+                130,
+                "action attempt 1 succeeded",
+            ),
+            line("s1", "dispatch", "coupon", 130, "try `freeze` attempt 1"),
+            line("s1", "succeeded", "coupon", 150, "try attempt 1 succeeded"),
+            line("s1", "dispatch", "coupon", 150, "confirm `use` attempt 1"),
+            line(
+                "s1",
+                "succeeded",
+                "coupon",
+                190,
+                "confirm attempt 1 succeeded",
+            ),
+            // A second attempt: no single path to time.
+            line(
+                "s2",
+                "dispatch",
+                "payment",
+                100,
+                "action `charge` attempt 1",
+            ),
+            line(
+                "s2",
+                "dispatch",
+                "payment",
+                5100,
+                "action `charge` attempt 2",
+            ),
+            line(
+                "s2",
+                "succeeded",
+                "payment",
+                5120,
+                "action attempt 2 succeeded",
+            ),
+            // Sent, never applied (yet).
+            line(
+                "s3",
+                "dispatch",
+                "payment",
+                100,
+                "action `charge` attempt 1",
+            ),
+        ];
+        let barrier = vec![
+            row("s1", "payment", "action", 110),
+            row("s1", "coupon", "try", 145),
+            row("s1", "coupon", "confirm", 160),
+            row("s2", "payment", "action", 5110),
+            row("s3", "payment", "action", 120),
+        ];
+        let got = match_exchanges(&lines, &barrier);
+        assert_eq!(
+            got.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["coupon confirm", "coupon try", "payment action"]
+        );
+        assert_eq!(got["payment action"], (vec![10], vec![20]));
+        assert_eq!(got["coupon try"], (vec![15], vec![5]));
+        assert_eq!(got["coupon confirm"], (vec![10], vec![30]));
+        assert_eq!(quantile(&[1, 2, 3, 4], 0.5), 2);
+        assert_eq!(quantile(&[1, 2, 3, 4], 0.99), 4);
+        assert_eq!(quantile(&[], 0.5), 0);
+    }
 
     #[test]
     fn workers_database_is_named_after_the_engines() {

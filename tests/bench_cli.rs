@@ -1,7 +1,8 @@
 //! `sagaflow bench` end to end over the real RabbitMQ and PostgreSQL: it launches an engine and
 //! the four workers, sends one warm-up order through every service before its clock starts
 //! (so the processes' start-up is not the first sagas' latency), and counts only the run's own
-//! sagas — while the invariant check covers the warm-up order too.
+//! sagas — while the invariant check covers the warm-up order too — and times each exchange in
+//! its two halves.
 
 mod support;
 
@@ -60,6 +61,19 @@ async fn bench_warms_up_then_counts_only_its_run() {
         line("throughput:").contains("(12 sagas final in"),
         "{stdout}"
     );
+    // Each exchange of the order saga timed in its two halves (the engine's history, the
+    // workers' barrier rows).
+    line("exchanges:");
+    for exchange in [
+        "payment action:",
+        "coupon try:",
+        "points action:",
+        "gmv action:",
+        "coupon confirm:",
+    ] {
+        let l = line(exchange);
+        assert!(l.contains(" → ") && l.contains(" commands)"), "{l}");
+    }
     // The invariants check every order the run's services hold: the warm-up's too.
     let invariants = line("invariants:");
     assert!(

@@ -510,6 +510,33 @@ impl Store {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
+    /// The `dispatch` and `succeeded` history lines written since `since`, as
+    /// `(saga id, kind, step, at, detail)`: what `sagaflow bench` times each exchange by.
+    pub async fn exchange_lines_since(
+        &self,
+        since: i64,
+    ) -> Result<Vec<(String, String, String, i64, String)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT saga_id, kind, step, at, detail FROM saga_history \
+             WHERE at >= $1 AND kind IN ('dispatch', 'succeeded')",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("saga_id")?,
+                    r.try_get("kind")?,
+                    r.try_get::<Option<String>, _>("step")?.unwrap_or_default(),
+                    r.try_get("at")?,
+                    r.try_get::<Option<String>, _>("detail")?
+                        .unwrap_or_default(),
+                ))
+            })
+            .collect()
+    }
+
     /// The database answers a trivial query (`/healthz`).
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").fetch_one(&self.pool).await?;
