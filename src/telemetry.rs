@@ -50,12 +50,10 @@ pub fn otlp_requested() -> bool {
 /// Installs the logs (and the OTLP exporter if asked for); `service` names this process in
 /// the traces unless `OTEL_SERVICE_NAME` does.
 pub fn init(service: Option<&str>) -> Telemetry {
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SAGAFLOW_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        );
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("SAGAFLOW_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"))
+    };
     let provider = match service {
         Some(service) if otlp_requested() => match provider(service) {
             Ok(p) => Some(p),
@@ -67,9 +65,20 @@ pub fn init(service: Option<&str>) -> Telemetry {
         _ => None,
     };
     let Some(provider) = provider else {
-        tracing_subscriber::registry().with(fmt).init();
+        // The filter for the whole subscriber, not for the one layer (`with_filter`): a
+        // per-layer filter remembers, per thread, that it turned down the callsite it was last
+        // asked about and applies that to the next event. sqlx asks after every statement
+        // (through the `log` facade) and, told no, logs nothing, so the remembered answer fell
+        // on the next event of that thread, which was dropped though the filter admits it
+        // (tokio-rs/tracing#2704; seen: `SAGAFLOW_LOG=sagaflow_engine::apply=debug` printed
+        // nothing in an engine process on PostgreSQL; the test below reproduces it). With
+        // traces on, the two layers need filters of their own, so this can still happen there.
+        logs(filter(), std::io::stderr).init();
         return Telemetry::default();
     };
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(filter());
     let otel = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("sagaflow"))
         .with_filter(
@@ -81,6 +90,19 @@ pub fn init(service: Option<&str>) -> Telemetry {
     Telemetry {
         provider: Some(provider),
     }
+}
+
+/// The logs alone: `filter` over the whole subscriber (see [`init`] for why not per layer).
+fn logs<W>(
+    filter: tracing_subscriber::EnvFilter,
+    writer: W,
+) -> impl tracing::Subscriber + Send + Sync
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(writer))
 }
 
 fn provider(service: &str) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
@@ -127,5 +149,73 @@ impl HttpClient for UreqClient {
         let (parts, mut body) = response.into_parts();
         let bytes = body.with_config().limit(4 << 20).read_to_vec()?;
         Ok(Response::from_parts(parts, Bytes::from(bytes)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Collects what the logs write.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(
+                &self
+                    .0
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            )
+            .into_owned()
+        }
+    }
+
+    /// After every statement sqlx asks whether it would be logged, through the `log` facade
+    /// (which `init` bridges to tracing) and `tracing::enabled!`, and then logs it or not: the
+    /// next event on the thread must be logged as the filter says, whatever the answer was.
+    #[test]
+    fn an_event_after_an_unanswered_enabled_check_is_logged() {
+        // As `init` does (a no-op if another test installed it first).
+        let _ = tracing_log::LogTracer::init();
+        for directives in ["warn", "error,sagaflow_engine::apply=debug"] {
+            let out = Captured::default();
+            let writer = out.clone();
+            let subscriber = logs(tracing_subscriber::EnvFilter::new(directives), move || {
+                writer.clone()
+            });
+            tracing::subscriber::with_default(subscriber, || {
+                for _ in 0..3 {
+                    // What sqlx does around a statement (sqlx-core's `QueryLogger::finish`).
+                    if log::log_enabled!(target: "sqlx::query", log::Level::Debug)
+                        || tracing::enabled!(target: "sqlx::query", tracing::Level::DEBUG)
+                    {
+                        tracing::debug!(target: "sqlx::query", "a statement");
+                    }
+                    tracing::warn!(target: "sagaflow_engine::apply", "a warning");
+                    tracing::error!(target: "sagaflow_engine::relay", "an error");
+                }
+            });
+            let text = out.text();
+            assert!(!text.contains("a statement"), "{directives}: {text}");
+            assert_eq!(text.matches("a warning").count(), 3, "{directives}: {text}");
+            assert_eq!(text.matches("an error").count(), 3, "{directives}: {text}");
+        }
     }
 }
