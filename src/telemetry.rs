@@ -12,7 +12,6 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// What [`init`] installed; flushes the spans still buffered when dropped.
 #[derive(Debug, Default)]
@@ -64,16 +63,17 @@ pub fn init(service: Option<&str>) -> Telemetry {
         },
         _ => None,
     };
+    // A per-layer filter (`with_filter`) remembers, per thread, that it turned down the
+    // callsite it was last asked about and applies that to the next event (tokio-rs/tracing#2704).
+    // sqlx asks after every statement, through the `log` facade, and told no it logs nothing: the
+    // remembered answer fell on the next event of that thread, which was dropped though the
+    // filter admits it (seen: `SAGAFLOW_LOG=sagaflow_engine::apply=debug` printed nothing in an
+    // engine process on PostgreSQL). So: without traces the filter is the whole subscriber's,
+    // not a layer's; and the `log` bridge does not pass sqlx's question on (`bridge_log`), which
+    // matters with traces on, whose two layers need filters of their own.
     let Some(provider) = provider else {
-        // The filter for the whole subscriber, not for the one layer (`with_filter`): a
-        // per-layer filter remembers, per thread, that it turned down the callsite it was last
-        // asked about and applies that to the next event. sqlx asks after every statement
-        // (through the `log` facade) and, told no, logs nothing, so the remembered answer fell
-        // on the next event of that thread, which was dropped though the filter admits it
-        // (tokio-rs/tracing#2704; seen: `SAGAFLOW_LOG=sagaflow_engine::apply=debug` printed
-        // nothing in an engine process on PostgreSQL; the test below reproduces it). With
-        // traces on, the two layers need filters of their own, so this can still happen there.
-        logs(filter(), std::io::stderr).init();
+        let _ = tracing::subscriber::set_global_default(logs(filter(), std::io::stderr));
+        bridge_log();
         return Telemetry::default();
     };
     let fmt = tracing_subscriber::fmt::layer()
@@ -85,11 +85,31 @@ pub fn init(service: Option<&str>) -> Telemetry {
             tracing_subscriber::filter::Targets::new()
                 .with_target(sagaflow_engine::trace::TARGET, tracing::Level::INFO),
         );
-    tracing_subscriber::registry().with(fmt).with(otel).init();
+    let _ = tracing::subscriber::set_global_default(
+        tracing_subscriber::registry().with(fmt).with(otel),
+    );
+    bridge_log();
     sagaflow_engine::trace::set_enabled(true);
     Telemetry {
         provider: Some(provider),
     }
+}
+
+/// Records of the `log` facade (what some dependencies log with) go to tracing, as
+/// `SubscriberInitExt::init` would send them, except sqlx's question whether it should log a
+/// statement (target `sqlx::query`): answered no here, so no filter is asked it (see [`init`]).
+/// sqlx logs statements through tracing itself, which still decides. Once per process; a second
+/// call does nothing.
+fn bridge_log() {
+    bridge_log_up_to(tracing::level_filters::LevelFilter::current());
+}
+
+fn bridge_log_up_to(level: tracing::level_filters::LevelFilter) {
+    use tracing_log::AsLog as _;
+    let _ = tracing_log::LogTracer::builder()
+        .with_max_level(level.as_log())
+        .ignore_crate("sqlx::query")
+        .init();
 }
 
 /// The logs alone: `filter` over the whole subscriber (see [`init`] for why not per layer).
@@ -187,35 +207,65 @@ mod tests {
         }
     }
 
-    /// After every statement sqlx asks whether it would be logged, through the `log` facade
-    /// (which `init` bridges to tracing) and `tracing::enabled!`, and then logs it or not: the
-    /// next event on the thread must be logged as the filter says, whatever the answer was.
-    #[test]
-    fn an_event_after_an_unanswered_enabled_check_is_logged() {
-        // As `init` does (a no-op if another test installed it first).
-        let _ = tracing_log::LogTracer::init();
-        for directives in ["warn", "error,sagaflow_engine::apply=debug"] {
-            let out = Captured::default();
-            let writer = out.clone();
-            let subscriber = logs(tracing_subscriber::EnvFilter::new(directives), move || {
-                writer.clone()
-            });
-            tracing::subscriber::with_default(subscriber, || {
-                for _ in 0..3 {
-                    // What sqlx does around a statement (sqlx-core's `QueryLogger::finish`).
-                    if log::log_enabled!(target: "sqlx::query", log::Level::Debug)
-                        || tracing::enabled!(target: "sqlx::query", tracing::Level::DEBUG)
-                    {
-                        tracing::debug!(target: "sqlx::query", "a statement");
-                    }
-                    tracing::warn!(target: "sagaflow_engine::apply", "a warning");
-                    tracing::error!(target: "sagaflow_engine::relay", "an error");
+    /// What sqlx does after a statement (sqlx-core's `QueryLogger::finish`), asking about
+    /// `target`, then a warning and an error; what the logs wrote.
+    fn after_a_question(
+        target: &'static str,
+        subscriber: impl Fn(Captured) -> tracing::Dispatch,
+    ) -> String {
+        // As `init` does (whichever test comes first installs it, the same way).
+        bridge_log_up_to(tracing::level_filters::LevelFilter::TRACE);
+        let out = Captured::default();
+        tracing::dispatcher::with_default(&subscriber(out.clone()), || {
+            for _ in 0..3 {
+                if log::log_enabled!(target: target, log::Level::Debug)
+                    || tracing::enabled!(target: "sqlx::query", tracing::Level::DEBUG)
+                {
+                    tracing::debug!(target: "sqlx::query", "a statement");
                 }
+                tracing::warn!(target: "sagaflow_engine::apply", "a warning");
+                tracing::error!(target: "sagaflow_engine::relay", "an error");
+            }
+        });
+        out.text()
+    }
+
+    fn logged_as_the_filter_says(text: &str, directives: &str) {
+        assert!(!text.contains("a statement"), "{directives}: {text}");
+        assert_eq!(text.matches("a warning").count(), 3, "{directives}: {text}");
+        assert_eq!(text.matches("an error").count(), 3, "{directives}: {text}");
+    }
+
+    /// Without traces: a question no event follows (here another library's, which the `log`
+    /// bridge passes on) leaves nothing behind for the next event.
+    #[test]
+    fn an_event_after_an_unanswered_question_is_logged() {
+        for directives in ["warn", "error,sagaflow_engine::apply=debug"] {
+            let text = after_a_question("some_library", |out| {
+                tracing::Dispatch::new(logs(
+                    tracing_subscriber::EnvFilter::new(directives),
+                    move || out.clone(),
+                ))
             });
-            let text = out.text();
-            assert!(!text.contains("a statement"), "{directives}: {text}");
-            assert_eq!(text.matches("a warning").count(), 3, "{directives}: {text}");
-            assert_eq!(text.matches("an error").count(), 3, "{directives}: {text}");
+            logged_as_the_filter_says(&text, directives);
+        }
+    }
+
+    /// With traces on, the log layer has a filter of its own (as `init` builds it); sqlx's
+    /// question does not reach it, so the next event is logged all the same.
+    #[test]
+    fn with_a_layer_filter_an_event_after_sqlx_question_is_logged() {
+        for directives in ["warn", "error,sagaflow_engine::apply=debug"] {
+            let text = after_a_question("sqlx::query", |out| {
+                tracing::Dispatch::new(
+                    tracing_subscriber::registry().with(
+                        tracing_subscriber::fmt::layer()
+                            .with_writer(move || out.clone())
+                            .with_filter(tracing_subscriber::EnvFilter::new(directives)),
+                    ),
+                )
+            });
+            logged_as_the_filter_says(&text, directives);
         }
     }
 }
