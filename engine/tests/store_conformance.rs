@@ -140,7 +140,53 @@ where
         return;
     };
     case(store.clone()).await;
-    store.pool().close().await;
+    store.close().await;
+    drop(guard);
+}
+
+/// `Store::close` closes the relay's own connection too (PostgreSQL keeps it apart): nothing of
+/// the store stays connected, so nothing holds a backend's counters back.
+#[tokio::test]
+async fn close_leaves_no_connection_open() {
+    let Some((store, guard)) = fresh(Backend::Postgres, "close").await else {
+        return;
+    };
+    let Guard::Database { admin, name } = &guard else {
+        panic!("a PostgreSQL store has a database guard");
+    };
+    // The relay's connection opens with its first claim; the pool's with any statement.
+    store.claim_outbox(NOW, 1_000, 10).await.expect("claim");
+    store.ping().await.expect("ping");
+    let mut c = <sqlx::AnyConnection as sqlx::Connection>::connect(admin)
+        .await
+        .expect("admin");
+    let sql = "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE datname = $1";
+    let n: i64 = sqlx::query(sql)
+        .bind(name.as_str())
+        .fetch_one(&mut c)
+        .await
+        .expect("count")
+        .try_get("n")
+        .expect("n");
+    assert!(n >= 2, "the pool's and the relay's: {n}");
+    store.close().await;
+    // A backend leaves the list a moment after its client closed the connection.
+    let mut n = -1;
+    for _ in 0..50 {
+        n = sqlx::query(sql)
+            .bind(name.as_str())
+            .fetch_one(&mut c)
+            .await
+            .expect("count")
+            .try_get("n")
+            .expect("n");
+        if n == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(n, 0, "connections left open after close");
+    let _ = sqlx::Connection::close(c).await;
     drop(guard);
 }
 

@@ -379,6 +379,13 @@ impl Store {
         &self.pool
     }
 
+    /// Closes every connection this store opened: its pool's, and the relay's own one on
+    /// PostgreSQL (which `pool().close()` leaves open). Waits until they are closed.
+    pub async fn close(&self) {
+        self.pool.close().await;
+        self.relay_pool.close().await;
+    }
+
     pub fn backend(&self) -> Backend {
         self.backend
     }
