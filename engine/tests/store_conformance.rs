@@ -32,6 +32,9 @@ const HASH: &str = "hash-order-v1";
 enum Backend {
     Sqlite,
     Postgres,
+    /// PostgreSQL opened as an engine opens it (`Store::connect_engine`): look-ups and the write
+    /// kept prepared, every run planned afresh.
+    PostgresEngine,
 }
 
 /// What a test's database leaves behind: a temp directory, or a PostgreSQL database. Dropped
@@ -96,7 +99,7 @@ async fn fresh(backend: Backend, test: &str) -> Option<(Store, Guard)> {
             store.migrate(&[ENGINE_MIGRATIONS]).await.expect("migrate");
             Some((store, guard))
         }
-        Backend::Postgres => {
+        Backend::Postgres | Backend::PostgresEngine => {
             sqlx::any::install_default_drivers();
             let admin = std::env::var("SAGAFLOW_TEST_DATABASE_URL")
                 .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
@@ -121,9 +124,13 @@ async fn fresh(backend: Backend, test: &str) -> Option<(Store, Guard)> {
             };
             let base = admin.split('?').next().unwrap_or(&admin);
             let server = base.rsplit_once('/').map_or(base, |(s, _)| s);
-            let store = Store::connect(&format!("{server}/{name}"), 2)
-                .await
-                .expect("open PostgreSQL");
+            let url = format!("{server}/{name}");
+            let store = if backend == Backend::PostgresEngine {
+                Store::connect_engine(&url, 2).await
+            } else {
+                Store::connect(&url, 2).await
+            }
+            .expect("open PostgreSQL");
             store.migrate(&[ENGINE_MIGRATIONS]).await.expect("migrate");
             Some((store, guard))
         }
@@ -190,7 +197,7 @@ async fn close_leaves_no_connection_open() {
     drop(guard);
 }
 
-/// Each case twice: `sqlite::<case>` and `postgres::<case>`.
+/// Each case three times: `sqlite::<case>`, `postgres::<case>` and `postgres_engine::<case>`.
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -206,6 +213,14 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $case() {
                     super::run(super::Backend::Postgres, stringify!($case), super::$case).await;
+                }
+            )*
+        }
+        mod postgres_engine {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::run(super::Backend::PostgresEngine, stringify!($case), super::$case).await;
                 }
             )*
         }
@@ -239,6 +254,7 @@ conformance!(
     definitions_are_idempotent_and_latest_is_highest,
     write_changes_writes_every_table_in_order,
     write_changes_with_a_stale_saga_writes_nothing,
+    write_changes_keeps_every_character,
     write_changes_larger_than_one_statement_goes_table_by_table,
     read_unknown_saga_is_none_everywhere,
     read_saga_record_header_status_and_timeline,
@@ -2221,6 +2237,77 @@ async fn write_changes_writes_every_table_in_order(store: Store) {
         .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(store.counters().statements(), before);
+}
+
+/// Values that an array literal (PostgreSQL's write) or a placeholder (SQLite's) could bend:
+/// quotes, backslashes, braces, commas, the word NULL, an empty text, line breaks, non-ASCII.
+async fn write_changes_keeps_every_character(store: Store) {
+    with_definition(&store).await;
+    let odd = [
+        r#"{"a": "b \"c\" \\ d", "e": [1, 2]}"#,
+        "NULL",
+        "",
+        "line one\nline\ttwo, {three}",
+        "ünïcødé ✓ \\\"",
+    ];
+    let outbox: Vec<OutboxMessage> = odd
+        .iter()
+        .enumerate()
+        .map(|(i, p)| message(&format!("m,{i} \"x\""), p))
+        .collect();
+    let new_sagas = [
+        NewSaga {
+            version: 1,
+            ..saga("n \"1\"", "key, {1}", Some("idem \\ \"NULL\""))
+        },
+        NewSaga {
+            version: 1,
+            ..saga("n2", "NULL", None)
+        },
+    ];
+    let history: Vec<HistoryRow> = odd.iter().map(|k| history_row("n2", k)).collect();
+    let timers = [timer("t \"1\", {x}", NOW + 5)];
+    let mut tx = store.begin().await.unwrap();
+    tx.write_changes(
+        &Changes {
+            new_sagas: &new_sagas,
+            history: &history,
+            outbox: &outbox,
+            timers: &timers,
+            ..Changes::default()
+        },
+        NOW,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    let queued = outbox_ids(&store).await;
+    let got: Vec<(String, String)> = queued.into_iter().map(|(_, m, p)| (m, p)).collect();
+    let want: Vec<(String, String)> = outbox
+        .iter()
+        .map(|m| (m.message_id.clone(), m.payload.clone()))
+        .collect();
+    assert_eq!(got, want, "every payload as it was, in slice order");
+    let n1 = load(&store, "n \"1\"").await;
+    assert_eq!(n1.sequence_key, "key, {1}");
+    let n2 = load(&store, "n2").await;
+    assert_eq!(n2.sequence_key, "NULL");
+    let mut tx = store.begin().await.unwrap();
+    let keyed = tx
+        .sagas_by_idempotency_key(&ids(&["idem \\ \"NULL\""]))
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(keyed["idem \\ \"NULL\""].id, "n \"1\"");
+    let unkeyed: Option<String> =
+        sqlx::query_scalar("SELECT idempotency_key FROM sagas WHERE id = 'n2'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(unkeyed, None, "no key is NULL, not the text NULL");
+    assert_eq!(kinds(&store, "n2").await, odd);
+    assert_eq!(timer_ids(&store).await, ["t \"1\", {x}"]);
 }
 
 async fn write_changes_with_a_stale_saga_writes_nothing(store: Store) {

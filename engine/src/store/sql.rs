@@ -12,7 +12,11 @@
 //!
 //! Statements are not kept prepared (see [`super::tx::Tx`]): PostgreSQL plans each with the
 //! tables' current sizes, and an `IN` list of constants on a unique column is an index
-//! lookup (on a column that is not unique on its own, see [`Text::any_of`]).
+//! lookup (on a column that is not unique on its own, see [`Text::any_of`]). Two exceptions,
+//! both on an engine's connections, which plan every run afresh (`force_custom_plan`): the
+//! look-ups, padded to a few sizes ([`padded`]), and PostgreSQL's one write statement
+//! ([`Sql::write_changes`]), whose columns travel as arrays so that its text does not depend
+//! on the batch's size.
 
 use std::fmt::Write as _;
 
@@ -387,6 +391,9 @@ impl Sql {
     /// without one): the call's one row. Read it with `fetch_all`, which runs every statement;
     /// a `fetch_one` may stop at the first row.
     pub fn write_changes(&self, n: &Counts) -> Text {
+        if self.postgres {
+            return self.write_changes_in_arrays(n);
+        }
         let mut t = Text::new(self.postgres, if self.postgres { "WITH " } else { "" });
         let mut first = true;
         for part in WRITE_PARTS {
@@ -434,6 +441,140 @@ impl Sql {
                 ", 0 AS updated"
             });
         }
+        t
+    }
+
+    /// [`Sql::write_changes`] on PostgreSQL: the same parts, in the same order and read in the
+    /// same order, but each column's values travel as one array parameter, written as an array
+    /// literal (`{"a","b"}`, see [`text_array`]; the `Any` driver binds no arrays) and unnested
+    /// in the statement. So the text depends only on which parts the batch has, not on how many
+    /// rows each has: it is kept prepared (one round trip instead of two, no parse at each run:
+    /// sqlx parses and describes an unprepared statement first), and the engine's connections
+    /// plan it for each run's values (`plan_cache_mode = force_custom_plan`). Rows that get ids
+    /// in insertion order (the timeline, the outbox) are inserted in array order. Binds, per part
+    /// present: cancelled — ids; new sagas — now, then id, name, definition hash, sequence key,
+    /// status, state, version, idempotency key, finished; sagas — now, then id, status, state,
+    /// expected version, changes, finished; history — now, then saga id, lines; outbox — now,
+    /// then message id, destination, routing key, payload, lease; timers — id, saga id, due at,
+    /// event; freed keys — keys; sent — message ids.
+    fn write_changes_in_arrays(&self, n: &Counts) -> Text {
+        let mut t = Text::new(true, "WITH ");
+        let arrays = |t: &mut Text, types: &[&str]| {
+            for (i, ty) in types.iter().enumerate() {
+                if i > 0 {
+                    t.push(", ");
+                }
+                t.param().push("::").push(ty).push("[]");
+            }
+        };
+        let mut first = true;
+        for part in WRITE_PARTS {
+            if part.rows(n) == 0 {
+                continue;
+            }
+            if !first {
+                t.push(", ");
+            }
+            first = false;
+            t.push(part.name()).push(" AS (");
+            match part {
+                WritePart::Cancelled => {
+                    t.push("DELETE FROM timers WHERE id = ANY(");
+                    arrays(&mut t, &["text"]);
+                    t.push(") RETURNING 1");
+                }
+                WritePart::NewSagas => {
+                    t.push(
+                        "INSERT INTO sagas (id, name, definition_hash, sequence_key, status, \
+                         state, version, idempotency_key, created_at, updated_at, finished_at) \
+                         SELECT x.id, x.name, x.definition_hash, x.sequence_key, x.status, \
+                         x.state, x.version, x.idempotency_key, n.now, n.now, x.finished FROM (SELECT ",
+                    );
+                    t.param().push("::bigint AS now) AS n, unnest(");
+                    arrays(
+                        &mut t,
+                        &[
+                            "text", "text", "text", "text", "text", "text", "bigint", "text",
+                            "bigint",
+                        ],
+                    );
+                    t.push(
+                        ") AS x(id, name, definition_hash, sequence_key, status, state, version, \
+                         idempotency_key, finished)",
+                    );
+                }
+                WritePart::Sagas => {
+                    t.push(
+                        "UPDATE sagas SET status = x.status, state = x.state, \
+                         version = x.version + x.n, updated_at = ",
+                    );
+                    t.param().push("::bigint");
+                    t.push(
+                        ", finished_at = CASE WHEN x.finished IS NULL THEN NULL \
+                         ELSE COALESCE(sagas.finished_at, x.finished) END FROM unnest(",
+                    );
+                    arrays(
+                        &mut t,
+                        &["text", "text", "text", "bigint", "bigint", "bigint"],
+                    );
+                    t.push(
+                        ") AS x(id, status, state, version, n, finished) \
+                         WHERE sagas.id = x.id AND sagas.version = x.version RETURNING 1",
+                    );
+                }
+                WritePart::History => {
+                    t.push("INSERT INTO saga_timeline (saga_id, at, entries) SELECT x.saga_id, ");
+                    t.param().push("::bigint, x.entries FROM unnest(");
+                    arrays(&mut t, &["text", "text"]);
+                    t.push(") WITH ORDINALITY AS x(saga_id, entries, i) ORDER BY x.i");
+                }
+                WritePart::Outbox => {
+                    t.push(
+                        "INSERT INTO outbox (message_id, destination, routing_key, payload, \
+                         created_at, lease_until) SELECT x.message_id, x.destination, \
+                         x.routing_key, x.payload, ",
+                    );
+                    t.param().push("::bigint, x.lease FROM unnest(");
+                    arrays(&mut t, &["text", "text", "text", "text", "bigint"]);
+                    t.push(
+                        ") WITH ORDINALITY AS x(message_id, destination, routing_key, payload, \
+                         lease, i) ORDER BY x.i ON CONFLICT (message_id) DO NOTHING",
+                    );
+                }
+                WritePart::Timers => {
+                    t.push(
+                        "INSERT INTO timers (id, saga_id, due_at, event) \
+                         SELECT x.id, x.saga_id, x.due_at, x.event FROM unnest(",
+                    );
+                    arrays(&mut t, &["text", "text", "bigint", "text"]);
+                    t.push(
+                        ") AS x(id, saga_id, due_at, event) ON CONFLICT (id) DO UPDATE \
+                         SET due_at = excluded.due_at, event = excluded.event",
+                    );
+                }
+                WritePart::FreedKeys => {
+                    t.push("DELETE FROM sequence_keys WHERE seq_key = ANY(");
+                    arrays(&mut t, &["text"]);
+                    t.push(")");
+                }
+                WritePart::Sent => {
+                    t.push("DELETE FROM outbox WHERE message_id = ANY(");
+                    arrays(&mut t, &["text"]);
+                    t.push(")");
+                }
+            }
+            t.push(")");
+        }
+        t.push(if n.cancelled > 0 {
+            " SELECT (SELECT COUNT(*) FROM c) AS cancelled"
+        } else {
+            " SELECT 0 AS cancelled"
+        });
+        t.push(if n.sagas > 0 {
+            ", (SELECT COUNT(*) FROM u) AS updated"
+        } else {
+            ", 0 AS updated"
+        });
         t
     }
 
@@ -574,6 +715,53 @@ impl Sql {
     }
 }
 
+/// A PostgreSQL array literal of text values (`{"a",NULL,"b \"c\""}`: `a`, NULL, `b "c"`): every element quoted,
+/// `"` and `\` escaped with a backslash, `None` as an unquoted NULL. Cast in the statement
+/// (`$1::text[]`), so PostgreSQL reads it with the array type's own input, whatever the text
+/// holds (commas, braces, quotes, spaces, the word NULL).
+pub fn text_array<'a>(values: impl IntoIterator<Item = Option<&'a str>>) -> String {
+    let mut out = String::from("{");
+    for (i, v) in values.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match v {
+            None => out.push_str("NULL"),
+            Some(v) => {
+                out.reserve(v.len() + 2);
+                out.push('"');
+                for c in v.chars() {
+                    if c == '"' || c == '\\' {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                }
+                out.push('"');
+            }
+        }
+    }
+    out.push('}');
+    out
+}
+
+/// A PostgreSQL array literal of integers (`{1,NULL,3}`), cast in the statement (`::bigint[]`).
+pub fn int_array(values: impl IntoIterator<Item = Option<i64>>) -> String {
+    let mut out = String::from("{");
+    for (i, v) in values.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match v {
+            None => out.push_str("NULL"),
+            Some(v) => {
+                let _ = write!(out, "{v}");
+            }
+        }
+    }
+    out.push('}');
+    out
+}
+
 /// [`Sql::due_timers`], one text for both dialects (a subquery each side of the `UNION ALL`:
 /// SQLite takes no `ORDER BY … LIMIT` on a compound's member itself).
 const DUE_TIMERS: &str = "SELECT id, saga_id, due_at, event FROM (SELECT id, saga_id, due_at, \
@@ -685,8 +873,20 @@ mod tests {
             t.sql
                 .ends_with("SELECT 0 AS cancelled, (SELECT COUNT(*) FROM u) AS updated")
         );
-        assert_eq!(t.params(), (1 + SAGA_WRITE_COLS) + 2 * HISTORY_COLS);
-        assert_eq!(t.params(), n.params());
+        // One array per column (and the batch's time once per part that takes it), whatever
+        // the rows: the same text for any number of them, so it is kept prepared.
+        assert_eq!(t.params(), (1 + SAGA_WRITE_COLS) + (1 + HISTORY_COLS - 1));
+        let more = Counts {
+            sagas: 40,
+            history: 7,
+            ..Counts::default()
+        };
+        assert_eq!(POSTGRES.write_changes(&more).sql, t.sql);
+        assert!(
+            t.sql.contains("FROM unnest($2::text[], $3::text[]"),
+            "{}",
+            t.sql
+        );
         let n = Counts {
             cancelled: 2,
             new_sagas: 1,
@@ -704,8 +904,27 @@ mod tests {
             t.sql
                 .ends_with("SELECT (SELECT COUNT(*) FROM c) AS cancelled, 0 AS updated")
         );
-        assert_eq!(t.params(), n.params());
+        // ids; now and nine columns; four columns.
+        assert_eq!(t.params(), 1 + (1 + NEW_SAGA_COLS - 2) + TIMER_COLS);
         assert!(Counts::default().is_empty());
+    }
+
+    #[test]
+    fn array_literals_quote_every_text_and_leave_null_bare() {
+        assert_eq!(text_array([]), "{}");
+        assert_eq!(
+            text_array([
+                Some("a"),
+                None,
+                Some("b \"c\""),
+                Some("x\\y"),
+                Some("NULL"),
+                Some("")
+            ]),
+            r#"{"a",NULL,"b \"c\"","x\\y","NULL",""}"#
+        );
+        assert_eq!(text_array([Some("{,}")]), r#"{"{,}"}"#);
+        assert_eq!(int_array([Some(1), None, Some(-3)]), "{1,NULL,-3}");
     }
 
     #[test]

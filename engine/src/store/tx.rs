@@ -362,6 +362,117 @@ pub(super) fn in_list<'q>(
     q
 }
 
+/// One value [`Sql::write_changes`] binds on PostgreSQL: the batch's time, or a column's values
+/// as an array literal.
+enum ArrayParam {
+    Now,
+    Literal(String),
+}
+
+/// The values of the PostgreSQL [`Sql::write_changes`], in its bind order (the parts present,
+/// in the order of [`sql::Counts`]' fields; each part's columns as one array each).
+#[allow(clippy::too_many_arguments)]
+fn write_arrays(
+    c: &Changes<'_>,
+    n: &sql::Counts,
+    new_states: &[String],
+    write_states: &[String],
+    timeline: &[(&str, String)],
+    events: &[String],
+    freed: &[String],
+    now: i64,
+) -> Vec<ArrayParam> {
+    use ArrayParam::{Literal, Now};
+    use sql::{int_array, text_array};
+    let strs = |v: &[String]| text_array(v.iter().map(|s| Some(s.as_str())));
+    let mut out = Vec::new();
+    if n.cancelled > 0 {
+        out.push(Literal(strs(c.cancelled_timers)));
+    }
+    if n.new_sagas > 0 {
+        let s = c.new_sagas;
+        out.push(Now);
+        out.push(Literal(text_array(s.iter().map(|s| Some(s.id.as_str())))));
+        out.push(Literal(text_array(s.iter().map(|s| Some(s.name.as_str())))));
+        out.push(Literal(text_array(
+            s.iter().map(|s| Some(s.definition_hash.as_str())),
+        )));
+        out.push(Literal(text_array(
+            s.iter().map(|s| Some(s.sequence_key.as_str())),
+        )));
+        out.push(Literal(text_array(
+            s.iter().map(|s| Some(s.state.status.name())),
+        )));
+        out.push(Literal(strs(new_states)));
+        out.push(Literal(int_array(s.iter().map(|s| Some(s.version)))));
+        out.push(Literal(text_array(
+            s.iter().map(|s| s.idempotency_key.as_deref()),
+        )));
+        out.push(Literal(int_array(
+            s.iter().map(|s| finished(&s.state, now)),
+        )));
+    }
+    if n.sagas > 0 {
+        let w = c.sagas;
+        out.push(Now);
+        out.push(Literal(text_array(w.iter().map(|w| Some(w.id.as_str())))));
+        out.push(Literal(text_array(
+            w.iter().map(|w| Some(w.state.status.name())),
+        )));
+        out.push(Literal(strs(write_states)));
+        out.push(Literal(int_array(
+            w.iter().map(|w| Some(w.expected_version)),
+        )));
+        out.push(Literal(int_array(w.iter().map(|w| Some(w.changes)))));
+        out.push(Literal(int_array(
+            w.iter().map(|w| finished(&w.state, now)),
+        )));
+    }
+    if n.history > 0 {
+        out.push(Now);
+        out.push(Literal(text_array(timeline.iter().map(|(s, _)| Some(*s)))));
+        out.push(Literal(text_array(
+            timeline.iter().map(|(_, l)| Some(l.as_str())),
+        )));
+    }
+    if n.outbox > 0 {
+        let m = c.outbox;
+        out.push(Now);
+        out.push(Literal(text_array(
+            m.iter().map(|m| Some(m.message_id.as_str())),
+        )));
+        out.push(Literal(text_array(
+            m.iter().map(|m| Some(m.destination.as_str())),
+        )));
+        out.push(Literal(text_array(
+            m.iter().map(|m| Some(m.routing_key.as_str())),
+        )));
+        out.push(Literal(text_array(
+            m.iter().map(|m| Some(m.payload.as_str())),
+        )));
+        // NULL: handed off (see `OutboxMessage::handed_off`); 0: free to claim now.
+        out.push(Literal(int_array(
+            m.iter().map(|m| if m.handed_off { None } else { Some(0) }),
+        )));
+    }
+    if n.timers > 0 {
+        let t = c.timers;
+        out.push(Literal(text_array(t.iter().map(|t| Some(t.id.as_str())))));
+        out.push(Literal(text_array(
+            t.iter().map(|t| Some(t.saga_id.as_str())),
+        )));
+        out.push(Literal(int_array(t.iter().map(|t| Some(t.due_at)))));
+        out.push(Literal(strs(events)));
+    }
+    if n.freed_keys > 0 {
+        out.push(Literal(strs(freed)));
+    }
+    if n.sent > 0 {
+        out.push(Literal(strs(c.sent)));
+    }
+    out
+}
+
 fn bind_all<'q>(mut q: Query<'q>, values: &'q [String]) -> Query<'q> {
     for v in values {
         q = q.bind(v.as_str());
@@ -742,6 +853,32 @@ impl StoreTx for Tx {
         let new_states = states(c.new_sagas.iter().map(|s| &s.state));
         let write_states = states(c.sagas.iter().map(|w| &w.state));
         let events = timer_events(c.timers);
+        if self.sql.postgres {
+            let arrays = write_arrays(
+                c,
+                &n,
+                &new_states,
+                &write_states,
+                &timeline,
+                &events,
+                &freed,
+                now,
+            );
+            // Kept prepared where every run is planned afresh (an engine's connections, see
+            // `keep_lookups`); elsewhere a generic plan could outlive the tables' sizes.
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(self.sql.write_changes(&n).sql))
+                .persistent(self.keep_lookups);
+            for a in &arrays {
+                q = match a {
+                    ArrayParam::Now => q.bind(now),
+                    ArrayParam::Literal(l) => q.bind(l.as_str()),
+                };
+            }
+            self.counters.statement();
+            let row = q.fetch_one(&mut *self.tx).await?;
+            let written: i64 = row.try_get("updated")?;
+            return check_written(c.sagas, u64::try_from(written).unwrap_or(0));
+        }
         let mut q = query(self.sql.write_changes(&n));
         // The parts' values in the order the parts were written.
         q = bind_all(q, c.cancelled_timers);
