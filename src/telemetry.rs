@@ -64,42 +64,39 @@ pub fn init(service: Option<&str>) -> Telemetry {
         _ => None,
     };
     // A per-layer filter (`with_filter`) remembers, per thread, that it turned down the
-    // callsite it was last asked about and applies that to the next event (tokio-rs/tracing#2704).
-    // sqlx asks after every statement, through the `log` facade, and told no it logs nothing: the
-    // remembered answer fell on the next event of that thread, which was dropped though the
-    // filter admits it (seen: `SAGAFLOW_LOG=sagaflow_engine::apply=debug` printed nothing in an
-    // engine process on PostgreSQL). So: without traces the filter is the whole subscriber's,
-    // not a layer's; and the `log` bridge does not pass sqlx's question on (`bridge_log`), which
-    // matters with traces on, whose two layers need filters of their own.
-    let Some(provider) = provider else {
-        let _ = tracing::subscriber::set_global_default(logs(filter(), std::io::stderr));
-        bridge_log();
-        return Telemetry::default();
-    };
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_filter(filter());
-    let otel = tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer("sagaflow"))
-        .with_filter(
-            tracing_subscriber::filter::Targets::new()
-                .with_target(sagaflow_engine::trace::TARGET, tracing::Level::INFO),
-        );
-    let _ = tracing::subscriber::set_global_default(
-        tracing_subscriber::registry().with(fmt).with(otel),
-    );
+    // callsite it was last asked about, and applies that to the next event
+    // (tokio-rs/tracing#2519, #2704). sqlx asks after every statement, through the `log`
+    // facade, and told no it logs nothing: the remembered answer fell on the next event of
+    // that thread, which was dropped though the filter admits it (seen:
+    // `SAGAFLOW_LOG=sagaflow_engine::apply=debug` printed nothing in an engine process on
+    // PostgreSQL). So the logs' filter is the whole subscriber's (with the traces' target added
+    // when traces are on, and then a filter of the log layer's own as well, which leaves the
+    // trace spans to the traces layer), and the `log` bridge does not pass sqlx's question on.
+    // See [`subscriber`] and its tests.
+    let traces = provider.as_ref().map(|provider| {
+        Box::new(
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("sagaflow"))
+                .with_filter(
+                    tracing_subscriber::filter::Targets::new()
+                        .with_target(sagaflow_engine::trace::TARGET, tracing::Level::INFO),
+                ),
+        ) as Boxed
+    });
+    let on = traces.is_some();
+    let _ = tracing::subscriber::set_global_default(subscriber(filter, std::io::stderr, traces));
     bridge_log();
-    sagaflow_engine::trace::set_enabled(true);
-    Telemetry {
-        provider: Some(provider),
+    if on {
+        sagaflow_engine::trace::set_enabled(true);
     }
+    Telemetry { provider }
 }
 
 /// Records of the `log` facade (what some dependencies log with) go to tracing, as
 /// `SubscriberInitExt::init` would send them, except sqlx's question whether it should log a
-/// statement (target `sqlx::query`): answered no here, so no filter is asked it (see [`init`]).
-/// sqlx logs statements through tracing itself, which still decides. Once per process; a second
-/// call does nothing.
+/// statement (target `sqlx::query`): answered no here, without asking the subscriber. sqlx logs
+/// statements through tracing itself, which still decides. Once per process; a second call
+/// does nothing.
 fn bridge_log() {
     bridge_log_up_to(tracing::level_filters::LevelFilter::current());
 }
@@ -112,17 +109,39 @@ fn bridge_log_up_to(level: tracing::level_filters::LevelFilter) {
         .init();
 }
 
-/// The logs alone: `filter` over the whole subscriber (see [`init`] for why not per layer).
-fn logs<W>(
-    filter: tracing_subscriber::EnvFilter,
+/// What the subscriber's layers sit on: the registry under the one filter over everything.
+type Base =
+    tracing_subscriber::layer::Layered<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+/// A layer over [`Base`] (the traces layer, the log layer).
+type Boxed = Box<dyn tracing_subscriber::Layer<Base> + Send + Sync>;
+
+/// The logs (`filter()`'s directives, written to `writer`) and, if given, the traces layer.
+/// One filter over the whole subscriber: the logs' directives, plus the traces' target when
+/// there are traces; the log layer has a filter of its own only then (see [`init`] for why
+/// the whole subscriber's filter matters).
+fn subscriber<W>(
+    filter: impl Fn() -> tracing_subscriber::EnvFilter,
     writer: W,
+    traces: Option<Boxed>,
 ) -> impl tracing::Subscriber + Send + Sync
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(writer))
+    let log = tracing_subscriber::fmt::layer().with_writer(writer);
+    let (everything, layers): (_, Vec<Boxed>) = match traces {
+        None => (filter(), vec![Box::new(log)]),
+        Some(traces) => {
+            let everything = match format!("{}=info", sagaflow_engine::trace::TARGET).parse() {
+                Ok(directive) => filter().add_directive(directive),
+                Err(_) => filter(),
+            };
+            (
+                everything,
+                vec![Box::new(log.with_filter(filter())), traces],
+            )
+        }
+    };
+    tracing_subscriber::registry().with(everything).with(layers)
 }
 
 fn provider(service: &str) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
@@ -207,65 +226,84 @@ mod tests {
         }
     }
 
-    /// What sqlx does after a statement (sqlx-core's `QueryLogger::finish`), asking about
-    /// `target`, then a warning and an error; what the logs wrote.
-    fn after_a_question(
-        target: &'static str,
-        subscriber: impl Fn(Captured) -> tracing::Dispatch,
-    ) -> String {
+    /// Questions no event follows, as sqlx asks them (after a statement, target `sqlx::query`,
+    /// at debug; for a server notice, `sqlx::postgres::notice`, at info) and another library
+    /// might, each followed by a warning, an error and an event of the traces' target; what the
+    /// logs and the traces layer (a stand-in writing text) got.
+    fn after_questions(directives: &str, traces: bool) -> (String, String) {
         // As `init` does (whichever test comes first installs it, the same way).
         bridge_log_up_to(tracing::level_filters::LevelFilter::TRACE);
-        let out = Captured::default();
-        tracing::dispatcher::with_default(&subscriber(out.clone()), || {
-            for _ in 0..3 {
-                if log::log_enabled!(target: target, log::Level::Debug)
+        let (logs, traced) = (Captured::default(), Captured::default());
+        let (w, t) = (logs.clone(), traced.clone());
+        let layer = traces.then(|| {
+            Box::new(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(move || t.clone())
+                    .with_filter(
+                        tracing_subscriber::filter::Targets::new()
+                            .with_target(sagaflow_engine::trace::TARGET, tracing::Level::INFO),
+                    ),
+            ) as Boxed
+        });
+        let filter = || tracing_subscriber::EnvFilter::new(directives);
+        let dispatch = tracing::Dispatch::new(subscriber(filter, move || w.clone(), layer));
+        tracing::dispatcher::with_default(&dispatch, || {
+            let questions = [
+                ("sqlx::query", log::Level::Debug),
+                ("sqlx::postgres::notice", log::Level::Info),
+                ("some_library", log::Level::Info),
+            ];
+            for (target, level) in questions {
+                // What sqlx-core's `QueryLogger::finish` does, and its notice handling.
+                if log::log_enabled!(target: target, level)
                     || tracing::enabled!(target: "sqlx::query", tracing::Level::DEBUG)
                 {
                     tracing::debug!(target: "sqlx::query", "a statement");
                 }
                 tracing::warn!(target: "sagaflow_engine::apply", "a warning");
+                if log::log_enabled!(target: target, level) {
+                    tracing::info!(target: "sqlx::postgres::notice", "a notice");
+                }
                 tracing::error!(target: "sagaflow_engine::relay", "an error");
+                tracing::info!(target: sagaflow_engine::trace::TARGET, "a trace event");
             }
         });
-        out.text()
+        (logs.text(), traced.text())
     }
 
-    fn logged_as_the_filter_says(text: &str, directives: &str) {
-        assert!(!text.contains("a statement"), "{directives}: {text}");
-        assert_eq!(text.matches("a warning").count(), 3, "{directives}: {text}");
-        assert_eq!(text.matches("an error").count(), 3, "{directives}: {text}");
+    /// Each question was followed by a warning and an error, which the filters admit.
+    fn logged_as_the_filter_says(logs: &str, directives: &str) {
+        for never in ["a statement", "a notice", "a trace event"] {
+            assert!(!logs.contains(never), "{directives}: {logs}");
+        }
+        assert_eq!(logs.matches("a warning").count(), 3, "{directives}: {logs}");
+        assert_eq!(logs.matches("an error").count(), 3, "{directives}: {logs}");
     }
 
-    /// Without traces: a question no event follows (here another library's, which the `log`
-    /// bridge passes on) leaves nothing behind for the next event.
+    const DIRECTIVES: [&str; 2] = [
+        "error,sagaflow_engine::apply=debug",
+        "error,sagaflow_engine::apply=info",
+    ];
+
+    /// Without traces: nothing a question leaves behind falls on the next event.
     #[test]
     fn an_event_after_an_unanswered_question_is_logged() {
-        for directives in ["warn", "error,sagaflow_engine::apply=debug"] {
-            let text = after_a_question("some_library", |out| {
-                tracing::Dispatch::new(logs(
-                    tracing_subscriber::EnvFilter::new(directives),
-                    move || out.clone(),
-                ))
-            });
-            logged_as_the_filter_says(&text, directives);
+        for directives in DIRECTIVES {
+            let (logs, traced) = after_questions(directives, false);
+            logged_as_the_filter_says(&logs, directives);
+            assert!(traced.is_empty());
         }
     }
 
-    /// With traces on, the log layer has a filter of its own (as `init` builds it); sqlx's
-    /// question does not reach it, so the next event is logged all the same.
+    /// With traces on, the log layer has a filter of its own, and the traces layer gets its
+    /// target's events all the same.
     #[test]
-    fn with_a_layer_filter_an_event_after_sqlx_question_is_logged() {
-        for directives in ["warn", "error,sagaflow_engine::apply=debug"] {
-            let text = after_a_question("sqlx::query", |out| {
-                tracing::Dispatch::new(
-                    tracing_subscriber::registry().with(
-                        tracing_subscriber::fmt::layer()
-                            .with_writer(move || out.clone())
-                            .with_filter(tracing_subscriber::EnvFilter::new(directives)),
-                    ),
-                )
-            });
-            logged_as_the_filter_says(&text, directives);
+    fn with_traces_an_event_after_an_unanswered_question_is_logged() {
+        for directives in DIRECTIVES {
+            let (logs, traced) = after_questions(directives, true);
+            logged_as_the_filter_says(&logs, directives);
+            assert_eq!(traced.matches("a trace event").count(), 3, "{traced}");
+            assert!(!traced.contains("a warning"), "{traced}");
         }
     }
 }

@@ -167,7 +167,9 @@ async fn close_leaves_no_connection_open() {
     let mut c = <sqlx::AnyConnection as sqlx::Connection>::connect(admin)
         .await
         .expect("admin");
-    let sql = "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE datname = $1";
+    // Client connections only: an autovacuum worker may be on the database too.
+    let sql = "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE datname = $1 \
+               AND backend_type = 'client backend'";
     let n: i64 = sqlx::query(sql)
         .bind(name.as_str())
         .fetch_one(&mut c)

@@ -120,7 +120,7 @@ pub const PADDED_MAX: usize = 1024;
 /// column, the queue heads' array) that plan is an index scan even when the table was empty
 /// (`tests/plans.rs` fills the tables after the first runs and counts sequential scans); the
 /// batch writes, whose text varies with every part's size, stay unprepared and planned at each
-/// run.
+/// run, but for PostgreSQL's one write statement, whose text does not ([`Sql::write_changes`]).
 pub fn padded(n: usize) -> usize {
     if n <= PADDED_MAX {
         n.next_power_of_two()
@@ -373,7 +373,8 @@ impl Sql {
     /// Every write of a batch in one go. A part without rows is left out. Binds: each part's,
     /// in the order of [`Counts`]' fields ([`WRITE_PARTS`]).
     ///
-    /// **PostgreSQL: ONE statement** (data-modifying CTEs; every part runs in one snapshot, the
+    /// **PostgreSQL: ONE statement** ([`Sql::write_changes_in_arrays`]: data-modifying CTEs,
+    /// each part's rows as arrays; every part runs in one snapshot, the
     /// two on `sagas` on different rows, the two on `timers` on different ids), so they cost
     /// one round trip instead of seven. It returns how many timers it cancelled (`cancelled`)
     /// and how many sagas the version-checked update wrote (`updated`), asked for in that
@@ -394,11 +395,11 @@ impl Sql {
         if self.postgres {
             return self.write_changes_in_arrays(n);
         }
-        let mut t = Text::new(self.postgres, if self.postgres { "WITH " } else { "" });
+        let mut t = Text::new(false, "");
         let mut first = true;
         for part in WRITE_PARTS {
             let rows = part.rows(n);
-            if !self.postgres && part == WritePart::Sagas && rows == 0 {
+            if part == WritePart::Sagas && rows == 0 {
                 if !first {
                     t.push("; ");
                 }
@@ -409,37 +410,13 @@ impl Sql {
                 continue;
             }
             if !first {
-                t.push(if self.postgres { ", " } else { "; " });
+                t.push("; ");
             }
             first = false;
-            if self.postgres {
-                t.push(part.name()).push(" AS (");
-            }
             self.write_part_into(&mut t, part, rows);
-            match (self.postgres, part) {
-                (true, WritePart::Cancelled | WritePart::Sagas) => {
-                    t.push(" RETURNING 1");
-                }
-                (false, WritePart::Sagas) => {
-                    t.push("; SELECT changes() AS updated");
-                }
-                _ => {}
+            if part == WritePart::Sagas {
+                t.push("; SELECT changes() AS updated");
             }
-            if self.postgres {
-                t.push(")");
-            }
-        }
-        if self.postgres {
-            t.push(if n.cancelled > 0 {
-                " SELECT (SELECT COUNT(*) FROM c) AS cancelled"
-            } else {
-                " SELECT 0 AS cancelled"
-            });
-            t.push(if n.sagas > 0 {
-                ", (SELECT COUNT(*) FROM u) AS updated"
-            } else {
-                ", 0 AS updated"
-            });
         }
         t
     }
