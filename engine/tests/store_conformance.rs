@@ -168,27 +168,25 @@ async fn close_leaves_no_connection_open() {
         .await
         .expect("admin");
     // Client connections only: an autovacuum worker may be on the database too.
-    let sql = "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE datname = $1 \
-               AND backend_type = 'client backend'";
-    let n: i64 = sqlx::query(sql)
+    let mut connected = async || -> i64 {
+        sqlx::query(
+            "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE datname = $1 \
+             AND backend_type = 'client backend'",
+        )
         .bind(name.as_str())
         .fetch_one(&mut c)
         .await
         .expect("count")
         .try_get("n")
-        .expect("n");
+        .expect("n")
+    };
+    let n = connected().await;
     assert!(n >= 2, "the pool's and the relay's: {n}");
     store.close().await;
     // A backend leaves the list a moment after its client closed the connection.
     let mut n = -1;
     for _ in 0..50 {
-        n = sqlx::query(sql)
-            .bind(name.as_str())
-            .fetch_one(&mut c)
-            .await
-            .expect("count")
-            .try_get("n")
-            .expect("n");
+        n = connected().await;
         if n == 0 {
             break;
         }
@@ -366,6 +364,14 @@ async fn insert(store: &Store, sagas: &[NewSaga]) {
     let mut tx = store.begin().await.unwrap();
     tx.insert_sagas(sagas, NOW).await.unwrap();
     tx.commit().await.unwrap();
+}
+
+/// The id of the saga started with idempotency key `key`.
+async fn by_idempotency_key(store: &Store, key: &str) -> String {
+    let mut tx = store.begin().await.unwrap();
+    let keyed = tx.sagas_by_idempotency_key(&ids(&[key])).await.unwrap();
+    tx.rollback().await.unwrap();
+    keyed[key].id.clone()
 }
 
 async fn load(store: &Store, id: &str) -> sagaflow_engine::store::SagaRow {
@@ -2200,13 +2206,7 @@ async fn write_changes_writes_every_table_in_order(store: Store) {
     let n2 = load(&store, "n2").await;
     assert_eq!((n2.version, n2.finished_at), (3, Some(NOW + 7)));
     assert_eq!(n2.state, state(SagaStatus::Completed, 5));
-    let mut tx = store.begin().await.unwrap();
-    let keyed = tx
-        .sagas_by_idempotency_key(&ids(&["idem-n1"]))
-        .await
-        .unwrap();
-    tx.rollback().await.unwrap();
-    assert_eq!(keyed["idem-n1"].id, "n1");
+    assert_eq!(by_idempotency_key(&store, "idem-n1").await, "n1");
     let statuses: Vec<(String, String)> =
         sqlx::query("SELECT id, status FROM sagas WHERE id IN ('n1', 'n2') ORDER BY id")
             .fetch_all(store.pool())
@@ -2295,13 +2295,10 @@ async fn write_changes_keeps_every_character(store: Store) {
     assert_eq!(n1.sequence_key, "key, {1}");
     let n2 = load(&store, "n2").await;
     assert_eq!(n2.sequence_key, "NULL");
-    let mut tx = store.begin().await.unwrap();
-    let keyed = tx
-        .sagas_by_idempotency_key(&ids(&["idem \\ \"NULL\""]))
-        .await
-        .unwrap();
-    tx.rollback().await.unwrap();
-    assert_eq!(keyed["idem \\ \"NULL\""].id, "n \"1\"");
+    assert_eq!(
+        by_idempotency_key(&store, "idem \\ \"NULL\"").await,
+        "n \"1\""
+    );
     let unkeyed: Option<String> =
         sqlx::query_scalar("SELECT idempotency_key FROM sagas WHERE id = 'n2'")
             .fetch_one(store.pool())

@@ -697,32 +697,31 @@ impl Sql {
 /// (`$1::text[]`), so PostgreSQL reads it with the array type's own input, whatever the text
 /// holds (commas, braces, quotes, spaces, the word NULL).
 pub fn text_array<'a>(values: impl IntoIterator<Item = Option<&'a str>>) -> String {
-    let mut out = String::from("{");
-    for (i, v) in values.into_iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        match v {
-            None => out.push_str("NULL"),
-            Some(v) => {
-                out.reserve(v.len() + 2);
-                out.push('"');
-                for c in v.chars() {
-                    if c == '"' || c == '\\' {
-                        out.push('\\');
-                    }
-                    out.push(c);
-                }
-                out.push('"');
+    array_literal(values, |out, v| {
+        out.reserve(v.len() + 2);
+        out.push('"');
+        for c in v.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
             }
+            out.push(c);
         }
-    }
-    out.push('}');
-    out
+        out.push('"');
+    })
 }
 
 /// A PostgreSQL array literal of integers (`{1,NULL,3}`), cast in the statement (`::bigint[]`).
 pub fn int_array(values: impl IntoIterator<Item = Option<i64>>) -> String {
+    array_literal(values, |out, v| {
+        let _ = write!(out, "{v}");
+    })
+}
+
+/// `{…}` of `values`, comma-separated, each written by `element`, `None` as an unquoted NULL.
+fn array_literal<T>(
+    values: impl IntoIterator<Item = Option<T>>,
+    mut element: impl FnMut(&mut String, T),
+) -> String {
     let mut out = String::from("{");
     for (i, v) in values.into_iter().enumerate() {
         if i > 0 {
@@ -730,9 +729,7 @@ pub fn int_array(values: impl IntoIterator<Item = Option<i64>>) -> String {
         }
         match v {
             None => out.push_str("NULL"),
-            Some(v) => {
-                let _ = write!(out, "{v}");
-            }
+            Some(v) => element(&mut out, v),
         }
     }
     out.push('}');
