@@ -17,8 +17,18 @@ async fn bench_warms_up_then_counts_only_its_run() {
     let Some(db) = fresh_db(Backend::Postgres, "bench_cli").await else {
         return;
     };
-    match AmqpTransport::connect(AmqpConfig::new(&amqp_url())).await {
-        Ok(t) => t.close().await,
+    // Is the broker there? (A prefix of its own: connecting declares the prefix's topology
+    // and dead-letter queues, removed again here.)
+    let mut probe = AmqpConfig::new(&amqp_url());
+    probe.prefix = format!(
+        "e2e-bench-cli-probe-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    match AmqpTransport::connect(probe).await {
+        Ok(t) => {
+            let _ = t.delete_topology(&[]).await;
+            t.close().await;
+        }
         Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
             eprintln!("skipping: RabbitMQ is not reachable ({e})");
             return;
