@@ -223,8 +223,9 @@ async fn barrier_lookups_read_by_index_after_the_table_grew() {
         message: "refused".into(),
     };
     let params = json!({});
-    // A batch of 20 commands of as many sagas (the lookup's array is then larger than the 10
-    // elements PostgreSQL assumes for a parameter, so a kept generic plan looks cheaper).
+    // A batch of 20 commands of as many sagas: a generic plan, costed for keys it does not
+    // know, then looks cheaper than the plans made for the batch's own keys, and a kept
+    // statement would switch to it (with one command, it did not).
     let run = |saga: String| {
         let (store, refuse, params) = (&store, &refuse, &params);
         async move {
